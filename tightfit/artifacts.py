@@ -1,0 +1,106 @@
+"""Typed artifacts that flow between pipeline stages, and the configs that produce them.
+
+Configs are frozen dataclasses with one home for their defaults and a `version`; they round-trip
+through JSON so that a saved artifact says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tightfit.formats import QuantFormat, QuantizedTensor
+
+METHODS = ("gptq", "rtn")
+KEEP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def config_to_json(config) -> dict:
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = value.name if isinstance(value, QuantFormat) else value
+    return out
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which text calibrates, and how much of it: n_samples windows of seq_len tokens."""
+
+    text: str = "wiki"
+    n_samples: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+    version: int = 1
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CalibrationConfig":
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Calibration token windows, tokens [n_samples, seq_len] int64, from the calibration part."""
+
+    config: CalibrationConfig
+    tokens: torch.Tensor
+
+    def __post_init__(self) -> None:
+        assert self.tokens.dtype == torch.int64 and self.tokens.dim() == 2, (self.tokens.dtype, self.tokens.shape)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How linear layers are quantized.
+
+    method: "gptq" (error compensation with calibration Hessians) or "rtn" (round to nearest).
+    fmt: the format of every linear layer inside the decoder blocks.
+    keep_dtype: storage dtype of the tensors that stay unquantized (embeddings, head, norms).
+    damp: GPTQ dampening, a fraction of the mean Hessian diagonal added to the diagonal.
+    """
+
+    fmt: QuantFormat
+    method: str = "gptq"
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    clip_search: bool = True
+    keep_dtype: str = "fp16"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.keep_dtype not in KEEP_DTYPES:
+            raise ValueError(f"unknown keep dtype {self.keep_dtype!r}; expected one of {tuple(KEEP_DTYPES)}")
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QuantizeConfig":
+        return cls(**{**d, "fmt": QuantFormat.parse(d["fmt"])})
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What quantizing one layer cost and left behind."""
+
+    loss: float  # GPTQ objective, or the plain squared weight error for RTN
+    seconds: float
+
+
+@dataclass
+class QuantizedModel:
+    """Output of the quantize stage.
+
+    layers: full module name -> quantized weight of that linear layer.
+    kept: every other tensor of the state dict (tied copies excluded), already in keep_dtype
+        (1-D tensors such as norms stay float32).
+    """
+
+    config: QuantizeConfig
+    layers: dict[str, QuantizedTensor]
+    kept: dict[str, torch.Tensor]
+    reports: dict[str, LayerReport] = field(default_factory=dict)
+    module: Any = None  # the fp32 model with dequantized weights installed (in memory only, never saved)

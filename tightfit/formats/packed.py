@@ -1,0 +1,205 @@
+"""The packed model on disk: a folder that describes itself.
+
+    manifest.json       format name and version, tightfit version, source model and sha256,
+                        per-layer format and shape, settings that made it, checksum of the tensors
+    model.safetensors   for each quantized layer NAME: NAME.qweight, NAME.scales[, NAME.qzeros]
+                        (see QuantizedTensor.pack); every other tensor under its state-dict name
+    config.json         the transformers config of the architecture
+    tokenizer files     as the tokenizer saves them
+
+No pickle anywhere. Reading checks the version, size and sha256 before trusting any byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from tightfit import __version__
+from tightfit.errors import FormatError, PackedModelError
+from tightfit.formats.files import atomic_save_tensors, atomic_write_json, publishable
+from tightfit.formats.primitives import QuantizedTensor
+from tightfit.formats.table import QuantFormat
+
+FORMAT_NAME = "tightfit-packed"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TENSORS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MANIFEST_FIELDS = {"layers": dict, "tied": dict, "tensors_file": str, "tensors_sha256": str, "tensors_bytes": int}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class PackedModel:
+    """A quantized model in memory, as it is stored.
+
+    layers: module name -> QuantizedTensor (weights of quantized linear layers).
+    kept: state-dict name -> tensor for everything else (tied copies excluded, see `tied`).
+    tied: state-dict name -> the name of the tensor it shares storage with.
+    hf_config: the transformers config as a dict.
+    info: free-form JSON sections (source, calibration, quantize, ...) carried into the manifest.
+    """
+
+    layers: dict[str, QuantizedTensor]
+    kept: dict[str, torch.Tensor]
+    hf_config: dict
+    tied: dict[str, str] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = dict(self.kept)
+        for name, q in self.layers.items():
+            out.update({f"{name}.{k}": v for k, v in q.pack().items()})
+        return out
+
+    def quantized_weights(self) -> int:
+        return sum(q.shape[0] * q.shape[1] for q in self.layers.values())
+
+    def quantized_bytes(self) -> int:
+        return sum(q.nbytes().total for q in self.layers.values())
+
+    def kept_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kept.values())
+
+    def total_weights(self) -> int:
+        return self.quantized_weights() + sum(t.numel() for t in self.kept.values())
+
+    def manifest(self, tensors_sha256: str, tensors_bytes: int) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tightfit_version": __version__,
+            "layers": {n: {"format": q.fmt.name, "shape": list(q.shape)} for n, q in sorted(self.layers.items())},
+            "tied": self.tied,
+            "tensors_file": TENSORS_FILE,
+            "tensors_sha256": tensors_sha256,
+            "tensors_bytes": tensors_bytes,
+            "summary": {
+                "quantized_weights": self.quantized_weights(),
+                "quantized_bytes": self.quantized_bytes(),
+                "bits_per_weight": 8 * self.quantized_bytes() / max(self.quantized_weights(), 1),
+                "kept_bytes": self.kept_bytes(),
+                "total_weights": self.total_weights(),
+            },
+            **self.info,
+        }
+
+
+def save_packed(packed: PackedModel, out_dir: Path, extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write `packed` to out_dir atomically: built in a sibling temp folder, then renamed.
+
+    extra_files(folder) may add files (e.g. the tokenizer) before the folder is published.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        tensors_path = tmp / TENSORS_FILE
+        atomic_save_tensors(tensors_path, packed.tensors(), metadata={"format": FORMAT_NAME})
+        manifest = packed.manifest(sha256_file(tensors_path), tensors_path.stat().st_size)
+        atomic_write_json(tmp / CONFIG_FILE, packed.hf_config)
+        if extra_files is not None:
+            extra_files(tmp)
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+        publishable(tmp, is_dir=True)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a packed model folder, after checking format name and version."""
+    path = Path(path)
+    if not path.exists():
+        raise PackedModelError(f"no packed model at {path}: path does not exist")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise PackedModelError(f"{path} is not a tightfit packed model: no {MANIFEST_FILE}")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PackedModelError(f"{manifest_path} is corrupted: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise PackedModelError(f"{manifest_path} is not a tightfit manifest (format != {FORMAT_NAME!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PackedModelError(
+            f"{path} has packed format version {version!r}; this tightfit reads version {FORMAT_VERSION} "
+            "(upgrade tightfit or re-run compress)"
+        )
+    for key, kind in MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise PackedModelError(f"{manifest_path} is corrupted: field {key!r} is missing or not a {kind.__name__}")
+    for name, entry in manifest["layers"].items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise PackedModelError(f"{manifest_path} is corrupted: layer {name!r} has no valid [out, in] shape")
+        if not isinstance(entry.get("format"), str):
+            raise PackedModelError(f"{manifest_path} is corrupted: layer {name!r} has no format")
+    return manifest
+
+
+def load_packed(path: Path, *, verify: bool = True) -> PackedModel:
+    """Read a packed model folder; raises PackedModelError on anything missing or corrupted."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    tensors_path = path / Path(manifest["tensors_file"]).name
+    if not tensors_path.is_file():
+        raise PackedModelError(f"{path} is incomplete: {tensors_path.name} is missing")
+    size = tensors_path.stat().st_size
+    if size != manifest["tensors_bytes"]:
+        raise PackedModelError(
+            f"{tensors_path} is truncated or corrupted: {size} bytes, manifest says {manifest['tensors_bytes']}"
+        )
+    if verify and sha256_file(tensors_path) != manifest["tensors_sha256"]:
+        raise PackedModelError(f"{tensors_path} is corrupted: sha256 does not match the manifest")
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PackedModelError(f"{tensors_path} is corrupted: {e}") from e
+    try:
+        hf_config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PackedModelError(f"{path / CONFIG_FILE} is missing or corrupted ({e})") from e
+
+    layers = {}
+    try:
+        for name, entry in manifest["layers"].items():
+            parts = {}
+            for key in ("qweight", "scales", "qzeros"):
+                t = tensors.pop(f"{name}.{key}", None)
+                if t is not None:
+                    parts[key] = t
+            layers[name] = QuantizedTensor.unpack(QuantFormat.parse(entry["format"]), tuple(entry["shape"]), parts)
+    except (FormatError, KeyError) as e:
+        raise PackedModelError(f"{path}: quantized layer data is inconsistent with the manifest ({e})") from e
+    known = {"format", "format_version", "tightfit_version", "layers", "tied", "tensors_file",
+             "tensors_sha256", "tensors_bytes", "summary"}
+    info = {k: v for k, v in manifest.items() if k not in known}
+    return PackedModel(layers=layers, kept=tensors, hf_config=hf_config, tied=manifest["tied"], info=info)

@@ -1,0 +1,83 @@
+"""Run a model one decoder block at a time, as sequential quantization needs.
+
+`capture_block_inputs` records, for every block, the keyword arguments the model passes it
+(attention masks and position embeddings differ per block in some architectures, e.g. Gemma3's
+sliding-window layers) and the hidden states entering the first block. The blocks are replaced
+by pass-through recorders for that one call, so nothing but the embeddings is computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tightfit.model.architectures import Architecture, get_module
+
+_DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
+
+
+class _Recorder(nn.Module):
+    """Stands in for one block: records its inputs and passes the hidden states through."""
+
+    def __init__(self, block: nn.Module, calls: list) -> None:
+        super().__init__()
+        self.block = block
+        self.calls = calls
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)  # e.g. `attention_type`, read by some models
+
+    def forward(self, hidden_states, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
+        self.calls.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+@dataclass
+class BlockInputs:
+    """Inputs of every block for a list of calibration batches.
+
+    hidden: per batch [B, T, C], entering the block about to be processed.
+    extra: extra[block][batch] = (args, kwargs) passed to that block besides the hidden states.
+    """
+
+    hidden: list[torch.Tensor]
+    extra: list[list[tuple[tuple, dict]]]
+
+
+def block_list(model: nn.Module, arch: Architecture) -> nn.ModuleList:
+    blocks = get_module(model, arch.blocks)
+    assert isinstance(blocks, nn.ModuleList), type(blocks)
+    return blocks
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_size: int) -> BlockInputs:
+    """tokens [S, T] int64 -> hidden states entering block 0 and the extra inputs of every block."""
+    blocks = block_list(model, arch)
+    base = get_module(model, arch.blocks.rsplit(".", 1)[0])  # the model without its LM head
+    originals = list(blocks)
+    calls: list[list] = [[] for _ in originals]
+    for i, block in enumerate(originals):
+        blocks[i] = _Recorder(block, calls[i])
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            base(input_ids=tokens[start : start + batch_size], use_cache=False)
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    hidden = [h for h, _, _ in calls[0]]
+    extra = [[(args, kwargs) for _, args, kwargs in per_block] for per_block in calls]
+    return BlockInputs(hidden=hidden, extra=extra)
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, extra: tuple[tuple, dict]) -> torch.Tensor:
+    """One block on one batch: [B, T, C] -> [B, T, C]."""
+    args, kwargs = extra
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,155 @@
+"""The pipeline: load -> calibrate -> quantize -> pack -> evaluate, in that order.
+
+Each stage's artifact is saved as soon as it exists: quantized blocks go to a work folder beside
+the output (`.NAME.work/`), so a killed run resumes after its last finished block; the packed
+model is published atomically; evaluation results are written next to it as eval.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json
+from tightfit.errors import PackedModelError, TightfitError
+from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate
+from tightfit.formats.files import atomic_write_json
+from tightfit.formats.packed import PackedModel, load_packed, read_manifest
+from tightfit.model import LoadedModel, load_model
+from tightfit.runtime import build_model
+from tightfit.stages import calibrate as calibrate_stage
+from tightfit.stages import pack as pack_stage
+from tightfit.stages import quantize as quantize_stage
+
+EVAL_FILE = "eval.json"
+
+
+@dataclass(frozen=True)
+class CompressRequest:
+    model: str
+    out: Path
+    quantize: QuantizeConfig
+    calibration: CalibrationConfig = CalibrationConfig()
+    evaluation: EvalConfig | None = EvalConfig()
+    progress: bool = True
+
+
+@dataclass
+class ModelSummary:
+    """Sizes of a packed model: bits/weight of the quantized layers and of the whole model."""
+
+    quantized_weights: int
+    quantized_bytes: int
+    total_weights: int
+    file_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
+
+    @property
+    def model_bits_per_weight(self) -> float:
+        return 8 * self.file_bytes / max(self.total_weights, 1)
+
+    @classmethod
+    def of(cls, packed: PackedModel, file_bytes: int) -> "ModelSummary":
+        return cls(packed.quantized_weights(), packed.quantized_bytes(), packed.total_weights(), file_bytes)
+
+
+@dataclass
+class CompressReport:
+    out: Path
+    summary: ModelSummary
+    evaluation: EvalResult | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.with_name(f".{out.name}.work")
+
+
+def packed_file_bytes(path: Path) -> int:
+    manifest = read_manifest(path)
+    return int(manifest["tensors_bytes"])
+
+
+def compress(request: CompressRequest, loaded: LoadedModel | None = None) -> CompressReport:
+    """Run the whole pipeline for one uniform format; resumes from the work folder if present."""
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    loaded = loaded or load_model(request.model)
+    seconds["load"] = time.perf_counter() - t
+
+    calibration = None
+    if request.quantize.method == "gptq":
+        t = time.perf_counter()
+        calibration = calibrate_stage.calibrate(loaded.tokenizer, request.calibration)
+        seconds["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    work = work_dir_for(Path(request.out))
+    qmodel = quantize_stage.quantize_model(
+        loaded, calibration, request.quantize, checkpoint_dir=work / "quantize", progress=request.progress
+    )
+    seconds["quantize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    packed = pack_stage.pack(qmodel, loaded, request.calibration if calibration is not None else None)
+    if request.evaluation is not None:
+        packed.info["evaluation"] = config_to_json(request.evaluation)
+    out = pack_stage.write(packed, loaded.tokenizer, Path(request.out))
+    seconds["pack"] = time.perf_counter() - t
+    del qmodel
+
+    result = None
+    if request.evaluation is not None:
+        t = time.perf_counter()
+        result = evaluate_packed(out, loaded, request.evaluation, progress=request.progress)
+        seconds["evaluate"] = time.perf_counter() - t
+    shutil.rmtree(work, ignore_errors=True)
+    return CompressReport(out=out, summary=ModelSummary.of(packed, packed_file_bytes(out)), evaluation=result, seconds=seconds)
+
+
+def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfig, *, progress: bool = True) -> EvalResult:
+    """Evaluate a packed model from disk against a reference model; results also go to eval.json."""
+    packed = load_packed(path)
+    model = build_model(packed)
+    tokenizer = reference.tokenizer if reference is not None else _packed_tokenizer(path)
+    windows = eval_windows(tokenizer, config)
+    result = evaluate(model, windows, reference=None if reference is None else reference.model,
+                      batch_size=config.batch_size, progress=progress)
+    atomic_write_json(Path(path) / EVAL_FILE, {
+        "evaluation": config_to_json(config),
+        "against": None if reference is None else {"name": reference.source.name, "sha256": reference.source.sha256()},
+        "result": dataclasses.asdict(result),
+    })
+    return result
+
+
+def _packed_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise PackedModelError(f"{path}: tokenizer files are missing or corrupted ({e})") from e
+
+
+def is_packed(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "manifest.json").is_file()
+
+
+def default_reference(path: Path) -> str | None:
+    """The source model named in a packed model's manifest, if it can still be found."""
+    source = read_manifest(path).get("source", {})
+    from tightfit.model import resolve_source
+
+    try:
+        resolve_source(source.get("name", ""))
+    except TightfitError:
+        return None
+    return source.get("name")

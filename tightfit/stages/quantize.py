@@ -1,0 +1,202 @@
+"""Quantize stage: every linear layer of every decoder block, block by block.
+
+Sequential calibration: the inputs of block i+1 are the outputs of block i with its weights
+already quantized, so each layer compensates the errors made before it. Inside a block the
+linear groups are visited in execution order (q/k/v, then o, then gate/up, then down); each
+group's Hessian is collected from inputs that already pass through the quantized groups before
+it. A forward is stopped as soon as the group's layers have seen their input.
+
+After each block its quantized layers are saved to the checkpoint folder; a rerun with the same
+job resumes after the last finished block.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from tightfit.algorithms import HessianAccumulator, gptq_quantize
+from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, LayerReport, QuantizeConfig, QuantizedModel, config_to_json
+from tightfit.formats import QuantizedTensor, quantize_rtn
+from tightfit.formats.files import atomic_save_tensors, atomic_write_json
+from tightfit.model import LoadedModel, get_module
+from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, run_block
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every layer of the group has seen its input."""
+
+
+def kept_tensors(model: nn.Module, quantized_weights: set[str], keep_dtype: str) -> dict[str, torch.Tensor]:
+    """State-dict tensors that stay unquantized, in storage dtype; tied duplicates dropped."""
+    dtype = KEEP_DTYPES[keep_dtype]
+    seen: set[int] = set()
+    kept = {}
+    for name, t in model.state_dict().items():
+        if name in quantized_weights or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        kept[name] = t.detach().to(dtype if t.dim() >= 2 and t.is_floating_point() else t.dtype).clone()
+    return kept
+
+
+def _install(model: nn.Module, name: str, weight: torch.Tensor) -> None:
+    linear = get_module(model, name)
+    assert isinstance(linear, nn.Linear) and linear.weight.shape == weight.shape, (name, weight.shape)
+    linear.weight.data.copy_(weight)
+
+
+def _quantize_layer(
+    weight: torch.Tensor, hessian: torch.Tensor | None, config: QuantizeConfig
+) -> tuple[QuantizedTensor, LayerReport]:
+    start = time.perf_counter()
+    if config.method == "gptq":
+        assert hessian is not None
+        result = gptq_quantize(
+            weight, hessian, config.fmt, damp=config.damp, block_size=config.block_size,
+            act_order=config.act_order, clip_search=config.clip_search,
+        )
+        quantized, loss = result.quantized, result.loss
+    else:
+        quantized = quantize_rtn(weight, config.fmt, clip_search=config.clip_search)
+        loss = float(((weight - quantized.dequantize()) ** 2).sum())
+    return quantized, LayerReport(loss=loss, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _group_hessian(block: nn.Module, names: tuple[str, ...], inputs: BlockInputs, index: int) -> torch.Tensor:
+    """Hessian of the common input of the linear layers `names` of one block."""
+    first = get_module(block, names[0])
+    acc = HessianAccumulator(first.in_features)
+    pending: set[str] = set()
+
+    def hook_for(name: str):
+        def hook(module, args):
+            if name == names[0]:
+                acc.add_batch(args[0])
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+
+        return hook
+
+    handles = [get_module(block, n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        for b, hidden in enumerate(inputs.hidden):
+            pending.update(names)
+            try:
+                run_block(block, hidden, inputs.extra[index][b])
+            except _StopForward:
+                pass
+            if pending:
+                raise RuntimeError(f"layers {sorted(pending)} of block {index} were not called by its forward")
+    finally:
+        for h in handles:
+            h.remove()
+    return acc.hessian()
+
+
+class BlockCheckpoint:
+    """Per-block results of one job in a folder: job.json names the job, block_NNN.* the results."""
+
+    def __init__(self, folder: Path, job: dict) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        job_file = self.folder / "job.json"
+        if job_file.exists() and json.loads(job_file.read_text()) != job:
+            for stale in self.folder.glob("block_*"):
+                stale.unlink()
+        atomic_write_json(job_file, job)
+
+    def _paths(self, index: int) -> tuple[Path, Path]:
+        return self.folder / f"block_{index:03d}.safetensors", self.folder / f"block_{index:03d}.json"
+
+    def load(self, index: int, config: QuantizeConfig) -> dict[str, tuple[QuantizedTensor, LayerReport]] | None:
+        tensors_path, meta_path = self._paths(index)
+        if not (tensors_path.exists() and meta_path.exists()):
+            return None
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensors_path))
+        out = {}
+        for name, info in meta.items():
+            parts = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+            q = QuantizedTensor.unpack(config.fmt, tuple(info["shape"]), parts)
+            out[name] = (q, LayerReport(loss=info["loss"], seconds=info["seconds"]))
+        return out
+
+    def save(self, index: int, results: dict[str, tuple[QuantizedTensor, LayerReport]]) -> None:
+        tensors_path, meta_path = self._paths(index)
+        tensors = {f"{name}.{k}": v for name, (q, _) in results.items() for k, v in q.pack().items()}
+        atomic_save_tensors(tensors_path, tensors)
+        meta = {name: {"shape": list(q.shape), "loss": r.loss, "seconds": r.seconds} for name, (q, r) in results.items()}
+        atomic_write_json(meta_path, meta)  # written last: its presence marks the block done
+
+
+@torch.no_grad()
+def quantize_model(
+    loaded: LoadedModel,
+    calibration: CalibrationSet | None,
+    config: QuantizeConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+) -> QuantizedModel:
+    """Quantize every linear layer of every block of `loaded.model` (left untouched).
+
+    Returns the quantized layers, the kept tensors in storage dtype, and (in `.module`) the fp32
+    model with the dequantized weights installed, exactly as a packed copy will compute.
+    """
+    if config.method == "gptq" and calibration is None:
+        raise ValueError("GPTQ needs a calibration set")
+    arch = loaded.arch
+    model = copy.deepcopy(loaded.model)
+    blocks = block_list(model, arch)
+    prefix = arch.blocks
+    quantized_weights = {f"{prefix}.{i}.{n}.weight" for i in range(len(blocks)) for n in arch.linear_names}
+    kept = kept_tensors(model, quantized_weights, config.keep_dtype)
+    # Calibration must see the kept tensors as they will be stored.
+    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()}, strict=False)
+
+    job = {
+        "source_sha256": loaded.source.sha256(),
+        "quantize": config_to_json(config),
+        "calibration": None if calibration is None else config_to_json(calibration.config),
+    }
+    checkpoint = BlockCheckpoint(checkpoint_dir, job) if checkpoint_dir is not None else None
+    inputs = None
+    if config.method == "gptq":
+        inputs = capture_block_inputs(model, arch, calibration.tokens, calibration.config.batch_size)
+
+    layers: dict[str, QuantizedTensor] = {}
+    reports: dict[str, LayerReport] = {}
+    bar = tqdm(range(len(blocks)), desc=f"quantize {config.method} {config.fmt.name}", unit="block", disable=not progress)
+    for i in bar:
+        block = blocks[i]
+        results = checkpoint.load(i, config) if checkpoint is not None else None
+        if results is not None:
+            for name, (q, _) in results.items():
+                _install(block, name, q.dequantize())
+        else:
+            results = {}
+            for names in arch.linear_groups:
+                hessian = _group_hessian(block, names, inputs, i) if inputs is not None else None
+                for name in names:
+                    q, report = _quantize_layer(get_module(block, name).weight, hessian, config)
+                    _install(block, name, q.dequantize())
+                    results[name] = (q, report)
+            if checkpoint is not None:
+                checkpoint.save(i, results)
+        for name, (q, report) in results.items():
+            layers[f"{prefix}.{i}.{name}"] = q
+            reports[f"{prefix}.{i}.{name}"] = report
+        if inputs is not None:
+            inputs.hidden = [run_block(block, h, inputs.extra[i][b]) for b, h in enumerate(inputs.hidden)]
+    bar.close()
+    return QuantizedModel(config=config, layers=layers, kept=kept, reports=reports, module=model.eval())
