@@ -45,3 +45,57 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path.write_text(markdown)
     return json_path, md_path
+
+
+def hessians_cached(loaded, calibration):
+    """Original-model Hessians for this model and calibration, from .cache/ or collected now."""
+    from tightfit.stages import calibrate as calibrate_stage
+
+    cache = Path(__file__).resolve().parents[1] / ".cache" / f"hessians-{loaded.source.sha256()[:16]}.safetensors"
+    hessians = calibrate_stage.load_hessians(cache, loaded, calibration.config)
+    if hessians is None:
+        hessians = calibrate_stage.collect_hessians(loaded, calibration)
+        calibrate_stage.save_hessians(hessians, cache)
+    return hessians
+
+
+def quantize_and_evaluate(loaded, configs: dict, calibration, eval_config, *, hessians=None) -> tuple[dict, dict]:
+    """Quantize every config (key -> QuantizeConfig), pack it to a temporary folder, reload the
+    packed model from disk, then score all of them against the original in one pass.
+
+    Returns ({key: row with sizes and seconds}, {key: EvalResult}).
+    """
+    import tempfile
+    import time
+
+    from tightfit.evaluate import eval_windows, evaluate_many
+    from tightfit.formats.packed import load_packed
+    from tightfit.runtime import build_model
+    from tightfit.stages import pack as pack_stage
+    from tightfit.stages import quantize as quantize_stage
+
+    rows, models = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, config in configs.items():
+            t = time.perf_counter()
+            use_calibration = config.method == "gptq" and hessians is None
+            qmodel = quantize_stage.quantize_model(loaded, calibration if use_calibration else None, config,
+                                                   hessians=hessians if config.method == "gptq" else None)
+            seconds = time.perf_counter() - t
+            out = pack_stage.write(pack_stage.pack(qmodel, loaded, calibration.config), loaded.tokenizer,
+                                   Path(tmp) / key.replace(" ", "_"))
+            del qmodel
+            packed = load_packed(out)
+            models[key] = build_model(packed)
+            file_bytes = (out / "model.safetensors").stat().st_size
+            rows[key] = {
+                "quantize_seconds": round(seconds, 1),
+                "bits_per_weight": 8 * packed.quantized_bytes() / packed.quantized_weights(),
+                "file_bytes": file_bytes,
+                "model_bits_per_weight": 8 * file_bytes / packed.total_weights(),
+                "layers": {name: q for name, q in packed.layers.items()},
+            }
+            print(f"{key}: quantized in {seconds:.0f}s, {rows[key]['bits_per_weight']:.3f} bits/weight", flush=True)
+        windows = eval_windows(loaded.tokenizer, eval_config)
+        results = evaluate_many(models, windows, reference=loaded.model, batch_size=eval_config.batch_size)
+    return rows, results

@@ -26,9 +26,11 @@ def _error_line(capsys: pytest.CaptureFixture[str], rc: int) -> str:
     assert rc == 2, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one error line, got {lines}"
-    assert lines[0].startswith("tightfit: error: "), lines[0]
-    return lines[0].removeprefix("tightfit: error: ")
+    errors = [line for line in lines if line.startswith("tightfit: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"expected one error line, last, got {lines}"
+    # anything before it is a one-line stage message ("tightfit: loading ..."), nothing else
+    assert all(line.startswith("tightfit: ") for line in lines), lines
+    return errors[0].removeprefix("tightfit: error: ")
 
 
 def _assert_no_output_left(out: Path) -> None:
@@ -324,3 +326,30 @@ def test_published_files_are_readable_by_others(packed_copy: Path) -> None:
     for p in [packed_copy, *packed_copy.iterdir()]:
         mode = stat.S_IMODE(p.stat().st_mode)
         assert mode & (0o044 & ~mask) == (0o044 & ~mask), (p, oct(mode))
+
+
+@pytest.mark.parametrize("fmt", ["spqr-w3g16-s3-o1.0", "w3g64"])
+def test_info_bits_per_weight_equals_file_bytes(fmt: str, tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    """`tightfit info` prints bits/weight = bytes the file holds for the quantized layers x 8 / their weights,
+    read here independently from the safetensors header."""
+    import struct
+
+    out = tmp_path / "packed"
+    assert main(["compress", str(tiny_model_dir), "--format", fmt, "--method", "rtn", "--no-eval", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    shown = float(re.search(r"-> ([0-9.]+) bits/weight", printed).group(1))
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    raw = (out / "model.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    layer_bytes = sum(
+        end - start
+        for key, entry in header.items()
+        if key != "__metadata__" and key.rsplit(".", 1)[0] in manifest["layers"]
+        for start, end in [entry["data_offsets"]]
+    )
+    weights = sum(a * b for a, b in (e["shape"] for e in manifest["layers"].values()))
+    assert shown == pytest.approx(8 * layer_bytes / weights, abs=5e-5)

@@ -12,6 +12,7 @@ from conftest import TINY_MODEL_TYPES, tiny_corpus
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig
 from tightfit.evaluate import EvalConfig, evaluate
 from tightfit.formats import QuantFormat
+from tightfit.formats.registry import parse_format
 from tightfit.formats.packed import MANIFEST_FILE, TENSORS_FILE, load_packed
 from tightfit.model import load_model
 from tightfit.pipeline import CompressRequest, ModelSummary, compress, work_dir_for
@@ -91,11 +92,11 @@ def test_compress_resumes_after_finished_blocks(tiny_model_dir, text_file, tmp_p
     calls = []
     original = quantize_stage._quantize_layer
 
-    def dying(weight, hessian, config):
+    def dying(*args):
         calls.append(1)
         if len(calls) > len(loaded.arch.linear_names):
             raise KeyboardInterrupt
-        return original(weight, hessian, config)
+        return original(*args)
 
     monkeypatch.setattr(quantize_stage, "_quantize_layer", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -147,3 +148,38 @@ def test_evaluate_against_itself_is_exact(tiny_model_dir):
     assert result.top1 == 1.0
     assert result.ppl == pytest.approx(result.reference_ppl)
     assert result.n_tokens == 3 * 31
+
+
+def test_original_model_hessians_and_mixed_plan(tiny_model_dir, text_file, tmp_path):
+    """Hessians collected once from the original model quantize any plan without forward passes;
+    a mixed plan is packed with its per-layer formats and reloads to the same logits."""
+    loaded = load_model(str(tiny_model_dir))
+    calib = calibrate_stage.calibrate(loaded.tokenizer, CalibrationConfig(text=str(text_file), **SMALL_CALIB))
+    hessians = calibrate_stage.collect_hessians(loaded, calib, progress=False)
+    names = [f"{loaded.arch.blocks}.{i}.{n}" for i in range(2) for n in loaded.arch.linear_names]
+    assert sorted(hessians.hessians) == sorted(names)
+    q0 = hessians.hessians[names[0]]
+    assert q0.shape == (128, 128) and torch.allclose(q0, q0.T) and bool((torch.linalg.eigvalsh(q0.double()) > -1e-4).all())
+
+    path = tmp_path / "h.safetensors"
+    calibrate_stage.save_hessians(hessians, path)
+    again = calibrate_stage.load_hessians(path, loaded, calib.config)
+    assert again is not None and all(torch.equal(again.hessians[k], hessians.hessians[k]) for k in names)
+    other = CalibrationConfig(text=str(text_file), n_samples=4, seq_len=64, batch_size=4)
+    assert calibrate_stage.load_hessians(path, loaded, other) is None  # another calibration: not reused
+
+    plan = {name: QuantFormat.parse("w2g32") if "mlp" in name else QuantFormat.parse("w4g64") for name in names}
+    plan[names[0]] = parse_format("spqr-w3g16-s3-o1.0")
+    config = QuantizeConfig(fmt=QuantFormat.parse("w4g64"), method="gptq", plan=plan)
+    qmodel = quantize_stage.quantize_model(loaded, None, config, hessians=again, progress=False)
+    assert {n: q.fmt for n, q in qmodel.layers.items()} == plan
+
+    from tightfit.stages import pack as pack_stage
+
+    out = pack_stage.write(pack_stage.pack(qmodel, loaded, calib.config), loaded.tokenizer, tmp_path / "mixed")
+    packed = load_packed(out)
+    assert {n: q.fmt for n, q in packed.layers.items()} == plan
+    assert QuantizeConfig.from_json(packed.info["quantize"]).plan == plan
+    ids = _ids()
+    with torch.no_grad():
+        assert (qmodel.module(input_ids=ids).logits - build_model(packed)(input_ids=ids).logits).abs().max() < 1e-5

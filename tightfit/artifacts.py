@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tightfit.formats import QuantFormat, QuantizedTensor
+from tightfit.formats.registry import Format, Tensor, parse_format
 
 METHODS = ("gptq", "rtn")
 KEEP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -22,7 +22,11 @@ def config_to_json(config) -> dict:
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        out[f.name] = value.name if isinstance(value, QuantFormat) else value
+        if isinstance(value, Format.__args__):
+            value = value.name
+        elif isinstance(value, dict):
+            value = {k: v.name if isinstance(v, Format.__args__) else v for k, v in value.items()}
+        out[f.name] = value
     return out
 
 
@@ -53,23 +57,38 @@ class CalibrationSet:
 
 
 @dataclass(frozen=True)
+class HessianSet:
+    """H = 2/T X^T X [K, K] float32 of every linear layer's inputs, keyed by full module name,
+    collected from the original model (layers sharing an input share one tensor)."""
+
+    config: CalibrationConfig
+    source_sha256: str
+    hessians: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class QuantizeConfig:
     """How linear layers are quantized.
 
     method: "gptq" (error compensation with calibration Hessians) or "rtn" (round to nearest).
-    fmt: the format of every linear layer inside the decoder blocks.
+    fmt: the format of every linear layer inside the decoder blocks, unless `plan` names another.
+    plan: full layer name -> format, for mixed-precision plans (from the allocate stage).
     keep_dtype: storage dtype of the tensors that stay unquantized (embeddings, head, norms).
     damp: GPTQ dampening, a fraction of the mean Hessian diagonal added to the diagonal.
     """
 
-    fmt: QuantFormat
+    fmt: Format
     method: str = "gptq"
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
     clip_search: bool = True
     keep_dtype: str = "fp16"
+    plan: dict[str, Format] | None = None
     version: int = 1
+
+    def format_of(self, layer: str) -> Format:
+        return self.fmt if self.plan is None else self.plan.get(layer, self.fmt)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -79,7 +98,8 @@ class QuantizeConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> "QuantizeConfig":
-        return cls(**{**d, "fmt": QuantFormat.parse(d["fmt"])})
+        plan = None if d.get("plan") is None else {k: parse_format(v) for k, v in d["plan"].items()}
+        return cls(**{**d, "fmt": parse_format(d["fmt"]), "plan": plan})
 
 
 @dataclass(frozen=True)
@@ -100,7 +120,7 @@ class QuantizedModel:
     """
 
     config: QuantizeConfig
-    layers: dict[str, QuantizedTensor]
+    layers: dict[str, Tensor]
     kept: dict[str, torch.Tensor]
     reports: dict[str, LayerReport] = field(default_factory=dict)
     module: Any = None  # the fp32 model with dequantized weights installed (in memory only, never saved)

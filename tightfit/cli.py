@@ -24,7 +24,10 @@ FORMAT_HELP = (
     "quantization format of every linear layer in the decoder blocks: "
     "w{bits}g{group} or w{bits}pc (per channel), bits in 2,3,4,5,6,8, group in 16,32,64,128; "
     "optional suffixes -sym (symmetric grid; default asymmetric with a zero point) and -bf16 "
-    "(scale dtype; default fp16). Example: w3g64, w4g128-sym, w8pc. `tightfit formats` lists them."
+    "(scale dtype; default fp16). Example: w3g64, w4g128-sym, w8pc. "
+    "Or SpQR: spqr-w{bits}g{group}-s{stat_bits}-o{outlier_percent}, e.g. spqr-w3g16-s3-o1.0 "
+    "(3-bit codes in groups of 16, scales and zeros quantized to 3 bits, at most 1%% of weights kept exact). "
+    "`tightfit formats` lists them with their bits/weight."
 )
 
 
@@ -132,10 +135,10 @@ def _result_table(rows: list[dict]) -> str:
 
 def _cmd_compress(args) -> int:
     from tightfit.artifacts import CalibrationConfig, QuantizeConfig
-    from tightfit.formats import QuantFormat
+    from tightfit.formats.registry import parse_format
     from tightfit.pipeline import CompressRequest, compress
 
-    fmt = QuantFormat.parse(args.format)
+    fmt = parse_format(args.format)
     calib_defaults = CalibrationConfig()
     calibration = CalibrationConfig(
         text=args.calib_text,
@@ -153,7 +156,7 @@ def _cmd_compress(args) -> int:
         model=args.model, out=args.out, quantize=qconfig, calibration=calibration,
         evaluation=None if args.no_eval else _eval_config(args),
     )
-    report = compress(request)
+    report = compress(request, on_stage=lambda msg: print(f"tightfit: {msg}", file=sys.stderr, flush=True))
     s = report.summary
     rows = []
     ev = report.evaluation
@@ -245,6 +248,7 @@ def _cmd_info(args) -> int:
 
 def _cmd_formats(args) -> int:
     from tightfit.formats import BITS, GROUP_SIZES, QuantFormat
+    from tightfit.formats.spqr import SPQR_RECIPES
 
     try:
         n, k = (int(v) for v in args.shape.lower().split("x"))
@@ -258,6 +262,10 @@ def _cmd_formats(args) -> int:
             for sym in (False, True):
                 fmt = QuantFormat(bits=bits, group_size=group, symmetric=sym)
                 print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
+    print(f"\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)")
+    print(f"{'format':<22} {'bpw':>7} {'bytes':>10}")
+    for fmt in SPQR_RECIPES:
+        print(f"{fmt.name:<22} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
     return 0
 
 

@@ -26,3 +26,7 @@ class TextSourceError(TightfitError):
 
 class PackedModelError(TightfitError):
     """A packed model on disk is missing, truncated, corrupted, or of an unknown version."""
+
+
+class InfeasibleBudget(TightfitError):
+    """No assignment of formats to layers meets the budget; the message names the smallest one that can."""

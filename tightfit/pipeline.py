@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json
 from tightfit.errors import PackedModelError, TightfitError
@@ -76,21 +77,31 @@ def packed_file_bytes(path: Path) -> int:
     return int(manifest["tensors_bytes"])
 
 
-def compress(request: CompressRequest, loaded: LoadedModel | None = None) -> CompressReport:
-    """Run the whole pipeline for one uniform format; resumes from the work folder if present."""
+def compress(
+    request: CompressRequest, loaded: LoadedModel | None = None, on_stage: Callable[[str], None] = lambda _: None
+) -> CompressReport:
+    """Run the whole pipeline for one uniform format; resumes from the work folder if present.
+
+    on_stage(message) is called as each stage starts (the CLI prints it).
+    """
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    loaded = loaded or load_model(request.model)
+    if loaded is None:
+        on_stage(f"loading {request.model}")
+        loaded = load_model(request.model)
     seconds["load"] = time.perf_counter() - t
 
     calibration = None
     if request.quantize.method == "gptq":
         t = time.perf_counter()
+        on_stage(f"calibration text: {request.calibration.n_samples} x {request.calibration.seq_len} tokens of {request.calibration.text}")
         calibration = calibrate_stage.calibrate(loaded.tokenizer, request.calibration)
         seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
     work = work_dir_for(Path(request.out))
+    if (work / "quantize" / "job.json").exists():
+        on_stage(f"resuming from finished blocks in {work}")
     qmodel = quantize_stage.quantize_model(
         loaded, calibration, request.quantize, checkpoint_dir=work / "quantize", progress=request.progress
     )
@@ -98,6 +109,7 @@ def compress(request: CompressRequest, loaded: LoadedModel | None = None) -> Com
 
     t = time.perf_counter()
     packed = pack_stage.pack(qmodel, loaded, request.calibration if calibration is not None else None)
+    on_stage(f"packing to {request.out}")
     if request.evaluation is not None:
         packed.info["evaluation"] = config_to_json(request.evaluation)
     out = pack_stage.write(packed, loaded.tokenizer, Path(request.out))
@@ -107,6 +119,7 @@ def compress(request: CompressRequest, loaded: LoadedModel | None = None) -> Com
     result = None
     if request.evaluation is not None:
         t = time.perf_counter()
+        on_stage(f"evaluating on {request.evaluation.n_windows} windows of {request.evaluation.ctx} tokens against the original")
         result = evaluate_packed(out, loaded, request.evaluation, progress=request.progress)
         seconds["evaluate"] = time.perf_counter() - t
     shutil.rmtree(work, ignore_errors=True)

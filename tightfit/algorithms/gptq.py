@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tightfit.formats import QuantFormat, QuantizedTensor, choose_qparams, dequantize, quantize, search_shrink
+from tightfit.formats.registry import Format, Tensor, builder_for
 
 
 class HessianAccumulator:
@@ -50,7 +50,7 @@ class HessianAccumulator:
 class GPTQResult:
     """Quantized weight and the GPTQ objective sum_j e_j^2 / 2 (proxy of the output error)."""
 
-    quantized: QuantizedTensor
+    quantized: Tensor
     loss: float
     damp: float
 
@@ -96,14 +96,19 @@ def _blocks(starts: list[int], k: int, block_size: int) -> list[tuple[int, int]]
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
-    fmt: QuantFormat,
+    fmt: Format,
     *,
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
     clip_search: bool = True,
 ) -> GPTQResult:
-    """Quantize w [N, K] given the Hessian h [K, K] of its inputs. Returns codes in original order."""
+    """Quantize w [N, K] given the Hessian h [K, K] of its inputs, in any format with a builder.
+
+    The builder (formats.registry.builder_for) chooses each group's parameters from the updated
+    weights when the group's first column comes up (SpQR: also its outliers, from the Cholesky
+    diagonal) and decodes columns; this function only orders columns and spreads errors.
+    """
     n, k = w.shape
     assert h.shape == (k, k), (h.shape, k)
     w = w.detach().to(torch.float32).clone()
@@ -113,15 +118,13 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
-    bounds = fmt.group_bounds(k)
-    per_channel = len(bounds) == 1
-    if act_order:
-        perm = group_aware_order(torch.diag(h), bounds)
-    else:
-        perm = torch.arange(k)
+    builder = builder_for(fmt, (n, k), clip_search=clip_search)
+    bounds = builder.bounds
+    perm = group_aware_order(torch.diag(h), bounds) if act_order else torch.arange(k)
     w = w[:, perm]
     h = h[perm][:, perm]
     u, lam = _inverse_hessian_factor(h, damp)  # [K, K] upper
+    d_all = torch.diag(u)  # [K]
 
     group_of = torch.empty(k, dtype=torch.long)  # original column -> its group
     for gi, (lo, hi) in enumerate(bounds):
@@ -129,21 +132,10 @@ def gptq_quantize(
     pgroup = group_of[perm].tolist()  # permuted column -> group
     starts = [j for j in range(k) if j == 0 or pgroup[j] != pgroup[j - 1]]
     width = {j: bounds[pgroup[j]][1] - bounds[pgroup[j]][0] for j in starts}
+    one_group = len(bounds) == 1
 
-    codes = torch.zeros(n, k, dtype=torch.uint8)  # permuted column order
-    scales = torch.zeros(n, len(bounds))
-    zeros = None if fmt.symmetric else torch.zeros(n, len(bounds))
-
-    def choose(grp: torch.Tensor, gi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        shrink = search_shrink(grp, fmt) if clip_search else 1.0
-        scale, zero = choose_qparams(grp, fmt, shrink)  # [N], [N] | None
-        scales[:, gi] = scale
-        if zeros is not None:
-            zeros[:, gi] = zero
-        return scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1)
-
-    if per_channel:  # one group spans every block: its parameters come from the whole row up front
-        scale, zero = choose(w, 0)
+    if one_group:  # the group spans every block: its parameters come from the whole row up front
+        builder.start_group(0, w, d_all, perm)
         blocks = [(lo, min(lo + block_size, k)) for lo in range(0, k, block_size)]
     else:
         blocks = _blocks(starts, k, block_size)
@@ -154,16 +146,14 @@ def gptq_quantize(
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if not per_channel and col in width:  # first column of a group: all of it lies in w1, updated
-                scale, zero = choose(w1[:, i : i + width[col]], pgroup[col])
-            q = quantize(w1[:, i : i + 1], scale, zero, fmt.bits)  # [N, 1]
-            codes[:, col] = q[:, 0]
-            e = (w1[:, i] - dequantize(q, scale, zero, fmt.bits)[:, 0]) / u1[i, i]  # [N]
+            if not one_group and col in width:  # first column of a group: all of it lies in w1, updated
+                cols = slice(col, col + width[col])
+                builder.start_group(pgroup[col], w1[:, i : i + width[col]], d_all[cols], perm[cols])
+            w_hat = builder.quantize_column(int(perm[col]), w1[:, i])  # [N]
+            e = (w1[:, i] - w_hat) / u1[i, i]  # [N]
             loss += e * e / 2
             w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 
-    inverse = torch.argsort(perm)
-    quantized = QuantizedTensor(fmt=fmt, codes=codes[:, inverse].contiguous(), scales=scales, zeros=zeros)
-    return GPTQResult(quantized=quantized, loss=loss.sum().item(), damp=lam)
+    return GPTQResult(quantized=builder.result(), loss=loss.sum().item(), damp=lam)

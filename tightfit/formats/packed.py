@@ -28,8 +28,7 @@ from safetensors.torch import load_file
 from tightfit import __version__
 from tightfit.errors import FormatError, PackedModelError
 from tightfit.formats.files import atomic_save_tensors, atomic_write_json, publishable
-from tightfit.formats.primitives import QuantizedTensor
-from tightfit.formats.table import QuantFormat
+from tightfit.formats.registry import Tensor, parse_format, unpack_tensor
 
 FORMAT_NAME = "tightfit-packed"
 FORMAT_VERSION = 1
@@ -58,7 +57,7 @@ class PackedModel:
     info: free-form JSON sections (source, calibration, quantize, ...) carried into the manifest.
     """
 
-    layers: dict[str, QuantizedTensor]
+    layers: dict[str, Tensor]
     kept: dict[str, torch.Tensor]
     hf_config: dict
     tied: dict[str, str] = field(default_factory=dict)
@@ -192,11 +191,11 @@ def load_packed(path: Path, *, verify: bool = True) -> PackedModel:
     try:
         for name, entry in manifest["layers"].items():
             parts = {}
-            for key in ("qweight", "scales", "qzeros"):
-                t = tensors.pop(f"{name}.{key}", None)
-                if t is not None:
-                    parts[key] = t
-            layers[name] = QuantizedTensor.unpack(QuantFormat.parse(entry["format"]), tuple(entry["shape"]), parts)
+            prefix = f"{name}."
+            for key in [k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]]:
+                if key[len(prefix):] != "bias":
+                    parts[key[len(prefix):]] = tensors.pop(key)
+            layers[name] = unpack_tensor(parse_format(entry["format"]), tuple(entry["shape"]), parts)
     except (FormatError, KeyError) as e:
         raise PackedModelError(f"{path}: quantized layer data is inconsistent with the manifest ({e})") from e
     known = {"format", "format_version", "tightfit_version", "layers", "tied", "tensors_file",

@@ -286,3 +286,40 @@ def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, *, clip_search: bool = True)
         scales=torch.cat(scales, dim=1),
         zeros=None if fmt.symmetric else torch.cat(zeros, dim=1),
     )
+
+
+class UniformBuilder:
+    """Builds a QuantizedTensor group by group and column by column (GPTQ's inner loop).
+
+    start_group(gi, w [N, g], d [g], cols [g]) chooses group gi's scale and zero from the current
+    weights w of its columns `cols` (original indices, any order); quantize_column(col, w [N])
+    stores that column's codes and returns its decoded values. d (GPTQ's Cholesky diagonal) is
+    not needed by uniform formats.
+    """
+
+    def __init__(self, fmt: QuantFormat, shape: tuple[int, int], *, clip_search: bool = True) -> None:
+        n, k = shape
+        self.fmt, self.shape, self.clip_search = fmt, shape, clip_search
+        self.bounds = fmt.group_bounds(k)
+        self.codes = torch.zeros(n, k, dtype=torch.uint8)
+        self.scales = torch.zeros(n, len(self.bounds))
+        self.zeros = None if fmt.symmetric else torch.zeros(n, len(self.bounds))
+        self._scale: torch.Tensor | None = None
+        self._zero: torch.Tensor | None = None
+
+    def start_group(self, gi: int, w: torch.Tensor, d: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+        shrink = search_shrink(w, self.fmt) if self.clip_search else 1.0
+        scale, zero = choose_qparams(w, self.fmt, shrink)  # [N], [N] | None
+        self.scales[:, gi] = scale
+        if self.zeros is not None:
+            self.zeros[:, gi] = zero
+        self._scale = scale.unsqueeze(1)  # [N, 1]
+        self._zero = None if zero is None else zero.unsqueeze(1)
+
+    def quantize_column(self, col: int, w: torch.Tensor) -> torch.Tensor:
+        q = quantize(w.unsqueeze(1), self._scale, self._zero, self.fmt.bits)  # [N, 1]
+        self.codes[:, col] = q[:, 0]
+        return dequantize(q, self._scale, self._zero, self.fmt.bits)[:, 0]
+
+    def result(self) -> QuantizedTensor:
+        return QuantizedTensor(fmt=self.fmt, codes=self.codes, scales=self.scales, zeros=self.zeros)

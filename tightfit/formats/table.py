@@ -49,6 +49,11 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def group_bounds(in_features: int, group_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each group of group_size columns along K; the last one may be narrower."""
+    return [(s, min(s + group_size, in_features)) for s in range(0, in_features, group_size)]
+
+
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes of `numel` codes of `bits` bits each, bit-packed back to back: ceil(numel*bits/8)."""
     return (numel * bits + 7) // 8
@@ -59,12 +64,13 @@ class LayerBytes:
     """Exact bytes one [N, K] layer holds in a format, split by what they store."""
 
     codes: int  # ceil(N*K*bits/8)
-    scales: int  # N*G*2
-    zeros: int  # ceil(N*G*bits/8), 0 when symmetric
+    scales: int  # N*G*2 (SpQR: quantized scales and their second-level statistics)
+    zeros: int  # ceil(N*G*bits/8), 0 when symmetric (SpQR: quantized zeros and their statistics)
+    outliers: int = 0  # SpQR: the sparse table of exact weights (values, column indices, row pointers)
 
     @property
     def total(self) -> int:
-        return self.codes + self.scales + self.zeros
+        return self.codes + self.scales + self.zeros + self.outliers
 
 
 @dataclass(frozen=True)
@@ -155,8 +161,7 @@ class QuantFormat:
 
     def group_bounds(self, in_features: int) -> list[tuple[int, int]]:
         """[start, end) column range of each group along K."""
-        g = self.group_width(in_features)
-        return [(s, min(s + g, in_features)) for s in range(0, in_features, g)]
+        return group_bounds(in_features, self.group_width(in_features))
 
     # ---- bytes -------------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ by pass-through recorders for that one call, so nothing but the embeddings is co
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,3 +83,37 @@ def run_block(block: nn.Module, hidden: torch.Tensor, extra: tuple[tuple, dict])
     args, kwargs = extra
     out = block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+class _Replay(nn.Module):
+    """Stands in for a block whose output is already known: returns the cached hidden states."""
+
+    def __init__(self, block: nn.Module, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.block = block
+        self.hidden = hidden
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        assert hidden_states.shape == self.hidden.shape, (hidden_states.shape, self.hidden.shape)
+        return self.hidden
+
+
+@contextmanager
+def replay_blocks(model: nn.Module, arch: Architecture, start: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Within the context, a forward of `model` skips blocks [0, start) and feeds `hidden`
+    ([B, T, C], the cached input of block `start` for the same token ids) to block `start`."""
+    blocks = block_list(model, arch)
+    originals = list(blocks)
+    for i in range(start):
+        blocks[i] = _Replay(originals[i], hidden)
+    try:
+        yield
+    finally:
+        for i in range(start):
+            blocks[i] = originals[i]

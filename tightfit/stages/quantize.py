@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tightfit.algorithms import HessianAccumulator, gptq_quantize
-from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, LayerReport, QuantizeConfig, QuantizedModel, config_to_json
-from tightfit.formats import QuantizedTensor, quantize_rtn
+from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, HessianSet, LayerReport, QuantizeConfig, QuantizedModel, config_to_json
+from tightfit.formats.registry import Format, Tensor, parse_format, quantize_rtn_any, unpack_tensor
 from tightfit.formats.files import atomic_save_tensors, atomic_write_json
 from tightfit.model import LoadedModel, get_module
 from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, run_block
@@ -54,18 +54,18 @@ def _install(model: nn.Module, name: str, weight: torch.Tensor) -> None:
 
 
 def _quantize_layer(
-    weight: torch.Tensor, hessian: torch.Tensor | None, config: QuantizeConfig
-) -> tuple[QuantizedTensor, LayerReport]:
+    weight: torch.Tensor, hessian: torch.Tensor | None, config: QuantizeConfig, fmt: Format
+) -> tuple[Tensor, LayerReport]:
     start = time.perf_counter()
     if config.method == "gptq":
         assert hessian is not None
         result = gptq_quantize(
-            weight, hessian, config.fmt, damp=config.damp, block_size=config.block_size,
+            weight, hessian, fmt, damp=config.damp, block_size=config.block_size,
             act_order=config.act_order, clip_search=config.clip_search,
         )
         quantized, loss = result.quantized, result.loss
     else:
-        quantized = quantize_rtn(weight, config.fmt, clip_search=config.clip_search)
+        quantized = quantize_rtn_any(weight, fmt, clip_search=config.clip_search)
         loss = float(((weight - quantized.dequantize()) ** 2).sum())
     return quantized, LayerReport(loss=loss, seconds=time.perf_counter() - start)
 
@@ -118,7 +118,7 @@ class BlockCheckpoint:
     def _paths(self, index: int) -> tuple[Path, Path]:
         return self.folder / f"block_{index:03d}.safetensors", self.folder / f"block_{index:03d}.json"
 
-    def load(self, index: int, config: QuantizeConfig) -> dict[str, tuple[QuantizedTensor, LayerReport]] | None:
+    def load(self, index: int, config: QuantizeConfig) -> dict[str, tuple[Tensor, LayerReport]] | None:
         tensors_path, meta_path = self._paths(index)
         if not (tensors_path.exists() and meta_path.exists()):
             return None
@@ -127,15 +127,16 @@ class BlockCheckpoint:
         out = {}
         for name, info in meta.items():
             parts = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
-            q = QuantizedTensor.unpack(config.fmt, tuple(info["shape"]), parts)
+            q = unpack_tensor(parse_format(info["format"]), tuple(info["shape"]), parts)
             out[name] = (q, LayerReport(loss=info["loss"], seconds=info["seconds"]))
         return out
 
-    def save(self, index: int, results: dict[str, tuple[QuantizedTensor, LayerReport]]) -> None:
+    def save(self, index: int, results: dict[str, tuple[Tensor, LayerReport]]) -> None:
         tensors_path, meta_path = self._paths(index)
         tensors = {f"{name}.{k}": v for name, (q, _) in results.items() for k, v in q.pack().items()}
         atomic_save_tensors(tensors_path, tensors)
-        meta = {name: {"shape": list(q.shape), "loss": r.loss, "seconds": r.seconds} for name, (q, r) in results.items()}
+        meta = {name: {"format": q.fmt.name, "shape": list(q.shape), "loss": r.loss, "seconds": r.seconds}
+                for name, (q, r) in results.items()}
         atomic_write_json(meta_path, meta)  # written last: its presence marks the block done
 
 
@@ -145,16 +146,20 @@ def quantize_model(
     calibration: CalibrationSet | None,
     config: QuantizeConfig,
     *,
+    hessians: HessianSet | None = None,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
 ) -> QuantizedModel:
     """Quantize every linear layer of every block of `loaded.model` (left untouched).
 
-    Returns the quantized layers, the kept tensors in storage dtype, and (in `.module`) the fp32
-    model with the dequantized weights installed, exactly as a packed copy will compute.
+    GPTQ takes its Hessians sequentially from `calibration` (inputs pass through the layers
+    already quantized), or, when `hessians` is given, from the original model without any
+    forward pass. Returns the quantized layers, the kept tensors in storage dtype, and (in
+    `.module`) the fp32 model with the dequantized weights installed, exactly as a packed copy
+    will compute.
     """
-    if config.method == "gptq" and calibration is None:
-        raise ValueError("GPTQ needs a calibration set")
+    if config.method == "gptq" and calibration is None and hessians is None:
+        raise ValueError("GPTQ needs a calibration set or precomputed Hessians")
     arch = loaded.arch
     model = copy.deepcopy(loaded.model)
     blocks = block_list(model, arch)
@@ -168,13 +173,14 @@ def quantize_model(
         "source_sha256": loaded.source.sha256(),
         "quantize": config_to_json(config),
         "calibration": None if calibration is None else config_to_json(calibration.config),
+        "hessians": None if hessians is None else config_to_json(hessians.config),
     }
     checkpoint = BlockCheckpoint(checkpoint_dir, job) if checkpoint_dir is not None else None
     inputs = None
-    if config.method == "gptq":
+    if config.method == "gptq" and hessians is None:
         inputs = capture_block_inputs(model, arch, calibration.tokens, calibration.config.batch_size)
 
-    layers: dict[str, QuantizedTensor] = {}
+    layers: dict[str, Tensor] = {}
     reports: dict[str, LayerReport] = {}
     bar = tqdm(range(len(blocks)), desc=f"quantize {config.method} {config.fmt.name}", unit="block", disable=not progress)
     for i in bar:
@@ -186,9 +192,13 @@ def quantize_model(
         else:
             results = {}
             for names in arch.linear_groups:
-                hessian = _group_hessian(block, names, inputs, i) if inputs is not None else None
+                if hessians is not None:
+                    hessian = hessians.hessians[f"{prefix}.{i}.{names[0]}"]
+                else:
+                    hessian = _group_hessian(block, names, inputs, i) if inputs is not None else None
                 for name in names:
-                    q, report = _quantize_layer(get_module(block, name).weight, hessian, config)
+                    fmt = config.format_of(f"{prefix}.{i}.{name}")
+                    q, report = _quantize_layer(get_module(block, name).weight, hessian, config, fmt)
                     _install(block, name, q.dequantize())
                     results[name] = (q, report)
             if checkpoint is not None:

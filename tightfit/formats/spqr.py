@@ -1,0 +1,439 @@
+"""SpQR: the sparse-quantized representation (Dettmers et al., "SpQR: A Sparse-Quantized
+Representation for Near-Lossless LLM Weight Compression", 2023).
+
+A weight W [N, K] is stored as
+  1. dense codes q [N, K] of `bits` bits in small first-level groups of g columns (8, 16, 32);
+  2. per group and row a scale s and a real-valued zero z; both statistics are themselves
+     quantized to `stat_bits` bits in second-level groups of STAT_GROUP consecutive rows, each
+     second-level group with an fp16 step a and an fp16 minimum m: s ~ a * q_s + m (same for z);
+  3. a CSR table of outliers: for the rare weights whose rounding error would cost most, the
+     residual r = w - (q - z) * s in fp16, with its column index (int16) and per-row pointers
+     (int32). Dequantization is dense + sparse: W_hat = (q - z_hat) * s_hat + R.
+
+Byte cost (every byte counted; G = ceil(K/g) groups per row, N2 = ceil(N/16)):
+    codes      ceil(N*K*bits/8)
+    scales     ceil(G*N*stat_bits/8) + G*N2*4       (codes of s, fp16 step + minimum per 16 rows)
+    zeros      ceil(G*N*stat_bits/8) + G*N2*4
+    outliers   4*(N+1) + nnz*(2 + 2)                 (row pointers, then value + column per outlier)
+The format's nbytes(N, K) counts nnz at the outlier cap; a quantized tensor reports its actual nnz.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from tightfit.errors import FormatError
+from tightfit.formats.bitpack import pack_bits, unpack_bits
+from tightfit.formats.table import LayerBytes, group_bounds, packed_nbytes
+
+SPQR_BITS = (2, 3, 4)
+SPQR_GROUP_SIZES = (8, 16, 32)
+STAT_BITS = (2, 3, 4)
+STAT_GROUP = 16  # first-level statistics per second-level group (consecutive rows)
+MAX_OUTLIER_PERCENT = 10.0
+OUTLIER_RELATIVE_THRESHOLD = 0.2  # SpQR's default: a weight is an outlier candidate when keeping it
+# exact saves more than this fraction of its row's mean group error
+
+SPQR_GRAMMAR = (
+    "expected spqr-w{bits}g{group}-s{stat_bits}-o{outlier_percent}, bits and stat_bits in {2, 3, 4}, "
+    "group in {8, 16, 32}, outlier percent from 0 to 10 (e.g. spqr-w3g16-s3-o1.0, spqr-w2g32-s3-o0.5)"
+)
+_NAME_RE = re.compile(r"spqr-w(?P<bits>\d+)g(?P<group>\d+)-s(?P<sbits>\d+)-o(?P<out>\d+(?:\.\d+)?)")
+
+
+@dataclass(frozen=True)
+class SpQRFormat:
+    """One SpQR recipe: dense bits and group size, statistic bits, outlier cap in percent."""
+
+    bits: int
+    group_size: int = 16
+    stat_bits: int = 3
+    outlier_percent: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.bits not in SPQR_BITS:
+            raise FormatError(f"SpQR bits {self.bits!r} not supported; choose one of {SPQR_BITS}")
+        if self.group_size not in SPQR_GROUP_SIZES:
+            raise FormatError(f"SpQR group size {self.group_size!r} not supported; choose one of {SPQR_GROUP_SIZES}")
+        if self.stat_bits not in STAT_BITS:
+            raise FormatError(f"SpQR statistic bits {self.stat_bits!r} not supported; choose one of {STAT_BITS}")
+        if not (0.0 <= float(self.outlier_percent) <= MAX_OUTLIER_PERCENT):
+            raise FormatError(f"SpQR outlier percent {self.outlier_percent!r} must lie in [0, {MAX_OUTLIER_PERCENT}]")
+
+    symmetric = False  # dense codes always carry a (quantized, real-valued) zero
+
+    @property
+    def name(self) -> str:
+        return f"spqr-w{self.bits}g{self.group_size}-s{self.stat_bits}-o{float(self.outlier_percent):.1f}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, text: str) -> "SpQRFormat":
+        m = _NAME_RE.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+        if m is None:
+            raise FormatError(f"cannot parse SpQR format {text!r}: {SPQR_GRAMMAR}")
+        try:
+            return cls(int(m["bits"]), int(m["group"]), int(m["sbits"]), float(m["out"]))
+        except FormatError as e:
+            raise FormatError(f"invalid SpQR format {text!r}: {e}") from None
+
+    def num_groups(self, in_features: int) -> int:
+        return len(group_bounds(in_features, self.group_size))
+
+    def group_width(self, in_features: int) -> int:
+        return min(self.group_size, in_features)
+
+    def group_bounds(self, in_features: int) -> list[tuple[int, int]]:
+        return group_bounds(in_features, self.group_size)
+
+    def max_outliers(self, out_features: int, in_features: int) -> int:
+        return math.floor(self.outlier_percent / 100.0 * out_features * in_features)
+
+    def nbytes(self, out_features: int, in_features: int, n_outliers: int | None = None) -> LayerBytes:
+        """Exact bytes of a [N, K] layer with n_outliers outliers (default: the cap)."""
+        n, k = out_features, in_features
+        g = self.num_groups(k)
+        nnz = self.max_outliers(n, k) if n_outliers is None else n_outliers
+        stats = packed_nbytes(g * n, self.stat_bits) + g * math.ceil(n / STAT_GROUP) * 4
+        return LayerBytes(
+            codes=packed_nbytes(n * k, self.bits),
+            scales=stats,
+            zeros=stats,
+            outliers=4 * (n + 1) + 4 * nnz,
+        )
+
+    def bits_per_weight(self, out_features: int, in_features: int) -> float:
+        return self.nbytes(out_features, in_features).total * 8 / (out_features * in_features)
+
+
+# ---- second-level statistics ---------------------------------------------------------------
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _fp16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """x rounded to fp16, then moved one fp16 step toward `direction` where rounding went the other way."""
+    h = x.to(torch.float16)
+    wrong = h.float() > x if direction < 0 else h.float() < x
+    stepped = torch.nextafter(h, torch.full_like(h, direction))
+    return torch.where(wrong, stepped, h).float()
+
+
+def quantize_stats(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize statistics x [R, N] in groups of STAT_GROUP consecutive entries along N.
+
+    Returns codes [R, N] uint8, step [R, N2] and minimum [R, N2] (fp32, fp16-representable) with
+    x_hat = codes * step + minimum. The minimum is rounded down to fp16 and the step up, so the
+    grid covers the whole range.
+    """
+    r, n = x.shape
+    n2 = math.ceil(n / STAT_GROUP)
+    pad = n2 * STAT_GROUP - n
+    padded = torch.cat([x, x[:, -1:].expand(r, pad)], dim=1) if pad else x  # [R, N2*16]
+    groups = padded.view(r, n2, STAT_GROUP)  # [R, N2, 16]
+    lo = groups.amin(dim=-1)  # [R, N2]
+    hi = groups.amax(dim=-1)
+    minimum = _fp16_toward(lo, -math.inf)
+    levels = (1 << bits) - 1
+    step = torch.clamp(_fp16_toward((hi - minimum) / levels, math.inf), min=torch.finfo(torch.float16).tiny)
+    codes = torch.clamp(torch.round((groups - minimum.unsqueeze(-1)) / step.unsqueeze(-1)), 0, levels)
+    return codes.reshape(r, n2 * STAT_GROUP)[:, :n].to(torch.uint8), step, minimum
+
+
+def dequantize_stats(codes: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """codes [R, N] uint8, step/minimum [R, N2] -> x_hat [R, N] fp32."""
+    n = codes.shape[1]
+    step_n = step.repeat_interleave(STAT_GROUP, dim=1)[:, :n]
+    min_n = minimum.repeat_interleave(STAT_GROUP, dim=1)[:, :n]
+    return codes.to(torch.float32) * step_n + min_n
+
+
+# ---- dense codes with real-valued zeros -----------------------------------------------------
+
+
+def quantize_dense(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """q = clamp(round(w / s + z), 0, 2**bits - 1); w [..., g], scale/zero broadcast -> uint8."""
+    return torch.clamp(torch.round(w / scale + zero), 0, (1 << bits) - 1).to(torch.uint8)
+
+
+def dequantize_dense(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes.to(torch.float32) - zero) * scale
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Statistics of one first-level group column for all N rows, as stored and as used.
+
+    scale, zero: [N] dequantized (what the codes are decoded with); *_codes: [N] uint8;
+    *_step, *_min: [N2] second-level parameters.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    scale_codes: torch.Tensor
+    scale_step: torch.Tensor
+    scale_min: torch.Tensor
+    zero_codes: torch.Tensor
+    zero_step: torch.Tensor
+    zero_min: torch.Tensor
+
+
+def group_stats(w: torch.Tensor, keep: torch.Tensor | None, fmt: SpQRFormat) -> GroupStats:
+    """Min-max statistics of w [N, g] over the weights not kept exact (keep [N, g] bool), then
+    quantized at the second level. Rows whose weights are all outliers get a unit range."""
+    levels = (1 << fmt.bits) - 1
+    if keep is None:
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+    else:
+        lo = torch.where(keep, torch.full_like(w, math.inf), w).amin(dim=1)
+        hi = torch.where(keep, torch.full_like(w, -math.inf), w).amax(dim=1)
+        empty = ~torch.isfinite(lo)
+        lo = torch.where(empty, torch.zeros_like(lo), lo)
+        hi = torch.where(empty, torch.ones_like(hi), hi)
+    scale = torch.clamp((hi - lo) / levels, min=1e-8)  # [N]
+    zero = -lo / scale  # [N], real-valued
+    s_codes, s_step, s_min = quantize_stats(scale.unsqueeze(0), fmt.stat_bits)
+    z_codes, z_step, z_min = quantize_stats(zero.unsqueeze(0), fmt.stat_bits)
+    s_hat = torch.clamp(dequantize_stats(s_codes, s_step, s_min)[0], min=torch.finfo(torch.float16).tiny)
+    z_hat = dequantize_stats(z_codes, z_step, z_min)[0]
+    return GroupStats(s_hat, z_hat, s_codes[0], s_step[0], s_min[0], z_codes[0], z_step[0], z_min[0])
+
+
+def outlier_candidates(w: torch.Tensor, d: torch.Tensor, fmt: SpQRFormat, cap: int) -> torch.Tensor:
+    """SpQR's criterion for one group w [N, g] with GPTQ's Cholesky diagonal d [g]: -> keep [N, g].
+
+    For every weight, the group's loss sum_j ((w_j - w_hat_j) / d_j)^2 is recomputed with that
+    weight left out of the min-max statistics and kept exact (leave-one-out). Weights whose
+    exclusion reduces the loss by more than OUTLIER_RELATIVE_THRESHOLD x the mean per-row loss are
+    candidates; at most `cap` of them, the largest reductions, are kept.
+    """
+    n, g = w.shape
+    if cap <= 0 or g < 2:
+        return torch.zeros(n, g, dtype=torch.bool)
+    levels = (1 << fmt.bits) - 1
+    inv_d2 = 1.0 / (d * d)  # [g]
+
+    def loss(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # values [..., g], mask = exact
+        big = torch.full_like(values, math.inf)
+        lo = torch.where(mask, big, values).amin(-1, keepdim=True)
+        hi = torch.where(mask, -big, values).amax(-1, keepdim=True)
+        scale = torch.clamp((hi - lo) / levels, min=1e-8)
+        w_hat = (torch.clamp(torch.round((values - lo) / scale), 0, levels)) * scale + lo
+        err = torch.where(mask, torch.zeros_like(values), (values - w_hat) ** 2) * inv_d2
+        return err.sum(-1)
+
+    base = loss(w, torch.zeros_like(w, dtype=torch.bool))  # [N]
+    eye = torch.eye(g, dtype=torch.bool)  # leave out weight j: mask row j
+    loo = loss(w.unsqueeze(1).expand(n, g, g), eye.expand(n, g, g))  # [N, g]
+    reduction = base.unsqueeze(1) - loo  # [N, g]
+    threshold = OUTLIER_RELATIVE_THRESHOLD * base.mean()
+    candidates = reduction > threshold
+    keep = torch.zeros(n * g, dtype=torch.bool)
+    flat = torch.where(candidates, reduction, torch.full_like(reduction, -math.inf)).reshape(-1)
+    k = min(cap, int(candidates.sum()))
+    if k > 0:
+        keep[torch.topk(flat, k).indices] = True
+    return keep.view(n, g)
+
+
+# ---- the quantized tensor ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SpQRTensor:
+    """A weight [N, K] in an SpQRFormat, fields unpacked.
+
+    codes [N, K] uint8; for scale and zero each: codes [G, N] uint8, step and min [G, N2] fp32
+    (fp16-representable); outliers in CSR: rowptr [N+1] int64, cols [nnz] int64, values [nnz] fp32
+    (fp16-representable residuals added to the dense dequantized weight).
+    """
+
+    fmt: SpQRFormat
+    codes: torch.Tensor
+    scale_codes: torch.Tensor
+    scale_step: torch.Tensor
+    scale_min: torch.Tensor
+    zero_codes: torch.Tensor
+    zero_step: torch.Tensor
+    zero_min: torch.Tensor
+    rowptr: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n, k = self.codes.shape
+        g, n2 = self.fmt.num_groups(k), math.ceil(n / STAT_GROUP)
+        assert self.codes.dtype == torch.uint8
+        for name in ("scale", "zero"):
+            assert getattr(self, f"{name}_codes").shape == (g, n), (name, getattr(self, f"{name}_codes").shape, (g, n))
+            assert getattr(self, f"{name}_step").shape == (g, n2) and getattr(self, f"{name}_min").shape == (g, n2)
+        assert self.rowptr.shape == (n + 1,) and self.cols.shape == self.values.shape == (int(self.rowptr[-1]),)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.codes.shape
+        return (n, k)
+
+    @property
+    def n_outliers(self) -> int:
+        return int(self.values.numel())
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized first-level scale and zero, each [N, G]."""
+        s = dequantize_stats(self.scale_codes, self.scale_step, self.scale_min)  # [G, N]
+        z = dequantize_stats(self.zero_codes, self.zero_step, self.zero_min)
+        return torch.clamp(s, min=torch.finfo(torch.float16).tiny).T, z.T
+
+    def dense(self) -> torch.Tensor:
+        """[N, K] fp32: the dense part only, (q - z_hat) * s_hat."""
+        n, k = self.shape
+        gw = self.fmt.group_width(k)
+        s, z = self.statistics()
+        s = s.repeat_interleave(gw, dim=1)[:, :k]
+        z = z.repeat_interleave(gw, dim=1)[:, :k]
+        return dequantize_dense(self.codes, s, z)
+
+    def dequantize(self) -> torch.Tensor:
+        """[N, K] fp32: dense + sparse outlier residuals."""
+        w = self.dense()
+        rows = torch.repeat_interleave(torch.arange(self.shape[0]), self.rowptr.diff())
+        w[rows, self.cols] += self.values
+        return w
+
+    def nbytes(self) -> LayerBytes:
+        return self.fmt.nbytes(*self.shape, n_outliers=self.n_outliers)
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        f = self.fmt
+        return {
+            "qweight": pack_bits(self.codes, f.bits),
+            "scale_q": pack_bits(self.scale_codes, f.stat_bits),
+            "scale_step": self.scale_step.half(),
+            "scale_min": self.scale_min.half(),
+            "zero_q": pack_bits(self.zero_codes, f.stat_bits),
+            "zero_step": self.zero_step.half(),
+            "zero_min": self.zero_min.half(),
+            "outlier_rowptr": self.rowptr.to(torch.int32),
+            "outlier_cols": self.cols.to(torch.int16),
+            "outlier_values": self.values.half(),
+        }
+
+    @classmethod
+    def unpack(cls, fmt: SpQRFormat, shape: tuple[int, int], t: dict[str, torch.Tensor]) -> "SpQRTensor":
+        n, k = shape
+        g, n2 = fmt.num_groups(k), math.ceil(n / STAT_GROUP)
+        expected = {"qweight", "scale_q", "scale_step", "scale_min", "zero_q", "zero_step", "zero_min",
+                    "outlier_rowptr", "outlier_cols", "outlier_values"}
+        if set(t) != expected:
+            raise FormatError(f"packed {fmt.name} tensor needs keys {sorted(expected)}, got {sorted(t)}")
+        for key in ("scale_step", "scale_min", "zero_step", "zero_min"):
+            if t[key].dtype != torch.float16 or tuple(t[key].shape) != (g, n2):
+                raise FormatError(f"packed {fmt.name} {key} must be float16 [{g}, {n2}], got {t[key].dtype} {tuple(t[key].shape)}")
+        rowptr = t["outlier_rowptr"].to(torch.int64)
+        nnz = t["outlier_values"].numel()
+        if rowptr.shape != (n + 1,) or rowptr[0] != 0 or rowptr[-1] != nnz or bool((rowptr.diff() < 0).any()):
+            raise FormatError(f"packed {fmt.name} outlier row pointers are inconsistent")
+        cols = t["outlier_cols"].to(torch.int64)
+        if cols.numel() != nnz or (nnz and (int(cols.min()) < 0 or int(cols.max()) >= k)):
+            raise FormatError(f"packed {fmt.name} outlier columns are out of range")
+        return cls(
+            fmt=fmt,
+            codes=unpack_bits(t["qweight"], fmt.bits, n * k).view(n, k),
+            scale_codes=unpack_bits(t["scale_q"], fmt.stat_bits, g * n).view(g, n),
+            scale_step=t["scale_step"].float(),
+            scale_min=t["scale_min"].float(),
+            zero_codes=unpack_bits(t["zero_q"], fmt.stat_bits, g * n).view(g, n),
+            zero_step=t["zero_step"].float(),
+            zero_min=t["zero_min"].float(),
+            rowptr=rowptr,
+            cols=cols,
+            values=t["outlier_values"].float(),
+        )
+
+
+class SpQRBuilder:
+    """Builds an SpQRTensor group by group and column by column (used by RTN and GPTQ alike).
+
+    start_group(gi, w_group [N, g], d [g]) chooses outliers and statistics of group gi from the
+    current weights; quantize_column(col, w_col [N]) returns the decoded column W_hat[:, col].
+    """
+
+    def __init__(self, fmt: SpQRFormat, shape: tuple[int, int]) -> None:
+        n, k = shape
+        if k >= 1 << 15:
+            raise FormatError(f"SpQR stores outlier columns as int16: in_features {k} is too large")
+        self.fmt, self.shape = fmt, shape
+        self.bounds = fmt.group_bounds(k)
+        g = len(self.bounds)
+        self.codes = torch.zeros(n, k, dtype=torch.uint8)
+        self.stats: list[GroupStats | None] = [None] * g
+        self.keep = torch.zeros(n, k, dtype=torch.bool)
+        self.residual = torch.zeros(n, k)
+        self._current: tuple[int, int, GroupStats] | None = None
+        self._cap_left = fmt.max_outliers(n, k)
+
+    def start_group(self, gi: int, w: torch.Tensor, d: torch.Tensor, cols: torch.Tensor | None = None) -> None:
+        """w [N, g] current weights of group gi's columns `cols` (original indices; default in order), d [g]."""
+        lo, hi = self.bounds[gi]
+        assert w.shape == (self.shape[0], hi - lo), (w.shape, hi - lo)
+        cols = torch.arange(lo, hi) if cols is None else cols
+        n = self.shape[0]
+        # the cap is spread evenly: this group may use its share plus what earlier groups left
+        share = math.floor(self.fmt.outlier_percent / 100.0 * n * (hi - lo))
+        keep = outlier_candidates(w, d, self.fmt, min(self._cap_left, share))
+        self._cap_left -= int(keep.sum())
+        self.keep[:, cols] = keep
+        stats = group_stats(w, keep if bool(keep.any()) else None, self.fmt)
+        self.stats[gi] = stats
+        self._current = (lo, hi, stats)
+
+    def quantize_column(self, col: int, w: torch.Tensor) -> torch.Tensor:
+        lo, hi, stats = self._current
+        assert lo <= col < hi, (lo, hi, col)
+        q = quantize_dense(w, stats.scale, stats.zero, self.fmt.bits)
+        self.codes[:, col] = q
+        w_hat = dequantize_dense(q, stats.scale, stats.zero)
+        keep = self.keep[:, col]
+        if bool(keep.any()):
+            r = _fp16(w - w_hat)
+            self.residual[:, col] = torch.where(keep, r, torch.zeros_like(r))
+            w_hat = torch.where(keep, w_hat + r, w_hat)
+        return w_hat
+
+    def result(self) -> SpQRTensor:
+        assert all(s is not None for s in self.stats), "every group must be started"
+        stack = lambda attr: torch.stack([getattr(s, attr) for s in self.stats])  # noqa: E731  [G, ...]
+        rows, cols = self.keep.nonzero(as_tuple=True)  # row-major order
+        counts = torch.bincount(rows, minlength=self.shape[0])
+        rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        return SpQRTensor(
+            fmt=self.fmt, codes=self.codes,
+            scale_codes=stack("scale_codes"), scale_step=stack("scale_step"), scale_min=stack("scale_min"),
+            zero_codes=stack("zero_codes"), zero_step=stack("zero_step"), zero_min=stack("zero_min"),
+            rowptr=rowptr, cols=cols, values=self.residual[rows, cols],
+        )
+
+
+def quantize_spqr_rtn(w: torch.Tensor, fmt: SpQRFormat) -> SpQRTensor:
+    """SpQR without error compensation: outliers by plain squared error, statistics min-max."""
+    assert w.dtype == torch.float32 and w.dim() == 2
+    builder = SpQRBuilder(fmt, tuple(w.shape))
+    for gi, (lo, hi) in enumerate(builder.bounds):
+        builder.start_group(gi, w[:, lo:hi], torch.ones(hi - lo))
+        for col in range(lo, hi):
+            builder.quantize_column(col, w[:, col])
+    return builder.result()
+
+
+# Recipes worth listing (the planner may use any valid combination).
+SPQR_RECIPES: tuple[SpQRFormat, ...] = tuple(
+    SpQRFormat(b, g, 3, o) for b in SPQR_BITS for g in (16, 32) for o in (0.0, 0.5, 1.0)
+)
