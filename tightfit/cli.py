@@ -15,6 +15,8 @@ from tightfit.errors import TightfitError
 EXAMPLES = """\
 examples:
   tightfit compress smollm2-135m --format w3g64 --method gptq --out out/smollm2-w3g64
+  tightfit compress smollm2-135m --bpw 3.0 --out out/smollm2-3.0     (mixed precision, planned)
+  tightfit plan smollm2-135m --max-size 80MB --out plan.json
   tightfit eval out/smollm2-w3g64 --fast
   tightfit info out/smollm2-w3g64 --layers
   tightfit formats
@@ -48,6 +50,117 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true", help="8 windows instead of 64: a quick look, not the protocol")
 
 
+def _size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)?\s*", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected a size like 60MB, 1.5GB or 800KiB, got {text!r}")
+    unit = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}[m.group(2) or "b"]
+    value = int(float(m.group(1)) * unit)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-text", default="wiki", help="calibration text: 'wiki' (built in, its calibration part), a .txt or .jsonl file (default: wiki)")
+    p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration windows (default 64)")
+    p.add_argument("--calib-len", type=_positive_int, default=None, help="tokens per calibration window (default 512)")
+
+
+def _calibration_config(args) -> "CalibrationConfig":
+    from tightfit.artifacts import CalibrationConfig
+
+    defaults = CalibrationConfig()
+    return CalibrationConfig(text=args.calib_text, n_samples=args.calib_samples or defaults.n_samples,
+                             seq_len=args.calib_len or defaults.seq_len)
+
+
+def _add_planner_flags(p: argparse.ArgumentParser) -> None:
+    from tightfit.pipeline import DEFAULT_CANDIDATES
+
+    p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
+                   help=f"planner: comma-separated candidate formats per layer (default {','.join(DEFAULT_CANDIDATES)})")
+    p.add_argument("--slice-windows", type=int, default=1,
+                   help="planner: held-back calibration windows for the measured sensitivity; 0 uses the Hessian proxy only (default 1)")
+    p.add_argument("--work", type=Path, default=None, help="planner: cache folder for Hessians and sensitivities (default .tightfit-cache/)")
+
+
+def _plan_request(args, budget) -> "PlanRequest":
+    from tightfit.pipeline import PlanRequest
+
+    if args.slice_windows < 0:
+        raise TightfitError(f"--slice-windows must be 0 or more, got {args.slice_windows}")
+    formats = tuple(f.strip() for f in args.candidates.split(",") if f.strip())
+    from tightfit.formats.registry import parse_format
+
+    for f in formats:
+        parse_format(f)
+    work = args.work or Path(".tightfit-cache")
+    return PlanRequest(model=args.model, budget=budget, work=work, formats=formats, slice_windows=args.slice_windows,
+                       calibration=_calibration_config(args))
+
+
+def _budget(args, loaded) -> "Budget":
+    """--bpw applies to the quantized layers; --max-size to the whole file, so the unquantized
+    tensors (kept in fp16) and the file header are taken off first."""
+    from tightfit.errors import InfeasibleBudget
+    from tightfit.stages.allocate import Budget
+    from tightfit.stages.quantize import kept_tensors
+
+    if args.bpw is not None:
+        if not 0 < args.bpw < 32:
+            raise TightfitError(f"--bpw must lie between 0 and 32, got {args.bpw}")
+        return Budget(max_bpw=args.bpw)
+    weights = {f"{loaded.arch.blocks}.{i}.{n}.weight" for i in range(loaded.model.config.num_hidden_layers) for n in loaded.arch.linear_names}
+    fixed = sum(t.numel() * t.element_size() for t in kept_tensors(loaded.model, weights, "fp16").values()) + HEADER_ALLOWANCE
+    if args.max_size <= fixed:
+        raise InfeasibleBudget(
+            f"--max-size {args.max_size / 1e6:.1f} MB cannot be met: the unquantized tensors (embeddings, norms) alone "
+            f"take {fixed / 1e6:.1f} MB"
+        )
+    return Budget(max_bytes=args.max_size - fixed)
+
+
+HEADER_ALLOWANCE = 200_000  # bytes of safetensors header reserved when budgeting a whole file
+
+
+def _print_plan(report) -> None:
+    plan, table = report.plan, report.sensitivity
+    print(f"{'layer':<40} {'format':<10} {'bytes':>9} {'bpw':>6} {'damage':>10}")
+    for name, fmt in plan.formats.items():
+        n, k = table.shapes[name]
+        b = table.nbytes[name][fmt.name]
+        print(f"{name:<40} {fmt.name:<10} {b:>9} {8 * b / (n * k):>6.2f} {table.damage(name, fmt):>10.2e}")
+    from collections import Counter
+
+    mix = ", ".join(f"{f} x{c}" for f, c in Counter(f.name for f in plan.formats.values()).most_common())
+    what = "KL increase on held-back text" if table.measured is not None else "Hessian proxy"
+    print(f"plan for {plan.budget.describe()}: {plan.bits_per_weight:.3f} bits/weight, {plan.total_bytes / 1e6:.2f} MB of quantized layers; {mix}")
+    print(f"damage = {what}; predicted total {plan.predicted_loss:.4g}")
+    agreement = table.rank_agreement()
+    if agreement:
+        print("proxy vs measured rank agreement (Spearman): " + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items()))
+
+
+def _cmd_plan(args) -> int:
+    from tightfit.formats.files import atomic_write_json
+    from tightfit.model import load_model
+    from tightfit.pipeline import make_plan
+
+    loaded = load_model(args.model)
+    report = make_plan(_plan_request(args, _budget(args, loaded)), loaded, on_stage=_status)
+    _print_plan(report)
+    atomic_write_json(args.out, report.plan.to_json())
+    print(f"plan written to {args.out}")
+    return 0
+
+
+def _status(message: str) -> None:
+    print(f"tightfit: {message}", file=sys.stderr, flush=True)
+
+
 def _eval_config(args) -> "EvalConfig":
     from tightfit.evaluate import FAST_WINDOWS, EvalConfig
 
@@ -76,17 +189,38 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder (config.json + *.safetensors)")
-    c.add_argument("--format", required=True, help=FORMAT_HELP)
+    target = c.add_mutually_exclusive_group(required=True)
+    target.add_argument("--format", help=FORMAT_HELP)
+    target.add_argument("--bpw", type=float, help="mixed precision: average bits per weight of the quantized layers, every overhead counted (e.g. 3.0); runs the planner")
+    target.add_argument("--max-size", type=_size, help="mixed precision: size of the whole packed tensor file, e.g. 60MB or 0.5GB (MB = 10^6 bytes); runs the planner")
+    target.add_argument("--plan", type=Path, help="mixed precision: a plan JSON written by `tightfit plan`")
     c.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="gptq: error compensation from calibration Hessians (default); rtn: round to nearest with a clipping search")
     c.add_argument("--out", required=True, type=Path, help="output folder of the packed model (replaced atomically)")
-    c.add_argument("--calib-text", default="wiki", help="calibration text: 'wiki' (built in, its calibration part), a .txt or .jsonl file (default: wiki)")
-    c.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration windows (default 64)")
-    c.add_argument("--calib-len", type=_positive_int, default=None, help="tokens per calibration window (default 512)")
+    _add_calibration_flags(c)
     c.add_argument("--damp", type=float, default=None, help="GPTQ dampening as a fraction of the mean Hessian diagonal (default 0.01)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their natural order")
     c.add_argument("--no-eval", action="store_true", help="skip the evaluation after packing")
     c.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
+    _add_planner_flags(c)
     _add_eval_flags(c)
+
+    pl = sub.add_parser(
+        "plan",
+        help="choose one format per layer under a size budget and write the plan as JSON",
+        description="Calibrate, collect each layer's Hessian, measure every layer's sensitivity to every candidate "
+        "format (the GPTQ proxy, and the KL increase on held-back text when only that layer is quantized), then solve "
+        "an integer program (HiGHS) for the plan with the least predicted damage within the budget. Measurements are "
+        "cached in --work, so further budgets are instant. `tightfit compress MODEL --plan PLAN.json` applies it.",
+        epilog="example:\n  tightfit plan smollm2-135m --bpw 3.0 --out plan-3.0.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pl.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder")
+    budget = pl.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bpw", type=float, help="average bits per weight of the quantized layers (e.g. 3.0)")
+    budget.add_argument("--max-size", type=_size, help="size of the whole packed tensor file, e.g. 60MB")
+    pl.add_argument("--out", type=Path, required=True, help="where to write the plan JSON")
+    _add_calibration_flags(pl)
+    _add_planner_flags(pl)
 
     e = sub.add_parser(
         "eval",
@@ -135,20 +269,32 @@ def _result_table(rows: list[dict]) -> str:
 
 def _cmd_compress(args) -> int:
     from tightfit.artifacts import CalibrationConfig, QuantizeConfig
-    from tightfit.formats.registry import parse_format
-    from tightfit.pipeline import CompressRequest, compress
+    from collections import Counter
 
-    fmt = parse_format(args.format)
-    calib_defaults = CalibrationConfig()
-    calibration = CalibrationConfig(
-        text=args.calib_text,
-        n_samples=args.calib_samples or calib_defaults.n_samples,
-        seq_len=args.calib_len or calib_defaults.seq_len,
-    )
+    from tightfit.formats.registry import parse_format
+    from tightfit.model import load_model
+    from tightfit.pipeline import CompressRequest, compress, make_plan
+    from tightfit.stages.allocate import Plan
+
+    loaded = plan = None
+    if args.format is not None:
+        fmt = parse_format(args.format)
+    else:
+        if args.plan is not None:
+            try:
+                plan = Plan.from_json(json.loads(args.plan.read_text()))
+            except (OSError, ValueError, TightfitError) as e:
+                raise TightfitError(f"cannot read plan {args.plan}: {e}") from None
+        _status(f"loading {args.model}")
+        loaded = load_model(args.model)
+        if plan is None:
+            plan = make_plan(_plan_request(args, _budget(args, loaded)), loaded, on_stage=_status).plan
+        fmt = Counter(plan.formats.values()).most_common(1)[0][0]
+    calibration = _calibration_config(args)
     qdefaults = QuantizeConfig(fmt=fmt)
     qconfig = dataclasses.replace(
         qdefaults, method=args.method, damp=qdefaults.damp if args.damp is None else args.damp,
-        act_order=not args.no_act_order,
+        act_order=not args.no_act_order, plan=None if plan is None else dict(plan.formats),
     )
     if not 0 < qconfig.damp < 1:
         raise TightfitError(f"--damp must lie between 0 and 1, got {qconfig.damp}")
@@ -156,14 +302,15 @@ def _cmd_compress(args) -> int:
         model=args.model, out=args.out, quantize=qconfig, calibration=calibration,
         evaluation=None if args.no_eval else _eval_config(args),
     )
-    report = compress(request, on_stage=lambda msg: print(f"tightfit: {msg}", file=sys.stderr, flush=True))
+    report = compress(request, loaded, on_stage=_status)
     s = report.summary
     rows = []
     ev = report.evaluation
     if ev is not None:
         rows.append({"name": f"original ({args.model})"[:28], "ppl": ev.reference_ppl})
+    label = fmt.name if plan is None else f"mixed {plan.bits_per_weight:.2f}b"
     rows.append({
-        "name": f"{fmt.name} {args.method}", "size_mb": s.file_bytes / 1e6, "bpw": s.bits_per_weight,
+        "name": f"{label} {args.method}", "size_mb": s.file_bytes / 1e6, "bpw": s.bits_per_weight,
         "bpw_all": s.model_bits_per_weight, "ppl": ev and ev.ppl, "kl": ev and ev.kl, "top1": ev and ev.top1,
     })
     print(f"packed model written to {report.out}")
@@ -269,7 +416,7 @@ def _cmd_formats(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info, "formats": _cmd_formats}
+COMMANDS = {"compress": _cmd_compress, "plan": _cmd_plan, "eval": _cmd_eval, "info": _cmd_info, "formats": _cmd_formats}
 
 
 def main(argv: list[str] | None = None) -> int:

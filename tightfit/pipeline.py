@@ -8,20 +8,26 @@ model is published atomically; evaluation results are written next to it as eval
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json
+from tightfit.artifacts import CalibrationConfig, CalibrationSet, QuantizeConfig, config_to_json
 from tightfit.errors import PackedModelError, TightfitError
 from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate
 from tightfit.formats.files import atomic_write_json
 from tightfit.formats.packed import PackedModel, load_packed, read_manifest
 from tightfit.model import LoadedModel, load_model
 from tightfit.runtime import build_model
+from tightfit.formats.registry import parse_format
+from tightfit.stages import allocate as allocate_stage
 from tightfit.stages import calibrate as calibrate_stage
+from tightfit.stages import sensitivity as sensitivity_stage
+from tightfit.stages.allocate import Budget, Plan
+from tightfit.stages.sensitivity import SensitivityTable
 from tightfit.stages import pack as pack_stage
 from tightfit.stages import quantize as quantize_stage
 
@@ -66,6 +72,84 @@ class CompressReport:
     summary: ModelSummary
     evaluation: EvalResult | None
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+DEFAULT_CANDIDATES = ("w2g64", "w2g32", "w3g128", "w3g64", "w3g32", "w4g128", "w4g64", "w6g128")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """Choose one format per layer under a budget: calibrate -> Hessians -> sensitivity -> allocate.
+
+    slice_windows: held-back calibration windows on which each (layer, format) is measured
+    (0: the Hessian proxy alone). Hessians and sensitivities are cached in `work`.
+    """
+
+    model: str
+    budget: Budget
+    work: Path
+    formats: tuple[str, ...] = DEFAULT_CANDIDATES
+    calibration: CalibrationConfig = CalibrationConfig()
+    slice_windows: int = 1
+    progress: bool = True
+
+
+@dataclass
+class PlanReport:
+    plan: Plan
+    sensitivity: SensitivityTable
+    seconds: dict[str, float]
+
+
+def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
+              on_stage: Callable[[str], None] = lambda _: None) -> PlanReport:
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    if loaded is None:
+        on_stage(f"loading {request.model}")
+        loaded = load_model(request.model)
+    formats = [parse_format(f) for f in request.formats]
+    cal = request.calibration
+    on_stage(f"calibration text: {cal.n_samples} + {request.slice_windows} held-back windows of {cal.seq_len} tokens")
+    extended = calibrate_stage.calibrate(loaded.tokenizer, dataclasses.replace(cal, n_samples=cal.n_samples + request.slice_windows))
+    calibration = CalibrationSet(config=cal, tokens=extended.tokens[: cal.n_samples])
+    slice_tokens = extended.tokens[cal.n_samples :] if request.slice_windows else None
+    seconds["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    work = Path(request.work)
+    hessian_file = work / "hessians.safetensors"
+    hessians = calibrate_stage.load_hessians(hessian_file, loaded, cal)
+    if hessians is None:
+        on_stage("collecting Hessians of every linear layer (original model)")
+        hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=request.progress)
+        calibrate_stage.save_hessians(hessians, hessian_file)
+    seconds["hessians"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    key = {"source": loaded.source.sha256(), "calibration": config_to_json(cal), "formats": [f.name for f in formats],
+           "slice_windows": request.slice_windows}
+    sens_file = work / "sensitivity.json"
+    table = None
+    if sens_file.is_file():
+        cached = json.loads(sens_file.read_text())
+        if cached.get("key") == key:
+            table = sensitivity_stage.SensitivityTable.from_json(cached["table"])
+    if table is None:
+        on_stage(f"measuring the sensitivity of every layer in {len(formats)} formats")
+        table = sensitivity_stage.measure_sensitivity(loaded, hessians, formats, slice_tokens, progress=request.progress)
+        atomic_write_json(sens_file, {"key": key, "table": table.to_json()})
+    seconds["sensitivity"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    choices = {
+        layer: [allocate_stage.LayerChoice(fmt=f, nbytes=table.nbytes[layer][f.name], sensitivity=table.damage(layer, f))
+                for f in formats]
+        for layer in table.shapes
+    }
+    plan = allocate_stage.allocate(table.shapes, choices, request.budget)
+    seconds["allocate"] = time.perf_counter() - t
+    return PlanReport(plan=plan, sensitivity=table, seconds=seconds)
 
 
 def work_dir_for(out: Path) -> Path:

@@ -68,8 +68,11 @@ def test_pack_unpack_is_exact_and_bytes_are_exact(name, shape):
     stored = sum(t.numel() * t.element_size() for t in packed.values())
     assert stored == q.nbytes().total == fmt.nbytes(*shape, n_outliers=q.n_outliers).total
     back = unpack_tensor(fmt, shape, packed)
-    for field in ("codes", "scale_codes", "scale_step", "scale_min", "zero_codes", "zero_step", "zero_min", "rowptr", "cols", "values"):
+    for field in ("codes", "rowptr", "cols", "values"):
         assert torch.equal(getattr(back, field), getattr(q, field)), field
+    for stat in ("scale", "zero"):
+        for field in ("codes", "step", "minimum"):
+            assert torch.equal(getattr(getattr(back, stat), field), getattr(getattr(q, stat), field)), (stat, field)
     assert torch.equal(back.dequantize(), q.dequantize())
     assert q.n_outliers <= fmt.max_outliers(*shape)
 

@@ -169,21 +169,38 @@ def dequantize_dense(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 @dataclass(frozen=True)
-class GroupStats:
-    """Statistics of one first-level group column for all N rows, as stored and as used.
+class StatCodes:
+    """One statistic (scale or zero) quantized at the second level: x_hat = codes * step + minimum.
 
-    scale, zero: [N] dequantized (what the codes are decoded with); *_codes: [N] uint8;
-    *_step, *_min: [N2] second-level parameters.
+    codes [..., N] uint8; step, minimum [..., N2] fp32 (fp16-representable), N2 = ceil(N / 16).
     """
+
+    codes: torch.Tensor
+    step: torch.Tensor
+    minimum: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor, bits: int) -> "StatCodes":
+        """Quantize x [R, N]."""
+        return cls(*quantize_stats(x, bits))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_stats(self.codes, self.step, self.minimum)
+
+    @classmethod
+    def stack(cls, parts: list["StatCodes"]) -> "StatCodes":
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "step", "minimum")))
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Statistics of one first-level group column for all N rows: scale and zero [N] as decoded,
+    and how they are stored (StatCodes over a [1, N] row)."""
 
     scale: torch.Tensor
     zero: torch.Tensor
-    scale_codes: torch.Tensor
-    scale_step: torch.Tensor
-    scale_min: torch.Tensor
-    zero_codes: torch.Tensor
-    zero_step: torch.Tensor
-    zero_min: torch.Tensor
+    scale_q: StatCodes
+    zero_q: StatCodes
 
 
 def group_stats(w: torch.Tensor, keep: torch.Tensor | None, fmt: SpQRFormat) -> GroupStats:
@@ -200,11 +217,10 @@ def group_stats(w: torch.Tensor, keep: torch.Tensor | None, fmt: SpQRFormat) -> 
         hi = torch.where(empty, torch.ones_like(hi), hi)
     scale = torch.clamp((hi - lo) / levels, min=1e-8)  # [N]
     zero = -lo / scale  # [N], real-valued
-    s_codes, s_step, s_min = quantize_stats(scale.unsqueeze(0), fmt.stat_bits)
-    z_codes, z_step, z_min = quantize_stats(zero.unsqueeze(0), fmt.stat_bits)
-    s_hat = torch.clamp(dequantize_stats(s_codes, s_step, s_min)[0], min=torch.finfo(torch.float16).tiny)
-    z_hat = dequantize_stats(z_codes, z_step, z_min)[0]
-    return GroupStats(s_hat, z_hat, s_codes[0], s_step[0], s_min[0], z_codes[0], z_step[0], z_min[0])
+    scale_q = StatCodes.of(scale.unsqueeze(0), fmt.stat_bits)  # [1, N]
+    zero_q = StatCodes.of(zero.unsqueeze(0), fmt.stat_bits)
+    s_hat = torch.clamp(scale_q.dequantize()[0], min=torch.finfo(torch.float16).tiny)
+    return GroupStats(s_hat, zero_q.dequantize()[0], scale_q, zero_q)
 
 
 def outlier_candidates(w: torch.Tensor, d: torch.Tensor, fmt: SpQRFormat, cap: int) -> torch.Tensor:
@@ -251,19 +267,15 @@ def outlier_candidates(w: torch.Tensor, d: torch.Tensor, fmt: SpQRFormat, cap: i
 class SpQRTensor:
     """A weight [N, K] in an SpQRFormat, fields unpacked.
 
-    codes [N, K] uint8; for scale and zero each: codes [G, N] uint8, step and min [G, N2] fp32
-    (fp16-representable); outliers in CSR: rowptr [N+1] int64, cols [nnz] int64, values [nnz] fp32
+    codes [N, K] uint8; scale, zero: StatCodes with codes [G, N] (row g: group g's statistic for
+    every output row); outliers in CSR: rowptr [N+1] int64, cols [nnz] int64, values [nnz] fp32
     (fp16-representable residuals added to the dense dequantized weight).
     """
 
     fmt: SpQRFormat
     codes: torch.Tensor
-    scale_codes: torch.Tensor
-    scale_step: torch.Tensor
-    scale_min: torch.Tensor
-    zero_codes: torch.Tensor
-    zero_step: torch.Tensor
-    zero_min: torch.Tensor
+    scale: StatCodes
+    zero: StatCodes
     rowptr: torch.Tensor
     cols: torch.Tensor
     values: torch.Tensor
@@ -272,9 +284,8 @@ class SpQRTensor:
         n, k = self.codes.shape
         g, n2 = self.fmt.num_groups(k), math.ceil(n / STAT_GROUP)
         assert self.codes.dtype == torch.uint8
-        for name in ("scale", "zero"):
-            assert getattr(self, f"{name}_codes").shape == (g, n), (name, getattr(self, f"{name}_codes").shape, (g, n))
-            assert getattr(self, f"{name}_step").shape == (g, n2) and getattr(self, f"{name}_min").shape == (g, n2)
+        for stat in (self.scale, self.zero):
+            assert stat.codes.shape == (g, n) and stat.step.shape == stat.minimum.shape == (g, n2), (stat.codes.shape, g, n)
         assert self.rowptr.shape == (n + 1,) and self.cols.shape == self.values.shape == (int(self.rowptr[-1]),)
 
     @property
@@ -288,9 +299,8 @@ class SpQRTensor:
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized first-level scale and zero, each [N, G]."""
-        s = dequantize_stats(self.scale_codes, self.scale_step, self.scale_min)  # [G, N]
-        z = dequantize_stats(self.zero_codes, self.zero_step, self.zero_min)
-        return torch.clamp(s, min=torch.finfo(torch.float16).tiny).T, z.T
+        s = torch.clamp(self.scale.dequantize(), min=torch.finfo(torch.float16).tiny)  # [G, N]
+        return s.T, self.zero.dequantize().T
 
     def dense(self) -> torch.Tensor:
         """[N, K] fp32: the dense part only, (q - z_hat) * s_hat."""
@@ -312,19 +322,14 @@ class SpQRTensor:
         return self.fmt.nbytes(*self.shape, n_outliers=self.n_outliers)
 
     def pack(self) -> dict[str, torch.Tensor]:
-        f = self.fmt
-        return {
-            "qweight": pack_bits(self.codes, f.bits),
-            "scale_q": pack_bits(self.scale_codes, f.stat_bits),
-            "scale_step": self.scale_step.half(),
-            "scale_min": self.scale_min.half(),
-            "zero_q": pack_bits(self.zero_codes, f.stat_bits),
-            "zero_step": self.zero_step.half(),
-            "zero_min": self.zero_min.half(),
-            "outlier_rowptr": self.rowptr.to(torch.int32),
-            "outlier_cols": self.cols.to(torch.int16),
-            "outlier_values": self.values.half(),
-        }
+        out = {"qweight": pack_bits(self.codes, self.fmt.bits)}
+        for name, stat in (("scale", self.scale), ("zero", self.zero)):
+            out[f"{name}_q"] = pack_bits(stat.codes, self.fmt.stat_bits)
+            out[f"{name}_step"] = stat.step.half()
+            out[f"{name}_min"] = stat.minimum.half()
+        out.update(outlier_rowptr=self.rowptr.to(torch.int32), outlier_cols=self.cols.to(torch.int16),
+                   outlier_values=self.values.half())
+        return out
 
     @classmethod
     def unpack(cls, fmt: SpQRFormat, shape: tuple[int, int], t: dict[str, torch.Tensor]) -> "SpQRTensor":
@@ -344,19 +349,11 @@ class SpQRTensor:
         cols = t["outlier_cols"].to(torch.int64)
         if cols.numel() != nnz or (nnz and (int(cols.min()) < 0 or int(cols.max()) >= k)):
             raise FormatError(f"packed {fmt.name} outlier columns are out of range")
-        return cls(
-            fmt=fmt,
-            codes=unpack_bits(t["qweight"], fmt.bits, n * k).view(n, k),
-            scale_codes=unpack_bits(t["scale_q"], fmt.stat_bits, g * n).view(g, n),
-            scale_step=t["scale_step"].float(),
-            scale_min=t["scale_min"].float(),
-            zero_codes=unpack_bits(t["zero_q"], fmt.stat_bits, g * n).view(g, n),
-            zero_step=t["zero_step"].float(),
-            zero_min=t["zero_min"].float(),
-            rowptr=rowptr,
-            cols=cols,
-            values=t["outlier_values"].float(),
+        stat = lambda name: StatCodes(  # noqa: E731
+            unpack_bits(t[f"{name}_q"], fmt.stat_bits, g * n).view(g, n), t[f"{name}_step"].float(), t[f"{name}_min"].float()
         )
+        return cls(fmt=fmt, codes=unpack_bits(t["qweight"], fmt.bits, n * k).view(n, k), scale=stat("scale"),
+                   zero=stat("zero"), rowptr=rowptr, cols=cols, values=t["outlier_values"].float())
 
 
 class SpQRBuilder:
@@ -410,14 +407,13 @@ class SpQRBuilder:
 
     def result(self) -> SpQRTensor:
         assert all(s is not None for s in self.stats), "every group must be started"
-        stack = lambda attr: torch.stack([getattr(s, attr) for s in self.stats])  # noqa: E731  [G, ...]
         rows, cols = self.keep.nonzero(as_tuple=True)  # row-major order
         counts = torch.bincount(rows, minlength=self.shape[0])
         rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
         return SpQRTensor(
             fmt=self.fmt, codes=self.codes,
-            scale_codes=stack("scale_codes"), scale_step=stack("scale_step"), scale_min=stack("scale_min"),
-            zero_codes=stack("zero_codes"), zero_step=stack("zero_step"), zero_min=stack("zero_min"),
+            scale=StatCodes.stack([s.scale_q for s in self.stats]),  # [G, N]
+            zero=StatCodes.stack([s.zero_q for s in self.stats]),
             rowptr=rowptr, cols=cols, values=self.residual[rows, cols],
         )
 

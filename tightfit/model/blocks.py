@@ -20,19 +20,27 @@ from tightfit.model.architectures import Architecture, get_module
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
 
 
-class _Recorder(nn.Module):
-    """Stands in for one block: records its inputs and passes the hidden states through."""
+class _StandIn(nn.Module):
+    """Takes a block's place in the model; attributes it lacks are read from the block
+    (e.g. `attention_type`, which some models read from their layers)."""
 
-    def __init__(self, block: nn.Module, calls: list) -> None:
+    def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
-        self.calls = calls
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["block"], name)  # e.g. `attention_type`, read by some models
+            return getattr(self._modules["block"], name)
+
+
+class _Recorder(_StandIn):
+    """Records the block's inputs and passes the hidden states through."""
+
+    def __init__(self, block: nn.Module, calls: list) -> None:
+        super().__init__(block)
+        self.calls = calls
 
     def forward(self, hidden_states, *args, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
@@ -85,19 +93,12 @@ def run_block(block: nn.Module, hidden: torch.Tensor, extra: tuple[tuple, dict])
     return out[0] if isinstance(out, tuple) else out
 
 
-class _Replay(nn.Module):
-    """Stands in for a block whose output is already known: returns the cached hidden states."""
+class _Replay(_StandIn):
+    """For a block whose output is already known: returns the cached hidden states."""
 
     def __init__(self, block: nn.Module, hidden: torch.Tensor) -> None:
-        super().__init__()
-        self.block = block
+        super().__init__(block)
         self.hidden = hidden
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
         assert hidden_states.shape == self.hidden.shape, (hidden_states.shape, self.hidden.shape)
