@@ -27,7 +27,8 @@ from tightfit.pipeline import DEFAULT_CANDIDATES, PlanRequest, make_plan  # noqa
 from tightfit.stages import allocate as allocate_stage  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 
-UNIFORM = ["w2g32", "w2g16", "w3g128", "w3g64", "w3g32", "w4g128", "w4g64"]
+UNIFORM = ["w2g32", "w2g16", "w3g128", "w3g64", "w3g32", "w4g128"]
+SIZE_CLASS = 0.35  # rivals: uniform formats at least as large as the plan and at most this much larger (bits/weight)
 WORK = Path(__file__).resolve().parents[1] / ".cache" / "planner"
 
 
@@ -74,7 +75,8 @@ def main() -> None:
     verdicts = []
     for b in budgets:
         plan_row = next(r for r in table_rows if r["name"] == f"plan {b}")
-        rivals = [r for r in table_rows if not r["name"].startswith("plan") and r["bits_per_weight"] >= plan_row["bits_per_weight"] - 1e-9]
+        lo = plan_row["bits_per_weight"]
+        rivals = [r for r in table_rows if not r["name"].startswith("plan") and lo <= r["bits_per_weight"] <= lo + SIZE_CLASS]
         best = min(rivals, key=lambda r: r["kl"], default=None)
         verdicts.append({"budget": b, "plan_bpw": plan_row["bits_per_weight"], "plan_kl": plan_row["kl"],
                          "best_uniform": best and best["name"], "uniform_bpw": best and best["bits_per_weight"],
@@ -103,7 +105,8 @@ def main() -> None:
     for r in sorted(table_rows, key=lambda r: r["bits_per_weight"]):
         mix = ", ".join(f"{k} x{v}" for k, v in r.get("mix", {}).items())
         lines.append(f"| {r['name']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.3f} | {mix} |")
-    lines += ["", "| budget | plan bpw | plan KL | best uniform of equal or larger size | its bpw | its KL | plan wins |",
+    lines += ["", f"Rivals of a plan: every uniform format at least as large and at most {SIZE_CLASS} bits/weight larger.", "",
+              "| budget | plan bpw | plan KL | best uniform of equal or larger size | its bpw | its KL | plan wins |",
               "|---|---|---|---|---|---|---|"]
     for v in verdicts:
         lines.append(f"| {v['budget']} | {v['plan_bpw']:.3f} | {v['plan_kl']:.4f} | {v['best_uniform'] or '-'} | "

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tightfit.errors import InfeasibleBudget, TightfitError
+from tightfit.errors import FormatError, InfeasibleBudget, TightfitError
 from tightfit.formats import QuantFormat
 from tightfit.stages.allocate import Budget, LayerChoice, Plan, allocate, pareto_sweep
 
@@ -48,7 +48,8 @@ def brute_force(layers, choices, budget: Budget):
             continue
         if budget.max_bpw is not None and total_bytes * 8 > budget.max_bpw * total_weights:
             continue
-        if budget.max_latency_ms is not None and sum(c.latency_ms for c in combo) + budget.fixed_latency_ms > budget.max_latency_ms:
+        latency = sum(c.latency_ms or 0.0 for c in combo) + budget.fixed_latency_ms
+        if budget.max_latency_ms is not None and latency > budget.max_latency_ms:
             continue
         loss = sum(c.sensitivity for c in combo)
         if best is None or loss < best[0]:
@@ -98,7 +99,10 @@ def model_like_problem(n_layers: int, seed: int = 0):
     """SmolLM2-135M-like linear layers (hidden 576, intermediate 1536, 3 kv heads of 64), cycled
     7 per block, with sensitivities falling ~4x per bit and latencies that track bytes."""
     rng = np.random.default_rng(seed)
-    block = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+    block = {
+        "q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
+        "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536),
+    }
     layers = {}
     for i in range(n_layers):
         kind = list(block)[i % 7]
@@ -156,6 +160,12 @@ def test_budget_exactly_at_a_plan_is_feasible():
     assert set(plan.formats.values()) == {F("w2g64")}
     plan = allocate(HAND_LAYERS, HAND_CHOICES, Budget(max_bytes=16352))
     assert plan.total_bytes == 16352
+    # w2pc-sym on [192, 320] is exactly 2.05 bits/weight (15744 bytes), but the float 2.05 is a
+    # hair less: 2.05 * 61440 / 8 == 15743.99..., which floors one byte short.
+    layers = {"x": (192, 320)}
+    choices = {"x": [choice(F("w2pc-sym"), (192, 320), 1.0), choice(F("w4g64"), (192, 320), 0.1)]}
+    assert math.floor(2.05 * 192 * 320 / 8) == 15743 and F("w2pc-sym").nbytes(192, 320).total == 15744
+    assert allocate(layers, choices, Budget(max_bpw=2.05)).formats == {"x": F("w2pc-sym")}
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -185,7 +195,9 @@ def test_random_size_and_latency_budgets_match_brute_force(seed):
     n_infeasible = 0
     for _ in range(6):
         fixed = float(rng.uniform(0, 2))
-        budget = Budget(max_bytes=int(rng.integers(lo, hi + 1)), max_latency_ms=float(rng.uniform(fast, slow)) + fixed, fixed_latency_ms=fixed)
+        budget = Budget(
+            max_bytes=int(rng.integers(lo, hi + 1)), max_latency_ms=float(rng.uniform(fast, slow)) + fixed, fixed_latency_ms=fixed
+        )
         best = brute_force(layers, choices, budget)
         if best is None:  # each limit alone can be met, so only the combination fails
             n_infeasible += 1
@@ -209,7 +221,10 @@ def test_equal_sensitivities_still_give_a_valid_plan():
 
 def test_single_candidate_layers():
     layers = {"a": (64, 64), "b": (64, 64)}
-    choices = {"a": [choice(F("w4g64"), (64, 64), 0.3)], "b": [choice(F("w4g64"), (64, 64), 0.2), choice(F("w8pc"), (64, 64), 0.1)]}
+    choices = {
+        "a": [choice(F("w4g64"), (64, 64), 0.3)],
+        "b": [choice(F("w4g64"), (64, 64), 0.2), choice(F("w8pc"), (64, 64), 0.1)],
+    }
     plan = allocate(layers, choices, Budget(max_bpw=8.5))
     assert plan.formats == {"a": F("w4g64"), "b": F("w8pc")}
     assert plan.predicted_latency_ms is None
@@ -218,19 +233,44 @@ def test_single_candidate_layers():
 # ---- speed --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_layers", [30, 210])  # 30 layers; 30 blocks x 7 linear layers
+def timed_allocate(layers, choices, budget) -> tuple[Plan, float]:
+    start = time.perf_counter()
+    plan = allocate(layers, choices, budget)
+    return plan, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("n_layers", [30, 210])  # 30 layers; a 30-block model (7 linear layers each)
 def test_solves_a_model_times_20_formats_under_2_seconds(n_layers):
     layers, choices = model_like_problem(n_layers)
+    allocate(*model_like_problem(3, seed=1), Budget(max_bpw=4.0))  # warm-up: first-call costs are not solving
+    for bpw in (2.5, 3.5, 4.5, 6.0):
+        budget = Budget(max_bpw=bpw)
+        plan, seconds = timed_allocate(layers, choices, budget)
+        check_plan(plan, layers, choices, budget)
+        assert seconds < 2.0, f"{n_layers} layers x 20 formats at {bpw} bits/weight took {seconds:.2f} s"
+        assert bpw - 0.5 < plan.bits_per_weight <= bpw  # the size limit binds: the plan uses the room it has
     fast = sum(min(c.latency_ms for c in cs) for cs in choices.values())
     slow = sum(max(c.latency_ms for c in cs) for cs in choices.values())
     budget = Budget(max_bpw=3.5, max_latency_ms=0.5 * (fast + slow) + 1.0, fixed_latency_ms=1.0)
-    allocate(*model_like_problem(3, seed=1), Budget(max_bpw=4.0))  # warm-up: first-call costs are not solving
-    start = time.perf_counter()
-    plan = allocate(layers, choices, budget)
-    seconds = time.perf_counter() - start
+    plan, seconds = timed_allocate(layers, choices, budget)
     check_plan(plan, layers, choices, budget)
-    assert seconds < 2.0, f"{n_layers} layers x 20 formats took {seconds:.2f} s"
-    assert 3.0 < plan.bits_per_weight <= 3.5  # the size limit binds: the plan uses the room it has
+    assert seconds < 2.0, f"{n_layers} layers x 20 formats with a latency limit took {seconds:.2f} s"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pruning_before_branching_never_changes_the_optimum(seed, monkeypatch):
+    import tightfit.stages.allocate as allocate_module
+
+    layers, choices = model_like_problem(28, seed=seed)
+    fast = sum(min(c.latency_ms for c in cs) for cs in choices.values())
+    slow = sum(max(c.latency_ms for c in cs) for cs in choices.values())
+    budgets = [Budget(max_bpw=b) for b in (2.6, 3.3, 4.2, 5.5)]
+    budgets += [Budget(max_bpw=b, max_latency_ms=fast + f * (slow - fast)) for b, f in ((3.3, 0.3), (4.2, 0.2), (6.0, 0.4))]
+    pruned = [allocate(layers, choices, b).predicted_loss for b in budgets]
+    # Without an incumbent nothing is pruned and HiGHS branches over every candidate.
+    monkeypatch.setattr(allocate_module, "_incumbent", lambda *args: None)
+    full = [allocate(layers, choices, b).predicted_loss for b in budgets]
+    assert pruned == pytest.approx(full, rel=2e-6)
 
 
 # ---- infeasible budgets -------------------------------------------------------------------------
@@ -255,14 +295,16 @@ def test_infeasible_bpw_names_the_smallest_possible():
 
 def test_hand_made_bpw_minimum_rounds_up():
     # All w2g64 is 2.28125 bits/weight: 2.28 cannot be met, so the smallest shown is 2.29.
-    with pytest.raises(InfeasibleBudget, match=r"^budget 2\.28 bits/weight cannot be met: the smallest possible is 2\.29 bits/weight"):
+    expected = r"^budget 2\.28 bits/weight cannot be met: the smallest possible is 2\.29 bits/weight"
+    with pytest.raises(InfeasibleBudget, match=expected):
         allocate(HAND_LAYERS, HAND_CHOICES, Budget(max_bpw=2.28))
 
 
 def test_infeasible_bytes_names_the_smallest_possible_in_mb():
     layers, choices = model_like_problem(21)
     smallest = sum(min(c.nbytes for c in cs) for cs in choices.values())
-    with pytest.raises(InfeasibleBudget, match=rf"budget 1\.0 MB cannot be met: the smallest possible is {shown_up(smallest / 1e6, 1)} MB"):
+    expected = rf"budget 1\.0 MB cannot be met: the smallest possible is {shown_up(smallest / 1e6, 1)} MB"
+    with pytest.raises(InfeasibleBudget, match=expected):
         allocate(layers, choices, Budget(max_bytes=1_000_000))
 
 
@@ -366,6 +408,8 @@ def test_layer_choice_validation():
         LayerChoice(F("w4g128"), 10, 1.0, -0.1)
     with pytest.raises(ValueError, match="must be a QuantFormat"):
         LayerChoice("w4g128", 10, 1.0)
+    with pytest.raises(ValueError, match="time_limit_s must be a positive number"):
+        allocate(HAND_LAYERS, HAND_CHOICES, Budget(max_bpw=4.0), time_limit_s=0)
 
 
 def test_plan_json_round_trip():
@@ -380,6 +424,10 @@ def test_plan_json_round_trip():
         Plan.from_json({**d, "version": 2})
     with pytest.raises(ValueError, match=r"missing \['total_bytes'\]"):
         Plan.from_json({k: v for k, v in d.items() if k != "total_bytes"})
+    with pytest.raises(ValueError, match="plan totals must be positive integers"):
+        Plan.from_json({**d, "total_bytes": 1.5})
+    with pytest.raises(FormatError, match="cannot parse quantization format 'w9'"):
+        Plan.from_json({**d, "formats": {"model.layers.0.q": "w9"}})
     with pytest.raises(ValueError, match=r"budget JSON keys differ.*unknown \['max_tokens'\]"):
         Plan.from_json({**d, "budget": {**d["budget"], "max_tokens": 3}})
 

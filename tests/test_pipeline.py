@@ -174,3 +174,30 @@ def test_original_model_hessians_and_mixed_plan(tiny_model_dir, tiny_text_file, 
     ids = _ids()
     with torch.no_grad():
         assert (qmodel.module(input_ids=ids).logits - build_model(packed)(input_ids=ids).logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(("model_type", "tied_head"), [("gemma3_text", True), ("qwen2", False)])
+def test_quantized_embeddings_round_trip(model_type, tied_head, make_tiny_model, tiny_text_file, tmp_path):
+    folder = make_tiny_model(model_type, tmp_path)
+    loaded = load_model(str(folder))
+    config = QuantizeConfig(fmt=QuantFormat.parse("w4g64"), method="rtn", embed_format=QuantFormat.parse("w8g64"))
+    qmodel = quantize_stage.quantize_model(loaded, None, config, progress=False)
+    emb, head = loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
+    tied = emb.weight.data_ptr() == head.weight.data_ptr()
+    assert tied == tied_head
+    expected = {loaded.arch.embeddings} | (set() if tied else {loaded.arch.head})
+    assert expected <= set(qmodel.layers)
+    assert not any(k.startswith(loaded.arch.embeddings) for k in qmodel.kept)
+
+    from tightfit.stages import pack as pack_stage
+
+    out = pack_stage.write(pack_stage.pack(qmodel, loaded, None), loaded.tokenizer, tmp_path / "packed")
+    packed = load_packed(out)
+    ids = _ids()
+    with torch.no_grad():
+        a = qmodel.module(input_ids=ids).logits
+        b = build_model(packed)(input_ids=ids).logits
+    assert (a - b).abs().max().item() < 1e-5
+    fp16 = QuantizeConfig(fmt=QuantFormat.parse("w4g64"), method="rtn")
+    plain = pack_stage.pack(quantize_stage.quantize_model(loaded, None, fp16, progress=False), loaded, None)
+    assert packed.kept_bytes() + packed.quantized_bytes() < plain.kept_bytes() + plain.quantized_bytes()

@@ -73,6 +73,8 @@ class QuantizeConfig:
     method: "gptq" (error compensation with calibration Hessians) or "rtn" (round to nearest).
     fmt: the format of every linear layer inside the decoder blocks, unless `plan` names another.
     plan: full layer name -> format, for mixed-precision plans (from the allocate stage).
+    embed_format: quantize the token embeddings (and an untied output head) to this format with
+        round-to-nearest; None keeps them in keep_dtype.
     keep_dtype: storage dtype of the tensors that stay unquantized (embeddings, head, norms).
     damp: GPTQ dampening, a fraction of the mean Hessian diagonal added to the diagonal.
     """
@@ -85,6 +87,7 @@ class QuantizeConfig:
     clip_search: bool = True
     keep_dtype: str = "fp16"
     plan: dict[str, Format] | None = None
+    embed_format: Format | None = None
     version: int = 1
 
     def format_of(self, layer: str) -> Format:
@@ -99,7 +102,8 @@ class QuantizeConfig:
     @classmethod
     def from_json(cls, d: dict) -> "QuantizeConfig":
         plan = None if d.get("plan") is None else {k: parse_format(v) for k, v in d["plan"].items()}
-        return cls(**{**d, "fmt": parse_format(d["fmt"]), "plan": plan})
+        embed = None if d.get("embed_format") is None else parse_format(d["embed_format"])
+        return cls(**{**d, "fmt": parse_format(d["fmt"]), "plan": plan, "embed_format": embed})
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,12 @@ def _calibration_config(args) -> "CalibrationConfig":
                              seq_len=args.calib_len or defaults.seq_len)
 
 
+def _add_embed_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embed-format", default=None,
+                   help="also quantize the token embeddings (and an untied output head) to this format with "
+                        "round-to-nearest, e.g. w8g64 or w6g64; default: keep them in fp16")
+
+
 def _add_planner_flags(p: argparse.ArgumentParser) -> None:
     from tightfit.pipeline import DEFAULT_CANDIDATES
 
@@ -106,15 +112,23 @@ def _budget(args, loaded) -> "Budget":
     """--bpw applies to the quantized layers; --max-size to the whole file, so the unquantized
     tensors (kept in fp16) and the file header are taken off first."""
     from tightfit.errors import InfeasibleBudget
+    from tightfit.formats.registry import parse_format
+    from tightfit.model import get_module
     from tightfit.stages.allocate import Budget
-    from tightfit.stages.quantize import kept_tensors
+    from tightfit.stages.quantize import embedding_layers, kept_tensors
 
     if args.bpw is not None:
         if not 0 < args.bpw < 32:
             raise TightfitError(f"--bpw must lie between 0 and 32, got {args.bpw}")
         return Budget(max_bpw=args.bpw)
     weights = {f"{loaded.arch.blocks}.{i}.{n}.weight" for i in range(loaded.model.config.num_hidden_layers) for n in loaded.arch.linear_names}
-    fixed = sum(t.numel() * t.element_size() for t in kept_tensors(loaded.model, weights, "fp16").values()) + HEADER_ALLOWANCE
+    fixed = HEADER_ALLOWANCE
+    if args.embed_format is not None:
+        fmt = parse_format(args.embed_format)
+        for name in embedding_layers(loaded.model, loaded.arch):
+            weights.add(f"{name}.weight")
+            fixed += fmt.nbytes(*get_module(loaded.model, name).weight.shape).total
+    fixed += sum(t.numel() * t.element_size() for t in kept_tensors(loaded.model, weights, "fp16").values())
     if args.max_size <= fixed:
         raise InfeasibleBudget(
             f"--max-size {args.max_size / 1e6:.1f} MB cannot be met: the unquantized tensors (embeddings, norms) alone "
@@ -197,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="gptq: error compensation from calibration Hessians (default); rtn: round to nearest with a clipping search")
     c.add_argument("--out", required=True, type=Path, help="output folder of the packed model (replaced atomically)")
     _add_calibration_flags(c)
+    _add_embed_flag(c)
     c.add_argument("--damp", type=float, default=None, help="GPTQ dampening as a fraction of the mean Hessian diagonal (default 0.01)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their natural order")
     c.add_argument("--no-eval", action="store_true", help="skip the evaluation after packing")
@@ -220,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-size", type=_size, help="size of the whole packed tensor file, e.g. 60MB")
     pl.add_argument("--out", type=Path, required=True, help="where to write the plan JSON")
     _add_calibration_flags(pl)
+    _add_embed_flag(pl)
     _add_planner_flags(pl)
 
     e = sub.add_parser(
@@ -288,13 +304,16 @@ def _cmd_compress(args) -> int:
         _status(f"loading {args.model}")
         loaded = load_model(args.model)
         if plan is None:
-            plan = make_plan(_plan_request(args, _budget(args, loaded)), loaded, on_stage=_status).plan
+            planned = make_plan(_plan_request(args, _budget(args, loaded)), loaded, on_stage=_status)
+            _print_plan(planned)
+            plan = planned.plan
         fmt = Counter(plan.formats.values()).most_common(1)[0][0]
     calibration = _calibration_config(args)
     qdefaults = QuantizeConfig(fmt=fmt)
     qconfig = dataclasses.replace(
         qdefaults, method=args.method, damp=qdefaults.damp if args.damp is None else args.damp,
         act_order=not args.no_act_order, plan=None if plan is None else dict(plan.formats),
+        embed_format=None if args.embed_format is None else parse_format(args.embed_format),
     )
     if not 0 < qconfig.damp < 1:
         raise TightfitError(f"--damp must lie between 0 and 1, got {qconfig.damp}")

@@ -56,8 +56,11 @@ def build_model(packed: PackedModel) -> nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, q in packed.layers.items():
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != q.shape:
+        if not isinstance(linear, (nn.Linear, nn.Embedding)) or tuple(linear.weight.shape) != q.shape:
             raise PackedModelError(f"packed layer {name} {q.shape} does not fit the model's {linear}")
+        if isinstance(linear, nn.Embedding):  # rows are looked up, not multiplied: decode once
+            linear.weight.data.copy_(q.dequantize())  # a head tied to it follows
+            continue
         bias_name = f"{name}.bias"
         bias = packed.kept.get(bias_name)
         _set_module(model, name, QuantLinear(q, None if bias is None else bias.float()))
@@ -65,7 +68,8 @@ def build_model(packed: PackedModel) -> nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     biases = {f"{n}.bias" for n in packed.layers}
     unexpected = [k for k in unexpected if k not in biases]
-    missing = [k for k in missing if k not in packed.tied]
+    embedded = {f"{n}.weight" for n in packed.layers}
+    missing = [k for k in missing if k not in packed.tied and k not in embedded]
     if missing or unexpected:
         raise PackedModelError(f"packed tensors do not match the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval().requires_grad_(False)

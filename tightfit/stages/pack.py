@@ -9,12 +9,12 @@ from tightfit.formats.packed import PackedModel, save_packed
 from tightfit.model import LoadedModel
 
 
-def tied_names(loaded: LoadedModel, kept: dict) -> dict[str, str]:
-    """State-dict names whose tensor shares storage with a kept tensor: name -> kept name."""
+def tied_names(loaded: LoadedModel, stored: list[str]) -> dict[str, str]:
+    """State-dict names whose tensor shares storage with a stored one: name -> stored name."""
     by_ptr = {}
     tied = {}
     state = loaded.model.state_dict()
-    for name in kept:
+    for name in stored:
         by_ptr.setdefault(state[name].data_ptr(), name)
     for name, t in state.items():
         owner = by_ptr.get(t.data_ptr())
@@ -35,7 +35,7 @@ def pack(qmodel: QuantizedModel, loaded: LoadedModel, calibration: CalibrationCo
         layers=dict(qmodel.layers),
         kept=dict(qmodel.kept),
         hf_config=loaded.model.config.to_dict(),
-        tied=tied_names(loaded, qmodel.kept),
+        tied=tied_names(loaded, list(qmodel.kept) + [f"{name}.weight" for name in qmodel.layers]),
         info=info,
     )
 

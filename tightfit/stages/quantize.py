@@ -13,6 +13,7 @@ job resumes after the last finished block.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,16 +31,24 @@ from tightfit.model import LoadedModel, get_module
 from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, run_block
 
 
+def embedding_layers(model: nn.Module, arch) -> list[str]:
+    """The token embeddings, and the output head unless it shares the embeddings' weight."""
+    emb, head = get_module(model, arch.embeddings), get_module(model, arch.head)
+    return [arch.embeddings] + ([] if head.weight.data_ptr() == emb.weight.data_ptr() else [arch.head])
+
+
 class _StopForward(Exception):
     """Raised by a hook once every layer of the group has seen its input."""
 
 
 def kept_tensors(model: nn.Module, quantized_weights: set[str], keep_dtype: str) -> dict[str, torch.Tensor]:
-    """State-dict tensors that stay unquantized, in storage dtype; tied duplicates dropped."""
+    """State-dict tensors that stay unquantized, in storage dtype; tied duplicates (also of a
+    quantized weight, e.g. a head tied to quantized embeddings) dropped."""
     dtype = KEEP_DTYPES[keep_dtype]
-    seen: set[int] = set()
+    state = model.state_dict()
+    seen: set[int] = {state[name].data_ptr() for name in quantized_weights}
     kept = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         if name in quantized_weights or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
@@ -164,10 +173,19 @@ def quantize_model(
     model = copy.deepcopy(loaded.model)
     blocks = block_list(model, arch)
     prefix = arch.blocks
+    outer = embedding_layers(model, arch) if config.embed_format is not None else []
     quantized_weights = {f"{prefix}.{i}.{n}.weight" for i in range(len(blocks)) for n in arch.linear_names}
+    quantized_weights |= {f"{name}.weight" for name in outer}
     kept = kept_tensors(model, quantized_weights, config.keep_dtype)
-    # Calibration must see the kept tensors as they will be stored.
+    # Calibration must see every tensor as it will be stored.
     model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()}, strict=False)
+    layers: dict[str, Tensor] = {}
+    reports: dict[str, LayerReport] = {}
+    for name in outer:
+        q, report = _quantize_layer(get_module(model, name).weight.detach().float(), None,
+                                    dataclasses.replace(config, method="rtn"), config.embed_format)
+        get_module(model, name).weight.data.copy_(q.dequantize())
+        layers[name], reports[name] = q, report
 
     job = {
         "source_sha256": loaded.source.sha256(),
@@ -180,8 +198,6 @@ def quantize_model(
     if config.method == "gptq" and hessians is None:
         inputs = capture_block_inputs(model, arch, calibration.tokens, calibration.config.batch_size)
 
-    layers: dict[str, Tensor] = {}
-    reports: dict[str, LayerReport] = {}
     bar = tqdm(range(len(blocks)), desc=f"quantize {config.method} {config.fmt.name}", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i]
