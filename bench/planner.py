@@ -23,7 +23,7 @@ from tightfit.artifacts import QuantizeConfig, config_to_json  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
 from tightfit.formats.registry import parse_format  # noqa: E402
 from tightfit.model import DEFAULT_MODEL, load_model  # noqa: E402
-from tightfit.pipeline import DEFAULT_CANDIDATES, PlanRequest, make_plan  # noqa: E402
+from tightfit.pipeline import PlanRequest, make_plan  # noqa: E402
 from tightfit.stages import allocate as allocate_stage  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 
@@ -35,7 +35,8 @@ WORK = Path(__file__).resolve().parents[1] / ".cache" / "planner"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--windows", type=int, default=EvalConfig.n_windows)
+    ap.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens (protocol default 64; 32 keeps this run near 25 min)")
+    ap.add_argument("--candidates", default="w2g64,w2g32,w3g128,w3g64,w3g32,w4g128", help="candidate formats per layer")
     ap.add_argument("--budgets", default="2.5,3.0,3.5")
     ap.add_argument("--uniform", default=",".join(UNIFORM))
     args = ap.parse_args()
@@ -43,7 +44,9 @@ def main() -> None:
     loaded = load_model(args.model)
     budgets = [float(b) for b in args.budgets.split(",")]
     t = time.perf_counter()
-    first = make_plan(PlanRequest(model=args.model, budget=allocate_stage.Budget(max_bpw=budgets[0]), work=WORK), loaded)
+    request = PlanRequest(model=args.model, budget=allocate_stage.Budget(max_bpw=budgets[0]), work=WORK,
+                          formats=tuple(args.candidates.split(",")))
+    first = make_plan(request, loaded)
     measure_seconds = time.perf_counter() - t
     table = first.sensitivity
     formats = list(table.formats)
@@ -57,7 +60,7 @@ def main() -> None:
 
     calibration = calibrate_stage.calibrate(loaded.tokenizer, PlanRequest.calibration)
     hessians = calibrate_stage.load_hessians(WORK / "hessians.safetensors", loaded, calibration.config)
-    fmt0 = parse_format(DEFAULT_CANDIDATES[0])
+    fmt0 = parse_format(request.formats[0])
     configs = {f"plan {b}": QuantizeConfig(fmt=fmt0, method="gptq", plan=dict(p.formats)) for b, p in plans.items()}
     configs.update({name: QuantizeConfig(fmt=parse_format(name), method="gptq") for name in args.uniform.split(",")})
     eval_config = EvalConfig(n_windows=args.windows)
