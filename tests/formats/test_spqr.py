@@ -129,3 +129,22 @@ def test_gptq_with_spqr_reduces_output_error():
     assert result.quantized.n_outliers <= fmt.max_outliers(96, 128)
     out_err = lambda w_hat: float(((x @ (w - w_hat).T) ** 2).mean())  # noqa: E731
     assert out_err(result.quantized.dequantize()) < 0.8 * out_err(rtn)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_groups_far_from_zero_or_constant_stay_finite(bits):
+    """Regression: a group whose (non-outlier) weights are all equal, or far from 0, once produced an
+    infinite zero point (and NaN weights) through a near-zero scale."""
+    w = _weight(64, 64)
+    w[:8, :16] = 3.0  # constant groups away from 0
+    w[8:16, 16:32] = 0.0  # all-zero groups
+    w[16:24, 32:48] = 5.0 + 0.001 * torch.randn(8, 16)  # nearly constant, far from 0
+    for fmt in (SpQRFormat(bits, 16, 3, 1.0), SpQRFormat(bits, 16, 3, 0.0)):
+        q = quantize_spqr_rtn(w, fmt)
+        w_hat = q.dequantize()
+        assert bool(torch.isfinite(w_hat).all())
+        assert float((w_hat[8:16, 16:32]).abs().max()) == 0.0
+        assert float((w_hat[:8, :16] - 3.0).abs().max()) < 3.0 / ((1 << bits) - 1)
+        x = torch.randn(256, 64)
+        result = gptq_quantize(w, 2 * x.T @ x / 256, fmt)
+        assert bool(torch.isfinite(result.quantized.dequantize()).all())

@@ -205,7 +205,9 @@ class GroupStats:
 
 def group_stats(w: torch.Tensor, keep: torch.Tensor | None, fmt: SpQRFormat) -> GroupStats:
     """Min-max statistics of w [N, g] over the weights not kept exact (keep [N, g] bool), then
-    quantized at the second level. Rows whose weights are all outliers get a unit range."""
+    quantized at the second level. As in GPTQ (and SpQR's reference), the range always contains 0,
+    so the zero point lies in [0, 2**bits - 1] and stays finite for any group; a group that is all
+    zeros (or all outliers) gets the range [0, 1]."""
     levels = (1 << fmt.bits) - 1
     if keep is None:
         lo, hi = w.amin(dim=1), w.amax(dim=1)
@@ -215,6 +217,8 @@ def group_stats(w: torch.Tensor, keep: torch.Tensor | None, fmt: SpQRFormat) -> 
         empty = ~torch.isfinite(lo)
         lo = torch.where(empty, torch.zeros_like(lo), lo)
         hi = torch.where(empty, torch.ones_like(hi), hi)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    hi = torch.where(hi == lo, torch.ones_like(hi), hi)
     scale = torch.clamp((hi - lo) / levels, min=1e-8)  # [N]
     zero = -lo / scale  # [N], real-valued
     scale_q = StatCodes.of(scale.unsqueeze(0), fmt.stat_bits)  # [1, N]
@@ -239,8 +243,8 @@ def outlier_candidates(w: torch.Tensor, d: torch.Tensor, fmt: SpQRFormat, cap: i
 
     def loss(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # values [..., g], mask = exact
         big = torch.full_like(values, math.inf)
-        lo = torch.where(mask, big, values).amin(-1, keepdim=True)
-        hi = torch.where(mask, -big, values).amax(-1, keepdim=True)
+        lo = torch.clamp(torch.where(mask, big, values).amin(-1, keepdim=True), max=0.0)  # the range holds 0,
+        hi = torch.clamp(torch.where(mask, -big, values).amax(-1, keepdim=True), min=0.0)  # as in group_stats
         scale = torch.clamp((hi - lo) / levels, min=1e-8)
         w_hat = (torch.clamp(torch.round((values - lo) / scale), 0, levels)) * scale + lo
         err = torch.where(mask, torch.zeros_like(values), (values - w_hat) ** 2) * inv_d2
