@@ -406,7 +406,7 @@ def test_layer_choice_validation():
         LayerChoice(F("w4g128"), 10, float("nan"))
     with pytest.raises(ValueError, match="latency_ms must be a finite number >= 0"):
         LayerChoice(F("w4g128"), 10, 1.0, -0.1)
-    with pytest.raises(ValueError, match="must be a QuantFormat"):
+    with pytest.raises(ValueError, match="must be a quantization format"):
         LayerChoice("w4g128", 10, 1.0)
     with pytest.raises(ValueError, match="time_limit_s must be a positive number"):
         allocate(HAND_LAYERS, HAND_CHOICES, Budget(max_bpw=4.0), time_limit_s=0)
