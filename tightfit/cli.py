@@ -358,10 +358,11 @@ def _cmd_eval(args) -> int:
         if against is None:
             print("note: the source model was not found; reporting perplexity only (use --against)", file=sys.stderr)
         reference = load_model(against) if against else None
-        result = evaluate_packed(Path(args.path), reference, config)
         from tightfit.formats.packed import load_packed
 
-        summary = ModelSummary.of(load_packed(Path(args.path), verify=False), packed_file_bytes(Path(args.path)))
+        packed = load_packed(Path(args.path))
+        result = evaluate_packed(Path(args.path), reference, config, packed=packed)
+        summary = ModelSummary.of(packed, packed_file_bytes(Path(args.path)))
         row = {"name": Path(args.path).name[:28], "size_mb": summary.file_bytes / 1e6, "bpw": summary.bits_per_weight,
                "bpw_all": summary.model_bits_per_weight}
     else:

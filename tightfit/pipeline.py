@@ -210,9 +210,13 @@ def compress(
     return CompressReport(out=out, summary=ModelSummary.of(packed, packed_file_bytes(out)), evaluation=result, seconds=seconds)
 
 
-def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfig, *, progress: bool = True) -> EvalResult:
-    """Evaluate a packed model from disk against a reference model; results also go to eval.json."""
-    packed = load_packed(path)
+def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfig, *, progress: bool = True,
+                    packed: PackedModel | None = None) -> EvalResult:
+    """Evaluate a packed model from disk against a reference model; results also go to eval.json.
+
+    packed: the model at `path` if the caller already loaded it (not read again).
+    """
+    packed = packed if packed is not None else load_packed(path)
     model = build_model(packed)
     tokenizer = reference.tokenizer if reference is not None else _packed_tokenizer(path)
     windows = eval_windows(tokenizer, config)
