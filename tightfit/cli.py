@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from tightfit import __version__
@@ -264,6 +265,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("formats", help="list the quantization formats and their bits/weight")
     f.add_argument("--shape", default="576x1536", help="layer shape OUTxIN for the byte figures (default 576x1536)")
+
+    x = sub.add_parser(
+        "export",
+        help="write a packed model for another runtime: GGUF (llama.cpp) or compressed-tensors (transformers, vLLM)",
+        description="Write the packed model at PATH as --to gguf (one .gguf file for llama.cpp) or --to compressed-tensors "
+        "(a folder in the pack-quantized layout that transformers and vLLM load). Each layer goes to the target type "
+        "that holds its weights exactly where one exists, else to one of equal or higher precision; a table says which.",
+        epilog="examples:\n  tightfit export out/smollm2-w4g32 --to gguf smollm2-w4g32.gguf\n"
+        "  tightfit export out/smollm2-w4g32 --to compressed-tensors out/smollm2-w4g32-ct",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    x.add_argument("path", help="a packed model folder")
+    x.add_argument("--to", required=True, metavar="TARGET", help="gguf or compressed-tensors")
+    x.add_argument("out", type=Path, help="output: a .gguf file (gguf) or a new or empty folder (compressed-tensors)")
+    x.add_argument("--json", type=Path, default=None, help="also write the per-tensor mapping as JSON to this file")
+
+    g = sub.add_parser(
+        "generate",
+        help="continue a prompt with a packed model, streaming the text",
+        description="Tokenize PROMPT (with BOS), generate token by token and stream the text to stdout; "
+        "timings go to stderr. Greedy with --temperature 0.",
+        epilog='example:\n  tightfit generate out/smollm2-w3g64 "The capital of France is" --max-tokens 32 --temperature 0',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g.add_argument("path", help="a packed model folder")
+    g.add_argument("prompt", help="the text to continue")
+    _add_sampling_flags(g)
+    _add_backend_flags(g)
+
+    ch = sub.add_parser(
+        "chat",
+        help="talk to a packed model (its chat template), line by line on stdin",
+        description="Read one user message per line from stdin and stream the replies to stdout. The conversation "
+        "stays in the KV cache: each turn prefills only what is new. Commands: /reset (new conversation), /exit.",
+        epilog="example:\n  tightfit chat out/smollm2-instruct-w4g32 --system 'You are terse.'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ch.add_argument("path", help="a packed model folder whose tokenizer has a chat template")
+    ch.add_argument("--system", default=None, help="a system message at the start of every conversation")
+    _add_sampling_flags(ch)
+    _add_backend_flags(ch)
+
+    sv = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, streaming)",
+        description="Serve PATH over HTTP with OpenAI's API. Requests run one at a time on one backend; at most "
+        "--max-queue wait, later ones get 503. The model is named after the folder (see GET /v1/models).",
+        epilog="example:\n  tightfit serve out/smollm2-w3g64 --port 8000\n"
+        "  curl localhost:8000/v1/completions -d '{\"model\": \"smollm2-w3g64\", \"prompt\": \"Hello\", \"max_tokens\": 16}'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sv.add_argument("path", help="a packed model folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    sv.add_argument("--max-queue", type=_positive_int, default=8, help="requests that may wait while one runs (default 8)")
+    sv.add_argument("--model-name", default=None, help="the model's name in the API (default: the folder name)")
+    _add_backend_flags(sv)
     return parser
 
 
@@ -436,7 +494,194 @@ def _cmd_formats(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": _cmd_compress, "plan": _cmd_plan, "eval": _cmd_eval, "info": _cmd_info, "formats": _cmd_formats}
+def _print_export(report) -> None:
+    print(f"{'tensor':<44} {'format':<12} {'written as':<22} {'exact':<5} {'max |err|':>9}  note")
+    for t in report.tensors:
+        if t.source_format.startswith(("w", "spqr")):
+            print(f"{t.name:<44} {t.source_format:<12} {t.target_type:<22} {'yes' if t.exact else 'no':<5} "
+                  f"{t.max_abs_error:>9.2e}  {t.note}")
+    kept = [t for t in report.tensors if not t.source_format.startswith(("w", "spqr"))]
+    if kept:
+        types = ", ".join(sorted({f"{t.source_format} -> {t.target_type}" for t in kept}))
+        print(f"+ {len(kept)} unquantized tensors written unchanged ({types})")
+    n_approx = len(report.approximate)
+    verdict = "every tensor exact" if n_approx == 0 else f"{n_approx} tensor(s) approximate (see 'no' rows)"
+    print(f"{report.target} ({report.architecture}) written to {report.path}: {report.nbytes / 1e6:.2f} MB, {verdict}")
+
+
+def _cmd_export(args) -> int:
+    from tightfit.errors import ExportError
+    from tightfit.export import EXPORTERS
+
+    target = args.to.strip().lower()
+    if target not in EXPORTERS:
+        raise ExportError(f"--to must be one of {', '.join(EXPORTERS)}, got {args.to!r}")
+    report = EXPORTERS[target](Path(args.path), args.out)
+    _print_export(report)
+    if args.json:
+        from tightfit.formats.files import atomic_write_json
+
+        atomic_write_json(args.json, {"target": report.target, "path": str(report.path), "architecture": report.architecture,
+                                      "bytes": report.nbytes, "tensors": [dataclasses.asdict(t) for t in report.tensors]})
+    return 0
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    from tightfit.runtime.generate import SamplingConfig
+
+    d = SamplingConfig()
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help=f"most tokens to generate (default {d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature, 0 = greedy (default {d.temperature})")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens, 0 = off (default off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this probability, 1 = off (default off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="CTRL penalty on tokens seen before, 1 = off (default off)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
+
+
+def _add_backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("auto", "torch", "fast"), default="auto",
+                   help="fast: tightfit's compiled CPU engine; torch: the transformers reference; auto: fast where it "
+                        "supports the model (default auto)")
+    p.add_argument("--max-positions", type=_positive_int, default=None,
+                   help="KV cache capacity in tokens, prompt included (default: the model's context length)")
+
+
+def _sampling_config(args) -> "SamplingConfig":
+    from tightfit.runtime.generate import SamplingConfig
+
+    given = {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+             "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+             "stop": None if args.stop is None else tuple(args.stop)}
+    return dataclasses.replace(SamplingConfig(), **{k: v for k, v in given.items() if v is not None})
+
+
+def _open_backend(path: Path, engine: str, max_positions: int | None) -> "Backend":
+    """tightfit.runtime.engine.open_backend where this build has it (it chooses among all engines),
+    else the torch reference."""
+    import importlib.util
+
+    if importlib.util.find_spec("tightfit.runtime.engine") is not None:
+        from tightfit.runtime import engine as compiled
+
+        if hasattr(compiled, "open_backend"):
+            given = {} if max_positions is None else {"max_positions": max_positions}
+            return compiled.open_backend(path, engine=engine, **given)
+    from tightfit.runtime.torch_backend import load_torch_backend
+
+    if engine == "fast":
+        raise TightfitError("--engine fast: the compiled engine is not part of this build yet; use --engine torch")
+    return load_torch_backend(path, max_positions)
+
+
+def _open_text_model(args) -> tuple:
+    """(backend, tokenizer, eos ids) of the packed model at args.path."""
+    from tightfit.runtime.text import eos_token_ids, load_tokenizer
+
+    _status(f"loading {args.path} ({args.engine} engine)")
+    backend = _open_backend(Path(args.path), args.engine, args.max_positions)
+    tokenizer = load_tokenizer(Path(args.path))
+    return backend, tokenizer, eos_token_ids(Path(args.path), tokenizer)
+
+
+def _print_stream(stream) -> None:
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
+def _print_speed(result) -> None:
+    _status(f"{result.prompt_tokens} prompt tokens ({result.reused_tokens} cached) in {result.prefill_seconds:.2f}s, "
+            f"{result.completion_tokens} generated in {result.decode_seconds:.2f}s "
+            f"({result.decode_tokens_per_second:.1f} tokens/s), finish: {result.finish_reason}")
+
+
+def _cmd_generate(args) -> int:
+    from tightfit.runtime.generate import generate
+    from tightfit.runtime.text import text_prompt_ids
+
+    config = _sampling_config(args)
+    backend, tokenizer, eos = _open_text_model(args)
+    stream = generate(backend, tokenizer, text_prompt_ids(tokenizer, args.prompt), config, eos_token_ids=eos)
+    _print_stream(stream)
+    print()
+    _print_speed(stream.result)
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    config = _sampling_config(args)
+    backend, tokenizer, eos = _open_text_model(args)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("type a message; /reset starts over, /exit (or Ctrl-D) leaves", file=sys.stderr)
+    try:
+        _chat_loop(config, backend, tokenizer, eos, start, interactive)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return 0
+
+
+def _chat_loop(config, backend, tokenizer, eos, start: list[dict], interactive: bool) -> None:
+    from tightfit.runtime.generate import generate
+    from tightfit.runtime.text import chat_prompt_ids
+
+    messages, cached = list(start), None
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            messages, cached = list(start), None
+            _status("new conversation")
+            continue
+        if not line.strip():
+            continue
+        turn = messages + [{"role": "user", "content": line}]
+        ids = chat_prompt_ids(tokenizer, turn)
+        if len(ids) >= backend.max_positions:
+            _status(f"the conversation ({len(ids)} tokens) no longer fits the {backend.max_positions}-token cache; /reset to start over")
+            continue
+        stream = generate(backend, tokenizer, ids, config, eos_token_ids=eos, cached=cached)
+        _print_stream(stream)
+        print(flush=True)
+        messages, cached = turn + [{"role": "assistant", "content": stream.result.text}], stream.result.cached_ids
+        if interactive:
+            _print_speed(stream.result)
+
+
+def _cmd_serve(args) -> int:
+    from tightfit.runtime.server import OpenAIServer, ServedModel
+
+    backend, tokenizer, eos = _open_text_model(args)
+    name = args.model_name or Path(args.path).resolve().name
+    try:
+        server = OpenAIServer(ServedModel(name, backend, tokenizer, eos), host=args.host, port=args.port,
+                              max_queue=args.max_queue, log=_status)
+    except OSError as e:
+        raise TightfitError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    host, port = server.address
+    _status(f"serving '{name}' on http://{host}:{port}/v1 (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        _status("stopped")
+    finally:
+        server.close()
+    return 0
+
+
+COMMANDS = {"compress": _cmd_compress, "plan": _cmd_plan, "eval": _cmd_eval, "info": _cmd_info, "formats": _cmd_formats,
+            "export": _cmd_export, "generate": _cmd_generate, "chat": _cmd_chat, "serve": _cmd_serve}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (e.g. an already quantized input GGUF) as one line, like the stage messages."""
+    print(f"tightfit: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,7 +692,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # restores the previous handler on the way out
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except TightfitError as e:
         print(f"tightfit: error: {e}", file=sys.stderr)
         return 2

@@ -30,3 +30,19 @@ class PackedModelError(TightfitError):
 
 class InfeasibleBudget(TightfitError):
     """No assignment of formats to layers meets the budget; the message names the smallest one that can."""
+
+
+class ExportError(TightfitError):
+    """A packed model cannot be written in the requested foreign format (GGUF, compressed-tensors), or the output path is unusable."""
+
+
+class GenerationError(TightfitError, ValueError):
+    """A generation request is invalid: sampling settings, an empty or too long prompt, a cache size."""
+
+
+class KernelUnavailable(TightfitError):
+    """The fast CPU engine cannot run here: no compiler, a failed build, or an unsupported model."""
+
+
+class QuantizedSourceWarning(UserWarning):
+    """The input model is already quantized (e.g. a Q4_1 GGUF): compressing it again adds a second rounding error."""
