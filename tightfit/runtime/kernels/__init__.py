@@ -1,0 +1,59 @@
+"""tightfit's compiled CPU kernels: layout (layout.py), build and load (build.py), Python entry points."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from tightfit.runtime.kernels.build import load
+from tightfit.runtime.kernels.layout import KernelMatrix, TfMat, from_dense, from_quantized
+
+__all__ = ["KernelMatrix", "from_dense", "from_quantized", "matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512"]
+
+
+def _lib(portable: bool) -> ctypes.CDLL:
+    lib = load(portable)
+    lib.tf_matmul.argtypes = [ctypes.POINTER(TfMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.tf_dequant_rows.argtypes = [ctypes.POINTER(TfMat), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.tf_quantize_activations.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.tf_read_seconds.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    lib.tf_read_seconds.restype = ctypes.c_double
+    return lib
+
+
+def has_avx512(portable: bool = False) -> bool:
+    """Whether the loaded build runs the AVX-512 VNNI kernels (else the portable scalar path)."""
+    return bool(_lib(portable).tf_has_avx512())
+
+
+def matmul(w: KernelMatrix, x: torch.Tensor, *, threads: int = 1, portable: bool = False) -> torch.Tensor:
+    """x [M, K] fp32 -> y [M, N] = x W^T (+ bias) with the kernel of w's kind."""
+    n, k = w.shape
+    x = x.to(torch.float32).contiguous()
+    assert x.dim() == 2 and x.shape[1] == k, f"x must be [M, {k}], got {tuple(x.shape)}"
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    _lib(portable).tf_matmul(ctypes.byref(w.struct()), x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+    return y
+
+
+def dequantize(w: KernelMatrix, *, portable: bool = False) -> torch.Tensor:
+    """[N, K] fp32, decoded from the kernel layout."""
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=torch.float32)
+    _lib(portable).tf_dequant_rows(ctypes.byref(w.struct()), 0, n, out.data_ptr())
+    return out
+
+
+def quantize_activations(x: torch.Tensor, *, portable: bool = False) -> torch.Tensor:
+    """x [M, K] -> sx * xq [M, K]: the int8 block-32 activations quantized matmuls multiply by."""
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    _lib(portable).tf_quantize_activations(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
+def read_seconds(buf: torch.Tensor, reps: int, threads: int) -> float:
+    """Seconds to read buf (uint8, contiguous) `reps` times with `threads` threads."""
+    assert buf.dtype == torch.uint8 and buf.is_contiguous()
+    return float(_lib(False).tf_read_seconds(buf.data_ptr(), buf.numel(), reps, threads))

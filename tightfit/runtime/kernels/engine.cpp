@@ -1,0 +1,612 @@
+// tightfit CPU engine: low-bit matrix kernels and a decoder forward step, plain C ABI (ctypes).
+//
+// Weight layout (made by runtime/kernels/layout.py, "tf-chunk64" v1). A quantized matrix W [N, K]
+// has its K axis padded to Kp = ceil(K/64)*64 with zero codes; each row is Kp/64 chunks of 64
+// consecutive weights, each chunk holding the codes as bit planes, low bits first:
+//   nibble plane (4 bits, 32 B): byte j = code[j] & 15 | (code[j+32] & 15) << 4
+//   crumb plane  (2 bits, 16 B): byte j = c[j] | c[j+16] << 2 | c[j+32] << 4 | c[j+48] << 6
+//   bit plane    (1 bit,   8 B): bit j of a little-endian u64 = the code bit
+//   byte plane   (8 bits, 64 B): code[j]
+//   bits 2 = crumb; 3 = crumb + bit(2); 4 = nibble; 5 = nibble + bit(4); 6 = nibble + crumb(4,5); 8 = byte
+// so a chunk holds 8*bits bytes. Per (row, group): an fp16 or bf16 scale s and a u8 zero z
+// (symmetric formats: z = 2^(bits-1)), row stride Gs >= G + 16 (zero padded) so 16 statistics can
+// always be loaded. w = (q - z) * s, exactly as the reference dequantizes.
+//
+// Activations are quantized per token to int8 in blocks of 32 (x ~ sx_b * xq, sx_b = amax_b/127,
+// round to nearest even), as llama.cpp's Q8_0 does; a quantized matmul then computes exactly
+//   y[m, n] = sum_j s(n, g(j)) * (q[n, j] - z(n, g(j))) * sx(m, b(j)) * xq[m, j]
+// (up to fp32 summation order): the int8 dot products run on AVX-512 VNNI (vpdpbusd, u8 x s8).
+// Dense fp16 / fp32 matrices use exact fp32 activations.
+//
+// Without AVX-512 (BW, VL, VNNI) the same functions compile to portable scalar code.
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define TF_AVX512 1
+#include <immintrin.h>
+#else
+#define TF_AVX512 0
+#endif
+
+#define TF_ABI_VERSION 1
+
+extern "C" {
+
+enum { TF_QUANT = 0, TF_F16 = 1, TF_F32 = 2 };
+
+typedef struct {
+    int32_t kind;   // TF_QUANT, TF_F16, TF_F32
+    int32_t N, K;   // out_features, in_features
+    int32_t Kp;     // K padded to a multiple of 64 (quant)
+    int32_t bits;   // code bits (quant)
+    int32_t group;  // group width along K; K for per channel (quant)
+    int32_t G, Gs;  // groups per row; row stride of scales/zeros (quant)
+    int32_t scale_bf16;  // scales are bf16 (1) or fp16 (0)
+    const uint8_t* codes;    // [N, Kp/64, 8*bits]
+    const uint16_t* scales;  // [N, Gs]
+    const uint8_t* zeros;    // [N, Gs]
+    const void* dense;       // fp16 or fp32 [N, K]
+    const float* bias;       // [N] or NULL
+} tf_mat;
+
+typedef struct {
+    const float* attn_norm;  // [hidden]
+    const float* mlp_norm;   // [hidden]
+    tf_mat q, k, v, o, gate, up, down;
+} tf_layer;
+
+typedef struct {
+    int32_t n_layers, hidden, n_heads, n_kv_heads, head_dim, inter, vocab;
+    int32_t max_pos;    // KV cache capacity
+    int32_t max_batch;  // most tokens per forward call
+    int32_t threads;
+    float eps;          // RMSNorm epsilon
+    float attn_scale;   // softmax scale, head_dim^-0.5
+    const float* rope_cos;  // [max_pos, head_dim/2]
+    const float* rope_sin;  // [max_pos, head_dim/2]
+    tf_mat embed;           // [vocab, hidden], rows looked up
+    tf_mat head;            // [vocab, hidden]
+    const float* final_norm;
+    const tf_layer* layers;  // [n_layers]
+} tf_config;
+
+int tf_abi_version(void) { return TF_ABI_VERSION; }
+int tf_has_avx512(void) { return TF_AVX512; }
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// scalars
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: normalize
+            int e = -1;
+            do { e++; man <<= 1; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float scale_at(const tf_mat& W, size_t i) {
+    return W.scale_bf16 ? bf16_to_f32(W.scales[i]) : f16_to_f32(W.scales[i]);
+}
+
+// Codes of chunk c of row n, scalar (reference for the layout; embedding lookups; fallback).
+static void unpack_chunk_scalar(const uint8_t* p, int bits, uint8_t out[64]) {
+    auto nib = [&](const uint8_t* s) { for (int j = 0; j < 32; j++) { out[j] = s[j] & 15; out[j + 32] = s[j] >> 4; } };
+    auto crumb = [&](const uint8_t* s, int sh) {
+        for (int j = 0; j < 16; j++)
+            for (int t = 0; t < 4; t++) out[j + 16 * t] |= ((s[j] >> (2 * t)) & 3) << sh;
+    };
+    auto bit = [&](const uint8_t* s, int sh) {
+        for (int j = 0; j < 64; j++) out[j] |= ((s[j >> 3] >> (j & 7)) & 1) << sh;
+    };
+    memset(out, 0, 64);
+    switch (bits) {
+        case 2: crumb(p, 0); break;
+        case 3: crumb(p, 0); bit(p + 16, 2); break;
+        case 4: nib(p); break;
+        case 5: nib(p); bit(p + 32, 4); break;
+        case 6: nib(p); crumb(p + 32, 4); break;
+        case 8: memcpy(out, p, 64); break;
+    }
+}
+
+// Row n of W dequantized to fp32 [K] (exactly (q - z) * s, as the reference).
+static void dequant_row(const tf_mat& W, int n, float* out) {
+    if (W.kind == TF_F32) { memcpy(out, (const float*)W.dense + (size_t)n * W.K, sizeof(float) * W.K); return; }
+    if (W.kind == TF_F16) {
+        const uint16_t* r = (const uint16_t*)W.dense + (size_t)n * W.K;
+        for (int j = 0; j < W.K; j++) out[j] = f16_to_f32(r[j]);
+        return;
+    }
+    const int nc = W.Kp / 64, cb = 8 * W.bits;
+    uint8_t q[64];
+    for (int c = 0; c < nc; c++) {
+        unpack_chunk_scalar(W.codes + ((size_t)n * nc + c) * cb, W.bits, q);
+        for (int j = 0; j < 64 && c * 64 + j < W.K; j++) {
+            int col = c * 64 + j, g = col / W.group;
+            size_t si = (size_t)n * W.Gs + g;
+            out[col] = ((float)q[j] - (float)W.zeros[si]) * scale_at(W, si);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// activations
+
+struct QAct {  // x [M, K] quantized per token in blocks of 32 (see header)
+    int M = 0, K = 0, Kp = 0;
+    std::vector<int8_t> xq;    // [M, Kp]
+    std::vector<float> sx;     // [M, Kp/32]
+    std::vector<float> sxv;    // [M, Kp/64, 16]: lanes 0-7 sx of block 2c, lanes 8-15 of block 2c+1
+    std::vector<float> psum;   // [M, Kp/16]: sx_b * sum of xq over each 16 columns
+    std::vector<float> xs;     // [M, Gmax]: per-group sums for the zero term (filled per matrix)
+    const float* x = nullptr;  // the fp32 input [M, K] (dense matrices)
+};
+
+static void quantize_act(const float* x, int M, int K, QAct& a) {
+    a.M = M; a.K = K; a.Kp = (K + 63) / 64 * 64; a.x = x;
+    const int Kp = a.Kp, nb = Kp / 32;
+    a.xq.assign((size_t)M * Kp, 0);
+    a.sx.resize((size_t)M * nb);
+    a.sxv.resize((size_t)M * (Kp / 64) * 16);
+    a.psum.resize((size_t)M * (Kp / 16));
+    for (int m = 0; m < M; m++) {
+        const float* xr = x + (size_t)m * K;
+        for (int b = 0; b < nb; b++) {
+            int lo = b * 32, hi = std::min(lo + 32, K);
+            float amax = 0.f;
+            for (int j = lo; j < hi; j++) amax = std::max(amax, fabsf(xr[j]));
+            float id = amax > 0.f ? 127.f / amax : 0.f;
+            a.sx[(size_t)m * nb + b] = amax / 127.f;
+            int8_t* q = a.xq.data() + (size_t)m * Kp;
+            for (int j = lo; j < hi; j++) q[j] = (int8_t)lrintf(xr[j] * id);
+        }
+        for (int c = 0; c < Kp / 64; c++)
+            for (int l = 0; l < 16; l++)
+                a.sxv[((size_t)m * (Kp / 64) + c) * 16 + l] = a.sx[(size_t)m * nb + 2 * c + l / 8];
+        for (int p = 0; p < Kp / 16; p++) {
+            int s = 0;
+            const int8_t* q = a.xq.data() + (size_t)m * Kp + p * 16;
+            for (int j = 0; j < 16; j++) s += q[j];
+            a.psum[(size_t)m * (Kp / 16) + p] = (float)s * a.sx[(size_t)m * nb + p / 2];
+        }
+    }
+}
+
+// Per-group sums of the dequantized activation for W's grouping: xs [M, Gs].
+static void group_sums(const tf_mat& W, QAct& a) {
+    if (W.kind != TF_QUANT) return;  // dense matrices multiply the exact activations
+    a.xs.assign((size_t)a.M * W.Gs, 0.f);
+    const int np = a.Kp / 16;
+    for (int m = 0; m < a.M; m++)
+        for (int p = 0; p < np; p++) {
+            int g = std::min(p * 16 / W.group, W.G - 1);  // padding columns belong to the last group
+            a.xs[(size_t)m * W.Gs + g] += a.psum[(size_t)m * np + p];
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantized rows
+
+#if TF_AVX512
+static inline __m512i nib_plane(const uint8_t* p) {
+    const __m512i sh = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0x0004000400040004LL,
+                                        0x0004000400040004LL, 0, 0, 0, 0);
+    __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x0f));
+}
+static inline __m512i crumb_plane(const uint8_t* p) {
+    const __m512i sh = _mm512_set_epi64(0x0006000600060006LL, 0x0006000600060006LL, 0x0004000400040004LL,
+                                        0x0004000400040004LL, 0x0002000200020002LL, 0x0002000200020002LL, 0, 0);
+    __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));
+    return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x03));
+}
+static inline __m512i bit_plane(const uint8_t* p, int shift) {
+    uint64_t m;
+    memcpy(&m, p, 8);
+    return _mm512_maskz_mov_epi8(_cvtu64_mask64(m), _mm512_set1_epi8((char)(1 << shift)));
+}
+template <int BITS>
+static inline __m512i unpack64(const uint8_t* p) {
+    if (BITS == 2) return crumb_plane(p);
+    if (BITS == 3) return _mm512_or_si512(crumb_plane(p), bit_plane(p + 16, 2));
+    if (BITS == 4) return nib_plane(p);
+    if (BITS == 5) return _mm512_or_si512(nib_plane(p), bit_plane(p + 32, 4));
+    if (BITS == 6) return _mm512_or_si512(nib_plane(p), _mm512_slli_epi16(crumb_plane(p + 32), 4));
+    return _mm512_loadu_si512((const void*)p);
+}
+static inline __m512 load16_scales(const tf_mat& W, const uint16_t* s) {
+    __m256i h = _mm256_loadu_si256((const __m256i*)s);
+    if (W.scale_bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+// rows [n0, n1) x tokens [m0, m0+MT): y[m, n] = W[n] . x[m] + zero term + bias
+template <int BITS, int MT>
+static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
+    const int nc = W.Kp / 64, cb = 8 * BITS, Kp = a.Kp;
+    // lane l of a dot product covers columns 4l .. 4l+3 of the chunk: its group within the chunk
+    const int gpc = W.group >= 64 ? 1 : 64 / W.group;  // groups per chunk (1: all lanes one group)
+    alignas(64) int32_t idx[16];
+    for (int l = 0; l < 16; l++) idx[l] = gpc == 1 ? 0 : (4 * l) / W.group;
+    const __m512i gidx = _mm512_load_si512(idx);
+    // chunks per group (0: several groups per chunk); a group >= 64 wide that 64 does not divide
+    // is a whole row (per channel): it never advances
+    const int cpg = W.group < 64 ? 0 : (W.group % 64 == 0 ? W.group / 64 : 1 << 30);
+    for (int n = n0; n < n1; n++) {
+        const uint8_t* row = W.codes + (size_t)n * nc * cb;
+        const uint16_t* srow = W.scales + (size_t)n * W.Gs;
+        __m512 acc[MT];
+        for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
+        int g0 = 0, left = cpg;
+        for (int c = 0; c < nc; c++) {
+            const __m512i q = unpack64<BITS>(row + (size_t)c * cb);
+            __m512 s = _mm512_permutexvar_ps(gidx, load16_scales(W, srow + g0));
+            for (int t = 0; t < MT; t++) {
+                const int m = m0 + t;
+                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
+                                                _mm512_loadu_si512((const void*)(a.xq.data() + (size_t)m * Kp + c * 64)));
+                __m512 sv = _mm512_mul_ps(s, _mm512_loadu_ps(a.sxv.data() + ((size_t)m * nc + c) * 16));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[t]);
+            }
+            if (cpg) { if (--left == 0) { g0++; left = cpg; } } else g0 += gpc;
+        }
+        // zero term: sum_g s_g z_g xs[m, g]
+        const uint8_t* zrow = W.zeros + (size_t)n * W.Gs;
+        for (int t = 0; t < MT; t++) {
+            const int m = m0 + t;
+            __m512 zacc = _mm512_setzero_ps();
+            for (int g = 0; g < W.G; g += 16) {
+                __m512 s = load16_scales(W, srow + g);
+                __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zrow + g))));
+                zacc = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_loadu_ps(a.xs.data() + (size_t)m * W.Gs + g), zacc);
+            }
+            float r = _mm512_reduce_add_ps(acc[t]) - _mm512_reduce_add_ps(zacc);
+            y[(size_t)m * W.N + n] = r + (W.bias ? W.bias[n] : 0.f);
+        }
+    }
+}
+
+template <int MT>
+static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
+    const int K = W.K, K16 = K / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1);
+    for (int n = n0; n < n1; n++) {
+        __m512 acc[MT];
+        for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
+        for (int j = 0; j <= K16; j += 16) {
+            const __mmask16 mk = j < K16 ? (__mmask16)0xffff : tail;
+            if (!mk) break;
+            __m512 w;
+            if (W.kind == TF_F16)
+                w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, (const uint16_t*)W.dense + (size_t)n * K + j));
+            else
+                w = _mm512_maskz_loadu_ps(mk, (const float*)W.dense + (size_t)n * K + j);
+            for (int t = 0; t < MT; t++)
+                acc[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mk, a.x + (size_t)(m0 + t) * K + j), acc[t]);
+        }
+        for (int t = 0; t < MT; t++) y[(size_t)(m0 + t) * W.N + n] = _mm512_reduce_add_ps(acc[t]) + (W.bias ? W.bias[n] : 0.f);
+    }
+}
+#endif
+
+// Portable fallback with the same arithmetic (int8 block dot products, then scales).
+[[maybe_unused]] static void quant_rows_scalar(const tf_mat& W, const QAct& a, int m0, int mt, int n0, int n1, float* y) {
+    const int nc = W.Kp / 64, cb = 8 * W.bits, Kp = a.Kp;
+    uint8_t q[64];
+    for (int n = n0; n < n1; n++)
+        for (int m = m0; m < m0 + mt; m++) {
+            float r = 0.f;
+            for (int c = 0; c < nc; c++) {
+                unpack_chunk_scalar(W.codes + ((size_t)n * nc + c) * cb, W.bits, q);
+                const int8_t* xq = a.xq.data() + (size_t)m * Kp + c * 64;
+                for (int p = 0; p < 4; p++) {  // 16 columns: one block, one group
+                    int32_t d = 0;
+                    for (int j = 16 * p; j < 16 * p + 16; j++) d += (int32_t)q[j] * xq[j];
+                    int col = c * 64 + 16 * p, g = std::min(col / W.group, W.G - 1);
+                    r += (float)d * scale_at(W, (size_t)n * W.Gs + g) * a.sx[(size_t)m * (Kp / 32) + col / 32];
+                }
+            }
+            for (int g = 0; g < W.G; g++) {
+                size_t si = (size_t)n * W.Gs + g;
+                r -= scale_at(W, si) * (float)W.zeros[si] * a.xs[(size_t)m * W.Gs + g];
+            }
+            y[(size_t)m * W.N + n] = r + (W.bias ? W.bias[n] : 0.f);
+        }
+}
+
+[[maybe_unused]] static void dense_rows_scalar(const tf_mat& W, const QAct& a, int m0, int mt, int n0, int n1, float* y) {
+    std::vector<float> w(W.K);
+    for (int n = n0; n < n1; n++) {
+        dequant_row(W, n, w.data());
+        for (int m = m0; m < m0 + mt; m++) {
+            float r = 0.f;
+            for (int j = 0; j < W.K; j++) r += w[j] * a.x[(size_t)m * W.K + j];
+            y[(size_t)m * W.N + n] = r + (W.bias ? W.bias[n] : 0.f);
+        }
+    }
+}
+
+// y[M, N] rows [n0, n1) for all tokens of a (the activation must be prepared with group_sums for W).
+static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
+    if (n0 >= n1) return;
+#if TF_AVX512
+    for (int m0 = 0; m0 < a.M; m0 += 4) {
+        const int mt = std::min(4, a.M - m0);
+        if (W.kind != TF_QUANT) {
+            switch (mt) {
+                case 1: dense_rows<1>(W, a, m0, n0, n1, y); break;
+                case 2: dense_rows<2>(W, a, m0, n0, n1, y); break;
+                case 3: dense_rows<3>(W, a, m0, n0, n1, y); break;
+                default: dense_rows<4>(W, a, m0, n0, n1, y); break;
+            }
+            continue;
+        }
+#define TF_BITS_CASE(B)                                                  \
+    case B:                                                              \
+        switch (mt) {                                                    \
+            case 1: quant_rows<B, 1>(W, a, m0, n0, n1, y); break;        \
+            case 2: quant_rows<B, 2>(W, a, m0, n0, n1, y); break;        \
+            case 3: quant_rows<B, 3>(W, a, m0, n0, n1, y); break;        \
+            default: quant_rows<B, 4>(W, a, m0, n0, n1, y); break;       \
+        }                                                                \
+        break;
+        switch (W.bits) {
+            TF_BITS_CASE(2) TF_BITS_CASE(3) TF_BITS_CASE(4) TF_BITS_CASE(5) TF_BITS_CASE(6) TF_BITS_CASE(8)
+        }
+#undef TF_BITS_CASE
+    }
+#else
+    if (W.kind != TF_QUANT) dense_rows_scalar(W, a, 0, a.M, n0, n1, y);
+    else quant_rows_scalar(W, a, 0, a.M, n0, n1, y);
+#endif
+}
+
+// This thread's share [n0, n1) of N rows, in multiples of 16 rows.
+static inline void share(int N, int tid, int nth, int& n0, int& n1) {
+    int units = (N + 15) / 16, per = units / nth, extra = units % nth;
+    int u0 = tid * per + std::min(tid, extra), u1 = u0 + per + (tid < extra ? 1 : 0);
+    n0 = std::min(N, u0 * 16);
+    n1 = std::min(N, u1 * 16);
+}
+
+extern "C" {
+
+// y [M, N] = x [M, K] W^T (+ bias), with `threads` threads (the kernel a layer runs with).
+void tf_matmul(const tf_mat* W, const float* x, int M, float* y, int threads) {
+    QAct a;
+    quantize_act(x, M, W->K, a);
+    if (W->kind == TF_QUANT) group_sums(*W, a);
+#pragma omp parallel num_threads(threads)
+    {
+        int n0, n1;
+        share(W->N, omp_get_thread_num(), omp_get_num_threads(), n0, n1);
+        matmul_rows(*W, a, n0, n1, y);
+    }
+}
+
+// rows [n0, n0+count) of W dequantized: out [count, K] fp32
+void tf_dequant_rows(const tf_mat* W, int n0, int count, float* out) {
+    for (int i = 0; i < count; i++) dequant_row(*W, n0 + i, out + (size_t)i * W->K);
+}
+
+// x [M, K] -> its block-int8 dequantization sx * xq [M, K] (what quantized matmuls multiply by)
+void tf_quantize_activations(const float* x, int M, int K, float* out) {
+    QAct a;
+    quantize_act(x, M, K, a);
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < K; j++)
+            out[(size_t)m * K + j] = a.sx[(size_t)m * (a.Kp / 32) + j / 32] * (float)a.xq[(size_t)m * a.Kp + j];
+}
+
+// Seconds to read `bytes` of buf `reps` times with `threads` threads (sums 64-bit words).
+double tf_read_seconds(const uint8_t* buf, size_t bytes, int reps, int threads) {
+    volatile uint64_t sink = 0;
+    double t0 = omp_get_wtime();
+    for (int r = 0; r < reps; r++) {
+        uint64_t total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+        {
+            int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+            size_t per = bytes / 64 / nth * 64, lo = per * tid, hi = tid == nth - 1 ? bytes / 64 * 64 : lo + per;
+#if TF_AVX512
+            __m512i acc = _mm512_setzero_si512();
+            for (size_t i = lo; i < hi; i += 64) acc = _mm512_add_epi64(acc, _mm512_loadu_si512((const void*)(buf + i)));
+            total += (uint64_t)_mm512_reduce_add_epi64(acc);
+#else
+            for (size_t i = lo; i < hi; i += 8) { uint64_t v; memcpy(&v, buf + i, 8); total += v; }
+#endif
+        }
+        sink += total;
+    }
+    (void)sink;
+    return omp_get_wtime() - t0;
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// the decoder
+
+struct Engine {
+    tf_config cfg;
+    std::vector<float> kcache, vcache;       // [L, KVH, max_pos, D]
+    std::vector<std::vector<float>> res, xp; // per thread [B, hidden]: residual stream, normed input
+    std::vector<float> q, k, v, att;         // [B, H*D], [B, KVH*D] x2, [B, H*D]
+    std::vector<float> o, gate, up, down;    // [B, hidden], [B, inter] x2, [B, hidden]
+    std::vector<QAct> acts;                  // one per thread
+    std::vector<std::vector<float>> scores;  // one per thread [max_pos]
+};
+
+static void rmsnorm(const float* x, const float* w, float eps, int H, float* out) {
+    double ss = 0.0;
+    for (int j = 0; j < H; j++) ss += (double)x[j] * x[j];
+    float r = 1.f / sqrtf((float)(ss / H) + eps);
+    for (int j = 0; j < H; j++) out[j] = w[j] * (x[j] * r);
+}
+
+static void rope(float* v, const float* cos_, const float* sin_, int D) {
+    const int d2 = D / 2;
+    for (int i = 0; i < d2; i++) {
+        float x1 = v[i], x2 = v[i + d2];
+        v[i] = x1 * cos_[i] - x2 * sin_[i];
+        v[i + d2] = x2 * cos_[i] + x1 * sin_[i];
+    }
+}
+
+extern "C" {
+
+void* tf_engine_create(const tf_config* cfg) {
+    Engine* e = new Engine();
+    e->cfg = *cfg;
+    const tf_config& c = e->cfg;
+    const size_t D = c.head_dim, B = c.max_batch;
+    e->kcache.assign((size_t)c.n_layers * c.n_kv_heads * c.max_pos * D, 0.f);
+    e->vcache.assign(e->kcache.size(), 0.f);
+    e->res.resize(std::max(1, c.threads));
+    e->xp.resize(std::max(1, c.threads));
+    e->q.resize(B * c.n_heads * D);
+    e->att.resize(B * c.n_heads * D);
+    e->k.resize(B * c.n_kv_heads * D);
+    e->v.resize(B * c.n_kv_heads * D);
+    e->o.resize(B * c.hidden);
+    e->down.resize(B * c.hidden);
+    e->gate.resize(B * c.inter);
+    e->up.resize(B * c.inter);
+    e->acts.resize(std::max(1, c.threads));
+    e->scores.assign(std::max(1, c.threads), std::vector<float>(c.max_pos));
+    return e;
+}
+
+void tf_engine_free(void* p) { delete (Engine*)p; }
+
+// Run tokens ids[0..M) at positions pos..pos+M-1 (M <= max_batch, pos+M <= max_pos); writes the
+// logits of the last token [vocab] (all_logits = 0) or of every token [M, vocab] to `logits`.
+int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits, int all_logits) {
+    Engine& e = *(Engine*)p;
+    const tf_config& c = e.cfg;
+    if (M < 1 || M > c.max_batch || pos < 0 || pos + M > c.max_pos) return -1;
+    for (int i = 0; i < M; i++) if (ids[i] < 0 || ids[i] >= c.vocab) return -2;
+    const int H = c.hidden, D = c.head_dim, NH = c.n_heads, KVH = c.n_kv_heads, I = c.inter, d2 = D / 2;
+    const int rep = NH / KVH;
+#pragma omp parallel num_threads(c.threads)
+    {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        QAct& a = e.acts[tid];
+        // Every thread keeps its own copy of the residual stream and norms/quantizes the whole
+        // (small) input itself; threads meet only where one needs rows another one computed.
+        std::vector<float>& res = e.res[tid];  // [M, hidden]
+        std::vector<float>& xp = e.xp[tid];    // [M, hidden]
+        res.resize((size_t)M * H);
+        xp.resize((size_t)M * H);
+        for (int i = 0; i < M; i++) dequant_row(c.embed, ids[i], res.data() + (size_t)i * H);
+        int n0, n1;
+        for (int L = 0; L < c.n_layers; L++) {
+            const tf_layer& ly = c.layers[L];
+            float* kc = e.kcache.data() + (size_t)L * KVH * c.max_pos * D;
+            float* vc = e.vcache.data() + (size_t)L * KVH * c.max_pos * D;
+            for (int i = 0; i < M; i++) rmsnorm(res.data() + (size_t)i * H, ly.attn_norm, c.eps, H, xp.data() + (size_t)i * H);
+            quantize_act(xp.data(), M, H, a);
+            group_sums(ly.q, a); share(ly.q.N, tid, nth, n0, n1); matmul_rows(ly.q, a, n0, n1, e.q.data());
+            group_sums(ly.k, a); share(ly.k.N, tid, nth, n0, n1); matmul_rows(ly.k, a, n0, n1, e.k.data());
+            group_sums(ly.v, a); share(ly.v.N, tid, nth, n0, n1); matmul_rows(ly.v, a, n0, n1, e.v.data());
+#pragma omp barrier
+            // rotate the new keys, store keys and values in the cache
+            for (int it = tid; it < M * KVH; it += nth) {
+                const int i = it / KVH, kh = it % KVH, ps = pos + i;
+                float* kd = kc + ((size_t)kh * c.max_pos + ps) * D;
+                memcpy(kd, e.k.data() + (size_t)i * KVH * D + kh * D, sizeof(float) * D);
+                rope(kd, c.rope_cos + (size_t)ps * d2, c.rope_sin + (size_t)ps * d2, D);
+                memcpy(vc + ((size_t)kh * c.max_pos + ps) * D, e.v.data() + (size_t)i * KVH * D + kh * D, sizeof(float) * D);
+            }
+#pragma omp barrier
+            // causal attention, one (token, head) at a time; softmax in fp32
+            float* sc = e.scores[tid].data();
+            for (int it = tid; it < M * NH; it += nth) {
+                const int i = it / NH, hd = it % NH, kh = hd / rep, ps = pos + i;
+                float* qv = e.q.data() + (size_t)i * NH * D + hd * D;
+                rope(qv, c.rope_cos + (size_t)ps * d2, c.rope_sin + (size_t)ps * d2, D);
+                const float* kb = kc + (size_t)kh * c.max_pos * D;
+                const float* vb = vc + (size_t)kh * c.max_pos * D;
+                float mx = -INFINITY;
+                for (int j = 0; j <= ps; j++) {
+                    const float* kj = kb + (size_t)j * D;
+                    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                    for (int d = 0; d < D; d++) s += qv[d] * kj[d];
+                    s *= c.attn_scale;
+                    sc[j] = s;
+                    mx = std::max(mx, s);
+                }
+                float sum = 0.f;
+                for (int j = 0; j <= ps; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+                const float inv = 1.f / sum;
+                float* out = e.att.data() + (size_t)i * NH * D + hd * D;
+                for (int d = 0; d < D; d++) out[d] = 0.f;
+                for (int j = 0; j <= ps; j++) {
+                    const float w = sc[j] * inv;
+                    const float* vj = vb + (size_t)j * D;
+#pragma omp simd
+                    for (int d = 0; d < D; d++) out[d] += w * vj[d];
+                }
+            }
+#pragma omp barrier
+            quantize_act(e.att.data(), M, NH * D, a);
+            group_sums(ly.o, a); share(ly.o.N, tid, nth, n0, n1); matmul_rows(ly.o, a, n0, n1, e.o.data());
+#pragma omp barrier
+            for (size_t j = 0; j < (size_t)M * H; j++) res[j] += e.o[j];
+            for (int i = 0; i < M; i++) rmsnorm(res.data() + (size_t)i * H, ly.mlp_norm, c.eps, H, xp.data() + (size_t)i * H);
+            quantize_act(xp.data(), M, H, a);
+            group_sums(ly.gate, a); share(ly.gate.N, tid, nth, n0, n1); matmul_rows(ly.gate, a, n0, n1, e.gate.data());
+            group_sums(ly.up, a); matmul_rows(ly.up, a, n0, n1, e.up.data());  // same rows as gate
+            for (int i = 0; i < M; i++)
+                for (int j = n0; j < n1; j++) {
+                    const float g = e.gate[(size_t)i * I + j];
+                    e.gate[(size_t)i * I + j] = g / (1.f + expf(-g)) * e.up[(size_t)i * I + j];  // SiLU(gate) * up
+                }
+#pragma omp barrier
+            quantize_act(e.gate.data(), M, I, a);
+            group_sums(ly.down, a); share(ly.down.N, tid, nth, n0, n1); matmul_rows(ly.down, a, n0, n1, e.down.data());
+#pragma omp barrier
+            for (size_t j = 0; j < (size_t)M * H; j++) res[j] += e.down[j];
+        }
+        // final norm and head
+        const int first = all_logits ? 0 : M - 1, rows = M - first;
+        for (int i = 0; i < rows; i++) rmsnorm(res.data() + (size_t)(first + i) * H, c.final_norm, c.eps, H, xp.data() + (size_t)i * H);
+        quantize_act(xp.data(), rows, H, a);
+        if (c.head.kind == TF_QUANT) group_sums(c.head, a);
+        share(c.head.N, tid, nth, n0, n1);
+        matmul_rows(c.head, a, n0, n1, logits);
+    }
+    return 0;
+}
+
+}  // extern "C"

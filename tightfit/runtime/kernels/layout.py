@@ -1,0 +1,131 @@
+"""The kernels' weight layout ("tf-chunk64", described in engine.cpp) and its ctypes mirror.
+
+Packed files keep the format's own storage (formats/); at load time each matrix is repacked once
+into the layout the kernels read: codes as bit planes in chunks of 64 weights along K, fp16/bf16
+scales and u8 zero points per group with a zero-padded row stride. Repacking is exact: every weight
+the kernels decode equals the reference dequantization, tested.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from tightfit.formats.primitives import QuantizedTensor
+
+CHUNK = 64  # weights per chunk along K
+KIND_QUANT, KIND_F16, KIND_F32 = 0, 1, 2
+# bit planes of a code width, low bits first: (plane width, bit shift)
+PLANES: dict[int, tuple[tuple[int, int], ...]] = {
+    2: ((2, 0),),
+    3: ((2, 0), (1, 2)),
+    4: ((4, 0),),
+    5: ((4, 0), (1, 4)),
+    6: ((4, 0), (2, 4)),
+    8: ((8, 0),),
+}
+
+
+class TfMat(ctypes.Structure):
+    """Mirror of `tf_mat` in engine.cpp."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("N", ctypes.c_int32),
+        ("K", ctypes.c_int32),
+        ("Kp", ctypes.c_int32),
+        ("bits", ctypes.c_int32),
+        ("group", ctypes.c_int32),
+        ("G", ctypes.c_int32),
+        ("Gs", ctypes.c_int32),
+        ("scale_bf16", ctypes.c_int32),
+        ("codes", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("dense", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+def _plane(codes: torch.Tensor, width: int, shift: int) -> torch.Tensor:
+    """codes [N, C, 64] uint8 -> one bit plane [N, C, 8*width] uint8 (layout in engine.cpp)."""
+    v = ((codes >> shift) & ((1 << width) - 1)).to(torch.int32)  # [N, C, 64]
+    if width == 8:
+        return v.to(torch.uint8)
+    if width == 1:  # 64 bits -> 8 bytes, little-endian: bit j of the word is code j
+        bits = v.view(*v.shape[:2], 8, 8)  # [N, C, byte, bit]
+        return (bits << torch.arange(8, dtype=torch.int32)).sum(dim=3).to(torch.uint8)  # [N, C, 8]
+    per_byte = 8 // width  # codes per byte: code j + t*(64/per_byte) goes to bits t*width of byte j
+    parts = v.view(*v.shape[:2], per_byte, CHUNK // per_byte)  # [N, C, t, 64/per_byte]
+    shifts = (torch.arange(per_byte, dtype=torch.int32) * width).view(1, 1, per_byte, 1)
+    out = (parts << shifts).sum(dim=2)  # [N, C, 64/per_byte], disjoint bits: sum == or
+    return out.to(torch.uint8)
+
+
+@dataclass
+class KernelMatrix:
+    """One matrix in kernel layout; owns the tensors `TfMat` points into.
+
+    codes [N, Kp/64, 8*bits] uint8; scales [N, Gs] int16 bits of fp16/bf16; zeros [N, Gs] uint8;
+    dense [N, K] fp16/fp32 (dense kinds); bias [N] fp32 or None.
+    """
+
+    kind: int
+    shape: tuple[int, int]
+    bits: int = 0
+    group: int = 0
+    groups: int = 0
+    scale_bf16: bool = False
+    codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernels read per full pass over the matrix."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros, self.dense, self.bias) if t is not None)
+
+    def struct(self) -> TfMat:
+        n, k = self.shape
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        return TfMat(
+            kind=self.kind, N=n, K=k, Kp=-(-k // CHUNK) * CHUNK, bits=self.bits, group=self.group,
+            G=self.groups, Gs=0 if self.scales is None else self.scales.shape[1], scale_bf16=int(self.scale_bf16),
+            codes=ptr(self.codes), scales=ptr(self.scales), zeros=ptr(self.zeros), dense=ptr(self.dense), bias=ptr(self.bias),
+        )
+
+
+def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().to(torch.float32).contiguous()
+
+
+def from_quantized(q: QuantizedTensor, bias: torch.Tensor | None = None) -> KernelMatrix:
+    """A uniform-format QuantizedTensor -> kernel layout (exact)."""
+    fmt = q.fmt
+    n, k = q.shape
+    kp = -(-k // CHUNK) * CHUNK
+    codes = torch.zeros(n, kp, dtype=torch.uint8)
+    codes[:, :k] = q.codes
+    chunks = codes.view(n, kp // CHUNK, CHUNK)  # [N, C, 64]
+    planes = torch.cat([_plane(chunks, w, s) for w, s in PLANES[fmt.bits]], dim=2).contiguous()  # [N, C, 8*bits]
+    g = q.scales.shape[1]
+    gs = -(-g // 16) * 16 + 16  # room to load 16 statistics from any group
+    scales = torch.zeros(n, gs, dtype=fmt.scale_torch_dtype)
+    scales[:, :g] = q.scales.to(fmt.scale_torch_dtype)
+    zeros = torch.zeros(n, gs, dtype=torch.uint8)
+    zeros[:, :g] = (1 << (fmt.bits - 1)) if q.zeros is None else q.zeros.to(torch.uint8)
+    return KernelMatrix(
+        kind=KIND_QUANT, shape=(n, k), bits=fmt.bits, group=fmt.group_width(k), groups=g,
+        scale_bf16=fmt.scale_dtype == "bf16", codes=planes, scales=scales.view(torch.int16), zeros=zeros, bias=_bias(bias),
+    )
+
+
+def from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> KernelMatrix:
+    """A dense weight [N, K]: fp16 stays fp16 (exact), anything else becomes fp32."""
+    w = w.detach()
+    dense = w.contiguous() if w.dtype == torch.float16 else w.to(torch.float32).contiguous()
+    return KernelMatrix(kind=KIND_F16 if dense.dtype == torch.float16 else KIND_F32, shape=tuple(w.shape), dense=dense, bias=_bias(bias))
