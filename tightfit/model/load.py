@@ -12,6 +12,8 @@ import hashlib
 import importlib.util
 import json
 import struct
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tightfit.errors import ModelSourceError
+from tightfit.errors import ModelSourceError, QuantizedSourceWarning
 from tightfit.model.architectures import Architecture, architecture_for, check_layout
 from tightfit.model.checkpoint_files import gguf_expected_size, safetensors_expected_size
 
@@ -253,10 +255,36 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
-    """What transformers, gguf and safetensors raise on unreadable files (truncated, corrupt, invalid JSON)."""
+    """What transformers, gguf and safetensors raise on unreadable files (truncated, corrupt, invalid JSON;
+    NotImplementedError: a GGML type gguf cannot dequantize)."""
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, IndexError, struct.error, SafetensorError)
+    return (OSError, ValueError, IndexError, struct.error, SafetensorError, NotImplementedError)
+
+
+UNQUANTIZED_GGML_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def gguf_quantized_types(path: Path) -> dict[str, int]:
+    """How many tensors of the GGUF file `path` each quantized GGML type holds ({} when none is quantized)."""
+    from gguf import GGUFReader
+
+    counts = Counter(t.tensor_type.name for t in GGUFReader(path).tensors)
+    return {name: n for name, n in counts.most_common() if name not in UNQUANTIZED_GGML_TYPES}
+
+
+def _warn_if_quantized(source: ModelSource) -> None:
+    """One-line warning when a GGUF source is already quantized: its rounding error and ours add up."""
+    if source.kind != GGUF:
+        return
+    with _reading(source, "tensor types"):
+        quantized = gguf_quantized_types(source.path)
+    if quantized:
+        types = ", ".join(f"{n} tensors {name}" for name, n in quantized.items())
+        warnings.warn(QuantizedSourceWarning(
+            f"{source.path.name} is already quantized ({types}); it is dequantized and quantized again, so both "
+            "rounding errors count: start from fp16/bf16 weights where you have them"
+        ), stacklevel=3)
 
 
 @contextmanager
@@ -318,6 +346,7 @@ def load_model(spec: str | ModelSource) -> LoadedModel:
         with _reading(source, "config"):
             config = AutoConfig.from_pretrained(folder, **location)
         arch = architecture_for(config)
+        _warn_if_quantized(source)
         with _reading(source, "tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(folder, **location)
         with _reading(source, "weights"):
