@@ -29,7 +29,7 @@ from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 UNIFORM = ["w2g64", "w2g32", "w2g16", "w3g128", "w3g64", "w3g32", "w4g128"]
 SPQR = [
     "spqr-w2g32-s3-o0.5",  # ~2.5
-    "spqr-w2g16-s3-o0.5", "spqr-w2g16-s3-o1.0",  # ~3.0
+    "spqr-w2g16-s3-o0.5", "spqr-w2g16-s3-o1.0", "spqr-w3g64-s3-o0.0",  # ~3.0
     "spqr-w3g32-s3-o0.5",  # ~3.5
     "spqr-w4g32-s3-o0.5",                        # ~4.5
 ]

@@ -3,6 +3,7 @@ sparse table, outlier selection, and GPTQ with SpQR."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -17,6 +18,8 @@ from tightfit.formats.spqr import (
     SpQRFormat,
     SpQRTensor,
     dequantize_stats,
+    group_stats,
+    quantize_dense,
     quantize_spqr_rtn,
     quantize_stats,
 )
@@ -39,7 +42,7 @@ def test_name_round_trip(name):
     assert isinstance(fmt, SpQRFormat) and fmt.name == name and parse_format(fmt.name) == fmt
 
 
-@pytest.mark.parametrize("bad", ["spqr-w5g16-s3-o1.0", "spqr-w3g64-s3-o1.0", "spqr-w3g16-s1-o1.0", "spqr-w3g16-s3-o20", "spqr-w3g16"])
+@pytest.mark.parametrize("bad", ["spqr-w5g16-s3-o1.0", "spqr-w3g128-s3-o1.0", "spqr-w3g16-s1-o1.0", "spqr-w3g16-s3-o20", "spqr-w3g16"])
 def test_bad_names(bad):
     with pytest.raises(FormatError, match="SpQR"):
         parse_format(bad)
@@ -148,3 +151,63 @@ def test_groups_far_from_zero_or_constant_stay_finite(bits):
         x = torch.randn(256, 64)
         result = gptq_quantize(w, 2 * x.T @ x / 256, fmt)
         assert bool(torch.isfinite(result.quantized.dequantize()).all())
+
+
+def _nearest_level_stats(w: torch.Tensor, fmt: SpQRFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and real zero of w [N, g], each rounded to its nearest second-level level
+    (the statistics SpQR used before the search): -> scale, zero [N]."""
+    levels = (1 << fmt.bits) - 1
+    lo, hi = torch.clamp(w.amin(1), max=0.0), torch.clamp(w.amax(1), min=0.0)
+    scale = (hi - lo) / levels
+    s = torch.clamp(dequantize_stats(*quantize_stats(scale[None], fmt.stat_bits))[0], min=torch.finfo(torch.float16).tiny)
+    z = dequantize_stats(*quantize_stats((-lo / scale)[None], fmt.stat_bits))[0]
+    return s, z
+
+
+@pytest.mark.parametrize("name", ["spqr-w2g32-s3-o0.0", "spqr-w3g16-s2-o0.0", "spqr-w4g8-s4-o0.0"])
+def test_group_statistics_are_the_best_pair_on_their_stored_grids(name):
+    """Each row's stored (scale, zero) is the pair of second-level levels with the least weighted
+    loss (brute force over all pairs), and together they beat min-max statistics rounded to their
+    nearest levels by a clear margin."""
+    fmt = parse_format(name)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(80, fmt.group_size, generator=g) * (0.2 + torch.rand(80, 1, generator=g))  # 80: ragged stat group
+    importance = torch.rand(fmt.group_size, generator=g) + 0.1
+    stats = group_stats(w, None, fmt, importance)
+    tiny = torch.finfo(torch.float16).tiny
+    # what is stored decodes to what is used
+    assert torch.equal(stats.scale, torch.clamp(stats.scale_q.dequantize()[0], min=tiny))
+    assert torch.equal(stats.zero, stats.zero_q.dequantize()[0])
+
+    def loss(s, z):  # s, z [80] -> [80]
+        w_hat = (quantize_dense(w, s[:, None], z[:, None], fmt.bits).float() - z[:, None]) * s[:, None]
+        return ((w_hat - w) ** 2 * importance).sum(1)
+
+    searched = loss(stats.scale, stats.zero)
+    for cs in range(1 << fmt.stat_bits):
+        for cz in range(1 << fmt.stat_bits):
+            code = lambda q, c: dataclasses.replace(q, codes=torch.full_like(q.codes, c)).dequantize()[0]  # noqa: E731
+            other = loss(torch.clamp(code(stats.scale_q, cs), min=tiny), code(stats.zero_q, cz))
+            assert bool((searched <= other).all()), (cs, cz)
+    assert float(searched.sum()) < 0.9 * float(loss(*_nearest_level_stats(w, fmt)).sum())
+
+
+def test_gptq_spqr_keeps_tiny_weights_of_a_massive_input_exact():
+    """Regression (issue 3): one input channel carries most of tr(H) (massive activations, as in
+    SmolLM2's last down_proj) and its weights are tiny. Statistics rounded to their nearest levels
+    put no grid point at 0 for those rows, and SpQR lost 4x to uniform GPTQ of the same size; the
+    statistic search must find the zero that keeps that column (almost) exact."""
+    torch.manual_seed(0)
+    n, k = 64, 128
+    w = torch.randn(n, k) * 0.3
+    w[:, 5] = 0.01 * torch.randn(n)  # tiny weights on the massive channel
+    x = torch.randn(4096, k)
+    x[:, 5] *= 150.0  # massive activation
+    h = 2 * x.T @ x / x.shape[0]
+    out_err = lambda w_hat: float(torch.einsum("nk,kl,nl->", w - w_hat, h, w - w_hat))  # noqa: E731
+    spqr = gptq_quantize(w, h, SpQRFormat(2, 32, 3, 0.0))
+    uniform = gptq_quantize(w, h, QuantFormat(2, 32))
+    assert spqr.quantized.nbytes().total <= uniform.quantized.nbytes().total + 4 * (n + 1)  # + SpQR's outlier row pointers
+    w_hat = spqr.quantized.dequantize()
+    assert out_err(w_hat) < 0.8 * out_err(uniform.quantized.dequantize())
+    assert float((w_hat[:, 5] - w[:, 5]).abs().max()) < 0.02

@@ -2,7 +2,7 @@
 Representation for Near-Lossless LLM Weight Compression", 2023).
 
 A weight W [N, K] is stored as
-  1. dense codes q [N, K] of `bits` bits in small first-level groups of g columns (8, 16, 32);
+  1. dense codes q [N, K] of `bits` bits in small first-level groups of g columns (8, 16, 32, 64);
   2. per group and row a scale s and a real-valued zero z; both statistics are themselves
      quantized to `stat_bits` bits in second-level groups of STAT_GROUP consecutive rows, each
      second-level group with an fp16 step a and an fp16 minimum m: s ~ a * q_s + m (same for z);
@@ -16,10 +16,16 @@ Byte cost (every byte counted; G = ceil(K/g) groups per row, N2 = ceil(N/16)):
     zeros      ceil(G*N*stat_bits/8) + G*N2*4
     outliers   4*(N+1) + nnz*(2 + 2)                 (row pointers, then value + column per outlier)
 The format's nbytes(N, K) counts nnz at the outlier cap; a quantized tensor reports its actual nnz.
+
+The statistics are chosen for the grid they are stored on (see `group_stats`): a clip search and,
+per row, the best pair of second-level levels for scale and zero under GPTQ's weighted loss, rather
+than min-max statistics rounded to their nearest levels. The stored layout does not depend on how
+they were chosen.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -28,10 +34,11 @@ import torch
 
 from tightfit.errors import FormatError
 from tightfit.formats.bitpack import pack_bits, unpack_bits
+from tightfit.formats.primitives import DEFAULT_SHRINK_GRID
 from tightfit.formats.table import LayerBytes, group_bounds, packed_nbytes
 
 SPQR_BITS = (2, 3, 4)
-SPQR_GROUP_SIZES = (8, 16, 32)
+SPQR_GROUP_SIZES = (8, 16, 32, 64)  # 64: a 3-bit recipe near 3.2 bits/weight (spqr-w3g64-s3-o0.0)
 STAT_BITS = (2, 3, 4)
 STAT_GROUP = 16  # first-level statistics per second-level group (consecutive rows)
 MAX_OUTLIER_PERCENT = 10.0
@@ -40,7 +47,7 @@ OUTLIER_RELATIVE_THRESHOLD = 0.2  # SpQR's default: a weight is an outlier candi
 
 SPQR_GRAMMAR = (
     "expected spqr-w{bits}g{group}-s{stat_bits}-o{outlier_percent}, bits and stat_bits in {2, 3, 4}, "
-    "group in {8, 16, 32}, outlier percent from 0 to 10 (e.g. spqr-w3g16-s3-o1.0, spqr-w2g32-s3-o0.5)"
+    "group in {8, 16, 32, 64}, outlier percent from 0 to 10 (e.g. spqr-w3g16-s3-o1.0, spqr-w2g32-s3-o0.5)"
 )
 _NAME_RE = re.compile(r"spqr-w(?P<bits>\d+)g(?P<group>\d+)-s(?P<sbits>\d+)-o(?P<out>\d+(?:\.\d+)?)")
 
@@ -127,12 +134,12 @@ def _fp16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(wrong, stepped, h).float()
 
 
-def quantize_stats(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_stats(x: torch.Tensor, bits: int, *, integer_ends: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize statistics x [R, N] in groups of STAT_GROUP consecutive entries along N.
 
     Returns codes [R, N] uint8, step [R, N2] and minimum [R, N2] (fp32, fp16-representable) with
     x_hat = codes * step + minimum. The minimum is rounded down to fp16 and the step up, so the
-    grid covers the whole range.
+    grid covers the whole range; integer_ends widens each group's range to [floor(min), ceil(max)].
     """
     r, n = x.shape
     n2 = math.ceil(n / STAT_GROUP)
@@ -141,6 +148,8 @@ def quantize_stats(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     groups = padded.view(r, n2, STAT_GROUP)  # [R, N2, 16]
     lo = groups.amin(dim=-1)  # [R, N2]
     hi = groups.amax(dim=-1)
+    if integer_ends:
+        lo, hi = torch.floor(lo), torch.ceil(hi)
     minimum = _fp16_toward(lo, -math.inf)
     levels = (1 << bits) - 1
     step = torch.clamp(_fp16_toward((hi - minimum) / levels, math.inf), min=torch.finfo(torch.float16).tiny)
@@ -203,12 +212,68 @@ class GroupStats:
     zero_q: StatCodes
 
 
-def group_stats(w: torch.Tensor, keep: torch.Tensor | None, fmt: SpQRFormat) -> GroupStats:
-    """Min-max statistics of w [N, g] over the weights not kept exact (keep [N, g] bool), then
-    quantized at the second level. As in GPTQ (and SpQR's reference), the range always contains 0,
-    so the zero point lies in [0, 2**bits - 1] and stays finite for any group; a group that is all
-    zeros (or all outliers) gets the range [0, 1]."""
+def _group_loss(w: torch.Tensor, keep: torch.Tensor | None, importance: torch.Tensor, scale: torch.Tensor,
+                zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """sum_j importance_j (w_j - w_hat_j)^2 over the weights not kept exact, w_hat on the grid (q - z) * s.
+
+    w [N, g]; keep [N, g] bool or None; importance [g]; scale, zero [N, C] (C candidates per row)
+    -> [N, C].
+    """
+    q = torch.clamp(torch.round(w.unsqueeze(1) / scale.unsqueeze(2) + zero.unsqueeze(2)), 0, (1 << bits) - 1)  # [N, C, g]
+    err = ((q - zero.unsqueeze(2)) * scale.unsqueeze(2) - w.unsqueeze(1)).square_() * importance  # [N, C, g]
+    if keep is not None:
+        err = err.masked_fill_(keep.unsqueeze(1), 0.0)
+    return err.sum(-1)
+
+
+def _levels(q: StatCodes, n: int, bits: int) -> torch.Tensor:
+    """Every level of the second-level grid of each of n rows: [1, N] StatCodes -> [N, 2**bits]."""
+    codes = torch.arange(1 << bits, dtype=torch.float32)
+    step_n = q.step.repeat_interleave(STAT_GROUP, dim=1)[0, :n]  # [N]
+    min_n = q.minimum.repeat_interleave(STAT_GROUP, dim=1)[0, :n]
+    return codes * step_n.unsqueeze(1) + min_n.unsqueeze(1)
+
+
+def _best_pairs(w: torch.Tensor, keep: torch.Tensor | None, importance: torch.Tensor, scale_levels: torch.Tensor,
+                zero_levels: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, the (scale level, zero level) pair with the least `_group_loss`; levels [N, L].
+    Returns loss [N], scale code [N], zero code [N] (int64; first minimum on ties)."""
+    n, levels = scale_levels.shape
+    best_loss = torch.full((n,), math.inf)
+    best_s, best_z = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    for si in range(levels):  # one scale level at a time: [N, L, g] stays small
+        loss = _group_loss(w, keep, importance, scale_levels[:, si : si + 1].expand(n, levels), zero_levels, bits)
+        row_best, zi = loss.min(dim=1)  # [N]
+        better = row_best < best_loss
+        best_loss = torch.where(better, row_best, best_loss)
+        best_s = torch.where(better, torch.full_like(best_s, si), best_s)
+        best_z = torch.where(better, zi, best_z)
+    return best_loss, best_s, best_z
+
+
+def group_stats(w: torch.Tensor, keep: torch.Tensor | None, fmt: SpQRFormat,
+                importance: torch.Tensor | None = None) -> GroupStats:
+    """Statistics of one group w [N, g] minimizing the importance-weighted error of the weights not
+    kept exact (keep [N, g] bool), on the grid that is finally stored. importance [g] weighs the
+    columns; GPTQ passes 1 / d_j^2 with d its Cholesky diagonal, so that the loss is GPTQ's own
+    objective sum_j ((w_j - w_hat_j) / d_j)^2 (the weighting SpQR uses to find outliers); None = 1.
+
+      1. Min-max scale and real zero over the weights not kept. As in GPTQ (and SpQR's reference)
+         the range always contains 0, so the zero point lies in [0, 2**bits - 1] and stays finite
+         for any group; a group that is all zeros (or all outliers) gets the range [0, 1].
+      2. Clipping: the range is shrunk toward 0 by the factor of DEFAULT_SHRINK_GRID with the least
+         loss, per row (the MSE clip search of the uniform formats, here loss-weighted).
+      3. Both statistics are quantized at the second level (min-max over STAT_GROUP rows), then each
+         row takes the pair (scale level, zero level) of those grids with the least loss: an
+         exhaustive search over 2**stat_bits x 2**stat_bits pairs. Rounding each statistic to its
+         nearest level instead leaves the grid offset by up to half a zero step, which costs most
+         where it matters most: inputs with massive activations (e.g. SmolLM2's last down_proj) meet
+         tiny weights that a zero on an exact grid point would have kept exact.
+    """
+    n, g = w.shape
     levels = (1 << fmt.bits) - 1
+    importance = torch.ones(g) if importance is None else importance
+    assert importance.shape == (g,), (importance.shape, g)
     if keep is None:
         lo, hi = w.amin(dim=1), w.amax(dim=1)
     else:
@@ -220,10 +285,37 @@ def group_stats(w: torch.Tensor, keep: torch.Tensor | None, fmt: SpQRFormat) -> 
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     hi = torch.where(hi == lo, torch.ones_like(hi), hi)
     scale = torch.clamp((hi - lo) / levels, min=1e-8)  # [N]
-    zero = -lo / scale  # [N], real-valued
+    zero = -lo / scale  # [N], real-valued; shrinking the range [lo, hi] by p scales s by p, keeps z
+
+    shrinks = torch.tensor(DEFAULT_SHRINK_GRID)  # [P], 1.0 first: ties keep the full range
+    loss = _group_loss(w, keep, importance, scale.unsqueeze(1) * shrinks, zero.unsqueeze(1).expand(n, len(shrinks)), fmt.bits)
+    scale = scale * shrinks[loss.argmin(dim=1)]  # [N]; argmin returns the first minimum
+
+    tiny = torch.finfo(torch.float16).tiny  # decoded scales are clamped to it (SpQRTensor.statistics)
     scale_q = StatCodes.of(scale.unsqueeze(0), fmt.stat_bits)  # [1, N]
-    zero_q = StatCodes.of(zero.unsqueeze(0), fmt.stat_bits)
-    s_hat = torch.clamp(scale_q.dequantize()[0], min=torch.finfo(torch.float16).tiny)
+    scale_levels = torch.clamp(_levels(scale_q, n, fmt.stat_bits), min=tiny)  # [N, L]
+    # Two candidate grids for the zero of each second-level group, min-max and min-max widened to
+    # integers (whose end levels put 0 exactly on the first-level grid); each group keeps the one
+    # with the smaller loss. Both are stored alike: the choice needs no flag.
+    n2 = scale_q.step.shape[1]
+    best = None
+    for integer_ends in (False, True):
+        zero_q = StatCodes(*quantize_stats(zero.unsqueeze(0), fmt.stat_bits, integer_ends=integer_ends))
+        loss, s_code, z_code = _best_pairs(w, keep, importance, scale_levels, _levels(zero_q, n, fmt.stat_bits), fmt.bits)  # [N] each
+        pad = n2 * STAT_GROUP - n
+        group_loss = torch.cat([loss, loss.new_zeros(pad)]).view(n2, STAT_GROUP).sum(1)  # [N2]
+        if best is None:
+            best = (group_loss, zero_q, s_code, z_code)
+            continue
+        take = group_loss < best[0]  # [N2]
+        take_n = take.repeat_interleave(STAT_GROUP)[:n]  # [N]
+        best = (torch.where(take, group_loss, best[0]),
+                StatCodes(best[1].codes, torch.where(take, zero_q.step, best[1].step), torch.where(take, zero_q.minimum, best[1].minimum)),
+                torch.where(take_n, s_code, best[2]), torch.where(take_n, z_code, best[3]))
+    _, zero_q, s_code, z_code = best
+    scale_q = dataclasses.replace(scale_q, codes=s_code.to(torch.uint8).unsqueeze(0))
+    zero_q = dataclasses.replace(zero_q, codes=z_code.to(torch.uint8).unsqueeze(0))
+    s_hat = torch.clamp(scale_q.dequantize()[0], min=tiny)
     return GroupStats(s_hat, zero_q.dequantize()[0], scale_q, zero_q)
 
 
@@ -392,7 +484,7 @@ class SpQRBuilder:
         keep = outlier_candidates(w, d, self.fmt, min(self._cap_left, share))
         self._cap_left -= int(keep.sum())
         self.keep[:, cols] = keep
-        stats = group_stats(w, keep if bool(keep.any()) else None, self.fmt)
+        stats = group_stats(w, keep if bool(keep.any()) else None, self.fmt, importance=1.0 / (d * d))
         self.stats[gi] = stats
         self._current = (lo, hi, stats)
 
@@ -435,5 +527,5 @@ def quantize_spqr_rtn(w: torch.Tensor, fmt: SpQRFormat) -> SpQRTensor:
 
 # Recipes worth listing (the planner may use any valid combination).
 SPQR_RECIPES: tuple[SpQRFormat, ...] = tuple(
-    SpQRFormat(b, g, 3, o) for b in SPQR_BITS for g in (16, 32) for o in (0.0, 0.5, 1.0)
+    SpQRFormat(b, g, 3, o) for b in SPQR_BITS for g in (16, 32, 64) for o in (0.0, 0.5, 1.0)
 )
