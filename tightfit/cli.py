@@ -322,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=_positive_int, default=8, help="requests that may wait while one runs (default 8)")
     sv.add_argument("--model-name", default=None, help="the model's name in the API (default: the folder name)")
     _add_backend_flags(sv)
+
+    b = sub.add_parser(
+        "bench",
+        help="measure prefill and decode speed of a packed model on this machine, with the roofline",
+        description="Prefill a random prompt, then decode greedily; report medians over --repeats runs (after one "
+        "warm-up), the peak memory, the machine's read bandwidth measured in the same process, and the decode "
+        "roofline: bandwidth / weight bytes read per token.",
+        epilog="example:\n  tightfit bench out/smollm2-w4g32 --threads 2 --prompt-tokens 256 --new-tokens 128",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("path", help="a packed model folder")
+    b.add_argument("--prompt-tokens", type=_positive_int, default=256, help="prompt length to prefill (default 256)")
+    b.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens to decode (default 128)")
+    b.add_argument("--repeats", type=_positive_int, default=5, help="timed runs; the median is reported (default 5)")
+    b.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
+    _add_backend_flags(b)
     return parser
 
 
@@ -544,7 +560,10 @@ def _add_backend_flags(p: argparse.ArgumentParser) -> None:
                    help="fast: tightfit's compiled CPU engine; torch: the transformers reference; auto: fast where it "
                         "supports the model (default auto)")
     p.add_argument("--max-positions", type=_positive_int, default=None,
-                   help="KV cache capacity in tokens, prompt included (default: the model's context length)")
+                   help="KV cache capacity in tokens, prompt included (default: the model's context length; "
+                        "the fast engine caps it at 4096)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads (default: torch's thread count, normally one per core)")
 
 
 def _sampling_config(args) -> "SamplingConfig":
@@ -556,22 +575,44 @@ def _sampling_config(args) -> "SamplingConfig":
     return dataclasses.replace(SamplingConfig(), **{k: v for k, v in given.items() if v is not None})
 
 
-def _open_backend(path: Path, engine: str, max_positions: int | None) -> "Backend":
-    """tightfit.runtime.engine.open_backend where this build has it (it chooses among all engines),
-    else the torch reference."""
-    import importlib.util
+def _open_backend(path: Path, engine: str, max_positions: int | None, threads: int | None = None) -> "Backend":
+    """The compiled engine where it supports the model (engine auto|fast), else the torch reference."""
+    from tightfit.runtime.engine import open_backend
 
-    if importlib.util.find_spec("tightfit.runtime.engine") is not None:
-        from tightfit.runtime import engine as compiled
+    return open_backend(path, engine=engine, max_positions=max_positions, threads=threads)
 
-        if hasattr(compiled, "open_backend"):
-            given = {} if max_positions is None else {"max_positions": max_positions}
-            return compiled.open_backend(path, engine=engine, **given)
-    from tightfit.runtime.torch_backend import load_torch_backend
 
-    if engine == "fast":
-        raise TightfitError("--engine fast: the compiled engine is not part of this build yet; use --engine torch")
-    return load_torch_backend(path, max_positions)
+def _cmd_bench(args) -> int:
+    from tightfit.runtime.engine import FastBackend, default_threads
+    from tightfit.runtime.speed import measure_bandwidth, measure_speed
+
+    threads = args.threads or default_threads()
+    positions = args.max_positions or args.prompt_tokens + args.new_tokens
+    _status(f"loading {args.path} ({args.engine} engine, {threads} threads)")
+    backend = _open_backend(Path(args.path), args.engine, positions, threads)
+    fast = isinstance(backend, FastBackend)
+    weight_bytes = backend.weight_bytes if fast else 0
+    _status("measuring read bandwidth")
+    bandwidth = measure_bandwidth(threads)
+    _status(f"timing {args.repeats} runs: prefill {args.prompt_tokens} tokens, decode {args.new_tokens}")
+    r = measure_speed(backend, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
+                      threads=threads, weight_bytes=weight_bytes, bandwidth_gb_s=bandwidth)
+    print(f"engine            {'fast' if fast else 'torch'}, {threads} threads")
+    print(f"prefill           {r.prefill_tok_s:8.1f} tok/s  ({args.prompt_tokens} tokens, median of {args.repeats})")
+    print(f"decode            {r.decode_tok_s:8.1f} tok/s  ({r.decode_ms:.2f} ms/token)")
+    print(f"peak memory       {r.peak_rss_mb:8.1f} MB")
+    print(f"read bandwidth    {bandwidth:8.1f} GB/s (measured now, {threads} threads)")
+    if fast:
+        print(f"weights/token     {weight_bytes / 1e6:8.1f} MB")
+        print(f"roofline          {r.roofline_tok_s:8.1f} tok/s  -> decode at {100 * r.roofline_fraction:.0f} % of it")
+        if backend.slow_layers:
+            print(f"note: {len(backend.slow_layers)} layers run dense (no fast kernel for their format yet), "
+                  f"e.g. {backend.slow_layers[0]}")
+    if args.json is not None:
+        from tightfit.formats.files import atomic_write_json
+
+        atomic_write_json(args.json, r.to_json())
+    return 0
 
 
 def _open_text_model(args) -> tuple:
@@ -579,7 +620,7 @@ def _open_text_model(args) -> tuple:
     from tightfit.runtime.text import eos_token_ids, load_tokenizer
 
     _status(f"loading {args.path} ({args.engine} engine)")
-    backend = _open_backend(Path(args.path), args.engine, args.max_positions)
+    backend = _open_backend(Path(args.path), args.engine, args.max_positions, args.threads)
     tokenizer = load_tokenizer(Path(args.path))
     return backend, tokenizer, eos_token_ids(Path(args.path), tokenizer)
 
@@ -676,7 +717,7 @@ def _cmd_serve(args) -> int:
 
 
 COMMANDS = {"compress": _cmd_compress, "plan": _cmd_plan, "eval": _cmd_eval, "info": _cmd_info, "formats": _cmd_formats,
-            "export": _cmd_export, "generate": _cmd_generate, "chat": _cmd_chat, "serve": _cmd_serve}
+            "export": _cmd_export, "generate": _cmd_generate, "chat": _cmd_chat, "serve": _cmd_serve, "bench": _cmd_bench}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -9,7 +9,7 @@ import torch
 from tightfit.runtime.kernels.build import load
 from tightfit.runtime.kernels.layout import KernelMatrix, TfMat, from_dense, from_quantized
 
-__all__ = ["KernelMatrix", "from_dense", "from_quantized", "matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512"]
+__all__ = ["KernelMatrix", "from_dense", "from_quantized", "matmul", "time_matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512"]
 
 
 def _lib(portable: bool) -> ctypes.CDLL:
@@ -19,6 +19,8 @@ def _lib(portable: bool) -> ctypes.CDLL:
     lib.tf_quantize_activations.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.tf_read_seconds.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
     lib.tf_read_seconds.restype = ctypes.c_double
+    lib.tf_time_matmul.argtypes = [ctypes.POINTER(TfMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.tf_time_matmul.restype = ctypes.c_double
     return lib
 
 
@@ -35,6 +37,14 @@ def matmul(w: KernelMatrix, x: torch.Tensor, *, threads: int = 1, portable: bool
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     _lib(portable).tf_matmul(ctypes.byref(w.struct()), x.data_ptr(), x.shape[0], y.data_ptr(), threads)
     return y
+
+
+def time_matmul(w: KernelMatrix, m: int, *, threads: int = 1, reps: int = 100) -> float:
+    """Seconds per [m, K] x W^T call, timed inside the library over `reps` back-to-back calls."""
+    n, k = w.shape
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(0))
+    y = torch.empty(m, n, dtype=torch.float32)
+    return float(_lib(False).tf_time_matmul(ctypes.byref(w.struct()), x.data_ptr(), m, y.data_ptr(), threads, reps))
 
 
 def dequantize(w: KernelMatrix, *, portable: bool = False) -> torch.Tensor:

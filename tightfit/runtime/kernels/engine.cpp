@@ -9,8 +9,8 @@
 //   byte plane   (8 bits, 64 B): code[j]
 //   bits 2 = crumb; 3 = crumb + bit(2); 4 = nibble; 5 = nibble + bit(4); 6 = nibble + crumb(4,5); 8 = byte
 // so a chunk holds 8*bits bytes. Per (row, group): an fp16 or bf16 scale s and a u8 zero z
-// (symmetric formats: z = 2^(bits-1)), row stride Gs >= G + 16 (zero padded) so 16 statistics can
-// always be loaded. w = (q - z) * s, exactly as the reference dequantizes.
+// (symmetric formats: z = 2^(bits-1)), row stride Gs = G; both arrays end with 16 padding entries
+// so that 16 statistics can always be loaded. w = (q - z) * s, exactly as the reference dequantizes.
 //
 // Activations are quantized per token to int8 in blocks of 32 (x ~ sx_b * xq, sx_b = amax_b/127,
 // round to nearest even), as llama.cpp's Q8_0 does; a quantized matmul then computes exactly
@@ -243,16 +243,65 @@ static inline __m512i unpack64(const uint8_t* p) {
     if (BITS == 6) return _mm512_or_si512(nib_plane(p), _mm512_slli_epi16(crumb_plane(p + 32), 4));
     return _mm512_loadu_si512((const void*)p);
 }
-static inline __m512 load16_scales(const tf_mat& W, const uint16_t* s) {
+template <bool BF16>
+static inline __m512 load16_scales(const uint16_t* s) {
     __m256i h = _mm256_loadu_si256((const __m256i*)s);
-    if (W.scale_bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    if (BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return _mm512_cvtph_ps(h);
 }
 
-// rows [n0, n1) x tokens [m0, m0+MT): y[m, n] = W[n] . x[m] + zero term + bias
-template <int BITS, int MT>
-static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
+// rows [n, n+R) x tokens [m0, m0+MT): y[m, n] = W[n] . x[m] - zero term + bias
+// R rows share each activation load; R*MT independent accumulators hide the FMA latency.
+template <int BITS, int MT, int R, bool BF16>
+static inline void quant_tile(const tf_mat& W, const QAct& a, int m0, int n, __m512i gidx, int cpg, int gpc, float* y) {
     const int nc = W.Kp / 64, cb = 8 * BITS, Kp = a.Kp;
+    const int8_t* xq = a.xq.data() + (size_t)m0 * Kp;
+    const float* sxv = a.sxv.data() + (size_t)m0 * nc * 16;
+    const uint8_t* row = W.codes + (size_t)n * nc * cb;
+    const uint16_t* srow = W.scales + (size_t)n * W.Gs;
+    __m512 acc[R][MT];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < MT; t++) acc[r][t] = _mm512_setzero_ps();
+    int g0 = 0, left = cpg;
+    for (int c = 0; c < nc; c++) {
+        __m512i xv[MT];
+        __m512 sx[MT];
+        for (int t = 0; t < MT; t++) {
+            xv[t] = _mm512_loadu_si512((const void*)(xq + (size_t)t * Kp + c * 64));
+            sx[t] = _mm512_loadu_ps(sxv + ((size_t)t * nc + c) * 16);
+        }
+        for (int r = 0; r < R; r++) {
+            const __m512i q = unpack64<BITS>(row + ((size_t)r * nc + c) * cb);
+            const uint16_t* sp = srow + (size_t)r * W.Gs + g0;
+            // one group per chunk: broadcast its scale; else spread the chunk's groups over the lanes
+            const __m512 s = gpc == 1 ? _mm512_set1_ps(BF16 ? bf16_to_f32(*sp) : _cvtsh_ss(*sp))
+                                      : _mm512_permutexvar_ps(gidx, load16_scales<BF16>(sp));
+            for (int t = 0; t < MT; t++) {
+                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv[t]);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, sx[t]), acc[r][t]);
+            }
+        }
+        if (cpg) { if (--left == 0) { g0++; left = cpg; } } else g0 += gpc;
+    }
+    // zero term sum_g s_g z_g xs[m, g], folded into the same accumulators
+    for (int g = 0; g < W.G; g += 16) {  // lanes past G read the next row: masked off by xs
+        const __mmask16 mk = W.G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (W.G - g)) - 1);
+        __m512 xs[MT];
+        for (int t = 0; t < MT; t++) xs[t] = _mm512_maskz_loadu_ps(mk, a.xs.data() + (size_t)(m0 + t) * W.Gs + g);
+        for (int r = 0; r < R; r++) {
+            const size_t o = (size_t)(n + r) * W.Gs + g;
+            __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(W.zeros + o))));
+            __m512 sz = _mm512_mul_ps(load16_scales<BF16>(W.scales + o), z);
+            for (int t = 0; t < MT; t++) acc[r][t] = _mm512_fnmadd_ps(sz, xs[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < MT; t++)
+            y[(size_t)(m0 + t) * W.N + n + r] = _mm512_reduce_add_ps(acc[r][t]) + (W.bias ? W.bias[n + r] : 0.f);
+}
+
+template <int BITS, int MT, bool BF16>
+static void quant_rows_t(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
     // lane l of a dot product covers columns 4l .. 4l+3 of the chunk: its group within the chunk
     const int gpc = W.group >= 64 ? 1 : 64 / W.group;  // groups per chunk (1: all lanes one group)
     alignas(64) int32_t idx[16];
@@ -261,38 +310,16 @@ static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
     // chunks per group (0: several groups per chunk); a group >= 64 wide that 64 does not divide
     // is a whole row (per channel): it never advances
     const int cpg = W.group < 64 ? 0 : (W.group % 64 == 0 ? W.group / 64 : 1 << 30);
-    for (int n = n0; n < n1; n++) {
-        const uint8_t* row = W.codes + (size_t)n * nc * cb;
-        const uint16_t* srow = W.scales + (size_t)n * W.Gs;
-        __m512 acc[MT];
-        for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
-        int g0 = 0, left = cpg;
-        for (int c = 0; c < nc; c++) {
-            const __m512i q = unpack64<BITS>(row + (size_t)c * cb);
-            __m512 s = _mm512_permutexvar_ps(gidx, load16_scales(W, srow + g0));
-            for (int t = 0; t < MT; t++) {
-                const int m = m0 + t;
-                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
-                                                _mm512_loadu_si512((const void*)(a.xq.data() + (size_t)m * Kp + c * 64)));
-                __m512 sv = _mm512_mul_ps(s, _mm512_loadu_ps(a.sxv.data() + ((size_t)m * nc + c) * 16));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[t]);
-            }
-            if (cpg) { if (--left == 0) { g0++; left = cpg; } } else g0 += gpc;
-        }
-        // zero term: sum_g s_g z_g xs[m, g]
-        const uint8_t* zrow = W.zeros + (size_t)n * W.Gs;
-        for (int t = 0; t < MT; t++) {
-            const int m = m0 + t;
-            __m512 zacc = _mm512_setzero_ps();
-            for (int g = 0; g < W.G; g += 16) {
-                __m512 s = load16_scales(W, srow + g);
-                __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zrow + g))));
-                zacc = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_loadu_ps(a.xs.data() + (size_t)m * W.Gs + g), zacc);
-            }
-            float r = _mm512_reduce_add_ps(acc[t]) - _mm512_reduce_add_ps(zacc);
-            y[(size_t)m * W.N + n] = r + (W.bias ? W.bias[n] : 0.f);
-        }
-    }
+    constexpr int R = MT == 1 ? 4 : 2;
+    int n = n0;
+    for (; n + R <= n1; n += R) quant_tile<BITS, MT, R, BF16>(W, a, m0, n, gidx, cpg, gpc, y);
+    for (; n < n1; n++) quant_tile<BITS, MT, 1, BF16>(W, a, m0, n, gidx, cpg, gpc, y);
+}
+
+template <int BITS, int MT>
+static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
+    if (W.scale_bf16) quant_rows_t<BITS, MT, true>(W, a, m0, n0, n1, y);
+    else quant_rows_t<BITS, MT, false>(W, a, m0, n0, n1, y);
 }
 
 template <int MT>
@@ -413,6 +440,25 @@ void tf_matmul(const tf_mat* W, const float* x, int M, float* y, int threads) {
     }
 }
 
+// Seconds per call of `reps` back-to-back matmuls (activation quantization included), for profiling.
+double tf_time_matmul(const tf_mat* W, const float* x, int M, float* y, int threads, int reps) {
+    std::vector<QAct> acts(threads);
+    double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(threads)
+    {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        int n0, n1;
+        share(W->N, tid, nth, n0, n1);
+        for (int r = 0; r < reps; r++) {
+            quantize_act(x, M, W->K, acts[tid]);
+            group_sums(*W, acts[tid]);
+            matmul_rows(*W, acts[tid], n0, n1, y);
+#pragma omp barrier
+        }
+    }
+    return (omp_get_wtime() - t0) / reps;
+}
+
 // rows [n0, n0+count) of W dequantized: out [count, K] fp32
 void tf_dequant_rows(const tf_mat* W, int n0, int count, float* out) {
     for (int i = 0; i < count; i++) dequant_row(*W, n0 + i, out + (size_t)i * W->K);
@@ -464,6 +510,7 @@ struct Engine {
     std::vector<float> o, gate, up, down;    // [B, hidden], [B, inter] x2, [B, hidden]
     std::vector<QAct> acts;                  // one per thread
     std::vector<std::vector<float>> scores;  // one per thread [max_pos]
+    double prof[8] = {0};                    // thread 0's seconds per phase (see tf_engine_profile)
 };
 
 static void rmsnorm(const float* x, const float* w, float eps, int H, float* out) {
@@ -508,6 +555,13 @@ void* tf_engine_create(const tf_config* cfg) {
 
 void tf_engine_free(void* p) { delete (Engine*)p; }
 
+// Thread 0's seconds since the last call, per phase: 0 norm+quantize, 1 q/k/v, 2 cache+attention,
+// 3 o, 4 gate/up+SiLU, 5 down, 6 final norm+head, 7 waiting at barriers; then reset.
+void tf_engine_profile(void* p, double* out) {
+    Engine& e = *(Engine*)p;
+    for (int i = 0; i < 8; i++) { out[i] = e.prof[i]; e.prof[i] = 0; }
+}
+
 // Run tokens ids[0..M) at positions pos..pos+M-1 (M <= max_batch, pos+M <= max_pos); writes the
 // logits of the last token [vocab] (all_logits = 0) or of every token [M, vocab] to `logits`.
 int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits, int all_logits) {
@@ -529,16 +583,21 @@ int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits
         xp.resize((size_t)M * H);
         for (int i = 0; i < M; i++) dequant_row(c.embed, ids[i], res.data() + (size_t)i * H);
         int n0, n1;
+        double tp = omp_get_wtime();
+        auto lap = [&](int phase) { if (tid == 0) { double t = omp_get_wtime(); e.prof[phase] += t - tp; tp = t; } };
         for (int L = 0; L < c.n_layers; L++) {
             const tf_layer& ly = c.layers[L];
             float* kc = e.kcache.data() + (size_t)L * KVH * c.max_pos * D;
             float* vc = e.vcache.data() + (size_t)L * KVH * c.max_pos * D;
             for (int i = 0; i < M; i++) rmsnorm(res.data() + (size_t)i * H, ly.attn_norm, c.eps, H, xp.data() + (size_t)i * H);
             quantize_act(xp.data(), M, H, a);
+            lap(0);
             group_sums(ly.q, a); share(ly.q.N, tid, nth, n0, n1); matmul_rows(ly.q, a, n0, n1, e.q.data());
             group_sums(ly.k, a); share(ly.k.N, tid, nth, n0, n1); matmul_rows(ly.k, a, n0, n1, e.k.data());
             group_sums(ly.v, a); share(ly.v.N, tid, nth, n0, n1); matmul_rows(ly.v, a, n0, n1, e.v.data());
+            lap(1);
 #pragma omp barrier
+            lap(7);
             // rotate the new keys, store keys and values in the cache
             for (int it = tid; it < M * KVH; it += nth) {
                 const int i = it / KVH, kh = it % KVH, ps = pos + i;
@@ -578,10 +637,14 @@ int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits
                     for (int d = 0; d < D; d++) out[d] += w * vj[d];
                 }
             }
+            lap(2);
 #pragma omp barrier
+            lap(7);
             quantize_act(e.att.data(), M, NH * D, a);
             group_sums(ly.o, a); share(ly.o.N, tid, nth, n0, n1); matmul_rows(ly.o, a, n0, n1, e.o.data());
+            lap(3);
 #pragma omp barrier
+            lap(7);
             for (size_t j = 0; j < (size_t)M * H; j++) res[j] += e.o[j];
             for (int i = 0; i < M; i++) rmsnorm(res.data() + (size_t)i * H, ly.mlp_norm, c.eps, H, xp.data() + (size_t)i * H);
             quantize_act(xp.data(), M, H, a);
@@ -592,10 +655,14 @@ int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits
                     const float g = e.gate[(size_t)i * I + j];
                     e.gate[(size_t)i * I + j] = g / (1.f + expf(-g)) * e.up[(size_t)i * I + j];  // SiLU(gate) * up
                 }
+            lap(4);
 #pragma omp barrier
+            lap(7);
             quantize_act(e.gate.data(), M, I, a);
             group_sums(ly.down, a); share(ly.down.N, tid, nth, n0, n1); matmul_rows(ly.down, a, n0, n1, e.down.data());
+            lap(5);
 #pragma omp barrier
+            lap(7);
             for (size_t j = 0; j < (size_t)M * H; j++) res[j] += e.down[j];
         }
         // final norm and head
@@ -605,6 +672,7 @@ int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits
         if (c.head.kind == TF_QUANT) group_sums(c.head, a);
         share(c.head.N, tid, nth, n0, n1);
         matmul_rows(c.head, a, n0, n1, logits);
+        lap(6);
     }
     return 0;
 }

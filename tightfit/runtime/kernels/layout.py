@@ -68,7 +68,7 @@ def _plane(codes: torch.Tensor, width: int, shift: int) -> torch.Tensor:
 class KernelMatrix:
     """One matrix in kernel layout; owns the tensors `TfMat` points into.
 
-    codes [N, Kp/64, 8*bits] uint8; scales [N, Gs] int16 bits of fp16/bf16; zeros [N, Gs] uint8;
+    codes [N, Kp/64, 8*bits] uint8; scales [N*G + 16] int16 bits of fp16/bf16; zeros [N*G + 16] uint8;
     dense [N, K] fp16/fp32 (dense kinds); bias [N] fp32 or None.
     """
 
@@ -94,7 +94,7 @@ class KernelMatrix:
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         return TfMat(
             kind=self.kind, N=n, K=k, Kp=-(-k // CHUNK) * CHUNK, bits=self.bits, group=self.group,
-            G=self.groups, Gs=0 if self.scales is None else self.scales.shape[1], scale_bf16=int(self.scale_bf16),
+            G=self.groups, Gs=self.groups, scale_bf16=int(self.scale_bf16),
             codes=ptr(self.codes), scales=ptr(self.scales), zeros=ptr(self.zeros), dense=ptr(self.dense), bias=ptr(self.bias),
         )
 
@@ -113,11 +113,11 @@ def from_quantized(q: QuantizedTensor, bias: torch.Tensor | None = None) -> Kern
     chunks = codes.view(n, kp // CHUNK, CHUNK)  # [N, C, 64]
     planes = torch.cat([_plane(chunks, w, s) for w, s in PLANES[fmt.bits]], dim=2).contiguous()  # [N, C, 8*bits]
     g = q.scales.shape[1]
-    gs = -(-g // 16) * 16 + 16  # room to load 16 statistics from any group
-    scales = torch.zeros(n, gs, dtype=fmt.scale_torch_dtype)
-    scales[:, :g] = q.scales.to(fmt.scale_torch_dtype)
-    zeros = torch.zeros(n, gs, dtype=torch.uint8)
-    zeros[:, :g] = (1 << (fmt.bits - 1)) if q.zeros is None else q.zeros.to(torch.uint8)
+    pad = 16  # entries after the last row: the kernels load 16 statistics at a time
+    scales = torch.zeros(n * g + pad, dtype=fmt.scale_torch_dtype)
+    scales[: n * g] = q.scales.to(fmt.scale_torch_dtype).reshape(-1)
+    zeros = torch.zeros(n * g + pad, dtype=torch.uint8)
+    zeros[: n * g] = (1 << (fmt.bits - 1)) if q.zeros is None else q.zeros.to(torch.uint8).reshape(-1)
     return KernelMatrix(
         kind=KIND_QUANT, shape=(n, k), bits=fmt.bits, group=fmt.group_width(k), groups=g,
         scale_bf16=fmt.scale_dtype == "bf16", codes=planes, scales=scales.view(torch.int16), zeros=zeros, bias=_bias(bias),

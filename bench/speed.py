@@ -1,0 +1,220 @@
+"""Decode and prefill speed on the default model, side by side in one run (issue 5).
+
+tightfit's compiled engine at several formats vs llama.cpp (llama-cpp-python) at its nearest
+GGML types vs transformers fp32, same prompt length, same threads (1 and 2), medians of repeats,
+with the read bandwidth measured in the same run and each engine's decode roofline.
+
+Speed does not depend on weight values, so tightfit models are quantized with RTN (fast); every
+tightfit model quantizes the tied embedding/head too (--embed-format), as llama.cpp does.
+llama.cpp files are made with llama.cpp's own quantizer from the shipped Q4_1 GGUF.
+
+    .venv/bin/python bench/speed.py [--threads 1,2] [--repeats 5] [--quick]
+Run it alone: any other process on this 2-core machine halves the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, write_results  # noqa: E402
+
+from tightfit.model.load import load_model, resolve_source  # noqa: E402
+from tightfit.runtime.engine import FastBackend  # noqa: E402
+from tightfit.runtime.speed import measure_bandwidth, measure_speed  # noqa: E402
+from tightfit.runtime.torch_backend import TorchBackend  # noqa: E402
+
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "speed"
+# (tightfit body format, embedding/head format) and the llama.cpp type it is set against
+TIGHTFIT = {
+    "w8g32-sym": "w8g32-sym",   # ~ Q8_0
+    "w4g32-sym": "w8g32-sym",   # ~ Q4_0 (Q8_0 embeddings)
+    "w4g128": "w8g32-sym",
+    "w3g64": "w8g32-sym",
+    "w2g64": "w8g32-sym",
+}
+LLAMA_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q3_K_S", "Q2_K")
+
+
+def tightfit_models() -> dict[str, Path]:
+    """Packed RTN models (no clipping search: speed does not depend on values), built once into .cache/."""
+    from tightfit.artifacts import QuantizeConfig
+    from tightfit.formats.registry import parse_format
+    from tightfit.pipeline import CompressRequest, compress
+
+    out, loaded = {}, None
+    for fmt, embed in TIGHTFIT.items():
+        folder = CACHE / f"tightfit-{fmt}-e{embed}"
+        if not (folder / "manifest.json").exists():
+            loaded = loaded or load_model("smollm2-135m")
+            config = QuantizeConfig(fmt=parse_format(fmt), method="rtn", clip_search=False, embed_format=parse_format(embed))
+            compress(CompressRequest(model="smollm2-135m", out=folder, quantize=config, evaluation=None), loaded)
+        out[fmt] = folder
+    return out
+
+
+def llama_models() -> dict[str, Path]:
+    import llama_cpp
+
+    shipped = resolve_source("smollm2-135m").path
+    out = {"Q4_1": shipped}
+    for t in LLAMA_TYPES:
+        if t == "Q4_1":
+            continue
+        dst = CACHE / f"llama-{t}.gguf"
+        if not dst.exists():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}")
+            params.allow_requantize = True
+            params.nthread = 2
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_suffix(".tmp")
+            rc = llama_cpp.llama_model_quantize(str(shipped).encode(), str(tmp).encode(), params)
+            assert rc == 0, f"llama.cpp quantize {t} failed ({rc})"
+            tmp.rename(dst)
+        out[t] = dst
+    return out
+
+
+class LlamaCppBackend:
+    """llama.cpp through llama-cpp-python behind the Backend protocol (greedy timing only)."""
+
+    def __init__(self, path: Path, threads: int, max_positions: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=max_positions,
+                                   n_batch=512, n_ubatch=512, logits_all=False, verbose=False)
+        self.vocab_size = self.llm.n_vocab()
+        self.max_positions = max_positions
+
+    @property
+    def position(self) -> int:
+        return self.llm.n_tokens
+
+    def reset(self) -> None:
+        self.llm.reset()
+
+    def truncate(self, n: int) -> None:
+        self.llm.n_tokens = n
+
+    def forward(self, ids):
+        self.llm.eval(list(ids))
+        return torch.from_numpy(self.llm.scores[self.llm.n_tokens - 1])
+
+
+def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: bool) -> dict:
+    rows = []
+    tf_models = tightfit_models()
+    ll_models = llama_models()
+    if quick:
+        tf_models = {k: v for k, v in tf_models.items() if k in ("w4g32-sym", "w2g64")}
+        ll_models = {k: v for k, v in ll_models.items() if k in ("Q4_0", "Q2_K")}
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        bandwidth = measure_bandwidth(threads)
+        print(f"[{threads} threads] read bandwidth {bandwidth:.1f} GB/s", flush=True)
+        for fmt, folder in tf_models.items():
+            backend = FastBackend(load_packed_quiet(folder), max_positions=prompt + new, threads=threads)
+            r = measure_speed(backend, prompt_tokens=prompt, new_tokens=new, repeats=repeats, threads=threads,
+                              weight_bytes=backend.weight_bytes, bandwidth_gb_s=bandwidth)
+            rows.append(dict(engine="tightfit", model=fmt, size_mb=folder_mb(folder), **r.to_json()))
+            report(rows[-1])
+            del backend
+        for t, path in ll_models.items():
+            backend = LlamaCppBackend(path, threads, prompt + new)
+            weight_bytes = gguf_tensor_bytes(path)
+            r = measure_speed(backend, prompt_tokens=prompt, new_tokens=new, repeats=repeats, threads=threads,
+                              weight_bytes=weight_bytes, bandwidth_gb_s=bandwidth)
+            rows.append(dict(engine="llama.cpp", model=t, size_mb=path.stat().st_size / 1e6, **r.to_json()))
+            report(rows[-1])
+            del backend
+        if not quick:
+            loaded = load_model("smollm2-135m")
+            backend = TorchBackend(loaded.model, max_positions=prompt + new)
+            weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+            r = measure_speed(backend, prompt_tokens=prompt, new_tokens=new, repeats=max(2, repeats // 2), threads=threads,
+                              weight_bytes=weight_bytes, bandwidth_gb_s=bandwidth)
+            rows.append(dict(engine="transformers", model="fp32", size_mb=weight_bytes / 1e6, **r.to_json()))
+            report(rows[-1])
+            del backend, loaded
+    return {"machine": machine_info(), "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats, "rows": rows}
+
+
+def load_packed_quiet(folder: Path):
+    from tightfit.formats.packed import load_packed
+
+    return load_packed(folder)
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
+
+
+def gguf_tensor_bytes(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return int(sum(t.n_bytes for t in GGUFReader(str(path)).tensors))
+
+
+def report(row: dict) -> None:
+    print(f"  {row['engine']:12s} {row['model']:10s} {row['size_mb']:7.1f} MB  prefill {row['prefill_tok_s']:7.1f} tok/s  "
+          f"decode {row['decode_tok_s']:6.1f} tok/s  roofline {100 * row['roofline_fraction']:4.0f} %", flush=True)
+
+
+PAIRS = (("w8g32-sym", "Q8_0"), ("w4g32-sym", "Q4_0"), ("w4g128", "Q4_1"), ("w3g64", "Q3_K_S"), ("w2g64", "Q2_K"))
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Decode and prefill speed: tightfit vs llama.cpp vs transformers (one run)",
+        "",
+        f"{m['cpu']}, {m['cores']} cores, ISA {', '.join(m['isa'])}; torch {m['torch']}; {m['date']}.",
+        f"Prompt {result['prompt_tokens']} random tokens, then {result['new_tokens']} greedy tokens; medians of "
+        f"{result['repeats']} runs after a warm-up. Roofline = measured read bandwidth / weight bytes per token.",
+        "",
+    ]
+    for threads in sorted({r["threads"] for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["threads"] == threads]
+        bw = rows[0]["bandwidth_gb_s"]
+        lines += [f"## {threads} thread(s), read bandwidth {bw:.1f} GB/s", "",
+                  "| engine | model | file MB | weights MB/token | prefill tok/s | decode tok/s | roofline tok/s | of roofline |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['engine']} | {r['model']} | {r['size_mb']:.1f} | {r['weight_bytes'] / 1e6:.1f} | "
+                         f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['roofline_tok_s']:.0f} | "
+                         f"{100 * r['roofline_fraction']:.0f} % |")
+        by = {(r["engine"], r["model"]): r for r in rows}
+        ratio_lines = []
+        for tf, ll in PAIRS:
+            a, b = by.get(("tightfit", tf)), by.get(("llama.cpp", ll))
+            if a and b:
+                ratio_lines.append(f"| {tf} vs {ll} | {a['decode_tok_s'] / b['decode_tok_s']:.2f}x | "
+                                   f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x |")
+        if ratio_lines:
+            lines += ["", "| tightfit vs llama.cpp | decode ratio | prefill ratio |", "|---|---|---|", *ratio_lines]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="two formats per engine, no transformers, no results written")
+    a = ap.parse_args()
+    t0 = time.time()
+    res = run([int(t) for t in a.threads.split(",")], a.repeats, a.prompt_tokens, a.new_tokens, a.quick)
+    res["wall_s"] = round(time.time() - t0, 1)
+    if not a.quick:
+        paths = write_results("speed", res, markdown(res))
+        print("wrote", *paths)
+    else:
+        print(markdown(res))
