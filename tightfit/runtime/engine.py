@@ -104,7 +104,8 @@ class FastBackend:
         self._lib.tf_engine_create.restype = ctypes.c_void_p
         self._lib.tf_engine_create.argtypes = [ctypes.POINTER(TfConfig)]
         self._lib.tf_engine_free.argtypes = [ctypes.c_void_p]
-        self._lib.tf_engine_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        self._lib.tf_engine_forward.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int, ctypes.c_int,
+                                                ctypes.c_void_p, ctypes.c_int]
         self.vocab_size = int(config.vocab_size)
         self.max_positions = int(max_positions)
         self.max_batch = int(max_batch)
@@ -143,7 +144,9 @@ class FastBackend:
         )
         self._engine = self._lib.tf_engine_create(ctypes.byref(self._config))
         self._logits = torch.empty(self.max_batch, self.vocab_size, dtype=torch.float32)
-        self._ids = torch.empty(self.max_batch, dtype=torch.int32)
+        self._logits_ptr = self._logits.data_ptr()
+        self._ids_c = (ctypes.c_int32 * self.max_batch)()
+        self._forward_c = self._lib.tf_engine_forward
 
     # ---- weights -----------------------------------------------------------------------------
 
@@ -205,9 +208,8 @@ class FastBackend:
         for s in range(0, len(ids), self.max_batch):
             chunk = ids[s : s + self.max_batch]
             m = len(chunk)
-            self._ids[:m] = torch.tensor(chunk, dtype=torch.int32)
-            rc = self._lib.tf_engine_forward(self._engine, self._ids.data_ptr(), m, self._position,
-                                             self._logits.data_ptr(), int(all_logits))
+            self._ids_c[:m] = chunk
+            rc = self._forward_c(self._engine, self._ids_c, m, self._position, self._logits_ptr, int(all_logits))
             if rc == -2:
                 raise ValueError(f"token id out of range 0..{self.vocab_size - 1} in {chunk}")
             if rc != 0:

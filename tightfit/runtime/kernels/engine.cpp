@@ -1,16 +1,18 @@
 // tightfit CPU engine: low-bit matrix kernels and a decoder forward step, plain C ABI (ctypes).
 //
-// Weight layout (made by runtime/kernels/layout.py, "tf-chunk64" v1). A quantized matrix W [N, K]
-// has its K axis padded to Kp = ceil(K/64)*64 with zero codes; each row is Kp/64 chunks of 64
-// consecutive weights, each chunk holding the codes as bit planes, low bits first:
+// Weight layout (made by runtime/kernels/layout.py, "tf-tile16" v2). A quantized matrix W [N, K]
+// is padded to Np = ceil(N/16)*16 rows and Kp = ceil(K/32)*32 columns with zero codes and cut
+// into tiles of 16 rows; a tile is Kp/4 chunks, chunk k4 holding the 64 codes of its 16 rows x 4
+// columns 4*k4 .. 4*k4+3 in the order o = 4*row + col, stored as bit planes, low bits first:
 //   nibble plane (4 bits, 32 B): byte j = code[j] & 15 | (code[j+32] & 15) << 4
 //   crumb plane  (2 bits, 16 B): byte j = c[j] | c[j+16] << 2 | c[j+32] << 4 | c[j+48] << 6
 //   bit plane    (1 bit,   8 B): bit j of a little-endian u64 = the code bit
 //   byte plane   (8 bits, 64 B): code[j]
 //   bits 2 = crumb; 3 = crumb + bit(2); 4 = nibble; 5 = nibble + bit(4); 6 = nibble + crumb(4,5); 8 = byte
-// so a chunk holds 8*bits bytes. Per (row, group): an fp16 or bf16 scale s and a u8 zero z
-// (symmetric formats: z = 2^(bits-1)), row stride Gs = G; both arrays end with 16 padding entries
-// so that 16 statistics can always be loaded. w = (q - z) * s, exactly as the reference dequantizes.
+// so a chunk holds 8*bits bytes, and one AVX-512 vpdpbusd multiplies it by 4 activations
+// broadcast to every row: lanes are rows. Statistics per (tile, group, row): an fp16 or bf16 scale
+// s and a u8 zero z (symmetric formats: z = 2^(bits-1)), each (tile, group) 16 contiguous values.
+// w = (q - z) * s, exactly as the reference dequantizes.
 //
 // Activations are quantized per token to int8 in blocks of 32 (x ~ sx_b * xq, sx_b = amax_b/127,
 // round to nearest even), as llama.cpp's Q8_0 does; a quantized matmul then computes exactly
@@ -45,14 +47,14 @@ enum { TF_QUANT = 0, TF_F16 = 1, TF_F32 = 2 };
 typedef struct {
     int32_t kind;   // TF_QUANT, TF_F16, TF_F32
     int32_t N, K;   // out_features, in_features
-    int32_t Kp;     // K padded to a multiple of 64 (quant)
+    int32_t Kp;     // K padded to a multiple of 32 (quant)
     int32_t bits;   // code bits (quant)
     int32_t group;  // group width along K; K for per channel (quant)
-    int32_t G, Gs;  // groups per row; row stride of scales/zeros (quant)
+    int32_t G, Gs;  // groups per row; Gs unused (kept for the ABI)
     int32_t scale_bf16;  // scales are bf16 (1) or fp16 (0)
-    const uint8_t* codes;    // [N, Kp/64, 8*bits]
-    const uint16_t* scales;  // [N, Gs]
-    const uint8_t* zeros;    // [N, Gs]
+    const uint8_t* codes;    // [Np/16, Kp/4, 8*bits]
+    const uint16_t* scales;  // [Np/16, G, 16]
+    const uint8_t* zeros;    // [Np/16, G, 16]
     const void* dense;       // fp16 or fp32 [N, K]
     const float* bias;       // [N] or NULL
 } tf_mat;
@@ -113,6 +115,28 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+// fp32 -> fp16, round to nearest even (the KV cache's storage)
+static inline uint16_t f32_to_f16(float f) {
+#if TF_AVX512
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    x &= 0x7fffffff;
+    if (x >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (x > 0x7f800000 ? 0x200 : 0));  // inf / nan
+    if (x >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                                // overflow
+    if (x < 0x38800000) {                                                                   // subnormal or zero
+        float a;
+        memcpy(&a, &x, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.f));  // a / 2^-24, nearest even
+    }
+    const uint32_t mant = x & 0x1fff, base = (x - 0x38000000) >> 13;
+    uint32_t h = base + (mant > 0x1000 || (mant == 0x1000 && (base & 1)));
+    return (uint16_t)(sign | h);
+#endif
+}
+
 static inline float scale_at(const tf_mat& W, size_t i) {
     return W.scale_bf16 ? bf16_to_f32(W.scales[i]) : f16_to_f32(W.scales[i]);
 }
@@ -146,14 +170,14 @@ static void dequant_row(const tf_mat& W, int n, float* out) {
         for (int j = 0; j < W.K; j++) out[j] = f16_to_f32(r[j]);
         return;
     }
-    const int nc = W.Kp / 64, cb = 8 * W.bits;
+    const int nq = W.Kp / 4, cb = 8 * W.bits, T = n / 16, r = n % 16;
     uint8_t q[64];
-    for (int c = 0; c < nc; c++) {
-        unpack_chunk_scalar(W.codes + ((size_t)n * nc + c) * cb, W.bits, q);
-        for (int j = 0; j < 64 && c * 64 + j < W.K; j++) {
-            int col = c * 64 + j, g = col / W.group;
-            size_t si = (size_t)n * W.Gs + g;
-            out[col] = ((float)q[j] - (float)W.zeros[si]) * scale_at(W, si);
+    for (int k4 = 0; k4 < nq && 4 * k4 < W.K; k4++) {
+        unpack_chunk_scalar(W.codes + ((size_t)T * nq + k4) * cb, W.bits, q);
+        for (int c = 0; c < 4 && 4 * k4 + c < W.K; c++) {
+            int col = 4 * k4 + c, g = col / W.group;
+            size_t si = ((size_t)T * W.G + g) * 16 + r;
+            out[col] = ((float)q[4 * r + c] - (float)W.zeros[si]) * scale_at(W, si);
         }
     }
 }
@@ -165,18 +189,16 @@ struct QAct {  // x [M, K] quantized per token in blocks of 32 (see header)
     int M = 0, K = 0, Kp = 0;
     std::vector<int8_t> xq;    // [M, Kp]
     std::vector<float> sx;     // [M, Kp/32]
-    std::vector<float> sxv;    // [M, Kp/64, 16]: lanes 0-7 sx of block 2c, lanes 8-15 of block 2c+1
     std::vector<float> psum;   // [M, Kp/16]: sx_b * sum of xq over each 16 columns
-    std::vector<float> xs;     // [M, Gmax]: per-group sums for the zero term (filled per matrix)
+    std::vector<float> xs;     // [M, G]: per-group sums for the zero term (filled per matrix)
     const float* x = nullptr;  // the fp32 input [M, K] (dense matrices)
 };
 
 static void quantize_act(const float* x, int M, int K, QAct& a) {
-    a.M = M; a.K = K; a.Kp = (K + 63) / 64 * 64; a.x = x;
+    a.M = M; a.K = K; a.Kp = (K + 31) / 32 * 32; a.x = x;
     const int Kp = a.Kp, nb = Kp / 32;
     a.xq.assign((size_t)M * Kp, 0);
     a.sx.resize((size_t)M * nb);
-    a.sxv.resize((size_t)M * (Kp / 64) * 16);
     a.psum.resize((size_t)M * (Kp / 16));
     for (int m = 0; m < M; m++) {
         const float* xr = x + (size_t)m * K;
@@ -189,9 +211,6 @@ static void quantize_act(const float* x, int M, int K, QAct& a) {
             int8_t* q = a.xq.data() + (size_t)m * Kp;
             for (int j = lo; j < hi; j++) q[j] = (int8_t)lrintf(xr[j] * id);
         }
-        for (int c = 0; c < Kp / 64; c++)
-            for (int l = 0; l < 16; l++)
-                a.sxv[((size_t)m * (Kp / 64) + c) * 16 + l] = a.sx[(size_t)m * nb + 2 * c + l / 8];
         for (int p = 0; p < Kp / 16; p++) {
             int s = 0;
             const int8_t* q = a.xq.data() + (size_t)m * Kp + p * 16;
@@ -201,15 +220,15 @@ static void quantize_act(const float* x, int M, int K, QAct& a) {
     }
 }
 
-// Per-group sums of the dequantized activation for W's grouping: xs [M, Gs].
+// Per-group sums of the dequantized activation for W's grouping: xs [M, G].
 static void group_sums(const tf_mat& W, QAct& a) {
     if (W.kind != TF_QUANT) return;  // dense matrices multiply the exact activations
-    a.xs.assign((size_t)a.M * W.Gs, 0.f);
+    a.xs.assign((size_t)a.M * W.G, 0.f);
     const int np = a.Kp / 16;
     for (int m = 0; m < a.M; m++)
         for (int p = 0; p < np; p++) {
             int g = std::min(p * 16 / W.group, W.G - 1);  // padding columns belong to the last group
-            a.xs[(size_t)m * W.Gs + g] += a.psum[(size_t)m * np + p];
+            a.xs[(size_t)m * W.G + g] += a.psum[(size_t)m * np + p];
         }
 }
 
@@ -250,76 +269,57 @@ static inline __m512 load16_scales(const uint16_t* s) {
     return _mm512_cvtph_ps(h);
 }
 
-// rows [n, n+R) x tokens [m0, m0+MT): y[m, n] = W[n] . x[m] - zero term + bias
-// R rows share each activation load; R*MT independent accumulators hide the FMA latency.
-template <int BITS, int MT, int R, bool BF16>
-static inline void quant_tile(const tf_mat& W, const QAct& a, int m0, int n, __m512i gidx, int cpg, int gpc, float* y) {
-    const int nc = W.Kp / 64, cb = 8 * BITS, Kp = a.Kp;
+// tile T (rows 16T .. 16T+15) x tokens [m0, m0+MT): y[m, n] = W[n] . x[m] - zero term + bias.
+// Lanes are rows: per chunk one unpack, then per token a 4-byte activation broadcast and one
+// vpdpbusd; every segment of min(group, 32) columns (one activation block, one group) is
+// converted to fp32 and scaled once.
+template <int BITS, int MT, bool BF16>
+static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
+    const int nq = W.Kp / 4, cb = 8 * BITS, Kp = a.Kp;
+    const int seg = W.group < 32 && W.G > 1 ? W.group : 32;  // columns per int32 accumulation
+    const uint8_t* p = W.codes + (size_t)T * nq * cb;
+    const uint16_t* st = W.scales + (size_t)T * W.G * 16;
+    const uint8_t* zt = W.zeros + (size_t)T * W.G * 16;
     const int8_t* xq = a.xq.data() + (size_t)m0 * Kp;
-    const float* sxv = a.sxv.data() + (size_t)m0 * nc * 16;
-    const uint8_t* row = W.codes + (size_t)n * nc * cb;
-    const uint16_t* srow = W.scales + (size_t)n * W.Gs;
-    __m512 acc[R][MT];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < MT; t++) acc[r][t] = _mm512_setzero_ps();
-    int g0 = 0, left = cpg;
-    for (int c = 0; c < nc; c++) {
-        __m512i xv[MT];
-        __m512 sx[MT];
-        for (int t = 0; t < MT; t++) {
-            xv[t] = _mm512_loadu_si512((const void*)(xq + (size_t)t * Kp + c * 64));
-            sx[t] = _mm512_loadu_ps(sxv + ((size_t)t * nc + c) * 16);
-        }
-        for (int r = 0; r < R; r++) {
-            const __m512i q = unpack64<BITS>(row + ((size_t)r * nc + c) * cb);
-            const uint16_t* sp = srow + (size_t)r * W.Gs + g0;
-            // one group per chunk: broadcast its scale; else spread the chunk's groups over the lanes
-            const __m512 s = gpc == 1 ? _mm512_set1_ps(BF16 ? bf16_to_f32(*sp) : _cvtsh_ss(*sp))
-                                      : _mm512_permutexvar_ps(gidx, load16_scales<BF16>(sp));
+    const float* sx = a.sx.data() + (size_t)m0 * (Kp / 32);
+    __m512 acc[MT];
+    for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
+    int g = 0, next = W.group;
+    __m512 s = load16_scales<BF16>(st);
+    for (int c0 = 0; c0 < Kp; c0 += seg) {
+        if (c0 >= next && g + 1 < W.G) { g++; next += W.group; s = load16_scales<BF16>(st + (size_t)g * 16); }
+        __m512i iacc[MT];
+        for (int t = 0; t < MT; t++) iacc[t] = _mm512_setzero_si512();
+        for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
+            const __m512i q = unpack64<BITS>(p);
             for (int t = 0; t < MT; t++) {
-                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv[t]);
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, sx[t]), acc[r][t]);
+                int32_t x4;
+                memcpy(&x4, xq + (size_t)t * Kp + 4 * k4, 4);
+                iacc[t] = _mm512_dpbusd_epi32(iacc[t], q, _mm512_set1_epi32(x4));
             }
         }
-        if (cpg) { if (--left == 0) { g0++; left = cpg; } } else g0 += gpc;
-    }
-    // zero term sum_g s_g z_g xs[m, g], folded into the same accumulators
-    for (int g = 0; g < W.G; g += 16) {  // lanes past G read the next row: masked off by xs
-        const __mmask16 mk = W.G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (W.G - g)) - 1);
-        __m512 xs[MT];
-        for (int t = 0; t < MT; t++) xs[t] = _mm512_maskz_loadu_ps(mk, a.xs.data() + (size_t)(m0 + t) * W.Gs + g);
-        for (int r = 0; r < R; r++) {
-            const size_t o = (size_t)(n + r) * W.Gs + g;
-            __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(W.zeros + o))));
-            __m512 sz = _mm512_mul_ps(load16_scales<BF16>(W.scales + o), z);
-            for (int t = 0; t < MT; t++) acc[r][t] = _mm512_fnmadd_ps(sz, xs[t], acc[r][t]);
-        }
-    }
-    for (int r = 0; r < R; r++)
         for (int t = 0; t < MT; t++)
-            y[(size_t)(m0 + t) * W.N + n + r] = _mm512_reduce_add_ps(acc[r][t]) + (W.bias ? W.bias[n + r] : 0.f);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t]), _mm512_mul_ps(s, _mm512_set1_ps(sx[(size_t)t * (Kp / 32) + c0 / 32])), acc[t]);
+    }
+    // zero term: sum_g s_g z_g xs[m, g]
+    for (int gi = 0; gi < W.G; gi++) {
+        __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + (size_t)gi * 16))));
+        __m512 sz = _mm512_mul_ps(load16_scales<BF16>(st + (size_t)gi * 16), z);
+        for (int t = 0; t < MT; t++) acc[t] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[t]);
+    }
+    const int n0 = 16 * T, valid = std::min(16, W.N - n0);
+    const __mmask16 mk = (__mmask16)((1u << valid) - 1);
+    const __m512 b = W.bias ? _mm512_maskz_loadu_ps(mk, W.bias + n0) : _mm512_setzero_ps();
+    for (int t = 0; t < MT; t++) _mm512_mask_storeu_ps(y + (size_t)(m0 + t) * W.N + n0, mk, _mm512_add_ps(acc[t], b));
 }
 
-template <int BITS, int MT, bool BF16>
-static void quant_rows_t(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
-    // lane l of a dot product covers columns 4l .. 4l+3 of the chunk: its group within the chunk
-    const int gpc = W.group >= 64 ? 1 : 64 / W.group;  // groups per chunk (1: all lanes one group)
-    alignas(64) int32_t idx[16];
-    for (int l = 0; l < 16; l++) idx[l] = gpc == 1 ? 0 : (4 * l) / W.group;
-    const __m512i gidx = _mm512_load_si512(idx);
-    // chunks per group (0: several groups per chunk); a group >= 64 wide that 64 does not divide
-    // is a whole row (per channel): it never advances
-    const int cpg = W.group < 64 ? 0 : (W.group % 64 == 0 ? W.group / 64 : 1 << 30);
-    constexpr int R = MT == 1 ? 4 : 2;
-    int n = n0;
-    for (; n + R <= n1; n += R) quant_tile<BITS, MT, R, BF16>(W, a, m0, n, gidx, cpg, gpc, y);
-    for (; n < n1; n++) quant_tile<BITS, MT, 1, BF16>(W, a, m0, n, gidx, cpg, gpc, y);
-}
-
+// rows [n0, n1), n0 a multiple of 16
 template <int BITS, int MT>
 static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
-    if (W.scale_bf16) quant_rows_t<BITS, MT, true>(W, a, m0, n0, n1, y);
-    else quant_rows_t<BITS, MT, false>(W, a, m0, n0, n1, y);
+    for (int T = n0 / 16; 16 * T < n1; T++) {
+        if (W.scale_bf16) quant_tile<BITS, MT, true>(W, a, m0, T, y);
+        else quant_tile<BITS, MT, false>(W, a, m0, T, y);
+    }
 }
 
 template <int MT>
@@ -347,26 +347,33 @@ static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
 
 // Portable fallback with the same arithmetic (int8 block dot products, then scales).
 [[maybe_unused]] static void quant_rows_scalar(const tf_mat& W, const QAct& a, int m0, int mt, int n0, int n1, float* y) {
-    const int nc = W.Kp / 64, cb = 8 * W.bits, Kp = a.Kp;
+    const int nq = W.Kp / 4, cb = 8 * W.bits, Kp = a.Kp;
+    const int seg = W.group < 32 && W.G > 1 ? W.group : 32;
     uint8_t q[64];
-    for (int n = n0; n < n1; n++)
+    for (int T = n0 / 16; 16 * T < n1; T++)
         for (int m = m0; m < m0 + mt; m++) {
-            float r = 0.f;
-            for (int c = 0; c < nc; c++) {
-                unpack_chunk_scalar(W.codes + ((size_t)n * nc + c) * cb, W.bits, q);
-                const int8_t* xq = a.xq.data() + (size_t)m * Kp + c * 64;
-                for (int p = 0; p < 4; p++) {  // 16 columns: one block, one group
-                    int32_t d = 0;
-                    for (int j = 16 * p; j < 16 * p + 16; j++) d += (int32_t)q[j] * xq[j];
-                    int col = c * 64 + 16 * p, g = std::min(col / W.group, W.G - 1);
-                    r += (float)d * scale_at(W, (size_t)n * W.Gs + g) * a.sx[(size_t)m * (Kp / 32) + col / 32];
+            float acc[16] = {0};
+            const uint8_t* p = W.codes + (size_t)T * nq * cb;
+            for (int c0 = 0; c0 < Kp; c0 += seg) {
+                const int g = std::min(c0 / W.group, W.G - 1);
+                int32_t d[16] = {0};
+                for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
+                    unpack_chunk_scalar(p, W.bits, q);
+                    for (int r = 0; r < 16; r++)
+                        for (int c = 0; c < 4; c++) d[r] += (int32_t)q[4 * r + c] * a.xq[(size_t)m * Kp + 4 * k4 + c];
                 }
+                for (int r = 0; r < 16; r++)
+                    acc[r] += (float)d[r] * (scale_at(W, ((size_t)T * W.G + g) * 16 + r) * a.sx[(size_t)m * (Kp / 32) + c0 / 32]);
             }
-            for (int g = 0; g < W.G; g++) {
-                size_t si = (size_t)n * W.Gs + g;
-                r -= scale_at(W, si) * (float)W.zeros[si] * a.xs[(size_t)m * W.Gs + g];
+            for (int r = 0; r < 16; r++) {
+                const int n = 16 * T + r;
+                if (n >= W.N) break;
+                for (int g = 0; g < W.G; g++) {
+                    size_t si = ((size_t)T * W.G + g) * 16 + r;
+                    acc[r] -= scale_at(W, si) * (float)W.zeros[si] * a.xs[(size_t)m * W.G + g];
+                }
+                y[(size_t)m * W.N + n] = acc[r] + (W.bias ? W.bias[n] : 0.f);
             }
-            y[(size_t)m * W.N + n] = r + (W.bias ? W.bias[n] : 0.f);
         }
 }
 
@@ -504,7 +511,8 @@ double tf_read_seconds(const uint8_t* buf, size_t bytes, int reps, int threads) 
 
 struct Engine {
     tf_config cfg;
-    std::vector<float> kcache, vcache;       // [L, KVH, max_pos, D]
+    std::vector<uint16_t> kcache, vcache;    // fp16 keys [L, KVH, max_pos/16, D, 16]; values [L, KVH, max_pos, D]
+    int pos_blocks = 0, max_pos16 = 0;       // max_pos rounded up to whole blocks of 16
     std::vector<std::vector<float>> res, xp; // per thread [B, hidden]: residual stream, normed input
     std::vector<float> q, k, v, att;         // [B, H*D], [B, KVH*D] x2, [B, H*D]
     std::vector<float> o, gate, up, down;    // [B, hidden], [B, inter] x2, [B, hidden]
@@ -529,6 +537,111 @@ static void rope(float* v, const float* cos_, const float* sin_, int D) {
     }
 }
 
+#if TF_AVX512
+// e^x for x <= 0 (softmax, SiLU of a clamped argument): 2^n * p(r), r = x - n ln2, |r| <= ln2/2;
+// degree-6 polynomial, relative error below 2e-7.
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// out [D] = softmax(q . k_j * scale, j < n) . v_j; fp16 keys in blocks of 16 positions [n/16, D, 16],
+// fp16 values [n, D].
+#if TF_AVX512
+static inline __m512 ld16h(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+#endif
+static void attend(const float* q, const uint16_t* kb, const uint16_t* vb, int n, int D, float scale, float* sc, float* out) {
+#if TF_AVX512
+    const int nb = (n + 15) / 16;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int b = 0; b < nb; b++) {
+        const uint16_t* kblk = kb + (size_t)b * D * 16;
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 2) {
+            s0 = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), ld16h(kblk + (size_t)d * 16), s0);
+            s1 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 1]), ld16h(kblk + (size_t)(d + 1) * 16), s1);
+        }
+        __m512 sv = _mm512_mul_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(scale));
+        const int valid = std::min(16, n - 16 * b);
+        sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << valid) - 1), sv);
+        _mm512_storeu_ps(sc + 16 * b, sv);
+        vmax = _mm512_max_ps(vmax, sv);
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + 16 * b), mx));  // -inf -> 0
+        _mm512_storeu_ps(sc + 16 * b, p);
+        vsum = _mm512_add_ps(vsum, p);
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(vsum);
+    if (D == 64) {  // four independent accumulators, two positions per step
+        __m512 o[8];
+        for (int t = 0; t < 8; t++) o[t] = _mm512_setzero_ps();
+        int j = 0;
+        for (; j + 2 <= n; j += 2) {
+            const __m512 w0 = _mm512_set1_ps(sc[j]), w1 = _mm512_set1_ps(sc[j + 1]);
+            const uint16_t* v0 = vb + (size_t)j * 64;
+            for (int t = 0; t < 4; t++) {
+                o[t] = _mm512_fmadd_ps(w0, ld16h(v0 + 16 * t), o[t]);
+                o[4 + t] = _mm512_fmadd_ps(w1, ld16h(v0 + 64 + 16 * t), o[4 + t]);
+            }
+        }
+        for (; j < n; j++)
+            for (int t = 0; t < 4; t++) o[t] = _mm512_fmadd_ps(_mm512_set1_ps(sc[j]), ld16h(vb + (size_t)j * 64 + 16 * t), o[t]);
+        for (int t = 0; t < 4; t++) _mm512_storeu_ps(out + 16 * t, _mm512_mul_ps(_mm512_add_ps(o[t], o[4 + t]), _mm512_set1_ps(inv)));
+        return;
+    }
+    for (int d0 = 0; d0 < D; d0 += 16) {
+        const __mmask16 mk = (__mmask16)(D - d0 >= 16 ? 0xffff : (1u << (D - d0)) - 1);
+        __m512 o = _mm512_setzero_ps();
+        for (int j = 0; j < n; j++)
+            o = _mm512_fmadd_ps(_mm512_set1_ps(sc[j]), _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, vb + (size_t)j * D + d0)), o);
+        _mm512_mask_storeu_ps(out + d0, mk, _mm512_mul_ps(o, _mm512_set1_ps(inv)));
+    }
+#else
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        const uint16_t* kblk = kb + (size_t)(j / 16) * D * 16 + j % 16;
+        float s = 0.f;
+        for (int d = 0; d < D; d++) s += q[d] * f16_to_f32(kblk[(size_t)d * 16]);
+        sc[j] = s * scale;
+        mx = std::max(mx, sc[j]);
+    }
+    float sum = 0.f;
+    for (int j = 0; j < n; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+    for (int d = 0; d < D; d++) out[d] = 0.f;
+    for (int j = 0; j < n; j++)
+        for (int d = 0; d < D; d++) out[d] += sc[j] * f16_to_f32(vb[(size_t)j * D + d]);
+    for (int d = 0; d < D; d++) out[d] /= sum;
+#endif
+}
+
+// gate[j] <- SiLU(gate[j]) * up[j] for j in [j0, j1)
+static void silu_mul(float* gate, const float* up, int j0, int j1) {
+    int j = j0;
+#if TF_AVX512
+    for (; j + 16 <= j1; j += 16) {
+        __m512 g = _mm512_loadu_ps(gate + j);
+        __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_storeu_ps(gate + j, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + j)));
+    }
+#endif
+    for (; j < j1; j++) gate[j] = gate[j] / (1.f + expf(-gate[j])) * up[j];
+}
+
 extern "C" {
 
 void* tf_engine_create(const tf_config* cfg) {
@@ -536,8 +649,10 @@ void* tf_engine_create(const tf_config* cfg) {
     e->cfg = *cfg;
     const tf_config& c = e->cfg;
     const size_t D = c.head_dim, B = c.max_batch;
-    e->kcache.assign((size_t)c.n_layers * c.n_kv_heads * c.max_pos * D, 0.f);
-    e->vcache.assign(e->kcache.size(), 0.f);
+    e->pos_blocks = (c.max_pos + 15) / 16;
+    e->max_pos16 = e->pos_blocks * 16;
+    e->kcache.assign((size_t)c.n_layers * c.n_kv_heads * e->max_pos16 * D, 0);
+    e->vcache.assign(e->kcache.size(), 0);
     e->res.resize(std::max(1, c.threads));
     e->xp.resize(std::max(1, c.threads));
     e->q.resize(B * c.n_heads * D);
@@ -549,7 +664,7 @@ void* tf_engine_create(const tf_config* cfg) {
     e->gate.resize(B * c.inter);
     e->up.resize(B * c.inter);
     e->acts.resize(std::max(1, c.threads));
-    e->scores.assign(std::max(1, c.threads), std::vector<float>(c.max_pos));
+    e->scores.assign(std::max(1, c.threads), std::vector<float>(e->max_pos16));
     return e;
 }
 
@@ -587,8 +702,8 @@ int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits
         auto lap = [&](int phase) { if (tid == 0) { double t = omp_get_wtime(); e.prof[phase] += t - tp; tp = t; } };
         for (int L = 0; L < c.n_layers; L++) {
             const tf_layer& ly = c.layers[L];
-            float* kc = e.kcache.data() + (size_t)L * KVH * c.max_pos * D;
-            float* vc = e.vcache.data() + (size_t)L * KVH * c.max_pos * D;
+            uint16_t* kc = e.kcache.data() + (size_t)L * KVH * e.max_pos16 * D;
+            uint16_t* vc = e.vcache.data() + (size_t)L * KVH * e.max_pos16 * D;
             for (int i = 0; i < M; i++) rmsnorm(res.data() + (size_t)i * H, ly.attn_norm, c.eps, H, xp.data() + (size_t)i * H);
             quantize_act(xp.data(), M, H, a);
             lap(0);
@@ -598,13 +713,17 @@ int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits
             lap(1);
 #pragma omp barrier
             lap(7);
-            // rotate the new keys, store keys and values in the cache
+            // rotate the new keys and store them in the cache (blocks of 16 positions), values as they are
             for (int it = tid; it < M * KVH; it += nth) {
                 const int i = it / KVH, kh = it % KVH, ps = pos + i;
-                float* kd = kc + ((size_t)kh * c.max_pos + ps) * D;
-                memcpy(kd, e.k.data() + (size_t)i * KVH * D + kh * D, sizeof(float) * D);
-                rope(kd, c.rope_cos + (size_t)ps * d2, c.rope_sin + (size_t)ps * d2, D);
-                memcpy(vc + ((size_t)kh * c.max_pos + ps) * D, e.v.data() + (size_t)i * KVH * D + kh * D, sizeof(float) * D);
+                float kr[512];
+                memcpy(kr, e.k.data() + (size_t)i * KVH * D + kh * D, sizeof(float) * D);
+                rope(kr, c.rope_cos + (size_t)ps * d2, c.rope_sin + (size_t)ps * d2, D);
+                uint16_t* kblk = kc + (((size_t)kh * e.pos_blocks + ps / 16) * D) * 16 + ps % 16;
+                for (int d = 0; d < D; d++) kblk[(size_t)d * 16] = f32_to_f16(kr[d]);
+                const float* vsrc = e.v.data() + (size_t)i * KVH * D + kh * D;
+                uint16_t* vdst = vc + ((size_t)kh * e.max_pos16 + ps) * D;
+                for (int d = 0; d < D; d++) vdst[d] = f32_to_f16(vsrc[d]);
             }
 #pragma omp barrier
             // causal attention, one (token, head) at a time; softmax in fp32
@@ -613,29 +732,10 @@ int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits
                 const int i = it / NH, hd = it % NH, kh = hd / rep, ps = pos + i;
                 float* qv = e.q.data() + (size_t)i * NH * D + hd * D;
                 rope(qv, c.rope_cos + (size_t)ps * d2, c.rope_sin + (size_t)ps * d2, D);
-                const float* kb = kc + (size_t)kh * c.max_pos * D;
-                const float* vb = vc + (size_t)kh * c.max_pos * D;
-                float mx = -INFINITY;
-                for (int j = 0; j <= ps; j++) {
-                    const float* kj = kb + (size_t)j * D;
-                    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                    for (int d = 0; d < D; d++) s += qv[d] * kj[d];
-                    s *= c.attn_scale;
-                    sc[j] = s;
-                    mx = std::max(mx, s);
-                }
-                float sum = 0.f;
-                for (int j = 0; j <= ps; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
-                const float inv = 1.f / sum;
+                const uint16_t* kb = kc + (size_t)kh * e.pos_blocks * D * 16;
+                const uint16_t* vb = vc + (size_t)kh * e.max_pos16 * D;
                 float* out = e.att.data() + (size_t)i * NH * D + hd * D;
-                for (int d = 0; d < D; d++) out[d] = 0.f;
-                for (int j = 0; j <= ps; j++) {
-                    const float w = sc[j] * inv;
-                    const float* vj = vb + (size_t)j * D;
-#pragma omp simd
-                    for (int d = 0; d < D; d++) out[d] += w * vj[d];
-                }
+                attend(qv, kb, vb, ps + 1, D, c.attn_scale, sc, out);
             }
             lap(2);
 #pragma omp barrier
@@ -650,11 +750,7 @@ int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits
             quantize_act(xp.data(), M, H, a);
             group_sums(ly.gate, a); share(ly.gate.N, tid, nth, n0, n1); matmul_rows(ly.gate, a, n0, n1, e.gate.data());
             group_sums(ly.up, a); matmul_rows(ly.up, a, n0, n1, e.up.data());  // same rows as gate
-            for (int i = 0; i < M; i++)
-                for (int j = n0; j < n1; j++) {
-                    const float g = e.gate[(size_t)i * I + j];
-                    e.gate[(size_t)i * I + j] = g / (1.f + expf(-g)) * e.up[(size_t)i * I + j];  // SiLU(gate) * up
-                }
+            for (int i = 0; i < M; i++) silu_mul(e.gate.data() + (size_t)i * I, e.up.data() + (size_t)i * I, n0, n1);
             lap(4);
 #pragma omp barrier
             lap(7);

@@ -1,8 +1,8 @@
-"""The kernels' weight layout ("tf-chunk64", described in engine.cpp) and its ctypes mirror.
+"""The kernels' weight layout ("tf-tile16", described in engine.cpp) and its ctypes mirror.
 
 Packed files keep the format's own storage (formats/); at load time each matrix is repacked once
-into the layout the kernels read: codes as bit planes in chunks of 64 weights along K, fp16/bf16
-scales and u8 zero points per group with a zero-padded row stride. Repacking is exact: every weight
+into the layout the kernels read: tiles of 16 rows, chunks of 16 rows x 4 columns as bit planes,
+and per (tile, group) 16 fp16/bf16 scales and 16 u8 zero points. Repacking is exact: every weight
 the kernels decode equals the reference dequantization, tested.
 """
 
@@ -15,7 +15,10 @@ import torch
 
 from tightfit.formats.primitives import QuantizedTensor
 
-CHUNK = 64  # weights per chunk along K
+TILE = 16  # rows per tile (one AVX-512 lane each)
+QUAD = 4  # columns per chunk: 16 rows x 4 columns = 64 codes
+CHUNK = TILE * QUAD
+K_ALIGN = 32  # columns are padded to whole activation blocks
 KIND_QUANT, KIND_F16, KIND_F32 = 0, 1, 2
 # bit planes of a code width, low bits first: (plane width, bit shift)
 PLANES: dict[int, tuple[tuple[int, int], ...]] = {
@@ -68,7 +71,8 @@ def _plane(codes: torch.Tensor, width: int, shift: int) -> torch.Tensor:
 class KernelMatrix:
     """One matrix in kernel layout; owns the tensors `TfMat` points into.
 
-    codes [N, Kp/64, 8*bits] uint8; scales [N*G + 16] int16 bits of fp16/bf16; zeros [N*G + 16] uint8;
+    codes [Np/16, Kp/4, 8*bits] uint8; scales [Np/16, G, 16] int16 bits of fp16/bf16;
+    zeros [Np/16, G, 16] uint8;
     dense [N, K] fp16/fp32 (dense kinds); bias [N] fp32 or None.
     """
 
@@ -93,7 +97,7 @@ class KernelMatrix:
         n, k = self.shape
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         return TfMat(
-            kind=self.kind, N=n, K=k, Kp=-(-k // CHUNK) * CHUNK, bits=self.bits, group=self.group,
+            kind=self.kind, N=n, K=k, Kp=-(-k // K_ALIGN) * K_ALIGN, bits=self.bits, group=self.group,
             G=self.groups, Gs=self.groups, scale_bf16=int(self.scale_bf16),
             codes=ptr(self.codes), scales=ptr(self.scales), zeros=ptr(self.zeros), dense=ptr(self.dense), bias=ptr(self.bias),
         )
@@ -107,20 +111,24 @@ def from_quantized(q: QuantizedTensor, bias: torch.Tensor | None = None) -> Kern
     """A uniform-format QuantizedTensor -> kernel layout (exact)."""
     fmt = q.fmt
     n, k = q.shape
-    kp = -(-k // CHUNK) * CHUNK
-    codes = torch.zeros(n, kp, dtype=torch.uint8)
-    codes[:, :k] = q.codes
-    chunks = codes.view(n, kp // CHUNK, CHUNK)  # [N, C, 64]
-    planes = torch.cat([_plane(chunks, w, s) for w, s in PLANES[fmt.bits]], dim=2).contiguous()  # [N, C, 8*bits]
+    np_, kp = -(-n // TILE) * TILE, -(-k // K_ALIGN) * K_ALIGN
+    codes = torch.zeros(np_, kp, dtype=torch.uint8)
+    codes[:n, :k] = q.codes
+    tiles = np_ // TILE
+    # [Np, Kp] -> [tiles, 16 rows, Kp/4 quads, 4 cols] -> [tiles, quads, 16 rows, 4 cols]: o = 4*row + col
+    chunks = codes.view(tiles, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3).reshape(tiles, kp // QUAD, CHUNK)
+    planes = torch.cat([_plane(chunks, w, s) for w, s in PLANES[fmt.bits]], dim=2).contiguous()  # [tiles, Kp/4, 8*bits]
     g = q.scales.shape[1]
-    pad = 16  # entries after the last row: the kernels load 16 statistics at a time
-    scales = torch.zeros(n * g + pad, dtype=fmt.scale_torch_dtype)
-    scales[: n * g] = q.scales.to(fmt.scale_torch_dtype).reshape(-1)
-    zeros = torch.zeros(n * g + pad, dtype=torch.uint8)
-    zeros[: n * g] = (1 << (fmt.bits - 1)) if q.zeros is None else q.zeros.to(torch.uint8).reshape(-1)
+    scales = torch.zeros(np_, g, dtype=fmt.scale_torch_dtype)
+    scales[:n] = q.scales.to(fmt.scale_torch_dtype)
+    zeros = torch.full((np_, g), 1 << (fmt.bits - 1), dtype=torch.uint8)
+    if q.zeros is not None:
+        zeros[:n] = q.zeros.to(torch.uint8)
+    by_tile = lambda t: t.view(tiles, TILE, g).transpose(1, 2).contiguous()  # noqa: E731  [tiles, G, 16]
     return KernelMatrix(
         kind=KIND_QUANT, shape=(n, k), bits=fmt.bits, group=fmt.group_width(k), groups=g,
-        scale_bf16=fmt.scale_dtype == "bf16", codes=planes, scales=scales.view(torch.int16), zeros=zeros, bias=_bias(bias),
+        scale_bf16=fmt.scale_dtype == "bf16", codes=planes, scales=by_tile(scales).view(torch.int16),
+        zeros=by_tile(zeros), bias=_bias(bias),
     )
 
 
