@@ -273,53 +273,86 @@ static inline __m512 load16_scales(const uint16_t* s) {
 // Lanes are rows: per chunk one unpack, then per token a 4-byte activation broadcast and one
 // vpdpbusd; every segment of min(group, 32) columns (one activation block, one group) is
 // converted to fp32 and scaled once.
-template <int BITS, int MT, bool BF16>
+template <int BITS, int MT, int NT, bool BF16>
 static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     const int nq = W.Kp / 4, cb = 8 * BITS, Kp = a.Kp;
     const int seg = W.group < 32 && W.G > 1 ? W.group : 32;  // columns per int32 accumulation
-    const uint8_t* p = W.codes + (size_t)T * nq * cb;
-    const uint16_t* st = W.scales + (size_t)T * W.G * 16;
-    const uint8_t* zt = W.zeros + (size_t)T * W.G * 16;
+    const uint8_t* p[NT];
+    const uint16_t* st[NT];
+    for (int u = 0; u < NT; u++) {
+        p[u] = W.codes + (size_t)(T + u) * nq * cb;
+        st[u] = W.scales + (size_t)(T + u) * W.G * 16;
+    }
     const int8_t* xq = a.xq.data() + (size_t)m0 * Kp;
     const float* sx = a.sx.data() + (size_t)m0 * (Kp / 32);
-    __m512 acc[MT];
-    for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
+    __m512 acc[NT][MT], s[NT];
+    for (int u = 0; u < NT; u++) {
+        s[u] = load16_scales<BF16>(st[u]);
+        for (int t = 0; t < MT; t++) acc[u][t] = _mm512_setzero_ps();
+    }
     int g = 0, next = W.group;
-    __m512 s = load16_scales<BF16>(st);
     for (int c0 = 0; c0 < Kp; c0 += seg) {
-        if (c0 >= next && g + 1 < W.G) { g++; next += W.group; s = load16_scales<BF16>(st + (size_t)g * 16); }
-        __m512i iacc[MT];
-        for (int t = 0; t < MT; t++) iacc[t] = _mm512_setzero_si512();
-        for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
-            const __m512i q = unpack64<BITS>(p);
+        if (c0 >= next && g + 1 < W.G) {
+            g++;
+            next += W.group;
+            for (int u = 0; u < NT; u++) s[u] = load16_scales<BF16>(st[u] + (size_t)g * 16);
+        }
+        // two chains per (tile, token): vpdpbusd latency, not throughput, would bind otherwise
+        __m512i ia[NT][MT], ib[NT][MT];
+        for (int u = 0; u < NT; u++)
+            for (int t = 0; t < MT; t++) ia[u][t] = ib[u][t] = _mm512_setzero_si512();
+        for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4 += 2) {  // seg is a multiple of 8 columns
+            __m512i xa[MT], xb[MT];
             for (int t = 0; t < MT; t++) {
-                int32_t x4;
-                memcpy(&x4, xq + (size_t)t * Kp + 4 * k4, 4);
-                iacc[t] = _mm512_dpbusd_epi32(iacc[t], q, _mm512_set1_epi32(x4));
+                int32_t x4[2];
+                memcpy(x4, xq + (size_t)t * Kp + 4 * k4, 8);
+                xa[t] = _mm512_set1_epi32(x4[0]);
+                xb[t] = _mm512_set1_epi32(x4[1]);
+            }
+            for (int u = 0; u < NT; u++) {
+                const __m512i qa = unpack64<BITS>(p[u]), qb = unpack64<BITS>(p[u] + cb);
+                p[u] += 2 * cb;
+                for (int t = 0; t < MT; t++) {
+                    ia[u][t] = _mm512_dpbusd_epi32(ia[u][t], qa, xa[t]);
+                    ib[u][t] = _mm512_dpbusd_epi32(ib[u][t], qb, xb[t]);
+                }
             }
         }
-        for (int t = 0; t < MT; t++)
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t]), _mm512_mul_ps(s, _mm512_set1_ps(sx[(size_t)t * (Kp / 32) + c0 / 32])), acc[t]);
+        for (int t = 0; t < MT; t++) {
+            const __m512 sxt = _mm512_set1_ps(sx[(size_t)t * (Kp / 32) + c0 / 32]);
+            for (int u = 0; u < NT; u++)
+                acc[u][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ia[u][t], ib[u][t])), _mm512_mul_ps(s[u], sxt), acc[u][t]);
+        }
     }
-    // zero term: sum_g s_g z_g xs[m, g]
-    for (int gi = 0; gi < W.G; gi++) {
-        __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + (size_t)gi * 16))));
-        __m512 sz = _mm512_mul_ps(load16_scales<BF16>(st + (size_t)gi * 16), z);
-        for (int t = 0; t < MT; t++) acc[t] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[t]);
+    for (int u = 0; u < NT; u++) {
+        // zero term: sum_g s_g z_g xs[m, g]
+        const uint8_t* zt = W.zeros + (size_t)(T + u) * W.G * 16;
+        for (int gi = 0; gi < W.G; gi++) {
+            __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + (size_t)gi * 16))));
+            __m512 sz = _mm512_mul_ps(load16_scales<BF16>(st[u] + (size_t)gi * 16), z);
+            for (int t = 0; t < MT; t++) acc[u][t] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[u][t]);
+        }
+        const int n0 = 16 * (T + u), valid = std::min(16, W.N - n0);
+        const __mmask16 mk = (__mmask16)((1u << valid) - 1);
+        const __m512 b = W.bias ? _mm512_maskz_loadu_ps(mk, W.bias + n0) : _mm512_setzero_ps();
+        for (int t = 0; t < MT; t++) _mm512_mask_storeu_ps(y + (size_t)(m0 + t) * W.N + n0, mk, _mm512_add_ps(acc[u][t], b));
     }
-    const int n0 = 16 * T, valid = std::min(16, W.N - n0);
-    const __mmask16 mk = (__mmask16)((1u << valid) - 1);
-    const __m512 b = W.bias ? _mm512_maskz_loadu_ps(mk, W.bias + n0) : _mm512_setzero_ps();
-    for (int t = 0; t < MT; t++) _mm512_mask_storeu_ps(y + (size_t)(m0 + t) * W.N + n0, mk, _mm512_add_ps(acc[t], b));
 }
 
-// rows [n0, n1), n0 a multiple of 16
+// rows [n0, n1), n0 a multiple of 16; at one token two tiles share each activation broadcast
+template <int BITS, int MT, bool BF16>
+static void quant_rows_t(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
+    constexpr int NT = MT == 1 ? 2 : 1;
+    const int t1 = (n1 + 15) / 16;
+    int T = n0 / 16;
+    for (; T + NT <= t1; T += NT) quant_tile<BITS, MT, NT, BF16>(W, a, m0, T, y);
+    for (; T < t1; T++) quant_tile<BITS, MT, 1, BF16>(W, a, m0, T, y);
+}
+
 template <int BITS, int MT>
 static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
-    for (int T = n0 / 16; 16 * T < n1; T++) {
-        if (W.scale_bf16) quant_tile<BITS, MT, true>(W, a, m0, T, y);
-        else quant_tile<BITS, MT, false>(W, a, m0, T, y);
-    }
+    if (W.scale_bf16) quant_rows_t<BITS, MT, true>(W, a, m0, n0, n1, y);
+    else quant_rows_t<BITS, MT, false>(W, a, m0, n0, n1, y);
 }
 
 template <int MT>

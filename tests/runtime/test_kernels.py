@@ -1,0 +1,76 @@
+"""Every kernel against the dense reference on random shapes, native (AVX-512 VNNI where the CPU
+has it) and portable (scalar) builds.
+
+The kernel layout must decode to exactly the reference weights; a quantized matmul must equal
+the dequantized weight times the int8 block-32 activations (what the kernels compute), up to fp32
+summation order; dense fp16/fp32 kernels use exact activations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tightfit.formats.primitives import quantize_rtn
+from tightfit.formats.table import QuantFormat
+from tightfit.runtime import kernels
+from tightfit.runtime.kernels import build
+
+FORMATS = ["w2g64", "w2pc", "w3g32-sym", "w3g64", "w4g16", "w4g32", "w4g128-bf16", "w5pc", "w6g16", "w8g32-sym", "w8g128"]
+SHAPES = [(37, 576), (16, 50), (8, 200), (5, 1536), (33, 20), (3, 8), (64, 64)]
+BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable")]
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("name", FORMATS)
+def test_quantized_kernels_match_reference(name, portable):
+    g = torch.Generator().manual_seed(hash(name) % 1000)
+    for n, k in SHAPES:
+        q = quantize_rtn(torch.randn(n, k, generator=g), QuantFormat.parse(name))
+        w = kernels.from_quantized(q, torch.randn(n, generator=g))
+        assert torch.equal(kernels.dequantize(w, portable=portable), q.dequantize()), (n, k)
+        for m in (1, 3, 6):
+            x = torch.randn(m, k, generator=g) * 3
+            xd = kernels.quantize_activations(x, portable=portable)
+            ref = xd.double() @ q.dequantize().double().T + w.bias.double()
+            y = kernels.matmul(w, x, threads=2, portable=portable)
+            assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, (n, k, m)
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+def test_activation_quantization_is_block_int8(portable):
+    x = torch.randn(3, 100) * torch.logspace(-2, 2, 100)
+    xd = kernels.quantize_activations(x, portable=portable)
+    for b in range(0, 100, 32):
+        blk, dq = x[:, b:b + 32], xd[:, b:b + 32]
+        step = blk.abs().amax(dim=1, keepdim=True) / 127
+        assert torch.allclose(dq / step, torch.round(dq / step), atol=1e-3)  # on the int8 grid of its block
+        assert ((dq - blk).abs() <= step / 2 + 1e-6).all()  # nearest level
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_dense_kernels_use_exact_activations(dtype, portable):
+    g = torch.Generator().manual_seed(3)
+    wt = torch.randn(33, 70, generator=g).to(dtype)
+    w = kernels.from_dense(wt, torch.randn(33, generator=g))
+    x = torch.randn(5, 70, generator=g)
+    ref = x.double() @ wt.double().T + w.bias.double()
+    assert (kernels.matmul(w, x, threads=2, portable=portable).double() - ref).abs().max() < 1e-4
+
+
+def test_builds_report_their_instruction_set():
+    assert kernels.has_avx512(portable=True) is False  # the portable build never uses AVX-512
+    flags = build.cpu_fingerprint()
+    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")):
+        assert kernels.has_avx512()
+
+
+def test_library_cache_is_keyed_by_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIGHTFIT_CACHE", str(tmp_path))
+    first = build.build(build.PORTABLE_FLAGS)
+    assert first.exists() and build.build(build.PORTABLE_FLAGS) == first  # second call: cached
+    other = tmp_path / "engine.cpp"
+    other.write_text(build.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(build, "SOURCE", other)
+    assert build.build(build.PORTABLE_FLAGS) != first  # a new kernel source rebuilds
