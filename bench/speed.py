@@ -26,7 +26,7 @@ from common import machine_info, write_results  # noqa: E402
 
 from tightfit.model.load import load_model, resolve_source  # noqa: E402
 from tightfit.runtime.engine import FastBackend  # noqa: E402
-from tightfit.runtime.speed import measure_bandwidth, measure_speed  # noqa: E402
+from tightfit.runtime.speed import measure_bandwidth, random_prompt, report, time_once  # noqa: E402
 from tightfit.runtime.torch_backend import TorchBackend  # noqa: E402
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "speed"
@@ -108,6 +108,8 @@ class LlamaCppBackend:
 
 
 def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: bool) -> dict:
+    """Per thread count: open every engine, then time them round-robin (one run each per round), so
+    that drifts of this shared machine hit every engine alike; medians over the rounds."""
     rows = []
     tf_models = tightfit_models()
     ll_models = llama_models()
@@ -118,30 +120,33 @@ def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: boo
         torch.set_num_threads(threads)
         bandwidth = measure_bandwidth(threads)
         print(f"[{threads} threads] read bandwidth {bandwidth:.1f} GB/s", flush=True)
+        engines = []  # (engine, model, size MB, backend, weight bytes)
         for fmt, folder in tf_models.items():
-            backend = FastBackend(load_packed_quiet(folder), max_positions=prompt + new, threads=threads)
-            r = measure_speed(backend, prompt_tokens=prompt, new_tokens=new, repeats=repeats, threads=threads,
-                              weight_bytes=backend.weight_bytes, bandwidth_gb_s=bandwidth)
-            rows.append(dict(engine="tightfit", model=fmt, size_mb=folder_mb(folder), **r.to_json()))
-            report(rows[-1])
-            del backend
+            b = FastBackend(load_packed_quiet(folder), max_positions=prompt + new, threads=threads)
+            engines.append(("tightfit", fmt, folder_mb(folder), b, b.weight_bytes))
         for t, path in ll_models.items():
-            backend = LlamaCppBackend(path, threads, prompt + new)
-            weight_bytes = gguf_tensor_bytes(path)
-            r = measure_speed(backend, prompt_tokens=prompt, new_tokens=new, repeats=repeats, threads=threads,
-                              weight_bytes=weight_bytes, bandwidth_gb_s=bandwidth)
-            rows.append(dict(engine="llama.cpp", model=t, size_mb=path.stat().st_size / 1e6, **r.to_json()))
-            report(rows[-1])
-            del backend
+            engines.append(("llama.cpp", t, path.stat().st_size / 1e6, LlamaCppBackend(path, threads, prompt + new),
+                            gguf_tensor_bytes(path)))
         if not quick:
             loaded = load_model("smollm2-135m")
-            backend = TorchBackend(loaded.model, max_positions=prompt + new)
-            weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-            r = measure_speed(backend, prompt_tokens=prompt, new_tokens=new, repeats=max(2, repeats // 2), threads=threads,
-                              weight_bytes=weight_bytes, bandwidth_gb_s=bandwidth)
-            rows.append(dict(engine="transformers", model="fp32", size_mb=weight_bytes / 1e6, **r.to_json()))
-            report(rows[-1])
-            del backend, loaded
+            wb = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+            engines.append(("transformers", "fp32", wb / 1e6, TorchBackend(loaded.model, max_positions=prompt + new), wb))
+        tokens = random_prompt(engines[0][3].vocab_size, prompt)
+        runs: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(engines))}
+        for rnd in range(repeats + 1):  # round 0 warms up
+            for i, (_, _, _, backend, _) in enumerate(engines):
+                if engines[i][0] == "transformers" and rnd > max(2, repeats // 2):
+                    continue  # the slowest engine: fewer rounds
+                r = time_once(backend, tokens, new)
+                if rnd:
+                    runs[i].append(r)
+            print(f"  round {rnd} done", flush=True)
+        for i, (engine, model, size, _, wb) in enumerate(engines):
+            r = report(threads=threads, prompt_tokens=prompt, new_tokens=new, prefill=[x[0] for x in runs[i]],
+                       decode=[x[1] for x in runs[i]], weight_bytes=wb, bandwidth_gb_s=bandwidth)
+            rows.append(dict(engine=engine, model=model, size_mb=size, **r.to_json()))
+            show(rows[-1])
+        del engines
     return {"machine": machine_info(), "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats, "rows": rows}
 
 
@@ -161,7 +166,7 @@ def gguf_tensor_bytes(path: Path) -> int:
     return int(sum(t.n_bytes for t in GGUFReader(str(path)).tensors))
 
 
-def report(row: dict) -> None:
+def show(row: dict) -> None:
     print(f"  {row['engine']:12s} {row['model']:10s} {row['size_mb']:7.1f} MB  prefill {row['prefill_tok_s']:7.1f} tok/s  "
           f"decode {row['decode_tok_s']:6.1f} tok/s  roofline {100 * row['roofline_fraction']:4.0f} %", flush=True)
 
@@ -176,7 +181,9 @@ def markdown(result: dict) -> str:
         "",
         f"{m['cpu']}, {m['cores']} cores, ISA {', '.join(m['isa'])}; torch {m['torch']}; {m['date']}.",
         f"Prompt {result['prompt_tokens']} random tokens, then {result['new_tokens']} greedy tokens; medians of "
-        f"{result['repeats']} runs after a warm-up. Roofline = measured read bandwidth / weight bytes per token.",
+        f"{result['repeats']} rounds after a warm-up round; in each round every engine runs once (round-robin), so "
+        "drifts of the shared machine hit all alike. Roofline = read bandwidth measured in the same run / weight "
+        "bytes per token (the KV cache is not counted). transformers fp32 runs fewer rounds.",
         "",
     ]
     for threads in sorted({r["threads"] for r in result["rows"]}):

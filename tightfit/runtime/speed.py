@@ -62,6 +62,39 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def random_prompt(vocab_size: int, tokens: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (tokens,), generator=g).tolist()
+
+
+def time_once(backend: Backend, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one run from an empty cache: the prompt, then greedy tokens."""
+    if len(prompt) + new_tokens > backend.max_positions:
+        raise ValueError(f"{len(prompt)} + {new_tokens} tokens exceed the KV cache of {backend.max_positions}")
+    backend.reset()
+    t0 = time.perf_counter()
+    token = int(backend.forward(prompt).argmax())
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        token = int(backend.forward([token]).argmax())
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), new_tokens / (t2 - t1)
+
+
+def report(*, threads: int, prompt_tokens: int, new_tokens: int, prefill: list[float], decode: list[float],
+           weight_bytes: int = 0, bandwidth_gb_s: float = 0.0) -> SpeedReport:
+    """A SpeedReport from runs timed elsewhere (e.g. interleaved with other engines)."""
+    decode_tok_s = statistics.median(decode)
+    roofline = bandwidth_gb_s * 1e9 / weight_bytes if weight_bytes and bandwidth_gb_s else 0.0
+    return SpeedReport(
+        threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=len(decode),
+        prefill_tok_s=statistics.median(prefill), decode_tok_s=decode_tok_s, decode_ms=1e3 / decode_tok_s,
+        prefill_runs=tuple(prefill), decode_runs=tuple(decode), weight_bytes=weight_bytes,
+        bandwidth_gb_s=bandwidth_gb_s, roofline_tok_s=roofline,
+        roofline_fraction=decode_tok_s / roofline if roofline else 0.0, peak_rss_mb=peak_rss_mb(),
+    )
+
+
 def measure_speed(
     backend: Backend,
     *,
@@ -74,30 +107,9 @@ def measure_speed(
     seed: int = 0,
 ) -> SpeedReport:
     """Time prefill and greedy decode on a fixed random prompt (speed does not depend on the text)."""
-    if prompt_tokens + new_tokens > backend.max_positions:
-        raise ValueError(f"{prompt_tokens} + {new_tokens} tokens exceed the KV cache of {backend.max_positions}")
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, backend.vocab_size, (prompt_tokens,), generator=g).tolist()
-    prefill, decode = [], []
-    for run in range(repeats + 1):  # run 0 warms up
-        backend.reset()
-        t0 = time.perf_counter()
-        logits = backend.forward(prompt)
-        t1 = time.perf_counter()
-        token = int(logits.argmax())
-        for _ in range(new_tokens):
-            token = int(backend.forward([token]).argmax())
-        t2 = time.perf_counter()
-        if run:
-            prefill.append(prompt_tokens / (t1 - t0))
-            decode.append(new_tokens / (t2 - t1))
-    decode_tok_s = statistics.median(decode)
-    # weights only: at these context lengths the KV cache read by attention is small beside them
-    roofline = bandwidth_gb_s * 1e9 / weight_bytes if weight_bytes and bandwidth_gb_s else 0.0
-    return SpeedReport(
-        threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
-        prefill_tok_s=statistics.median(prefill), decode_tok_s=decode_tok_s, decode_ms=1e3 / decode_tok_s,
-        prefill_runs=tuple(prefill), decode_runs=tuple(decode), weight_bytes=weight_bytes,
-        bandwidth_gb_s=bandwidth_gb_s, roofline_tok_s=roofline,
-        roofline_fraction=decode_tok_s / roofline if roofline else 0.0, peak_rss_mb=peak_rss_mb(),
-    )
+    prompt = random_prompt(backend.vocab_size, prompt_tokens, seed)
+    time_once(backend, prompt, new_tokens)  # warm-up
+    runs = [time_once(backend, prompt, new_tokens) for _ in range(repeats)]
+    prefill, decode = [r[0] for r in runs], [r[1] for r in runs]
+    return report(threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill=prefill, decode=decode,
+                  weight_bytes=weight_bytes, bandwidth_gb_s=bandwidth_gb_s)

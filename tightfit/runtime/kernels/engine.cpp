@@ -39,6 +39,9 @@
 #endif
 
 #define TF_ABI_VERSION 1
+#ifndef TF_PREFETCH
+#define TF_PREFETCH 1024  // bytes ahead of the codes being read: the hardware prefetcher alone falls behind
+#endif
 
 extern "C" {
 
@@ -310,6 +313,8 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
                 xb[t] = _mm512_set1_epi32(x4[1]);
             }
             for (int u = 0; u < NT; u++) {
+                _mm_prefetch((const char*)p[u] + TF_PREFETCH, _MM_HINT_T0);  // 2 chunks <= 128 B: one or two lines
+                if (BITS > 4) _mm_prefetch((const char*)p[u] + TF_PREFETCH + 64, _MM_HINT_T0);
                 const __m512i qa = unpack64<BITS>(p[u]), qb = unpack64<BITS>(p[u] + cb);
                 p[u] += 2 * cb;
                 for (int t = 0; t < MT; t++) {
