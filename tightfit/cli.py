@@ -18,6 +18,9 @@ examples:
   tightfit compress smollm2-135m --format w3g64 --method gptq --out out/smollm2-w3g64
   tightfit compress smollm2-135m --bpw 3.0 --out out/smollm2-3.0     (mixed precision, planned)
   tightfit plan smollm2-135m --max-size 80MB --out plan.json
+  tightfit plan smollm2-135m --bpw 4.0 --max-latency 8ms --out plan.json   (size and speed on this machine)
+  tightfit profile smollm2-135m --threads 2
+  tightfit pareto smollm2-135m --budgets 2.5,3,3.5,4 --method rtn --out pareto-smollm2
   tightfit eval out/smollm2-w3g64 --fast
   tightfit info out/smollm2-w3g64 --layers
   tightfit formats
@@ -64,6 +67,20 @@ def _size(text: str) -> int:
     return value
 
 
+def _latency_ms(text: str) -> float:
+    """'8ms', '8.5 ms', '750us' (or µs), '0.01s' -> milliseconds; a unit is required."""
+    import math
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(ms|us|µs|s)\s*", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected a latency per token with its unit, like 8ms, 8.5ms or 750us, got {text!r}")
+    value = float(m.group(1)) * {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3}[m.group(2)]
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"latency must be positive, got {text!r}")
+    return value
+
+
 def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-text", default="wiki", help="calibration text: 'wiki' (built in, its calibration part), a .txt or .jsonl file (default: wiki)")
     p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration windows (default 64)")
@@ -91,7 +108,13 @@ def _add_planner_flags(p: argparse.ArgumentParser) -> None:
                    help=f"planner: comma-separated candidate formats per layer (default {','.join(DEFAULT_CANDIDATES)})")
     p.add_argument("--slice-windows", type=int, default=1,
                    help="planner: held-back calibration windows for the measured sensitivity; 0 uses the Hessian proxy only (default 1)")
-    p.add_argument("--work", type=Path, default=None, help="planner: cache folder for Hessians and sensitivities (default .tightfit-cache/)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="planner: cache folder for Hessians, sensitivities and kernel timings (default .tightfit-cache/)")
+    p.add_argument("--max-latency", type=_latency_ms, default=None,
+                   help="planner: predicted decode time per token on this machine, e.g. 8ms or 750us; alone or with "
+                        "--bpw/--max-size. Profiles the kernels at --threads (global flag; cached in --work)")
+    p.add_argument("--predict-latency", action="store_true",
+                   help="planner: profile this machine and print each layer's predicted decode ms, without a latency limit")
 
 
 def _plan_request(args, budget) -> "PlanRequest":
@@ -105,8 +128,14 @@ def _plan_request(args, budget) -> "PlanRequest":
     for f in formats:
         parse_format(f)
     work = args.work or Path(".tightfit-cache")
+    profile = None
+    if args.max_latency is not None or args.predict_latency:
+        from tightfit.runtime.engine import default_threads
+        from tightfit.stages.profile import ProfileConfig
+
+        profile = ProfileConfig(threads=args.threads or default_threads())
     return PlanRequest(model=args.model, budget=budget, work=work, formats=formats, slice_windows=args.slice_windows,
-                       calibration=_calibration_config(args))
+                       calibration=_calibration_config(args), profile=profile)
 
 
 def _budget(args, loaded) -> "Budget":
@@ -118,10 +147,14 @@ def _budget(args, loaded) -> "Budget":
     from tightfit.stages.allocate import Budget
     from tightfit.stages.quantize import embedding_layers, kept_tensors
 
+    if args.bpw is None and args.max_size is None and args.max_latency is None:
+        raise TightfitError("the planner needs a budget: --bpw, --max-size or --max-latency (latency combines with either size)")
     if args.bpw is not None:
         if not 0 < args.bpw < 32:
             raise TightfitError(f"--bpw must lie between 0 and 32, got {args.bpw}")
-        return Budget(max_bpw=args.bpw)
+        return Budget(max_bpw=args.bpw, max_latency_ms=args.max_latency)
+    if args.max_size is None:
+        return Budget(max_latency_ms=args.max_latency)
     weights = {f"{loaded.arch.blocks}.{i}.{n}.weight" for i in range(loaded.model.config.num_hidden_layers) for n in loaded.arch.linear_names}
     fixed = HEADER_ALLOWANCE
     if args.embed_format is not None:
@@ -135,25 +168,32 @@ def _budget(args, loaded) -> "Budget":
             f"--max-size {args.max_size / 1e6:.1f} MB cannot be met: the unquantized tensors (embeddings, norms) alone "
             f"take {fixed / 1e6:.1f} MB"
         )
-    return Budget(max_bytes=args.max_size - fixed)
+    return Budget(max_bytes=args.max_size - fixed, max_latency_ms=args.max_latency)
 
 
 HEADER_ALLOWANCE = 200_000  # bytes of safetensors header reserved when budgeting a whole file
 
 
 def _print_plan(report) -> None:
-    plan, table = report.plan, report.sensitivity
-    print(f"{'layer':<40} {'format':<10} {'bytes':>9} {'bpw':>6} {'damage':>10}")
+    plan, table, latency = report.plan, report.sensitivity, report.latency
+    ms_head = f" {'ms':>8}" if latency is not None else ""
+    print(f"{'layer':<40} {'format':<10} {'bytes':>9} {'bpw':>6} {'damage':>10}{ms_head}")
     for name, fmt in plan.formats.items():
         n, k = table.shapes[name]
         b = table.nbytes[name][fmt.name]
-        print(f"{name:<40} {fmt.name:<10} {b:>9} {8 * b / (n * k):>6.2f} {table.damage(name, fmt):>10.2e}")
+        ms = f" {latency.decode_ms((n, k), fmt):>8.4f}" if latency is not None else ""
+        print(f"{name:<40} {fmt.name:<10} {b:>9} {8 * b / (n * k):>6.2f} {table.damage(name, fmt):>10.2e}{ms}")
     from collections import Counter
 
     mix = ", ".join(f"{f} x{c}" for f, c in Counter(f.name for f in plan.formats.values()).most_common())
     what = "KL increase on held-back text" if table.measured is not None else "Hessian proxy"
     print(f"plan for {plan.budget.describe()}: {plan.bits_per_weight:.3f} bits/weight, {plan.total_bytes / 1e6:.2f} MB of quantized layers; {mix}")
     print(f"damage = {what}; predicted total {plan.predicted_loss:.4g}")
+    if latency is not None and plan.predicted_latency_ms is not None:
+        fixed = plan.budget.fixed_latency_ms
+        print(f"predicted decode {plan.predicted_latency_ms:.3f} ms/token ({1e3 / plan.predicted_latency_ms:.1f} tok/s): "
+              f"layers {plan.predicted_latency_ms - fixed:.3f} ms + the rest (attention, norms, head) {fixed:.3f} ms; "
+              f"{latency.threads} threads on {latency.cpu}")
     agreement = table.rank_agreement()
     if agreement:
         print("proxy vs measured rank agreement (Spearman): " + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items()))
@@ -204,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder (config.json + *.safetensors)")
-    target = c.add_mutually_exclusive_group(required=True)
+    target = c.add_mutually_exclusive_group()
     target.add_argument("--format", help=FORMAT_HELP)
     target.add_argument("--bpw", type=float, help="mixed precision: average bits per weight of the quantized layers, every overhead counted (e.g. 3.0); runs the planner")
     target.add_argument("--max-size", type=_size, help="mixed precision: size of the whole packed tensor file, e.g. 60MB or 0.5GB (MB = 10^6 bytes); runs the planner")
@@ -222,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser(
         "plan",
-        help="choose one format per layer under a size budget and write the plan as JSON",
+        help="choose one format per layer under a size and/or latency budget and write the plan as JSON",
         description="Calibrate, collect each layer's Hessian, measure every layer's sensitivity to every candidate "
         "format (the GPTQ proxy, and the KL increase on held-back text when only that layer is quantized), then solve "
         "an integer program (HiGHS) for the plan with the least predicted damage within the budget. Measurements are "
@@ -231,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pl.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder")
-    budget = pl.add_mutually_exclusive_group(required=True)
+    budget = pl.add_mutually_exclusive_group()
     budget.add_argument("--bpw", type=float, help="average bits per weight of the quantized layers (e.g. 3.0)")
     budget.add_argument("--max-size", type=_size, help="size of the whole packed tensor file, e.g. 60MB")
     pl.add_argument("--out", type=Path, required=True, help="where to write the plan JSON")
@@ -323,6 +363,50 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model-name", default=None, help="the model's name in the API (default: the folder name)")
     _add_backend_flags(sv)
 
+    pr = sub.add_parser(
+        "profile",
+        help="time tightfit's kernels for every layer shape of MODEL in every candidate format on this machine",
+        description="For each distinct linear-layer shape of MODEL and each format (the planner's candidates plus "
+        "--formats), time one decode (1 row) and one prefill (64 rows) matmul of the kernel the engine runs for it: "
+        "a warm-up, then the median of 5 timed calls at fixed threads. SpQR formats have no fast kernel yet: the engine "
+        "runs them as dense fp32, so they are timed as such. Also measures the read bandwidth and the decode time of "
+        "everything but the linear layers (the whole model on the engine minus its layers). Timings are cached per "
+        "machine, thread count and kernel version in --work: a second run is instant.",
+        epilog="example:\n  tightfit profile smollm2-135m --threads 2 --out latency.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder")
+    pr.add_argument("--formats", default="", help="comma-separated formats to time besides the planner's default candidates")
+    pr.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's thread count)")
+    pr.add_argument("--out", type=Path, default=None, help="also write the latency table as JSON to this file")
+    pr.add_argument("--work", type=Path, default=None, help="cache folder of the timings (default .tightfit-cache/)")
+
+    pa = sub.add_parser(
+        "pareto",
+        help="size, decode speed and KL of MODEL compressed at several budgets: JSON, Markdown and a figure",
+        description="Compress MODEL in every candidate format uniformly and with the planner at each --budgets "
+        "bits/weight, then measure each packed model's size, decode tok/s on the fast engine and KL to the original "
+        "(plus the original itself in fp16). Writes DIR/pareto.json after every point (a rerun skips points already "
+        "there), DIR/pareto.md and DIR/pareto.png (needs matplotlib: pip install 'tightfit[bench]'). The packed "
+        "models stay in DIR/models/.",
+        epilog="example:\n  tightfit pareto smollm2-135m --budgets 2.5,3,3.5,4 --method rtn --out pareto-smollm2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pa.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder")
+    pa.add_argument("--budgets", default="2.5,3,3.5,4", help="comma-separated bits/weight budgets of the planned points (default 2.5,3,3.5,4)")
+    pa.add_argument("--out", type=Path, required=True, help="output folder")
+    pa.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="quantizer of every point (default gptq; rtn is faster)")
+    pa.add_argument("--eval-windows", type=_positive_int, default=None, help="evaluation windows for the KL (default 8)")
+    pa.add_argument("--text", default="wiki", help="evaluation text: 'wiki' (built in, its held-out part), a .txt or .jsonl file (default: wiki)")
+    pa.add_argument("--ctx", type=_positive_int, default=512, help="tokens per evaluation window (default 512)")
+    pa.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens decoded per speed run (default 64)")
+    pa.add_argument("--repeats", type=_positive_int, default=3, help="timed speed runs; the median is reported (default 3)")
+    pa.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's thread count)")
+    _add_calibration_flags(pa)
+    pa.add_argument("--candidates", default=None, help="comma-separated candidate formats, each also a uniform point (default: the planner's)")
+    pa.add_argument("--slice-windows", type=int, default=1, help="planner: held-back windows for the measured sensitivity (default 1)")
+    pa.add_argument("--work", type=Path, default=None, help="planner cache folder (default .tightfit-cache/)")
+
     b = sub.add_parser(
         "bench",
         help="measure prefill and decode speed of a packed model on this machine, with the roofline",
@@ -366,6 +450,12 @@ def _cmd_compress(args) -> int:
     from tightfit.pipeline import CompressRequest, compress, make_plan
     from tightfit.stages.allocate import Plan
 
+    given = [flag for flag, v in (("--format", args.format), ("--plan", args.plan)) if v is not None]
+    if given and (args.max_latency is not None or args.predict_latency):
+        flag = "--max-latency" if args.max_latency is not None else "--predict-latency"
+        raise TightfitError(f"{flag} is a planner budget; it does not combine with {given[0]} (use it with or instead of --bpw/--max-size)")
+    if not given and args.bpw is None and args.max_size is None and args.max_latency is None:
+        raise TightfitError("compress needs one of --format, --bpw, --max-size, --max-latency or --plan")
     loaded = plan = None
     if args.format is not None:
         fmt = parse_format(args.format)
@@ -582,6 +672,94 @@ def _open_backend(path: Path, engine: str, max_positions: int | None, threads: i
     return open_backend(path, engine=engine, max_positions=max_positions, threads=threads)
 
 
+def _cmd_profile(args) -> int:
+    from tightfit.formats.registry import parse_format
+    from tightfit.formats.table import QuantFormat
+    from tightfit.model import load_model
+    from tightfit.pipeline import DEFAULT_CANDIDATES, LATENCY_CACHE_FILE, linear_layer_shapes, profile_model
+    from tightfit.runtime.engine import default_threads
+    from tightfit.stages.profile import DENSE_KERNEL, ProfileConfig
+
+    names = list(DEFAULT_CANDIDATES) + [f.strip() for f in args.formats.split(",") if f.strip()]
+    formats = list(dict.fromkeys(parse_format(f) for f in names))
+    config = ProfileConfig(threads=args.threads or default_threads())
+    work = args.work or Path(".tightfit-cache")
+    _status(f"loading {args.model}")
+    loaded = load_model(args.model)
+    table = profile_model(loaded, formats, config, work, on_stage=_status)
+    layers = linear_layer_shapes(loaded)
+    count = {}
+    for shape in layers.values():
+        count[shape] = count.get(shape, 0) + 1
+    print(f"{'shape NxK':<12} {'layers':>6} {'format':<20} {'kernel':<12} {'decode ms':>10} {'GB/s':>6} {'prefill ms':>11}")
+    for e in table.entries:
+        fmt = parse_format(e.fmt)
+        nbytes = fmt.nbytes(*e.shape).total if isinstance(fmt, QuantFormat) else 4 * e.shape[0] * e.shape[1]
+        print(f"{e.shape[0]:>5}x{e.shape[1]:<6} {count[e.shape]:>6} {e.fmt:<20} {e.kernel:<12} {e.decode_ms:>10.4f} "
+              f"{nbytes / e.decode_ms / 1e6:>6.1f} {e.prefill_ms:>11.4f}")
+    print(f"decode = {table.decode_m} row, prefill = {table.prefill_m} rows per call; median of {config.repeats} timed calls "
+          f"after a warm-up; GB/s = bytes of the layer read per decode call")
+    if any(e.kernel == DENSE_KERNEL for e in table.entries):
+        print("SpQR formats have no fast kernel yet: the engine runs them as dense fp32, and that is what is timed")
+    print(f"read bandwidth    {table.bandwidth_gb_s:8.1f} GB/s ({table.threads} threads, {table.cpu})")
+    print(f"whole model       {table.model_decode_ms:8.3f} ms/token decode in {table.fixed_format} (short context)")
+    print(f"fixed part        {table.fixed_ms:8.3f} ms/token (attention, norms, embeddings, head = whole model - its layers)")
+    print(f"kernel            sha256 {table.kernel_sha256[:16]}...; timings cached in {work / LATENCY_CACHE_FILE}")
+    if args.out is not None:
+        from tightfit.formats.files import atomic_write_json
+
+        atomic_write_json(args.out, table.to_json())
+        print(f"latency table written to {args.out}")
+    return 0
+
+
+def _float_list(text: str, flag: str) -> tuple[float, ...]:
+    import math
+
+    values = []
+    for part in text.split(","):
+        try:
+            v = float(part)
+        except ValueError:
+            raise TightfitError(f"{flag} must be comma-separated numbers like 2.5,3,3.5, got {text!r}") from None
+        if not (math.isfinite(v) and 0 < v < 32):
+            raise TightfitError(f"{flag}: each budget must lie between 0 and 32 bits/weight, got {part.strip()!r}")
+        values.append(v)
+    return tuple(dict.fromkeys(values))
+
+
+def _cmd_pareto(args) -> int:
+    from tightfit import report as report_mod
+    from tightfit.evaluate import FAST_WINDOWS, EvalConfig
+    from tightfit.formats.registry import parse_format
+    from tightfit.model import load_model
+    from tightfit.pipeline import DEFAULT_CANDIDATES, ParetoRequest, pareto
+    from tightfit.runtime.engine import default_threads
+
+    budgets = _float_list(args.budgets, "--budgets")
+    formats = tuple(f.strip() for f in (args.candidates or ",".join(DEFAULT_CANDIDATES)).split(",") if f.strip())
+    for f in formats:
+        parse_format(f)
+    if args.slice_windows < 0:
+        raise TightfitError(f"--slice-windows must be 0 or more, got {args.slice_windows}")
+    request = ParetoRequest(
+        model=args.model, out=args.out, work=args.work or Path(".tightfit-cache"), threads=args.threads or default_threads(),
+        budgets=budgets, formats=formats, method=args.method, calibration=_calibration_config(args),
+        evaluation=EvalConfig(text=args.text, n_windows=args.eval_windows or FAST_WINDOWS, ctx=args.ctx),
+        slice_windows=args.slice_windows, new_tokens=args.new_tokens, repeats=args.repeats,
+    )
+    _status(f"loading {args.model}")
+    report = pareto(request, load_model(args.model), on_stage=_status)
+    print(report_mod.markdown(report), end="")
+    written = [report_mod.save_json(report, args.out), report_mod.save_markdown(report, args.out)]
+    try:
+        written.append(report_mod.save_figure(report, args.out))
+    except ImportError:
+        print("note: matplotlib is not installed, so no figure (pip install 'tightfit[bench]'); JSON and Markdown written")
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from tightfit.runtime.engine import FastBackend, default_threads
     from tightfit.runtime.speed import measure_bandwidth, measure_speed
@@ -717,7 +895,8 @@ def _cmd_serve(args) -> int:
 
 
 COMMANDS = {"compress": _cmd_compress, "plan": _cmd_plan, "eval": _cmd_eval, "info": _cmd_info, "formats": _cmd_formats,
-            "export": _cmd_export, "generate": _cmd_generate, "chat": _cmd_chat, "serve": _cmd_serve, "bench": _cmd_bench}
+            "export": _cmd_export, "generate": _cmd_generate, "chat": _cmd_chat, "serve": _cmd_serve, "bench": _cmd_bench,
+            "profile": _cmd_profile, "pareto": _cmd_pareto}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

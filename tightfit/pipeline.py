@@ -1,4 +1,4 @@
-"""The pipeline: load -> calibrate -> quantize -> pack -> evaluate, in that order.
+"""The pipeline: load -> calibrate -> profile -> sensitivity -> allocate -> quantize -> pack -> evaluate.
 
 Each stage's artifact is saved as soon as it exists: quantized blocks go to a work folder beside
 the output (`.NAME.work/`), so a killed run resumes after its last finished block; the packed
@@ -17,7 +17,7 @@ from typing import Callable
 
 from tightfit.artifacts import CalibrationConfig, CalibrationSet, QuantizeConfig, config_to_json
 from tightfit.errors import PackedModelError, TightfitError
-from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate
+from tightfit.evaluate import FAST_WINDOWS, EvalConfig, EvalResult, eval_windows, evaluate
 from tightfit.formats.files import atomic_write_json
 from tightfit.formats.packed import PackedModel, load_packed, read_manifest
 from tightfit.model import LoadedModel, load_model
@@ -25,8 +25,10 @@ from tightfit.runtime import build_model
 from tightfit.formats.registry import parse_format
 from tightfit.stages import allocate as allocate_stage
 from tightfit.stages import calibrate as calibrate_stage
+from tightfit.stages import profile as profile_stage
 from tightfit.stages import sensitivity as sensitivity_stage
 from tightfit.stages.allocate import Budget, Plan
+from tightfit.stages.profile import LatencyTable, ProfileConfig
 from tightfit.stages.sensitivity import SensitivityTable
 from tightfit.stages import pack as pack_stage
 from tightfit.stages import quantize as quantize_stage
@@ -83,6 +85,9 @@ class PlanRequest:
 
     slice_windows: held-back calibration windows on which each (layer, format) is measured
     (0: the Hessian proxy alone). Hessians and sensitivities are cached in `work`.
+    profile: how to time the layers on this machine (profile stage; timings cached in `work`).
+    None: profile only when the budget has a latency limit, then with ProfileConfig's defaults
+    at the engine's default thread count.
     """
 
     model: str
@@ -91,6 +96,7 @@ class PlanRequest:
     formats: tuple[str, ...] = DEFAULT_CANDIDATES
     calibration: CalibrationConfig = CalibrationConfig()
     slice_windows: int = 1
+    profile: ProfileConfig | None = None
     progress: bool = True
 
 
@@ -99,6 +105,45 @@ class PlanReport:
     plan: Plan
     sensitivity: SensitivityTable
     seconds: dict[str, float]
+    latency: LatencyTable | None = None
+
+
+LATENCY_CACHE_FILE = "latency.json"
+
+
+def linear_layer_shapes(loaded: LoadedModel) -> dict[str, tuple[int, int]]:
+    """Every quantized linear layer of the decoder blocks: name -> (out_features, in_features)."""
+    from tightfit.model import get_module
+    from tightfit.model.blocks import block_list
+
+    arch = loaded.arch
+    names = [f"{arch.blocks}.{i}.{n}" for i in range(len(block_list(loaded.model, arch))) for n in arch.linear_names]
+    return {n: tuple(get_module(loaded.model, n).weight.shape) for n in names}
+
+
+def uniform_rtn_packed(loaded: LoadedModel, fmt) -> PackedModel:
+    """The model packed uniformly in fmt, round to nearest without clipping search, in memory:
+    a stand-in with the right shapes and formats for timing (speed does not depend on values)."""
+    qmodel = quantize_stage.quantize_model(loaded, None, QuantizeConfig(fmt=fmt, method="rtn", clip_search=False), progress=False)
+    return pack_stage.pack(qmodel, loaded, None)
+
+
+def profile_model(loaded: LoadedModel, formats, config: ProfileConfig, work: Path,
+                  on_stage: Callable[[str], None] = lambda _: None) -> LatencyTable:
+    """The latency table of loaded's linear layers in formats on this machine, with the fixed
+    part of its decode time; timings are cached entry by entry in work/latency.json."""
+    cache = profile_stage.LatencyCache(Path(work) / LATENCY_CACHE_FILE)
+    return profile_stage.profile(
+        linear_layer_shapes(loaded), list(formats), config, cache,
+        architecture=profile_stage.architecture_key(loaded.model.config.to_dict()),
+        uniform_model=lambda fmt: uniform_rtn_packed(loaded, fmt), on_stage=on_stage,
+    )
+
+
+def default_profile_config() -> ProfileConfig:
+    from tightfit.runtime.engine import default_threads
+
+    return ProfileConfig(threads=default_threads())
 
 
 def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
@@ -109,6 +154,18 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
         on_stage(f"loading {request.model}")
         loaded = load_model(request.model)
     formats = [parse_format(f) for f in request.formats]
+    work = Path(request.work)
+    seconds["load"] = time.perf_counter() - t
+    latency = None
+    budget = request.budget
+    if request.profile is not None or budget.max_latency_ms is not None:
+        t = time.perf_counter()
+        config = request.profile or default_profile_config()
+        latency = profile_model(loaded, formats, config, work, on_stage)
+        budget = dataclasses.replace(budget, fixed_latency_ms=latency.fixed_ms)
+        seconds["profile"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     cal = request.calibration
     on_stage(f"calibration text: {cal.n_samples} + {request.slice_windows} held-back windows of {cal.seq_len} tokens")
     extended = calibrate_stage.calibrate(loaded.tokenizer, dataclasses.replace(cal, n_samples=cal.n_samples + request.slice_windows))
@@ -117,7 +174,6 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    work = Path(request.work)
     hessian_file = work / "hessians.safetensors"
     hessians = calibrate_stage.load_hessians(hessian_file, loaded, cal)
     if hessians is None:
@@ -143,13 +199,14 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
 
     t = time.perf_counter()
     choices = {
-        layer: [allocate_stage.LayerChoice(fmt=f, nbytes=table.nbytes[layer][f.name], sensitivity=table.damage(layer, f))
+        layer: [allocate_stage.LayerChoice(fmt=f, nbytes=table.nbytes[layer][f.name], sensitivity=table.damage(layer, f),
+                                           latency_ms=None if latency is None else latency.decode_ms(table.shapes[layer], f))
                 for f in formats]
         for layer in table.shapes
     }
-    plan = allocate_stage.allocate(table.shapes, choices, request.budget)
+    plan = allocate_stage.allocate(table.shapes, choices, budget)
     seconds["allocate"] = time.perf_counter() - t
-    return PlanReport(plan=plan, sensitivity=table, seconds=seconds)
+    return PlanReport(plan=plan, sensitivity=table, seconds=seconds, latency=latency)
 
 
 def work_dir_for(out: Path) -> Path:
@@ -254,3 +311,161 @@ def default_reference(path: Path) -> str | None:
     except TightfitError:
         return None
     return source.get("name")
+
+
+# ---- the Pareto sweep ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParetoRequest:
+    """Compress `model` at several points, measure each on this machine, save after each point.
+
+    budgets:   bits/weight budgets of planned (mixed) points; formats: the candidates, each also a
+               uniform point; method: quantizer of every point ("gptq" or "rtn")
+    out:       folder of pareto.json (resumed: points already in it are skipped) and models/
+    threads, prompt_tokens, new_tokens, repeats: the decode speed measurement (fast engine)
+    bandwidth_mb: buffer of the read-bandwidth measurement
+    """
+
+    model: str
+    out: Path
+    work: Path
+    threads: int
+    budgets: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
+    formats: tuple[str, ...] = DEFAULT_CANDIDATES
+    method: str = "gptq"
+    calibration: CalibrationConfig = CalibrationConfig()
+    evaluation: EvalConfig = EvalConfig(n_windows=FAST_WINDOWS)
+    slice_windows: int = 1
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    repeats: int = 3
+    bandwidth_mb: int = 1024
+    progress: bool = True
+
+
+def _pareto_settings(request: ParetoRequest, loaded: LoadedModel) -> dict:
+    return {
+        "model": request.model, "source_sha256": loaded.source.sha256(), "method": request.method,
+        "calibration": config_to_json(request.calibration), "slice_windows": request.slice_windows,
+        "candidates": list(request.formats), "eval_text": request.evaluation.text, "eval_windows": request.evaluation.n_windows,
+        "eval_ctx": request.evaluation.ctx, "threads": request.threads, "prompt_tokens": request.prompt_tokens,
+        "new_tokens": request.new_tokens, "repeats": request.repeats,
+    }
+
+
+def original_packed(loaded: LoadedModel) -> PackedModel:
+    """The unquantized model as a packed model: no quantized layers, every tensor in fp16."""
+    kept = quantize_stage.kept_tensors(loaded.model, set(), "fp16")
+    return PackedModel(layers={}, kept=kept, hf_config=loaded.model.config.to_dict(),
+                       tied=pack_stage.tied_names(loaded, list(kept)), info={"architecture": loaded.arch.name})
+
+
+def _speed(packed: PackedModel, request: ParetoRequest, bandwidth: float):
+    """(SpeedReport, bytes read per token) of a packed model on the fast engine."""
+    from tightfit.runtime.engine import FastBackend
+    from tightfit.runtime.speed import measure_speed
+
+    backend = FastBackend(packed, max_positions=request.prompt_tokens + request.new_tokens, threads=request.threads)
+    r = measure_speed(backend, prompt_tokens=request.prompt_tokens, new_tokens=request.new_tokens, repeats=request.repeats,
+                      threads=request.threads, weight_bytes=backend.weight_bytes, bandwidth_gb_s=bandwidth)
+    return r, backend.weight_bytes
+
+
+def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
+           on_stage: Callable[[str], None] = lambda _: None) -> "ParetoReport":
+    """The original, each candidate uniformly, and a plan per budget: one packed model each
+    (in out/models/), its size, decode speed and KL to the original. pareto.json is rewritten
+    after every point; points it already holds (same settings) are not measured again."""
+    from tightfit import report as report_mod
+    from tightfit.errors import InfeasibleBudget
+
+    if loaded is None:
+        on_stage(f"loading {request.model}")
+        loaded = load_model(request.model)
+    out = Path(request.out)
+    settings = _pareto_settings(request, loaded)
+    json_file = out / report_mod.JSON_FILE
+    if json_file.is_file():
+        try:
+            report = report_mod.ParetoReport.from_json(json.loads(json_file.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TightfitError(f"{json_file} cannot be resumed ({e}); use another --out or delete it") from None
+        if report.settings != settings:
+            differ = sorted(k for k in settings.keys() | report.settings.keys() if settings.get(k) != report.settings.get(k))
+            raise TightfitError(f"{json_file} was measured with other settings ({', '.join(differ)}); "
+                                "use another --out, or delete it to start over")
+        on_stage(f"resuming {json_file}: {len(report.points)} points done")
+    else:
+        on_stage(f"measuring read bandwidth ({request.threads} threads)")
+        from tightfit.runtime.speed import measure_bandwidth
+
+        report = report_mod.ParetoReport(settings=settings, bandwidth_gb_s=measure_bandwidth(request.threads, megabytes=request.bandwidth_mb))
+        report_mod.save_json(report, out)
+
+    def add(point) -> None:
+        nonlocal report
+        report = report.with_point(point)
+        report_mod.save_json(report, out)
+
+    name = "original (fp16)"
+    if name not in report.names():
+        on_stage(f"{name}: timing decode")
+        packed = original_packed(loaded)
+        r, read = _speed(packed, request, report.bandwidth_gb_s)
+        add(report_mod.ParetoPoint(name=name, kind="original", size_mb=packed.kept_bytes() / 1e6, read_mb=read / 1e6,
+                                   decode_tok_s=r.decode_tok_s, prefill_tok_s=r.prefill_tok_s, kl=0.0, top1=1.0))
+
+    def measure(name: str, kind: str, qconfig: QuantizeConfig, folder: str) -> None:
+        path = out / "models" / folder
+        on_stage(f"{name}: quantizing ({request.method}), packing to {path}")
+        result = compress(CompressRequest(model=request.model, out=path, quantize=qconfig, calibration=request.calibration,
+                                          evaluation=request.evaluation, progress=request.progress), loaded, on_stage=on_stage)
+        packed = load_packed(path)
+        on_stage(f"{name}: timing decode")
+        r, read = _speed(packed, request, report.bandwidth_gb_s)
+        ev = result.evaluation
+        add(report_mod.ParetoPoint(name=name, kind=kind, size_mb=result.summary.file_bytes / 1e6,
+                                   bits_per_weight=result.summary.bits_per_weight, read_mb=read / 1e6,
+                                   decode_tok_s=r.decode_tok_s, prefill_tok_s=r.prefill_tok_s, kl=ev.kl, top1=ev.top1, ppl=ev.ppl))
+
+    for text in request.formats:
+        fmt = parse_format(text)
+        name = f"uniform {fmt.name}"
+        if name not in report.names():
+            measure(name, "uniform", QuantizeConfig(fmt=fmt, method=request.method), f"uniform-{fmt.name}")
+
+    for bpw in request.budgets:
+        name = f"planned {bpw:.2f} bpw"
+        if name in report.names():
+            continue
+        plan_request = PlanRequest(model=request.model, budget=Budget(max_bpw=bpw), work=request.work, formats=request.formats,
+                                   calibration=request.calibration, slice_windows=request.slice_windows, progress=request.progress)
+        try:
+            plan = make_plan(plan_request, loaded, on_stage=on_stage).plan
+        except InfeasibleBudget as e:
+            on_stage(f"{name}: skipped, {e}")
+            add(report_mod.ParetoPoint(name=name, kind="planned", skipped=str(e)))
+            continue
+        from collections import Counter
+
+        fmt = Counter(plan.formats.values()).most_common(1)[0][0]
+        measure(name, "planned", QuantizeConfig(fmt=fmt, method=request.method, plan=dict(plan.formats)), f"planned-{bpw:.2f}")
+
+    original = next(p for p in report.points if p.kind == "original")
+    if original.ppl is None:
+        # The original's perplexity comes with every evaluated point (EvalResult.reference_ppl).
+        ref = _reference_ppl(out, report)
+        if ref is not None:
+            report = report_mod.ParetoReport(settings=report.settings, bandwidth_gb_s=report.bandwidth_gb_s, points=tuple(
+                dataclasses.replace(p, ppl=ref) if p is original else p for p in report.points))
+            report_mod.save_json(report, out)
+    return report
+
+
+def _reference_ppl(out: Path, report) -> float | None:
+    for folder in sorted((out / "models").glob("*/")):
+        eval_file = folder / EVAL_FILE
+        if eval_file.is_file():
+            return json.loads(eval_file.read_text())["result"].get("reference_ppl")
+    return None

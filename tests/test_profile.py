@@ -1,0 +1,270 @@
+"""Profile stage (latency table, its entry-level cache), latency budgets in plan/compress, and the
+Pareto report, on the tiny models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from tightfit.cli import _latency_ms, main
+from tightfit.errors import InfeasibleBudget
+from tightfit.formats.registry import parse_format
+from tightfit.model import load_model
+from tightfit.stages import profile as profile_stage
+from tightfit.stages.allocate import Budget
+from tightfit.stages.profile import DENSE_KERNEL, LatencyCache, LatencyEntry, LatencyTable, ProfileConfig
+
+# Fast settings for the real-engine tests: a small bandwidth buffer and short timed calls.
+FAST = ProfileConfig(threads=1, bandwidth_mb=16, min_repeat_s=0.0005, fixed_prompt=8, fixed_new_tokens=8, fixed_repeats=1)
+SHAPES = {"a": (64, 128), "b": (64, 128), "c": (128, 256)}
+
+
+@pytest.fixture()
+def fake_timers(monkeypatch):
+    """Count every measurement; return times that grow with bits and with the shape."""
+    calls = {"matmul": 0, "bandwidth": 0, "model": 0}
+
+    def time_matmul(w, m, *, threads=1, reps=100):
+        calls["matmul"] += 1
+        n, k = w.shape
+        return 1e-9 * n * k * (w.bits or 32) * m / threads
+
+    def bandwidth(config):
+        calls["bandwidth"] += 1
+        return 10.0
+
+    def model_ms(packed, config):
+        calls["model"] += 1
+        return 5.0
+
+    monkeypatch.setattr(profile_stage.kernels, "time_matmul", time_matmul)
+    monkeypatch.setattr(profile_stage, "measure_bandwidth_gb_s", bandwidth)
+    monkeypatch.setattr(profile_stage, "measure_model_decode_ms", model_ms)
+    return calls
+
+
+def _profile(tmp_path, formats=("w2g32", "w4g64"), config=FAST, model=True):
+    return profile_stage.profile(
+        SHAPES, [parse_format(f) for f in formats], config, LatencyCache(tmp_path / "latency.json"),
+        architecture="arch" if model else None, uniform_model=(lambda fmt: None) if model else None,
+    )
+
+
+def test_second_run_times_nothing_and_a_new_kernel_or_thread_count_retimes(tmp_path, fake_timers, monkeypatch):
+    first = _profile(tmp_path)
+    # 2 shapes x (2 formats + the fixed format w4g64, already a candidate) x (warm-up, probe, 5 repeats) x (decode, prefill)
+    assert fake_timers == {"matmul": 2 * 2 * 7 * 2, "bandwidth": 1, "model": 1}
+    again = _profile(tmp_path)
+    assert fake_timers == {"matmul": 56, "bandwidth": 1, "model": 1}, "a second run must be served from the cache"
+    assert again == first
+
+    monkeypatch.setattr(profile_stage, "kernel_hash", lambda: "another engine.cpp")
+    _profile(tmp_path)
+    assert fake_timers == {"matmul": 112, "bandwidth": 2, "model": 2}, "a changed kernel re-times every entry"
+
+    _profile(tmp_path, config=ProfileConfig(threads=2, bandwidth_mb=16))
+    assert fake_timers["matmul"] == 168 and fake_timers["model"] == 3, "another thread count re-times"
+    _profile(tmp_path, formats=("w2g32", "w4g64", "w3g64"))
+    assert fake_timers["matmul"] == 168 + 2 * 7 * 2, "only the new format's entries are timed"
+
+    monkeypatch.undo()  # the original kernel: its entries are still in the cache
+    monkeypatch.setattr(profile_stage.kernels, "time_matmul", lambda *a, **k: pytest.fail("timed a cached entry"))
+    assert _profile(tmp_path).entries == first.entries
+
+
+def test_fixed_part_is_model_time_minus_its_layers(tmp_path, fake_timers):
+    table = _profile(tmp_path)
+    layers_ms = table.layers_decode_ms(SHAPES, {name: "w4g64" for name in SHAPES})
+    assert table.model_decode_ms == 5.0 and table.fixed_format == "w4g64"
+    assert table.fixed_ms == pytest.approx(5.0 - layers_ms)
+    assert table.decode_ms((64, 128), "w4g64") == pytest.approx(1e-6 * 64 * 128 * 4)
+    assert table.entry((128, 256), parse_format("w2g32")).prefill_ms == pytest.approx(1e-6 * 128 * 256 * 2 * 64)
+    with pytest.raises(KeyError, match="no entry for a 32x32 layer in w2g32"):
+        table.decode_ms((32, 32), "w2g32")
+
+
+def test_spqr_formats_share_the_dense_kernel_entry(tmp_path, fake_timers):
+    table = _profile(tmp_path, formats=("spqr-w3g16-s3-o1.0", "spqr-w2g16-s3-o1.0"), model=False)
+    assert {e.kernel for e in table.entries} == {DENSE_KERNEL}
+    assert fake_timers["matmul"] == 2 * 7 * 2, "one dense timing per shape, whatever the SpQR recipe"
+    assert table.fixed_ms is None and table.model_decode_ms is None
+
+
+def test_latency_table_json_round_trip(tmp_path, fake_timers):
+    table = _profile(tmp_path, formats=("w2g32", "spqr-w3g16-s3-o1.0"))
+    again = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
+    assert again == table and again.entries == table.entries
+    assert again.decode_ms((64, 128), "spqr-w3g16-s3-o1.0") == table.decode_ms((64, 128), "spqr-w3g16-s3-o1.0")
+    with pytest.raises(ValueError, match="version 99"):
+        LatencyTable.from_json({**table.to_json(), "version": 99})
+    assert LatencyEntry.from_json(table.entries[0].to_json()) == table.entries[0]
+
+
+def test_a_corrupt_cache_is_remeasured(tmp_path, fake_timers):
+    (tmp_path / "latency.json").write_text("{not json")
+    _profile(tmp_path, model=False)
+    assert fake_timers["matmul"] > 0
+    assert json.loads((tmp_path / "latency.json").read_text())["version"] == profile_stage.CACHE_VERSION
+
+
+def test_profile_config_refuses_too_few_repeats_and_a_dense_fixed_format():
+    with pytest.raises(ValueError, match="at least 5"):
+        ProfileConfig(threads=1, repeats=3)
+    with pytest.raises(ValueError, match="fast kernel"):
+        ProfileConfig(threads=1, fixed_format="spqr-w3g16-s3-o1.0")
+
+
+def test_profile_of_a_tiny_llama_on_the_real_engine(tiny_model_dir, tmp_path, monkeypatch):
+    from tightfit.pipeline import linear_layer_shapes, profile_model
+
+    loaded = load_model(str(tiny_model_dir))
+    formats = [parse_format("w2g32"), parse_format("w4g64"), parse_format("spqr-w3g16-s3-o1.0")]
+    table = profile_model(loaded, formats, FAST, tmp_path)
+    shapes = set(linear_layer_shapes(loaded).values())
+    assert {(e.shape, e.fmt) for e in table.entries} == {(s, f.name) for s in shapes for f in formats}
+    assert all(e.decode_ms > 0 and e.prefill_ms > e.decode_ms for e in table.entries)
+    assert table.model_decode_ms > 0 and table.fixed_ms >= 0 and table.bandwidth_gb_s > 0
+    assert table.kernel_sha256 == profile_stage.kernel_hash() and table.threads == 1
+
+    monkeypatch.setattr(profile_stage.kernels, "time_matmul", lambda *a, **k: pytest.fail("timed a cached entry"))
+    monkeypatch.setattr(profile_stage, "measure_model_decode_ms", lambda *a: pytest.fail("re-timed the model"))
+    assert profile_model(loaded, formats, FAST, tmp_path) == table
+
+
+# ---- --max-latency ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, ms", [("8ms", 8.0), ("8.5 ms", 8.5), ("750us", 0.75), ("750µs", 0.75), ("0.01s", 10.0), ("2MS", 2.0)])
+def test_max_latency_units(text, ms):
+    assert _latency_ms(text) == pytest.approx(ms)
+
+
+@pytest.mark.parametrize("text", ["8", "fast", "8 kg", "-1ms", "0ms", "ms", "1e999ms"])
+def test_max_latency_refuses_bad_values(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="latency"):
+        _latency_ms(text)
+
+
+def test_max_latency_flag_error_exits_2(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", str(tiny_model_dir), "--max-latency", "8", "--out", str(tmp_path / "p.json")])
+    assert e.value.code == 2
+    assert "like 8ms, 8.5ms or 750us, got '8'" in capsys.readouterr().err
+
+
+def test_compress_refuses_a_latency_budget_with_a_fixed_format(tiny_model_dir, tmp_path, capsys):
+    rc = main(["compress", str(tiny_model_dir), "--format", "w4g32", "--max-latency", "8ms", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "does not combine with --format" in capsys.readouterr().err
+    rc = main(["plan", str(tiny_model_dir), "--out", str(tmp_path / "p.json")])
+    assert rc == 2 and "needs a budget" in capsys.readouterr().err
+
+
+# ---- latency budgets end to end -----------------------------------------------------------------
+
+
+def _plan_flags(tiny_text_file, work):
+    return ["--candidates", "w2g32,w4g64,spqr-w3g16-s3-o1.0", "--calib-text", str(tiny_text_file), "--calib-samples", "8",
+            "--calib-len", "64", "--slice-windows", "0", "--work", str(work)]
+
+
+def test_latency_budget_plan_meets_it_and_an_impossible_one_names_the_fastest(tiny_model_dir, tiny_text_file, tmp_path, capsys, monkeypatch):
+    from tightfit.pipeline import PlanRequest, make_plan
+
+    monkeypatch.setattr(profile_stage, "measure_bandwidth_gb_s", lambda config: 10.0)
+    work = tmp_path / "work"
+    # Profile through the CLI first (--predict-latency, a size budget): the table every later call reads from the cache.
+    assert main(["--threads", "1", "plan", str(tiny_model_dir), "--bpw", "8", "--predict-latency", "--out", str(tmp_path / "p0.json"),
+                 *_plan_flags(tiny_text_file, work)]) == 0
+    out = capsys.readouterr().out
+    assert "predicted decode" in out and " ms" in out.splitlines()[0]
+
+    loaded = load_model(str(tiny_model_dir))
+    config = ProfileConfig(threads=1)
+    formats = ("w2g32", "w4g64", "spqr-w3g16-s3-o1.0")
+    from tightfit.pipeline import linear_layer_shapes, profile_model
+
+    table = profile_model(loaded, [parse_format(f) for f in formats], config, work)
+    layers = linear_layer_shapes(loaded)
+    fastest = table.fixed_ms + sum(min(table.decode_ms(s, f) for f in formats) for s in layers.values())
+    slowest = table.fixed_ms + sum(max(table.decode_ms(s, f) for f in formats) for s in layers.values())
+    assert slowest > fastest  # the dense-fp32 SpQR candidate is slower than the quantized kernels
+    monkeypatch.setattr(profile_stage.kernels, "time_matmul", lambda *a, **k: pytest.fail("timed a cached entry"))
+
+    from tightfit.artifacts import CalibrationConfig
+
+    def plan(limit):
+        request = PlanRequest(model=str(tiny_model_dir), budget=Budget(max_latency_ms=limit), work=work, formats=formats,
+                              calibration=CalibrationConfig(text=str(tiny_text_file), n_samples=8, seq_len=64),
+                              slice_windows=0, profile=config, progress=False)
+        return make_plan(request, loaded)
+
+    limit = (fastest + slowest) / 2
+    report = plan(limit)
+    predicted = table.fixed_ms + sum(table.decode_ms(layers[n], f) for n, f in report.plan.formats.items())
+    assert report.plan.predicted_latency_ms == pytest.approx(predicted)
+    assert report.plan.predicted_latency_ms <= limit
+    assert report.plan.budget.fixed_latency_ms == table.fixed_ms and report.latency == table
+
+    with pytest.raises(InfeasibleBudget, match=r"the fastest possible is [0-9.]+ ms/token"):
+        plan(fastest * 0.9)
+
+    rc = main(["--threads", "1", "plan", str(tiny_model_dir), "--max-latency", "1us", "--out", str(tmp_path / "p.json"),
+               *_plan_flags(tiny_text_file, work)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("tightfit: error: budget 0.0 ms/token cannot be met: the fastest possible is")
+
+
+# ---- Pareto report ------------------------------------------------------------------------------
+
+
+def test_pareto_writes_one_row_per_point_and_resumes(tiny_model_dir, tiny_text_file, tmp_path, capsys, monkeypatch):
+    import tightfit.pipeline as pipeline
+    import tightfit.runtime.speed as speed
+
+    monkeypatch.setattr(speed, "measure_bandwidth", lambda threads, megabytes=1024, repeats=5: 10.0)
+    compressed = []
+    real_compress = pipeline.compress
+
+    def counting(request, *a, **k):
+        compressed.append(request.out.name)
+        return real_compress(request, *a, **k)
+
+    monkeypatch.setattr(pipeline, "compress", counting)
+    out = tmp_path / "pareto"
+    common = ["--candidates", "w2g32,w4g64", "--method", "rtn", "--eval-windows", "2", "--text", str(tiny_text_file),
+              "--ctx", "32", "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--calib-text", str(tiny_text_file),
+              "--calib-samples", "8", "--calib-len", "64", "--slice-windows", "0", "--work", str(tmp_path / "work"), "--out", str(out)]
+    assert main(["pareto", str(tiny_model_dir), "--budgets", "3.4", *common]) == 0
+    report = json.loads((out / "pareto.json").read_text())
+    names = [p["name"] for p in report["points"]]
+    assert names == ["original (fp16)", "uniform w2g32", "uniform w4g64", "planned 3.40 bpw"]
+    assert sorted(compressed) == ["planned-3.40", "uniform-w2g32", "uniform-w4g64"]
+    original, w2, w4, planned = report["points"]
+    assert original["kl"] == 0 and original["ppl"] is not None and original["size_mb"] > w4["size_mb"] > w2["size_mb"]
+    assert w2["kl"] > w4["kl"] > 0 and all(p["decode_tok_s"] > 0 and p["read_mb"] > 0 for p in report["points"])
+    assert w2["bits_per_weight"] < planned["bits_per_weight"] <= 3.4
+    md = (out / "pareto.md").read_text()
+    assert all(f"| {n} |" in md for n in names)
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert "matplotlib is not installed" in capsys.readouterr().out
+
+    # Resume: only the new budget is compressed; an infeasible one is recorded as skipped.
+    compressed.clear()
+    assert main(["pareto", str(tiny_model_dir), "--budgets", "3.4,3.0,1.0", *common]) == 0
+    assert compressed == ["planned-3.00"]
+    points = json.loads((out / "pareto.json").read_text())["points"]
+    assert [p["name"] for p in points] == names + ["planned 3.00 bpw", "planned 1.00 bpw"]
+    assert points[-1]["skipped"] and "cannot be met" in points[-1]["skipped"] and points[-1]["kl"] is None
+    assert "| planned 1.00 bpw | skipped:" in (out / "pareto.md").read_text()
+
+    capsys.readouterr()
+    rc = main(["pareto", str(tiny_model_dir), "--budgets", "3.4", *[c if c != "rtn" else "gptq" for c in common]])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "other settings (method)" in err

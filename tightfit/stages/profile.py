@@ -1,0 +1,366 @@
+"""Profile stage: how long each linear layer takes on this machine, in each candidate format.
+
+The allocate stage's latency row needs t[l, c], the decode time of layer l in format c, and T0,
+the time of everything else per token (attention, norms, embeddings, the output head). Both are
+measured with tightfit's own engine, the one that will run the model:
+
+  t[(N, K), c]  one [m, K] x [K, N] call of the kernel that runs format c, timed inside the C
+                library (`kernels.time_matmul`): a warm-up call, then the median of `repeats`
+                timed calls of back-to-back reps, at fixed threads, for decode (m = 1) and prefill
+                (m = 64). Weights are random and rounded to nearest without a clipping search:
+                a kernel's time does not depend on the values. Formats without a fast kernel
+                (SpQR) run as dense fp32 in the engine, so that is what they are timed as.
+  T0            decode ms per token of the whole model (`FastBackend`, uniform format
+                `fixed_format`, short context) minus the summed kernel times of its layers in
+                that format.
+
+Latency depends on the shape, not the layer, so each distinct (N, K) is timed once per format.
+Timings are cached entry by entry, keyed by machine (`cpu_fingerprint`), threads, kernel source
+(sha256 of engine.cpp), shape and kernel: a second run times nothing, and a changed kernel or
+thread count re-times exactly the entries measured under the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tightfit.formats.files import atomic_write_json
+from tightfit.formats.packed import PackedModel
+from tightfit.formats.primitives import quantize_rtn
+from tightfit.formats.registry import Format, parse_format
+from tightfit.formats.table import QuantFormat
+from tightfit.runtime import kernels
+from tightfit.runtime.kernels.build import SOURCE, cpu_fingerprint
+
+LATENCY_TABLE_VERSION = 1
+PROFILE_CONFIG_VERSION = 1
+CACHE_VERSION = 1
+DENSE_KERNEL = "dense-fp32"  # what the engine runs for a format without a fast kernel
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """How the profile is measured; the one home of its defaults.
+
+    threads:          CPU threads of every timed call (the engine's thread count)
+    decode_m:         activation rows of a decode call (one token)
+    prefill_m:        activation rows of a prefill call (one engine chunk of prompt tokens)
+    repeats:          timed calls per entry; the median is kept
+    min_repeat_s:     each timed call runs enough back-to-back reps to last at least this long
+    bandwidth_mb:     buffer size of the read-bandwidth measurement
+    fixed_format:     uniform format of the model whose decode time gives the fixed part
+    fixed_prompt:     prompt tokens before the timed decode of the fixed part
+    fixed_new_tokens: decoded tokens per timed run of the fixed part
+    fixed_repeats:    timed runs of the fixed part (after one warm-up); the median is kept
+    """
+
+    threads: int
+    decode_m: int = 1
+    prefill_m: int = 64
+    repeats: int = 5
+    min_repeat_s: float = 0.005
+    bandwidth_mb: int = 1024
+    fixed_format: str = "w4g64"
+    fixed_prompt: int = 32
+    fixed_new_tokens: int = 32
+    fixed_repeats: int = 3
+    version: int = PROFILE_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "decode_m", "prefill_m", "repeats", "bandwidth_mb", "fixed_prompt", "fixed_new_tokens", "fixed_repeats"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"profile {name} must be a whole number >= 1, got {v!r}")
+        if self.repeats < 5:
+            raise ValueError(f"profile repeats must be at least 5 for a stable median, got {self.repeats}")
+        if not (isinstance(self.min_repeat_s, (int, float)) and math.isfinite(self.min_repeat_s) and self.min_repeat_s > 0):
+            raise ValueError(f"profile min_repeat_s must be a positive number, got {self.min_repeat_s!r}")
+        if not isinstance(parse_format(self.fixed_format), QuantFormat):
+            raise ValueError(f"profile fixed_format must have a fast kernel (a uniform format), got {self.fixed_format!r}")
+
+
+def kernel_hash() -> str:
+    """sha256 of the engine source: identifies the kernels' version."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+
+
+def machine_id() -> str:
+    """Short hash of the CPU model and instruction sets (`cpu_fingerprint`)."""
+    return hashlib.sha256(cpu_fingerprint().encode()).hexdigest()[:16]
+
+
+def cpu_name() -> str:
+    return cpu_fingerprint().split("|", 1)[0]
+
+
+def kernel_of(fmt: Format) -> str:
+    """The kernel the engine runs for fmt: its own (named like it), or dense fp32 where it has none."""
+    return fmt.name if isinstance(fmt, QuantFormat) else DENSE_KERNEL
+
+
+@dataclass(frozen=True)
+class LatencyEntry:
+    """One (shape, format) of the table.
+
+    shape:      (N, K) = (out_features, in_features)
+    fmt:        format name
+    kernel:     the kernel that runs it (`kernel_of`): the format name, or `dense-fp32`
+    decode_ms:  ms per [decode_m, K] x [K, N] call
+    prefill_ms: ms per [prefill_m, K] x [K, N] call
+    """
+
+    shape: tuple[int, int]
+    fmt: str
+    kernel: str
+    decode_ms: float
+    prefill_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LatencyEntry:
+        return cls(shape=(int(d["shape"][0]), int(d["shape"][1])), fmt=d["fmt"], kernel=d["kernel"],
+                   decode_ms=float(d["decode_ms"]), prefill_ms=float(d["prefill_ms"]))
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Output of the profile stage: per-(shape, format) kernel latencies on one machine.
+
+    entries:          one per distinct layer shape and format
+    fixed_ms:         decode ms per token of everything but the linear layers (>= 0; None when
+                      not measured): model_decode_ms minus the fixed format's summed layer times
+    model_decode_ms:  measured decode ms per token of the whole model in fixed_format (None when
+                      not measured)
+    fixed_format:     the uniform format that model was quantized to
+    bandwidth_gb_s:   read bandwidth with `threads` threads (0 when not measured)
+    threads, decode_m, prefill_m: how the entries were timed
+    machine, cpu:     `machine_id()` and the CPU model name
+    kernel_sha256:    `kernel_hash()` of the engine the entries were timed with
+    """
+
+    entries: tuple[LatencyEntry, ...]
+    threads: int
+    decode_m: int
+    prefill_m: int
+    machine: str
+    cpu: str
+    kernel_sha256: str
+    bandwidth_gb_s: float = 0.0
+    fixed_ms: float | None = None
+    model_decode_ms: float | None = None
+    fixed_format: str | None = None
+    version: int = LATENCY_TABLE_VERSION
+    _index: dict = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {(e.shape, e.fmt): e for e in self.entries})
+
+    def entry(self, shape: tuple[int, int], fmt: Format | str) -> LatencyEntry:
+        name = fmt if isinstance(fmt, str) else fmt.name
+        key = ((int(shape[0]), int(shape[1])), name)
+        if key not in self._index:
+            raise KeyError(f"the latency table has no entry for a {shape[0]}x{shape[1]} layer in {name}; profile it first")
+        return self._index[key]
+
+    def decode_ms(self, shape: tuple[int, int], fmt: Format | str) -> float:
+        return self.entry(shape, fmt).decode_ms
+
+    def layers_decode_ms(self, layers: Mapping[str, tuple[int, int]], formats: Mapping[str, Format | str]) -> float:
+        """Summed decode ms of the layers (name -> shape), each in formats[name]."""
+        return sum(self.decode_ms(shape, formats[name]) for name, shape in layers.items())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "entries": [e.to_json() for e in self.entries], "threads": self.threads,
+            "decode_m": self.decode_m, "prefill_m": self.prefill_m, "machine": self.machine, "cpu": self.cpu,
+            "kernel_sha256": self.kernel_sha256, "bandwidth_gb_s": self.bandwidth_gb_s, "fixed_ms": self.fixed_ms,
+            "model_decode_ms": self.model_decode_ms, "fixed_format": self.fixed_format,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LatencyTable:
+        if not isinstance(d, dict) or d.get("version") != LATENCY_TABLE_VERSION:
+            got = d.get("version") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"latency table JSON has version {got!r}; this tightfit reads version {LATENCY_TABLE_VERSION}")
+        fields = {k: v for k, v in d.items() if k not in ("version", "entries")}
+        return cls(entries=tuple(LatencyEntry.from_json(e) for e in d["entries"]), **fields)
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def _random_matrix(shape: tuple[int, int], fmt: Format) -> kernels.KernelMatrix:
+    """A [N, K] matrix in the layout the engine gives fmt (see FastBackend._matrix)."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))  # [N, K] fp32
+    if isinstance(fmt, QuantFormat):
+        return kernels.from_quantized(quantize_rtn(w, fmt, clip_search=False))
+    return kernels.from_dense(w)
+
+
+def time_call_ms(w: kernels.KernelMatrix, m: int, config: ProfileConfig) -> float:
+    """Median ms of one [m, K] x W^T call: a warm-up, then `repeats` timed calls of enough
+    back-to-back reps to last min_repeat_s each."""
+    first = kernels.time_matmul(w, m, threads=config.threads, reps=1)  # warm-up: pages, caches, thread pool
+    probe = kernels.time_matmul(w, m, threads=config.threads, reps=3)
+    reps = max(1, min(10_000, math.ceil(config.min_repeat_s / max(min(first, probe), 1e-9))))
+    runs = [kernels.time_matmul(w, m, threads=config.threads, reps=reps) for _ in range(config.repeats)]
+    return 1e3 * statistics.median(runs)
+
+
+# ---- cache --------------------------------------------------------------------------------------
+
+
+class LatencyCache:
+    """Timings on disk, one JSON file, entry by entry: key -> value. Keys name everything a
+    timing depends on (machine, threads, kernel source, shape, kernel, rows), so entries from
+    other machines, thread counts or kernel versions stay, unused, beside the current ones."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.values: dict[str, Any] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                data = None  # unreadable cache: re-measure, and overwrite it on save
+            if isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("values"), dict):
+                self.values = data["values"]
+
+    def get(self, key: str) -> Any:
+        return self.values.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self.values[key] = value
+        if self.path is not None:
+            atomic_write_json(self.path, {"version": CACHE_VERSION, "values": self.values})
+
+
+def _scope(config: ProfileConfig) -> str:
+    return f"machine={machine_id()}|threads={config.threads}|kernel={kernel_hash()[:16]}"
+
+
+def entry_key(config: ProfileConfig, shape: tuple[int, int], kernel: str) -> str:
+    return f"matmul|{_scope(config)}|{shape[0]}x{shape[1]}|{kernel}|m={config.decode_m},{config.prefill_m}"
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+
+def profile_layers(
+    shapes: Sequence[tuple[int, int]],
+    formats: Sequence[Format],
+    config: ProfileConfig,
+    cache: LatencyCache,
+    *,
+    on_entry: Callable[[str], None] = lambda _: None,
+) -> list[LatencyEntry]:
+    """One entry per distinct shape and format, from the cache where it has one, else timed."""
+    entries = []
+    for shape in sorted({(int(n), int(k)) for n, k in shapes}):
+        for fmt in dict.fromkeys(formats):
+            kernel = kernel_of(fmt)
+            key = entry_key(config, shape, kernel)
+            cached = cache.get(key)
+            if cached is None:
+                on_entry(f"{shape[0]}x{shape[1]} {kernel}")
+                w = _random_matrix(shape, fmt)
+                cached = {"decode_ms": time_call_ms(w, config.decode_m, config), "prefill_ms": time_call_ms(w, config.prefill_m, config)}
+                cache.put(key, cached)
+            entries.append(LatencyEntry(shape=shape, fmt=fmt.name, kernel=kernel, decode_ms=float(cached["decode_ms"]),
+                                        prefill_ms=float(cached["prefill_ms"])))
+    return entries
+
+
+def measure_model_decode_ms(packed: PackedModel, config: ProfileConfig) -> float:
+    """Decode ms per token of a packed model on the engine: a short prompt, then greedy tokens."""
+    from tightfit.runtime.engine import FastBackend
+    from tightfit.runtime.speed import measure_speed
+
+    backend = FastBackend(packed, max_positions=config.fixed_prompt + config.fixed_new_tokens, threads=config.threads)
+    report = measure_speed(backend, prompt_tokens=config.fixed_prompt, new_tokens=config.fixed_new_tokens,
+                           repeats=config.fixed_repeats, threads=config.threads)
+    return report.decode_ms
+
+
+def measure_bandwidth_gb_s(config: ProfileConfig) -> float:
+    from tightfit.runtime.speed import measure_bandwidth
+
+    return measure_bandwidth(config.threads, megabytes=config.bandwidth_mb)
+
+
+def architecture_key(hf_config: Mapping[str, Any]) -> str:
+    """Hash of a model's configuration: the fixed part depends on the architecture, not on weights."""
+    text = json.dumps(dict(hf_config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def profile(
+    layers: Mapping[str, tuple[int, int]],
+    formats: Sequence[Format],
+    config: ProfileConfig,
+    cache: LatencyCache,
+    *,
+    architecture: str | None = None,
+    uniform_model: Callable[[Format], PackedModel] | None = None,
+    on_stage: Callable[[str], None] = lambda _: None,
+) -> LatencyTable:
+    """The latency table of a model's linear layers (name -> (N, K)) in `formats`.
+
+    architecture, uniform_model: when given, also the fixed part: uniform_model(fmt) builds the
+    model packed uniformly in fmt (only called when the cache lacks the measurement), and
+    `architecture` (`architecture_key` of its config) keys the cached result.
+    Bandwidth is measured (or read from the cache) every time.
+    """
+    if not layers:
+        raise ValueError("no layers to profile")
+    fixed_fmt = parse_format(config.fixed_format)
+    wanted = list(formats) + ([fixed_fmt] if uniform_model is not None else [])
+    n_missing = sum(
+        cache.get(entry_key(config, s, kernel_of(f))) is None
+        for s in {tuple(v) for v in layers.values()} for f in dict.fromkeys(wanted)
+    )
+    if n_missing:
+        on_stage(f"timing {n_missing} (shape, kernel) entries at {config.threads} threads (cached in {cache.path})")
+    entries = profile_layers(list(layers.values()), wanted, config, cache)
+
+    key = f"bandwidth|{_scope(config)}|mb={config.bandwidth_mb}"
+    bandwidth = cache.get(key)
+    if bandwidth is None:
+        on_stage(f"measuring read bandwidth ({config.threads} threads)")
+        bandwidth = measure_bandwidth_gb_s(config)
+        cache.put(key, bandwidth)
+
+    fixed_ms = model_ms = None
+    if uniform_model is not None:
+        if architecture is None:
+            raise ValueError("the fixed part needs the model's architecture key")
+        key = (f"model|{_scope(config)}|arch={architecture}|{fixed_fmt.name}|"
+               f"ctx={config.fixed_prompt}+{config.fixed_new_tokens}")
+        model_ms = cache.get(key)
+        if model_ms is None:
+            on_stage(f"timing decode of the whole model in {fixed_fmt.name} for the non-linear remainder")
+            model_ms = measure_model_decode_ms(uniform_model(fixed_fmt), config)
+            cache.put(key, model_ms)
+        by_shape = {e.shape: e.decode_ms for e in entries if e.fmt == fixed_fmt.name}
+        linear_ms = sum(by_shape[tuple(s)] for s in layers.values())
+        # Timer noise can make the difference slightly negative on a small model; it is a time, so >= 0.
+        fixed_ms = max(float(model_ms) - linear_ms, 0.0)
+
+    return LatencyTable(
+        entries=tuple(e for e in entries if e.fmt in {f.name for f in formats}),
+        threads=config.threads, decode_m=config.decode_m, prefill_m=config.prefill_m, machine=machine_id(), cpu=cpu_name(),
+        kernel_sha256=kernel_hash(), bandwidth_gb_s=float(bandwidth), fixed_ms=fixed_ms,
+        model_decode_ms=None if model_ms is None else float(model_ms),
+        fixed_format=fixed_fmt.name if uniform_model is not None else None,
+    )
