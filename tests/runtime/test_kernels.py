@@ -38,6 +38,19 @@ def test_quantized_kernels_match_reference(name, portable):
 
 
 @pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("name", ["w2g64", "w3g32-sym", "w4g16", "w5pc", "w8g128"])
+def test_exact_mode_multiplies_fp32_activations(name, portable):
+    g = torch.Generator().manual_seed(7)
+    for n, k in SHAPES:
+        q = quantize_rtn(torch.randn(n, k, generator=g), QuantFormat.parse(name))
+        w = kernels.from_quantized(q, torch.randn(n, generator=g))
+        x = torch.randn(3, k, generator=g) * 3
+        ref = x.double() @ q.dequantize().double().T + w.bias.double()
+        y = kernels.matmul(w, x, threads=2, portable=portable, exact=True)
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, (n, k)
+
+
+@pytest.mark.parametrize("portable", BUILDS)
 def test_activation_quantization_is_block_int8(portable):
     x = torch.randn(3, 100) * torch.logspace(-2, 2, 100)
     xd = kernels.quantize_activations(x, portable=portable)

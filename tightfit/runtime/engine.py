@@ -45,7 +45,7 @@ class TfLayer(ctypes.Structure):
 class TfConfig(ctypes.Structure):
     _fields_ = [
         *[(f, ctypes.c_int32) for f in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "inter", "vocab",
-                                         "max_pos", "max_batch", "threads")],
+                                         "max_pos", "max_batch", "threads", "exact")],
         ("eps", ctypes.c_float),
         ("attn_scale", ctypes.c_float),
         ("rope_cos", ctypes.c_void_p),
@@ -89,10 +89,14 @@ def _rope_tables(config, max_positions: int, head_dim: int) -> tuple[torch.Tenso
 
 
 class FastBackend:
-    """The compiled engine with a KV cache of `max_positions` tokens (see module docstring)."""
+    """The compiled engine with a KV cache of `max_positions` tokens (see module docstring).
+
+    exact: quantized matmuls multiply the fp32 activations instead of their int8 blocks (about 3x
+    slower; then only fp32 summation order and the fp16 KV cache separate it from the reference).
+    """
 
     def __init__(self, packed: PackedModel, *, max_positions: int = 2048, threads: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, exact: bool = False) -> None:
         config = _hf_config(packed)
         window = getattr(config, "sliding_window", None)
         if window is not None and getattr(config, "use_sliding_window", True) and max_positions > window:
@@ -137,7 +141,7 @@ class FastBackend:
         self._config = TfConfig(
             n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
             inter=int(config.intermediate_size), vocab=self.vocab_size, max_pos=self.max_positions,
-            max_batch=self.max_batch, threads=self.threads, eps=float(config.rms_norm_eps),
+            max_batch=self.max_batch, threads=self.threads, exact=int(exact), eps=float(config.rms_norm_eps),
             attn_scale=head_dim ** -0.5, rope_cos=cos.data_ptr(), rope_sin=sin.data_ptr(),
             embed=embed.struct(), head=head.struct(),
             final_norm=self._vector(packed, "model.norm.weight"), layers=layers,

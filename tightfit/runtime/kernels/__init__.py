@@ -14,7 +14,7 @@ __all__ = ["KernelMatrix", "from_dense", "from_quantized", "matmul", "time_matmu
 
 def _lib(portable: bool) -> ctypes.CDLL:
     lib = load(portable)
-    lib.tf_matmul.argtypes = [ctypes.POINTER(TfMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.tf_matmul.argtypes = [ctypes.POINTER(TfMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.tf_dequant_rows.argtypes = [ctypes.POINTER(TfMat), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.tf_quantize_activations.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.tf_read_seconds.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
@@ -29,13 +29,14 @@ def has_avx512(portable: bool = False) -> bool:
     return bool(_lib(portable).tf_has_avx512())
 
 
-def matmul(w: KernelMatrix, x: torch.Tensor, *, threads: int = 1, portable: bool = False) -> torch.Tensor:
-    """x [M, K] fp32 -> y [M, N] = x W^T (+ bias) with the kernel of w's kind."""
+def matmul(w: KernelMatrix, x: torch.Tensor, *, threads: int = 1, portable: bool = False, exact: bool = False) -> torch.Tensor:
+    """x [M, K] fp32 -> y [M, N] = x W^T (+ bias) with the kernel of w's kind; quantized kernels take
+    int8 block-32 activations, or (exact) the fp32 activations themselves."""
     n, k = w.shape
     x = x.to(torch.float32).contiguous()
     assert x.dim() == 2 and x.shape[1] == k, f"x must be [M, {k}], got {tuple(x.shape)}"
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    _lib(portable).tf_matmul(ctypes.byref(w.struct()), x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+    _lib(portable).tf_matmul(ctypes.byref(w.struct()), x.data_ptr(), x.shape[0], y.data_ptr(), threads, int(exact))
     return y
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from tightfit.errors import KernelUnavailable
 
 SOURCE = Path(__file__).with_name("engine.cpp")
-ABI_VERSION = 1  # must equal TF_ABI_VERSION in engine.cpp
+ABI_VERSION = 2  # must equal TF_ABI_VERSION in engine.cpp
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = ("-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 

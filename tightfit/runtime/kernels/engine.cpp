@@ -38,9 +38,21 @@
 #define TF_AVX512 0
 #endif
 
-#define TF_ABI_VERSION 1
+#define TF_ABI_VERSION 2
+// Tuning knobs, chosen by measurement (bench/kernel_ab.py: variants built side by side, timed
+// round-robin in one process; SmolLM2-135M w4g32-sym, 2-core Zen 5, 2026-11-23):
+//   TF_PREFETCH      software prefetch distance in bytes; 1024 vs 0: 162 vs 140 tok/s at 1 thread,
+//                    207 vs 194 at 2 threads (512-2048 alike)
+//   TF_DECODE_TILES  row tiles sharing each activation broadcast at decode; 2 vs 1: 105 vs 140 tok/s
+//   TF_TWO_CHAINS    two vpdpbusd accumulators per tile; 136 vs 140 tok/s (no gain)
 #ifndef TF_PREFETCH
-#define TF_PREFETCH 1024  // bytes ahead of the codes being read: the hardware prefetcher alone falls behind
+#define TF_PREFETCH 1024
+#endif
+#ifndef TF_DECODE_TILES
+#define TF_DECODE_TILES 1
+#endif
+#ifndef TF_TWO_CHAINS
+#define TF_TWO_CHAINS 0
 #endif
 
 extern "C" {
@@ -73,6 +85,7 @@ typedef struct {
     int32_t max_pos;    // KV cache capacity
     int32_t max_batch;  // most tokens per forward call
     int32_t threads;
+    int32_t exact;      // 1: quantized matmuls take fp32 activations (reference-exact, slower)
     float eps;          // RMSNorm epsilon
     float attn_scale;   // softmax scale, head_dim^-0.5
     const float* rope_cos;  // [max_pos, head_dim/2]
@@ -194,7 +207,8 @@ struct QAct {  // x [M, K] quantized per token in blocks of 32 (see header)
     std::vector<float> sx;     // [M, Kp/32]
     std::vector<float> psum;   // [M, Kp/16]: sx_b * sum of xq over each 16 columns
     std::vector<float> xs;     // [M, G]: per-group sums for the zero term (filled per matrix)
-    const float* x = nullptr;  // the fp32 input [M, K] (dense matrices)
+    const float* x = nullptr;  // the fp32 input [M, K] (dense matrices, exact mode)
+    bool exact = false;        // quantized matrices multiply x itself (fp32), not its int8 blocks
 };
 
 static void quantize_act(const float* x, int M, int K, QAct& a) {
@@ -227,6 +241,11 @@ static void quantize_act(const float* x, int M, int K, QAct& a) {
 static void group_sums(const tf_mat& W, QAct& a) {
     if (W.kind != TF_QUANT) return;  // dense matrices multiply the exact activations
     a.xs.assign((size_t)a.M * W.G, 0.f);
+    if (a.exact) {
+        for (int m = 0; m < a.M; m++)
+            for (int j = 0; j < a.K; j++) a.xs[(size_t)m * W.G + std::min(j / W.group, W.G - 1)] += a.x[(size_t)m * a.K + j];
+        return;
+    }
     const int np = a.Kp / 16;
     for (int m = 0; m < a.M; m++)
         for (int p = 0; p < np; p++) {
@@ -319,7 +338,11 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
                 p[u] += 2 * cb;
                 for (int t = 0; t < MT; t++) {
                     ia[u][t] = _mm512_dpbusd_epi32(ia[u][t], qa, xa[t]);
+#if TF_TWO_CHAINS
                     ib[u][t] = _mm512_dpbusd_epi32(ib[u][t], qb, xb[t]);
+#else
+                    ia[u][t] = _mm512_dpbusd_epi32(ia[u][t], qb, xb[t]);
+#endif
                 }
             }
         }
@@ -347,7 +370,7 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
 // rows [n0, n1), n0 a multiple of 16; at one token two tiles share each activation broadcast
 template <int BITS, int MT, bool BF16>
 static void quant_rows_t(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
-    constexpr int NT = MT == 1 ? 2 : 1;
+    constexpr int NT = MT == 1 ? TF_DECODE_TILES : 1;
     const int t1 = (n1 + 15) / 16;
     int T = n0 / 16;
     for (; T + NT <= t1; T += NT) quant_tile<BITS, MT, NT, BF16>(W, a, m0, T, y);
@@ -358,6 +381,51 @@ template <int BITS, int MT>
 static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
     if (W.scale_bf16) quant_rows_t<BITS, MT, true>(W, a, m0, n0, n1, y);
     else quant_rows_t<BITS, MT, false>(W, a, m0, n0, n1, y);
+}
+
+// Exact mode: the same tiles multiplied by the fp32 activations (codes converted to fp32 per
+// column of each chunk); slower, bit-for-bit the dequantized weight times x up to summation order.
+template <int BITS, bool BF16>
+static void quant_tile_exact(const tf_mat& W, const QAct& a, int m, int T, float* y) {
+    const int nq = W.Kp / 4, cb = 8 * BITS, K = a.K;
+    const int seg = W.group < 32 && W.G > 1 ? W.group : 32;
+    const uint8_t* p = W.codes + (size_t)T * nq * cb;
+    const uint16_t* st = W.scales + (size_t)T * W.G * 16;
+    const float* x = a.x + (size_t)m * K;
+    __m512 acc = _mm512_setzero_ps(), s = load16_scales<BF16>(st);
+    int g = 0, next = W.group;
+    for (int c0 = 0; c0 < W.Kp; c0 += seg) {
+        if (c0 >= next && g + 1 < W.G) { g++; next += W.group; s = load16_scales<BF16>(st + (size_t)g * 16); }
+        __m512 f = _mm512_setzero_ps();
+        for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
+            const __m512i q = unpack64<BITS>(p);
+            for (int c = 0; c < 4; c++) {
+                const int col = 4 * k4 + c;
+                if (col >= K) break;
+                __m512 qc = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(q, 8 * c), _mm512_set1_epi32(0xff)));
+                f = _mm512_fmadd_ps(qc, _mm512_set1_ps(x[col]), f);
+            }
+        }
+        acc = _mm512_fmadd_ps(s, f, acc);
+    }
+    const uint8_t* zt = W.zeros + (size_t)T * W.G * 16;
+    for (int gi = 0; gi < W.G; gi++) {
+        __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + (size_t)gi * 16))));
+        acc = _mm512_fnmadd_ps(_mm512_mul_ps(load16_scales<BF16>(st + (size_t)gi * 16), z), _mm512_set1_ps(a.xs[(size_t)m * W.G + gi]), acc);
+    }
+    const int n0 = 16 * T, valid = std::min(16, W.N - n0);
+    const __mmask16 mk = (__mmask16)((1u << valid) - 1);
+    const __m512 b = W.bias ? _mm512_maskz_loadu_ps(mk, W.bias + n0) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(y + (size_t)m * W.N + n0, mk, _mm512_add_ps(acc, b));
+}
+
+template <int BITS>
+static void quant_rows_exact(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
+    for (int m = 0; m < a.M; m++)
+        for (int T = n0 / 16; 16 * T < n1; T++) {
+            if (W.scale_bf16) quant_tile_exact<BITS, true>(W, a, m, T, y);
+            else quant_tile_exact<BITS, false>(W, a, m, T, y);
+        }
 }
 
 template <int MT>
@@ -431,6 +499,17 @@ static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
 static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
     if (n0 >= n1) return;
 #if TF_AVX512
+    if (a.exact && W.kind == TF_QUANT) {
+        switch (W.bits) {
+            case 2: quant_rows_exact<2>(W, a, n0, n1, y); break;
+            case 3: quant_rows_exact<3>(W, a, n0, n1, y); break;
+            case 4: quant_rows_exact<4>(W, a, n0, n1, y); break;
+            case 5: quant_rows_exact<5>(W, a, n0, n1, y); break;
+            case 6: quant_rows_exact<6>(W, a, n0, n1, y); break;
+            default: quant_rows_exact<8>(W, a, n0, n1, y); break;
+        }
+        return;
+    }
     for (int m0 = 0; m0 < a.M; m0 += 4) {
         const int mt = std::min(4, a.M - m0);
         if (W.kind != TF_QUANT) {
@@ -457,7 +536,7 @@ static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y
 #undef TF_BITS_CASE
     }
 #else
-    if (W.kind != TF_QUANT) dense_rows_scalar(W, a, 0, a.M, n0, n1, y);
+    if (W.kind != TF_QUANT || a.exact) dense_rows_scalar(W, a, 0, a.M, n0, n1, y);
     else quant_rows_scalar(W, a, 0, a.M, n0, n1, y);
 #endif
 }
@@ -473,8 +552,9 @@ static inline void share(int N, int tid, int nth, int& n0, int& n1) {
 extern "C" {
 
 // y [M, N] = x [M, K] W^T (+ bias), with `threads` threads (the kernel a layer runs with).
-void tf_matmul(const tf_mat* W, const float* x, int M, float* y, int threads) {
+void tf_matmul(const tf_mat* W, const float* x, int M, float* y, int threads, int exact) {
     QAct a;
+    a.exact = exact != 0;
     quantize_act(x, M, W->K, a);
     if (W->kind == TF_QUANT) group_sums(*W, a);
 #pragma omp parallel num_threads(threads)
@@ -728,6 +808,7 @@ int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         QAct& a = e.acts[tid];
+        a.exact = c.exact != 0;
         // Every thread keeps its own copy of the residual stream and norms/quantizes the whole
         // (small) input itself; threads meet only where one needs rows another one computed.
         std::vector<float>& res = e.res[tid];  // [M, hidden]
