@@ -154,6 +154,29 @@ def test_written_file_decodes_to_our_weights(packed_tiny, tmp_path, model_type, 
     assert "assistant" in meta["tokenizer.chat_template"]
 
 
+def test_unquantized_model_exports_as_all_f32(packed_tiny, tmp_path):
+    """A packed model with no quantized layer (every tensor kept in fp32, e.g. an original to hand to
+    llama.cpp's quantizer) writes F32 tensors and general.file_type ALL_F32 (0, a falsy enum value)."""
+    from tightfit.formats.packed import PackedModel
+
+    packed_dir = packed_tiny("llama", "w4g32-sym")
+    packed = load_packed(packed_dir)
+    kept = {name: t.float() for name, t in packed.kept.items()}
+    kept.update({f"{layer}.weight": q.dequantize() for layer, q in packed.layers.items()})
+    original = PackedModel(layers={}, kept=kept, hf_config=packed.hf_config, tied=packed.tied, info=packed.info)
+    report = export_gguf(packed_dir, tmp_path / "f32.gguf", packed=original)
+    assert {t.target_type for t in report.tensors} == {"F32"}
+    assert _metadata(tmp_path / "f32.gguf")["general.file_type"] == int(gguf.LlamaFileType.ALL_F32) == 0
+    written = _written_weights(tmp_path / "f32.gguf")
+    by_name = {t.name: t.target_name for t in report.tensors}
+    layer = next(iter(packed.layers))
+    got = written[by_name[f"{layer}.weight"]]
+    if layer.endswith(("q_proj", "k_proj")):
+        heads = packed.hf_config["num_attention_heads" if layer.endswith("q_proj") else "num_key_value_heads"]
+        got = got[np.argsort(rope_row_permutation(got.shape[0], heads))]
+    np.testing.assert_array_equal(got, kept[f"{layer}.weight"].numpy())
+
+
 def test_tied_head_is_not_written(packed_tiny, tmp_path):
     """A tied head shares token_embd (llama.cpp uses it when `output` is absent)."""
     packed = load_packed(packed_tiny("qwen2", "w4g32-sym"))

@@ -368,7 +368,9 @@ def _ftype(types: list[str]) -> int:
     import gguf
 
     common = Counter(types).most_common(1)[0][0] if types else "F32"
-    return {"F32": gguf.LlamaFileType.ALL_F32}.get(common) or gguf.LlamaFileType[f"MOSTLY_{common}"]
+    if common == "F32":  # ALL_F32 is 0: test for it by name, not by truth value
+        return gguf.LlamaFileType.ALL_F32
+    return gguf.LlamaFileType[f"MOSTLY_{common}"]
 
 
 def export_gguf(packed_dir: Path, out: Path, *, packed: PackedModel | None = None) -> ExportReport:
