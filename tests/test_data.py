@@ -15,7 +15,7 @@ from tightfit.data import DEFAULT_TEXT, TextCorpus, load_text, split_documents, 
 from tightfit.data.text import DOC_SEPARATOR, EVAL_SHARE_PERCENT, WIKI_PACKAGE
 from tightfit.errors import TextSourceError
 
-from conftest import tiny_corpus
+from tiny_models import tiny_corpus
 
 
 def _synthetic_docs(n: int) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL_TYPES
+from tiny_models import TINY_MODEL_TYPES
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig
 from tightfit.evaluate import EvalConfig, evaluate

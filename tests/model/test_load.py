@@ -30,7 +30,7 @@ from tightfit.model import (
 from tightfit.model import load as load_module
 from tightfit.model.checkpoint_files import gguf_expected_size
 
-from conftest import TINY_MODEL_TYPES
+from tiny_models import TINY_MODEL_TYPES
 
 MakeTinyModel = Callable[[str, Path], Path]
 SUPPORTED = "gemma3_text, llama, mistral, phi3, qwen2"
