@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_results  # noqa: E402
 
+from tightfit.formats.packed import load_packed  # noqa: E402
 from tightfit.model.load import load_model, resolve_source  # noqa: E402
 from tightfit.runtime.engine import FastBackend  # noqa: E402
 from tightfit.runtime.speed import measure_bandwidth, random_prompt, report, time_once  # noqa: E402
@@ -122,7 +123,7 @@ def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: boo
         print(f"[{threads} threads] read bandwidth {bandwidth:.1f} GB/s", flush=True)
         engines = []  # (engine, model, size MB, backend, weight bytes)
         for fmt, folder in tf_models.items():
-            b = FastBackend(load_packed_quiet(folder), max_positions=prompt + new, threads=threads)
+            b = FastBackend(load_packed(folder), max_positions=prompt + new, threads=threads)
             engines.append(("tightfit", fmt, folder_mb(folder), b, b.weight_bytes))
         for t, path in ll_models.items():
             engines.append(("llama.cpp", t, path.stat().st_size / 1e6, LlamaCppBackend(path, threads, prompt + new),
@@ -148,12 +149,6 @@ def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: boo
             show(rows[-1])
         del engines
     return {"machine": machine_info(), "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats, "rows": rows}
-
-
-def load_packed_quiet(folder: Path):
-    from tightfit.formats.packed import load_packed
-
-    return load_packed(folder)
 
 
 def folder_mb(folder: Path) -> float:

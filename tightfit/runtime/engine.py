@@ -105,11 +105,6 @@ class FastBackend:
         if limit is not None and max_positions > limit:
             max_positions = int(limit)
         self._lib = load()
-        self._lib.tf_engine_create.restype = ctypes.c_void_p
-        self._lib.tf_engine_create.argtypes = [ctypes.POINTER(TfConfig)]
-        self._lib.tf_engine_free.argtypes = [ctypes.c_void_p]
-        self._lib.tf_engine_forward.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int, ctypes.c_int,
-                                                ctypes.c_void_p, ctypes.c_int]
         self.vocab_size = int(config.vocab_size)
         self.max_positions = int(max_positions)
         self.max_batch = int(max_batch)
@@ -146,7 +141,7 @@ class FastBackend:
             embed=embed.struct(), head=head.struct(),
             final_norm=self._vector(packed, "model.norm.weight"), layers=layers,
         )
-        self._engine = self._lib.tf_engine_create(ctypes.byref(self._config))
+        self._engine = self._lib.tf_engine_create(ctypes.addressof(self._config))
         self._logits = torch.empty(self.max_batch, self.vocab_size, dtype=torch.float32)
         self._logits_ptr = self._logits.data_ptr()
         self._ids_c = (ctypes.c_int32 * self.max_batch)()

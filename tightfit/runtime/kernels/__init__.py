@@ -7,21 +7,13 @@ import ctypes
 import torch
 
 from tightfit.runtime.kernels.build import load
-from tightfit.runtime.kernels.layout import KernelMatrix, TfMat, from_dense, from_quantized
+from tightfit.runtime.kernels.layout import KernelMatrix, from_dense, from_quantized
 
 __all__ = ["KernelMatrix", "from_dense", "from_quantized", "matmul", "time_matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512"]
 
 
 def _lib(portable: bool) -> ctypes.CDLL:
-    lib = load(portable)
-    lib.tf_matmul.argtypes = [ctypes.POINTER(TfMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    lib.tf_dequant_rows.argtypes = [ctypes.POINTER(TfMat), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.tf_quantize_activations.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.tf_read_seconds.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
-    lib.tf_read_seconds.restype = ctypes.c_double
-    lib.tf_time_matmul.argtypes = [ctypes.POINTER(TfMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    lib.tf_time_matmul.restype = ctypes.c_double
-    return lib
+    return load(portable)  # built, loaded and declared once per process (build.load is cached)
 
 
 def has_avx512(portable: bool = False) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 from tightfit.errors import KernelUnavailable
 
 SOURCE = Path(__file__).with_name("engine.cpp")
-ABI_VERSION = 2  # must equal TF_ABI_VERSION in engine.cpp
+ABI_VERSION = 3  # must equal TF_ABI_VERSION in engine.cpp
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = ("-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
@@ -85,4 +85,24 @@ def load(portable: bool = False) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build(PORTABLE_FLAGS if portable else NATIVE_FLAGS)))
     if lib.tf_abi_version() != ABI_VERSION:
         raise KernelUnavailable(f"kernel library ABI {lib.tf_abi_version()} != {ABI_VERSION}; delete {cache_dir()}")
+    declare(lib)
     return lib
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """Argument and result types of every exported function (mirrors engine.cpp's extern "C" part)."""
+    from tightfit.runtime.kernels.layout import TfMat
+
+    mat, ptr, i32, f64 = ctypes.POINTER(TfMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    lib.tf_matmul.argtypes = [mat, ptr, i32, ptr, i32, i32]
+    lib.tf_time_matmul.argtypes = [mat, ptr, i32, ptr, i32, i32]
+    lib.tf_time_matmul.restype = f64
+    lib.tf_dequant_rows.argtypes = [mat, i32, i32, ptr]
+    lib.tf_quantize_activations.argtypes = [ptr, i32, i32, ptr]
+    lib.tf_read_seconds.argtypes = [ptr, ctypes.c_size_t, i32, i32]
+    lib.tf_read_seconds.restype = f64
+    lib.tf_engine_create.argtypes = [ptr]
+    lib.tf_engine_create.restype = ptr
+    lib.tf_engine_free.argtypes = [ptr]
+    lib.tf_engine_forward.argtypes = [ptr, ctypes.POINTER(ctypes.c_int32), i32, i32, ptr, i32]
+    lib.tf_engine_profile.argtypes = [ptr, ptr]

@@ -38,7 +38,7 @@
 #define TF_AVX512 0
 #endif
 
-#define TF_ABI_VERSION 2
+#define TF_ABI_VERSION 3
 // Tuning knobs, chosen by measurement (bench/kernel_ab.py: variants built side by side, timed
 // round-robin in one process; SmolLM2-135M w4g32-sym, 2-core Zen 5, 2026-11-23):
 //   TF_PREFETCH      software prefetch distance in bytes; 1024 vs 0: 162 vs 140 tok/s at 1 thread,
@@ -65,7 +65,7 @@ typedef struct {
     int32_t Kp;     // K padded to a multiple of 32 (quant)
     int32_t bits;   // code bits (quant)
     int32_t group;  // group width along K; K for per channel (quant)
-    int32_t G, Gs;  // groups per row; Gs unused (kept for the ABI)
+    int32_t G;      // groups per row
     int32_t scale_bf16;  // scales are bf16 (1) or fp16 (0)
     const uint8_t* codes;    // [Np/16, Kp/4, 8*bits]
     const uint16_t* scales;  // [Np/16, G, 16]

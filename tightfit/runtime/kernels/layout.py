@@ -42,7 +42,6 @@ class TfMat(ctypes.Structure):
         ("bits", ctypes.c_int32),
         ("group", ctypes.c_int32),
         ("G", ctypes.c_int32),
-        ("Gs", ctypes.c_int32),
         ("scale_bf16", ctypes.c_int32),
         ("codes", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
@@ -98,7 +97,7 @@ class KernelMatrix:
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         return TfMat(
             kind=self.kind, N=n, K=k, Kp=-(-k // K_ALIGN) * K_ALIGN, bits=self.bits, group=self.group,
-            G=self.groups, Gs=self.groups, scale_bf16=int(self.scale_bf16),
+            G=self.groups, scale_bf16=int(self.scale_bf16),
             codes=ptr(self.codes), scales=ptr(self.scales), zeros=ptr(self.zeros), dense=ptr(self.dense), bias=ptr(self.bias),
         )
 
