@@ -27,7 +27,8 @@ from tightfit.stages import allocate as allocate_stage
 from tightfit.stages import calibrate as calibrate_stage
 from tightfit.stages import profile as profile_stage
 from tightfit.stages import sensitivity as sensitivity_stage
-from tightfit.stages.allocate import Budget, Plan
+from tightfit.algorithms.evopress import EvolutionConfig
+from tightfit.stages.allocate import Budget, Plan, Refinement
 from tightfit.stages.profile import LatencyTable, ProfileConfig
 from tightfit.stages.sensitivity import SensitivityTable
 from tightfit.stages import pack as pack_stage
@@ -88,6 +89,9 @@ class PlanRequest:
     profile: how to time the layers on this machine (profile stage; timings cached in `work`).
     None: profile only when the budget has a latency limit, then with ProfileConfig's defaults
     at the engine's default thread count.
+    refine: EvoPress search from the MILP plan on the real KL of whole plans over refine_windows
+    held-back windows (the first one screens children); None: the MILP plan as it is. The refined
+    plan is cached in `work` too.
     """
 
     model: str
@@ -97,15 +101,21 @@ class PlanRequest:
     calibration: CalibrationConfig = CalibrationConfig()
     slice_windows: int = 1
     profile: ProfileConfig | None = None
+    refine: EvolutionConfig | None = None
+    refine_windows: int = 4
     progress: bool = True
 
 
 @dataclass
 class PlanReport:
+    """plan: the refined plan when refinement ran, else the MILP plan (milp_plan)."""
+
     plan: Plan
     sensitivity: SensitivityTable
     seconds: dict[str, float]
     latency: LatencyTable | None = None
+    milp_plan: Plan | None = None
+    refinement: Refinement | None = None
 
 
 LATENCY_CACHE_FILE = "latency.json"
@@ -167,10 +177,11 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
 
     t = time.perf_counter()
     cal = request.calibration
-    on_stage(f"calibration text: {cal.n_samples} + {request.slice_windows} held-back windows of {cal.seq_len} tokens")
-    extended = calibrate_stage.calibrate(loaded.tokenizer, dataclasses.replace(cal, n_samples=cal.n_samples + request.slice_windows))
+    held_back = max(request.slice_windows, request.refine_windows if request.refine is not None else 0)
+    on_stage(f"calibration text: {cal.n_samples} + {held_back} held-back windows of {cal.seq_len} tokens")
+    extended = calibrate_stage.calibrate(loaded.tokenizer, dataclasses.replace(cal, n_samples=cal.n_samples + held_back))
     calibration = CalibrationSet(config=cal, tokens=extended.tokens[: cal.n_samples])
-    slice_tokens = extended.tokens[cal.n_samples :] if request.slice_windows else None
+    slice_tokens = extended.tokens[cal.n_samples : cal.n_samples + request.slice_windows] if request.slice_windows else None
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -206,7 +217,34 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     }
     plan = allocate_stage.allocate(table.shapes, choices, budget)
     seconds["allocate"] = time.perf_counter() - t
-    return PlanReport(plan=plan, sensitivity=table, seconds=seconds, latency=latency)
+    refinement = None
+    if request.refine is not None:
+        t = time.perf_counter()
+        windows = extended.tokens[cal.n_samples : cal.n_samples + request.refine_windows]
+        refinement = _refine(plan, table, choices, request, loaded, hessians, windows, key, on_stage)
+        seconds["refine"] = time.perf_counter() - t
+    return PlanReport(plan=plan if refinement is None else refinement.plan, sensitivity=table, seconds=seconds,
+                      latency=latency, milp_plan=plan, refinement=refinement)
+
+
+def _refine(plan: Plan, table: SensitivityTable, choices, request: PlanRequest, loaded: LoadedModel, hessians, windows,
+            sensitivity_key: dict, on_stage: Callable[[str], None]) -> Refinement:
+    """EvoPress from the MILP plan, cached in work/refined.json by everything it depends on."""
+    key = {"sensitivity": sensitivity_key, "start": plan.to_json(), "config": config_to_json(request.refine),
+           "refine_windows": request.refine_windows}
+    path = Path(request.work) / "refined.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    for entry in cached.get("entries", []):
+        if entry.get("key") == key:
+            return Refinement.from_json(entry["refinement"])
+    cfg = request.refine
+    on_stage(f"refining the plan (EvoPress): {cfg.generations} generations x {cfg.offspring} children, KL on "
+             f"{windows.shape[0]} held-back windows")
+    with sensitivity_stage.PlanLoss(loaded, hessians, windows, screen_windows=1) as plan_loss:
+        refinement = allocate_stage.refine(plan, table.shapes, choices, plan_loss.loss, cfg, progress=request.progress)
+    entries = [e for e in cached.get("entries", []) if e.get("key") != key][-15:]
+    atomic_write_json(path, {"entries": entries + [{"key": key, "refinement": refinement.to_json()}]})
+    return refinement
 
 
 def work_dir_for(out: Path) -> Path:

@@ -9,10 +9,14 @@ its inputs in the original model:
             per token is the damage. The blocks before the layer are not recomputed: their cached
             outputs are replayed.
 The report says how well the proxy ranks layers (Spearman, per format) against the measurement.
+
+`PlanLoss` measures whole plans the same way (every layer quantized in its plan's format), the
+real objective that the allocate stage's EvoPress refinement optimizes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -131,3 +135,100 @@ def measure_sensitivity(
         formats=tuple(formats), shapes=shapes, nbytes=nbytes, proxy=proxy, measured=measured,
         slice_tokens=0 if slice_tokens is None else int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1)),
     )
+
+
+class PlanLoss:
+    """KL(original || model) per token on held-back windows [S, T] with every layer quantized
+    (GPTQ, original-model Hessians, as the quantize stage does with them) in the format a plan
+    gives it: `loss(formats, level)`, level 0 on the first `screen_windows` windows, level 1 on all.
+
+    Quantized layers are computed on first use and kept as codes. The block inputs of the best
+    plan scored at level 1 so far (the anchor: in EvoPress, the parent) are kept too, so a plan
+    that differs from it only from block b on runs blocks b.. alone. Use as a context manager:
+    the model's original weights are put back on exit.
+    """
+
+    def __init__(self, loaded: LoadedModel, hessians: HessianSet, windows: torch.Tensor, *, screen_windows: int = 1,
+                 damp: float = 0.01) -> None:
+        assert windows.dim() == 2 and windows.dtype == torch.int64, (windows.shape, windows.dtype)
+        if not 1 <= screen_windows <= windows.shape[0]:
+            raise ValueError(f"screen_windows must lie in 1 .. {windows.shape[0]}, got {screen_windows}")
+        self.loaded, self.hessians, self.windows, self.damp = loaded, hessians, windows, damp
+        self.screen_windows = screen_windows
+        model, arch = loaded.model, loaded.arch
+        self.blocks = block_list(model, arch)
+        names = [f"{arch.blocks}.{i}.{n}" for i in range(len(self.blocks)) for n in arch.linear_names]
+        self.block_of = {n: int(n[len(arch.blocks) + 1 :].split(".", 1)[0]) for n in names}
+        self.original = {n: get_module(model, n).weight.data.clone() for n in names}
+        self.current: dict[str, Format] = {}  # layers now holding quantized weights in the model
+        self.cache: dict[tuple[str, Format], object] = {}
+        with torch.no_grad():
+            self.logp = F.log_softmax(model(input_ids=windows, use_cache=False).logits[:, :-1].float(), dim=-1)  # [S, T-1, V]
+            self.hidden0 = capture_block_inputs(model, arch, windows, batch_size=windows.shape[0]).hidden[0]  # [S, T, C]
+        self.anchor: tuple[dict[str, Format], list[torch.Tensor], float] | None = None
+
+    def __enter__(self) -> "PlanLoss":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for name in list(self.current):
+            get_module(self.loaded.model, name).weight.data.copy_(self.original[name])
+        self.current.clear()
+
+    def _load(self, formats: Mapping[str, Format]) -> None:
+        for name, fmt in formats.items():
+            if self.current.get(name) != fmt:
+                key = (name, fmt)
+                if key not in self.cache:
+                    self.cache[key] = gptq_quantize(self.original[name], self.hessians.hessians[name], fmt, damp=self.damp).quantized
+                get_module(self.loaded.model, name).weight.data.copy_(self.cache[key].dequantize())
+                self.current[name] = fmt
+
+    def _first_changed_block(self, formats: Mapping[str, Format]) -> int:
+        if self.anchor is None:
+            return 0
+        changed = [self.block_of[n] for n, f in formats.items() if self.anchor[0].get(n) != f]
+        changed += [self.block_of[n] for n in self.anchor[0] if n not in formats]
+        return min(changed, default=len(self.blocks))
+
+    @torch.no_grad()
+    def loss(self, formats: Mapping[str, Format], level: int = 1) -> float:
+        unknown = [n for n in formats if n not in self.original]
+        if unknown:
+            raise ValueError(f"not linear layers of this model: {unknown[:3]}")
+        self.restore_missing(formats)
+        self._load(formats)
+        n = self.windows.shape[0] if level >= 1 else self.screen_windows
+        start = self._first_changed_block(formats)
+        model, arch = self.loaded.model, self.loaded.arch
+        inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
+        hooks = []
+        if level >= 1:
+            def record(i):
+                def hook(module, args, kwargs):
+                    inputs[i] = args[0] if args else kwargs["hidden_states"]
+                return hook
+            hooks = [self.blocks[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(start, len(self.blocks))]
+        try:
+            if start == 0:
+                logits = model(input_ids=self.windows[:n], use_cache=False).logits
+            else:
+                with replay_blocks(model, arch, start, self.anchor[1][start][:n]):
+                    logits = model(input_ids=self.windows[:n], use_cache=False).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        kl = _kl_per_token(self.logp[:n], logits)
+        if level >= 1 and (self.anchor is None or kl < self.anchor[2]):
+            hidden = [self.anchor[1][i] if i < start else inputs[i] for i in range(len(self.blocks))]
+            self.anchor = (dict(formats), hidden, kl)
+        return kl
+
+    def restore_missing(self, formats: Mapping[str, Format]) -> None:
+        """Layers quantized for an earlier plan that this plan leaves original."""
+        for name in [n for n in self.current if n not in formats]:
+            get_module(self.loaded.model, name).weight.data.copy_(self.original[name])
+            del self.current[name]
