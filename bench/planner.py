@@ -73,6 +73,7 @@ def main() -> None:
     refined, refine_seconds, slice_kl = {}, {}, {}
     with PlanLoss(loaded, hessians, windows, screen_windows=1) as plan_loss:
         for b, p in plans.items():
+            plan_loss.reset_anchor()
             slice_kl[f"plan {b}"] = plan_loss.loss(p.formats, 1)
             if args.refine:
                 t = time.perf_counter()

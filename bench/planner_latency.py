@@ -8,7 +8,8 @@ the candidates allow (`--fractions` of that range), using the sensitivities benc
 measured (cached in the same folder). Each plan, and each candidate format uniformly, is packed
 (round to nearest: speed does not depend on the values) and its decode time measured on the
 engine exactly as the profile's fixed part was (a 32-token prompt, then 32 greedy tokens), all
-models round-robin in one process, `--repeats` runs each; the median is reported. Run it alone:
+models round-robin in one process, `--repeats` runs each; the median is reported. Embeddings and
+head are w8g32-sym in every model (`--embed-format`), profile included. Run it alone:
 a concurrent process wrecks 2-thread timings on a 2-core machine.
 """
 
@@ -24,24 +25,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_results  # noqa: E402
 
-from tightfit.artifacts import QuantizeConfig  # noqa: E402
 from tightfit.formats.registry import parse_format  # noqa: E402
 from tightfit.model import DEFAULT_MODEL, load_model  # noqa: E402
-from tightfit.pipeline import PlanRequest, linear_layer_shapes, make_plan, profile_model  # noqa: E402
+from tightfit.pipeline import PlanRequest, linear_layer_shapes, make_plan, profile_model, uniform_rtn_packed  # noqa: E402
 from tightfit.runtime.engine import FastBackend  # noqa: E402
 from tightfit.runtime.speed import random_prompt, time_once  # noqa: E402
-from tightfit.stages import pack as pack_stage  # noqa: E402
-from tightfit.stages import quantize as quantize_stage  # noqa: E402
 from tightfit.stages.allocate import Budget  # noqa: E402
 from tightfit.stages.profile import ProfileConfig  # noqa: E402
 
 WORK = Path(__file__).resolve().parents[1] / ".cache" / "planner"
 TOLERANCE = 0.10  # the issue's bar: measured decode within 10 % of the budget
-
-
-def packed_rtn(loaded, plan_formats: dict | None, fmt):
-    config = QuantizeConfig(fmt=fmt, method="rtn", clip_search=False, plan=plan_formats)
-    return pack_stage.pack(quantize_stage.quantize_model(loaded, None, config, progress=False), loaded, None)
 
 
 def main() -> None:
@@ -52,11 +45,14 @@ def main() -> None:
     ap.add_argument("--candidates", default="w2g64,w2g32,w3g128,w3g64,w3g32,w4g128", help="as bench/planner.py")
     ap.add_argument("--fractions", default="0.2,0.4,0.6,0.8", help="budgets: fractions of the range fastest .. slowest plan")
     ap.add_argument("--bpw", default="2.5,3.0,3.5", help="also time the bits/weight plans of bench/planner.py (integer program)")
+    ap.add_argument("--embed-format", default="w8g32-sym", help="embeddings and head of every model, as bench/speed.py (Q8_0-like)")
     args = ap.parse_args()
 
     loaded = load_model(args.model)
     formats = [parse_format(f) for f in args.candidates.split(",")]
-    config = ProfileConfig(threads=args.threads)
+    config = ProfileConfig(threads=args.threads, embed_format=args.embed_format)
+    embed = parse_format(args.embed_format) if args.embed_format else None
+    packed_rtn = lambda plan, fmt: uniform_rtn_packed(loaded, fmt, embed, plan)  # noqa: E731
     t = time.perf_counter()
     latency = profile_model(loaded, formats, config, WORK, on_stage=print)
     profile_s = time.perf_counter() - t
@@ -72,18 +68,18 @@ def main() -> None:
                               profile=config, progress=False)
         plan = make_plan(request, loaded, on_stage=print).plan
         mix = dict(Counter(f.name for f in plan.formats.values()))
-        models[f"plan <= {b:.2f} ms"] = (packed_rtn(loaded, dict(plan.formats), formats[0]), plan.predicted_latency_ms, b,
+        models[f"plan <= {b:.2f} ms"] = (packed_rtn(dict(plan.formats), formats[0]), plan.predicted_latency_ms, b,
                                          {"bits_per_weight": plan.bits_per_weight, "mix": mix})
     for b in [float(x) for x in args.bpw.split(",") if x]:
         request = PlanRequest(model=args.model, budget=Budget(max_bpw=b), work=WORK, formats=tuple(args.candidates.split(",")),
                               profile=config, progress=False)
         plan = make_plan(request, loaded, on_stage=print).plan
         mix = dict(Counter(f.name for f in plan.formats.values()))
-        models[f"plan <= {b} bpw"] = (packed_rtn(loaded, dict(plan.formats), formats[0]), plan.predicted_latency_ms, None,
+        models[f"plan <= {b} bpw"] = (packed_rtn(dict(plan.formats), formats[0]), plan.predicted_latency_ms, None,
                                       {"bits_per_weight": plan.bits_per_weight, "mix": mix})
     for f in formats:
         predicted = latency.fixed_ms + latency.layers_decode_ms(shapes, {n: f for n in shapes})
-        models[f"uniform {f.name}"] = (packed_rtn(loaded, None, f), predicted, None, {"bits_per_weight": None, "mix": {f.name: len(shapes)}})
+        models[f"uniform {f.name}"] = (packed_rtn(None, f), predicted, None, {"bits_per_weight": None, "mix": {f.name: len(shapes)}})
 
     prompt_tokens, new_tokens = config.fixed_prompt, config.fixed_new_tokens
     backends = {name: FastBackend(m[0], max_positions=prompt_tokens + new_tokens, threads=args.threads) for name, m in models.items()}
@@ -113,7 +109,9 @@ def main() -> None:
         f"Machine: {payload['machine']['cpu']}, {args.threads} threads; read bandwidth {latency.bandwidth_gb_s:.1f} GB/s. "
         f"Prediction = profiled kernel ms of each layer in its format + the fixed part ({latency.fixed_ms:.3f} ms: "
         f"the whole model's decode in {latency.fixed_format} minus its layers' kernel ms). Measured: decode ms/token after a "
-        f"{prompt_tokens}-token prompt, {new_tokens} tokens, median of {args.repeats} runs, all models round-robin in one process.",
+        f"{prompt_tokens}-token prompt, {new_tokens} tokens, median of {args.repeats} runs, all models round-robin in one process. "
+        f"Kernel timings stream each matrix from memory (copies cycled, {config.stream_mb} MB). Embeddings and head: "
+        f"{args.embed_format or 'fp16'}.",
         "",
         "| model | budget ms | predicted ms | measured ms (min..max) | measured / predicted | within budget +10 % | bits/weight | formats |",
         "|---|---|---|---|---|---|---|---|",

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tightfit.cli import _latency_ms, main
 from tightfit.errors import InfeasibleBudget
@@ -18,7 +19,7 @@ from tightfit.stages.allocate import Budget
 from tightfit.stages.profile import DENSE_KERNEL, LatencyCache, LatencyEntry, LatencyTable, ProfileConfig
 
 # Fast settings for the real-engine tests: a small bandwidth buffer and short timed calls.
-FAST = ProfileConfig(threads=1, bandwidth_mb=16, min_repeat_s=0.0005, fixed_prompt=8, fixed_new_tokens=8, fixed_repeats=1)
+FAST = ProfileConfig(threads=1, bandwidth_mb=16, min_repeat_s=0.0005, stream_mb=1, fixed_prompt=8, fixed_new_tokens=8, fixed_repeats=1)
 SHAPES = {"a": (64, 128), "b": (64, 128), "c": (128, 256)}
 
 
@@ -29,6 +30,7 @@ def fake_timers(monkeypatch):
 
     def time_matmul(w, m, *, threads=1, reps=100):
         calls["matmul"] += 1
+        w = w[0] if isinstance(w, list) else w
         n, k = w.shape
         return 1e-9 * n * k * (w.bits or 32) * m / threads
 
@@ -84,6 +86,16 @@ def test_fixed_part_is_model_time_minus_its_layers(tmp_path, fake_timers):
     assert table.entry((128, 256), parse_format("w2g32")).prefill_ms == pytest.approx(1e-6 * 128 * 256 * 2 * 64)
     with pytest.raises(KeyError, match="no entry for a 32x32 layer in w2g32"):
         table.decode_ms((32, 32), "w2g32")
+
+
+def test_fixed_part_is_timed_again_for_another_embedding_format_only(tmp_path, fake_timers):
+    import dataclasses
+
+    _profile(tmp_path)
+    _profile(tmp_path, config=dataclasses.replace(FAST, embed_format="w8g32-sym"))
+    assert fake_timers["model"] == 2 and fake_timers["matmul"] == 2 * 2 * 7 * 2, "the head is part of the fixed part, not the layers"
+    with pytest.raises(ValueError, match="embed_format"):
+        ProfileConfig(threads=1, embed_format="spqr-w3g16-s3-o1.0")
 
 
 def test_spqr_formats_share_the_dense_kernel_entry(tmp_path, fake_timers):
@@ -268,3 +280,33 @@ def test_pareto_writes_one_row_per_point_and_resumes(tiny_model_dir, tiny_text_f
     rc = main(["pareto", str(tiny_model_dir), "--budgets", "3.4", *[c if c != "rtn" else "gptq" for c in common]])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "other settings (method)" in err
+
+
+def test_streamed_copies_exceed_the_budget_and_share_no_storage():
+    w = profile_stage._random_matrix((64, 128), parse_format("w2g32"))
+    copies = profile_stage.streamed_copies(w, 1)
+    assert sum(c.nbytes for c in copies) >= 1e6 > sum(c.nbytes for c in copies[:-1])
+    assert copies[0] is w and len({c.codes.data_ptr() for c in copies}) == len(copies)
+    assert all(c.shape == w.shape and torch.equal(c.codes, w.codes) for c in copies[:3])
+    from tightfit.runtime import kernels
+
+    assert kernels.time_matmul(copies, 1, threads=1, reps=len(copies) + 3) > 0
+
+
+def test_pareto_with_gptq_uses_the_original_hessians_once(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    import tightfit.pipeline as pipeline
+    import tightfit.runtime.speed as speed
+
+    monkeypatch.setattr(speed, "measure_bandwidth", lambda threads, megabytes=1024, repeats=5: 10.0)
+    seen = []
+    real_compress = pipeline.compress
+    monkeypatch.setattr(pipeline, "compress", lambda request, *a, **k: seen.append(k.get("hessians")) or real_compress(request, *a, **k))
+    common = ["--candidates", "w2g32,w4g64", "--eval-windows", "1", "--text", str(tiny_text_file), "--ctx", "32",
+              "--new-tokens", "2", "--repeats", "1", "--threads", "1", "--calib-text", str(tiny_text_file), "--calib-samples", "8",
+              "--calib-len", "64", "--slice-windows", "0", "--work", str(tmp_path / "work")]
+    assert main(["pareto", str(tiny_model_dir), "--budgets", "3.4", *common, "--out", str(tmp_path / "p")]) == 0
+    assert len(seen) == 3 and seen[0] is not None and all(h is seen[0] for h in seen), "one set of Hessians for every point"
+    assert (tmp_path / "work" / "hessians.safetensors").is_file()
+    seen.clear()
+    assert main(["pareto", str(tiny_model_dir), "--budgets", "3.4", *common, "--sequential", "--out", str(tmp_path / "q")]) == 0
+    assert seen == [None, None, None]

@@ -164,6 +164,11 @@ def test_plan_loss_equals_the_plain_kl_with_and_without_the_anchor(tiny):
         assert pl._first_changed_block(plan_b) == 1
         b = pl.loss(plan_b, 1)
         b_screen = pl.loss(plan_b, 0)
+        assert pl.loss(plan_a, 1) == a, "the anchor's own loss"
+        pl.reset_anchor()
+        assert pl.loss(plan_b, 1) == pytest.approx(b, rel=1e-5)
+        assert pl.loss(plan_b, 1) == pl.loss(plan_b, 1)  # plan_b is now the anchor: no blocks run
+        assert pl.loss(plan_b, 0) == pytest.approx(b_screen, rel=1e-5), "screen level from the anchor's last output"
     for n in names:
         assert torch.equal(get_module(loaded.model, n).weight.data, originals[n]), "weights restored on exit"
     assert a == pytest.approx(_plain_kl(loaded, hessians, windows, plan_a), rel=1e-4, abs=1e-8)

@@ -141,7 +141,7 @@ def _plan_request(args, budget) -> "PlanRequest":
         from tightfit.runtime.engine import default_threads
         from tightfit.stages.profile import ProfileConfig
 
-        profile = ProfileConfig(threads=args.threads or default_threads())
+        profile = ProfileConfig(threads=args.threads or default_threads(), embed_format=getattr(args, "embed_format", None))
     refine = None
     if args.refine:
         from tightfit.algorithms.evopress import EvolutionConfig
@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's thread count)")
     pr.add_argument("--out", type=Path, default=None, help="also write the latency table as JSON to this file")
     pr.add_argument("--work", type=Path, default=None, help="cache folder of the timings (default .tightfit-cache/)")
+    _add_embed_flag(pr)
 
     pa = sub.add_parser(
         "pareto",
@@ -416,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--budgets", default="2.5,3,3.5,4", help="comma-separated bits/weight budgets of the planned points (default 2.5,3,3.5,4)")
     pa.add_argument("--out", type=Path, required=True, help="output folder")
     pa.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="quantizer of every point (default gptq; rtn is faster)")
+    _add_embed_flag(pa)
+    pa.add_argument("--sequential", action="store_true",
+                    help="gptq: collect each point's Hessians through its already-quantized layers, as `compress` does "
+                         "(about 4x slower per point); default: the original model's Hessians, collected once into --work")
     pa.add_argument("--eval-windows", type=_positive_int, default=None, help="evaluation windows for the KL (default 8)")
     pa.add_argument("--text", default="wiki", help="evaluation text: 'wiki' (built in, its held-out part), a .txt or .jsonl file (default: wiki)")
     pa.add_argument("--ctx", type=_positive_int, default=512, help="tokens per evaluation window (default 512)")
@@ -702,7 +707,9 @@ def _cmd_profile(args) -> int:
 
     names = list(DEFAULT_CANDIDATES) + [f.strip() for f in args.formats.split(",") if f.strip()]
     formats = list(dict.fromkeys(parse_format(f) for f in names))
-    config = ProfileConfig(threads=args.threads or default_threads())
+    if args.embed_format is not None:
+        parse_format(args.embed_format)
+    config = ProfileConfig(threads=args.threads or default_threads(), embed_format=args.embed_format)
     work = args.work or Path(".tightfit-cache")
     _status(f"loading {args.model}")
     loaded = load_model(args.model)
@@ -758,7 +765,7 @@ def _cmd_pareto(args) -> int:
 
     budgets = _float_list(args.budgets, "--budgets")
     formats = tuple(f.strip() for f in (args.candidates or ",".join(DEFAULT_CANDIDATES)).split(",") if f.strip())
-    for f in formats:
+    for f in [*formats, *([args.embed_format] if args.embed_format else [])]:
         parse_format(f)
     if args.slice_windows < 0:
         raise TightfitError(f"--slice-windows must be 0 or more, got {args.slice_windows}")
@@ -766,7 +773,8 @@ def _cmd_pareto(args) -> int:
         model=args.model, out=args.out, work=args.work or Path(".tightfit-cache"), threads=args.threads or default_threads(),
         budgets=budgets, formats=formats, method=args.method, calibration=_calibration_config(args),
         evaluation=EvalConfig(text=args.text, n_windows=args.eval_windows or FAST_WINDOWS, ctx=args.ctx),
-        slice_windows=args.slice_windows, new_tokens=args.new_tokens, repeats=args.repeats,
+        slice_windows=args.slice_windows, sequential=args.sequential, new_tokens=args.new_tokens, repeats=args.repeats,
+        embed_format=args.embed_format,
     )
     _status(f"loading {args.model}")
     report = pareto(request, load_model(args.model), on_stage=_status)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tightfit.artifacts import CalibrationConfig, CalibrationSet, QuantizeConfig, config_to_json
+from tightfit.artifacts import CalibrationConfig, CalibrationSet, HessianSet, QuantizeConfig, config_to_json
 from tightfit.errors import PackedModelError, TightfitError
 from tightfit.evaluate import FAST_WINDOWS, EvalConfig, EvalResult, eval_windows, evaluate
 from tightfit.formats.files import atomic_write_json
@@ -131,10 +131,12 @@ def linear_layer_shapes(loaded: LoadedModel) -> dict[str, tuple[int, int]]:
     return {n: tuple(get_module(loaded.model, n).weight.shape) for n in names}
 
 
-def uniform_rtn_packed(loaded: LoadedModel, fmt) -> PackedModel:
-    """The model packed uniformly in fmt, round to nearest without clipping search, in memory:
-    a stand-in with the right shapes and formats for timing (speed does not depend on values)."""
-    qmodel = quantize_stage.quantize_model(loaded, None, QuantizeConfig(fmt=fmt, method="rtn", clip_search=False), progress=False)
+def uniform_rtn_packed(loaded: LoadedModel, fmt, embed_format=None, plan=None) -> PackedModel:
+    """The model packed in fmt (or per layer as `plan` says), embeddings and head in embed_format
+    (None: fp16), round to nearest without clipping search, in memory: a stand-in with the right
+    shapes and formats for timing (speed does not depend on values)."""
+    config = QuantizeConfig(fmt=fmt, method="rtn", clip_search=False, embed_format=embed_format, plan=plan)
+    qmodel = quantize_stage.quantize_model(loaded, None, config, progress=False)
     return pack_stage.pack(qmodel, loaded, None)
 
 
@@ -146,7 +148,9 @@ def profile_model(loaded: LoadedModel, formats, config: ProfileConfig, work: Pat
     return profile_stage.profile(
         linear_layer_shapes(loaded), list(formats), config, cache,
         architecture=profile_stage.architecture_key(loaded.model.config.to_dict()),
-        uniform_model=lambda fmt: uniform_rtn_packed(loaded, fmt), on_stage=on_stage,
+        uniform_model=lambda fmt: uniform_rtn_packed(
+            loaded, fmt, None if config.embed_format is None else parse_format(config.embed_format)),
+        on_stage=on_stage,
     )
 
 
@@ -154,6 +158,20 @@ def default_profile_config() -> ProfileConfig:
     from tightfit.runtime.engine import default_threads
 
     return ProfileConfig(threads=default_threads())
+
+
+def original_hessians(loaded: LoadedModel, config: CalibrationConfig, work: Path, progress: bool,
+                      on_stage: Callable[[str], None], calibration: CalibrationSet | None = None) -> HessianSet:
+    """The original model's Hessians of every linear layer, from work/hessians.safetensors when
+    they were made from this model and calibration, else collected (one pass) and saved there."""
+    path = Path(work) / "hessians.safetensors"
+    hessians = calibrate_stage.load_hessians(path, loaded, config)
+    if hessians is None:
+        on_stage("collecting Hessians of every linear layer (original model)")
+        calibration = calibration or calibrate_stage.calibrate(loaded.tokenizer, config)
+        hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=progress)
+        calibrate_stage.save_hessians(hessians, path)
+    return hessians
 
 
 def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
@@ -185,12 +203,7 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    hessian_file = work / "hessians.safetensors"
-    hessians = calibrate_stage.load_hessians(hessian_file, loaded, cal)
-    if hessians is None:
-        on_stage("collecting Hessians of every linear layer (original model)")
-        hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=request.progress)
-        calibrate_stage.save_hessians(hessians, hessian_file)
+    hessians = original_hessians(loaded, cal, work, request.progress, on_stage, calibration)
     seconds["hessians"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -257,11 +270,14 @@ def packed_file_bytes(path: Path) -> int:
 
 
 def compress(
-    request: CompressRequest, loaded: LoadedModel | None = None, on_stage: Callable[[str], None] = lambda _: None
+    request: CompressRequest, loaded: LoadedModel | None = None, on_stage: Callable[[str], None] = lambda _: None,
+    *, hessians: HessianSet | None = None,
 ) -> CompressReport:
     """Run the whole pipeline for one uniform format; resumes from the work folder if present.
 
-    on_stage(message) is called as each stage starts (the CLI prints it).
+    on_stage(message) is called as each stage starts (the CLI prints it). hessians: GPTQ takes
+    these (the original model's, collected once) instead of collecting them sequentially through
+    the layers already quantized: much faster when many models are made from one source.
     """
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -282,7 +298,7 @@ def compress(
     if (work / "quantize" / "job.json").exists():
         on_stage(f"resuming from finished blocks in {work}")
     qmodel = quantize_stage.quantize_model(
-        loaded, calibration, request.quantize, checkpoint_dir=work / "quantize", progress=request.progress
+        loaded, calibration, request.quantize, hessians=hessians, checkpoint_dir=work / "quantize", progress=request.progress
     )
     seconds["quantize"] = time.perf_counter() - t
 
@@ -361,6 +377,10 @@ class ParetoRequest:
     budgets:   bits/weight budgets of planned (mixed) points; formats: the candidates, each also a
                uniform point; method: quantizer of every point ("gptq" or "rtn")
     out:       folder of pareto.json (resumed: points already in it are skipped) and models/
+    sequential: GPTQ collects each point's Hessians through its already-quantized layers (the
+               `compress` default, slower); False: every point uses the original model's
+               Hessians, collected once and cached in `work` (as the planner does)
+    embed_format: format of every point's token embeddings and output head (None: fp16)
     threads, prompt_tokens, new_tokens, repeats: the decode speed measurement (fast engine)
     bandwidth_mb: buffer of the read-bandwidth measurement
     """
@@ -375,6 +395,8 @@ class ParetoRequest:
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvalConfig = EvalConfig(n_windows=FAST_WINDOWS)
     slice_windows: int = 1
+    sequential: bool = False
+    embed_format: str | None = None
     prompt_tokens: int = 32
     new_tokens: int = 64
     repeats: int = 3
@@ -386,7 +408,8 @@ def _pareto_settings(request: ParetoRequest, loaded: LoadedModel) -> dict:
     return {
         "model": request.model, "source_sha256": loaded.source.sha256(), "method": request.method,
         "calibration": config_to_json(request.calibration), "slice_windows": request.slice_windows,
-        "candidates": list(request.formats), "eval_text": request.evaluation.text, "eval_windows": request.evaluation.n_windows,
+        "candidates": list(request.formats), "sequential": request.sequential, "embed_format": request.embed_format,
+        "eval_text": request.evaluation.text, "eval_windows": request.evaluation.n_windows,
         "eval_ctx": request.evaluation.ctx, "threads": request.threads, "prompt_tokens": request.prompt_tokens,
         "new_tokens": request.new_tokens, "repeats": request.repeats,
     }
@@ -454,11 +477,17 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
         add(report_mod.ParetoPoint(name=name, kind="original", size_mb=packed.kept_bytes() / 1e6, read_mb=read / 1e6,
                                    decode_tok_s=r.decode_tok_s, prefill_tok_s=r.prefill_tok_s, kl=0.0, top1=1.0))
 
+    embed = None if request.embed_format is None else parse_format(request.embed_format)
+    hessians = None
+    if request.method == "gptq" and not request.sequential:
+        hessians = original_hessians(loaded, request.calibration, Path(request.work), request.progress, on_stage)
+
     def measure(name: str, kind: str, qconfig: QuantizeConfig, folder: str) -> None:
         path = out / "models" / folder
         on_stage(f"{name}: quantizing ({request.method}), packing to {path}")
         result = compress(CompressRequest(model=request.model, out=path, quantize=qconfig, calibration=request.calibration,
-                                          evaluation=request.evaluation, progress=request.progress), loaded, on_stage=on_stage)
+                                          evaluation=request.evaluation, progress=request.progress), loaded, on_stage=on_stage,
+                          hessians=hessians)
         packed = load_packed(path)
         on_stage(f"{name}: timing decode")
         r, read = _speed(packed, request, report.bandwidth_gb_s)
@@ -471,7 +500,7 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
         fmt = parse_format(text)
         name = f"uniform {fmt.name}"
         if name not in report.names():
-            measure(name, "uniform", QuantizeConfig(fmt=fmt, method=request.method), f"uniform-{fmt.name}")
+            measure(name, "uniform", QuantizeConfig(fmt=fmt, method=request.method, embed_format=embed), f"uniform-{fmt.name}")
 
     for bpw in request.budgets:
         name = f"planned {bpw:.2f} bpw"
@@ -488,7 +517,8 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
         from collections import Counter
 
         fmt = Counter(plan.formats.values()).most_common(1)[0][0]
-        measure(name, "planned", QuantizeConfig(fmt=fmt, method=request.method, plan=dict(plan.formats)), f"planned-{bpw:.2f}")
+        measure(name, "planned", QuantizeConfig(fmt=fmt, method=request.method, plan=dict(plan.formats), embed_format=embed),
+                f"planned-{bpw:.2f}")
 
     original = next(p for p in report.points if p.kind == "original")
     if original.ppl is None:

@@ -8,7 +8,11 @@ measured with tightfit's own engine, the one that will run the model:
                 library (`kernels.time_matmul`): a warm-up call, then the median of `repeats`
                 timed calls of back-to-back reps, at fixed threads, for decode (m = 1) and prefill
                 (m = 64). Weights are random and rounded to nearest without a clipping search:
-                a kernel's time does not depend on the values. Formats without a fast kernel
+                a kernel's time does not depend on the values. The calls cycle through copies
+                of the matrix larger together than the last-level cache (`stream_mb`), so each
+                call streams its weights from memory as it does in a decode step of the whole
+                model; one matrix timed alone stays cache-resident, and then the formats that
+                unpack fastest, not the smallest, look fastest. Formats without a fast kernel
                 (SpQR) run as dense fp32 in the engine, so that is what they are timed as.
   T0            decode ms per token of the whole model (`FastBackend`, uniform format
                 `fixed_format`, short context) minus the summed kernel times of its layers in
@@ -22,6 +26,7 @@ thread count re-times exactly the entries measured under the old one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -42,7 +47,7 @@ from tightfit.runtime import kernels
 from tightfit.runtime.kernels.build import SOURCE, cpu_fingerprint
 
 LATENCY_TABLE_VERSION = 1
-PROFILE_CONFIG_VERSION = 1
+PROFILE_CONFIG_VERSION = 2
 CACHE_VERSION = 1
 DENSE_KERNEL = "dense-fp32"  # what the engine runs for a format without a fast kernel
 
@@ -56,8 +61,12 @@ class ProfileConfig:
     prefill_m:        activation rows of a prefill call (one engine chunk of prompt tokens)
     repeats:          timed calls per entry; the median is kept
     min_repeat_s:     each timed call runs enough back-to-back reps to last at least this long
+    stream_mb:        the copies of a matrix that the reps cycle through hold at least this
+                      many MB (several times the last-level cache)
     bandwidth_mb:     buffer size of the read-bandwidth measurement
     fixed_format:     uniform format of the model whose decode time gives the fixed part
+    embed_format:     format of that model's token embeddings and output head (None: fp16), as
+                      the model being planned will have them: the head is most of the fixed part
     fixed_prompt:     prompt tokens before the timed decode of the fixed part
     fixed_new_tokens: decoded tokens per timed run of the fixed part
     fixed_repeats:    timed runs of the fixed part (after one warm-up); the median is kept
@@ -68,15 +77,17 @@ class ProfileConfig:
     prefill_m: int = 64
     repeats: int = 5
     min_repeat_s: float = 0.005
+    stream_mb: int = 128
     bandwidth_mb: int = 1024
     fixed_format: str = "w4g64"
+    embed_format: str | None = None
     fixed_prompt: int = 32
     fixed_new_tokens: int = 32
     fixed_repeats: int = 3
     version: int = PROFILE_CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        for name in ("threads", "decode_m", "prefill_m", "repeats", "bandwidth_mb", "fixed_prompt", "fixed_new_tokens", "fixed_repeats"):
+        for name in ("threads", "decode_m", "prefill_m", "repeats", "bandwidth_mb", "stream_mb", "fixed_prompt", "fixed_new_tokens", "fixed_repeats"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"profile {name} must be a whole number >= 1, got {v!r}")
@@ -86,6 +97,8 @@ class ProfileConfig:
             raise ValueError(f"profile min_repeat_s must be a positive number, got {self.min_repeat_s!r}")
         if not isinstance(parse_format(self.fixed_format), QuantFormat):
             raise ValueError(f"profile fixed_format must have a fast kernel (a uniform format), got {self.fixed_format!r}")
+        if self.embed_format is not None and not isinstance(parse_format(self.embed_format), QuantFormat):
+            raise ValueError(f"profile embed_format must be a uniform format or None, got {self.embed_format!r}")
 
 
 def kernel_hash() -> str:
@@ -208,9 +221,17 @@ def _random_matrix(shape: tuple[int, int], fmt: Format) -> kernels.KernelMatrix:
     return kernels.from_dense(w)
 
 
-def time_call_ms(w: kernels.KernelMatrix, m: int, config: ProfileConfig) -> float:
+def streamed_copies(w: kernels.KernelMatrix, megabytes: int) -> list[kernels.KernelMatrix]:
+    """w and copies of it, at least `megabytes` MB together (at most 65536 matrices)."""
+    count = max(1, min(65536, math.ceil(megabytes * 1e6 / max(w.nbytes, 1))))
+    clone = lambda t: None if t is None else t.clone()  # noqa: E731
+    return [w] + [dataclasses.replace(w, codes=clone(w.codes), scales=clone(w.scales), zeros=clone(w.zeros),
+                                      dense=clone(w.dense), bias=clone(w.bias)) for _ in range(count - 1)]
+
+
+def time_call_ms(w: kernels.KernelMatrix | list[kernels.KernelMatrix], m: int, config: ProfileConfig) -> float:
     """Median ms of one [m, K] x W^T call: a warm-up, then `repeats` timed calls of enough
-    back-to-back reps to last min_repeat_s each."""
+    back-to-back reps to last min_repeat_s each (w: a matrix, or copies the reps cycle through)."""
     first = kernels.time_matmul(w, m, threads=config.threads, reps=1)  # warm-up: pages, caches, thread pool
     probe = kernels.time_matmul(w, m, threads=config.threads, reps=3)
     reps = max(1, min(10_000, math.ceil(config.min_repeat_s / max(min(first, probe), 1e-9))))
@@ -251,7 +272,7 @@ def _scope(config: ProfileConfig) -> str:
 
 
 def entry_key(config: ProfileConfig, shape: tuple[int, int], kernel: str) -> str:
-    return f"matmul|{_scope(config)}|{shape[0]}x{shape[1]}|{kernel}|m={config.decode_m},{config.prefill_m}"
+    return f"matmul|{_scope(config)}|{shape[0]}x{shape[1]}|{kernel}|m={config.decode_m},{config.prefill_m}|stream={config.stream_mb}"
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -274,8 +295,9 @@ def profile_layers(
             cached = cache.get(key)
             if cached is None:
                 on_entry(f"{shape[0]}x{shape[1]} {kernel}")
-                w = _random_matrix(shape, fmt)
+                w = streamed_copies(_random_matrix(shape, fmt), config.stream_mb)
                 cached = {"decode_ms": time_call_ms(w, config.decode_m, config), "prefill_ms": time_call_ms(w, config.prefill_m, config)}
+                del w
                 cache.put(key, cached)
             entries.append(LatencyEntry(shape=shape, fmt=fmt.name, kernel=kernel, decode_ms=float(cached["decode_ms"]),
                                         prefill_ms=float(cached["prefill_ms"])))
@@ -318,7 +340,7 @@ def profile(
     """The latency table of a model's linear layers (name -> (N, K)) in `formats`.
 
     architecture, uniform_model: when given, also the fixed part: uniform_model(fmt) builds the
-    model packed uniformly in fmt (only called when the cache lacks the measurement), and
+    model packed uniformly in fmt (embeddings and head in config.embed_format) (only called when the cache lacks the measurement), and
     `architecture` (`architecture_key` of its config) keys the cached result.
     Bandwidth is measured (or read from the cache) every time.
     """
@@ -346,7 +368,7 @@ def profile(
         if architecture is None:
             raise ValueError("the fixed part needs the model's architecture key")
         key = (f"model|{_scope(config)}|arch={architecture}|{fixed_fmt.name}|"
-               f"ctx={config.fixed_prompt}+{config.fixed_new_tokens}")
+               f"ctx={config.fixed_prompt}+{config.fixed_new_tokens}|embed={config.embed_format or 'fp16'}")
         model_ms = cache.get(key)
         if model_ms is None:
             on_stage(f"timing decode of the whole model in {fixed_fmt.name} for the non-linear remainder")

@@ -143,8 +143,9 @@ class PlanLoss:
     gives it: `loss(formats, level)`, level 0 on the first `screen_windows` windows, level 1 on all.
 
     Quantized layers are computed on first use and kept as codes. The block inputs of the best
-    plan scored at level 1 so far (the anchor: in EvoPress, the parent) are kept too, so a plan
-    that differs from it only from block b on runs blocks b.. alone. Use as a context manager:
+    plan scored at level 1 so far (the anchor: in EvoPress, the parent) are kept too, with the
+    last block's output, so a plan that differs from it only from block b on runs blocks b.. alone
+    (and the anchor itself only the head). Use as a context manager:
     the model's original weights are put back on exit.
     """
 
@@ -204,14 +205,21 @@ class PlanLoss:
         n = self.windows.shape[0] if level >= 1 else self.screen_windows
         start = self._first_changed_block(formats)
         model, arch = self.loaded.model, self.loaded.arch
-        inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
+        n_blocks = len(self.blocks)
+        if level >= 1 and start == n_blocks:
+            return self.anchor[2]  # the anchor itself
+        inputs: list[torch.Tensor | None] = [None] * (n_blocks + 1)  # inputs of every block, then the last one's output
         hooks = []
         if level >= 1:
             def record(i):
                 def hook(module, args, kwargs):
                     inputs[i] = args[0] if args else kwargs["hidden_states"]
                 return hook
-            hooks = [self.blocks[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(start, len(self.blocks))]
+
+            def record_output(module, args, output):
+                inputs[n_blocks] = output[0] if isinstance(output, tuple) else output
+            hooks = [self.blocks[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(start, n_blocks)]
+            hooks.append(self.blocks[n_blocks - 1].register_forward_hook(record_output))
         try:
             if start == 0:
                 logits = model(input_ids=self.windows[:n], use_cache=False).logits
@@ -223,9 +231,13 @@ class PlanLoss:
                 h.remove()
         kl = _kl_per_token(self.logp[:n], logits)
         if level >= 1 and (self.anchor is None or kl < self.anchor[2]):
-            hidden = [self.anchor[1][i] if i < start else inputs[i] for i in range(len(self.blocks))]
+            hidden = [self.anchor[1][i] if i < start else inputs[i] for i in range(n_blocks + 1)]
             self.anchor = (dict(formats), hidden, kl)
         return kl
+
+    def reset_anchor(self) -> None:
+        """Forget the anchor (e.g. before refining another plan): the next level-1 plan becomes it."""
+        self.anchor = None
 
     def restore_missing(self, formats: Mapping[str, Format]) -> None:
         """Layers quantized for an earlier plan that this plan leaves original."""

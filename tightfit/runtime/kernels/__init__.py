@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 
 import torch
 
 from tightfit.runtime.kernels.build import load
-from tightfit.runtime.kernels.layout import KernelMatrix, from_dense, from_quantized
+from tightfit.runtime.kernels.layout import KernelMatrix, TfMat, from_dense, from_quantized
 
 __all__ = ["KernelMatrix", "from_dense", "from_quantized", "matmul", "time_matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512"]
 
@@ -32,12 +33,19 @@ def matmul(w: KernelMatrix, x: torch.Tensor, *, threads: int = 1, portable: bool
     return y
 
 
-def time_matmul(w: KernelMatrix, m: int, *, threads: int = 1, reps: int = 100) -> float:
-    """Seconds per [m, K] x W^T call, timed inside the library over `reps` back-to-back calls."""
-    n, k = w.shape
+def time_matmul(w: KernelMatrix | Sequence[KernelMatrix], m: int, *, threads: int = 1, reps: int = 100) -> float:
+    """Seconds per [m, K] x W^T call, timed inside the library over `reps` back-to-back calls.
+
+    w: one matrix, or copies of one (same shape and kind) that the calls cycle through; copies
+    larger together than the last-level cache make every call read its weights from memory.
+    """
+    mats = [w] if isinstance(w, KernelMatrix) else list(w)
+    n, k = mats[0].shape
+    assert all(x.shape == (n, k) and x.kind == mats[0].kind for x in mats), "copies must share shape and kind"
+    structs = (TfMat * len(mats))(*[x.struct() for x in mats])
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(0))
     y = torch.empty(m, n, dtype=torch.float32)
-    return float(_lib(False).tf_time_matmul(ctypes.byref(w.struct()), x.data_ptr(), m, y.data_ptr(), threads, reps))
+    return float(_lib(False).tf_time_matmul(structs, len(mats), x.data_ptr(), m, y.data_ptr(), threads, reps))
 
 
 def dequantize(w: KernelMatrix, *, portable: bool = False) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 from tightfit.errors import KernelUnavailable
 
 SOURCE = Path(__file__).with_name("engine.cpp")
-ABI_VERSION = 3  # must equal TF_ABI_VERSION in engine.cpp
+ABI_VERSION = 4  # must equal TF_ABI_VERSION in engine.cpp
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = ("-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
@@ -95,7 +95,7 @@ def declare(lib: ctypes.CDLL) -> None:
 
     mat, ptr, i32, f64 = ctypes.POINTER(TfMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     lib.tf_matmul.argtypes = [mat, ptr, i32, ptr, i32, i32]
-    lib.tf_time_matmul.argtypes = [mat, ptr, i32, ptr, i32, i32]
+    lib.tf_time_matmul.argtypes = [mat, i32, ptr, i32, ptr, i32, i32]
     lib.tf_time_matmul.restype = f64
     lib.tf_dequant_rows.argtypes = [mat, i32, i32, ptr]
     lib.tf_quantize_activations.argtypes = [ptr, i32, i32, ptr]

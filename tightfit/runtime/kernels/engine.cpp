@@ -38,7 +38,7 @@
 #define TF_AVX512 0
 #endif
 
-#define TF_ABI_VERSION 3
+#define TF_ABI_VERSION 4
 // Tuning knobs, chosen by measurement (bench/kernel_ab.py: variants built side by side, timed
 // round-robin in one process; SmolLM2-135M w4g32-sym, 2-core Zen 5, 2026-11-23):
 //   TF_PREFETCH      software prefetch distance in bytes; 1024 vs 0: 162 vs 140 tok/s at 1 thread,
@@ -566,18 +566,22 @@ void tf_matmul(const tf_mat* W, const float* x, int M, float* y, int threads, in
 }
 
 // Seconds per call of `reps` back-to-back matmuls (activation quantization included), for profiling.
-double tf_time_matmul(const tf_mat* W, const float* x, int M, float* y, int threads, int reps) {
+// W: `count` matrices of one shape and kind; call r multiplies by W[r % count]. With copies whose
+// bytes exceed the last-level cache, every call streams its weights from memory, as in a decode
+// step of a whole model (one matrix alone would stay cache-resident and time too fast).
+double tf_time_matmul(const tf_mat* W, int count, const float* x, int M, float* y, int threads, int reps) {
     std::vector<QAct> acts(threads);
     double t0 = omp_get_wtime();
 #pragma omp parallel num_threads(threads)
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         int n0, n1;
-        share(W->N, tid, nth, n0, n1);
+        share(W[0].N, tid, nth, n0, n1);
         for (int r = 0; r < reps; r++) {
-            quantize_act(x, M, W->K, acts[tid]);
-            group_sums(*W, acts[tid]);
-            matmul_rows(*W, acts[tid], n0, n1, y);
+            const tf_mat& w = W[r % count];
+            quantize_act(x, M, w.K, acts[tid]);
+            group_sums(w, acts[tid]);
+            matmul_rows(w, acts[tid], n0, n1, y);
 #pragma omp barrier
         }
     }
