@@ -99,3 +99,28 @@ def quantize_and_evaluate(loaded, configs: dict, calibration, eval_config, *, he
         windows = eval_windows(loaded.tokenizer, eval_config)
         results = evaluate_many(models, windows, reference=loaded.model, batch_size=eval_config.batch_size)
     return rows, results
+
+
+# The default model ships as Q4_1: its weights lie on a 4-bit asymmetric grid in groups of 32.
+SOURCE_GRID = (4, 32)  # (bits, group size)
+
+
+def on_source_grid(name: str) -> bool:
+    """Whether format `name` can represent the source's own 4-bit g32 asymmetric grid (or a
+    finer one of it: g16), so re-quantizing to it is (near) lossless and proves nothing."""
+    from tightfit.formats.registry import parse_format
+
+    fmt = parse_format(name)
+    bits, group = SOURCE_GRID
+    return (fmt.bits == bits and fmt.group_size is not None and group % fmt.group_size == 0
+            and not getattr(fmt, "symmetric", False))
+
+
+def source_grid_caveat(names) -> list[str]:
+    """Markdown lines warning about rows on the source's grid (none when no row is)."""
+    on_grid = [n for n in names if on_source_grid(n)]
+    if not on_grid:
+        return []
+    return ["", f"Caveat: {', '.join(on_grid)} can hold the source's own grid (the default model is a dequantized Q4_1 "
+            "file: 4-bit asymmetric, groups of 32), so their quality here is (near) lossless re-quantization, not "
+            "evidence."]

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hessians_cached, machine_info, quantize_and_evaluate, write_results  # noqa: E402
+from common import hessians_cached, machine_info, quantize_and_evaluate, source_grid_caveat, write_results  # noqa: E402
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
@@ -119,6 +119,7 @@ def main() -> None:
     for t in table:
         if t["outlier_share"]:
             lines.append(f"| {t['format']} | " + " | ".join(f"{100 * t['outlier_share'].get(k, 0):.2f}%" for k in LAYER_TYPES) + " |")
+    lines += source_grid_caveat([t["format"] for t in table])
     paths = write_results("spqr", payload, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print("written:", *paths)

@@ -1,0 +1,126 @@
+"""Flag types, shared flags and small helpers that several `tightfit` commands use."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tightfit.errors import TightfitError
+
+EXAMPLES = """\
+examples:
+  tightfit compress smollm2-135m --format w3g64 --method gptq --out out/smollm2-w3g64
+  tightfit compress smollm2-135m --bpw 3.0 --out out/smollm2-3.0     (mixed precision, planned)
+  tightfit plan smollm2-135m --max-size 80MB --out plan.json
+  tightfit plan smollm2-135m --bpw 4.0 --max-latency 8ms --out plan.json   (size and speed on this machine)
+  tightfit profile smollm2-135m --threads 2
+  tightfit pareto smollm2-135m --budgets 2.5,3,3.5,4 --method rtn --out pareto-smollm2
+  tightfit eval out/smollm2-w3g64 --fast
+  tightfit info out/smollm2-w3g64 --layers
+  tightfit formats
+"""
+
+FORMAT_HELP = (
+    "quantization format of every linear layer in the decoder blocks: "
+    "w{bits}g{group} or w{bits}pc (per channel), bits in 2,3,4,5,6,8, group in 16,32,64,128; "
+    "optional suffixes -sym (symmetric grid; default asymmetric with a zero point) and -bf16 "
+    "(scale dtype; default fp16). Example: w3g64, w4g128-sym, w8pc. "
+    "Or SpQR: spqr-w{bits}g{group}-s{stat_bits}-o{outlier_percent}, e.g. spqr-w3g16-s3-o1.0 "
+    "(3-bit codes in groups of 16, scales and zeros quantized to 3 bits, at most 1%% of weights kept exact). "
+    "`tightfit formats` lists them with their bits/weight."
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", default="wiki", help="evaluation text: 'wiki' (built in, its held-out part), a .txt or .jsonl file (default: wiki)")
+    p.add_argument("--windows", type=_positive_int, default=None, help="number of evaluation windows (default 64)")
+    p.add_argument("--ctx", type=_positive_int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--fast", action="store_true", help="8 windows instead of 64: a quick look, not the protocol")
+
+
+def _size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)?\s*", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected a size like 60MB, 1.5GB or 800KiB, got {text!r}")
+    unit = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}[m.group(2) or "b"]
+    value = int(float(m.group(1)) * unit)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _latency_ms(text: str) -> float:
+    """'8ms', '8.5 ms', '750us' (or µs), '0.01s' -> milliseconds; a unit is required."""
+    import math
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(ms|us|µs|s)\s*", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected a latency per token with its unit, like 8ms, 8.5ms or 750us, got {text!r}")
+    value = float(m.group(1)) * {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3}[m.group(2)]
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"latency must be positive, got {text!r}")
+    return value
+
+
+def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-text", default="wiki", help="calibration text: 'wiki' (built in, its calibration part), a .txt or .jsonl file (default: wiki)")
+    p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration windows (default 64)")
+    p.add_argument("--calib-len", type=_positive_int, default=None, help="tokens per calibration window (default 512)")
+
+
+def _calibration_config(args) -> "CalibrationConfig":
+    from tightfit.artifacts import CalibrationConfig
+
+    defaults = CalibrationConfig()
+    return CalibrationConfig(text=args.calib_text, n_samples=args.calib_samples or defaults.n_samples,
+                             seq_len=args.calib_len or defaults.seq_len)
+
+
+def _add_embed_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embed-format", default=None,
+                   help="also quantize the token embeddings (and an untied output head) to this format with "
+                        "round-to-nearest, e.g. w8g64 or w6g64; default: keep them in fp16")
+
+
+def _status(message: str) -> None:
+    print(f"tightfit: {message}", file=sys.stderr, flush=True)
+
+
+def _eval_config(args) -> "EvalConfig":
+    from tightfit.evaluate import FAST_WINDOWS, EvalConfig
+
+    windows = args.windows or (FAST_WINDOWS if args.fast else EvalConfig.n_windows)
+    return EvalConfig(text=args.text, n_windows=windows, ctx=args.ctx)
+
+
+def _fmt(x, spec: str) -> str:
+    width = spec.split(".")[0]
+    return format("-", f">{width}") if x is None else format(x, spec)
+
+
+def _float_list(text: str, flag: str) -> tuple[float, ...]:
+    import math
+
+    values = []
+    for part in text.split(","):
+        try:
+            v = float(part)
+        except ValueError:
+            raise TightfitError(f"{flag} must be comma-separated numbers like 2.5,3,3.5, got {text!r}") from None
+        if not (math.isfinite(v) and 0 < v < 32):
+            raise TightfitError(f"{flag}: each budget must lie between 0 and 32 bits/weight, got {part.strip()!r}")
+        values.append(v)
+    return tuple(dict.fromkeys(values))

@@ -1,0 +1,299 @@
+"""`tightfit compress`, `eval`, `info`, `formats` and `export`: making, measuring and converting packed models."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from tightfit.cli.common import (
+    FORMAT_HELP,
+    _add_calibration_flags,
+    _add_embed_flag,
+    _add_eval_flags,
+    _calibration_config,
+    _eval_config,
+    _fmt,
+    _size,
+    _status,
+)
+from tightfit.cli.planner import _add_planner_flags, _budget, _plan_request, _print_plan
+from tightfit.errors import TightfitError
+
+
+def add_parsers(sub) -> None:
+    c = sub.add_parser(
+        "compress",
+        help="quantize a model, pack it, and evaluate it against the original",
+        description="Quantize every linear layer of MODEL's decoder blocks, write a packed model to --out, "
+        "then evaluate it against MODEL (perplexity, KL, top-1 agreement). A killed run resumes from its "
+        "last finished block when started again with the same arguments.",
+        epilog="example:\n  tightfit compress smollm2-135m --format w3g64 --method gptq --out out/smollm2-w3g64",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder (config.json + *.safetensors)")
+    target = c.add_mutually_exclusive_group()
+    target.add_argument("--format", help=FORMAT_HELP)
+    target.add_argument("--bpw", type=float, help="mixed precision: average bits per weight of the quantized layers, every overhead counted (e.g. 3.0); runs the planner")
+    target.add_argument("--max-size", type=_size, help="mixed precision: size of the whole packed tensor file, e.g. 60MB or 0.5GB (MB = 10^6 bytes); runs the planner")
+    target.add_argument("--plan", type=Path, help="mixed precision: a plan JSON written by `tightfit plan`")
+    c.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="gptq: error compensation from calibration Hessians (default); rtn: round to nearest with a clipping search")
+    c.add_argument("--out", required=True, type=Path, help="output folder of the packed model (replaced atomically)")
+    _add_calibration_flags(c)
+    _add_embed_flag(c)
+    c.add_argument("--damp", type=float, default=None, help="GPTQ dampening as a fraction of the mean Hessian diagonal (default 0.01)")
+    c.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their natural order")
+    c.add_argument("--no-eval", action="store_true", help="skip the evaluation after packing")
+    c.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
+    _add_planner_flags(c)
+    _add_eval_flags(c)
+
+    e = sub.add_parser(
+        "eval",
+        help="perplexity, KL and top-1 agreement of a packed (or original) model",
+        description="Evaluate PATH on the fixed protocol (held-out wiki text, 512-token windows, BOS first). "
+        "With a reference model (--against, or by default the source named in a packed model's manifest) "
+        "also reports KL(original || PATH) per token and top-1 agreement.",
+        epilog="example:\n  tightfit eval out/smollm2-w3g64 --against smollm2-135m --fast",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("path", help="a packed model folder, or any model source")
+    e.add_argument("--against", default=None, help="reference model (default: the packed model's source if found)")
+    e.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
+    _add_eval_flags(e)
+
+    i = sub.add_parser(
+        "info",
+        help="what a packed model holds: source, formats, bits/weight, sizes",
+        epilog="example:\n  tightfit info out/smollm2-w3g64 --layers",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    i.add_argument("path", help="a packed model folder")
+    i.add_argument("--layers", action="store_true", help="one line per quantized layer")
+    i.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+
+    f = sub.add_parser("formats", help="list the quantization formats and their bits/weight")
+    f.add_argument("--shape", default="576x1536", help="layer shape OUTxIN for the byte figures (default 576x1536)")
+
+    x = sub.add_parser(
+        "export",
+        help="write a packed model for another runtime: GGUF (llama.cpp) or compressed-tensors (transformers, vLLM)",
+        description="Write the packed model at PATH as --to gguf (one .gguf file for llama.cpp) or --to compressed-tensors "
+        "(a folder in the pack-quantized layout that transformers and vLLM load). Each layer goes to the target type "
+        "that holds its weights exactly where one exists, else to one of equal or higher precision; a table says which.",
+        epilog="examples:\n  tightfit export out/smollm2-w4g32 --to gguf smollm2-w4g32.gguf\n"
+        "  tightfit export out/smollm2-w4g32 --to compressed-tensors out/smollm2-w4g32-ct",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    x.add_argument("path", help="a packed model folder")
+    x.add_argument("--to", required=True, metavar="TARGET", help="gguf or compressed-tensors")
+    x.add_argument("out", type=Path, help="output: a .gguf file (gguf) or a new or empty folder (compressed-tensors)")
+    x.add_argument("--json", type=Path, default=None, help="also write the per-tensor mapping as JSON to this file")
+
+
+def _result_table(rows: list[dict]) -> str:
+    head = f"{'model':<28} {'size MB':>8} {'bpw(q)':>7} {'bpw(all)':>8} {'PPL':>8} {'KL':>8} {'top-1':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['name']:<28} {_fmt(r.get('size_mb'), '8.2f')} {_fmt(r.get('bpw'), '7.3f')} {_fmt(r.get('bpw_all'), '8.3f')} "
+            f"{_fmt(r.get('ppl'), '8.3f')} {_fmt(r.get('kl'), '8.4f')} {_fmt(r.get('top1'), '7.3f')}"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_compress(args) -> int:
+    from tightfit.artifacts import CalibrationConfig, QuantizeConfig
+    from collections import Counter
+
+    from tightfit.formats.registry import parse_format
+    from tightfit.model import load_model
+    from tightfit.pipeline import CompressRequest, compress, make_plan
+    from tightfit.stages.allocate import Plan
+
+    given = [flag for flag, v in (("--format", args.format), ("--plan", args.plan)) if v is not None]
+    if given and (args.max_latency is not None or args.predict_latency):
+        flag = "--max-latency" if args.max_latency is not None else "--predict-latency"
+        raise TightfitError(f"{flag} is a planner budget; it does not combine with {given[0]} (use it with or instead of --bpw/--max-size)")
+    if not given and args.bpw is None and args.max_size is None and args.max_latency is None:
+        raise TightfitError("compress needs one of --format, --bpw, --max-size, --max-latency or --plan")
+    loaded = plan = None
+    if args.format is not None:
+        fmt = parse_format(args.format)
+    else:
+        if args.plan is not None:
+            try:
+                plan = Plan.from_json(json.loads(args.plan.read_text()))
+            except (OSError, ValueError, TightfitError) as e:
+                raise TightfitError(f"cannot read plan {args.plan}: {e}") from None
+        _status(f"loading {args.model}")
+        loaded = load_model(args.model)
+        if plan is None:
+            planned = make_plan(_plan_request(args, _budget(args, loaded)), loaded, on_stage=_status)
+            _print_plan(planned)
+            plan = planned.plan
+        fmt = Counter(plan.formats.values()).most_common(1)[0][0]
+    calibration = _calibration_config(args)
+    qdefaults = QuantizeConfig(fmt=fmt)
+    qconfig = dataclasses.replace(
+        qdefaults, method=args.method, damp=qdefaults.damp if args.damp is None else args.damp,
+        act_order=not args.no_act_order, plan=None if plan is None else dict(plan.formats),
+        embed_format=None if args.embed_format is None else parse_format(args.embed_format),
+    )
+    if not 0 < qconfig.damp < 1:
+        raise TightfitError(f"--damp must lie between 0 and 1, got {qconfig.damp}")
+    request = CompressRequest(
+        model=args.model, out=args.out, quantize=qconfig, calibration=calibration,
+        evaluation=None if args.no_eval else _eval_config(args),
+    )
+    report = compress(request, loaded, on_stage=_status)
+    s = report.summary
+    rows = []
+    ev = report.evaluation
+    if ev is not None:
+        rows.append({"name": f"original ({args.model})"[:28], "ppl": ev.reference_ppl})
+    label = fmt.name if plan is None else f"mixed {plan.bits_per_weight:.2f}b"
+    rows.append({
+        "name": f"{label} {args.method}", "size_mb": s.file_bytes / 1e6, "bpw": s.bits_per_weight,
+        "bpw_all": s.model_bits_per_weight, "ppl": ev and ev.ppl, "kl": ev and ev.kl, "top1": ev and ev.top1,
+    })
+    print(f"packed model written to {report.out}")
+    print(_result_table(rows))
+    if ev is not None:
+        print(f"({ev.n_tokens} tokens scored; times: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.seconds.items()) + ")")
+    if args.json:
+        from tightfit.formats.files import atomic_write_json
+
+        atomic_write_json(args.json, {
+            "out": str(report.out), "format": fmt.name, "method": args.method,
+            "summary": {**dataclasses.asdict(s), "bits_per_weight": s.bits_per_weight, "model_bits_per_weight": s.model_bits_per_weight},
+            "evaluation": None if ev is None else dataclasses.asdict(ev), "seconds": report.seconds,
+        })
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from tightfit.evaluate import eval_windows, evaluate
+    from tightfit.model import load_model
+    from tightfit.pipeline import ModelSummary, default_reference, evaluate_packed, is_packed, packed_file_bytes
+
+    config = _eval_config(args)
+    if is_packed(args.path):
+        against = args.against or default_reference(Path(args.path))
+        if against is None:
+            print("note: the source model was not found; reporting perplexity only (use --against)", file=sys.stderr)
+        reference = load_model(against) if against else None
+        from tightfit.formats.packed import load_packed
+
+        packed = load_packed(Path(args.path))
+        result = evaluate_packed(Path(args.path), reference, config, packed=packed)
+        summary = ModelSummary.of(packed, packed_file_bytes(Path(args.path)))
+        row = {"name": Path(args.path).name[:28], "size_mb": summary.file_bytes / 1e6, "bpw": summary.bits_per_weight,
+               "bpw_all": summary.model_bits_per_weight}
+    else:
+        loaded = load_model(args.path)
+        reference = load_model(args.against) if args.against else None
+        windows = eval_windows(loaded.tokenizer, config)
+        result = evaluate(loaded.model, windows, reference=None if reference is None else reference.model, batch_size=config.batch_size)
+        row = {"name": str(args.path)[:28]}
+    rows = [{"name": f"reference ({reference.source.name})"[:28], "ppl": result.reference_ppl}] if reference else []
+    rows.append({**row, "ppl": result.ppl, "kl": result.kl, "top1": result.top1})
+    print(_result_table(rows))
+    print(f"({result.n_tokens} tokens in {config.n_windows} windows of {config.ctx}, text {config.text}, {result.seconds:.0f}s)")
+    if args.json:
+        from tightfit.formats.files import atomic_write_json
+
+        atomic_write_json(args.json, {"evaluation": dataclasses.asdict(config), "result": dataclasses.asdict(result)})
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from collections import Counter
+
+    from tightfit.formats.packed import load_packed, read_manifest
+    from tightfit.pipeline import ModelSummary, packed_file_bytes
+
+    path = Path(args.path)
+    manifest = read_manifest(path)
+    packed = load_packed(path)
+    summary = ModelSummary.of(packed, packed_file_bytes(path))
+    if args.json:
+        print(json.dumps({k: v for k, v in manifest.items() if k != "layers"} | {"bits_per_weight": summary.bits_per_weight,
+                          "model_bits_per_weight": summary.model_bits_per_weight}, indent=2))
+        return 0
+    src = manifest.get("source", {})
+    print(f"packed model   {path}  (format v{manifest['format_version']}, tightfit {manifest['tightfit_version']})")
+    print(f"source         {src.get('name')}  sha256 {str(src.get('sha256'))[:16]}...  architecture {manifest.get('architecture')}")
+    q = manifest.get("quantize", {})
+    print(f"method         {q.get('method')}  formats " + ", ".join(f"{f} x{n}" for f, n in Counter(e['format'] for e in manifest['layers'].values()).items()))
+    print(f"quantized      {summary.quantized_weights:,} weights in {len(packed.layers)} layers, {summary.quantized_bytes:,} bytes "
+          f"-> {summary.bits_per_weight:.4f} bits/weight")
+    print(f"whole file     {summary.file_bytes:,} bytes for {summary.total_weights:,} weights -> {summary.model_bits_per_weight:.4f} bits/weight "
+          f"(unquantized tensors in {q.get('keep_dtype')})")
+    if args.layers:
+        print(f"\n{'layer':<44} {'format':<12} {'shape':>11} {'bytes':>9} {'bpw':>7}")
+        for name, t in packed.layers.items():
+            b = t.nbytes().total
+            print(f"{name:<44} {t.fmt.name:<12} {t.shape[0]:>5}x{t.shape[1]:<5} {b:>9} {8 * b / (t.shape[0] * t.shape[1]):>7.3f}")
+    return 0
+
+
+def _cmd_formats(args) -> int:
+    from tightfit.formats import BITS, GROUP_SIZES, QuantFormat
+    from tightfit.formats.spqr import SPQR_RECIPES
+
+    try:
+        n, k = (int(v) for v in args.shape.lower().split("x"))
+        QuantFormat(bits=BITS[0], group_size=None).nbytes(n, k)
+    except (ValueError, TightfitError):
+        raise TightfitError(f"--shape must be two positive whole numbers like 576x1536, got {args.shape!r}") from None
+    print(f"bits/weight for a {n}x{k} layer (codes + scales + zeros, every byte counted)")
+    print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
+    for bits in BITS:
+        for group in GROUP_SIZES:
+            for sym in (False, True):
+                fmt = QuantFormat(bits=bits, group_size=group, symmetric=sym)
+                print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
+    print(f"\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)")
+    print(f"{'format':<22} {'bpw':>7} {'bytes':>10}")
+    for fmt in SPQR_RECIPES:
+        print(f"{fmt.name:<22} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
+    return 0
+
+
+def _print_export(report) -> None:
+    print(f"{'tensor':<44} {'format':<12} {'written as':<22} {'exact':<5} {'max |err|':>9}  note")
+    for t in report.tensors:
+        if t.source_format.startswith(("w", "spqr")):
+            print(f"{t.name:<44} {t.source_format:<12} {t.target_type:<22} {'yes' if t.exact else 'no':<5} "
+                  f"{t.max_abs_error:>9.2e}  {t.note}")
+    kept = [t for t in report.tensors if not t.source_format.startswith(("w", "spqr"))]
+    if kept:
+        types = ", ".join(sorted({f"{t.source_format} -> {t.target_type}" for t in kept}))
+        print(f"+ {len(kept)} unquantized tensors written unchanged ({types})")
+    n_approx = len(report.approximate)
+    verdict = "every tensor exact" if n_approx == 0 else f"{n_approx} tensor(s) approximate (see 'no' rows)"
+    print(f"{report.target} ({report.architecture}) written to {report.path}: {report.nbytes / 1e6:.2f} MB, {verdict}")
+
+
+def _cmd_export(args) -> int:
+    from tightfit.errors import ExportError
+    from tightfit.export import EXPORTERS
+
+    target = args.to.strip().lower()
+    if target not in EXPORTERS:
+        raise ExportError(f"--to must be one of {', '.join(EXPORTERS)}, got {args.to!r}")
+    report = EXPORTERS[target](Path(args.path), args.out)
+    _print_export(report)
+    if args.json:
+        from tightfit.formats.files import atomic_write_json
+
+        atomic_write_json(args.json, {"target": report.target, "path": str(report.path), "architecture": report.architecture,
+                                      "bytes": report.nbytes, "tensors": [dataclasses.asdict(t) for t in report.tensors]})
+    return 0
+
+
+COMMANDS = {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info, "formats": _cmd_formats,
+            "export": _cmd_export}

@@ -1,0 +1,298 @@
+"""`tightfit plan`, `profile` and `pareto`, and the planner flags that `compress` shares."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tightfit.cli.common import (
+    _add_calibration_flags,
+    _add_embed_flag,
+    _calibration_config,
+    _float_list,
+    _latency_ms,
+    _positive_int,
+    _size,
+    _status,
+)
+from tightfit.errors import TightfitError
+
+
+def _add_planner_flags(p: argparse.ArgumentParser) -> None:
+    from tightfit.pipeline import DEFAULT_CANDIDATES
+
+    p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
+                   help=f"planner: comma-separated candidate formats per layer (default {','.join(DEFAULT_CANDIDATES)})")
+    p.add_argument("--slice-windows", type=int, default=1,
+                   help="planner: held-back calibration windows for the measured sensitivity; 0 uses the Hessian proxy only (default 1)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="planner: cache folder for Hessians, sensitivities and kernel timings (default .tightfit-cache/)")
+    p.add_argument("--max-latency", type=_latency_ms, default=None,
+                   help="planner: predicted decode time per token on this machine, e.g. 8ms or 750us; alone or with "
+                        "--bpw/--max-size. Profiles the kernels at --threads (global flag; cached in --work)")
+    p.add_argument("--predict-latency", action="store_true",
+                   help="planner: profile this machine and print each layer's predicted decode ms, without a latency limit")
+    p.add_argument("--refine", type=int, default=0, metavar="GENERATIONS",
+                   help="planner: after the integer program, search around its plan for GENERATIONS rounds on the real KL "
+                        "of whole plans (EvoPress: layer errors do not simply add up); about 20-30 s per round for a "
+                        "135M model on 2 cores, e.g. --refine 24 (default 0: off)")
+    p.add_argument("--refine-windows", type=_positive_int, default=4,
+                   help="planner: held-back calibration windows on which --refine measures KL (default 4)")
+
+
+def _plan_request(args, budget) -> "PlanRequest":
+    from tightfit.pipeline import PlanRequest
+
+    if args.slice_windows < 0:
+        raise TightfitError(f"--slice-windows must be 0 or more, got {args.slice_windows}")
+    if args.refine < 0:
+        raise TightfitError(f"--refine must be 0 (off) or a number of generations, got {args.refine}")
+    formats = tuple(f.strip() for f in args.candidates.split(",") if f.strip())
+    from tightfit.formats.registry import parse_format
+
+    for f in formats:
+        parse_format(f)
+    work = args.work or Path(".tightfit-cache")
+    profile = None
+    if args.max_latency is not None or args.predict_latency:
+        from tightfit.runtime.engine import default_threads
+        from tightfit.stages.profile import ProfileConfig
+
+        profile = ProfileConfig(threads=args.threads or default_threads(), embed_format=getattr(args, "embed_format", None))
+    refine = None
+    if args.refine:
+        from tightfit.algorithms.evopress import EvolutionConfig
+
+        refine = EvolutionConfig(generations=args.refine)
+    return PlanRequest(model=args.model, budget=budget, work=work, formats=formats, slice_windows=args.slice_windows,
+                       calibration=_calibration_config(args), profile=profile, refine=refine,
+                       refine_windows=args.refine_windows)
+
+
+def _budget(args, loaded) -> "Budget":
+    """--bpw applies to the quantized layers; --max-size to the whole file, so the unquantized
+    tensors (kept in fp16) and the file header are taken off first."""
+    from tightfit.errors import InfeasibleBudget
+    from tightfit.formats.registry import parse_format
+    from tightfit.model import get_module
+    from tightfit.stages.allocate import Budget
+    from tightfit.stages.quantize import embedding_layers, kept_tensors
+
+    if args.bpw is None and args.max_size is None and args.max_latency is None:
+        raise TightfitError("the planner needs a budget: --bpw, --max-size or --max-latency (latency combines with either size)")
+    if args.bpw is not None:
+        if not 0 < args.bpw < 32:
+            raise TightfitError(f"--bpw must lie between 0 and 32, got {args.bpw}")
+        return Budget(max_bpw=args.bpw, max_latency_ms=args.max_latency)
+    if args.max_size is None:
+        return Budget(max_latency_ms=args.max_latency)
+    weights = {f"{loaded.arch.blocks}.{i}.{n}.weight" for i in range(loaded.model.config.num_hidden_layers) for n in loaded.arch.linear_names}
+    fixed = HEADER_ALLOWANCE
+    if args.embed_format is not None:
+        fmt = parse_format(args.embed_format)
+        for name in embedding_layers(loaded.model, loaded.arch):
+            weights.add(f"{name}.weight")
+            fixed += fmt.nbytes(*get_module(loaded.model, name).weight.shape).total
+    fixed += sum(t.numel() * t.element_size() for t in kept_tensors(loaded.model, weights, "fp16").values())
+    if args.max_size <= fixed:
+        raise InfeasibleBudget(
+            f"--max-size {args.max_size / 1e6:.1f} MB cannot be met: the unquantized tensors (embeddings, norms) alone "
+            f"take {fixed / 1e6:.1f} MB"
+        )
+    return Budget(max_bytes=args.max_size - fixed, max_latency_ms=args.max_latency)
+
+
+HEADER_ALLOWANCE = 200_000  # bytes of safetensors header reserved when budgeting a whole file
+
+
+def _print_plan(report) -> None:
+    plan, table, latency = report.plan, report.sensitivity, report.latency
+    ms_head = f" {'ms':>8}" if latency is not None else ""
+    print(f"{'layer':<40} {'format':<10} {'bytes':>9} {'bpw':>6} {'damage':>10}{ms_head}")
+    for name, fmt in plan.formats.items():
+        n, k = table.shapes[name]
+        b = table.nbytes[name][fmt.name]
+        ms = f" {latency.decode_ms((n, k), fmt):>8.4f}" if latency is not None else ""
+        print(f"{name:<40} {fmt.name:<10} {b:>9} {8 * b / (n * k):>6.2f} {table.damage(name, fmt):>10.2e}{ms}")
+    from collections import Counter
+
+    mix = ", ".join(f"{f} x{c}" for f, c in Counter(f.name for f in plan.formats.values()).most_common())
+    what = "KL increase on held-back text" if table.measured is not None else "Hessian proxy"
+    print(f"plan for {plan.budget.describe()}: {plan.bits_per_weight:.3f} bits/weight, {plan.total_bytes / 1e6:.2f} MB of quantized layers; {mix}")
+    print(f"damage = {what}; predicted total {plan.predicted_loss:.4g}")
+    if latency is not None and plan.predicted_latency_ms is not None:
+        fixed = plan.budget.fixed_latency_ms
+        print(f"predicted decode {plan.predicted_latency_ms:.3f} ms/token ({1e3 / plan.predicted_latency_ms:.1f} tok/s): "
+              f"layers {plan.predicted_latency_ms - fixed:.3f} ms + the rest (attention, norms, head) {fixed:.3f} ms; "
+              f"{latency.threads} threads on {latency.cpu}")
+    agreement = table.rank_agreement()
+    if agreement:
+        print("proxy vs measured rank agreement (Spearman): " + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items()))
+    r = report.refinement
+    if r is not None:
+        moved = sum(report.milp_plan.formats[n] != f for n, f in plan.formats.items())
+        screen, full = r.evaluations
+        print(f"refined (EvoPress, {len(r.history)} generations, {screen} + {full} plans scored): KL on held-back text "
+              f"{r.start_loss:.4g} (integer program's plan) -> {r.loss:.4g}, {moved} layers changed format")
+
+
+def add_parsers(sub) -> None:
+    pl = sub.add_parser(
+        "plan",
+        help="choose one format per layer under a size and/or latency budget and write the plan as JSON",
+        description="Calibrate, collect each layer's Hessian, measure every layer's sensitivity to every candidate "
+        "format (the GPTQ proxy, and the KL increase on held-back text when only that layer is quantized), then solve "
+        "an integer program (HiGHS) for the plan with the least predicted damage within the budget. Measurements are "
+        "cached in --work, so further budgets are instant. `tightfit compress MODEL --plan PLAN.json` applies it.",
+        epilog="example:\n  tightfit plan smollm2-135m --bpw 3.0 --out plan-3.0.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pl.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder")
+    budget = pl.add_mutually_exclusive_group()
+    budget.add_argument("--bpw", type=float, help="average bits per weight of the quantized layers (e.g. 3.0)")
+    budget.add_argument("--max-size", type=_size, help="size of the whole packed tensor file, e.g. 60MB")
+    pl.add_argument("--out", type=Path, required=True, help="where to write the plan JSON")
+    _add_calibration_flags(pl)
+    _add_embed_flag(pl)
+    _add_planner_flags(pl)
+
+    pr = sub.add_parser(
+        "profile",
+        help="time tightfit's kernels for every layer shape of MODEL in every candidate format on this machine",
+        description="For each distinct linear-layer shape of MODEL and each format (the planner's candidates plus "
+        "--formats), time one decode (1 row) and one prefill (64 rows) matmul of the kernel the engine runs for it: "
+        "a warm-up, then the median of 5 timed calls at fixed threads. SpQR formats have no fast kernel yet: the engine "
+        "runs them as dense fp32, so they are timed as such. Also measures the read bandwidth and the decode time of "
+        "everything but the linear layers (the whole model on the engine minus its layers). Timings are cached per "
+        "machine, thread count and kernel version in --work: a second run is instant.",
+        epilog="example:\n  tightfit profile smollm2-135m --threads 2 --out latency.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder")
+    pr.add_argument("--formats", default="", help="comma-separated formats to time besides the planner's default candidates")
+    pr.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's thread count)")
+    pr.add_argument("--out", type=Path, default=None, help="also write the latency table as JSON to this file")
+    pr.add_argument("--work", type=Path, default=None, help="cache folder of the timings (default .tightfit-cache/)")
+    _add_embed_flag(pr)
+
+    pa = sub.add_parser(
+        "pareto",
+        help="size, decode speed and KL of MODEL compressed at several budgets: JSON, Markdown and a figure",
+        description="Compress MODEL in every candidate format uniformly and with the planner at each --budgets "
+        "bits/weight, then measure each packed model's size, decode tok/s on the fast engine and KL to the original "
+        "(plus the original itself in fp16). Writes DIR/pareto.json after every point (a rerun skips points already "
+        "there), DIR/pareto.md and DIR/pareto.png (needs matplotlib: pip install 'tightfit[bench]'). The packed "
+        "models stay in DIR/models/.",
+        epilog="example:\n  tightfit pareto smollm2-135m --budgets 2.5,3,3.5,4 --method rtn --out pareto-smollm2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pa.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder")
+    pa.add_argument("--budgets", default="2.5,3,3.5,4", help="comma-separated bits/weight budgets of the planned points (default 2.5,3,3.5,4)")
+    pa.add_argument("--out", type=Path, required=True, help="output folder")
+    pa.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="quantizer of every point (default gptq; rtn is faster)")
+    _add_embed_flag(pa)
+    pa.add_argument("--sequential", action="store_true",
+                    help="gptq: collect each point's Hessians through its already-quantized layers, as `compress` does "
+                         "(about 4x slower per point); default: the original model's Hessians, collected once into --work")
+    pa.add_argument("--eval-windows", type=_positive_int, default=None, help="evaluation windows for the KL (default 8)")
+    pa.add_argument("--text", default="wiki", help="evaluation text: 'wiki' (built in, its held-out part), a .txt or .jsonl file (default: wiki)")
+    pa.add_argument("--ctx", type=_positive_int, default=512, help="tokens per evaluation window (default 512)")
+    pa.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens decoded per speed run (default 64)")
+    pa.add_argument("--repeats", type=_positive_int, default=3, help="timed speed runs; the median is reported (default 3)")
+    pa.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's thread count)")
+    _add_calibration_flags(pa)
+    pa.add_argument("--candidates", default=None, help="comma-separated candidate formats, each also a uniform point (default: the planner's)")
+    pa.add_argument("--slice-windows", type=int, default=1, help="planner: held-back windows for the measured sensitivity (default 1)")
+    pa.add_argument("--work", type=Path, default=None, help="planner cache folder (default .tightfit-cache/)")
+
+
+def _cmd_plan(args) -> int:
+    from tightfit.formats.files import atomic_write_json
+    from tightfit.model import load_model
+    from tightfit.pipeline import make_plan
+
+    loaded = load_model(args.model)
+    report = make_plan(_plan_request(args, _budget(args, loaded)), loaded, on_stage=_status)
+    _print_plan(report)
+    atomic_write_json(args.out, report.plan.to_json())
+    print(f"plan written to {args.out}")
+    return 0
+
+
+def _cmd_profile(args) -> int:
+    from tightfit.formats.registry import parse_format
+    from tightfit.formats.table import QuantFormat
+    from tightfit.model import load_model
+    from tightfit.pipeline import DEFAULT_CANDIDATES, LATENCY_CACHE_FILE, linear_layer_shapes, profile_model
+    from tightfit.runtime.engine import default_threads
+    from tightfit.stages.profile import DENSE_KERNEL, ProfileConfig
+
+    names = list(DEFAULT_CANDIDATES) + [f.strip() for f in args.formats.split(",") if f.strip()]
+    formats = list(dict.fromkeys(parse_format(f) for f in names))
+    if args.embed_format is not None:
+        parse_format(args.embed_format)
+    config = ProfileConfig(threads=args.threads or default_threads(), embed_format=args.embed_format)
+    work = args.work or Path(".tightfit-cache")
+    _status(f"loading {args.model}")
+    loaded = load_model(args.model)
+    table = profile_model(loaded, formats, config, work, on_stage=_status)
+    layers = linear_layer_shapes(loaded)
+    count = {}
+    for shape in layers.values():
+        count[shape] = count.get(shape, 0) + 1
+    print(f"{'shape NxK':<12} {'layers':>6} {'format':<20} {'kernel':<12} {'decode ms':>10} {'GB/s':>6} {'prefill ms':>11}")
+    for e in table.entries:
+        fmt = parse_format(e.fmt)
+        nbytes = fmt.nbytes(*e.shape).total if isinstance(fmt, QuantFormat) else 4 * e.shape[0] * e.shape[1]
+        print(f"{e.shape[0]:>5}x{e.shape[1]:<6} {count[e.shape]:>6} {e.fmt:<20} {e.kernel:<12} {e.decode_ms:>10.4f} "
+              f"{nbytes / e.decode_ms / 1e6:>6.1f} {e.prefill_ms:>11.4f}")
+    print(f"decode = {table.decode_m} row, prefill = {table.prefill_m} rows per call; median of {config.repeats} timed calls "
+          f"after a warm-up; GB/s = bytes of the layer read per decode call")
+    if any(e.kernel == DENSE_KERNEL for e in table.entries):
+        print("SpQR formats have no fast kernel yet: the engine runs them as dense fp32, and that is what is timed")
+    print(f"read bandwidth    {table.bandwidth_gb_s:8.1f} GB/s ({table.threads} threads, {table.cpu})")
+    print(f"whole model       {table.model_decode_ms:8.3f} ms/token decode in {table.fixed_format} (short context)")
+    print(f"fixed part        {table.fixed_ms:8.3f} ms/token (attention, norms, embeddings, head = whole model - its layers)")
+    print(f"kernel            sha256 {table.kernel_sha256[:16]}...; timings cached in {work / LATENCY_CACHE_FILE}")
+    if args.out is not None:
+        from tightfit.formats.files import atomic_write_json
+
+        atomic_write_json(args.out, table.to_json())
+        print(f"latency table written to {args.out}")
+    return 0
+
+
+def _cmd_pareto(args) -> int:
+    from tightfit import report as report_mod
+    from tightfit.evaluate import FAST_WINDOWS, EvalConfig
+    from tightfit.formats.registry import parse_format
+    from tightfit.model import load_model
+    from tightfit.pipeline import DEFAULT_CANDIDATES, ParetoRequest, pareto
+    from tightfit.runtime.engine import default_threads
+
+    budgets = _float_list(args.budgets, "--budgets")
+    formats = tuple(f.strip() for f in (args.candidates or ",".join(DEFAULT_CANDIDATES)).split(",") if f.strip())
+    for f in [*formats, *([args.embed_format] if args.embed_format else [])]:
+        parse_format(f)
+    if args.slice_windows < 0:
+        raise TightfitError(f"--slice-windows must be 0 or more, got {args.slice_windows}")
+    request = ParetoRequest(
+        model=args.model, out=args.out, work=args.work or Path(".tightfit-cache"), threads=args.threads or default_threads(),
+        budgets=budgets, formats=formats, method=args.method, calibration=_calibration_config(args),
+        evaluation=EvalConfig(text=args.text, n_windows=args.eval_windows or FAST_WINDOWS, ctx=args.ctx),
+        slice_windows=args.slice_windows, sequential=args.sequential, new_tokens=args.new_tokens, repeats=args.repeats,
+        embed_format=args.embed_format,
+    )
+    _status(f"loading {args.model}")
+    report = pareto(request, load_model(args.model), on_stage=_status)
+    print(report_mod.markdown(report), end="")
+    written = [report_mod.save_json(report, args.out), report_mod.save_markdown(report, args.out)]
+    try:
+        written.append(report_mod.save_figure(report, args.out))
+    except ImportError:
+        print("note: matplotlib is not installed, so no figure (pip install 'tightfit[bench]'); JSON and Markdown written")
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+COMMANDS = {"plan": _cmd_plan, "profile": _cmd_profile, "pareto": _cmd_pareto}
