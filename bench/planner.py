@@ -125,8 +125,10 @@ def main() -> None:
         f"# Planner: mixed precision vs uniform formats on {args.model}",
         "",
         f"Candidates per layer: {', '.join(f.name for f in formats)}. Sensitivity = KL increase on {table.slice_tokens} "
-        f"held-back calibration tokens with only that layer quantized (GPTQ); measuring took {measure_seconds / 60:.1f} min "
-        f"(cached afterwards). Plans: HiGHS MILP. Everything quantized with GPTQ from the same original-model Hessians; "
+        f"held-back calibration tokens with only that layer quantized (GPTQ); "
+        + (f"measuring took {measure_seconds / 60:.1f} min (cached afterwards). " if measure_seconds > 60 else
+           "measured by an earlier run and read from its cache (.cache/planner/sensitivity.json). ")
+        + f"Plans: HiGHS MILP. Everything quantized with GPTQ from the same original-model Hessians; "
         f"evaluation {eval_config.n_windows} x {eval_config.ctx} held-out wiki tokens, original PPL {ref_ppl:.3f}. "
         f"Machine: {payload['machine']['cpu']}.",
         "",

@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/planner_latency.py [--threads 2] [--repeats 7] [--fractions 0.2,0.4,0.6,0.8]
 
-Profiles this machine (cached in .cache/planner/latency.json, like `tightfit profile`), then plans
+Profiles this machine (cached in .cache/planner/latency.json, like `tightfit profile`: kernel
+timings with weights streamed from memory, scaled per format to the engine's own in-context timers
+in whole-model decodes), then plans
 the default model under decode-latency budgets spread between the fastest and the slowest plan
 the candidates allow (`--fractions` of that range), using the sensitivities bench/planner.py
 measured (cached in the same folder). Each plan, and each candidate format uniformly, is packed
 (round to nearest: speed does not depend on the values) and its decode time measured on the
-engine exactly as the profile's fixed part was (a 32-token prompt, then 32 greedy tokens), all
+engine exactly as the profile's whole-model decodes were (a 32-token prompt, then 64 greedy tokens), all
 models round-robin in one process, `--repeats` runs each; the median is reported. Embeddings and
 head are w8g32-sym in every model (`--embed-format`), profile included. Run it alone:
 a concurrent process wrecks 2-thread timings on a 2-core machine.
@@ -41,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7, help="timed runs per model (round-robin), median reported")
+    ap.add_argument("--repeats", type=int, default=15, help="timed runs per model (round-robin), median reported")
     ap.add_argument("--candidates", default="w2g64,w2g32,w3g128,w3g64,w3g32,w4g128", help="as bench/planner.py")
     ap.add_argument("--fractions", default="0.2,0.4,0.6,0.8", help="budgets: fractions of the range fastest .. slowest plan")
     ap.add_argument("--bpw", default="2.5,3.0,3.5", help="also time the bits/weight plans of bench/planner.py (integer program)")
@@ -107,11 +109,14 @@ def main() -> None:
         f"# Latency-budgeted plans on {args.model}: predicted vs measured decode",
         "",
         f"Machine: {payload['machine']['cpu']}, {args.threads} threads; read bandwidth {latency.bandwidth_gb_s:.1f} GB/s. "
-        f"Prediction = profiled kernel ms of each layer in its format + the fixed part ({latency.fixed_ms:.3f} ms: "
-        f"the whole model's decode in {latency.fixed_format} minus its layers' kernel ms). Measured: decode ms/token after a "
+        f"Prediction = each layer's kernel ms in its format (weights streamed from memory, copies cycled, "
+        f"{config.stream_mb} MB) x the format's in-context scale + the fixed part ({latency.fixed_ms:.3f} ms). The "
+        "scales and the fixed part come from the profile stage's whole-model decodes, one per candidate format, timed by "
+        "the engine's own phase timers (scales: " + ", ".join(f"{k} {v:.2f}" for k, v in latency.context_scale.items())
+        + "). Measured: decode ms/token after a "
         f"{prompt_tokens}-token prompt, {new_tokens} tokens, median of {args.repeats} runs, all models round-robin in one process. "
-        f"Kernel timings stream each matrix from memory (copies cycled, {config.stream_mb} MB). Embeddings and head: "
-        f"{args.embed_format or 'fp16'}.",
+        f"Embeddings and head: {args.embed_format or 'fp16'}. The profile was "
+        + ("read from the cache of an earlier run." if profile_s < 5 else f"measured in this run ({profile_s:.0f} s)."),
         "",
         "| model | budget ms | predicted ms | measured ms (min..max) | measured / predicted | within budget +10 % | bits/weight | formats |",
         "|---|---|---|---|---|---|---|---|",

@@ -40,11 +40,11 @@ def fake_timers(monkeypatch):
 
     def model_ms(packed, config):
         calls["model"] += 1
-        return 5.0
+        return 5.0, 2.0  # decode ms per token, of which in the linear layers
 
     monkeypatch.setattr(profile_stage.kernels, "time_matmul", time_matmul)
     monkeypatch.setattr(profile_stage, "measure_bandwidth_gb_s", bandwidth)
-    monkeypatch.setattr(profile_stage, "measure_model_decode_ms", model_ms)
+    monkeypatch.setattr(profile_stage, "measure_model_decode", model_ms)
     return calls
 
 
@@ -58,31 +58,39 @@ def _profile(tmp_path, formats=("w2g32", "w4g64"), config=FAST, model=True):
 def test_second_run_times_nothing_and_a_new_kernel_or_thread_count_retimes(tmp_path, fake_timers, monkeypatch):
     first = _profile(tmp_path)
     # 2 shapes x (2 formats + the fixed format w4g64, already a candidate) x (warm-up, probe, 5 repeats) x (decode, prefill)
-    assert fake_timers == {"matmul": 2 * 2 * 7 * 2, "bandwidth": 1, "model": 1}
+    # and the whole model once per format with a fast kernel (w2g32, w4g64)
+    assert fake_timers == {"matmul": 2 * 2 * 7 * 2, "bandwidth": 1, "model": 2}
     again = _profile(tmp_path)
-    assert fake_timers == {"matmul": 56, "bandwidth": 1, "model": 1}, "a second run must be served from the cache"
+    assert fake_timers == {"matmul": 56, "bandwidth": 1, "model": 2}, "a second run must be served from the cache"
     assert again == first
 
     monkeypatch.setattr(profile_stage, "kernel_hash", lambda: "another engine.cpp")
     _profile(tmp_path)
-    assert fake_timers == {"matmul": 112, "bandwidth": 2, "model": 2}, "a changed kernel re-times every entry"
+    assert fake_timers == {"matmul": 112, "bandwidth": 2, "model": 4}, "a changed kernel re-times every entry"
 
     _profile(tmp_path, config=ProfileConfig(threads=2, bandwidth_mb=16))
-    assert fake_timers["matmul"] == 168 and fake_timers["model"] == 3, "another thread count re-times"
+    assert fake_timers["matmul"] == 168 and fake_timers["model"] == 6, "another thread count re-times"
     _profile(tmp_path, formats=("w2g32", "w4g64", "w3g64"))
     assert fake_timers["matmul"] == 168 + 2 * 7 * 2, "only the new format's entries are timed"
+    assert fake_timers["model"] == 7, "and the whole model in the new format only"
 
     monkeypatch.undo()  # the original kernel: its entries are still in the cache
     monkeypatch.setattr(profile_stage.kernels, "time_matmul", lambda *a, **k: pytest.fail("timed a cached entry"))
     assert _profile(tmp_path).entries == first.entries
 
 
-def test_fixed_part_is_model_time_minus_its_layers(tmp_path, fake_timers):
+def test_in_context_scale_and_fixed_part(tmp_path, fake_timers):
+    """Each format's kernel times are scaled so that the model's layers add up to the engine's own
+    in-context time (2 ms of the 5 ms decode, fake_timers); the rest (3 ms) is the fixed part."""
     table = _profile(tmp_path)
-    layers_ms = table.layers_decode_ms(SHAPES, {name: "w4g64" for name in SHAPES})
-    assert table.model_decode_ms == 5.0 and table.fixed_format == "w4g64"
-    assert table.fixed_ms == pytest.approx(5.0 - layers_ms)
-    assert table.decode_ms((64, 128), "w4g64") == pytest.approx(1e-6 * 64 * 128 * 4)
+    assert table.model_decode_ms == 5.0 and table.fixed_format == "w4g64" and table.fixed_ms == pytest.approx(3.0)
+    for fmt in ("w2g32", "w4g64"):
+        assert table.layers_decode_ms(SHAPES, {name: fmt for name in SHAPES}) == pytest.approx(2.0)
+    kernel_ms = 1e-6 * 64 * 128 * 4  # the fake kernel time of a 64x128 layer in w4g64
+    kernels_sum = sum(1e-6 * n * k * 4 for n, k in SHAPES.values())
+    assert table.entry((64, 128), "w4g64").decode_ms == pytest.approx(kernel_ms)
+    assert table.context_scale["w4g64"] == pytest.approx(2.0 / kernels_sum)
+    assert table.decode_ms((64, 128), "w4g64") == pytest.approx(kernel_ms * 2.0 / kernels_sum)
     assert table.entry((128, 256), parse_format("w2g32")).prefill_ms == pytest.approx(1e-6 * 128 * 256 * 2 * 64)
     with pytest.raises(KeyError, match="no entry for a 32x32 layer in w2g32"):
         table.decode_ms((32, 32), "w2g32")
@@ -93,7 +101,7 @@ def test_fixed_part_is_timed_again_for_another_embedding_format_only(tmp_path, f
 
     _profile(tmp_path)
     _profile(tmp_path, config=dataclasses.replace(FAST, embed_format="w8g32-sym"))
-    assert fake_timers["model"] == 2 and fake_timers["matmul"] == 2 * 2 * 7 * 2, "the head is part of the fixed part, not the layers"
+    assert fake_timers["model"] == 4 and fake_timers["matmul"] == 2 * 2 * 7 * 2, "the head changes the models, not the kernels"
     with pytest.raises(ValueError, match="embed_format"):
         ProfileConfig(threads=1, embed_format="spqr-w3g16-s3-o1.0")
 
@@ -142,7 +150,7 @@ def test_profile_of_a_tiny_llama_on_the_real_engine(tiny_model_dir, tmp_path, mo
     assert table.kernel_sha256 == profile_stage.kernel_hash() and table.threads == 1
 
     monkeypatch.setattr(profile_stage.kernels, "time_matmul", lambda *a, **k: pytest.fail("timed a cached entry"))
-    monkeypatch.setattr(profile_stage, "measure_model_decode_ms", lambda *a: pytest.fail("re-timed the model"))
+    monkeypatch.setattr(profile_stage, "measure_model_decode", lambda *a: pytest.fail("re-timed the model"))
     assert profile_model(loaded, formats, FAST, tmp_path) == table
 
 

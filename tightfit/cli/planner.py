@@ -240,19 +240,23 @@ def _cmd_profile(args) -> int:
     count = {}
     for shape in layers.values():
         count[shape] = count.get(shape, 0) + 1
-    print(f"{'shape NxK':<12} {'layers':>6} {'format':<20} {'kernel':<12} {'decode ms':>10} {'GB/s':>6} {'prefill ms':>11}")
+    print(f"{'shape NxK':<12} {'layers':>6} {'format':<20} {'kernel':<12} {'decode ms':>10} {'GB/s':>6} {'in model':>9} {'prefill ms':>11}")
     for e in table.entries:
         fmt = parse_format(e.fmt)
         nbytes = fmt.nbytes(*e.shape).total if isinstance(fmt, QuantFormat) else 4 * e.shape[0] * e.shape[1]
         print(f"{e.shape[0]:>5}x{e.shape[1]:<6} {count[e.shape]:>6} {e.fmt:<20} {e.kernel:<12} {e.decode_ms:>10.4f} "
-              f"{nbytes / e.decode_ms / 1e6:>6.1f} {e.prefill_ms:>11.4f}")
+              f"{nbytes / e.decode_ms / 1e6:>6.1f} {table.decode_ms(e.shape, e.fmt):>9.4f} {e.prefill_ms:>11.4f}")
     print(f"decode = {table.decode_m} row, prefill = {table.prefill_m} rows per call; median of {config.repeats} timed calls "
-          f"after a warm-up; GB/s = bytes of the layer read per decode call")
+          f"after a warm-up, weights streamed from memory; GB/s = bytes of the layer read per decode call; in model = "
+          f"decode ms x the format's in-context scale (the engine's own timers in a whole-model decode)")
+    if table.context_scale:
+        print("in-context scale  " + ", ".join(f"{k} {v:.2f}" for k, v in table.context_scale.items()))
     if any(e.kernel == DENSE_KERNEL for e in table.entries):
         print("SpQR formats have no fast kernel yet: the engine runs them as dense fp32, and that is what is timed")
     print(f"read bandwidth    {table.bandwidth_gb_s:8.1f} GB/s ({table.threads} threads, {table.cpu})")
     print(f"whole model       {table.model_decode_ms:8.3f} ms/token decode in {table.fixed_format} (short context)")
-    print(f"fixed part        {table.fixed_ms:8.3f} ms/token (attention, norms, embeddings, head = whole model - its layers)")
+    print(f"fixed part        {table.fixed_ms:8.3f} ms/token (attention, norms, embeddings, head, waits = whole model - its "
+          "layers, median over the formats)")
     print(f"kernel            sha256 {table.kernel_sha256[:16]}...; timings cached in {work / LATENCY_CACHE_FILE}")
     if args.out is not None:
         from tightfit.formats.files import atomic_write_json

@@ -147,6 +147,16 @@ class FastBackend:
         self._ids_c = (ctypes.c_int32 * self.max_batch)()
         self._forward_c = self._lib.tf_engine_forward
 
+    PHASES = ("norm+quantize", "qkv", "attention", "o", "gate/up", "down", "head", "barriers")
+    LINEAR_PHASES = ("qkv", "o", "gate/up", "down")  # the decoder blocks' matmuls (activation quantization included)
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds per phase of the forward steps since the last call (then reset to 0), as
+        thread 0 spent them; `barriers` is its waiting for the other threads."""
+        out = (ctypes.c_double * len(self.PHASES))()
+        self._lib.tf_engine_profile(self._engine, out)
+        return dict(zip(self.PHASES, out))
+
     # ---- weights -----------------------------------------------------------------------------
 
     def _vector(self, packed: PackedModel, name: str) -> int:

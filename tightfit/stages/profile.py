@@ -14,9 +14,14 @@ measured with tightfit's own engine, the one that will run the model:
                 model; one matrix timed alone stays cache-resident, and then the formats that
                 unpack fastest, not the smallest, look fastest. Formats without a fast kernel
                 (SpQR) run as dense fp32 in the engine, so that is what they are timed as.
-  T0            decode ms per token of the whole model (`FastBackend`, uniform format
-                `fixed_format`, short context) minus the summed kernel times of its layers in
-                that format.
+  in context    the whole model, packed uniformly in each candidate format with a fast kernel,
+                decodes on the engine (short context); the engine's own phase timers say how
+                long its linear layers took per token. scale[c] = that time / the summed kernel
+                times of its layers in c: inside a decode step consecutive matrices overlap
+                their memory traffic and share one thread team, so isolated calls are off by a
+                per-format factor. t[l, c] is the kernel time times scale[c].
+  T0            decode ms per token of the whole model minus its linear layers' in-context
+                time, median over those formats.
 
 Latency depends on the shape, not the layer, so each distinct (N, K) is timed once per format.
 Timings are cached entry by entry, keyed by machine (`cpu_fingerprint`), threads, kernel source
@@ -31,6 +36,7 @@ import hashlib
 import json
 import math
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +52,7 @@ from tightfit.formats.table import QuantFormat
 from tightfit.runtime import kernels
 from tightfit.runtime.kernels.build import SOURCE, cpu_fingerprint
 
-LATENCY_TABLE_VERSION = 1
+LATENCY_TABLE_VERSION = 2
 PROFILE_CONFIG_VERSION = 2
 CACHE_VERSION = 1
 DENSE_KERNEL = "dense-fp32"  # what the engine runs for a format without a fast kernel
@@ -64,12 +70,12 @@ class ProfileConfig:
     stream_mb:        the copies of a matrix that the reps cycle through hold at least this
                       many MB (several times the last-level cache)
     bandwidth_mb:     buffer size of the read-bandwidth measurement
-    fixed_format:     uniform format of the model whose decode time gives the fixed part
+    fixed_format:     a uniform format whose whole model is always timed (as are the candidates)
     embed_format:     format of that model's token embeddings and output head (None: fp16), as
                       the model being planned will have them: the head is most of the fixed part
-    fixed_prompt:     prompt tokens before the timed decode of the fixed part
-    fixed_new_tokens: decoded tokens per timed run of the fixed part
-    fixed_repeats:    timed runs of the fixed part (after one warm-up); the median is kept
+    fixed_prompt:     prompt tokens before each timed whole-model decode
+    fixed_new_tokens: decoded tokens per timed whole-model run
+    fixed_repeats:    timed whole-model runs (after one warm-up); the median is kept
     """
 
     threads: int
@@ -82,8 +88,8 @@ class ProfileConfig:
     fixed_format: str = "w4g64"
     embed_format: str | None = None
     fixed_prompt: int = 32
-    fixed_new_tokens: int = 32
-    fixed_repeats: int = 3
+    fixed_new_tokens: int = 64
+    fixed_repeats: int = 5
     version: int = PROFILE_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -152,10 +158,13 @@ class LatencyTable:
 
     entries:          one per distinct layer shape and format
     fixed_ms:         decode ms per token of everything but the linear layers (>= 0; None when
-                      not measured): model_decode_ms minus the fixed format's summed layer times
+                      not measured): whole-model decode minus its layers' in-context time, median
+                      over the formats measured in context
     model_decode_ms:  measured decode ms per token of the whole model in fixed_format (None when
                       not measured)
     fixed_format:     the uniform format that model was quantized to
+    context_scale:    format name -> in-context layer time / summed kernel times (formats not
+                      measured in context: 1); decode_ms() applies it
     bandwidth_gb_s:   read bandwidth with `threads` threads (0 when not measured)
     threads, decode_m, prefill_m: how the entries were timed
     machine, cpu:     `machine_id()` and the CPU model name
@@ -173,6 +182,7 @@ class LatencyTable:
     fixed_ms: float | None = None
     model_decode_ms: float | None = None
     fixed_format: str | None = None
+    context_scale: dict[str, float] = field(default_factory=dict)
     version: int = LATENCY_TABLE_VERSION
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
@@ -187,7 +197,9 @@ class LatencyTable:
         return self._index[key]
 
     def decode_ms(self, shape: tuple[int, int], fmt: Format | str) -> float:
-        return self.entry(shape, fmt).decode_ms
+        """Predicted ms of one decode step of a (N, K) layer in fmt inside the model."""
+        entry = self.entry(shape, fmt)
+        return entry.decode_ms * self.context_scale.get(entry.fmt, 1.0)
 
     def layers_decode_ms(self, layers: Mapping[str, tuple[int, int]], formats: Mapping[str, Format | str]) -> float:
         """Summed decode ms of the layers (name -> shape), each in formats[name]."""
@@ -198,7 +210,7 @@ class LatencyTable:
             "version": self.version, "entries": [e.to_json() for e in self.entries], "threads": self.threads,
             "decode_m": self.decode_m, "prefill_m": self.prefill_m, "machine": self.machine, "cpu": self.cpu,
             "kernel_sha256": self.kernel_sha256, "bandwidth_gb_s": self.bandwidth_gb_s, "fixed_ms": self.fixed_ms,
-            "model_decode_ms": self.model_decode_ms, "fixed_format": self.fixed_format,
+            "model_decode_ms": self.model_decode_ms, "fixed_format": self.fixed_format, "context_scale": self.context_scale,
         }
 
     @classmethod
@@ -304,15 +316,29 @@ def profile_layers(
     return entries
 
 
-def measure_model_decode_ms(packed: PackedModel, config: ProfileConfig) -> float:
-    """Decode ms per token of a packed model on the engine: a short prompt, then greedy tokens."""
+def measure_model_decode(packed: PackedModel, config: ProfileConfig) -> tuple[float, float]:
+    """(decode ms per token, ms per token in the decoder blocks' linear layers) of a packed model
+    on the engine: a short prompt, then greedy tokens; medians over fixed_repeats runs after a
+    warm-up. The second figure is the engine's own phase timers over the decode steps only."""
     from tightfit.runtime.engine import FastBackend
-    from tightfit.runtime.speed import measure_speed
+    from tightfit.runtime.speed import random_prompt
 
     backend = FastBackend(packed, max_positions=config.fixed_prompt + config.fixed_new_tokens, threads=config.threads)
-    report = measure_speed(backend, prompt_tokens=config.fixed_prompt, new_tokens=config.fixed_new_tokens,
-                           repeats=config.fixed_repeats, threads=config.threads)
-    return report.decode_ms
+    prompt = random_prompt(backend.vocab_size, config.fixed_prompt, 0)
+    decode, linear = [], []
+    for run in range(config.fixed_repeats + 1):  # the first is a warm-up
+        backend.reset()
+        token = int(backend.forward(prompt).argmax())
+        backend.phase_seconds()  # drop the prefill's
+        t0 = time.perf_counter()
+        for _ in range(config.fixed_new_tokens):
+            token = int(backend.forward([token]).argmax())
+        seconds = time.perf_counter() - t0
+        phases = backend.phase_seconds()
+        if run:
+            decode.append(1e3 * seconds / config.fixed_new_tokens)
+            linear.append(1e3 * sum(phases[p] for p in backend.LINEAR_PHASES) / config.fixed_new_tokens)
+    return statistics.median(decode), statistics.median(linear)
 
 
 def measure_bandwidth_gb_s(config: ProfileConfig) -> float:
@@ -339,9 +365,10 @@ def profile(
 ) -> LatencyTable:
     """The latency table of a model's linear layers (name -> (N, K)) in `formats`.
 
-    architecture, uniform_model: when given, also the fixed part: uniform_model(fmt) builds the
-    model packed uniformly in fmt (embeddings and head in config.embed_format) (only called when the cache lacks the measurement), and
-    `architecture` (`architecture_key` of its config) keys the cached result.
+    architecture, uniform_model: when given, also the in-context scales and the fixed part:
+    uniform_model(fmt) builds the model packed uniformly in fmt (embeddings and head in
+    config.embed_format; only called when the cache lacks the measurement), and `architecture`
+    (`architecture_key` of its config) keys the cached results.
     Bandwidth is measured (or read from the cache) every time.
     """
     if not layers:
@@ -364,20 +391,30 @@ def profile(
         cache.put(key, bandwidth)
 
     fixed_ms = model_ms = None
+    scale: dict[str, float] = {}
     if uniform_model is not None:
         if architecture is None:
             raise ValueError("the fixed part needs the model's architecture key")
-        key = (f"model|{_scope(config)}|arch={architecture}|{fixed_fmt.name}|"
-               f"ctx={config.fixed_prompt}+{config.fixed_new_tokens}|embed={config.embed_format or 'fp16'}")
-        model_ms = cache.get(key)
-        if model_ms is None:
-            on_stage(f"timing decode of the whole model in {fixed_fmt.name} for the non-linear remainder")
-            model_ms = measure_model_decode_ms(uniform_model(fixed_fmt), config)
-            cache.put(key, model_ms)
-        by_shape = {e.shape: e.decode_ms for e in entries if e.fmt == fixed_fmt.name}
-        linear_ms = sum(by_shape[tuple(s)] for s in layers.values())
-        # Timer noise can make the difference slightly negative on a small model; it is a time, so >= 0.
-        fixed_ms = max(float(model_ms) - linear_ms, 0.0)
+        fixed: list[float] = []
+        for fmt in dict.fromkeys([fixed_fmt, *formats]):
+            if not isinstance(fmt, QuantFormat):
+                continue  # no fast kernel: runs as dense fp32, timed as such, unscaled
+            key = (f"model-in-context|{_scope(config)}|arch={architecture}|{fmt.name}|"
+                   f"ctx={config.fixed_prompt}+{config.fixed_new_tokens}|embed={config.embed_format or 'fp16'}")
+            measured = cache.get(key)
+            if measured is None:
+                on_stage(f"timing decode of the whole model in {fmt.name} (in-context layer times, the non-linear rest)")
+                decode_ms, linear_ms = measure_model_decode(uniform_model(fmt), config)
+                measured = {"decode_ms": decode_ms, "linear_ms": linear_ms}
+                cache.put(key, measured)
+            by_shape = {e.shape: e.decode_ms for e in entries if e.fmt == fmt.name}
+            kernels_ms = sum(by_shape[tuple(s)] for s in layers.values())
+            scale[fmt.name] = float(measured["linear_ms"]) / kernels_ms
+            # Timer noise can make the difference slightly negative on a small model; it is a time, so >= 0.
+            fixed.append(max(float(measured["decode_ms"]) - float(measured["linear_ms"]), 0.0))
+            if fmt == fixed_fmt:
+                model_ms = float(measured["decode_ms"])
+        fixed_ms = statistics.median(fixed)
 
     return LatencyTable(
         entries=tuple(e for e in entries if e.fmt in {f.name for f in formats}),
@@ -385,4 +422,5 @@ def profile(
         kernel_sha256=kernel_hash(), bandwidth_gb_s=float(bandwidth), fixed_ms=fixed_ms,
         model_decode_ms=None if model_ms is None else float(model_ms),
         fixed_format=fixed_fmt.name if uniform_model is not None else None,
+        context_scale={k: v for k, v in scale.items() if k in {f.name for f in formats}},
     )
