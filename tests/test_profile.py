@@ -318,3 +318,17 @@ def test_pareto_with_gptq_uses_the_original_hessians_once(tiny_model_dir, tiny_t
     seen.clear()
     assert main(["pareto", str(tiny_model_dir), "--budgets", "3.4", *common, "--sequential", "--out", str(tmp_path / "q")]) == 0
     assert seen == [None, None, None]
+
+
+def test_profile_command_prints_kernel_and_in_context_times(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(profile_stage, "ProfileConfig", lambda threads, embed_format=None: dataclasses.replace(
+        FAST, threads=threads, embed_format=embed_format))
+    out = tmp_path / "latency.json"
+    assert main(["profile", str(tiny_model_dir), "--threads", "1", "--work", str(tmp_path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    scales = next(line for line in printed.splitlines() if line.startswith("in-context scale"))
+    assert "w2g64 " in scales and "w6g128 " in scales and "fixed part" in printed
+    table = LatencyTable.from_json(json.loads(out.read_text()))
+    assert set(table.context_scale) >= {"w2g64", "w4g64"} and all(v > 0 for v in table.context_scale.values())

@@ -162,8 +162,10 @@ def add_parsers(sub) -> None:
         description="For each distinct linear-layer shape of MODEL and each format (the planner's candidates plus "
         "--formats), time one decode (1 row) and one prefill (64 rows) matmul of the kernel the engine runs for it: "
         "a warm-up, then the median of 5 timed calls at fixed threads. SpQR formats have no fast kernel yet: the engine "
-        "runs them as dense fp32, so they are timed as such. Also measures the read bandwidth and the decode time of "
-        "everything but the linear layers (the whole model on the engine minus its layers). Timings are cached per "
+        "runs them as dense fp32, so they are timed as such. Calls cycle through copies of the matrix larger than the "
+        "cache, so weights stream from memory as in a real decode step. Then the whole model decodes on the engine once "
+        "per format: its phase timers scale each format's kernel times to what they cost in context, and what is not a "
+        "linear layer (attention, norms, head) is the fixed part. Also measures the read bandwidth. Timings are cached per "
         "machine, thread count and kernel version in --work: a second run is instant.",
         epilog="example:\n  tightfit profile smollm2-135m --threads 2 --out latency.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
