@@ -280,6 +280,7 @@ def test_pareto_writes_one_row_per_point_and_resumes(tiny_model_dir, tiny_text_f
     assert main(["pareto", str(tiny_model_dir), "--budgets", "3.4,3.0,1.0", *common]) == 0
     assert compressed == ["planned-3.00"]
     points = json.loads((out / "pareto.json").read_text())["points"]
+    assert points[1]["decode_tok_s"] != w2["decode_tok_s"], "points from the first run are timed again beside the new ones"
     assert [p["name"] for p in points] == names + ["planned 3.00 bpw", "planned 1.00 bpw"]
     assert points[-1]["skipped"] and "cannot be met" in points[-1]["skipped"] and points[-1]["kl"] is None
     assert "| planned 1.00 bpw | skipped:" in (out / "pareto.md").read_text()

@@ -520,6 +520,10 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
         measure(name, "planned", QuantizeConfig(fmt=fmt, method=request.method, plan=dict(plan.formats), embed_format=embed),
                 f"planned-{bpw:.2f}")
 
+    on_stage(f"timing every point again, side by side: {request.repeats} round-robin rounds")
+    report = _retime(report, out, request, loaded)
+    report_mod.save_json(report, out)
+
     original = next(p for p in report.points if p.kind == "original")
     if original.ppl is None:
         # The original's perplexity comes with every evaluated point (EvalResult.reference_ppl).
@@ -529,6 +533,40 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
                 dataclasses.replace(p, ppl=ref) if p is original else p for p in report.points))
             report_mod.save_json(report, out)
     return report
+
+
+def _point_folder(point) -> str:
+    """The models/ subfolder of a uniform or planned point, as `pareto` names it."""
+    return f"{point.kind}-{point.name.split()[1]}"  # "uniform w3g64" -> uniform-w3g64, "planned 3.00 bpw" -> planned-3.00
+
+
+def _retime(report, out: Path, request: ParetoRequest, loaded: LoadedModel):
+    """The report with every point's speed measured again, all points round-robin in one pass:
+    points timed one after another (or in another run) see different machine states; timed side
+    by side, their speeds compare. Medians of request.repeats rounds after a warm-up."""
+    import statistics
+
+    from tightfit import report as report_mod
+    from tightfit.runtime.engine import FastBackend
+    from tightfit.runtime.speed import random_prompt, time_once
+
+    points = [p for p in report.points if p.skipped is None]
+    backends = {}
+    for p in points:
+        packed = original_packed(loaded) if p.kind == "original" else load_packed(out / "models" / _point_folder(p))
+        backends[p.name] = FastBackend(packed, max_positions=request.prompt_tokens + request.new_tokens, threads=request.threads)
+        del packed
+    prompt = random_prompt(loaded.model.config.vocab_size, request.prompt_tokens, 0)
+    for backend in backends.values():
+        time_once(backend, prompt, request.new_tokens)  # warm-up
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in backends}
+    for _ in range(request.repeats):
+        for name, backend in backends.items():
+            runs[name].append(time_once(backend, prompt, request.new_tokens))  # (prefill tok/s, decode tok/s)
+    timed = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in runs.items()}
+    return report_mod.ParetoReport(settings=report.settings, bandwidth_gb_s=report.bandwidth_gb_s, points=tuple(
+        dataclasses.replace(p, prefill_tok_s=timed[p.name][0], decode_tok_s=timed[p.name][1]) if p.name in timed else p
+        for p in report.points))
 
 
 def _reference_ppl(out: Path, report) -> float | None:

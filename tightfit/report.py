@@ -99,8 +99,8 @@ def markdown(report: ParetoReport) -> str:
         f"# Pareto report: {s.get('model')}",
         "",
         f"Method {s.get('method')}; KL on {s.get('eval_windows')} windows of {s.get('eval_ctx')} tokens of {s.get('eval_text')}; "
-        f"decode speed on tightfit's engine, {s.get('threads')} threads, median of {s.get('repeats')} runs of "
-        f"{s.get('new_tokens')} tokens after a {s.get('prompt_tokens')}-token prompt; read bandwidth {report.bandwidth_gb_s:.1f} GB/s "
+        f"decode speed on tightfit's engine, {s.get('threads')} threads, every point timed side by side (round-robin), median of "
+        f"{s.get('repeats')} rounds of {s.get('new_tokens')} tokens after a {s.get('prompt_tokens')}-token prompt; read bandwidth {report.bandwidth_gb_s:.1f} GB/s "
         "(roofline = bandwidth / MB read per token).",
         "",
         "| point | size MB | bits/weight | MB read/token | decode tok/s | roofline tok/s | prefill tok/s | KL | top-1 | PPL |",
