@@ -13,7 +13,6 @@ original on held-out evaluation text in one pass.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections import Counter
@@ -65,11 +64,9 @@ def main() -> None:
         plans[b] = allocate_stage.allocate(table.shapes, choices, allocate_stage.Budget(max_bpw=b))
         print(f"budget {b}: plan {plans[b].bits_per_weight:.3f} bpw solved in {time.perf_counter() - t:.2f}s", flush=True)
 
-    calibration = calibrate_stage.calibrate(loaded.tokenizer, PlanRequest.calibration)
+    # windows [refine_windows, T]: the first is the sensitivity slice
+    calibration, windows = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, PlanRequest.calibration, args.refine_windows)
     hessians = calibrate_stage.load_hessians(WORK / "hessians.safetensors", loaded, calibration.config)
-    cal = PlanRequest.calibration
-    held_back = calibrate_stage.calibrate(loaded.tokenizer, dataclasses.replace(cal, n_samples=cal.n_samples + args.refine_windows))
-    windows = held_back.tokens[cal.n_samples:]  # [refine_windows, T]: the first is the sensitivity slice
     refined, refine_seconds, slice_kl = {}, {}, {}
     with PlanLoss(loaded, hessians, windows, screen_windows=1) as plan_loss:
         for b, p in plans.items():

@@ -64,21 +64,20 @@ def main() -> None:
     budgets = [round(fastest + float(x) * (slowest - fastest), 3) for x in args.fractions.split(",")]
     print(f"fixed part {latency.fixed_ms:.3f} ms; plans range {fastest:.3f} .. {slowest:.3f} ms/token; budgets {budgets}")
 
-    models = {}  # name -> (packed, predicted ms, budget or None, plan summary)
+    models = {}  # name -> (packed, predicted ms, budget ms or None, plan summary)
+
+    def add_plan(name: str, budget: Budget) -> None:
+        request = PlanRequest(model=args.model, budget=budget, work=WORK, formats=tuple(args.candidates.split(",")),
+                              profile=config, progress=False)
+        plan = make_plan(request, loaded, on_stage=print).plan
+        mix = dict(Counter(f.name for f in plan.formats.values()))
+        models[name] = (packed_rtn(dict(plan.formats), formats[0]), plan.predicted_latency_ms, budget.max_latency_ms,
+                        {"bits_per_weight": plan.bits_per_weight, "mix": mix})
+
     for b in budgets:
-        request = PlanRequest(model=args.model, budget=Budget(max_latency_ms=b), work=WORK, formats=tuple(args.candidates.split(",")),
-                              profile=config, progress=False)
-        plan = make_plan(request, loaded, on_stage=print).plan
-        mix = dict(Counter(f.name for f in plan.formats.values()))
-        models[f"plan <= {b:.2f} ms"] = (packed_rtn(dict(plan.formats), formats[0]), plan.predicted_latency_ms, b,
-                                         {"bits_per_weight": plan.bits_per_weight, "mix": mix})
+        add_plan(f"plan <= {b:.2f} ms", Budget(max_latency_ms=b))
     for b in [float(x) for x in args.bpw.split(",") if x]:
-        request = PlanRequest(model=args.model, budget=Budget(max_bpw=b), work=WORK, formats=tuple(args.candidates.split(",")),
-                              profile=config, progress=False)
-        plan = make_plan(request, loaded, on_stage=print).plan
-        mix = dict(Counter(f.name for f in plan.formats.values()))
-        models[f"plan <= {b} bpw"] = (packed_rtn(dict(plan.formats), formats[0]), plan.predicted_latency_ms, None,
-                                      {"bits_per_weight": plan.bits_per_weight, "mix": mix})
+        add_plan(f"plan <= {b} bpw", Budget(max_bpw=b))
     for f in formats:
         predicted = latency.fixed_ms + latency.layers_decode_ms(shapes, {n: f for n in shapes})
         models[f"uniform {f.name}"] = (packed_rtn(None, f), predicted, None, {"bits_per_weight": None, "mix": {f.name: len(shapes)}})

@@ -197,9 +197,8 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     cal = request.calibration
     held_back = max(request.slice_windows, request.refine_windows if request.refine is not None else 0)
     on_stage(f"calibration text: {cal.n_samples} + {held_back} held-back windows of {cal.seq_len} tokens")
-    extended = calibrate_stage.calibrate(loaded.tokenizer, dataclasses.replace(cal, n_samples=cal.n_samples + held_back))
-    calibration = CalibrationSet(config=cal, tokens=extended.tokens[: cal.n_samples])
-    slice_tokens = extended.tokens[cal.n_samples : cal.n_samples + request.slice_windows] if request.slice_windows else None
+    calibration, held_back_tokens = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, cal, held_back)
+    slice_tokens = held_back_tokens[: request.slice_windows] if request.slice_windows else None
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -233,7 +232,7 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     refinement = None
     if request.refine is not None:
         t = time.perf_counter()
-        windows = extended.tokens[cal.n_samples : cal.n_samples + request.refine_windows]
+        windows = held_back_tokens[: request.refine_windows]
         refinement = _refine(plan, table, choices, request, loaded, hessians, windows, key, on_stage)
         seconds["refine"] = time.perf_counter() - t
     return PlanReport(plan=plan if refinement is None else refinement.plan, sensitivity=table, seconds=seconds,
@@ -422,17 +421,6 @@ def original_packed(loaded: LoadedModel) -> PackedModel:
                        tied=pack_stage.tied_names(loaded, list(kept)), info={"architecture": loaded.arch.name})
 
 
-def _speed(packed: PackedModel, request: ParetoRequest, bandwidth: float):
-    """(SpeedReport, bytes read per token) of a packed model on the fast engine."""
-    from tightfit.runtime.engine import FastBackend
-    from tightfit.runtime.speed import measure_speed
-
-    backend = FastBackend(packed, max_positions=request.prompt_tokens + request.new_tokens, threads=request.threads)
-    r = measure_speed(backend, prompt_tokens=request.prompt_tokens, new_tokens=request.new_tokens, repeats=request.repeats,
-                      threads=request.threads, weight_bytes=backend.weight_bytes, bandwidth_gb_s=bandwidth)
-    return r, backend.weight_bytes
-
-
 def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
            on_stage: Callable[[str], None] = lambda _: None) -> "ParetoReport":
     """The original, each candidate uniformly, and a plan per budget: one packed model each
@@ -471,11 +459,8 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
 
     name = "original (fp16)"
     if name not in report.names():
-        on_stage(f"{name}: timing decode")
-        packed = original_packed(loaded)
-        r, read = _speed(packed, request, report.bandwidth_gb_s)
-        add(report_mod.ParetoPoint(name=name, kind="original", size_mb=packed.kept_bytes() / 1e6, read_mb=read / 1e6,
-                                   decode_tok_s=r.decode_tok_s, prefill_tok_s=r.prefill_tok_s, kl=0.0, top1=1.0))
+        add(report_mod.ParetoPoint(name=name, kind="original", size_mb=original_packed(loaded).kept_bytes() / 1e6,
+                                   kl=0.0, top1=1.0))
 
     embed = None if request.embed_format is None else parse_format(request.embed_format)
     hessians = None
@@ -488,13 +473,9 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
         result = compress(CompressRequest(model=request.model, out=path, quantize=qconfig, calibration=request.calibration,
                                           evaluation=request.evaluation, progress=request.progress), loaded, on_stage=on_stage,
                           hessians=hessians)
-        packed = load_packed(path)
-        on_stage(f"{name}: timing decode")
-        r, read = _speed(packed, request, report.bandwidth_gb_s)
         ev = result.evaluation
         add(report_mod.ParetoPoint(name=name, kind=kind, size_mb=result.summary.file_bytes / 1e6,
-                                   bits_per_weight=result.summary.bits_per_weight, read_mb=read / 1e6,
-                                   decode_tok_s=r.decode_tok_s, prefill_tok_s=r.prefill_tok_s, kl=ev.kl, top1=ev.top1, ppl=ev.ppl))
+                                   bits_per_weight=result.summary.bits_per_weight, kl=ev.kl, top1=ev.top1, ppl=ev.ppl))
 
     for text in request.formats:
         fmt = parse_format(text)
@@ -520,7 +501,7 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
         measure(name, "planned", QuantizeConfig(fmt=fmt, method=request.method, plan=dict(plan.formats), embed_format=embed),
                 f"planned-{bpw:.2f}")
 
-    on_stage(f"timing every point again, side by side: {request.repeats} round-robin rounds")
+    on_stage(f"timing decode of every point side by side: {request.repeats} round-robin rounds")
     report = _retime(report, out, request, loaded)
     report_mod.save_json(report, out)
 
@@ -541,9 +522,10 @@ def _point_folder(point) -> str:
 
 
 def _retime(report, out: Path, request: ParetoRequest, loaded: LoadedModel):
-    """The report with every point's speed measured again, all points round-robin in one pass:
-    points timed one after another (or in another run) see different machine states; timed side
-    by side, their speeds compare. Medians of request.repeats rounds after a warm-up."""
+    """The report with every point's speed (and bytes read per token) measured, all points
+    round-robin in one pass, resumed ones included: points timed one after another (or in
+    another run) see different machine states; timed side by side, their speeds compare.
+    Medians of request.repeats rounds after a warm-up."""
     import statistics
 
     from tightfit import report as report_mod
@@ -565,7 +547,8 @@ def _retime(report, out: Path, request: ParetoRequest, loaded: LoadedModel):
             runs[name].append(time_once(backend, prompt, request.new_tokens))  # (prefill tok/s, decode tok/s)
     timed = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in runs.items()}
     return report_mod.ParetoReport(settings=report.settings, bandwidth_gb_s=report.bandwidth_gb_s, points=tuple(
-        dataclasses.replace(p, prefill_tok_s=timed[p.name][0], decode_tok_s=timed[p.name][1]) if p.name in timed else p
+        dataclasses.replace(p, prefill_tok_s=timed[p.name][0], decode_tok_s=timed[p.name][1],
+                            read_mb=backends[p.name].weight_bytes / 1e6) if p.name in timed else p
         for p in report.points))
 
 

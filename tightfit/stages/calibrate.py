@@ -9,6 +9,7 @@ without another forward pass.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -28,6 +29,14 @@ def calibrate(tokenizer, config: CalibrationConfig) -> CalibrationSet:
     corpus = load_text(config.text)
     tokens = token_windows(tokenizer, corpus, "calibration", config.n_samples, config.seq_len)
     return CalibrationSet(config=config, tokens=tokens)
+
+
+def calibrate_with_held_back(tokenizer, config: CalibrationConfig, held_back: int) -> tuple[CalibrationSet, torch.Tensor]:
+    """The calibration set, and the next `held_back` windows of the same text, never calibrated on
+    -> (CalibrationSet, tokens [held_back, seq_len]); windows come in a fixed order, so the
+    calibration set is the same whatever held_back is."""
+    extended = calibrate(tokenizer, dataclasses.replace(config, n_samples=config.n_samples + held_back))
+    return CalibrationSet(config=config, tokens=extended.tokens[: config.n_samples]), extended.tokens[config.n_samples :]
 
 
 @torch.no_grad()

@@ -81,6 +81,11 @@ class SensitivityTable:
         )
 
 
+def _block_index(arch, name: str) -> int:
+    """The decoder block a linear layer belongs to: `model.layers.7.mlp.up_proj` -> 7."""
+    return int(name[len(arch.blocks) + 1 :].split(".", 1)[0])
+
+
 def _kl_per_token(logp: torch.Tensor, logits: torch.Tensor) -> float:
     logq = F.log_softmax(logits[:, :-1].float(), dim=-1)
     return float((logp.exp() * (logp - logq)).sum(-1).mean())
@@ -119,7 +124,7 @@ def measure_sensitivity(
         linear = get_module(model, name)
         weight = linear.weight.data.clone()
         h = hessians.hessians[name]
-        block_index = int(name[len(arch.blocks) + 1 :].split(".", 1)[0])
+        block_index = _block_index(arch, name)
         for fmt in formats:
             result = gptq_quantize(weight, h, fmt, damp=damp)
             proxy[name][fmt.name] = result.loss
@@ -159,13 +164,12 @@ class PlanLoss:
         model, arch = loaded.model, loaded.arch
         self.blocks = block_list(model, arch)
         names = [f"{arch.blocks}.{i}.{n}" for i in range(len(self.blocks)) for n in arch.linear_names]
-        self.block_of = {n: int(n[len(arch.blocks) + 1 :].split(".", 1)[0]) for n in names}
+        self.block_of = {n: _block_index(arch, n) for n in names}
         self.original = {n: get_module(model, n).weight.data.clone() for n in names}
         self.current: dict[str, Format] = {}  # layers now holding quantized weights in the model
         self.cache: dict[tuple[str, Format], object] = {}
         with torch.no_grad():
             self.logp = F.log_softmax(model(input_ids=windows, use_cache=False).logits[:, :-1].float(), dim=-1)  # [S, T-1, V]
-            self.hidden0 = capture_block_inputs(model, arch, windows, batch_size=windows.shape[0]).hidden[0]  # [S, T, C]
         self.anchor: tuple[dict[str, Format], list[torch.Tensor], float] | None = None
 
     def __enter__(self) -> "PlanLoss":
@@ -175,9 +179,8 @@ class PlanLoss:
         self.restore()
 
     def restore(self) -> None:
-        for name in list(self.current):
-            get_module(self.loaded.model, name).weight.data.copy_(self.original[name])
-        self.current.clear()
+        """Every layer back to its original weight."""
+        self.restore_missing({})
 
     def _load(self, formats: Mapping[str, Format]) -> None:
         for name, fmt in formats.items():
