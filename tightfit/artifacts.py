@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tightfit.formats.registry import Format, Tensor, parse_format
+from tightfit.formats.registry import AnyQuantizedTensor, Format, parse_format
 
 METHODS = ("gptq", "rtn")
 KEEP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -124,7 +124,7 @@ class QuantizedModel:
     """
 
     config: QuantizeConfig
-    layers: dict[str, Tensor]
+    layers: dict[str, AnyQuantizedTensor]
     kept: dict[str, torch.Tensor]
     reports: dict[str, LayerReport] = field(default_factory=dict)
     module: Any = None  # the fp32 model with dequantized weights installed (in memory only, never saved)

@@ -92,7 +92,8 @@ def test_q4_1_and_q5_1_when_the_minimum_is_an_fp16_number():
     ("spqr-w3g16-s3-o1.0", "has no GGML equivalent"),
 ])
 def test_approximate_formats_requantize_to_q8_0_and_measure_the_error(fmt, reason):
-    from tightfit.formats.registry import parse_format, quantize_rtn_any
+    from tightfit.algorithms.builders import quantize_rtn_any
+    from tightfit.formats.registry import parse_format
 
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
     t = quantize_rtn_any(w, parse_format(fmt))

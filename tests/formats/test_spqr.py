@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tightfit.algorithms import gptq_quantize
+from tightfit.algorithms.spqr import group_stats, quantize_spqr_rtn
 from tightfit.errors import FormatError
 from tightfit.formats import QuantFormat, quantize_rtn
 from tightfit.formats.registry import parse_format, unpack_tensor
@@ -18,9 +19,7 @@ from tightfit.formats.spqr import (
     SpQRFormat,
     SpQRTensor,
     dequantize_stats,
-    group_stats,
     quantize_dense,
-    quantize_spqr_rtn,
     quantize_stats,
 )
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tightfit.formats.registry import Format, Tensor, builder_for
+from tightfit.algorithms.builders import builder_for
+from tightfit.formats.registry import AnyQuantizedTensor, Format
 
 
 class HessianAccumulator:
@@ -50,7 +51,7 @@ class HessianAccumulator:
 class GPTQResult:
     """Quantized weight and the GPTQ objective sum_j e_j^2 / 2 (proxy of the output error)."""
 
-    quantized: Tensor
+    quantized: AnyQuantizedTensor
     loss: float
     damp: float
 
@@ -105,7 +106,7 @@ def gptq_quantize(
 ) -> GPTQResult:
     """Quantize w [N, K] given the Hessian h [K, K] of its inputs, in any format with a builder.
 
-    The builder (formats.registry.builder_for) chooses each group's parameters from the updated
+    The builder (algorithms.builders.builder_for) chooses each group's parameters from the updated
     weights when the group's first column comes up (SpQR: also its outliers, from the Cholesky
     diagonal) and decodes columns; this function only orders columns and spreads errors.
     """

@@ -33,7 +33,7 @@ from tightfit.export.common import ExportReport, TensorMapping, check_output_dir
 from tightfit.formats.files import atomic_save_tensors, atomic_write_json
 from tightfit.formats.packed import CONFIG_FILE, TENSORS_FILE, PackedModel, load_packed
 from tightfit.formats.primitives import QuantizedTensor
-from tightfit.formats.registry import Tensor
+from tightfit.formats.registry import AnyQuantizedTensor
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 EMBEDDINGS = "model.embed_tokens"  # an nn.Embedding in every supported architecture, not a Linear
@@ -185,5 +185,5 @@ def export_compressed_tensors(packed_dir: Path, out: Path, *, packed: PackedMode
                         nbytes=sum(p.stat().st_size for p in out.iterdir()))
 
 
-def _dense(t: Tensor) -> torch.Tensor:
+def _dense(t: AnyQuantizedTensor) -> torch.Tensor:
     return t.dequantize().float().contiguous()

@@ -38,7 +38,7 @@ from tightfit.errors import ExportError, UnsupportedArchitecture
 from tightfit.export.common import ExportReport, TensorMapping, check_output_file, max_abs_error, publish_file
 from tightfit.formats.packed import PackedModel, load_packed
 from tightfit.formats.primitives import QuantizedTensor
-from tightfit.formats.registry import Tensor
+from tightfit.formats.registry import AnyQuantizedTensor
 
 QK = 32  # weights per block of GGML's legacy types (QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0)
 
@@ -203,7 +203,7 @@ def _requantize(weight: np.ndarray, type_name: str, note: str) -> Encoded:
     return Encoded(data, type_name, exact=err == 0.0, max_abs_error=err, note="" if err == 0.0 else note)
 
 
-def encode_layer(t: Tensor) -> Encoded:
+def encode_layer(t: AnyQuantizedTensor) -> Encoded:
     """The smallest GGML type holding t's dequantized weight exactly, else its requantization (see module docstring)."""
     weight = t.dequantize().numpy()  # [N, K] fp32
     if isinstance(t, QuantizedTensor):

@@ -20,8 +20,8 @@ _INTEGER_DTYPES = frozenset(
 )
 
 
-def packed_length(numel: int, bits: int) -> int:
-    """Bytes holding `numel` codes of `bits` bits: ceil(numel*bits/8)."""
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes of `numel` codes of `bits` bits each, bit-packed back to back: ceil(numel*bits/8)."""
     return (numel * bits + 7) // 8
 
 
@@ -57,7 +57,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     words = (blocks << shifts).sum(dim=1, keepdim=True)  # [B, 1] int64
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8  # [bits]
     packed = ((words >> byte_shifts) & 0xFF).to(torch.uint8)  # [B, bits]
-    return packed.reshape(-1)[: packed_length(n, bits)].clone()  # [ceil(n*bits/8)]
+    return packed.reshape(-1)[: packed_nbytes(n, bits)].clone()  # [ceil(n*bits/8)]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -67,7 +67,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         raise FormatError(f"numel must be a non-negative integer, got {numel!r}")
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise FormatError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
-    expected = packed_length(numel, bits)
+    expected = packed_nbytes(numel, bits)
     if packed.numel() != expected:
         raise FormatError(
             f"packed codes hold {packed.numel()} bytes but {numel} codes at {bits} bits need exactly {expected}"

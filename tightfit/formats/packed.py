@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from tightfit import __version__
 from tightfit.errors import FormatError, PackedModelError
 from tightfit.formats.files import atomic_save_tensors, atomic_write_json, publishable
-from tightfit.formats.registry import Tensor, parse_format, unpack_tensor
+from tightfit.formats.registry import AnyQuantizedTensor, parse_format, unpack_tensor
 
 FORMAT_NAME = "tightfit-packed"
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ class PackedModel:
     info: free-form JSON sections (source, calibration, quantize, ...) carried into the manifest.
     """
 
-    layers: dict[str, Tensor]
+    layers: dict[str, AnyQuantizedTensor]
     kept: dict[str, torch.Tensor]
     hf_config: dict
     tied: dict[str, str] = field(default_factory=dict)

@@ -1,25 +1,21 @@
-"""All format families in one place: parse any format name, and find the tensor type, the
-column-wise builder (for GPTQ) and the round-to-nearest quantizer of a format by its type."""
+"""All format families in one place: parse any format name, and find the tensor type of a format
+by its type."""
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Union
 
 import torch
 
 from tightfit.errors import FormatError
-from tightfit.formats.primitives import QuantizedTensor, UniformBuilder, quantize_rtn
-from tightfit.formats.spqr import SPQR_GRAMMAR, SpQRBuilder, SpQRFormat, SpQRTensor, quantize_spqr_rtn
+from tightfit.formats.primitives import QuantizedTensor
+from tightfit.formats.spqr import SPQR_GRAMMAR, SpQRFormat, SpQRTensor
 from tightfit.formats.table import GRAMMAR, QuantFormat
 
 Format = Union[QuantFormat, SpQRFormat]
-Tensor = Union[QuantizedTensor, SpQRTensor]
+AnyQuantizedTensor = Union[QuantizedTensor, SpQRTensor]  # a weight quantized in any format family
 
 TENSOR_TYPES: dict[type, type] = {QuantFormat: QuantizedTensor, SpQRFormat: SpQRTensor}
-RTN: dict[type, Callable[[torch.Tensor, Format], Tensor]] = {
-    QuantFormat: lambda w, fmt, clip_search=True: quantize_rtn(w, fmt, clip_search=clip_search),
-    SpQRFormat: lambda w, fmt, clip_search=True: quantize_spqr_rtn(w, fmt),
-}
 
 
 def parse_format(text: str) -> Format:
@@ -31,15 +27,5 @@ def parse_format(text: str) -> Format:
     return QuantFormat.parse(text)
 
 
-def builder_for(fmt: Format, shape: tuple[int, int], *, clip_search: bool = True) -> UniformBuilder | SpQRBuilder:
-    if isinstance(fmt, SpQRFormat):
-        return SpQRBuilder(fmt, shape)
-    return UniformBuilder(fmt, shape, clip_search=clip_search)
-
-
-def quantize_rtn_any(w: torch.Tensor, fmt: Format, *, clip_search: bool = True) -> Tensor:
-    return RTN[type(fmt)](w, fmt, clip_search)
-
-
-def unpack_tensor(fmt: Format, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> Tensor:
+def unpack_tensor(fmt: Format, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> AnyQuantizedTensor:
     return TENSOR_TYPES[type(fmt)].unpack(fmt, shape, tensors)

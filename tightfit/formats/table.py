@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tightfit.errors import FormatError
+from tightfit.formats.bitpack import packed_nbytes
 
 BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES: tuple[int | None, ...] = (16, 32, 64, 128, None)  # None = per channel (one group spans a whole row)
@@ -52,11 +53,6 @@ def _is_int(x: object) -> bool:
 def group_bounds(in_features: int, group_size: int) -> list[tuple[int, int]]:
     """[start, end) of each group of group_size columns along K; the last one may be narrower."""
     return [(s, min(s + group_size, in_features)) for s in range(0, in_features, group_size)]
-
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Bytes of `numel` codes of `bits` bits each, bit-packed back to back: ceil(numel*bits/8)."""
-    return (numel * bits + 7) // 8
 
 
 @dataclass(frozen=True)

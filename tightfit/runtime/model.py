@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tightfit.errors import PackedModelError
-from tightfit.formats.registry import Tensor
+from tightfit.formats.registry import AnyQuantizedTensor
 from tightfit.formats.packed import PackedModel, load_packed
 
 
 class QuantLinear(nn.Module):
     """y = x W_hat^T + b with W_hat = dequantize(codes, scales, zeros); x [..., K] -> [..., N]."""
 
-    def __init__(self, quantized: Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, quantized: AnyQuantizedTensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.quantized = quantized
         self.out_features, self.in_features = quantized.shape

@@ -24,8 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tightfit.algorithms import HessianAccumulator, gptq_quantize
+from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, HessianSet, LayerReport, QuantizeConfig, QuantizedModel, config_to_json
-from tightfit.formats.registry import Format, Tensor, parse_format, quantize_rtn_any, unpack_tensor
+from tightfit.formats.registry import AnyQuantizedTensor, Format, parse_format, unpack_tensor
 from tightfit.formats.files import atomic_save_tensors, atomic_write_json
 from tightfit.model import LoadedModel, get_module
 from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, run_block
@@ -64,7 +65,7 @@ def _install(model: nn.Module, name: str, weight: torch.Tensor) -> None:
 
 def _quantize_layer(
     weight: torch.Tensor, hessian: torch.Tensor | None, config: QuantizeConfig, fmt: Format
-) -> tuple[Tensor, LayerReport]:
+) -> tuple[AnyQuantizedTensor, LayerReport]:
     start = time.perf_counter()
     if config.method == "gptq":
         assert hessian is not None
@@ -127,7 +128,7 @@ class BlockCheckpoint:
     def _paths(self, index: int) -> tuple[Path, Path]:
         return self.folder / f"block_{index:03d}.safetensors", self.folder / f"block_{index:03d}.json"
 
-    def load(self, index: int, config: QuantizeConfig) -> dict[str, tuple[Tensor, LayerReport]] | None:
+    def load(self, index: int, config: QuantizeConfig) -> dict[str, tuple[AnyQuantizedTensor, LayerReport]] | None:
         tensors_path, meta_path = self._paths(index)
         if not (tensors_path.exists() and meta_path.exists()):
             return None
@@ -140,7 +141,7 @@ class BlockCheckpoint:
             out[name] = (q, LayerReport(loss=info["loss"], seconds=info["seconds"]))
         return out
 
-    def save(self, index: int, results: dict[str, tuple[Tensor, LayerReport]]) -> None:
+    def save(self, index: int, results: dict[str, tuple[AnyQuantizedTensor, LayerReport]]) -> None:
         tensors_path, meta_path = self._paths(index)
         tensors = {f"{name}.{k}": v for name, (q, _) in results.items() for k, v in q.pack().items()}
         atomic_save_tensors(tensors_path, tensors)
@@ -179,7 +180,7 @@ def quantize_model(
     kept = kept_tensors(model, quantized_weights, config.keep_dtype)
     # Calibration must see every tensor as it will be stored.
     model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()}, strict=False)
-    layers: dict[str, Tensor] = {}
+    layers: dict[str, AnyQuantizedTensor] = {}
     reports: dict[str, LayerReport] = {}
     for name in outer:
         q, report = _quantize_layer(get_module(model, name).weight.detach().float(), None,
