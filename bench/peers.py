@@ -48,7 +48,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hessians_cached, machine_info, write_results  # noqa: E402
@@ -57,6 +56,7 @@ from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json
 from tightfit.evaluate import EvalConfig, eval_windows  # noqa: E402
 from tightfit.formats.packed import PackedModel, load_packed  # noqa: E402
 from tightfit.formats.registry import parse_format  # noqa: E402
+from tightfit.metrics import kl_per_position, log_probs, next_token_log_probs, nll_per_position, top1_agreement  # noqa: E402
 from tightfit.model import DEFAULT_MODEL, get_module, load_model  # noqa: E402
 from tightfit.pipeline import linear_layer_shapes  # noqa: E402
 from tightfit.runtime import build_model  # noqa: E402
@@ -106,23 +106,21 @@ class Scorer:
     def __init__(self, reference: torch.nn.Module, windows: torch.Tensor) -> None:
         self.windows = windows  # [W, T] int64
         with torch.no_grad():
-            self.logp = [F.log_softmax(reference(input_ids=w[None], use_cache=False).logits[0, :-1].float(), dim=-1)
-                         for w in windows]  # W x [T-1, V]
+            self.logp = [next_token_log_probs(reference, w[None])[0] for w in windows]  # W x [T-1, V]
         self.count = windows.shape[0] * (windows.shape[1] - 1)
-        self.reference_ppl = math.exp(sum(-lp.gather(-1, w[1:, None]).sum().item() for lp, w in zip(self.logp, windows)) / self.count)
+        self.reference_ppl = math.exp(sum(nll_per_position(lp, w[1:]).sum().item() for lp, w in zip(self.logp, windows)) / self.count)
 
     @torch.no_grad()
     def score(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], entry: Entry) -> None:
         """logits_fn(ids [T]) -> logits [T-1, V] of positions 0..T-2; fills entry's PPL, KL, top-1
-        with the sums of tightfit/evaluate.py (per scored token)."""
+        with the per-position measures of tightfit/metrics.py, as tightfit/evaluate.py (per scored token)."""
         nll = kl = 0.0
         agree = 0
         for lp, ids in zip(self.logp, self.windows):
-            logq = F.log_softmax(logits_fn(ids).float(), dim=-1)  # [T-1, V]
-            assert logq.shape == lp.shape, (logq.shape, lp.shape)
-            nll -= logq.gather(-1, ids[1:, None]).sum().item()
-            kl += (lp.exp() * (lp - logq)).sum().item()
-            agree += (lp.argmax(-1) == logq.argmax(-1)).sum().item()
+            logq = log_probs(logits_fn(ids))  # [T-1, V]
+            nll += nll_per_position(logq, ids[1:]).sum().item()
+            kl += kl_per_position(lp, logq).sum().item()
+            agree += top1_agreement(lp, logq).sum().item()
         entry.ppl, entry.kl, entry.top1 = math.exp(nll / self.count), kl / self.count, agree / self.count
         print(f"  {entry.peer} {entry.name}: {entry.bits_per_weight:.3f} bpw  PPL {entry.ppl:.3f}  KL {entry.kl:.4f}  "
               f"top-1 {entry.top1:.3f}  ({entry.quantize_seconds:.0f} s)", flush=True)
@@ -310,11 +308,11 @@ def run_hqq(loaded, bits_list: list[int], scorer: Scorer) -> list[Entry]:
 
 
 def measure_speed(tf: list[tuple[Entry, Path]], ll: list[tuple[Entry, Path]]) -> float:
-    """Decode tok/s of every entry, round-robin (bench/speed.py); returns the read bandwidth GB/s."""
+    """Decode tok/s of every entry, round-robin (runtime/speed.py time_round_robin); returns the read bandwidth GB/s."""
     from speed import LlamaCppBackend
 
     from tightfit.runtime.engine import FastBackend
-    from tightfit.runtime.speed import measure_bandwidth, random_prompt, time_once
+    from tightfit.runtime.speed import measure_bandwidth, random_prompt, time_round_robin
 
     torch.set_num_threads(SPEED_THREADS)
     bandwidth = measure_bandwidth(SPEED_THREADS)
@@ -327,12 +325,9 @@ def measure_speed(tf: list[tuple[Entry, Path]], ll: list[tuple[Entry, Path]]) ->
         engines.append((entry, backend))
     engines += [(entry, LlamaCppBackend(path, SPEED_THREADS, n)) for entry, path in ll]
     prompt = random_prompt(engines[0][1].vocab_size, SPEED_PROMPT)
-    for rnd in range(SPEED_REPEATS + 1):
-        for entry, backend in engines:
-            _, decode = time_once(backend, prompt, SPEED_NEW)
-            if rnd:
-                entry.decode_runs.append(decode)
-    for entry, _ in engines:
+    runs = time_round_robin({i: backend for i, (_, backend) in enumerate(engines)}, prompt, SPEED_NEW, SPEED_REPEATS)
+    for i, (entry, _) in enumerate(engines):
+        entry.decode_runs.extend(runs[i].decode_tok_s)
         entry.decode_tok_s = statistics.median(entry.decode_runs)
     return bandwidth
 

@@ -31,7 +31,7 @@ from tightfit.formats.registry import parse_format  # noqa: E402
 from tightfit.model import DEFAULT_MODEL, load_model  # noqa: E402
 from tightfit.pipeline import PlanRequest, linear_layer_shapes, make_plan, profile_model, uniform_rtn_packed  # noqa: E402
 from tightfit.runtime.engine import FastBackend  # noqa: E402
-from tightfit.runtime.speed import random_prompt, time_once  # noqa: E402
+from tightfit.runtime.speed import random_prompt, time_round_robin  # noqa: E402
 from tightfit.stages.allocate import Budget  # noqa: E402
 from tightfit.stages.profile import ProfileConfig  # noqa: E402
 
@@ -85,12 +85,8 @@ def main() -> None:
     prompt_tokens, new_tokens = config.fixed_prompt, config.fixed_new_tokens
     backends = {name: FastBackend(m[0], max_positions=prompt_tokens + new_tokens, threads=args.threads) for name, m in models.items()}
     prompt = random_prompt(next(iter(backends.values())).vocab_size, prompt_tokens, 0)
-    for backend in backends.values():
-        time_once(backend, prompt, new_tokens)  # warm-up
-    runs = {name: [] for name in backends}
-    for _ in range(args.repeats):
-        for name, backend in backends.items():
-            runs[name].append(1e3 / time_once(backend, prompt, new_tokens)[1])  # ms per decoded token
+    timed = time_round_robin(backends, prompt, new_tokens, args.repeats)
+    runs = {name: [1e3 / d for d in t.decode_tok_s] for name, t in timed.items()}  # ms per decoded token
 
     rows = []
     for name, (packed, predicted, budget, info) in models.items():

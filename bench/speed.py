@@ -27,7 +27,7 @@ from common import machine_info, write_results  # noqa: E402
 from tightfit.formats.packed import load_packed  # noqa: E402
 from tightfit.model.load import load_model, resolve_source  # noqa: E402
 from tightfit.runtime.engine import FastBackend  # noqa: E402
-from tightfit.runtime.speed import measure_bandwidth, random_prompt, report, time_once  # noqa: E402
+from tightfit.runtime.speed import measure_bandwidth, random_prompt, report, time_round_robin  # noqa: E402
 from tightfit.runtime.torch_backend import TorchBackend  # noqa: E402
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "speed"
@@ -133,18 +133,12 @@ def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: boo
             wb = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
             engines.append(("transformers", "fp32", wb / 1e6, TorchBackend(loaded.model, max_positions=prompt + new), wb))
         tokens = random_prompt(engines[0][3].vocab_size, prompt)
-        runs: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(engines))}
-        for rnd in range(repeats + 1):  # round 0 warms up
-            for i, (_, _, _, backend, _) in enumerate(engines):
-                if engines[i][0] == "transformers" and rnd > max(2, repeats // 2):
-                    continue  # the slowest engine: fewer rounds
-                r = time_once(backend, tokens, new)
-                if rnd:
-                    runs[i].append(r)
-            print(f"  round {rnd} done", flush=True)
+        slowest = {i: max(2, repeats // 2) for i, e in enumerate(engines) if e[0] == "transformers"}  # fewer rounds
+        runs = time_round_robin({i: e[3] for i, e in enumerate(engines)}, tokens, new, repeats, max_rounds=slowest,
+                                on_round=lambda rnd: print(f"  round {rnd} done", flush=True))
         for i, (engine, model, size, _, wb) in enumerate(engines):
-            r = report(threads=threads, prompt_tokens=prompt, new_tokens=new, prefill=[x[0] for x in runs[i]],
-                       decode=[x[1] for x in runs[i]], weight_bytes=wb, bandwidth_gb_s=bandwidth)
+            r = report(threads=threads, prompt_tokens=prompt, new_tokens=new, prefill=runs[i].prefill_tok_s,
+                       decode=runs[i].decode_tok_s, weight_bytes=wb, bandwidth_gb_s=bandwidth)
             rows.append(dict(engine=engine, model=model, size_mb=size, **r.to_json()))
             show(rows[-1])
         del engines

@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from tightfit.data import load_text, token_windows
+from tightfit.metrics import kl_per_position, next_token_log_probs, nll_per_position, top1_agreement
 
 FAST_WINDOWS = 8
 
@@ -52,10 +52,6 @@ def eval_windows(tokenizer, config: EvalConfig) -> torch.Tensor:
     return token_windows(tokenizer, load_text(config.text), "evaluation", config.n_windows, config.ctx)
 
 
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
-
-
 @torch.no_grad()
 def evaluate_many(
     models: dict[str, nn.Module],
@@ -78,20 +74,19 @@ def evaluate_many(
     batches = range(0, windows.shape[0], batch_size)
     for b in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         ids = windows[b : b + batch_size]  # [B, T]
-        targets = ids[:, 1:].unsqueeze(-1)  # [B, T-1, 1]
+        targets = ids[:, 1:]  # [B, T-1]
         count += targets.numel()
         logp = None
         if reference is not None:
-            logp = F.log_softmax(_logits(reference, ids), dim=-1)  # [B, T-1, V]
-            ref_nll -= logp.gather(-1, targets).sum().item()
+            logp = next_token_log_probs(reference, ids)  # [B, T-1, V]
+            ref_nll += nll_per_position(logp, targets).sum().item()
             p = logp.exp()
-            top_ref = logp.argmax(-1)  # [B, T-1]
         for name, model in models.items():
-            logq = F.log_softmax(_logits(model, ids), dim=-1)  # [B, T-1, V]
-            nll[name] -= logq.gather(-1, targets).sum().item()
+            logq = next_token_log_probs(model, ids)  # [B, T-1, V]
+            nll[name] += nll_per_position(logq, targets).sum().item()
             if logp is not None:
-                kl[name] += (p * (logp - logq)).sum().item()
-                agree[name] += (top_ref == logq.argmax(-1)).sum().item()
+                kl[name] += kl_per_position(logp, logq, p).sum().item()
+                agree[name] += top1_agreement(logp, logq).sum().item()
     seconds = time.perf_counter() - start
     return {
         name: EvalResult(

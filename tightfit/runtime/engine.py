@@ -27,6 +27,7 @@ from tightfit.formats.primitives import QuantizedTensor
 from tightfit.runtime.kernels import KernelMatrix, from_dense, from_quantized
 from tightfit.runtime.kernels.build import load
 from tightfit.runtime.kernels.layout import TfMat
+from tightfit.runtime.model import transformers_config
 
 ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2")  # Llama layout: model.layers.{i}.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj
 ENGINE_ACTIVATIONS = ("silu",)
@@ -63,15 +64,13 @@ def default_threads() -> int:
 
 
 def _hf_config(packed: PackedModel):
-    from transformers import AutoConfig
-
-    d = dict(packed.hf_config)
-    model_type = d.pop("model_type", None)
+    """The packed model's transformers config, when the engine runs its architecture."""
+    model_type = packed.hf_config.get("model_type")
     if model_type not in ENGINE_MODEL_TYPES:
         raise KernelUnavailable(
             f"the fast engine runs {', '.join(ENGINE_MODEL_TYPES)} models, not '{model_type}'; use --engine torch"
         )
-    config = AutoConfig.for_model(model_type, **d)
+    config = transformers_config(packed)
     if getattr(config, "hidden_act", "silu") not in ENGINE_ACTIVATIONS:
         raise KernelUnavailable(f"the fast engine has no '{config.hidden_act}' MLP activation; use --engine torch")
     return config

@@ -41,18 +41,25 @@ def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-@torch.no_grad()
-def build_model(packed: PackedModel) -> nn.Module:
-    """PackedModel -> transformers model in fp32 with QuantLinear layers, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+def transformers_config(packed: PackedModel):
+    """The transformers config (a PretrainedConfig) of a packed model, from its config.json."""
+    from transformers import AutoConfig
 
-    hf_logging.set_verbosity_error()
     config_dict = dict(packed.hf_config)
     model_type = config_dict.pop("model_type", None)
     if model_type is None:
         raise PackedModelError("packed config.json has no model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
+    return AutoConfig.for_model(model_type, **config_dict)
+
+
+@torch.no_grad()
+def build_model(packed: PackedModel) -> nn.Module:
+    """PackedModel -> transformers model in fp32 with QuantLinear layers, eval mode."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config = transformers_config(packed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, q in packed.layers.items():
         linear = model.get_submodule(name)

@@ -1,5 +1,8 @@
 """Measure a backend's speed honestly: warm-up, fixed threads, medians of repeats, and the roofline.
 
+Backends compared with each other are timed round-robin in one process (`time_round_robin`): each
+round runs every backend once, so drifts of a shared machine hit all of them alike.
+
 Decoding one token reads every weight once, so its ceiling is the machine's read bandwidth divided
 by the bytes read per token (weights + the KV cache read by attention). `measure_bandwidth` times
 tightfit's own streaming-read kernel over a buffer far larger than the caches, in the same process
@@ -11,11 +14,15 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
 
 from tightfit.runtime.backend import Backend
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,38 @@ def time_once(backend: Backend, prompt: list[int], new_tokens: int) -> tuple[flo
     return len(prompt) / (t1 - t0), new_tokens / (t2 - t1)
 
 
-def report(*, threads: int, prompt_tokens: int, new_tokens: int, prefill: list[float], decode: list[float],
+@dataclass(frozen=True)
+class TimedRuns:
+    """One backend's timed runs in round order (warm-up excluded): tokens per second of each."""
+
+    prefill_tok_s: tuple[float, ...]
+    decode_tok_s: tuple[float, ...]
+
+
+def time_round_robin(backends: Mapping[K, Backend], prompt: list[int], new_tokens: int, repeats: int, *,
+                     max_rounds: Mapping[K, int] | None = None,
+                     on_round: Callable[[int], None] = lambda _: None) -> dict[K, TimedRuns]:
+    """Time every backend `repeats` times with `time_once`, round-robin: a warm-up round, then
+    `repeats` rounds, each running every backend once in the mapping's order.
+
+    max_rounds: timed rounds of a backend when fewer than `repeats` (a slow one: it sits out the
+    later rounds). on_round(r) after round r, 0 being the warm-up.
+    """
+    limit = dict(max_rounds or {})
+    runs: dict[K, list[tuple[float, float]]] = {key: [] for key in backends}
+    for rnd in range(repeats + 1):  # round 0 warms up
+        for key, backend in backends.items():
+            if rnd > limit.get(key, repeats):
+                continue
+            r = time_once(backend, prompt, new_tokens)
+            if rnd:
+                runs[key].append(r)
+        on_round(rnd)
+    return {key: TimedRuns(prefill_tok_s=tuple(r[0] for r in rs), decode_tok_s=tuple(r[1] for r in rs))
+            for key, rs in runs.items()}
+
+
+def report(*, threads: int, prompt_tokens: int, new_tokens: int, prefill: Sequence[float], decode: Sequence[float],
            weight_bytes: int = 0, bandwidth_gb_s: float = 0.0) -> SpeedReport:
     """A SpeedReport from runs timed elsewhere (e.g. interleaved with other engines)."""
     decode_tok_s = statistics.median(decode)
@@ -108,8 +146,6 @@ def measure_speed(
 ) -> SpeedReport:
     """Time prefill and greedy decode on a fixed random prompt (speed does not depend on the text)."""
     prompt = random_prompt(backend.vocab_size, prompt_tokens, seed)
-    time_once(backend, prompt, new_tokens)  # warm-up
-    runs = [time_once(backend, prompt, new_tokens) for _ in range(repeats)]
-    prefill, decode = [r[0] for r in runs], [r[1] for r in runs]
-    return report(threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill=prefill, decode=decode,
-                  weight_bytes=weight_bytes, bandwidth_gb_s=bandwidth_gb_s)
+    runs = time_round_robin({0: backend}, prompt, new_tokens, repeats)[0]
+    return report(threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill=runs.prefill_tok_s,
+                  decode=runs.decode_tok_s, weight_bytes=weight_bytes, bandwidth_gb_s=bandwidth_gb_s)

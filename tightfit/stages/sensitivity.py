@@ -20,12 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tightfit.algorithms import gptq_quantize
 from tightfit.artifacts import HessianSet
 from tightfit.formats.registry import Format, parse_format
+from tightfit.metrics import kl_per_token, next_token_log_probs
 from tightfit.model import LoadedModel, get_module
 from tightfit.model.blocks import block_list, capture_block_inputs, replay_blocks, run_block
 
@@ -86,11 +86,6 @@ def _block_index(arch, name: str) -> int:
     return int(name[len(arch.blocks) + 1 :].split(".", 1)[0])
 
 
-def _kl_per_token(logp: torch.Tensor, logits: torch.Tensor) -> float:
-    logq = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return float((logp.exp() * (logp - logq)).sum(-1).mean())
-
-
 @torch.no_grad()
 def measure_sensitivity(
     loaded: LoadedModel,
@@ -113,12 +108,12 @@ def measure_sensitivity(
     block_inputs = logp = None
     if slice_tokens is not None:
         measured = {n: {} for n in names}
-        logp = F.log_softmax(model(input_ids=slice_tokens, use_cache=False).logits[:, :-1].float(), dim=-1)
+        logp = next_token_log_probs(model, slice_tokens)  # [S, T-1, V]
         captured = capture_block_inputs(model, arch, slice_tokens, batch_size=slice_tokens.shape[0])
         block_inputs = [captured.hidden[0]]  # hidden states entering each block, whole slice as one batch
         for i, block in enumerate(blocks[:-1]):
             block_inputs.append(run_block(block, block_inputs[-1], captured.extra[i][0]))
-        base_kl = _kl_per_token(logp, model(input_ids=slice_tokens, use_cache=False).logits)
+        base_kl = kl_per_token(logp, next_token_log_probs(model, slice_tokens))
 
     for name in tqdm(names, desc="sensitivity", unit="layer", disable=not progress):
         linear = get_module(model, name)
@@ -132,10 +127,10 @@ def measure_sensitivity(
                 linear.weight.data.copy_(result.quantized.dequantize())
                 try:
                     with replay_blocks(model, arch, block_index, block_inputs[block_index]):
-                        logits = model(input_ids=slice_tokens, use_cache=False).logits
+                        logq = next_token_log_probs(model, slice_tokens)
                 finally:
                     linear.weight.data.copy_(weight)
-                measured[name][fmt.name] = max(_kl_per_token(logp, logits) - base_kl, 0.0)
+                measured[name][fmt.name] = max(kl_per_token(logp, logq) - base_kl, 0.0)
     return SensitivityTable(
         formats=tuple(formats), shapes=shapes, nbytes=nbytes, proxy=proxy, measured=measured,
         slice_tokens=0 if slice_tokens is None else int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1)),
@@ -169,7 +164,7 @@ class PlanLoss:
         self.current: dict[str, Format] = {}  # layers now holding quantized weights in the model
         self.cache: dict[tuple[str, Format], object] = {}
         with torch.no_grad():
-            self.logp = F.log_softmax(model(input_ids=windows, use_cache=False).logits[:, :-1].float(), dim=-1)  # [S, T-1, V]
+            self.logp = next_token_log_probs(model, windows)  # [S, T-1, V]
         self.anchor: tuple[dict[str, Format], list[torch.Tensor], float] | None = None
 
     def __enter__(self) -> "PlanLoss":
@@ -225,14 +220,14 @@ class PlanLoss:
             hooks.append(self.blocks[n_blocks - 1].register_forward_hook(record_output))
         try:
             if start == 0:
-                logits = model(input_ids=self.windows[:n], use_cache=False).logits
+                logq = next_token_log_probs(model, self.windows[:n])
             else:
                 with replay_blocks(model, arch, start, self.anchor[1][start][:n]):
-                    logits = model(input_ids=self.windows[:n], use_cache=False).logits
+                    logq = next_token_log_probs(model, self.windows[:n])
         finally:
             for h in hooks:
                 h.remove()
-        kl = _kl_per_token(self.logp[:n], logits)
+        kl = kl_per_token(self.logp[:n], logq)
         if level >= 1 and (self.anchor is None or kl < self.anchor[2]):
             hidden = [self.anchor[1][i] if i < start else inputs[i] for i in range(n_blocks + 1)]
             self.anchor = (dict(formats), hidden, kl)
