@@ -1,18 +1,23 @@
-"""A/B of kernel build variants (engine.cpp's TF_* tuning macros) on the default model's decode.
+"""A/B of kernel build variants (the TF_* tuning macros in runtime/kernels/matmul.h) on a packed
+model's decode.
 
-Each variant is compiled separately (the build cache keys on the flags), every variant opens its
-own FastBackend on the same packed model, and the variants are timed round-robin in one process
-so that drifts of this shared machine hit all of them alike. Prints medians; writes nothing.
+Each variant is compiled and loaded through `build.load(defines=...)`, as the engine loads its
+default build (ctypes declarations and ABI check included; the build cache keys on the macros);
+every variant opens its own FastBackend on the same packed model, and the variants are timed
+round-robin in one process so that drifts of this shared machine hit all of them alike. Prints
+medians; writes nothing.
 
-    .venv/bin/python bench/kernel_ab.py PACKED_DIR THREADS "TF_PREFETCH=0" "TF_PREFETCH=1024" ...
-(a variant is `+`-joined NAME=VALUE macros; "" is the default build)
+    .venv/bin/python bench/kernel_ab.py --packed PACKED_DIR --threads 2 "" "TF_PREFETCH=0" "TF_PREFETCH=512"
+(a variant is `+`-joined NAME=VALUE macros; "" is the default build; `--build-only` compiles and
+loads the variants and times nothing)
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import statistics
-import sys
+from unittest import mock
 
 import tightfit.runtime.engine as engine
 from tightfit.formats.packed import load_packed
@@ -20,13 +25,22 @@ from tightfit.runtime.kernels import build
 from tightfit.runtime.speed import random_prompt, time_once
 
 
+def defines(variant: str) -> tuple[str, ...]:
+    """"TF_PREFETCH=0+TF_DECODE_TILES=2" -> ("TF_PREFETCH=0", "TF_DECODE_TILES=2"); "" -> ()."""
+    return tuple(d for d in variant.split("+") if d)
+
+
+def load_variants(variants: list[str]) -> dict[str, ctypes.CDLL]:
+    """Every variant's kernel library, built (or found in the cache) and loaded by build.load."""
+    return {v: build.load(defines=defines(v)) for v in variants}
+
+
 def main(path: str, threads: int, variants: list[str], rounds: int = 7, new_tokens: int = 64) -> None:
     packed = load_packed(path)
     backends = []
-    for v in variants:
-        lib = ctypes.CDLL(str(build.build(build.NATIVE_FLAGS + tuple(f"-D{d}" for d in v.split("+") if d))))
-        engine.load = lambda lib=lib: lib  # FastBackend picks up this build
-        backends.append(engine.FastBackend(packed, max_positions=512, threads=threads))
+    for lib in load_variants(variants).values():
+        with mock.patch.object(engine, "load", lambda lib=lib: lib):  # this FastBackend runs this build
+            backends.append(engine.FastBackend(packed, max_positions=512, threads=threads))
     prompt = random_prompt(backends[0].vocab_size, 256)
     runs: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(rounds):
@@ -39,4 +53,18 @@ def main(path: str, threads: int, variants: list[str], rounds: int = 7, new_toke
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+", metavar="VARIANT", help='`+`-joined NAME=VALUE macros; "" is the default build')
+    ap.add_argument("--packed", help="packed model directory (required unless --build-only)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7, help="round-robin rounds; the first warms up")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--build-only", action="store_true", help="compile and load every variant, time nothing")
+    args = ap.parse_args()
+    if args.build_only:
+        for v, lib in load_variants(args.variants).items():
+            print(f"{v or '(default)':45s} built, ABI {lib.tf_abi_version()}, AVX-512 {bool(lib.tf_has_avx512())}")
+    elif not args.packed:
+        ap.error("--packed is required unless --build-only")
+    else:
+        main(args.packed, args.threads, args.variants, rounds=args.rounds, new_tokens=args.new_tokens)

@@ -8,6 +8,9 @@ summation order; dense fp16/fp32 kernels use exact activations.
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+
 import pytest
 import torch
 
@@ -79,11 +82,26 @@ def test_builds_report_their_instruction_set():
         assert kernels.has_avx512()
 
 
-def test_library_cache_is_keyed_by_source(tmp_path, monkeypatch):
-    monkeypatch.setenv("TIGHTFIT_CACHE", str(tmp_path))
+def test_library_cache_is_keyed_by_every_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIGHTFIT_CACHE", str(tmp_path / "cache"))
     first = build.build(build.PORTABLE_FLAGS)
     assert first.exists() and build.build(build.PORTABLE_FLAGS) == first  # second call: cached
-    other = tmp_path / "engine.cpp"
-    other.write_text(build.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(build, "SOURCE", other)
-    assert build.build(build.PORTABLE_FLAGS) != first  # a new kernel source rebuilds
+    src = tmp_path / "src"
+    shutil.copytree(build.SOURCE_DIR, src, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    monkeypatch.setattr(build, "SOURCE_DIR", src)
+    assert build.library_path(build.PORTABLE_FLAGS) == first  # the same sources elsewhere: the same library
+    header = src / "matmul.h"  # included by engine.cpp, not compiled on its own
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert build.library_path(build.PORTABLE_FLAGS) != first  # any changed source rebuilds
+    assert build.library_path(build.PORTABLE_FLAGS + ("-DTF_PREFETCH=512",)) != build.library_path(build.PORTABLE_FLAGS)
+
+
+def test_variant_builds_load_through_the_same_path():
+    """bench/kernel_ab.py's variants: compiled with extra macros, ABI-checked and declared like the default."""
+    lib = build.load(portable=True, defines=("TF_PREFETCH=512",))
+    assert lib is not build.load(portable=True) and lib.tf_time_matmul.restype is ctypes.c_double
+    w = kernels.from_quantized(quantize_rtn(torch.randn(20, 64), QuantFormat.parse("w4g32")))
+    x = torch.randn(3, 64)
+    y = torch.empty(3, 20)
+    lib.tf_matmul(ctypes.byref(w.struct()), x.data_ptr(), 3, y.data_ptr(), 1, 0)
+    assert torch.equal(y, kernels.matmul(w, x, portable=True))  # the prefetch distance changes no result

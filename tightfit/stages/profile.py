@@ -25,8 +25,8 @@ measured with tightfit's own engine, the one that will run the model:
 
 Latency depends on the shape, not the layer, so each distinct (N, K) is timed once per format.
 Timings are cached entry by entry, keyed by machine (`cpu_fingerprint`), threads, kernel source
-(sha256 of engine.cpp), shape and kernel: a second run times nothing, and a changed kernel or
-thread count re-times exactly the entries measured under the old one.
+(sha256 of the engine sources), shape and kernel: a second run times nothing, and a changed
+kernel or thread count re-times exactly the entries measured under the old one.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from tightfit.formats.primitives import quantize_rtn
 from tightfit.formats.registry import Format, parse_format
 from tightfit.formats.table import QuantFormat
 from tightfit.runtime import kernels
-from tightfit.runtime.kernels.build import SOURCE, cpu_fingerprint
+from tightfit.runtime.kernels.build import cpu_fingerprint, source_hash
 
 LATENCY_TABLE_VERSION = 2
 PROFILE_CONFIG_VERSION = 2
@@ -108,8 +108,8 @@ class ProfileConfig:
 
 
 def kernel_hash() -> str:
-    """sha256 of the engine source: identifies the kernels' version."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+    """sha256 of the engine sources: identifies the kernels' version."""
+    return source_hash()
 
 
 def machine_id() -> str:

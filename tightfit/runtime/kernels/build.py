@@ -1,11 +1,12 @@
-"""Compile the C++ engine (engine.cpp) for this CPU on first use and load it with ctypes.
+"""Compile the C++ engine for this CPU on first use and load it with ctypes.
 
-The shared library is built with the system C++ compiler (`$CXX`, else g++ / c++ / clang++) and
-`-march=native`, so it uses the instruction sets this machine has (AVX-512 VNNI where present, a
-portable scalar path otherwise). It is cached under `$TIGHTFIT_CACHE/kernels` (default
-`~/.cache/tightfit/kernels`) keyed by the source, the flags, the compiler and the CPU, so a new
-kernel or another machine rebuilds and a second run loads instantly. Builds are atomic: the
-library is compiled to a temporary name and renamed into place.
+The engine is one translation unit, engine.cpp, which includes the other sources here (*.h; see
+its header). The shared library is built with the system C++ compiler (`$CXX`, else g++ / c++ /
+clang++) and `-march=native`, so it uses the instruction sets this machine has (AVX-512 VNNI where
+present, a portable scalar path otherwise). It is cached under `$TIGHTFIT_CACHE/kernels` (default
+`~/.cache/tightfit/kernels`) keyed by every source file, the flags (variant macros included), the
+compiler and the CPU, so a new kernel or another machine rebuilds and a second run loads
+instantly. Builds are atomic: the library is compiled to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -22,10 +23,26 @@ from pathlib import Path
 
 from tightfit.errors import KernelUnavailable
 
-SOURCE = Path(__file__).with_name("engine.cpp")
-ABI_VERSION = 4  # must equal TF_ABI_VERSION in engine.cpp
+SOURCE_DIR = Path(__file__).parent
+MAIN_SOURCE = "engine.cpp"  # the one translation unit; it includes the *.h sources
+ABI_VERSION = 4  # must equal TF_ABI_VERSION in common.h
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = ("-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+
+def sources() -> list[Path]:
+    """Every engine source file (engine.cpp and the headers it includes), sorted by name."""
+    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h"))
+
+
+def source_hash() -> str:
+    """sha256 over every engine source file, names and contents: identifies the kernels' version."""
+    h = hashlib.sha256()
+    for path in sources():
+        data = path.read_bytes()
+        h.update(f"{path.name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -55,20 +72,26 @@ def _compiler() -> str:
     raise KernelUnavailable("no C++ compiler found (install g++, or set CXX); the fast engine needs one once to build its kernels")
 
 
+def library_path(flags: tuple[str, ...] = NATIVE_FLAGS) -> Path:
+    """Where the library for these flags is cached, named by a hash of every source, the flags, the
+    compiler and the CPU."""
+    key = hashlib.sha256(
+        b"\0".join([source_hash().encode(), " ".join(flags).encode(), _compiler().encode(), cpu_fingerprint().encode()])
+    ).hexdigest()[:16]
+    return cache_dir() / f"libtightfit-{key}.so"
+
+
 def build(flags: tuple[str, ...] = NATIVE_FLAGS) -> Path:
     """Path of the compiled library for these flags, compiling it if it is not cached."""
-    cxx = _compiler()
-    key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), " ".join(flags).encode(), cxx.encode(), cpu_fingerprint().encode()])
-    ).hexdigest()[:16]
-    target = cache_dir() / f"libtightfit-{key}.so"
+    target = library_path(flags)
     if target.exists():
         return target
+    cxx = _compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *flags, "-o", tmp, str(SOURCE_DIR / MAIN_SOURCE)], capture_output=True, text=True)
         if proc.returncode != 0:
             first = (proc.stderr.strip().splitlines() or ["(no output)"])[0]
             raise KernelUnavailable(f"compiling the tightfit kernels with {cxx} failed: {first}")
@@ -80,9 +103,14 @@ def build(flags: tuple[str, ...] = NATIVE_FLAGS) -> Path:
 
 
 @lru_cache(maxsize=None)
-def load(portable: bool = False) -> ctypes.CDLL:
-    """The kernel library (native build, or the portable scalar build for tests), ready to call."""
-    lib = ctypes.CDLL(str(build(PORTABLE_FLAGS if portable else NATIVE_FLAGS)))
+def load(portable: bool = False, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The kernel library (native build, or the portable scalar build for tests), ready to call.
+
+    defines: NAME=VALUE macros for a build variant (the TF_* tuning knobs in matmul.h; used by
+    bench/kernel_ab.py); each variant is a library of its own in the cache.
+    """
+    flags = (PORTABLE_FLAGS if portable else NATIVE_FLAGS) + tuple(f"-D{d}" for d in defines)
+    lib = ctypes.CDLL(str(build(flags)))
     if lib.tf_abi_version() != ABI_VERSION:
         raise KernelUnavailable(f"kernel library ABI {lib.tf_abi_version()} != {ABI_VERSION}; delete {cache_dir()}")
     declare(lib)
@@ -90,7 +118,7 @@ def load(portable: bool = False) -> ctypes.CDLL:
 
 
 def declare(lib: ctypes.CDLL) -> None:
-    """Argument and result types of every exported function (mirrors engine.cpp's extern "C" part)."""
+    """Argument and result types of every exported function (mirrors the engine's extern "C" functions)."""
     from tightfit.runtime.kernels.layout import TfMat
 
     mat, ptr, i32, f64 = ctypes.POINTER(TfMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_double

@@ -1,4 +1,4 @@
-"""The kernels' weight layout ("tf-tile16", described in engine.cpp) and its ctypes mirror.
+"""The kernels' weight layout ("tf-tile16", described in layout.h) and its ctypes mirror.
 
 Packed files keep the format's own storage (formats/); at load time each matrix is repacked once
 into the layout the kernels read: tiles of 16 rows, chunks of 16 rows x 4 columns as bit planes,
@@ -32,7 +32,7 @@ PLANES: dict[int, tuple[tuple[int, int], ...]] = {
 
 
 class TfMat(ctypes.Structure):
-    """Mirror of `tf_mat` in engine.cpp."""
+    """Mirror of `tf_mat` in common.h."""
 
     _fields_ = [
         ("kind", ctypes.c_int32),
@@ -52,7 +52,7 @@ class TfMat(ctypes.Structure):
 
 
 def _plane(codes: torch.Tensor, width: int, shift: int) -> torch.Tensor:
-    """codes [N, C, 64] uint8 -> one bit plane [N, C, 8*width] uint8 (layout in engine.cpp)."""
+    """codes [N, C, 64] uint8 -> one bit plane [N, C, 8*width] uint8 (layout in layout.h)."""
     v = ((codes >> shift) & ((1 << width) - 1)).to(torch.int32)  # [N, C, 64]
     if width == 8:
         return v.to(torch.uint8)

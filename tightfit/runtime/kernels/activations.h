@@ -1,0 +1,73 @@
+// Activation quantization, as llama.cpp's Q8_0: x [M, K] per token to int8 in blocks of 32,
+// x ~ sx_b * xq with sx_b = amax_b / 127 and xq rounded to nearest even. Quantized matmuls
+// (matmul.h) multiply these blocks; dense ones, and exact mode, the fp32 x itself.
+// Part of the one translation unit engine.cpp.
+#pragma once
+
+#include "common.h"
+
+struct QAct {  // x [M, K] quantized per token in blocks of 32
+    int M = 0, K = 0, Kp = 0;
+    std::vector<int8_t> xq;    // [M, Kp]
+    std::vector<float> sx;     // [M, Kp/32]
+    std::vector<float> psum;   // [M, Kp/16]: sx_b * sum of xq over each 16 columns
+    std::vector<float> xs;     // [M, G]: per-group sums for the zero term (filled per matrix)
+    const float* x = nullptr;  // the fp32 input [M, K] (dense matrices, exact mode)
+    bool exact = false;        // quantized matrices multiply x itself (fp32), not its int8 blocks
+};
+
+static void quantize_act(const float* x, int M, int K, QAct& a) {
+    a.M = M; a.K = K; a.Kp = (K + 31) / 32 * 32; a.x = x;
+    const int Kp = a.Kp, nb = Kp / 32;
+    a.xq.assign((size_t)M * Kp, 0);
+    a.sx.resize((size_t)M * nb);
+    a.psum.resize((size_t)M * (Kp / 16));
+    for (int m = 0; m < M; m++) {
+        const float* xr = x + (size_t)m * K;
+        for (int b = 0; b < nb; b++) {
+            int lo = b * 32, hi = std::min(lo + 32, K);
+            float amax = 0.f;
+            for (int j = lo; j < hi; j++) amax = std::max(amax, fabsf(xr[j]));
+            float id = amax > 0.f ? 127.f / amax : 0.f;
+            a.sx[(size_t)m * nb + b] = amax / 127.f;
+            int8_t* q = a.xq.data() + (size_t)m * Kp;
+            for (int j = lo; j < hi; j++) q[j] = (int8_t)lrintf(xr[j] * id);
+        }
+        for (int p = 0; p < Kp / 16; p++) {
+            int s = 0;
+            const int8_t* q = a.xq.data() + (size_t)m * Kp + p * 16;
+            for (int j = 0; j < 16; j++) s += q[j];
+            a.psum[(size_t)m * (Kp / 16) + p] = (float)s * a.sx[(size_t)m * nb + p / 2];
+        }
+    }
+}
+
+// Per-group sums of the dequantized activation for W's grouping: xs [M, G].
+static void group_sums(const tf_mat& W, QAct& a) {
+    if (W.kind != TF_QUANT) return;  // dense matrices multiply the exact activations
+    a.xs.assign((size_t)a.M * W.G, 0.f);
+    if (a.exact) {
+        for (int m = 0; m < a.M; m++)
+            for (int j = 0; j < a.K; j++) a.xs[(size_t)m * W.G + std::min(j / W.group, W.G - 1)] += a.x[(size_t)m * a.K + j];
+        return;
+    }
+    const int np = a.Kp / 16;
+    for (int m = 0; m < a.M; m++)
+        for (int p = 0; p < np; p++) {
+            int g = std::min(p * 16 / W.group, W.G - 1);  // padding columns belong to the last group
+            a.xs[(size_t)m * W.G + g] += a.psum[(size_t)m * np + p];
+        }
+}
+
+extern "C" {
+
+// x [M, K] -> its block-int8 dequantization sx * xq [M, K] (what quantized matmuls multiply by)
+void tf_quantize_activations(const float* x, int M, int K, float* out) {
+    QAct a;
+    quantize_act(x, M, K, a);
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < K; j++)
+            out[(size_t)m * K + j] = a.sx[(size_t)m * (a.Kp / 32) + j / 32] * (float)a.xq[(size_t)m * a.Kp + j];
+}
+
+}  // extern "C"

@@ -1,0 +1,138 @@
+// The engine's shared ground: instruction-set detection, the C ABI structs that layout.py and
+// engine.py mirror (tf_mat, tf_layer, tf_config; TF_ABI_VERSION versions them), fp16/bf16
+// conversions and the vector e^x.
+// Part of the one translation unit engine.cpp.
+#pragma once
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define TF_AVX512 1
+#include <immintrin.h>
+#else
+#define TF_AVX512 0
+#endif
+
+#define TF_ABI_VERSION 4  // = ABI_VERSION in build.py; bump with any change below or to a signature
+
+extern "C" {
+
+enum { TF_QUANT = 0, TF_F16 = 1, TF_F32 = 2 };
+
+typedef struct {
+    int32_t kind;   // TF_QUANT, TF_F16, TF_F32
+    int32_t N, K;   // out_features, in_features
+    int32_t Kp;     // K padded to a multiple of 32 (quant)
+    int32_t bits;   // code bits (quant)
+    int32_t group;  // group width along K; K for per channel (quant)
+    int32_t G;      // groups per row
+    int32_t scale_bf16;  // scales are bf16 (1) or fp16 (0)
+    const uint8_t* codes;    // [Np/16, Kp/4, 8*bits]
+    const uint16_t* scales;  // [Np/16, G, 16]
+    const uint8_t* zeros;    // [Np/16, G, 16]
+    const void* dense;       // fp16 or fp32 [N, K]
+    const float* bias;       // [N] or NULL
+} tf_mat;
+
+typedef struct {
+    const float* attn_norm;  // [hidden]
+    const float* mlp_norm;   // [hidden]
+    tf_mat q, k, v, o, gate, up, down;
+} tf_layer;
+
+typedef struct {
+    int32_t n_layers, hidden, n_heads, n_kv_heads, head_dim, inter, vocab;
+    int32_t max_pos;    // KV cache capacity
+    int32_t max_batch;  // most tokens per forward call
+    int32_t threads;
+    int32_t exact;      // 1: quantized matmuls take fp32 activations (reference-exact, slower)
+    float eps;          // RMSNorm epsilon
+    float attn_scale;   // softmax scale, head_dim^-0.5
+    const float* rope_cos;  // [max_pos, head_dim/2]
+    const float* rope_sin;  // [max_pos, head_dim/2]
+    tf_mat embed;           // [vocab, hidden], rows looked up
+    tf_mat head;            // [vocab, hidden]
+    const float* final_norm;
+    const tf_layer* layers;  // [n_layers]
+} tf_config;
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// number formats
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: normalize
+            int e = -1;
+            do { e++; man <<= 1; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// fp32 -> fp16, round to nearest even (the KV cache's storage)
+static inline uint16_t f32_to_f16(float f) {
+#if TF_AVX512
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    x &= 0x7fffffff;
+    if (x >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (x > 0x7f800000 ? 0x200 : 0));  // inf / nan
+    if (x >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                                // overflow
+    if (x < 0x38800000) {                                                                   // subnormal or zero
+        float a;
+        memcpy(&a, &x, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.f));  // a / 2^-24, nearest even
+    }
+    const uint32_t mant = x & 0x1fff, base = (x - 0x38000000) >> 13;
+    uint32_t h = base + (mant > 0x1000 || (mant == 0x1000 && (base & 1)));
+    return (uint16_t)(sign | h);
+#endif
+}
+
+#if TF_AVX512
+// e^x (softmax, SiLU), x clamped to [-87, 88]: 2^n * p(r), r = x - n ln2, |r| <= ln2/2;
+// degree-6 polynomial, relative error below 2e-7.
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif

@@ -1,0 +1,109 @@
+// Weight layout (made by runtime/kernels/layout.py, "tf-tile16" v2). A quantized matrix W [N, K]
+// is padded to Np = ceil(N/16)*16 rows and Kp = ceil(K/32)*32 columns with zero codes and cut
+// into tiles of 16 rows; a tile is Kp/4 chunks, chunk k4 holding the 64 codes of its 16 rows x 4
+// columns 4*k4 .. 4*k4+3 in the order o = 4*row + col, stored as bit planes, low bits first:
+//   nibble plane (4 bits, 32 B): byte j = code[j] & 15 | (code[j+32] & 15) << 4
+//   crumb plane  (2 bits, 16 B): byte j = c[j] | c[j+16] << 2 | c[j+32] << 4 | c[j+48] << 6
+//   bit plane    (1 bit,   8 B): bit j of a little-endian u64 = the code bit
+//   byte plane   (8 bits, 64 B): code[j]
+//   bits 2 = crumb; 3 = crumb + bit(2); 4 = nibble; 5 = nibble + bit(4); 6 = nibble + crumb(4,5); 8 = byte
+// so a chunk holds 8*bits bytes, and one AVX-512 vpdpbusd multiplies it by 4 activations
+// broadcast to every row: lanes are rows. Statistics per (tile, group, row): an fp16 or bf16 scale
+// s and a u8 zero z (symmetric formats: z = 2^(bits-1)), each (tile, group) 16 contiguous values.
+// w = (q - z) * s, exactly as the reference dequantizes. Dense matrices are plain fp16 / fp32 [N, K].
+// Part of the one translation unit engine.cpp.
+#pragma once
+
+#include "common.h"
+
+static inline float scale_at(const tf_mat& W, size_t i) {
+    return W.scale_bf16 ? bf16_to_f32(W.scales[i]) : f16_to_f32(W.scales[i]);
+}
+
+// The 64 codes of one chunk (o = 4*row + col), scalar (reference for the layout; embedding
+// lookups; portable kernels).
+static void unpack_chunk_scalar(const uint8_t* p, int bits, uint8_t out[64]) {
+    auto nib = [&](const uint8_t* s) { for (int j = 0; j < 32; j++) { out[j] = s[j] & 15; out[j + 32] = s[j] >> 4; } };
+    auto crumb = [&](const uint8_t* s, int sh) {
+        for (int j = 0; j < 16; j++)
+            for (int t = 0; t < 4; t++) out[j + 16 * t] |= ((s[j] >> (2 * t)) & 3) << sh;
+    };
+    auto bit = [&](const uint8_t* s, int sh) {
+        for (int j = 0; j < 64; j++) out[j] |= ((s[j >> 3] >> (j & 7)) & 1) << sh;
+    };
+    memset(out, 0, 64);
+    switch (bits) {
+        case 2: crumb(p, 0); break;
+        case 3: crumb(p, 0); bit(p + 16, 2); break;
+        case 4: nib(p); break;
+        case 5: nib(p); bit(p + 32, 4); break;
+        case 6: nib(p); crumb(p + 32, 4); break;
+        case 8: memcpy(out, p, 64); break;
+    }
+}
+
+// Row n of W dequantized to fp32 [K] (exactly (q - z) * s, as the reference).
+static void dequant_row(const tf_mat& W, int n, float* out) {
+    if (W.kind == TF_F32) { memcpy(out, (const float*)W.dense + (size_t)n * W.K, sizeof(float) * W.K); return; }
+    if (W.kind == TF_F16) {
+        const uint16_t* r = (const uint16_t*)W.dense + (size_t)n * W.K;
+        for (int j = 0; j < W.K; j++) out[j] = f16_to_f32(r[j]);
+        return;
+    }
+    const int nq = W.Kp / 4, cb = 8 * W.bits, T = n / 16, r = n % 16;
+    uint8_t q[64];
+    for (int k4 = 0; k4 < nq && 4 * k4 < W.K; k4++) {
+        unpack_chunk_scalar(W.codes + ((size_t)T * nq + k4) * cb, W.bits, q);
+        for (int c = 0; c < 4 && 4 * k4 + c < W.K; c++) {
+            int col = 4 * k4 + c, g = col / W.group;
+            size_t si = ((size_t)T * W.G + g) * 16 + r;
+            out[col] = ((float)q[4 * r + c] - (float)W.zeros[si]) * scale_at(W, si);
+        }
+    }
+}
+
+
+#if TF_AVX512
+// The same chunk as one vector: byte o of the result is code o, so lane r (4 bytes) holds row r.
+static inline __m512i nib_plane(const uint8_t* p) {
+    const __m512i sh = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0x0004000400040004LL,
+                                        0x0004000400040004LL, 0, 0, 0, 0);
+    __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x0f));
+}
+static inline __m512i crumb_plane(const uint8_t* p) {
+    const __m512i sh = _mm512_set_epi64(0x0006000600060006LL, 0x0006000600060006LL, 0x0004000400040004LL,
+                                        0x0004000400040004LL, 0x0002000200020002LL, 0x0002000200020002LL, 0, 0);
+    __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));
+    return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x03));
+}
+static inline __m512i bit_plane(const uint8_t* p, int shift) {
+    uint64_t m;
+    memcpy(&m, p, 8);
+    return _mm512_maskz_mov_epi8(_cvtu64_mask64(m), _mm512_set1_epi8((char)(1 << shift)));
+}
+template <int BITS>
+static inline __m512i unpack64(const uint8_t* p) {
+    if (BITS == 2) return crumb_plane(p);
+    if (BITS == 3) return _mm512_or_si512(crumb_plane(p), bit_plane(p + 16, 2));
+    if (BITS == 4) return nib_plane(p);
+    if (BITS == 5) return _mm512_or_si512(nib_plane(p), bit_plane(p + 32, 4));
+    if (BITS == 6) return _mm512_or_si512(nib_plane(p), _mm512_slli_epi16(crumb_plane(p + 32), 4));
+    return _mm512_loadu_si512((const void*)p);
+}
+template <bool BF16>
+static inline __m512 load16_scales(const uint16_t* s) {
+    __m256i h = _mm256_loadu_si256((const __m256i*)s);
+    if (BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+#endif
+
+extern "C" {
+
+// rows [n0, n0+count) of W dequantized: out [count, K] fp32
+void tf_dequant_rows(const tf_mat* W, int n0, int count, float* out) {
+    for (int i = 0; i < count; i++) dequant_row(*W, n0 + i, out + (size_t)i * W->K);
+}
+
+}  // extern "C"

@@ -1,0 +1,300 @@
+// Matrix kernels: y [M, N] = x [M, K] W^T (+ bias) for a layout.h matrix, rows [n0, n1) at a time
+// so that threads can split N. With x quantized as activations.h does, a quantized matmul
+// computes exactly
+//   y[m, n] = sum_j s(n, g(j)) * (q[n, j] - z(n, g(j))) * sx(m, b(j)) * xq[m, j]
+// (up to fp32 summation order): the int8 dot products q . xq run on AVX-512 VNNI (vpdpbusd,
+// u8 x s8) and the zero term sum_g s_g z_g xs[m, g] (group_sums) is subtracted after them. Exact
+// mode multiplies the same codes by the fp32 x; dense fp16 / fp32 matrices always take the fp32 x.
+// Without AVX-512 (F, BW, VL, VNNI) portable scalar kernels compute the same sums.
+// Part of the one translation unit engine.cpp.
+#pragma once
+
+#include "activations.h"
+#include "common.h"
+#include "layout.h"
+
+// Tuning knobs, chosen by measurement (bench/kernel_ab.py builds variants through
+// build.load(defines=...) and times them round-robin in one process; SmolLM2-135M w4g32-sym,
+// 2-core Zen 5, 2026-11-23):
+//   TF_PREFETCH      software prefetch distance in bytes; 1024 vs 0: 162 vs 140 tok/s at 1 thread,
+//                    207 vs 194 at 2 threads (512-2048 alike)
+//   TF_DECODE_TILES  row tiles sharing each activation broadcast at decode; 2 vs 1: 105 vs 140 tok/s
+// A second vpdpbusd accumulator per tile was measured the same way (136 vs 140 tok/s) and removed.
+#ifndef TF_PREFETCH
+#define TF_PREFETCH 1024
+#endif
+#ifndef TF_DECODE_TILES
+#define TF_DECODE_TILES 1
+#endif
+
+#if TF_AVX512
+// tile T (rows 16T .. 16T+15) x tokens [m0, m0+MT): y[m, n] = W[n] . x[m] - zero term + bias.
+// Lanes are rows: per chunk one unpack, then per token a 4-byte activation broadcast and one
+// vpdpbusd; every segment of min(group, 32) columns (one activation block, one group) is
+// converted to fp32 and scaled once.
+template <int BITS, int MT, int NT, bool BF16>
+static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
+    const int nq = W.Kp / 4, cb = 8 * BITS, Kp = a.Kp;
+    const int seg = W.group < 32 && W.G > 1 ? W.group : 32;  // columns per int32 accumulation
+    const uint8_t* p[NT];
+    const uint16_t* st[NT];
+    for (int u = 0; u < NT; u++) {
+        p[u] = W.codes + (size_t)(T + u) * nq * cb;
+        st[u] = W.scales + (size_t)(T + u) * W.G * 16;
+    }
+    const int8_t* xq = a.xq.data() + (size_t)m0 * Kp;
+    const float* sx = a.sx.data() + (size_t)m0 * (Kp / 32);
+    __m512 acc[NT][MT], s[NT];
+    for (int u = 0; u < NT; u++) {
+        s[u] = load16_scales<BF16>(st[u]);
+        for (int t = 0; t < MT; t++) acc[u][t] = _mm512_setzero_ps();
+    }
+    int g = 0, next = W.group;
+    for (int c0 = 0; c0 < Kp; c0 += seg) {
+        if (c0 >= next && g + 1 < W.G) {
+            g++;
+            next += W.group;
+            for (int u = 0; u < NT; u++) s[u] = load16_scales<BF16>(st[u] + (size_t)g * 16);
+        }
+        __m512i ia[NT][MT];
+        for (int u = 0; u < NT; u++)
+            for (int t = 0; t < MT; t++) ia[u][t] = _mm512_setzero_si512();
+        for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4 += 2) {  // seg is a multiple of 8 columns
+            __m512i xa[MT], xb[MT];
+            for (int t = 0; t < MT; t++) {
+                int32_t x4[2];
+                memcpy(x4, xq + (size_t)t * Kp + 4 * k4, 8);
+                xa[t] = _mm512_set1_epi32(x4[0]);
+                xb[t] = _mm512_set1_epi32(x4[1]);
+            }
+            for (int u = 0; u < NT; u++) {
+                _mm_prefetch((const char*)p[u] + TF_PREFETCH, _MM_HINT_T0);  // 2 chunks <= 128 B: one or two lines
+                if (BITS > 4) _mm_prefetch((const char*)p[u] + TF_PREFETCH + 64, _MM_HINT_T0);
+                const __m512i qa = unpack64<BITS>(p[u]), qb = unpack64<BITS>(p[u] + cb);
+                p[u] += 2 * cb;
+                for (int t = 0; t < MT; t++) {
+                    ia[u][t] = _mm512_dpbusd_epi32(ia[u][t], qa, xa[t]);
+                    ia[u][t] = _mm512_dpbusd_epi32(ia[u][t], qb, xb[t]);
+                }
+            }
+        }
+        for (int t = 0; t < MT; t++) {
+            const __m512 sxt = _mm512_set1_ps(sx[(size_t)t * (Kp / 32) + c0 / 32]);
+            for (int u = 0; u < NT; u++)
+                acc[u][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[u][t]), _mm512_mul_ps(s[u], sxt), acc[u][t]);
+        }
+    }
+    for (int u = 0; u < NT; u++) {
+        // zero term: sum_g s_g z_g xs[m, g]
+        const uint8_t* zt = W.zeros + (size_t)(T + u) * W.G * 16;
+        for (int gi = 0; gi < W.G; gi++) {
+            __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + (size_t)gi * 16))));
+            __m512 sz = _mm512_mul_ps(load16_scales<BF16>(st[u] + (size_t)gi * 16), z);
+            for (int t = 0; t < MT; t++) acc[u][t] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[u][t]);
+        }
+        const int n0 = 16 * (T + u), valid = std::min(16, W.N - n0);
+        const __mmask16 mk = (__mmask16)((1u << valid) - 1);
+        const __m512 b = W.bias ? _mm512_maskz_loadu_ps(mk, W.bias + n0) : _mm512_setzero_ps();
+        for (int t = 0; t < MT; t++) _mm512_mask_storeu_ps(y + (size_t)(m0 + t) * W.N + n0, mk, _mm512_add_ps(acc[u][t], b));
+    }
+}
+
+// rows [n0, n1), n0 a multiple of 16; at one token TF_DECODE_TILES tiles share each activation broadcast
+template <int BITS, int MT, bool BF16>
+static void quant_rows_t(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
+    constexpr int NT = MT == 1 ? TF_DECODE_TILES : 1;
+    const int t1 = (n1 + 15) / 16;
+    int T = n0 / 16;
+    for (; T + NT <= t1; T += NT) quant_tile<BITS, MT, NT, BF16>(W, a, m0, T, y);
+    for (; T < t1; T++) quant_tile<BITS, MT, 1, BF16>(W, a, m0, T, y);
+}
+
+template <int BITS, int MT>
+static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
+    if (W.scale_bf16) quant_rows_t<BITS, MT, true>(W, a, m0, n0, n1, y);
+    else quant_rows_t<BITS, MT, false>(W, a, m0, n0, n1, y);
+}
+
+// Exact mode: the same tiles multiplied by the fp32 activations (codes converted to fp32 per
+// column of each chunk); slower, bit-for-bit the dequantized weight times x up to summation order.
+template <int BITS, bool BF16>
+static void quant_tile_exact(const tf_mat& W, const QAct& a, int m, int T, float* y) {
+    const int nq = W.Kp / 4, cb = 8 * BITS, K = a.K;
+    const int seg = W.group < 32 && W.G > 1 ? W.group : 32;
+    const uint8_t* p = W.codes + (size_t)T * nq * cb;
+    const uint16_t* st = W.scales + (size_t)T * W.G * 16;
+    const float* x = a.x + (size_t)m * K;
+    __m512 acc = _mm512_setzero_ps(), s = load16_scales<BF16>(st);
+    int g = 0, next = W.group;
+    for (int c0 = 0; c0 < W.Kp; c0 += seg) {
+        if (c0 >= next && g + 1 < W.G) { g++; next += W.group; s = load16_scales<BF16>(st + (size_t)g * 16); }
+        __m512 f = _mm512_setzero_ps();
+        for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
+            const __m512i q = unpack64<BITS>(p);
+            for (int c = 0; c < 4; c++) {
+                const int col = 4 * k4 + c;
+                if (col >= K) break;
+                __m512 qc = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(q, 8 * c), _mm512_set1_epi32(0xff)));
+                f = _mm512_fmadd_ps(qc, _mm512_set1_ps(x[col]), f);
+            }
+        }
+        acc = _mm512_fmadd_ps(s, f, acc);
+    }
+    const uint8_t* zt = W.zeros + (size_t)T * W.G * 16;
+    for (int gi = 0; gi < W.G; gi++) {
+        __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + (size_t)gi * 16))));
+        acc = _mm512_fnmadd_ps(_mm512_mul_ps(load16_scales<BF16>(st + (size_t)gi * 16), z), _mm512_set1_ps(a.xs[(size_t)m * W.G + gi]), acc);
+    }
+    const int n0 = 16 * T, valid = std::min(16, W.N - n0);
+    const __mmask16 mk = (__mmask16)((1u << valid) - 1);
+    const __m512 b = W.bias ? _mm512_maskz_loadu_ps(mk, W.bias + n0) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(y + (size_t)m * W.N + n0, mk, _mm512_add_ps(acc, b));
+}
+
+template <int BITS>
+static void quant_rows_exact(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
+    for (int m = 0; m < a.M; m++)
+        for (int T = n0 / 16; 16 * T < n1; T++) {
+            if (W.scale_bf16) quant_tile_exact<BITS, true>(W, a, m, T, y);
+            else quant_tile_exact<BITS, false>(W, a, m, T, y);
+        }
+}
+
+template <int MT>
+static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
+    const int K = W.K, K16 = K / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1);
+    for (int n = n0; n < n1; n++) {
+        __m512 acc[MT];
+        for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
+        for (int j = 0; j <= K16; j += 16) {
+            const __mmask16 mk = j < K16 ? (__mmask16)0xffff : tail;
+            if (!mk) break;
+            __m512 w;
+            if (W.kind == TF_F16)
+                w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, (const uint16_t*)W.dense + (size_t)n * K + j));
+            else
+                w = _mm512_maskz_loadu_ps(mk, (const float*)W.dense + (size_t)n * K + j);
+            for (int t = 0; t < MT; t++)
+                acc[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mk, a.x + (size_t)(m0 + t) * K + j), acc[t]);
+        }
+        for (int t = 0; t < MT; t++) y[(size_t)(m0 + t) * W.N + n] = _mm512_reduce_add_ps(acc[t]) + (W.bias ? W.bias[n] : 0.f);
+    }
+}
+#endif
+
+// Portable fallback with the same arithmetic (int8 block dot products, then scales).
+[[maybe_unused]] static void quant_rows_scalar(const tf_mat& W, const QAct& a, int m0, int mt, int n0, int n1, float* y) {
+    const int nq = W.Kp / 4, cb = 8 * W.bits, Kp = a.Kp;
+    const int seg = W.group < 32 && W.G > 1 ? W.group : 32;
+    uint8_t q[64];
+    for (int T = n0 / 16; 16 * T < n1; T++)
+        for (int m = m0; m < m0 + mt; m++) {
+            float acc[16] = {0};
+            const uint8_t* p = W.codes + (size_t)T * nq * cb;
+            for (int c0 = 0; c0 < Kp; c0 += seg) {
+                const int g = std::min(c0 / W.group, W.G - 1);
+                int32_t d[16] = {0};
+                for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
+                    unpack_chunk_scalar(p, W.bits, q);
+                    for (int r = 0; r < 16; r++)
+                        for (int c = 0; c < 4; c++) d[r] += (int32_t)q[4 * r + c] * a.xq[(size_t)m * Kp + 4 * k4 + c];
+                }
+                for (int r = 0; r < 16; r++)
+                    acc[r] += (float)d[r] * (scale_at(W, ((size_t)T * W.G + g) * 16 + r) * a.sx[(size_t)m * (Kp / 32) + c0 / 32]);
+            }
+            for (int r = 0; r < 16; r++) {
+                const int n = 16 * T + r;
+                if (n >= W.N) break;
+                for (int g = 0; g < W.G; g++) {
+                    size_t si = ((size_t)T * W.G + g) * 16 + r;
+                    acc[r] -= scale_at(W, si) * (float)W.zeros[si] * a.xs[(size_t)m * W.G + g];
+                }
+                y[(size_t)m * W.N + n] = acc[r] + (W.bias ? W.bias[n] : 0.f);
+            }
+        }
+}
+
+[[maybe_unused]] static void dense_rows_scalar(const tf_mat& W, const QAct& a, int m0, int mt, int n0, int n1, float* y) {
+    std::vector<float> w(W.K);
+    for (int n = n0; n < n1; n++) {
+        dequant_row(W, n, w.data());
+        for (int m = m0; m < m0 + mt; m++) {
+            float r = 0.f;
+            for (int j = 0; j < W.K; j++) r += w[j] * a.x[(size_t)m * W.K + j];
+            y[(size_t)m * W.N + n] = r + (W.bias ? W.bias[n] : 0.f);
+        }
+    }
+}
+
+// y[M, N] rows [n0, n1) for all tokens of a (the activation must be prepared with group_sums for W).
+static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
+    if (n0 >= n1) return;
+#if TF_AVX512
+    if (a.exact && W.kind == TF_QUANT) {
+        switch (W.bits) {
+            case 2: quant_rows_exact<2>(W, a, n0, n1, y); break;
+            case 3: quant_rows_exact<3>(W, a, n0, n1, y); break;
+            case 4: quant_rows_exact<4>(W, a, n0, n1, y); break;
+            case 5: quant_rows_exact<5>(W, a, n0, n1, y); break;
+            case 6: quant_rows_exact<6>(W, a, n0, n1, y); break;
+            default: quant_rows_exact<8>(W, a, n0, n1, y); break;
+        }
+        return;
+    }
+    for (int m0 = 0; m0 < a.M; m0 += 4) {
+        const int mt = std::min(4, a.M - m0);
+        if (W.kind != TF_QUANT) {
+            switch (mt) {
+                case 1: dense_rows<1>(W, a, m0, n0, n1, y); break;
+                case 2: dense_rows<2>(W, a, m0, n0, n1, y); break;
+                case 3: dense_rows<3>(W, a, m0, n0, n1, y); break;
+                default: dense_rows<4>(W, a, m0, n0, n1, y); break;
+            }
+            continue;
+        }
+#define TF_BITS_CASE(B)                                                  \
+    case B:                                                              \
+        switch (mt) {                                                    \
+            case 1: quant_rows<B, 1>(W, a, m0, n0, n1, y); break;        \
+            case 2: quant_rows<B, 2>(W, a, m0, n0, n1, y); break;        \
+            case 3: quant_rows<B, 3>(W, a, m0, n0, n1, y); break;        \
+            default: quant_rows<B, 4>(W, a, m0, n0, n1, y); break;       \
+        }                                                                \
+        break;
+        switch (W.bits) {
+            TF_BITS_CASE(2) TF_BITS_CASE(3) TF_BITS_CASE(4) TF_BITS_CASE(5) TF_BITS_CASE(6) TF_BITS_CASE(8)
+        }
+#undef TF_BITS_CASE
+    }
+#else
+    if (W.kind != TF_QUANT || a.exact) dense_rows_scalar(W, a, 0, a.M, n0, n1, y);
+    else quant_rows_scalar(W, a, 0, a.M, n0, n1, y);
+#endif
+}
+
+// This thread's share [n0, n1) of N rows, in multiples of 16 rows.
+static inline void share(int N, int tid, int nth, int& n0, int& n1) {
+    int units = (N + 15) / 16, per = units / nth, extra = units % nth;
+    int u0 = tid * per + std::min(tid, extra), u1 = u0 + per + (tid < extra ? 1 : 0);
+    n0 = std::min(N, u0 * 16);
+    n1 = std::min(N, u1 * 16);
+}
+
+extern "C" {
+
+// y [M, N] = x [M, K] W^T (+ bias), with `threads` threads (the kernel a layer runs with).
+void tf_matmul(const tf_mat* W, const float* x, int M, float* y, int threads, int exact) {
+    QAct a;
+    a.exact = exact != 0;
+    quantize_act(x, M, W->K, a);
+    if (W->kind == TF_QUANT) group_sums(*W, a);
+#pragma omp parallel num_threads(threads)
+    {
+        int n0, n1;
+        share(W->N, omp_get_thread_num(), omp_get_num_threads(), n0, n1);
+        matmul_rows(*W, a, n0, n1, y);
+    }
+}
+
+}  // extern "C"
