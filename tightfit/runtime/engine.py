@@ -1,6 +1,6 @@
 """FastBackend: tightfit's compiled CPU engine behind the Backend protocol (runtime/backend.py).
 
-One C++ call runs a whole forward step (all layers, attention with a preallocated fp32 KV cache,
+One C++ call runs a whole forward step (all layers, attention with a preallocated fp16 KV cache,
 the head) with OpenMP threads that meet only where one needs rows another computed; quantized
 matrices run the AVX-512 VNNI kernels of runtime/kernels (int8 block-32 activations, like
 llama.cpp's Q8_0), dense ones an fp32-activation kernel.
@@ -234,7 +234,7 @@ class FastBackend:
             self._engine = None
 
 
-DEFAULT_FAST_POSITIONS = 4096  # fp32 KV cache of the fast engine: 30 layers x 3 heads x 64 -> 189 MB at 4096
+DEFAULT_FAST_POSITIONS = 4096  # fp16 KV cache of the fast engine: 30 layers x 3 heads x 64 x (k + v) x 2 bytes -> 94 MB at 4096
 
 
 def open_backend(path: Path | PackedModel, *, engine: str = "auto", max_positions: int | None = None,
