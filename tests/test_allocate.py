@@ -259,7 +259,7 @@ def test_solves_a_model_times_20_formats_under_2_seconds(n_layers):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_pruning_before_branching_never_changes_the_optimum(seed, monkeypatch):
-    import tightfit.stages.allocate as allocate_module
+    import tightfit.stages.allocate.milp as milp
 
     layers, choices = model_like_problem(28, seed=seed)
     fast = sum(min(c.latency_ms for c in cs) for cs in choices.values())
@@ -268,7 +268,7 @@ def test_pruning_before_branching_never_changes_the_optimum(seed, monkeypatch):
     budgets += [Budget(max_bpw=b, max_latency_ms=fast + f * (slow - fast)) for b, f in ((3.3, 0.3), (4.2, 0.2), (6.0, 0.4))]
     pruned = [allocate(layers, choices, b).predicted_loss for b in budgets]
     # Without an incumbent nothing is pruned and HiGHS branches over every candidate.
-    monkeypatch.setattr(allocate_module, "_incumbent", lambda *args: None)
+    monkeypatch.setattr(milp, "_incumbent", lambda *args: None)
     full = [allocate(layers, choices, b).predicted_loss for b in budgets]
     assert pruned == pytest.approx(full, rel=2e-6)
 

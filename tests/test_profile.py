@@ -241,18 +241,18 @@ def test_latency_budget_plan_meets_it_and_an_impossible_one_names_the_fastest(ti
 
 
 def test_pareto_writes_one_row_per_point_and_resumes(tiny_model_dir, tiny_text_file, tmp_path, capsys, monkeypatch):
-    import tightfit.pipeline as pipeline
+    import tightfit.pipeline.pareto_sweep as pareto_sweep
     import tightfit.runtime.speed as speed
 
     monkeypatch.setattr(speed, "measure_bandwidth", lambda threads, megabytes=1024, repeats=5: 10.0)
     compressed = []
-    real_compress = pipeline.compress
+    real_compress = pareto_sweep.compress
 
     def counting(request, *a, **k):
         compressed.append(request.out.name)
         return real_compress(request, *a, **k)
 
-    monkeypatch.setattr(pipeline, "compress", counting)
+    monkeypatch.setattr(pareto_sweep, "compress", counting)
     out = tmp_path / "pareto"
     common = ["--candidates", "w2g32,w4g64", "--method", "rtn", "--eval-windows", "2", "--text", str(tiny_text_file),
               "--ctx", "32", "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--calib-text", str(tiny_text_file),
@@ -303,13 +303,13 @@ def test_streamed_copies_exceed_the_budget_and_share_no_storage():
 
 
 def test_pareto_with_gptq_uses_the_original_hessians_once(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
-    import tightfit.pipeline as pipeline
+    import tightfit.pipeline.pareto_sweep as pareto_sweep
     import tightfit.runtime.speed as speed
 
     monkeypatch.setattr(speed, "measure_bandwidth", lambda threads, megabytes=1024, repeats=5: 10.0)
     seen = []
-    real_compress = pipeline.compress
-    monkeypatch.setattr(pipeline, "compress", lambda request, *a, **k: seen.append(k.get("hessians")) or real_compress(request, *a, **k))
+    real_compress = pareto_sweep.compress
+    monkeypatch.setattr(pareto_sweep, "compress", lambda request, *a, **k: seen.append(k.get("hessians")) or real_compress(request, *a, **k))
     common = ["--candidates", "w2g32,w4g64", "--eval-windows", "1", "--text", str(tiny_text_file), "--ctx", "32",
               "--new-tokens", "2", "--repeats", "1", "--threads", "1", "--calib-text", str(tiny_text_file), "--calib-samples", "8",
               "--calib-len", "64", "--slice-windows", "0", "--work", str(tmp_path / "work")]

@@ -70,13 +70,10 @@ def _plan_request(args, budget) -> "PlanRequest":
 
 
 def _budget(args, loaded) -> "Budget":
-    """--bpw applies to the quantized layers; --max-size to the whole file, so the unquantized
-    tensors (kept in fp16) and the file header are taken off first."""
-    from tightfit.errors import InfeasibleBudget
-    from tightfit.formats.registry import parse_format
-    from tightfit.model import get_module
+    """--bpw applies to the quantized layers; --max-size to the whole file (`file_budget` takes the
+    unquantized tensors and the file header off first)."""
+    from tightfit.pipeline import file_budget
     from tightfit.stages.allocate import Budget
-    from tightfit.stages.quantize import embedding_layers, kept_tensors
 
     if args.bpw is None and args.max_size is None and args.max_latency is None:
         raise TightfitError("the planner needs a budget: --bpw, --max-size or --max-latency (latency combines with either size)")
@@ -86,23 +83,7 @@ def _budget(args, loaded) -> "Budget":
         return Budget(max_bpw=args.bpw, max_latency_ms=args.max_latency)
     if args.max_size is None:
         return Budget(max_latency_ms=args.max_latency)
-    weights = {f"{loaded.arch.blocks}.{i}.{n}.weight" for i in range(loaded.model.config.num_hidden_layers) for n in loaded.arch.linear_names}
-    fixed = HEADER_ALLOWANCE
-    if args.embed_format is not None:
-        fmt = parse_format(args.embed_format)
-        for name in embedding_layers(loaded.model, loaded.arch):
-            weights.add(f"{name}.weight")
-            fixed += fmt.nbytes(*get_module(loaded.model, name).weight.shape).total
-    fixed += sum(t.numel() * t.element_size() for t in kept_tensors(loaded.model, weights, "fp16").values())
-    if args.max_size <= fixed:
-        raise InfeasibleBudget(
-            f"--max-size {args.max_size / 1e6:.1f} MB cannot be met: the unquantized tensors (embeddings, norms) alone "
-            f"take {fixed / 1e6:.1f} MB"
-        )
-    return Budget(max_bytes=args.max_size - fixed, max_latency_ms=args.max_latency)
-
-
-HEADER_ALLOWANCE = 200_000  # bytes of safetensors header reserved when budgeting a whole file
+    return file_budget(loaded, args.max_size, args.max_latency, args.embed_format)
 
 
 def _print_plan(report) -> None:

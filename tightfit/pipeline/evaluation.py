@@ -1,0 +1,62 @@
+"""Evaluate a packed model from disk against its source model; the result is kept beside it as eval.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from tightfit.artifacts import config_to_json
+from tightfit.errors import PackedModelError, TightfitError
+from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate
+from tightfit.formats.files import atomic_write_json
+from tightfit.formats.packed import PackedModel, load_packed, read_manifest
+from tightfit.model import LoadedModel
+from tightfit.runtime import build_model
+
+EVAL_FILE = "eval.json"
+
+
+def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfig, *, progress: bool = True,
+                    packed: PackedModel | None = None) -> EvalResult:
+    """Evaluate a packed model from disk against a reference model; results also go to eval.json.
+
+    packed: the model at `path` if the caller already loaded it (not read again).
+    """
+    packed = packed if packed is not None else load_packed(path)
+    model = build_model(packed)
+    tokenizer = reference.tokenizer if reference is not None else _packed_tokenizer(path)
+    windows = eval_windows(tokenizer, config)
+    result = evaluate(model, windows, reference=None if reference is None else reference.model,
+                      batch_size=config.batch_size, progress=progress)
+    atomic_write_json(Path(path) / EVAL_FILE, {
+        "evaluation": config_to_json(config),
+        "against": None if reference is None else {"name": reference.source.name, "sha256": reference.source.sha256()},
+        "result": dataclasses.asdict(result),
+    })
+    return result
+
+
+def _packed_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise PackedModelError(f"{path}: tokenizer files are missing or corrupted ({e})") from e
+
+
+def is_packed(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "manifest.json").is_file()
+
+
+def default_reference(path: Path) -> str | None:
+    """The source model named in a packed model's manifest, if it can still be found."""
+    source = read_manifest(path).get("source", {})
+    from tightfit.model import resolve_source
+
+    try:
+        resolve_source(source.get("name", ""))
+    except TightfitError:
+        return None
+    return source.get("name")
