@@ -22,7 +22,7 @@ from unittest import mock
 import tightfit.runtime.engine as engine
 from tightfit.formats.packed import load_packed
 from tightfit.runtime.kernels import build
-from tightfit.runtime.speed import random_prompt, time_once
+from tightfit.runtime.speed import random_prompt, time_round_robin
 
 
 def defines(variant: str) -> tuple[str, ...]:
@@ -42,15 +42,10 @@ def main(path: str, threads: int, variants: list[str], rounds: int = 7, new_toke
         with mock.patch.object(engine, "load", lambda lib=lib: lib):  # this FastBackend runs this build
             backends.append(engine.FastBackend(packed, max_positions=512, threads=threads))
     prompt = random_prompt(backends[0].vocab_size, 256)
-    runs: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(rounds):
-        for v, b in zip(variants, backends):
-            tok_s = time_once(b, prompt, new_tokens)[1]
-            if r:  # round 0 warms up
-                runs[v].append(tok_s)
+    runs = time_round_robin(dict(zip(variants, backends)), prompt, new_tokens, rounds - 1)  # a warm-up round first
     for v in variants:
-        print(f"{v or '(default)':45s} decode median {statistics.median(runs[v]):6.1f} tok/s  runs {[round(x) for x in runs[v]]}")
-
+        tok_s = runs[v].decode_tok_s
+        print(f"{v or '(default)':45s} decode median {statistics.median(tok_s):6.1f} tok/s  runs {[round(x) for x in tok_s]}")
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -184,7 +184,7 @@ def _retime(report, out: Path, request: ParetoRequest, loaded: LoadedModel):
 
     from tightfit import report as report_mod
     from tightfit.runtime.engine import FastBackend
-    from tightfit.runtime.speed import random_prompt, time_once
+    from tightfit.runtime.speed import random_prompt, time_round_robin
 
     points = [p for p in report.points if p.skipped is None]
     backends = {}
@@ -193,13 +193,8 @@ def _retime(report, out: Path, request: ParetoRequest, loaded: LoadedModel):
         backends[p.name] = FastBackend(packed, max_positions=request.prompt_tokens + request.new_tokens, threads=request.threads)
         del packed
     prompt = random_prompt(loaded.model.config.vocab_size, request.prompt_tokens, 0)
-    for backend in backends.values():
-        time_once(backend, prompt, request.new_tokens)  # warm-up
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in backends}
-    for _ in range(request.repeats):
-        for name, backend in backends.items():
-            runs[name].append(time_once(backend, prompt, request.new_tokens))  # (prefill tok/s, decode tok/s)
-    timed = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in runs.items()}
+    runs = time_round_robin(backends, prompt, request.new_tokens, request.repeats)
+    timed = {name: (statistics.median(r.prefill_tok_s), statistics.median(r.decode_tok_s)) for name, r in runs.items()}
     return report_mod.ParetoReport(settings=report.settings, bandwidth_gb_s=report.bandwidth_gb_s, points=tuple(
         dataclasses.replace(p, prefill_tok_s=timed[p.name][0], decode_tok_s=timed[p.name][1],
                             read_mb=backends[p.name].weight_bytes / 1e6) if p.name in timed else p
