@@ -1,4 +1,6 @@
-"""Shared by the benchmarks: what machine ran them, and writing JSON + Markdown results."""
+"""Shared by the benchmarks: what machine ran them, the lines every quality table prints (protocol,
+engines, rival window, source-grid caveat), scoring packed models through the engine that runs them,
+and writing JSON + Markdown results."""
 
 from __future__ import annotations
 
@@ -6,13 +8,34 @@ import datetime
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import tightfit
+from tightfit.evaluate import EvalConfig, EvalResult
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---- the machine ---------------------------------------------------------------------------------
+
+
+def l3_cache() -> str:
+    """Size of the L3 cache of cpu0 from /sys (e.g. '32 MiB'), 'unknown' where it is not exposed."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() != "3":
+                continue
+            size = (index / "size").read_text().strip()  # e.g. 32768K
+        except OSError:
+            continue
+        if size.endswith("K") and size[:-1].isdigit():
+            kib = int(size[:-1])
+            return f"{kib // 1024} MiB" if kib % 1024 == 0 else f"{kib} KiB"
+        return size
+    return "unknown"
 
 
 def machine_info() -> dict:
@@ -29,6 +52,7 @@ def machine_info() -> dict:
     isa = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
     return {
         "cpu": cpu,
+        "l3": l3_cache(),
         "isa": isa,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -39,6 +63,13 @@ def machine_info() -> dict:
     }
 
 
+def machine_line(machine: dict, threads: int | str | None = None) -> str:
+    """The line at the top of every table: CPU, L3, threads (default: torch's), cores, ISA, torch, date."""
+    return (f"Machine: {machine['cpu']}, L3 {machine.get('l3', 'unknown')}, "
+            f"{threads or machine['torch_threads']} threads of {machine['cores']} cores, ISA {', '.join(machine['isa']) or '-'}; "
+            f"torch {machine['torch']}, tightfit {machine['tightfit']}; {machine['date']}.")
+
+
 def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
@@ -47,58 +78,45 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def hessians_cached(loaded, calibration):
-    """Original-model Hessians for this model and calibration, from .cache/ or collected now."""
-    from tightfit.stages import calibrate as calibrate_stage
-
-    cache = Path(__file__).resolve().parents[1] / ".cache" / f"hessians-{loaded.source.sha256()[:16]}.safetensors"
-    hessians = calibrate_stage.load_hessians(cache, loaded, calibration.config)
-    if hessians is None:
-        hessians = calibrate_stage.collect_hessians(loaded, calibration)
-        calibrate_stage.save_hessians(hessians, cache)
-    return hessians
+# ---- what every quality table says about how it was measured ------------------------------------
 
 
-def quantize_and_evaluate(loaded, configs: dict, calibration, eval_config, *, hessians=None) -> tuple[dict, dict]:
-    """Quantize every config (key -> QuantizeConfig), pack it to a temporary folder, reload the
-    packed model from disk, then score all of them against the original in one pass.
+def windows_help() -> str:
+    return f"evaluation windows of {EvalConfig.ctx} tokens (default: the protocol's {EvalConfig.n_windows})"
 
-    Returns ({key: row with sizes and seconds}, {key: EvalResult}).
-    """
-    import tempfile
-    import time
 
-    from tightfit.evaluate import eval_windows, evaluate_many
-    from tightfit.formats.packed import load_packed
-    from tightfit.runtime import build_model
-    from tightfit.stages import pack as pack_stage
-    from tightfit.stages import quantize as quantize_stage
+def protocol_line(config: EvalConfig, n_tokens: int, original_ppl: float) -> str:
+    """Evaluation windows, scored tokens and the original's PPL; says so when a run is not the protocol."""
+    short = "" if config.n_windows == EvalConfig.n_windows else f", fewer than the protocol's {EvalConfig.n_windows}: a shorter run"
+    return (f"Evaluation: {config.n_windows} windows x {config.ctx} tokens of held-out {config.text} text "
+            f"({n_tokens} scored tokens{short}); KL(original || model) and top-1 against the original "
+            f"(fp32, PPL {original_ppl:.3f}).")
 
-    rows, models = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for key, config in configs.items():
-            t = time.perf_counter()
-            use_calibration = config.method == "gptq" and hessians is None
-            qmodel = quantize_stage.quantize_model(loaded, calibration if use_calibration else None, config,
-                                                   hessians=hessians if config.method == "gptq" else None)
-            seconds = time.perf_counter() - t
-            out = pack_stage.write(pack_stage.pack(qmodel, loaded, calibration.config), loaded.tokenizer,
-                                   Path(tmp) / key.replace(" ", "_"))
-            del qmodel
-            packed = load_packed(out)
-            models[key] = build_model(packed)
-            file_bytes = (out / "model.safetensors").stat().st_size
-            rows[key] = {
-                "quantize_seconds": round(seconds, 1),
-                "bits_per_weight": 8 * packed.quantized_bytes() / packed.quantized_weights(),
-                "file_bytes": file_bytes,
-                "model_bits_per_weight": 8 * file_bytes / packed.total_weights(),
-                "layers": {name: q for name, q in packed.layers.items()},
-            }
-            print(f"{key}: quantized in {seconds:.0f}s, {rows[key]['bits_per_weight']:.3f} bits/weight", flush=True)
-        windows = eval_windows(loaded.tokenizer, eval_config)
-        results = evaluate_many(models, windows, reference=loaded.model, batch_size=eval_config.batch_size)
-    return rows, results
+
+ENGINE_COLUMNS = ("KL (engine) scores each tightfit model through tightfit's compiled engine as it runs (int8 "
+                  "activations, fp16 KV cache; SpQR layers, which have no kernel yet, run dense with fp32 activations); "
+                  "PPL and top-1 are the engine's too. KL (fp32 ref) scores the same packed file dequantized into the "
+                  "torch model with fp32 activations.")
+
+# Verdicts compare against rivals of the same size class: every uniform format at least as large as
+# the entry and at most this much larger. Without an upper end every budget would lose to the
+# largest format; with none in the window there is no verdict.
+RIVAL_WINDOW = 0.35  # bits/weight
+
+
+def rival_window_text() -> str:
+    return (f"every uniform format at least as large and at most {RIVAL_WINDOW} bits/weight larger (the best of them "
+            "by evaluation KL, so a win beats them all; all are in the table above)")
+
+
+def rivals(rows: list[dict], bits_per_weight: float) -> list[dict]:
+    """The rows within the rival window above bits_per_weight (rows carry 'bits_per_weight')."""
+    return [r for r in rows if bits_per_weight <= r["bits_per_weight"] <= bits_per_weight + RIVAL_WINDOW]
+
+
+def verdict_cell(wins: bool | None) -> str:
+    """'yes', 'no', or 'n/a' where there is no verdict (no rival, or no evidence)."""
+    return "n/a" if wins is None else ("yes" if wins else "no")
 
 
 # The default model ships as Q4_1: its weights lie on a 4-bit asymmetric grid in groups of 32.
@@ -116,11 +134,102 @@ def on_source_grid(name: str) -> bool:
             and not getattr(fmt, "symmetric", False))
 
 
-def source_grid_caveat(names) -> list[str]:
-    """Markdown lines warning about rows on the source's grid (none when no row is)."""
+def source_grid_caveat(names) -> str:
+    """A sentence warning about the formats among `names` on the source's grid ('' when none is)."""
     on_grid = [n for n in names if on_source_grid(n)]
     if not on_grid:
-        return []
-    return ["", f"Caveat: {', '.join(on_grid)} can hold the source's own grid (the default model is a dequantized Q4_1 "
-            "file: 4-bit asymmetric, groups of 32), so their quality here is (near) lossless re-quantization, not "
-            "evidence."]
+        return ""
+    return (f"{', '.join(on_grid)} can hold the source's own grid (the default model is a dequantized Q4_1 file: "
+            "4-bit asymmetric codes in groups of 32; an SpQR recipe on it differs only in its 3-bit statistics), so "
+            "their quality here is (near) lossless re-quantization, not evidence; verdicts on them are n/a.")
+
+
+# ---- quantize, pack, reload, score ---------------------------------------------------------------
+
+SELECT_WINDOWS = 8  # held-back calibration windows a bench chooses recipes on (never the evaluation text)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One packed model against the original: through the engine that runs it (the headline), as
+    the dequantized fp32 torch model, and on held-back calibration windows (what choices use)."""
+
+    engine: EvalResult
+    fp32: EvalResult
+    held_back: EvalResult | None
+
+
+def hessians_cached(loaded, calibration):
+    """Original-model Hessians for this model and calibration, from .cache/ or collected now."""
+    from tightfit.stages import calibrate as calibrate_stage
+
+    cache = Path(__file__).resolve().parents[1] / ".cache" / f"hessians-{loaded.source.sha256()[:16]}.safetensors"
+    hessians = calibrate_stage.load_hessians(cache, loaded, calibration.config)
+    if hessians is None:
+        hessians = calibrate_stage.collect_hessians(loaded, calibration)
+        calibrate_stage.save_hessians(hessians, cache)
+    return hessians
+
+
+def quantize_and_evaluate(loaded, configs: dict, calibration, eval_config: EvalConfig, *, hessians=None,
+                          held_back: torch.Tensor | None = None) -> tuple[dict, dict[str, Scores]]:
+    """Quantize every config (key -> QuantizeConfig), pack it to a temporary folder, reload the
+    packed model from disk, then score all of them against the original: through tightfit's
+    engine and as the fp32 torch model on the evaluation windows, and through the engine on
+    `held_back` calibration windows [n, T] when given (calibrate_with_held_back).
+
+    GPTQ takes `hessians` (original model) when given, else sequential Hessians from `calibration`.
+    Returns ({key: row with sizes, seconds and the engine's dense layers}, {key: Scores}).
+    """
+    import tempfile
+    import time
+
+    from tightfit.evaluate import backend_scorer, eval_windows, evaluate_many
+    from tightfit.formats.packed import load_packed
+    from tightfit.runtime import build_model
+    from tightfit.runtime.engine import FastBackend
+    from tightfit.stages import pack as pack_stage
+    from tightfit.stages import quantize as quantize_stage
+
+    rows, engines, fp32 = {}, {}, {}
+    ctx = max(eval_config.ctx, 0 if held_back is None else held_back.shape[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, config in configs.items():
+            t = time.perf_counter()
+            use_calibration = config.method == "gptq" and hessians is None
+            qmodel = quantize_stage.quantize_model(loaded, calibration if use_calibration else None, config,
+                                                   hessians=hessians if config.method == "gptq" else None)
+            seconds = time.perf_counter() - t
+            out = pack_stage.write(pack_stage.pack(qmodel, loaded, calibration.config), loaded.tokenizer,
+                                   Path(tmp) / key.replace(" ", "_"))
+            del qmodel
+            packed = load_packed(out)
+            backend = FastBackend(packed, max_positions=ctx)
+            engines[key], fp32[key] = backend_scorer(backend), build_model(packed)
+            file_bytes = (out / "model.safetensors").stat().st_size
+            rows[key] = {
+                "quantize_seconds": round(seconds, 1),
+                "bits_per_weight": 8 * packed.quantized_bytes() / packed.quantized_weights(),
+                "file_bytes": file_bytes,
+                "model_bits_per_weight": 8 * file_bytes / packed.total_weights(),
+                "engine_dense_layers": len(backend.slow_layers),
+                "layers": {name: q for name, q in packed.layers.items()},
+            }
+            print(f"{key}: quantized in {seconds:.0f}s, {rows[key]['bits_per_weight']:.3f} bits/weight", flush=True)
+        windows = eval_windows(loaded.tokenizer, eval_config)
+        by_engine = evaluate_many(engines, windows, reference=loaded.model, batch_size=eval_config.batch_size)
+        by_fp32 = evaluate_many(fp32, windows, reference=loaded.model, batch_size=eval_config.batch_size)
+        by_held_back = {} if held_back is None else evaluate_many(engines, held_back, reference=loaded.model,
+                                                                  batch_size=eval_config.batch_size)
+    return rows, {key: Scores(by_engine[key], by_fp32[key], by_held_back.get(key)) for key in configs}
+
+
+def score_columns(row: dict) -> str:
+    """Markdown cells 'PPL | KL (engine) | KL (fp32 ref) | top-1' of a results row (score_json keys)."""
+    return f"{row['ppl']:.3f} | {row['kl']:.4f} | {row['kl_fp32']:.4f} | {row['top1']:.3f}"
+
+
+def score_json(s: Scores) -> dict:
+    """A row's scores in the results JSON: the engine's are the headline (ppl, kl, top1)."""
+    return {"ppl": s.engine.ppl, "kl": s.engine.kl, "top1": s.engine.top1, "kl_fp32": s.fp32.kl,
+            "ppl_fp32": s.fp32.ppl, "top1_fp32": s.fp32.top1, "kl_held_back": s.held_back and s.held_back.kl}

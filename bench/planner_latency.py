@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_results  # noqa: E402
+from common import machine_info, machine_line, write_results  # noqa: E402
 
 from tightfit.formats.registry import parse_format  # noqa: E402
 from tightfit.model import DEFAULT_MODEL, load_model  # noqa: E402
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--bpw", default="2.5,3.0,3.5", help="also time the bits/weight plans of bench/planner.py (integer program)")
     ap.add_argument("--embed-format", default="w8g32-sym", help="embeddings and head of every model, as bench/speed.py (Q8_0-like)")
     args = ap.parse_args()
+    t0 = time.perf_counter()
 
     loaded = load_model(args.model)
     formats = [parse_format(f) for f in args.candidates.split(",")]
@@ -98,12 +99,15 @@ def main() -> None:
         print(f"{name}: predicted {predicted:.3f} ms, measured {measured:.3f} ms (runs {min(runs[name]):.3f}..{max(runs[name]):.3f})")
     payload = {"machine": machine_info(), "model": args.model, "threads": args.threads, "candidates": args.candidates.split(","),
                "profile": latency.to_json(), "profile_seconds": profile_s, "repeats": args.repeats, "tolerance": TOLERANCE,
-               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rows": rows}
+               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rows": rows,
+               "wall_s": round(time.perf_counter() - t0, 1)}
     planned = [r for r in rows if r["budget_ms"] is not None]
     lines = [
         f"# Latency-budgeted plans on {args.model}: predicted vs measured decode",
         "",
-        f"Machine: {payload['machine']['cpu']}, {args.threads} threads; read bandwidth {latency.bandwidth_gb_s:.1f} GB/s. "
+        machine_line(payload["machine"], args.threads),
+        "",
+        f"Read bandwidth {latency.bandwidth_gb_s:.1f} GB/s. "
         f"Prediction = each layer's kernel ms in its format (weights streamed from memory, copies cycled, "
         f"{config.stream_mb} MB) x the format's in-context scale + the fixed part ({latency.fixed_ms:.3f} ms). The "
         "scales and the fixed part come from the profile stage's whole-model decodes, one per candidate format, timed by "
@@ -111,7 +115,8 @@ def main() -> None:
         + "). Measured: decode ms/token after a "
         f"{prompt_tokens}-token prompt, {new_tokens} tokens, median of {args.repeats} runs, all models round-robin in one process. "
         f"Embeddings and head: {args.embed_format or 'fp16'}. The profile was "
-        + ("read from the cache of an earlier run." if profile_s < 5 else f"measured in this run ({profile_s:.0f} s)."),
+        + ("read from the cache of an earlier run." if profile_s < 5 else f"measured in this run ({profile_s:.0f} s).")
+        + f" Wall time {payload['wall_s'] / 60:.0f} min.",
         "",
         "| model | budget ms | predicted ms | measured ms (min..max) | measured / predicted | within budget +10 % | bits/weight | formats |",
         "|---|---|---|---|---|---|---|---|",

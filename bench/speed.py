@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_results  # noqa: E402
+import llamacpp  # noqa: E402
+from common import machine_info, machine_line, write_results  # noqa: E402
 
 from tightfit.formats.packed import load_packed  # noqa: E402
 from tightfit.model.load import load_model, resolve_source  # noqa: E402
@@ -60,8 +61,7 @@ def tightfit_models() -> dict[str, Path]:
 
 
 def llama_models() -> dict[str, Path]:
-    import llama_cpp
-
+    """llama.cpp's own files from the shipped Q4_1 GGUF (its default embedding types), built once into .cache/."""
     shipped = resolve_source("smollm2-135m").path
     out = {"Q4_1": shipped}
     for t in LLAMA_TYPES:
@@ -69,43 +69,12 @@ def llama_models() -> dict[str, Path]:
             continue
         dst = CACHE / f"llama-{t}.gguf"
         if not dst.exists():
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}")
-            params.allow_requantize = True
-            params.nthread = 2
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_suffix(".tmp")
-            rc = llama_cpp.llama_model_quantize(str(shipped).encode(), str(tmp).encode(), params)
-            assert rc == 0, f"llama.cpp quantize {t} failed ({rc})"
+            llamacpp.quantize(shipped, tmp, t)
             tmp.rename(dst)
         out[t] = dst
     return out
-
-
-class LlamaCppBackend:
-    """llama.cpp through llama-cpp-python behind the Backend protocol (greedy timing only)."""
-
-    def __init__(self, path: Path, threads: int, max_positions: int) -> None:
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=max_positions,
-                                   n_batch=512, n_ubatch=512, logits_all=False, verbose=False)
-        self.vocab_size = self.llm.n_vocab()
-        self.max_positions = max_positions
-
-    @property
-    def position(self) -> int:
-        return self.llm.n_tokens
-
-    def reset(self) -> None:
-        self.llm.reset()
-
-    def truncate(self, n: int) -> None:
-        self.llm.n_tokens = n
-
-    def forward(self, ids):
-        self.llm.eval(list(ids))
-        return torch.from_numpy(self.llm.scores[self.llm.n_tokens - 1])
 
 
 def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: bool) -> dict:
@@ -126,8 +95,8 @@ def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: boo
             b = FastBackend(load_packed(folder), max_positions=prompt + new, threads=threads)
             engines.append(("tightfit", fmt, folder_mb(folder), b, b.weight_bytes))
         for t, path in ll_models.items():
-            engines.append(("llama.cpp", t, path.stat().st_size / 1e6, LlamaCppBackend(path, threads, prompt + new),
-                            gguf_tensor_bytes(path)))
+            engines.append(("llama.cpp", t, path.stat().st_size / 1e6, llamacpp.LlamaCppBackend(path, threads, prompt + new),
+                            llamacpp.gguf_tensor_bytes(path)))
         if not quick:
             loaded = load_model("smollm2-135m")
             wb = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
@@ -149,12 +118,6 @@ def folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
 
 
-def gguf_tensor_bytes(path: Path) -> int:
-    from gguf import GGUFReader
-
-    return int(sum(t.n_bytes for t in GGUFReader(str(path)).tensors))
-
-
 def show(row: dict) -> None:
     print(f"  {row['engine']:12s} {row['model']:10s} {row['size_mb']:7.1f} MB  prefill {row['prefill_tok_s']:7.1f} tok/s  "
           f"decode {row['decode_tok_s']:6.1f} tok/s  roofline {100 * row['roofline_fraction']:4.0f} %", flush=True)
@@ -168,7 +131,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# Decode and prefill speed: tightfit vs llama.cpp vs transformers (one run)",
         "",
-        f"{m['cpu']}, {m['cores']} cores, ISA {', '.join(m['isa'])}; torch {m['torch']}; {m['date']}.",
+        machine_line(m, threads=" and ".join(str(t) for t in sorted({r["threads"] for r in result["rows"]}))),
+        "",
         f"Prompt {result['prompt_tokens']} random tokens, then {result['new_tokens']} greedy tokens; medians of "
         f"{result['repeats']} rounds after a warm-up round; in each round every engine runs once (round-robin), so "
         "drifts of the shared machine hit all alike. Roofline = read bandwidth measured in the same run / weight "

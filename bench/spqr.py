@@ -1,23 +1,34 @@
 """SpQR recipes vs uniform GPTQ formats on the default model, at about 2.5, 3.0, 3.5 and 4.5 bits/weight.
 
-    .venv/bin/python bench/spqr.py [--windows 64]
+    .venv/bin/python bench/spqr.py [--windows 64] [--select-windows 8]
 
 Every model, SpQR and uniform alike, is quantized with GPTQ from the same Hessians of the original
 model (collected once, cached in .cache/), packed to disk, reloaded, and scored against the
-original in one pass. bits/weight is what the file holds for the quantized layers (SpQR: actual
-outlier count, both statistic levels, row pointers). Also reports the share of outliers per layer
-type. Uniform 4-bit asymmetric g32 is left out: the shipped weights lie on that grid (lossless).
+original: through tightfit's compiled engine (the headline KL) and as the dequantized fp32 torch
+model, on the protocol's evaluation windows. bits/weight is what the file holds for the quantized
+layers (SpQR: actual outlier count, both statistic levels, row pointers). Also reports the share of
+outliers per layer type. Uniform 4-bit asymmetric g32 is left out: the shipped weights lie on that
+grid (lossless).
+
+Per budget the SpQR recipe is chosen on `--select-windows` held-back calibration windows (never
+calibrated on, disjoint from the evaluation text) and reported with its evaluation KL, against
+every uniform format of the same size class (bench/common.py RIVAL_WINDOW).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hessians_cached, machine_info, quantize_and_evaluate, source_grid_caveat, write_results  # noqa: E402
+from common import (  # noqa: E402
+    ENGINE_COLUMNS, RIVAL_WINDOW, SELECT_WINDOWS, hessians_cached, machine_info, machine_line, on_source_grid, protocol_line,
+    quantize_and_evaluate, rival_window_text, rivals, score_columns, score_json, source_grid_caveat, verdict_cell, windows_help,
+    write_results,
+)
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
@@ -34,7 +45,7 @@ SPQR = [
     "spqr-w4g32-s3-o0.5",                        # ~4.5
 ]
 BUDGETS = (2.5, 3.0, 3.5, 4.5)
-SIZE_CLASS = 0.35  # rivals: uniform formats at least as large as the SpQR recipe and at most this much larger (bits/weight)
+BUDGET_BAND = 0.25  # SpQR recipes within this many bits/weight of a budget compete for it
 LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -48,80 +59,110 @@ def outlier_shares(layers: dict) -> dict[str, float]:
     return {k: count[k] / total[k] for k in LAYER_TYPES if total[k]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens (protocol default 64; 32 keeps this run near 25 min)")
-    ap.add_argument("--uniform", default=",".join(UNIFORM))
-    ap.add_argument("--spqr", default=",".join(SPQR))
-    args = ap.parse_args()
-
-    loaded = load_model(args.model)
-    calib_config, eval_config = CalibrationConfig(), EvalConfig(n_windows=args.windows)
-    calibration = calibrate_stage.calibrate(loaded.tokenizer, calib_config)
-    hessians = hessians_cached(loaded, calibration)
-    names = args.uniform.split(",") + args.spqr.split(",")
-    configs = {name: QuantizeConfig(fmt=parse_format(name), method="gptq") for name in names}
-    rows, results = quantize_and_evaluate(loaded, configs, calibration, eval_config, hessians=hessians)
-
-    table = []
-    for name in names:
-        r, ev = rows[name], results[name]
-        table.append({
-            "format": name, "family": "spqr" if name.startswith("spqr") else "uniform",
-            "bits_per_weight": r["bits_per_weight"], "model_bits_per_weight": r["model_bits_per_weight"],
-            "file_bytes": r["file_bytes"], "ppl": ev.ppl, "kl": ev.kl, "top1": ev.top1,
-            "quantize_seconds": r["quantize_seconds"], "outlier_share": outlier_shares(r["layers"]),
-        })
-    verdicts = []
+def verdicts(table: list[dict]) -> list[dict]:
+    """Per budget: the SpQR recipe with the lowest held-back KL within BUDGET_BAND of it, against
+    the best uniform rival by evaluation KL. spqr_wins None (n/a): no rival, or the recipe sits on
+    the source's grid."""
+    out = []
+    uniform = [t for t in table if t["family"] == "uniform"]
     for budget in BUDGETS:
-        spqr = [t for t in table if t["family"] == "spqr" and abs(t["bits_per_weight"] - budget) <= 0.25]
-        best_spqr = min(spqr, key=lambda t: t["kl"], default=None)
-        if best_spqr is None:
+        band = [t for t in table if t["family"] == "spqr" and abs(t["bits_per_weight"] - budget) <= BUDGET_BAND]
+        chosen = min(band, key=lambda t: t["kl_held_back"], default=None)
+        if chosen is None:
             continue
-        lo = best_spqr["bits_per_weight"]
-        uniform = [t for t in table if t["family"] == "uniform" and lo <= t["bits_per_weight"] <= lo + SIZE_CLASS]
-        best_uniform = min(uniform, key=lambda t: t["kl"], default=None)
-        verdicts.append({
-            "budget": budget, "spqr": best_spqr["format"], "spqr_bpw": best_spqr["bits_per_weight"], "spqr_kl": best_spqr["kl"],
-            "uniform": best_uniform and best_uniform["format"], "uniform_bpw": best_uniform and best_uniform["bits_per_weight"],
-            "uniform_kl": best_uniform and best_uniform["kl"],
-            "spqr_wins": best_uniform is None or best_spqr["kl"] < best_uniform["kl"],
+        best = min(rivals(uniform, chosen["bits_per_weight"]), key=lambda t: t["kl"], default=None)
+        on_grid = on_source_grid(chosen["format"])
+        out.append({
+            "budget": budget, "candidates": [t["format"] for t in band],
+            "spqr": chosen["format"], "spqr_bpw": chosen["bits_per_weight"], "spqr_kl_held_back": chosen["kl_held_back"],
+            "spqr_kl": chosen["kl"], "uniform": best and best["format"], "uniform_bpw": best and best["bits_per_weight"],
+            "uniform_kl": best and best["kl"], "source_grid": on_grid,
+            "spqr_wins": None if best is None or on_grid else chosen["kl"] < best["kl"],
         })
-    ref_ppl = next(iter(results.values())).reference_ppl
-    payload = {
-        "machine": machine_info(), "model": args.model, "source_sha256": loaded.source.sha256(),
-        "calibration": config_to_json(calib_config), "evaluation": config_to_json(eval_config),
-        "hessians": "original model (collected once, shared by every format)",
-        "n_tokens": next(iter(results.values())).n_tokens, "original_ppl": ref_ppl, "rows": table, "budgets": verdicts,
-    }
+    return out
+
+
+def markdown(payload: dict) -> str:
+    calib, ev, table = payload["calibration"], EvalConfig.from_json(payload["evaluation"]), payload["rows"]
     lines = [
-        f"# SpQR vs uniform GPTQ on {args.model}",
+        f"# SpQR vs uniform GPTQ on {payload['model']}",
         "",
-        f"GPTQ with Hessians of the original model ({calib_config.n_samples} x {calib_config.seq_len} calibration tokens) "
-        f"for every format; evaluation: {eval_config.n_windows} x {eval_config.ctx} held-out wiki tokens, original PPL {ref_ppl:.3f}. "
-        f"bits/weight = bytes of the quantized layers in the file x 8 / their weights. Machine: {payload['machine']['cpu']}.",
+        machine_line(payload["machine"]),
         "",
-        "| format | bits/weight | PPL | KL | top-1 | quantize s |",
-        "|---|---|---|---|---|---|",
+        f"GPTQ with Hessians of the original model ({calib['n_samples']} x {calib['seq_len']} calibration tokens) for "
+        f"every format. {protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} {ENGINE_COLUMNS} "
+        f"KL held-back: through the engine on {payload['held_back_windows']} held-back calibration windows (never "
+        "calibrated on, disjoint from the evaluation text), what the recipe choice below uses. bits/weight = bytes of "
+        f"the quantized layers in the file x 8 / their weights. Wall time {payload['wall_s'] / 60:.0f} min.",
+        "",
+        "| format | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | KL held-back | quantize s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in sorted(table, key=lambda t: t["bits_per_weight"]):
-        lines.append(f"| {t['format']} | {t['bits_per_weight']:.3f} | {t['ppl']:.3f} | {t['kl']:.4f} | {t['top1']:.3f} | {t['quantize_seconds']:.0f} |")
-    lines += ["", "## Best SpQR recipe vs the best uniform format of equal or larger size", "",
-              f"Per budget: the SpQR recipe within 0.25 bits/weight of it with the lowest KL, against every uniform format "
-              f"at least as large and at most {SIZE_CLASS} bits/weight larger (all uniform rows are in the table above).", "",
-              "| budget | SpQR | bpw | KL | uniform | bpw | KL | SpQR wins |", "|---|---|---|---|---|---|---|---|"]
-    for v in verdicts:
-        lines.append(f"| {v['budget']} | {v['spqr']} | {v['spqr_bpw']:.3f} | {v['spqr_kl']:.4f} | {v['uniform'] or '-'} | "
-                     f"{v['uniform_bpw'] or 0:.3f} | {v['uniform_kl'] or 0:.4f} | {'yes' if v['spqr_wins'] else 'no'} |")
+        lines.append(f"| {t['format']} | {t['bits_per_weight']:.3f} | {score_columns(t)} | {t['kl_held_back']:.4f} | "
+                     f"{t['quantize_seconds']:.0f} |")
+    lines += ["", "## SpQR recipe chosen per budget vs the uniform formats of its size class", "",
+              f"Per budget: among the SpQR recipes within {BUDGET_BAND} bits/weight of it, the one with the lowest KL "
+              f"on the held-back calibration windows (chosen before looking at the evaluation text), scored by its "
+              f"evaluation KL (engine); its rivals: {rival_window_text()}. n/a: no uniform format in that window, or "
+              "the recipe sits on the source's grid.", "",
+              "| budget | SpQR (chosen on held-back KL) | bpw | KL held-back | KL (engine) | best uniform rival | bpw | "
+              "KL (engine) | SpQR wins |", "|---|---|---|---|---|---|---|---|---|"]
+    for v in payload["budgets"]:
+        rival = "- | - | -" if v["uniform"] is None else f"{v['uniform']} | {v['uniform_bpw']:.3f} | {v['uniform_kl']:.4f}"
+        lines.append(f"| {v['budget']} | {v['spqr']} | {v['spqr_bpw']:.3f} | {v['spqr_kl_held_back']:.4f} | {v['spqr_kl']:.4f} | "
+                     f"{rival} | {verdict_cell(v['spqr_wins'])} |")
     lines += ["", "## Share of weights kept as outliers, per layer type", "",
               "| recipe | " + " | ".join(LAYER_TYPES) + " |", "|---" * (len(LAYER_TYPES) + 1) + "|"]
     for t in table:
         if t["outlier_share"]:
             lines.append(f"| {t['format']} | " + " | ".join(f"{100 * t['outlier_share'].get(k, 0):.2f}%" for k in LAYER_TYPES) + " |")
-    lines += source_grid_caveat([t["format"] for t in table])
-    paths = write_results("spqr", payload, "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    caveat = source_grid_caveat([t["format"] for t in table])
+    if caveat:
+        lines += ["", f"Caveat: {caveat}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--windows", type=int, default=EvalConfig.n_windows, help=windows_help())
+    ap.add_argument("--select-windows", type=int, default=SELECT_WINDOWS,
+                    help="held-back calibration windows the recipe per budget is chosen on")
+    ap.add_argument("--uniform", default=",".join(UNIFORM))
+    ap.add_argument("--spqr", default=",".join(SPQR))
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+
+    loaded = load_model(args.model)
+    calib_config, eval_config = CalibrationConfig(), EvalConfig(n_windows=args.windows)
+    calibration, held_back = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, calib_config, args.select_windows)
+    hessians = hessians_cached(loaded, calibration)
+    names = args.uniform.split(",") + args.spqr.split(",")
+    configs = {name: QuantizeConfig(fmt=parse_format(name), method="gptq") for name in names}
+    rows, scores = quantize_and_evaluate(loaded, configs, calibration, eval_config, hessians=hessians, held_back=held_back)
+
+    table = []
+    for name in names:
+        r = rows[name]
+        table.append({
+            "format": name, "family": "spqr" if name.startswith("spqr") else "uniform",
+            "bits_per_weight": r["bits_per_weight"], "model_bits_per_weight": r["model_bits_per_weight"],
+            "file_bytes": r["file_bytes"], **score_json(scores[name]), "engine_dense_layers": r["engine_dense_layers"],
+            "quantize_seconds": r["quantize_seconds"], "outlier_share": outlier_shares(r["layers"]),
+        })
+    ev0 = next(iter(scores.values())).engine
+    payload = {
+        "machine": machine_info(), "model": args.model, "source_sha256": loaded.source.sha256(),
+        "calibration": config_to_json(calib_config), "evaluation": config_to_json(eval_config),
+        "held_back_windows": args.select_windows, "rival_window_bpw": RIVAL_WINDOW,
+        "hessians": "original model (collected once, shared by every format)",
+        "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl, "rows": table, "budgets": verdicts(table),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    md = markdown(payload)
+    paths = write_results("spqr", payload, md)
+    print(md)
     print("written:", *paths)
 
 

@@ -3,6 +3,12 @@
 Fixed protocol (see README): the evaluation part of the text source, non-overlapping windows of
 `ctx` tokens, BOS at each window start when the tokenizer has one, every position after the first
 scored. KL and top-1 compare next-token distributions of the two models at the same positions.
+
+Which engine computes a candidate's logits is part of the measurement: a packed model scores
+through the torch reference (`engine="torch"`: its weights dequantized, fp32 activations) or
+through tightfit's compiled engine (`engine="fast"`: int8 activations, fp16 KV cache, as
+`tightfit generate` runs it). Any other engine (llama.cpp, ...) enters as a `Scorer`. The
+reference is always a torch module, in fp32.
 """
 
 from __future__ import annotations
@@ -10,15 +16,22 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from tightfit.data import load_text, token_windows
-from tightfit.metrics import kl_per_position, next_token_log_probs, nll_per_position, top1_agreement
+from tightfit.formats.packed import PackedModel
+from tightfit.metrics import kl_per_position, log_probs, next_token_log_probs, nll_per_position, top1_agreement
 
 FAST_WINDOWS = 8
+ENGINES = ("torch", "fast")  # what can score a packed model (`tightfit eval --engine`)
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+"""A candidate as an engine runs it: ids [T] int64 (one window, from an empty cache) -> logits
+[T, V] fp32 of every position (position t predicts token t+1)."""
 
 
 @dataclass(frozen=True)
@@ -52,18 +65,67 @@ def eval_windows(tokenizer, config: EvalConfig) -> torch.Tensor:
     return token_windows(tokenizer, load_text(config.text), "evaluation", config.n_windows, config.ctx)
 
 
+def backend_scorer(backend) -> Scorer:
+    """A Backend with `forward_all` (runtime/engine.py FastBackend) as a Scorer: its KV cache is
+    emptied before every window."""
+
+    def score(ids: torch.Tensor) -> torch.Tensor:
+        assert ids.dim() == 1, ids.shape
+        backend.reset()
+        return backend.forward_all(ids.tolist())  # [T, V]
+
+    return score
+
+
+def packed_candidate(packed: PackedModel, engine: str, *, ctx: int, exact: bool = False) -> nn.Module | Scorer:
+    """What scores a packed model: engine "torch" -> the reference module with its weights
+    dequantized (batched); "fast" -> the compiled engine with a KV cache of ctx tokens (exact: its
+    fp32-activation mode, see FastBackend). Raises KernelUnavailable where the engine cannot run."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "torch":
+        from tightfit.runtime import build_model
+
+        return build_model(packed)
+    from tightfit.runtime.engine import FastBackend
+
+    return backend_scorer(FastBackend(packed, max_positions=ctx, exact=exact))
+
+
+def _next_token_log_probs(model: nn.Module | Scorer, ids: torch.Tensor) -> torch.Tensor:
+    """ids [B, T] -> [B, T-1, V] fp32: a module runs the batch at once, a Scorer window by window."""
+    if isinstance(model, nn.Module):
+        return next_token_log_probs(model, ids)
+    return torch.stack([log_probs(model(w)[:-1]) for w in ids])  # [B, T-1, V]
+
+
+@torch.no_grad()
+def reference_log_probs(reference: nn.Module, windows: torch.Tensor, *, batch_size: int = 2) -> torch.Tensor:
+    """The reference's log-probs on windows [W, T] -> [W, T-1, V] fp32, computed once for scoring
+    candidates one at a time (W x (T-1) x V x 4 bytes: ~100 MB per 512-token window at V = 49152)."""
+    out = None
+    for b in range(0, windows.shape[0], batch_size):
+        logp = next_token_log_probs(reference, windows[b : b + batch_size])  # [B, T-1, V]
+        if out is None:
+            out = torch.empty(windows.shape[0], *logp.shape[1:], dtype=logp.dtype)
+        out[b : b + logp.shape[0]] = logp
+    return out
+
+
 @torch.no_grad()
 def evaluate_many(
-    models: dict[str, nn.Module],
+    models: dict[str, nn.Module | Scorer],
     windows: torch.Tensor,
     *,
-    reference: nn.Module | None = None,
+    reference: nn.Module | torch.Tensor | None = None,
     batch_size: int = 2,
     progress: bool = True,
 ) -> dict[str, EvalResult]:
-    """Score each model on windows [W, T] in one pass; the reference runs once per batch.
+    """Score each model (a torch module, or a Scorer for any other engine) on windows [W, T] in
+    one pass; the reference runs once per batch.
 
-    With `reference`, also KL(reference || model) per token and top-1 agreement.
+    With `reference` (a module, or its log-probs [W, T-1, V] from `reference_log_probs`), also
+    KL(reference || model) per token and top-1 agreement.
     """
     start = time.perf_counter()
     nll = dict.fromkeys(models, 0.0)
@@ -71,6 +133,8 @@ def evaluate_many(
     agree = dict.fromkeys(models, 0)
     ref_nll = 0.0
     count = 0
+    if isinstance(reference, torch.Tensor):
+        assert reference.shape[:2] == (windows.shape[0], windows.shape[1] - 1), (reference.shape, windows.shape)
     batches = range(0, windows.shape[0], batch_size)
     for b in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         ids = windows[b : b + batch_size]  # [B, T]
@@ -78,11 +142,11 @@ def evaluate_many(
         count += targets.numel()
         logp = None
         if reference is not None:
-            logp = next_token_log_probs(reference, ids)  # [B, T-1, V]
+            logp = reference[b : b + batch_size] if isinstance(reference, torch.Tensor) else next_token_log_probs(reference, ids)
             ref_nll += nll_per_position(logp, targets).sum().item()
             p = logp.exp()
         for name, model in models.items():
-            logq = next_token_log_probs(model, ids)  # [B, T-1, V]
+            logq = _next_token_log_probs(model, ids)  # [B, T-1, V]
             nll[name] += nll_per_position(logq, targets).sum().item()
             if logp is not None:
                 kl[name] += kl_per_position(logp, logq, p).sum().item()
@@ -103,10 +167,10 @@ def evaluate_many(
 
 
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | Scorer,
     windows: torch.Tensor,
     *,
-    reference: nn.Module | None = None,
+    reference: nn.Module | torch.Tensor | None = None,
     batch_size: int = 2,
     progress: bool = True,
 ) -> EvalResult:

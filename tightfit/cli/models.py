@@ -20,7 +20,7 @@ from tightfit.cli.common import (
     _status,
 )
 from tightfit.cli.planner import _add_planner_flags, _budget, _plan_request, _print_plan
-from tightfit.errors import TightfitError
+from tightfit.errors import KernelUnavailable, TightfitError
 
 
 def add_parsers(sub) -> None:
@@ -62,6 +62,10 @@ def add_parsers(sub) -> None:
     e.add_argument("path", help="a packed model folder, or any model source")
     e.add_argument("--against", default=None, help="reference model (default: the packed model's source if found)")
     e.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
+    e.add_argument("--engine", choices=("torch", "fast"), default="torch",
+                   help="what computes PATH's logits: torch (default), the transformers reference with the packed weights "
+                   "dequantized and fp32 activations; fast, tightfit's compiled engine as `tightfit generate` runs it "
+                   "(int8 activations, fp16 KV cache; packed Llama-layout models only). The reference is always torch fp32")
     _add_eval_flags(e)
 
     i = sub.add_parser(
@@ -188,11 +192,14 @@ def _cmd_eval(args) -> int:
         from tightfit.formats.packed import load_packed
 
         packed = load_packed(Path(args.path))
-        result = evaluate_packed(Path(args.path), reference, config, packed=packed)
+        result = evaluate_packed(Path(args.path), reference, config, packed=packed, engine=args.engine)
         summary = ModelSummary.of(packed, packed_file_bytes(Path(args.path)))
         row = {"name": Path(args.path).name[:28], "size_mb": summary.file_bytes / 1e6, "bpw": summary.bits_per_weight,
                "bpw_all": summary.model_bits_per_weight}
     else:
+        if args.engine != "torch":
+            raise KernelUnavailable(f"the {args.engine} engine scores packed models only; pack {args.path} with "
+                                    "`tightfit compress` or use --engine torch")
         loaded = load_model(args.path)
         reference = load_model(args.against) if args.against else None
         windows = eval_windows(loaded.tokenizer, config)
@@ -201,11 +208,13 @@ def _cmd_eval(args) -> int:
     rows = [{"name": f"reference ({reference.source.name})"[:28], "ppl": result.reference_ppl}] if reference else []
     rows.append({**row, "ppl": result.ppl, "kl": result.kl, "top1": result.top1})
     print(_result_table(rows))
-    print(f"({result.n_tokens} tokens in {config.n_windows} windows of {config.ctx}, text {config.text}, {result.seconds:.0f}s)")
+    print(f"({result.n_tokens} tokens in {config.n_windows} windows of {config.ctx}, text {config.text}, "
+          f"scored by the {args.engine} engine, {result.seconds:.0f}s)")
     if args.json:
         from tightfit.formats.files import atomic_write_json
 
-        atomic_write_json(args.json, {"evaluation": dataclasses.asdict(config), "result": dataclasses.asdict(result)})
+        atomic_write_json(args.json, {"evaluation": dataclasses.asdict(config), "engine": args.engine,
+                                      "result": dataclasses.asdict(result)})
     return 0
 
 

@@ -7,29 +7,30 @@ from pathlib import Path
 
 from tightfit.artifacts import config_to_json
 from tightfit.errors import PackedModelError, TightfitError
-from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate
+from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate, packed_candidate
 from tightfit.formats.files import atomic_write_json
 from tightfit.formats.packed import PackedModel, load_packed, read_manifest
 from tightfit.model import LoadedModel
-from tightfit.runtime import build_model
 
 EVAL_FILE = "eval.json"
 
 
 def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfig, *, progress: bool = True,
-                    packed: PackedModel | None = None) -> EvalResult:
+                    packed: PackedModel | None = None, engine: str = "torch") -> EvalResult:
     """Evaluate a packed model from disk against a reference model; results also go to eval.json.
 
     packed: the model at `path` if the caller already loaded it (not read again).
+    engine: what scores it, "torch" (dequantized reference) or "fast" (compiled engine); see evaluate.py.
     """
     packed = packed if packed is not None else load_packed(path)
-    model = build_model(packed)
+    model = packed_candidate(packed, engine, ctx=config.ctx)
     tokenizer = reference.tokenizer if reference is not None else _packed_tokenizer(path)
     windows = eval_windows(tokenizer, config)
     result = evaluate(model, windows, reference=None if reference is None else reference.model,
                       batch_size=config.batch_size, progress=progress)
     atomic_write_json(Path(path) / EVAL_FILE, {
         "evaluation": config_to_json(config),
+        "engine": engine,
         "against": None if reference is None else {"name": reference.source.name, "sha256": reference.source.sha256()},
         "result": dataclasses.asdict(result),
     })

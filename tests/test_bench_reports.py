@@ -1,0 +1,175 @@
+"""The benchmarks print every claim they make (bench/): verdicts without a rival say n/a, choices
+are made on held-back calibration windows, every table carries its machine line and protocol, and
+the shared quantize -> pack -> score path scores through the engine. Runs no benchmark: tiny models
+and synthetic rows only."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import peers_report  # noqa: E402
+import planner  # noqa: E402
+import quality  # noqa: E402
+import spqr  # noqa: E402
+
+from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
+from tightfit.evaluate import EvalConfig  # noqa: E402
+from tightfit.formats.registry import parse_format  # noqa: E402
+from tightfit.model import load_model  # noqa: E402
+from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
+
+MACHINE = {"cpu": "Test CPU", "l3": "32 MiB", "isa": ["avx2"], "cores": 2, "torch_threads": 2, "torch": "2.x",
+           "tightfit": "0.0", "python": "3.11", "date": "2026-01-01T00:00:00+00:00"}
+
+
+def _row(name: str, bpw: float, kl: float, kl_held_back: float, family: str = "uniform") -> dict:
+    return {"format": name, "name": name, "family": family, "bits_per_weight": bpw, "model_bits_per_weight": bpw + 2,
+            "file_bytes": 1, "ppl": 20.0, "kl": kl, "top1": 0.7, "kl_fp32": kl * 0.99, "ppl_fp32": 20.0, "top1_fp32": 0.7,
+            "kl_held_back": kl_held_back, "engine_dense_layers": 0, "quantize_seconds": 1.0, "outlier_share": {}}
+
+
+def test_machine_line_names_cpu_l3_and_threads():
+    line = common.machine_line(MACHINE, 2)
+    assert line.startswith("Machine: Test CPU, L3 32 MiB, 2 threads of 2 cores")
+    assert common.l3_cache() == "unknown" or common.l3_cache()[0].isdigit()
+    assert "l3" in common.machine_info()
+
+
+def test_protocol_line_says_when_a_run_is_shorter():
+    assert "shorter run" not in common.protocol_line(EvalConfig(), 32704, 15.0)
+    assert f"fewer than the protocol's {EvalConfig.n_windows}" in common.protocol_line(EvalConfig(n_windows=8), 4088, 15.0)
+
+
+def test_verdict_cells():
+    assert [common.verdict_cell(v) for v in (True, False, None)] == ["yes", "no", "n/a"]
+    rows = [{"bits_per_weight": b} for b in (2.4, 2.5, 2.85, 2.86)]
+    assert [r["bits_per_weight"] for r in common.rivals(rows, 2.5)] == [2.5, 2.85]
+
+
+def test_spqr_recipe_is_chosen_on_held_back_kl_and_no_rival_is_na():
+    table = [
+        _row("w2g32", 2.56, 2.3, 2.2),
+        # the lower evaluation KL would win on the evaluation text; the held-back KL picks the other one
+        _row("spqr-w2g32-s3-o0.5", 2.52, 1.0, 1.5, "spqr"),
+        _row("spqr-w2g16-s3-o0.5", 2.70, 0.9, 1.6, "spqr"),
+        _row("spqr-w4g32-s3-o0.5", 4.51, 0.05, 0.05, "spqr"),  # on the source's grid
+        _row("spqr-w3g32-s3-o0.5", 3.52, 0.3, 0.3, "spqr"),  # no uniform format in 3.52 .. 3.87
+    ]
+    v = {x["budget"]: x for x in spqr.verdicts(table)}
+    assert v[2.5]["spqr"] == "spqr-w2g32-s3-o0.5" and v[2.5]["spqr_wins"] is True
+    assert v[3.5]["uniform"] is None and v[3.5]["spqr_wins"] is None
+    assert v[4.5]["source_grid"] and v[4.5]["spqr_wins"] is None
+    payload = {"model": "m", "machine": MACHINE, "calibration": config_to_json(CalibrationConfig()),
+               "evaluation": config_to_json(EvalConfig()), "n_tokens": 32704, "original_ppl": 15.0, "held_back_windows": 8,
+               "wall_s": 60.0, "rows": table, "budgets": spqr.verdicts(table)}
+    md = spqr.markdown(payload)
+    assert "Machine: Test CPU, L3 32 MiB" in md and "KL (engine) | KL (fp32 ref)" in md
+    assert "| 3.5 | spqr-w3g32-s3-o0.5 |" in md and md.count("| n/a |") == 2 and "| yes |" in md
+    assert f"at most {common.RIVAL_WINDOW} bits/weight larger" in md
+    assert "Caveat: spqr-w4g32-s3-o0.5 can hold the source's own grid" in md
+
+
+def test_planner_verdict_without_rival_is_na():
+    rows = [_row("plan 2.5", 2.5, 1.4, 0), _row("w2g32", 2.56, 2.3, 0), _row("plan 3.5", 3.5, 0.37, 0),
+            _row("w4g128", 4.17, 0.22, 0)]
+    v = {x["plan"]: x for x in planner.verdicts(rows, [2.5, 3.5])}
+    assert v["plan 2.5"]["plan_wins"] is True and v["plan 2.5"]["best_uniform"] == "w2g32"
+    assert v["plan 3.5"]["plan_wins"] is None
+    payload = {"model": "m", "machine": MACHINE, "candidates": ["w2g64"], "slice_tokens": 511, "measure_seconds": 90.0,
+               "sensitivity_measured_now": True, "sensitivity_seconds": 84.0,
+               "evaluation": config_to_json(EvalConfig()), "n_tokens": 32704, "original_ppl": 15.0, "wall_s": 60.0,
+               "rows": rows, "budgets": planner.verdicts(rows, [2.5, 3.5]), "rank_agreement_spearman": {"w2g64": 0.1},
+               "refine_windows": 4}
+    for r in rows[::2]:
+        r.update(predicted_loss=1.0, heldback_kl=1.0)
+    md = planner.markdown(payload)
+    assert "| 3.5 | plan 3.5 | 3.500 | 0.3700 | - | - | - | n/a |" in md and "Machine: Test CPU" in md
+    assert "measured in this run in 1.4 min" in md
+
+
+def test_quality_markdown_has_both_kl_columns():
+    rows = [{**_row("w3g64", 3.3, 0.6, 0), "method": "gptq"}]
+    payload = {"model": "m", "machine": MACHINE, "calibration": config_to_json(CalibrationConfig()),
+               "evaluation": config_to_json(EvalConfig(n_windows=8)), "n_tokens": 4088, "original_ppl": 15.0,
+               "wall_s": 60.0, "rows": rows}
+    md = quality.markdown(payload)
+    assert "| w3g64 | gptq | 3.300 | 5.300 | 20.000 | 0.6000 | 0.5940 | 0.700 | 1 |" in md
+    assert "fewer than the protocol's 64" in md
+
+
+def _entry(peer, name, bpw, kl, held_back=None):
+    return peers_report.Entry(peer, name, bpw, 1.0, ppl=20.0, kl=kl, top1=0.7, kl_held_back=kl if held_back is None else held_back)
+
+
+def test_peers_verdicts_band_choice_and_source_grid():
+    entries = [
+        _entry("tightfit", "w2g64", 2.28, 2.86),  # no peer entry at no more bits
+        _entry("tightfit", "w4g32-sym", 4.50, 0.18),
+        _entry("tightfit", "spqr-w4g32-s3-o0.5", 4.51, 0.05),  # on the source's grid
+        _entry("llama.cpp+imatrix", "IQ4_NL", 4.50, 0.11),
+        _entry("llama.cpp+imatrix", "Q4_0", 4.51, 0.10, held_back=0.5),  # best on evaluation, not on held-back text
+        _entry("HQQ", "w2g64", 2.50, math.nan),  # failed
+    ]
+    v = {x["tightfit"]: x for x in peers_report.verdicts(entries)}
+    assert v["w2g64"]["tightfit_wins"] is None and v["w2g64"]["rivals"] == 0
+    assert v["w4g32-sym"]["tightfit_wins"] is False and v["w4g32-sym"]["best_rival"]["name"] == "Q4_0"
+    assert v["spqr-w4g32-s3-o0.5"]["tightfit_wins"] is None and v["spqr-w4g32-s3-o0.5"]["source_grid"]
+    assert "n/a, no peer entry at no more bits" in peers_report.verdict_line(v["w2g64"])
+    assert "sits on the source's Q4_1 grid" in peers_report.verdict_line(v["spqr-w4g32-s3-o0.5"])
+    bands = "\n".join(peers_report.band_table(entries))
+    assert "| 2.00-2.75 | w2g64 2.28 / 2.8600 | - | - | - |" in bands  # one peer alone: not bold
+    assert "**IQ4_NL 4.50 / 0.1100**" in bands and "spqr-w4g32" not in bands and "Q4_0" not in bands
+    assert "spqr-w4g32-s3-o0.5" not in [e.name for e in peers_report.pareto_front(entries)]
+
+
+def test_quantize_and_evaluate_scores_through_the_engine(tiny_model_dir, tiny_text_file):
+    loaded = load_model(str(tiny_model_dir))
+    calib = CalibrationConfig(text=str(tiny_text_file), n_samples=4, seq_len=32)
+    calibration, held_back = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, calib, 2)
+    configs = {"w3g32": QuantizeConfig(fmt=parse_format("w3g32"), method="rtn"),
+               "w4g32 gptq": QuantizeConfig(fmt=parse_format("w4g32"), method="gptq")}
+    torch.manual_seed(0)
+    rows, scores = common.quantize_and_evaluate(loaded, configs, calibration,
+                                                EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32), held_back=held_back)
+    for key in configs:
+        s = scores[key]
+        assert rows[key]["engine_dense_layers"] == 0
+        assert s.engine.kl == pytest.approx(s.fp32.kl, rel=0.05) and s.engine.kl != s.fp32.kl
+        assert s.held_back is not None and s.held_back.n_tokens == 2 * 31
+        assert common.score_json(s)["kl_held_back"] == s.held_back.kl
+    assert scores["w4g32 gptq"].engine.kl < scores["w3g32"].engine.kl
+
+
+def test_peers_scorer_engine_floor_and_a_packed_entry(tiny_model_dir, tiny_text_file, tmp_path):
+    import peers
+
+    from tightfit.cli import main
+    from tightfit.evaluate import eval_windows
+    from tightfit.formats.packed import load_packed
+    from tightfit.runtime import build_model
+
+    loaded = load_model(str(tiny_model_dir))
+    windows = eval_windows(loaded.tokenizer, EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32))
+    _, held_back = calibrate_stage.calibrate_with_held_back(
+        loaded.tokenizer, CalibrationConfig(text=str(tiny_text_file), n_samples=2, seq_len=32), 1)
+    scorer = peers.Scorer(loaded.model, windows, held_back)
+    floor = peers_report.Entry("floor", "tightfit engine fp32", 32.0, 0.0)
+    scorer.score(peers.engine_scorer(peers.original_packed(loaded), scorer, floor), floor)
+    assert floor.kl < 1e-5 and floor.top1 > 0.99 and floor.ppl == pytest.approx(scorer.reference_ppl, rel=1e-3)
+
+    assert main(["compress", str(tiny_model_dir), "--format", "w3g32", "--method", "rtn", "--no-eval",
+                 "--out", str(tmp_path / "packed")]) == 0
+    packed = load_packed(tmp_path / "packed")
+    entry = peers_report.Entry("tightfit", "w3g32", 3.59, 1.0)
+    scorer.score(peers.engine_scorer(packed, scorer, entry), entry, fp32=build_model(packed))
+    assert entry.kl > 10 * floor.kl and entry.kl == pytest.approx(entry.kl_fp32, rel=0.05)
+    assert not math.isnan(entry.kl_held_back) and entry.note == ""
