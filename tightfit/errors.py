@@ -46,3 +46,7 @@ class KernelUnavailable(TightfitError):
 
 class QuantizedSourceWarning(UserWarning):
     """The input model is already quantized (e.g. a Q4_1 GGUF): compressing it again adds a second rounding error."""
+
+
+class InsufficientMemory(TightfitError):
+    """Too little free memory for the request (e.g. a whole model in fp32); the message says what would fit."""

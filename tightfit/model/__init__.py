@@ -8,15 +8,10 @@ from tightfit.model.architectures import (
     get_module,
     supported_model_types,
 )
-from tightfit.model.load import (
-    BUILTIN_MODELS,
-    DEFAULT_MODEL,
-    BuiltinModel,
-    LoadedModel,
-    ModelSource,
-    load_model,
-    resolve_source,
-)
+from tightfit.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL, BuiltinModel
+from tightfit.model.load import LoadedModel, check_memory, load_model
+from tightfit.model.sources import ModelSource, resolve_source
+from tightfit.model.weights import CheckpointWeights, open_weights
 
 __all__ = [
     "ARCHITECTURES",
@@ -24,12 +19,15 @@ __all__ = [
     "DEFAULT_MODEL",
     "Architecture",
     "BuiltinModel",
+    "CheckpointWeights",
     "LoadedModel",
     "ModelSource",
     "architecture_for",
     "check_layout",
+    "check_memory",
     "get_module",
     "load_model",
+    "open_weights",
     "resolve_source",
     "supported_model_types",
 ]

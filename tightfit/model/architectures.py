@@ -29,6 +29,7 @@ class Architecture:
         embeddings: dotted path of the token embedding (`nn.Embedding` or a subclass).
         head: dotted path of the output projection (`nn.Linear`; may share its weight with
             `embeddings` when the config ties them).
+        norm: dotted path of the norm between the last block and the head.
     """
 
     name: str
@@ -37,6 +38,7 @@ class Architecture:
     linear_groups: tuple[tuple[str, ...], ...]
     embeddings: str
     head: str
+    norm: str
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -71,7 +73,7 @@ _FUSED_PROJECTIONS: tuple[tuple[str, ...], ...] = (
 
 
 def _decoder(name: str, linear_groups: tuple[tuple[str, ...], ...]) -> Architecture:
-    """An entry with the `model.layers` / `model.embed_tokens` / `lm_head` layout all of them share."""
+    """An entry with the `model.layers` / `model.embed_tokens` / `model.norm` / `lm_head` layout all of them share."""
     return Architecture(
         name=name,
         model_types=(name,),
@@ -79,6 +81,7 @@ def _decoder(name: str, linear_groups: tuple[tuple[str, ...], ...]) -> Architect
         linear_groups=linear_groups,
         embeddings="model.embed_tokens",
         head="lm_head",
+        norm="model.norm",
     )
 
 
@@ -147,7 +150,8 @@ def check_layout(model: nn.Module, arch: Architecture) -> None:
             f"'{arch.blocks}' of {type(model).__name__} is not a non-empty nn.ModuleList "
             f"(architecture table entry '{arch.name}')"
         )
-    expected: list[tuple[str, type[nn.Module]]] = [(arch.embeddings, nn.Embedding), (arch.head, nn.Linear)]
+    expected: list[tuple[str, type[nn.Module]]] = [(arch.embeddings, nn.Embedding), (arch.head, nn.Linear),
+                                                   (arch.norm, nn.Module)]
     expected += [(f"{arch.blocks}.{i}.{name}", nn.Linear) for i in range(len(blocks)) for name in arch.linear_names]
     for dotted, kind in expected:
         module = get_module(model, dotted)

@@ -1,8 +1,9 @@
-"""Cheap integrity checks of weight files: parse the header, derive the size the file must have.
+"""Weight files read at the byte level: the GGUF header (metadata and tensor table) and the size each file must have.
 
 A truncated download otherwise surfaces deep inside transformers as a reshape or struct error.
 Walking the header costs milliseconds (no tensor is read), so `resolve_source` runs these checks
-on every source and a bad file fails fast with one line naming the file.
+on every source and a bad file fails fast with one line naming the file. The GGUF loader
+(`tightfit.model.gguf`) reads its config and tensor table from the same `GGUFHeader`.
 
 GGUF layout (ggml docs/gguf.md, versions 2 and 3, little-endian):
     magic u32 "GGUF" | version u32 | n_tensors u64 | n_kv u64
@@ -19,16 +20,72 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType
 
 from tightfit.errors import ModelSourceError
 
-# Byte size of each fixed-size GGUF metadata value type (GGUFValueType); 8 = string, 9 = array.
-_GGUF_SCALAR_SIZES: dict[int, int] = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# struct format of each fixed-size GGUF metadata value type (GGUFValueType); 8 = string, 9 = array.
+_GGUF_SCALAR_FORMATS: dict[int, str] = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
+                                        10: "Q", 11: "q", 12: "d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGUF_UINT32 = 4
+
+
+@dataclass(frozen=True)
+class StringArray:
+    """A metadata array of strings, left unread (a vocabulary, the BPE merges): only its length."""
+
+    length: int
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One entry of a GGUF tensor table.
+
+    Fields:
+        name: the GGUF name, e.g. "blk.0.attn_q.weight".
+        shape: in torch order (rows first; GGUF lists the fastest-moving dimension first).
+        ggml_type: how the values are stored (F32, Q4_K, ...).
+        offset: where the data starts, in bytes from the start of the file.
+        nbytes: bytes of data, blocks included.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    offset: int
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """Everything in a GGUF file but the tensor data.
+
+    Fields:
+        path: the file.
+        metadata: key -> value (int, float, bool, str, a list of numbers, or a `StringArray`), in
+            file order.
+        tensors: the tensor table, in file order.
+    """
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: tuple[GGUFTensorInfo, ...]
+
+    @property
+    def data_end(self) -> int:
+        """The size in bytes the file must have: the end of the last tensor's data."""
+        return max((t.offset + t.nbytes for t in self.tensors), default=0)
 
 
 class _Truncated(Exception):
@@ -50,34 +107,42 @@ class _Cursor:
         self.pos = start + n
         return start
 
+    def unpack(self, fmt: str, size: int) -> tuple:
+        return struct.unpack_from("<" + fmt, self.buf, self.take(size))
+
     def u32(self) -> int:
-        return struct.unpack_from("<I", self.buf, self.take(4))[0]
+        return self.unpack("I", 4)[0]
 
     def u64(self) -> int:
-        return struct.unpack_from("<Q", self.buf, self.take(8))[0]
+        return self.unpack("Q", 8)[0]
 
-    def string(self) -> bytes:
+    def string(self) -> str:
         n = self.u64()
         start = self.take(n)
-        return bytes(self.buf[start : start + n])
+        return self.buf[start : start + n].decode("utf-8")
 
-    def skip_string(self) -> None:
-        self.take(self.u64())
-
-    def skip_value(self, value_type: int) -> None:
-        if value_type in _GGUF_SCALAR_SIZES:
-            self.take(_GGUF_SCALAR_SIZES[value_type])
-        elif value_type == _GGUF_STRING:
-            self.skip_string()
-        elif value_type == _GGUF_ARRAY:
+    def value(self, value_type: int, key: str) -> Any:
+        """One metadata value; an array of strings is walked over, not read (a `StringArray`)."""
+        if value_type in _GGUF_SCALAR_FORMATS:
+            fmt = _GGUF_SCALAR_FORMATS[value_type]
+            return self.unpack(fmt, struct.calcsize(fmt))[0]
+        if value_type == _GGUF_STRING:
+            return self.string()
+        if value_type == _GGUF_ARRAY:
             elem_type, count = self.u32(), self.u64()
-            if elem_type in _GGUF_SCALAR_SIZES:
-                self.take(_GGUF_SCALAR_SIZES[elem_type] * count)
-            else:
-                for _ in range(count):
-                    self.skip_value(elem_type)
-        else:
-            raise ValueError(f"unknown metadata value type {value_type}")
+            if elem_type in _GGUF_SCALAR_FORMATS:
+                fmt = _GGUF_SCALAR_FORMATS[elem_type]
+                return list(self.unpack(f"{count}{fmt}", count * struct.calcsize(fmt)))
+            if elem_type != _GGUF_STRING:
+                raise ValueError(f"metadata key {key!r} is an array of value type {elem_type}")
+            buf, pos, end = self.buf, self.pos, len(self.buf)
+            for _ in range(count):  # a vocabulary: 10^5 strings, walked by length only
+                if pos + 8 > end:
+                    raise _Truncated
+                pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+            self.take(pos - self.pos)
+            return StringArray(count)
+        raise ValueError(f"unknown metadata value type {value_type}")
 
 
 def _open_map(path: Path) -> mmap.mmap:
@@ -87,11 +152,12 @@ def _open_map(path: Path) -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def gguf_expected_size(path: Path) -> int:
-    """The size in bytes `path` must have, from its GGUF header (end of the last tensor's data).
+def read_gguf_header(path: Path) -> GGUFHeader:
+    """Parse the metadata and the tensor table of the GGUF file `path` (no tensor data is read).
 
     Raises:
-        ModelSourceError: not a GGUF file, an unknown version or tensor type, or a header cut short.
+        ModelSourceError: not a GGUF file, an unknown version, value type or tensor type, or a
+            header cut short.
     """
     buf = _open_map(path)
     try:
@@ -102,35 +168,46 @@ def gguf_expected_size(path: Path) -> int:
         if version not in (2, 3):
             raise ModelSourceError(f"{path} is GGUF version {version}; versions 2 and 3 are readable")
         n_tensors, n_kv = cur.u64(), cur.u64()
-        alignment = GGUF_DEFAULT_ALIGNMENT
+        metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
-            value_type = cur.u32()
-            if key == b"general.alignment" and value_type == _GGUF_UINT32:
-                alignment = cur.u32()
-            else:
-                cur.skip_value(value_type)
-        data_end = 0
+            metadata[key] = cur.value(cur.u32(), key)
+        entries = []
         for _ in range(n_tensors):
-            name = cur.string().decode("utf-8", "replace")
+            name = cur.string()
             dims = [cur.u64() for _ in range(cur.u32())]
             ggml_type, offset = cur.u32(), cur.u64()
             try:
-                block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+                qtype = GGMLQuantizationType(ggml_type)
+                block_size, type_size = GGML_QUANT_SIZES[qtype]
             except (ValueError, KeyError) as e:
                 raise ModelSourceError(f"{path}: tensor '{name}' has unknown ggml type {ggml_type}") from e
             n_elements = 1
             for d in dims:
                 n_elements *= d
-            data_end = max(data_end, offset + n_elements // block_size * type_size)
+            entries.append((name, tuple(reversed(dims)), qtype, offset, n_elements // block_size * type_size))
+        alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+            raise ValueError(f"general.alignment is {alignment!r}, not a positive integer")
         data_start = -(-cur.pos // alignment) * alignment
-        return data_start + data_end
+        tensors = tuple(GGUFTensorInfo(name, shape, qtype, data_start + offset, nbytes)
+                        for name, shape, qtype, offset, nbytes in entries)
+        return GGUFHeader(path=path, metadata=metadata, tensors=tensors)
     except _Truncated as e:
         raise ModelSourceError(f"{path} is truncated: its GGUF header ends past the end of the file") from e
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise ModelSourceError(f"{path} has a corrupt GGUF header: {e}") from e
     finally:
         buf.close()
+
+
+def gguf_expected_size(path: Path) -> int:
+    """The size in bytes `path` must have, from its GGUF header (end of the last tensor's data).
+
+    Raises:
+        ModelSourceError: as `read_gguf_header`.
+    """
+    return read_gguf_header(path).data_end
 
 
 def safetensors_expected_size(path: Path) -> int:
