@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tightfit.export.gguf import _add_hyperparameters, _add_tokenizer, rope_row_permutation
+from tightfit.export.gguf import rope_row_permutation
+from tightfit.export.gguf_metadata import add_hyperparameters, add_tokenizer
 
 # transformers model_type -> the general.architecture llama.cpp writes (Mistral is run as llama)
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "phi3": "phi3"}
@@ -64,12 +65,12 @@ def write_tiny_gguf(folder: Path, out: Path, types: TypeChooser = all_f32) -> Pa
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     writer = gguf.GGUFWriter(out, arch_name)
     writer.add_name(f"tiny {cfg['model_type']}")
-    _add_hyperparameters(writer, cfg)
+    add_hyperparameters(writer, cfg)
     if arch_name == "gemma3":  # llama.cpp's Gemma 3 converter always writes the head size and the window
         writer.add_key_length(cfg["head_dim"])
         writer.add_value_length(cfg["head_dim"])
         writer.add_sliding_window(cfg["sliding_window"])
-    _add_tokenizer(writer, folder, cfg["vocab_size"])
+    add_tokenizer(writer, folder, cfg["vocab_size"])
     for seed, (name, w) in enumerate(sorted(load_file(folder / "model.safetensors").items())):
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert target is not None, name
