@@ -1,15 +1,19 @@
 """Mixed-precision plans vs the best uniform format at 2.5, 3.0 and 3.5 bits/weight on the default model.
 
-    .venv/bin/python bench/planner.py [--windows 64] [--budgets 2.5,3.0,3.5]
+    .venv/bin/python bench/planner.py [--windows 64] [--budgets 2.5,3.0,3.5] [--sensitivity fisher,measured]
 
-The planner measures every layer's sensitivity to every candidate format (GPTQ proxy, and the KL
-increase on a held-back calibration window when only that layer is quantized), then solves the
-integer program for each budget, then refines each plan with EvoPress on the real KL of whole plans
-over held-back calibration windows (`--refine` generations). Plans and uniform formats are all
-quantized with GPTQ from the same original-model Hessians, packed, reloaded, and scored against the
-original on held-out evaluation text: through tightfit's compiled engine (the headline KL) and as the
+For each sensitivity method (`--sensitivity`: fisher, the KL increase predicted from the Fisher
+information of each layer's outputs and its GPTQ error; measured, the KL increase on a held-back
+calibration window when only that layer is quantized; proxy, the GPTQ objective) the planner scores
+every layer in every candidate format, then solves the integer program for each budget. The
+embeddings and head stay fp16 in every model here, plans and uniform formats alike, so bits/weight
+compare (`tightfit plan` plans them too by default). Plans and uniform formats are all quantized
+with GPTQ from the same original-model Hessians, packed, reloaded, and scored against the original
+on held-out evaluation text: through tightfit's compiled engine (the headline KL) and as the
 dequantized fp32 torch model. Each plan is set against every uniform format of its size class
-(bench/common.py RIVAL_WINDOW); nothing is chosen on the evaluation text.
+(bench/common.py RIVAL_WINDOW); nothing is chosen on the evaluation text. The additive model is
+checked on `--heldback-windows` held-back calibration windows: each plan's predicted loss (the sum of
+its layers' damages) against the real KL of the whole plan (`PlanLoss`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from common import (  # noqa: E402
     score_columns, score_json, verdict_cell, windows_help, write_results,
 )
 
-from tightfit.algorithms.evopress import EvolutionConfig  # noqa: E402
 from tightfit.artifacts import QuantizeConfig, config_to_json  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
 from tightfit.formats.registry import parse_format  # noqa: E402
@@ -34,7 +37,7 @@ from tightfit.model import DEFAULT_MODEL, load_model  # noqa: E402
 from tightfit.pipeline import PlanRequest, make_plan  # noqa: E402
 from tightfit.stages import allocate as allocate_stage  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
-from tightfit.stages.sensitivity import PlanLoss  # noqa: E402
+from tightfit.stages.sensitivity import METHOD_TEXT, METHODS, PlanLoss  # noqa: E402
 
 UNIFORM = ["w2g32", "w2g16", "w3g128", "w3g64", "w3g32", "w4g128"]
 WORK = Path(__file__).resolve().parents[1] / ".cache" / "planner"
@@ -47,49 +50,45 @@ def main() -> None:
     ap.add_argument("--candidates", default="w2g64,w2g32,w3g128,w3g64,w3g32,w4g128", help="candidate formats per layer")
     ap.add_argument("--budgets", default="2.5,3.0,3.5")
     ap.add_argument("--uniform", default=",".join(UNIFORM))
-    ap.add_argument("--refine", type=int, default=32, help="EvoPress generations per plan (0: no refinement)")
-    ap.add_argument("--refine-windows", type=int, default=4, help="held-back calibration windows EvoPress measures KL on")
+    ap.add_argument("--sensitivity", default="fisher,measured", help=f"comma-separated methods among {', '.join(METHODS)}: "
+                    "a plan per budget for each")
+    ap.add_argument("--heldback-windows", type=int, default=4, help="held-back calibration windows the whole plans' real KL is measured on")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    methods = [m.strip() for m in args.sensitivity.split(",") if m.strip()]
+    if not methods or not set(methods) <= set(METHODS):
+        ap.error(f"--sensitivity takes methods among {', '.join(METHODS)}, got {args.sensitivity!r}")
 
     loaded = load_model(args.model)
     budgets = [float(b) for b in args.budgets.split(",")]
-    t = time.perf_counter()
-    request = PlanRequest(model=args.model, budget=allocate_stage.Budget(max_bpw=budgets[0]), work=WORK,
-                          formats=tuple(args.candidates.split(",")))
-    sens_file = WORK / "sensitivity.json"
-    written_before = sens_file.stat().st_mtime_ns if sens_file.exists() else None
-    first = make_plan(request, loaded)
-    measure_seconds = time.perf_counter() - t
-    measured_now = sens_file.stat().st_mtime_ns != written_before  # make_plan rewrites it only when it measures
-    table = first.sensitivity
-    formats = list(table.formats)
-    choices = {layer: [allocate_stage.LayerChoice(fmt=f, nbytes=table.nbytes[layer][f.name], sensitivity=table.damage(layer, f))
-                       for f in formats] for layer in table.shapes}
-    plans = {}
-    for b in budgets:
+    tables, seconds, measured_now, plans = {}, {}, {}, {}
+    for method in methods:
         t = time.perf_counter()
-        plans[b] = allocate_stage.allocate(table.shapes, choices, allocate_stage.Budget(max_bpw=b))
-        print(f"budget {b}: plan {plans[b].bits_per_weight:.3f} bpw solved in {time.perf_counter() - t:.2f}s", flush=True)
+        request = PlanRequest(model=args.model, budget=allocate_stage.Budget(max_bpw=budgets[0]), work=WORK,
+                              formats=tuple(args.candidates.split(",")), embed_formats=("fp16",), sensitivity=method)
+        sens_file = WORK / "sensitivity.json"
+        written_before = sens_file.stat().st_mtime_ns if sens_file.exists() else None
+        first = make_plan(request, loaded)
+        seconds[method] = time.perf_counter() - t
+        measured_now[method] = sens_file.stat().st_mtime_ns != written_before  # rewritten only when it scores
+        table = tables[method] = first.sensitivity
+        choices = {layer: [allocate_stage.LayerChoice(fmt=f, nbytes=table.nbytes[layer][f.name], sensitivity=table.damage(layer, f))
+                           for f in table.formats] for layer in table.shapes}
+        for b in budgets:
+            t = time.perf_counter()
+            plans[f"plan {b} {method}"] = allocate_stage.allocate(table.shapes, choices, allocate_stage.Budget(max_bpw=b))
+            print(f"budget {b} ({method}): plan {plans[f'plan {b} {method}'].bits_per_weight:.3f} bpw solved in "
+                  f"{time.perf_counter() - t:.2f}s", flush=True)
 
-    # windows [refine_windows, T]: the first is the sensitivity slice
-    calibration, windows = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, PlanRequest.calibration, args.refine_windows)
+    calibration, windows = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, PlanRequest.calibration, args.heldback_windows)
     hessians = calibrate_stage.load_hessians(WORK / "hessians.safetensors", loaded, calibration.config)
-    refined, refine_seconds, slice_kl = {}, {}, {}
+    heldback_kl = {}
     with PlanLoss(loaded, hessians, windows, screen_windows=1) as plan_loss:
-        for b, p in plans.items():
+        for key, p in plans.items():
             plan_loss.reset_anchor()
-            slice_kl[f"plan {b}"] = plan_loss.loss(p.formats, 1)
-            if args.refine:
-                t = time.perf_counter()
-                refined[b] = allocate_stage.refine(p, table.shapes, choices, plan_loss.loss, EvolutionConfig(generations=args.refine))
-                refine_seconds[b] = time.perf_counter() - t
-                slice_kl[f"plan+evo {b}"] = refined[b].loss
-                print(f"budget {b}: EvoPress {refined[b].start_loss:.4f} -> {refined[b].loss:.4f} on held-back text "
-                      f"in {refine_seconds[b]:.0f}s", flush=True)
-    fmt0 = parse_format(request.formats[0])
-    configs = {f"plan {b}": QuantizeConfig(fmt=fmt0, method="gptq", plan=dict(p.formats)) for b, p in plans.items()}
-    configs.update({f"plan+evo {b}": QuantizeConfig(fmt=fmt0, method="gptq", plan=dict(r.plan.formats)) for b, r in refined.items()})
+            heldback_kl[key] = plan_loss.loss(p.quantized, 1)
+    fmt0 = parse_format(args.candidates.split(",")[0])
+    configs = {key: QuantizeConfig(fmt=fmt0, method="gptq", plan=p.quantized) for key, p in plans.items()}
     configs.update({name: QuantizeConfig(fmt=parse_format(name), method="gptq") for name in args.uniform.split(",")})
     eval_config = EvalConfig(n_windows=args.windows)
     rows, scores = quantize_and_evaluate(loaded, configs, calibration, eval_config, hessians=hessians)
@@ -99,24 +98,23 @@ def main() -> None:
         r = rows[key]
         row = {"name": key, "bits_per_weight": r["bits_per_weight"], "model_bits_per_weight": r["model_bits_per_weight"],
                **score_json(scores[key])}
-        if key.startswith("plan"):
-            b = float(key.split()[1])
-            p = refined[b].plan if key.startswith("plan+evo") else plans[b]
-            row.update(predicted_loss=p.predicted_loss, heldback_kl=slice_kl[key], mix=dict(Counter(f.name for f in p.formats.values())))
-            if key.startswith("plan+evo"):
-                row.update(refine_seconds=refine_seconds[b], history=refined[b].history, evaluations=list(refined[b].evaluations))
+        if key in plans:
+            p = plans[key]
+            row.update(predicted_loss=p.predicted_loss, heldback_kl=heldback_kl[key], mix=dict(Counter(f.name for f in p.formats.values())))
         table_rows.append(row)
     ev0 = next(iter(scores.values())).engine
+    agreement = {}
+    if "measured" in tables:
+        agreement["proxy"] = tables["measured"].rank_agreement()
+        agreement.update({m: tables[m].rank_agreement(tables["measured"]) for m in tables if m != "measured"})
     payload = {
         "machine": machine_info(), "model": args.model, "source_sha256": loaded.source.sha256(),
-        "candidates": [f.name for f in formats], "calibration": config_to_json(PlanRequest.calibration),
-        "slice_tokens": table.slice_tokens, "measure_seconds": measure_seconds, "sensitivity_measured_now": measured_now,
-        "sensitivity_seconds": first.seconds["sensitivity"], "evaluation": config_to_json(eval_config),
-        "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl, "rank_agreement_spearman": table.rank_agreement(),
-        "rival_window_bpw": RIVAL_WINDOW, "rows": table_rows, "budgets": verdicts(table_rows, budgets),
-        "plans": {str(b): p.to_json() for b, p in plans.items()},
-        "refined": {str(b): r.to_json() for b, r in refined.items()}, "refine_generations": args.refine,
-        "refine_windows": args.refine_windows, "wall_s": round(time.perf_counter() - t0, 1),
+        "candidates": [f.name for f in next(iter(tables.values())).formats], "calibration": config_to_json(PlanRequest.calibration),
+        "methods": {m: {"tokens": tables[m].tokens, "seconds": seconds[m], "measured_now": measured_now[m]} for m in methods},
+        "evaluation": config_to_json(eval_config), "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl,
+        "rank_agreement_spearman": agreement, "rival_window_bpw": RIVAL_WINDOW, "rows": table_rows,
+        "budgets": verdicts(table_rows, budgets), "plans": {key: p.to_json() for key, p in plans.items()},
+        "heldback_windows": args.heldback_windows, "wall_s": round(time.perf_counter() - t0, 1),
     }
     md = markdown(payload)
     paths = write_results("planner", payload, md)
@@ -125,12 +123,12 @@ def main() -> None:
 
 
 def verdicts(table_rows: list[dict], budgets: list[float]) -> list[dict]:
-    """Each plan (with and without EvoPress) against the best uniform rival of its size class by
+    """Each plan (one per sensitivity method) against the best uniform rival of its size class by
     evaluation KL; plan_wins None (n/a) when no uniform format is in the window."""
     uniform = [r for r in table_rows if not r["name"].startswith("plan")]
     out = []
     for b in budgets:
-        for plan_row in [r for r in table_rows if r["name"] in (f"plan {b}", f"plan+evo {b}")]:
+        for plan_row in [r for r in table_rows if r["name"].startswith(f"plan {b} ")]:
             best = min(rivals(uniform, plan_row["bits_per_weight"]), key=lambda r: r["kl"], default=None)
             out.append({"budget": b, "plan": plan_row["name"], "plan_bpw": plan_row["bits_per_weight"], "plan_kl": plan_row["kl"],
                         "best_uniform": best and best["name"], "uniform_bpw": best and best["bits_per_weight"],
@@ -140,17 +138,19 @@ def verdicts(table_rows: list[dict], budgets: list[float]) -> list[dict]:
 
 def markdown(payload: dict) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
+    scored = []
+    for m, info in payload["methods"].items():
+        when = (f"scored in this run in {info['seconds'] / 60:.1f} min (cached afterwards)" if info["measured_now"]
+                else "read from the cache of an earlier run (.cache/planner/sensitivity.json, which does not record how long it took)")
+        scored.append(f"{m} = {METHOD_TEXT[m]}, on {info['tokens']} tokens, {when}")
     lines = [
         f"# Planner: mixed precision vs uniform formats on {payload['model']}",
         "",
         machine_line(payload["machine"]),
         "",
-        f"Candidates per layer: {', '.join(payload['candidates'])}. Sensitivity = KL increase on {payload['slice_tokens']} "
-        f"held-back calibration tokens with only that layer quantized (GPTQ); "
-        + (f"measured in this run in {payload['sensitivity_seconds'] / 60:.1f} min (cached afterwards). "
-           if payload["sensitivity_measured_now"] else "measured by an earlier run and read from its cache "
-           "(.cache/planner/sensitivity.json, which does not record how long that took). ")
-        + "Plans: HiGHS MILP. Everything quantized with GPTQ from the same original-model Hessians. "
+        f"Candidates per layer: {', '.join(payload['candidates'])}. Sensitivity methods, a plan per budget for each: "
+        + "; ".join(scored) + ". Embeddings and head fp16 in every model. "
+        "Plans: HiGHS MILP. Everything quantized with GPTQ from the same original-model Hessians. "
         f"{protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} {ENGINE_COLUMNS} "
         f"Wall time {payload['wall_s'] / 60:.0f} min.",
         "",
@@ -167,16 +167,15 @@ def markdown(payload: dict) -> str:
     for v in payload["budgets"]:
         rival = "- | - | -" if v["best_uniform"] is None else f"{v['best_uniform']} | {v['uniform_bpw']:.3f} | {v['uniform_kl']:.4f}"
         lines.append(f"| {v['budget']} | {v['plan']} | {v['plan_bpw']:.3f} | {v['plan_kl']:.4f} | {rival} | {verdict_cell(v['plan_wins'])} |")
-    lines += ["", "Proxy (GPTQ objective) vs measured KL increase, Spearman rank correlation across layers: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in payload["rank_agreement_spearman"].items())]
-    lines += ["", f"Additive model vs the real KL on the {payload['refine_windows']} held-back calibration windows (EvoPress's "
-              "objective, measured with the torch reference; the evaluation above is on other, held-out text):", "",
-              "| plan | predicted (sum of single-layer KL increases) | measured KL of the whole plan | EvoPress time |",
-              "|---|---|---|---|"]
+    for method, agreement in payload["rank_agreement_spearman"].items():
+        lines += ["", f"{method} vs measured KL increase, Spearman rank correlation across layers: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items())]
+    lines += ["", f"Additive model vs the real KL on {payload['heldback_windows']} held-back calibration windows (measured with "
+              "the torch reference; the evaluation above is on other, held-out text):", "",
+              "| plan | predicted (sum of its layers' damages) | measured KL of the whole plan |", "|---|---|---|"]
     for r in payload["rows"]:
         if r["name"].startswith("plan"):
-            secs = f"{r['refine_seconds'] / 60:.1f} min" if "refine_seconds" in r else "-"
-            lines.append(f"| {r['name']} | {r['predicted_loss']:.4f} | {r['heldback_kl']:.4f} | {secs} |")
+            lines.append(f"| {r['name']} | {r['predicted_loss']:.4f} | {r['heldback_kl']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

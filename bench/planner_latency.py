@@ -69,10 +69,10 @@ def main() -> None:
 
     def add_plan(name: str, budget: Budget) -> None:
         request = PlanRequest(model=args.model, budget=budget, work=WORK, formats=tuple(args.candidates.split(",")),
-                              profile=config, progress=False)
+                              embed_formats=(args.embed_format or "fp16",), profile=config, progress=False)
         plan = make_plan(request, loaded, on_stage=print).plan
         mix = dict(Counter(f.name for f in plan.formats.values()))
-        models[name] = (packed_rtn(dict(plan.formats), formats[0]), plan.predicted_latency_ms, budget.max_latency_ms,
+        models[name] = (packed_rtn(plan.quantized, formats[0]), plan.predicted_latency_ms, budget.max_latency_ms,
                         {"bits_per_weight": plan.bits_per_weight, "mix": mix})
 
     for b in budgets:

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from tightfit.artifacts import FP16
 from tightfit.errors import FormatError, InfeasibleBudget, TightfitError
 from tightfit.formats import QuantFormat
 from tightfit.stages.allocate import Budget, LayerChoice, Plan, allocate, pareto_sweep
@@ -44,7 +45,7 @@ def brute_force(layers, choices, budget: Budget):
     best = None
     for combo in itertools.product(*(choices[n] for n in names)):
         total_bytes = sum(c.nbytes for c in combo)
-        if budget.max_bytes is not None and total_bytes > budget.max_bytes:
+        if budget.max_bytes is not None and total_bytes + budget.fixed_bytes > budget.max_bytes:
             continue
         if budget.max_bpw is not None and total_bytes * 8 > budget.max_bpw * total_weights:
             continue
@@ -367,6 +368,7 @@ def test_jointly_infeasible_names_both_minima():
         ({"max_latency_ms": float("inf")}, "max_latency_ms must be a positive finite number"),
         ({"max_bpw": 4.0, "fixed_latency_ms": -1.0}, "fixed_latency_ms must be a finite number >= 0"),
         ({"fixed_latency_ms": 1.0}, "at least one of"),
+        ({"max_bytes": 10, "fixed_bytes": -1}, "fixed_bytes must be an integer >= 0"),
     ],
 )
 def test_budget_validation(kwargs, match):
@@ -406,7 +408,7 @@ def test_layer_choice_validation():
         LayerChoice(F("w4g128"), 10, float("nan"))
     with pytest.raises(ValueError, match="latency_ms must be a finite number >= 0"):
         LayerChoice(F("w4g128"), 10, 1.0, -0.1)
-    with pytest.raises(ValueError, match="must be a quantization format"):
+    with pytest.raises(ValueError, match="must be a quantization format or fp16"):
         LayerChoice("w4g128", 10, 1.0)
     with pytest.raises(ValueError, match="time_limit_s must be a positive number"):
         allocate(HAND_LAYERS, HAND_CHOICES, Budget(max_bpw=4.0), time_limit_s=0)
@@ -416,12 +418,12 @@ def test_plan_json_round_trip():
     layers, choices = model_like_problem(14)
     plan = allocate(layers, choices, Budget(max_bpw=4.0, max_latency_ms=1.0, fixed_latency_ms=0.25))
     d = json.loads(json.dumps(plan.to_json()))
-    assert d["version"] == 1 and d["formats"]["model.layers.0.q"] == plan.formats["model.layers.0.q"].name
+    assert d["version"] == 2 and d["formats"]["model.layers.0.q"] == plan.formats["model.layers.0.q"].name
     again = Plan.from_json(d)
     assert again == plan
     assert list(again.formats) == list(plan.formats)
-    with pytest.raises(ValueError, match="plan JSON has version 2; this tightfit reads version 1"):
-        Plan.from_json({**d, "version": 2})
+    with pytest.raises(ValueError, match="plan JSON has version 1; this tightfit reads version 2"):
+        Plan.from_json({**d, "version": 1})
     with pytest.raises(ValueError, match=r"missing \['total_bytes'\]"):
         Plan.from_json({k: v for k, v in d.items() if k != "total_bytes"})
     with pytest.raises(ValueError, match="plan totals must be positive integers"):
@@ -452,3 +454,45 @@ def test_more_budget_never_gives_higher_loss():
     losses = [p.predicted_loss for p in plans]
     assert len(plans) >= 4
     assert all(b <= a + 1e-6 * abs(a) for a, b in zip(losses, losses[1:])), losses
+
+
+# ---- embeddings and fixed bytes -----------------------------------------------------------------
+
+
+def embedding_problem():
+    """Two linear layers and a tied embedding [512, 64] whose candidates are fp16 or w8/w4."""
+    layers, choices = {"a": (128, 128), "b": (128, 128)}, {}
+    for n, s in (("a", 1.0), ("b", 3.0)):
+        choices[n] = [choice(F("w2g64"), layers[n], 4.0 * s), choice(F("w4g128"), layers[n], s)]
+    layers["model.embed_tokens"] = (512, 64)
+    choices["model.embed_tokens"] = [LayerChoice(FP16, FP16.nbytes(512, 64).total, 0.0),
+                                     choice(F("w8g32-sym"), (512, 64), 0.1), choice(F("w4g32-sym"), (512, 64), 5.0)]
+    return layers, choices
+
+
+def test_a_plan_chooses_fp16_or_a_format_for_the_embeddings_and_round_trips():
+    layers, choices = embedding_problem()
+    assert FP16.nbytes(512, 64).total == 2 * 512 * 64
+    roomy = allocate(layers, choices, Budget(max_bytes=10**6))
+    assert roomy.formats["model.embed_tokens"] == FP16 and roomy.quantized == {n: F("w4g128") for n in ("a", "b")}
+    tight = allocate(layers, choices, Budget(max_bpw=6.0))
+    assert tight.formats["model.embed_tokens"] == F("w8g32-sym")
+    for plan in (roomy, tight):
+        check_plan(plan, layers, choices, plan.budget)
+        d = json.loads(json.dumps(plan.to_json()))
+        assert Plan.from_json(d) == plan
+    assert json.loads(json.dumps(roomy.to_json()))["formats"]["model.embed_tokens"] == "fp16"
+
+
+def test_fixed_bytes_count_against_max_bytes_and_name_the_whole_size():
+    layers, choices = embedding_problem()
+    smallest = sum(min(c.nbytes for c in cs) for cs in choices.values())
+    fixed = 1_500_000  # e.g. the norms and header of a packed file
+    plan = allocate(layers, choices, Budget(max_bytes=smallest + fixed, fixed_bytes=fixed))
+    assert plan.total_bytes == smallest and plan.budget.fixed_bytes == fixed
+    assert brute_force(layers, choices, plan.budget)[0] == pytest.approx(plan.predicted_loss)
+    with pytest.raises(InfeasibleBudget) as info:
+        allocate(layers, choices, Budget(max_bytes=smallest + fixed - 1, fixed_bytes=fixed))
+    message = str(info.value)
+    assert "\n" not in message and "cannot be met: the smallest possible is" in message
+    assert f"the smallest possible is {shown_up((smallest + fixed) / 1e6, 1)} MB" in message and "plus 1.5 MB outside the plan" in message

@@ -79,21 +79,23 @@ def test_spqr_recipe_is_chosen_on_held_back_kl_and_no_rival_is_na():
 
 
 def test_planner_verdict_without_rival_is_na():
-    rows = [_row("plan 2.5", 2.5, 1.4, 0), _row("w2g32", 2.56, 2.3, 0), _row("plan 3.5", 3.5, 0.37, 0),
+    rows = [_row("plan 2.5 fisher", 2.5, 1.4, 0), _row("w2g32", 2.56, 2.3, 0), _row("plan 3.5 fisher", 3.5, 0.37, 0),
             _row("w4g128", 4.17, 0.22, 0)]
     v = {x["plan"]: x for x in planner.verdicts(rows, [2.5, 3.5])}
-    assert v["plan 2.5"]["plan_wins"] is True and v["plan 2.5"]["best_uniform"] == "w2g32"
-    assert v["plan 3.5"]["plan_wins"] is None
-    payload = {"model": "m", "machine": MACHINE, "candidates": ["w2g64"], "slice_tokens": 511, "measure_seconds": 90.0,
-               "sensitivity_measured_now": True, "sensitivity_seconds": 84.0,
+    assert v["plan 2.5 fisher"]["plan_wins"] is True and v["plan 2.5 fisher"]["best_uniform"] == "w2g32"
+    assert v["plan 3.5 fisher"]["plan_wins"] is None
+    payload = {"model": "m", "machine": MACHINE, "candidates": ["w2g64"],
+               "methods": {"fisher": {"tokens": 4088, "seconds": 84.0, "measured_now": True},
+                           "measured": {"tokens": 511, "seconds": 1440.0, "measured_now": False}},
                "evaluation": config_to_json(EvalConfig()), "n_tokens": 32704, "original_ppl": 15.0, "wall_s": 60.0,
-               "rows": rows, "budgets": planner.verdicts(rows, [2.5, 3.5]), "rank_agreement_spearman": {"w2g64": 0.1},
-               "refine_windows": 4}
+               "rows": rows, "budgets": planner.verdicts(rows, [2.5, 3.5]),
+               "rank_agreement_spearman": {"proxy": {"w2g64": 0.1}, "fisher": {"w2g64": 0.8}}, "heldback_windows": 4}
     for r in rows[::2]:
         r.update(predicted_loss=1.0, heldback_kl=1.0)
     md = planner.markdown(payload)
-    assert "| 3.5 | plan 3.5 | 3.500 | 0.3700 | - | - | - | n/a |" in md and "Machine: Test CPU" in md
-    assert "measured in this run in 1.4 min" in md
+    assert "| 3.5 | plan 3.5 fisher | 3.500 | 0.3700 | - | - | - | n/a |" in md and "Machine: Test CPU" in md
+    assert "on 4088 tokens, scored in this run in 1.4 min" in md and "read from the cache of an earlier run" in md
+    assert "fisher vs measured KL increase, Spearman rank correlation across layers: w2g64 0.80" in md
 
 
 def test_quality_markdown_has_both_kl_columns():

@@ -1,4 +1,5 @@
-"""Sensitivity stage and the planner end to end on a tiny model."""
+"""The sensitivity stage's measured method, and the planner end to end on a tiny model: plan, compress
+with the plan, --max-size over the whole file, embeddings in the plan, SpQR candidates, clean errors."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch.nn.functional as F
 from tightfit.algorithms import gptq_quantize
 from tightfit.artifacts import CalibrationConfig
 from tightfit.cli import main
+from tightfit.formats.packed import TENSORS_FILE, load_packed
 from tightfit.formats.registry import parse_format
 from tightfit.model import get_module, load_model
 from tightfit.stages import calibrate as calibrate_stage
+from tightfit.stages.allocate import Plan
 from tightfit.stages.sensitivity import SensitivityTable, measure_sensitivity
 
 
@@ -26,7 +29,7 @@ def measured(tiny_model_dir, tiny_text_file):
                                                  tokens=cal.tokens[:8])
     hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=False)
     formats = [parse_format("w2g32"), parse_format("w4g64")]
-    table = measure_sensitivity(loaded, hessians, formats, cal.tokens[8:], progress=False)
+    table = measure_sensitivity(loaded, hessians, formats, method="measured", slice_tokens=cal.tokens[8:], progress=False)
     return loaded, hessians, cal.tokens[8:], table
 
 
@@ -45,50 +48,138 @@ def test_measured_damage_is_the_kl_of_the_model_with_one_layer_quantized(measure
         linear.weight.data.copy_(original)
     kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
     assert kl > 0
-    assert table.measured[name]["w2g32"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
+    assert table.damages[name]["w2g32"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
 
 
 def test_fewer_bits_do_more_damage_and_table_round_trips(measured):
     _, _, slice_tokens, table = measured
     layers = list(table.shapes)
-    worse = sum(table.measured[l]["w2g32"] > table.measured[l]["w4g64"] for l in layers)
+    assert layers == list(table.proxy), "no embedding candidates: only the linear layers"
+    worse = sum(table.damages[l]["w2g32"] > table.damages[l]["w4g64"] for l in layers)
     assert worse >= 0.8 * len(layers)
     assert all(table.proxy[l]["w2g32"] > table.proxy[l]["w4g64"] for l in layers)
-    assert table.slice_tokens == slice_tokens.shape[0] * (slice_tokens.shape[1] - 1)
+    assert table.method == "measured" and table.tokens == slice_tokens.shape[0] * (slice_tokens.shape[1] - 1)
     again = SensitivityTable.from_json(json.loads(json.dumps(table.to_json())))
-    assert again.measured == table.measured and again.formats == table.formats
+    assert again == table
     assert set(table.rank_agreement()) == {"w2g32", "w4g64"}
+    with pytest.raises(ValueError, match="version 1 is not 2"):
+        SensitivityTable.from_json({**table.to_json(), "version": 1})
+
+
+# ---- the planner end to end ---------------------------------------------------------------------
+
+
+def _flags(text, tmp_path: Path, candidates: str = "w2g32,w4g64") -> list[str]:
+    return ["--candidates", candidates, "--calib-text", str(text), "--calib-samples", "8", "--calib-len", "64",
+            "--work", str(tmp_path / "work")]
 
 
 def test_plan_then_compress_with_the_plan(tiny_model_dir, tiny_text_file, tmp_path, capsys):
-    common = ["--candidates", "w2g32,w4g64", "--calib-text", str(tiny_text_file), "--calib-samples", "8", "--calib-len", "64",
-              "--work", str(tmp_path / "work")]
+    common = _flags(tiny_text_file, tmp_path)
     plan_file = tmp_path / "plan.json"
     assert main(["plan", str(tiny_model_dir), "--bpw", "3.4", "--out", str(plan_file), *common]) == 0
     printed = capsys.readouterr().out
-    assert "plan for" in printed and "Spearman" in printed
-    plan = json.loads(plan_file.read_text())
-    formats = set(plan["formats"].values())
-    assert formats == {"w2g32", "w4g64"}, "3.4 bits/weight lies between the candidates: the plan must mix them"
-    assert plan["bits_per_weight"] <= 3.4
+    assert "damage = Fisher-weighted GPTQ error (predicted KL)" in printed and "Spearman" not in printed
+    assert "embeddings and head: model.embed_tokens" in printed
+    plan = Plan.from_json(json.loads(plan_file.read_text()))
+    loaded = load_model(str(tiny_model_dir))
+    embeddings, head = loaded.arch.embeddings, loaded.arch.head  # the tiny llama's head is untied: two decisions
+    assert {embeddings, head} <= set(plan.formats) and not plan.pinned
+    linear = {f.name for n, f in plan.formats.items() if n not in (embeddings, head)}
+    assert linear == {"w2g32", "w4g64"}, "3.4 bits/weight lies between the candidates: the plan must mix them"
+    assert plan.bits_per_weight <= 3.4 and plan.formats[embeddings].name != "fp16"
+    assert plan.total_weights == sum(get_module(loaded.model, n).weight.numel() for n in plan.formats)
 
     # cached measurements: a second budget is solved without re-measuring (the work folder is reused)
-    before = (tmp_path / "work" / "sensitivity.json").stat().st_mtime_ns
+    cached = [tmp_path / "work" / f for f in ("sensitivity.json", "fisher.safetensors", "hessians.safetensors")]
+    before = [p.stat().st_mtime_ns for p in cached]
     assert main(["plan", str(tiny_model_dir), "--bpw", "4.0", "--out", str(tmp_path / "p2.json"), *common]) == 0
-    assert (tmp_path / "work" / "sensitivity.json").stat().st_mtime_ns == before
+    assert [p.stat().st_mtime_ns for p in cached] == before
 
     out = tmp_path / "mixed"
     assert main(["compress", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out), "--no-eval",
                  "--calib-text", str(tiny_text_file), "--calib-samples", "8", "--calib-len", "64"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {k: v["format"] for k, v in manifest["layers"].items()} == plan["formats"]
-    assert manifest["summary"]["bits_per_weight"] == pytest.approx(plan["bits_per_weight"])
+    assert {k: v["format"] for k, v in manifest["layers"].items()} == {n: f.name for n, f in plan.quantized.items()}
+    assert manifest["summary"]["bits_per_weight"] == pytest.approx(plan.bits_per_weight)
+
+    # --embed-format overrides the plan's embeddings and head
+    pinned = tmp_path / "pinned"
+    assert main(["compress", str(tiny_model_dir), "--plan", str(plan_file), "--embed-format", "fp16", "--out", str(pinned), "--no-eval",
+                 "--calib-text", str(tiny_text_file), "--calib-samples", "8", "--calib-len", "64"]) == 0
+    layers = json.loads((pinned / "manifest.json").read_text())["layers"]
+    assert embeddings not in layers and head not in layers and len(layers) == len(manifest["layers"]) - 2
 
 
-def test_impossible_budget_states_the_smallest_feasible(tiny_model_dir, tiny_text_file, tmp_path, capsys):
-    rc = main(["plan", str(tiny_model_dir), "--bpw", "1.0", "--out", str(tmp_path / "p.json"), "--candidates", "w2g32,w4g64",
-               "--calib-text", str(tiny_text_file), "--calib-samples", "8", "--calib-len", "64", "--slice-windows", "0",
-               "--work", str(tmp_path / "work")])
+def test_max_size_counts_the_whole_file(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    """The written tensor file fits --max-size: norms and header are taken off, the embeddings are planned."""
+    out = tmp_path / "small"
+    assert main(["compress", str(tiny_model_dir), "--max-size", "380KB", "--out", str(out), "--no-eval",
+                 *_flags(tiny_text_file, tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "outside the plan (norms, file header)" in printed
+    assert (out / TENSORS_FILE).stat().st_size <= 380_000
+    packed = load_packed(out)
+    assert "model.embed_tokens" in packed.layers, "fp16 embeddings and head do not fit: the plan quantizes them"
+
+
+def test_pinned_embeddings_stay_outside_the_plan(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", str(tiny_model_dir), "--max-size", "450KB", "--embed-format", "w8g32-sym", "--out", str(plan_file),
+                 *_flags(tiny_text_file, tmp_path)]) == 0
+    assert "pinned outside the plan" in capsys.readouterr().out
+    plan = Plan.from_json(json.loads(plan_file.read_text()))
+    assert {f.name for f in plan.pinned.values()} == {"w8g32-sym"} and not set(plan.pinned) & set(plan.formats)
+    assert set(plan.pinned) <= set(plan.quantized)
+    fixed = plan.budget.fixed_bytes
+    assert fixed > 200_000 + sum(parse_format("w8g32-sym").nbytes(384, 128).total for _ in plan.pinned) - 1
+    assert plan.total_bytes <= 450_000 - fixed
+
+
+def test_measured_and_proxy_sensitivity(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    common = _flags(tiny_text_file, tmp_path)
+    assert main(["plan", str(tiny_model_dir), "--bpw", "3.4", "--sensitivity", "measured", "--out", str(tmp_path / "m.json"), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "damage = KL increase on held-back text" in printed and "proxy vs measured rank agreement (Spearman)" in printed
+    assert main(["plan", str(tiny_model_dir), "--bpw", "3.4", "--sensitivity", "proxy", "--out", str(tmp_path / "p.json"), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "Hessian proxy" in printed and "pinned outside the plan" in printed
+    plan = Plan.from_json(json.loads((tmp_path / "p.json").read_text()))
+    assert {f.name for f in plan.pinned.values()} == {"fp16"} and not plan.pinned.keys() & plan.quantized.keys()
+    entries = json.loads((tmp_path / "work" / "sensitivity.json").read_text())["entries"]
+    assert [e["key"]["method"] for e in entries] == ["measured", "proxy"], "one cached table per method"
+
+
+def test_a_plan_mixes_spqr_and_uniform_layers_packs_reloads_and_runs(tiny_model_dir, tiny_text_file, tmp_path):
+    from tightfit.runtime import build_model
+    from tightfit.runtime.engine import FastBackend
+
+    out = tmp_path / "spqr"
+    assert main(["compress", str(tiny_model_dir), "--bpw", "3.3", "--out", str(out), "--no-eval",
+                 *_flags(tiny_text_file, tmp_path, "w2g32,spqr-w3g16-s3-o1.0,w4g64")]) == 0
+    packed = load_packed(out)
+    kinds = {type(q.fmt).__name__ for q in packed.layers.values()}
+    assert kinds == {"QuantFormat", "SpQRFormat"}, kinds
+    ids = torch.randint(4, 384, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = build_model(packed)(input_ids=ids).logits[0, -1]
+    fast = FastBackend(packed, max_positions=32, threads=1)
+    assert any("spqr" in layer for layer in fast.slow_layers)
+    assert torch.isfinite(logits).all() and int(fast.forward(ids[0].tolist()).argmax()) >= 0
+
+
+@pytest.mark.parametrize("flags, expected", [
+    # pinned embeddings (the proxy): w2g32 everywhere is 2 + 18/32 = 2.5625, shown rounded up
+    (["--bpw", "1.0", "--sensitivity", "proxy"], "the smallest possible is 2.57 bits/weight"),
+    # planned embeddings count: w4g32-sym (4.5 bits/weight) is their smallest candidate
+    (["--bpw", "1.0"], "the smallest possible is 3.05 bits/weight (every layer in its smallest format)"),
+    (["--max-size", "150KB"], "--max-size 0.1 MB cannot be met: the tensors outside the plan (norms) and the file header alone take 0.2 MB"),
+    (["--max-size", "260KB"], "budget 0.3 MB cannot be met: the smallest possible is 0.4 MB (every layer in its smallest format plus "
+                              "0.2 MB outside the plan)"),
+])
+def test_impossible_budgets_give_one_clean_line(tiny_model_dir, tiny_text_file, tmp_path, capsys, flags, expected):
+    rc = main(["plan", str(tiny_model_dir), *flags, "--out", str(tmp_path / "p.json"), *_flags(tiny_text_file, tmp_path)])
     assert rc == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("tightfit: error:") and "2.57" in err  # w2g32 everywhere: 2 + 18/32 = 2.5625, shown rounded up
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 or not err[-2].startswith("Traceback")
+    assert err[-1].startswith("tightfit: error:") and expected in err[-1]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tightfit.artifacts import FP16
 from tightfit.cli import _latency_ms, main
 from tightfit.errors import InfeasibleBudget
 from tightfit.formats.registry import parse_format
@@ -40,7 +41,7 @@ def fake_timers(monkeypatch):
 
     def model_ms(packed, config):
         calls["model"] += 1
-        return 5.0, 2.0  # decode ms per token, of which in the linear layers
+        return 5.0, 2.0, 0.5  # decode ms per token, of which in the linear layers, in the head
 
     monkeypatch.setattr(profile_stage.kernels, "time_matmul", time_matmul)
     monkeypatch.setattr(profile_stage, "measure_bandwidth_gb_s", bandwidth)
@@ -96,6 +97,22 @@ def test_in_context_scale_and_fixed_part(tmp_path, fake_timers):
         table.decode_ms((32, 32), "w2g32")
 
 
+def test_the_head_in_its_candidates_leaves_the_fixed_part(tmp_path, fake_timers):
+    """With the head profiled, the engine's head phase (0.5 of the 5 ms, fake_timers) leaves the fixed
+    part and scales the head's kernel times; fp16 runs the engine's fp16 kernel."""
+    head, w8 = (384, 128), parse_format("w8g32-sym")
+    table = profile_stage.profile(SHAPES, [parse_format("w2g32"), parse_format("w4g64")], FAST, LatencyCache(tmp_path / "latency.json"),
+                                  head=head, head_formats=[FP16, w8], architecture="arch", uniform_model=lambda fmt: None)
+    assert table.fixed_ms == pytest.approx(2.5) and table.head == head
+    assert profile_stage.kernel_of(FP16) == profile_stage.FP16_KERNEL and table.entry(head, FP16).kernel == "dense-fp16"
+    fp16_ms = 1e-6 * 384 * 128 * 32  # the fake kernel time of a dense matrix
+    assert table.head_scale == pytest.approx(0.5 / fp16_ms) and table.head_ms(FP16) == pytest.approx(0.5)
+    assert table.head_ms(w8) == pytest.approx(1e-6 * 384 * 128 * 8 * 0.5 / fp16_ms)
+    assert LatencyTable.from_json(json.loads(json.dumps(table.to_json()))) == table
+    with pytest.raises(KeyError, match="no head entries"):
+        _profile(tmp_path).head_ms(FP16)
+
+
 def test_fixed_part_is_timed_again_for_another_embedding_format_only(tmp_path, fake_timers):
     import dataclasses
 
@@ -149,6 +166,10 @@ def test_profile_of_a_tiny_llama_on_the_real_engine(tiny_model_dir, tmp_path, mo
     assert table.model_decode_ms > 0 and table.fixed_ms >= 0 and table.bandwidth_gb_s > 0
     assert table.kernel_sha256 == profile_stage.kernel_hash() and table.threads == 1
 
+    with_head = profile_model(loaded, formats, FAST, tmp_path, head_formats=[FP16, parse_format("w8g32-sym")])
+    assert with_head.head == (384, 128) and with_head.head_ms(FP16) > 0 and with_head.head_ms("w8g32-sym") > 0
+    assert 0 <= with_head.fixed_ms <= table.fixed_ms, "the head leaves the fixed part"
+
     monkeypatch.setattr(profile_stage.kernels, "time_matmul", lambda *a, **k: pytest.fail("timed a cached entry"))
     monkeypatch.setattr(profile_stage, "measure_model_decode", lambda *a: pytest.fail("re-timed the model"))
     assert profile_model(loaded, formats, FAST, tmp_path) == table
@@ -187,7 +208,7 @@ def test_compress_refuses_a_latency_budget_with_a_fixed_format(tiny_model_dir, t
 
 def _plan_flags(tiny_text_file, work):
     return ["--candidates", "w2g32,w4g64,spqr-w3g16-s3-o1.0", "--calib-text", str(tiny_text_file), "--calib-samples", "8",
-            "--calib-len", "64", "--slice-windows", "0", "--work", str(work)]
+            "--calib-len", "64", "--sensitivity", "proxy", "--work", str(work)]
 
 
 def test_latency_budget_plan_meets_it_and_an_impossible_one_names_the_fastest(tiny_model_dir, tiny_text_file, tmp_path, capsys, monkeypatch):
@@ -206,10 +227,12 @@ def test_latency_budget_plan_meets_it_and_an_impossible_one_names_the_fastest(ti
     formats = ("w2g32", "w4g64", "spqr-w3g16-s3-o1.0")
     from tightfit.pipeline import linear_layer_shapes, profile_model
 
-    table = profile_model(loaded, [parse_format(f) for f in formats], config, work)
+    # The proxy pins the embeddings and head to fp16: the head's time joins the fixed part.
+    table = profile_model(loaded, [parse_format(f) for f in formats], config, work, head_formats=[FP16])
+    fixed = table.fixed_ms + table.head_ms(FP16)
     layers = linear_layer_shapes(loaded)
-    fastest = table.fixed_ms + sum(min(table.decode_ms(s, f) for f in formats) for s in layers.values())
-    slowest = table.fixed_ms + sum(max(table.decode_ms(s, f) for f in formats) for s in layers.values())
+    fastest = fixed + sum(min(table.decode_ms(s, f) for f in formats) for s in layers.values())
+    slowest = fixed + sum(max(table.decode_ms(s, f) for f in formats) for s in layers.values())
     assert slowest > fastest  # the dense-fp32 SpQR candidate is slower than the quantized kernels
     monkeypatch.setattr(profile_stage.kernels, "time_matmul", lambda *a, **k: pytest.fail("timed a cached entry"))
 
@@ -218,18 +241,31 @@ def test_latency_budget_plan_meets_it_and_an_impossible_one_names_the_fastest(ti
     def plan(limit):
         request = PlanRequest(model=str(tiny_model_dir), budget=Budget(max_latency_ms=limit), work=work, formats=formats,
                               calibration=CalibrationConfig(text=str(tiny_text_file), n_samples=8, seq_len=64),
-                              slice_windows=0, profile=config, progress=False)
+                              sensitivity="proxy", profile=config, progress=False)
         return make_plan(request, loaded)
 
     limit = (fastest + slowest) / 2
     report = plan(limit)
-    predicted = table.fixed_ms + sum(table.decode_ms(layers[n], f) for n, f in report.plan.formats.items())
+    predicted = fixed + sum(table.decode_ms(layers[n], f) for n, f in report.plan.formats.items())
     assert report.plan.predicted_latency_ms == pytest.approx(predicted)
     assert report.plan.predicted_latency_ms <= limit
-    assert report.plan.budget.fixed_latency_ms == table.fixed_ms and report.latency == table
+    assert report.plan.budget.fixed_latency_ms == pytest.approx(fixed) and report.latency == table
+    assert report.plan.pinned == {loaded.arch.embeddings: FP16, loaded.arch.head: FP16}
 
     with pytest.raises(InfeasibleBudget, match=r"the fastest possible is [0-9.]+ ms/token"):
         plan(fastest * 0.9)
+
+    # Planned embeddings (the Fisher default): the untied head costs its kernel time, the lookup nothing.
+    monkeypatch.undo()
+    monkeypatch.setattr(profile_stage, "measure_bandwidth_gb_s", lambda config: 10.0)
+    request = PlanRequest(model=str(tiny_model_dir), budget=Budget(max_latency_ms=2 * slowest), work=work, formats=formats,
+                          calibration=CalibrationConfig(text=str(tiny_text_file), n_samples=8, seq_len=64), profile=config,
+                          progress=False)
+    planned = make_plan(request, loaded)
+    arch = loaded.arch
+    assert {c.latency_ms for c in planned.choices[arch.embeddings]} == {0.0}
+    assert [c.latency_ms for c in planned.choices[arch.head]] == [planned.latency.head_ms(c.fmt) for c in planned.choices[arch.head]]
+    assert planned.plan.budget.fixed_latency_ms == planned.latency.fixed_ms and not planned.plan.pinned
 
     rc = main(["--threads", "1", "plan", str(tiny_model_dir), "--max-latency", "1us", "--out", str(tmp_path / "p.json"),
                *_plan_flags(tiny_text_file, work)])
@@ -256,7 +292,7 @@ def test_pareto_writes_one_row_per_point_and_resumes(tiny_model_dir, tiny_text_f
     out = tmp_path / "pareto"
     common = ["--candidates", "w2g32,w4g64", "--method", "rtn", "--eval-windows", "2", "--text", str(tiny_text_file),
               "--ctx", "32", "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--calib-text", str(tiny_text_file),
-              "--calib-samples", "8", "--calib-len", "64", "--slice-windows", "0", "--work", str(tmp_path / "work"), "--out", str(out)]
+              "--calib-samples", "8", "--calib-len", "64", "--sensitivity", "proxy", "--work", str(tmp_path / "work"), "--out", str(out)]
     assert main(["pareto", str(tiny_model_dir), "--budgets", "3.4", *common]) == 0
     report = json.loads((out / "pareto.json").read_text())
     names = [p["name"] for p in report["points"]]
@@ -312,7 +348,7 @@ def test_pareto_with_gptq_uses_the_original_hessians_once(tiny_model_dir, tiny_t
     monkeypatch.setattr(pareto_sweep, "compress", lambda request, *a, **k: seen.append(k.get("hessians")) or real_compress(request, *a, **k))
     common = ["--candidates", "w2g32,w4g64", "--eval-windows", "1", "--text", str(tiny_text_file), "--ctx", "32",
               "--new-tokens", "2", "--repeats", "1", "--threads", "1", "--calib-text", str(tiny_text_file), "--calib-samples", "8",
-              "--calib-len", "64", "--slice-windows", "0", "--work", str(tmp_path / "work")]
+              "--calib-len", "64", "--sensitivity", "proxy", "--work", str(tmp_path / "work")]
     assert main(["pareto", str(tiny_model_dir), "--budgets", "3.4", *common, "--out", str(tmp_path / "p")]) == 0
     assert len(seen) == 3 and seen[0] is not None and all(h is seen[0] for h in seen), "one set of Hessians for every point"
     assert (tmp_path / "work" / "hessians.safetensors").is_file()

@@ -8,24 +8,57 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 
 from tightfit.formats.registry import AnyQuantizedTensor, Format, parse_format
+from tightfit.formats.spqr import SpQRFormat
+from tightfit.formats.table import LayerBytes, QuantFormat
 
 METHODS = ("gptq", "rtn")
 KEEP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Unquantized:
+    """The choice to leave a layer unquantized: a plan's `fp16`, stored as the kept tensors are
+    (2 bytes per weight), with no rounding error worth counting."""
+
+    @property
+    def name(self) -> str:
+        return "fp16"
+
+    def nbytes(self, out_features: int, in_features: int) -> LayerBytes:
+        """The fp16 values, counted as codes (no scales, zeros or outliers)."""
+        return LayerBytes(codes=2 * out_features * in_features, scales=0, zeros=0)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+FP16 = Unquantized()
+Choice = Union[QuantFormat, SpQRFormat, Unquantized]  # one candidate of a plan's layer: a format, or fp16
+
+
+def parse_choice(text: str) -> Choice:
+    """A format name (`parse_format`), or `fp16` for a layer left unquantized."""
+    return FP16 if isinstance(text, str) and text.strip().lower() == FP16.name else parse_format(text)
+
+
+def format_or_none(choice: Choice) -> Format | None:
+    """The format of a choice, None for fp16 (as QuantizeConfig.embed_format says it)."""
+    return None if isinstance(choice, Unquantized) else choice
 
 
 def config_to_json(config) -> dict:
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if isinstance(value, Format.__args__):
+        if isinstance(value, Choice.__args__):
             value = value.name
         elif isinstance(value, dict):
-            value = {k: v.name if isinstance(v, Format.__args__) else v for k, v in value.items()}
+            value = {k: v.name if isinstance(v, Choice.__args__) else v for k, v in value.items()}
         out[f.name] = value
     return out
 
@@ -67,14 +100,50 @@ class HessianSet:
 
 
 @dataclass(frozen=True)
+class FisherSet:
+    """The diagonal Fisher information of the original model's outputs on calibration windows.
+
+    One forward and backward per window scores log p(y_t) for next tokens y_t SAMPLED from the
+    model's own prediction (seeded), so E[g g^T] of its gradients g is the Fisher, not the
+    empirical Fisher of the text. T = windows * (seq_len - 1) scored positions; per position:
+      outputs[layer]  F [N] float32 = mean_t g_tj^2, g = d log p(y_t) / d (layer output), for every
+                      linear layer of the decoder blocks
+      embed_ids       [U] int64, the distinct input tokens of the windows
+      embed_fisher    [U, H] float32 = 1/T sum over positions t holding that token of g_tj^2,
+                      g = d log p(y_t) / d E[x_t], the embedding row of the input token x_t
+                      (a scaled embedding's factor included)
+      head_fisher     [V] float32 = mean_t p_tv (1 - p_tv): the exact diagonal Fisher of the logits
+      head_inputs     [H, H] float32 = mean_t h_t h_t^T of the head's input (the final norm's output)
+    """
+
+    config: CalibrationConfig
+    source_sha256: str
+    windows: int
+    seed: int
+    tokens: int
+    outputs: dict[str, torch.Tensor]
+    embed_ids: torch.Tensor
+    embed_fisher: torch.Tensor
+    head_fisher: torch.Tensor
+    head_inputs: torch.Tensor
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        u, h = self.embed_ids.shape[0], self.head_inputs.shape[0]
+        assert self.embed_ids.dtype == torch.int64 and self.embed_fisher.shape == (u, h), (self.embed_ids.shape, self.embed_fisher.shape)
+        assert self.head_inputs.shape == (h, h) and self.head_fisher.dim() == 1, (self.head_inputs.shape, self.head_fisher.shape)
+
+
+@dataclass(frozen=True)
 class QuantizeConfig:
     """How linear layers are quantized.
 
     method: "gptq" (error compensation with calibration Hessians) or "rtn" (round to nearest).
     fmt: the format of every linear layer inside the decoder blocks, unless `plan` names another.
-    plan: full layer name -> format, for mixed-precision plans (from the allocate stage).
-    embed_format: quantize the token embeddings (and an untied output head) to this format with
-        round-to-nearest; None keeps them in keep_dtype.
+    plan: full layer name -> format, for mixed-precision plans (from the allocate stage); it may
+        also name the token embeddings and an untied output head (those the plan quantizes).
+    embed_format: the format of the token embeddings and an untied output head that the plan
+        does not name, rounded to nearest; None keeps them in keep_dtype.
     keep_dtype: storage dtype of the tensors that stay unquantized (embeddings, head, norms).
     damp: GPTQ dampening, a fraction of the mean Hessian diagonal added to the diagonal.
     """
@@ -91,7 +160,12 @@ class QuantizeConfig:
     version: int = 1
 
     def format_of(self, layer: str) -> Format:
+        """The format of a linear layer of the decoder blocks."""
         return self.fmt if self.plan is None else self.plan.get(layer, self.fmt)
+
+    def embedding_format(self, layer: str) -> Format | None:
+        """The format of the token embeddings or an untied head; None: kept in keep_dtype."""
+        return self.embed_format if self.plan is None else self.plan.get(layer, self.embed_format)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

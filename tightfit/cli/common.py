@@ -11,6 +11,7 @@ EXAMPLES = """\
 examples:
   tightfit compress smollm2-135m --format w3g64 --method gptq --out out/smollm2-w3g64
   tightfit compress smollm2-135m --bpw 3.0 --out out/smollm2-3.0     (mixed precision, planned)
+  tightfit compress smollm2-135m --max-size 70MB --out out/smollm2-70mb  (the whole file, embeddings planned too)
   tightfit plan smollm2-135m --max-size 80MB --out plan.json
   tightfit plan smollm2-135m --bpw 4.0 --max-latency 8ms --out plan.json   (size and speed on this machine)
   tightfit profile smollm2-135m --threads 2
@@ -91,8 +92,9 @@ def _calibration_config(args) -> "CalibrationConfig":
 
 def _add_embed_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embed-format", default=None,
-                   help="also quantize the token embeddings (and an untied output head) to this format with "
-                        "round-to-nearest, e.g. w8g64 or w6g64; default: keep them in fp16")
+                   help="the format of the token embeddings (and an untied output head), rounded to nearest, e.g. "
+                        "w8g32-sym, or fp16 (unquantized). With the planner it pins them; default: the plan chooses "
+                        "among fp16, w8g32-sym, w6g32, w5g32, w4g32-sym. With --format the default is fp16")
 
 
 def _status(message: str) -> None:

@@ -36,7 +36,8 @@ def add_parsers(sub) -> None:
     c.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder (config.json + *.safetensors)")
     target = c.add_mutually_exclusive_group()
     target.add_argument("--format", help=FORMAT_HELP)
-    target.add_argument("--bpw", type=float, help="mixed precision: average bits per weight of the quantized layers, every overhead counted (e.g. 3.0); runs the planner")
+    target.add_argument("--bpw", type=float, help="mixed precision: average bits per weight of the planned layers (linear layers, "
+                        "embeddings and head), every overhead counted (e.g. 3.0); runs the planner")
     target.add_argument("--max-size", type=_size, help="mixed precision: size of the whole packed tensor file, e.g. 60MB or 0.5GB (MB = 10^6 bytes); runs the planner")
     target.add_argument("--plan", type=Path, help="mixed precision: a plan JSON written by `tightfit plan`")
     c.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="gptq: error compensation from calibration Hessians (default); rtn: round to nearest with a clipping search")
@@ -109,9 +110,9 @@ def _result_table(rows: list[dict]) -> str:
 
 
 def _cmd_compress(args) -> int:
-    from tightfit.artifacts import CalibrationConfig, QuantizeConfig
     from collections import Counter
 
+    from tightfit.artifacts import QuantizeConfig, format_or_none, parse_choice
     from tightfit.formats.registry import parse_format
     from tightfit.model import load_model
     from tightfit.pipeline import CompressRequest, compress, make_plan
@@ -138,13 +139,18 @@ def _cmd_compress(args) -> int:
             planned = make_plan(_plan_request(args, _budget(args, loaded)), loaded, on_stage=_status)
             _print_plan(planned)
             plan = planned.plan
-        fmt = Counter(plan.formats.values()).most_common(1)[0][0]
+        fmt = Counter(plan.quantized.values()).most_common(1)[0][0]
     calibration = _calibration_config(args)
+    embed = None if args.embed_format is None else format_or_none(parse_choice(args.embed_format))
+    layers = None
+    if plan is not None:
+        layers = plan.quantized
+        if args.embed_format is not None:  # pins the embeddings and head, whatever the plan says
+            layers = {n: f for n, f in layers.items() if n not in (loaded.arch.embeddings, loaded.arch.head)}
     qdefaults = QuantizeConfig(fmt=fmt)
     qconfig = dataclasses.replace(
         qdefaults, method=args.method, damp=qdefaults.damp if args.damp is None else args.damp,
-        act_order=not args.no_act_order, plan=None if plan is None else dict(plan.formats),
-        embed_format=None if args.embed_format is None else parse_format(args.embed_format),
+        act_order=not args.no_act_order, plan=layers, embed_format=embed,
     )
     if not 0 < qconfig.damp < 1:
         raise TightfitError(f"--damp must lie between 0 and 1, got {qconfig.damp}")

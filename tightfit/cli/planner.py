@@ -22,57 +22,66 @@ def _add_planner_flags(p: argparse.ArgumentParser) -> None:
     from tightfit.pipeline import DEFAULT_CANDIDATES
 
     p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
-                   help=f"planner: comma-separated candidate formats per layer (default {','.join(DEFAULT_CANDIDATES)})")
-    p.add_argument("--slice-windows", type=int, default=1,
-                   help="planner: held-back calibration windows for the measured sensitivity; 0 uses the Hessian proxy only (default 1)")
+                   help=f"planner: comma-separated candidate formats per linear layer (default {','.join(DEFAULT_CANDIDATES)})")
+    _add_sensitivity_flag(p)
     p.add_argument("--work", type=Path, default=None,
-                   help="planner: cache folder for Hessians, sensitivities and kernel timings (default .tightfit-cache/)")
+                   help="planner: cache folder for Hessians, Fisher statistics, sensitivities and kernel timings (default .tightfit-cache/)")
     p.add_argument("--max-latency", type=_latency_ms, default=None,
                    help="planner: predicted decode time per token on this machine, e.g. 8ms or 750us; alone or with "
                         "--bpw/--max-size. Profiles the kernels at --threads (global flag; cached in --work)")
     p.add_argument("--predict-latency", action="store_true",
                    help="planner: profile this machine and print each layer's predicted decode ms, without a latency limit")
-    p.add_argument("--refine", type=int, default=0, metavar="GENERATIONS",
-                   help="planner: after the integer program, search around its plan for GENERATIONS rounds on the real KL "
-                        "of whole plans (EvoPress: layer errors do not simply add up); about 20-30 s per round for a "
-                        "135M model on 2 cores, e.g. --refine 24 (default 0: off)")
-    p.add_argument("--refine-windows", type=_positive_int, default=4,
-                   help="planner: held-back calibration windows on which --refine measures KL (default 4)")
+
+
+def _add_sensitivity_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sensitivity", choices=("fisher", "measured", "proxy"), default="fisher",
+                   help="planner: how each layer's damage in each format is scored. fisher (default): the KL increase "
+                        "predicted from the Fisher information of the layer's outputs and its GPTQ error (one forward and "
+                        "backward over 8 calibration windows; minutes); measured: the KL increase on a held-back window "
+                        "with only that layer quantized (one forward per layer and format: 20+ min for a 135M model); "
+                        "proxy: the GPTQ objective alone (fastest, ranks layers poorly; embeddings stay fp16)")
+
+
+def _candidates(text: str, flag: str) -> tuple[str, ...]:
+    from tightfit.formats.registry import parse_format
+
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    if not formats:
+        raise TightfitError(f"{flag} needs at least one format")
+    for f in formats:
+        parse_format(f)
+    return formats
+
+
+def _embed_formats(args) -> tuple[str, ...]:
+    """The planner's embedding candidates: the one --embed-format pins, else the defaults."""
+    from tightfit.artifacts import parse_choice
+    from tightfit.pipeline import DEFAULT_EMBED_CANDIDATES
+
+    if args.embed_format is None:
+        return DEFAULT_EMBED_CANDIDATES
+    return (parse_choice(args.embed_format).name,)
 
 
 def _plan_request(args, budget) -> "PlanRequest":
     from tightfit.pipeline import PlanRequest
 
-    if args.slice_windows < 0:
-        raise TightfitError(f"--slice-windows must be 0 or more, got {args.slice_windows}")
-    if args.refine < 0:
-        raise TightfitError(f"--refine must be 0 (off) or a number of generations, got {args.refine}")
-    formats = tuple(f.strip() for f in args.candidates.split(",") if f.strip())
-    from tightfit.formats.registry import parse_format
-
-    for f in formats:
-        parse_format(f)
     work = args.work or Path(".tightfit-cache")
     profile = None
     if args.max_latency is not None or args.predict_latency:
         from tightfit.runtime.engine import default_threads
         from tightfit.stages.profile import ProfileConfig
 
-        profile = ProfileConfig(threads=args.threads or default_threads(), embed_format=getattr(args, "embed_format", None))
-    refine = None
-    if args.refine:
-        from tightfit.algorithms.evopress import EvolutionConfig
-
-        refine = EvolutionConfig(generations=args.refine)
-    return PlanRequest(model=args.model, budget=budget, work=work, formats=formats, slice_windows=args.slice_windows,
-                       calibration=_calibration_config(args), profile=profile, refine=refine,
-                       refine_windows=args.refine_windows)
+        profile = ProfileConfig(threads=args.threads or default_threads())
+    return PlanRequest(model=args.model, budget=budget, work=work, formats=_candidates(args.candidates, "--candidates"),
+                       embed_formats=_embed_formats(args), sensitivity=args.sensitivity,
+                       calibration=_calibration_config(args), profile=profile)
 
 
 def _budget(args, loaded) -> "Budget":
-    """--bpw applies to the quantized layers; --max-size to the whole file (`file_budget` takes the
-    unquantized tensors and the file header off first)."""
-    from tightfit.pipeline import file_budget
+    """--bpw applies to the plan's layers; --max-size to the whole file (`file_budget` takes the
+    tensors outside the plan and the file header off first)."""
+    from tightfit.pipeline import file_budget, pinned_embeddings
     from tightfit.stages.allocate import Budget
 
     if args.bpw is None and args.max_size is None and args.max_latency is None:
@@ -83,54 +92,59 @@ def _budget(args, loaded) -> "Budget":
         return Budget(max_bpw=args.bpw, max_latency_ms=args.max_latency)
     if args.max_size is None:
         return Budget(max_latency_ms=args.max_latency)
-    return file_budget(loaded, args.max_size, args.max_latency, args.embed_format)
+    return file_budget(loaded, args.max_size, args.max_latency, pinned_embeddings(_embed_formats(args), args.sensitivity))
 
 
 def _print_plan(report) -> None:
+    from collections import Counter
+
+    from tightfit.stages.sensitivity import METHOD_TEXT
+
     plan, table, latency = report.plan, report.sensitivity, report.latency
     ms_head = f" {'ms':>8}" if latency is not None else ""
     print(f"{'layer':<40} {'format':<10} {'bytes':>9} {'bpw':>6} {'damage':>10}{ms_head}")
     for name, fmt in plan.formats.items():
         n, k = table.shapes[name]
-        b = table.nbytes[name][fmt.name]
-        ms = f" {latency.decode_ms((n, k), fmt):>8.4f}" if latency is not None else ""
-        print(f"{name:<40} {fmt.name:<10} {b:>9} {8 * b / (n * k):>6.2f} {table.damage(name, fmt):>10.2e}{ms}")
-    from collections import Counter
-
+        choice = next(c for c in report.choices[name] if c.fmt == fmt)
+        ms = f" {choice.latency_ms:>8.4f}" if latency is not None else ""
+        print(f"{name:<40} {fmt.name:<10} {choice.nbytes:>9} {8 * choice.nbytes / (n * k):>6.2f} {choice.sensitivity:>10.2e}{ms}")
     mix = ", ".join(f"{f} x{c}" for f, c in Counter(f.name for f in plan.formats.values()).most_common())
-    what = "KL increase on held-back text" if table.measured is not None else "Hessian proxy"
-    print(f"plan for {plan.budget.describe()}: {plan.bits_per_weight:.3f} bits/weight, {plan.total_bytes / 1e6:.2f} MB of quantized layers; {mix}")
-    print(f"damage = {what}; predicted total {plan.predicted_loss:.4g}")
+    fixed = plan.budget.fixed_bytes
+    outside = f" + {fixed / 1e6:.2f} MB outside the plan (norms, file header)" if fixed else ""
+    print(f"plan for {plan.budget.describe()}: {plan.bits_per_weight:.3f} bits/weight, {plan.total_bytes / 1e6:.2f} MB of "
+          f"planned layers{outside}; {mix}")
+    outer = {n: f for n, f in plan.formats.items() if n not in table.proxy} or plan.pinned
+    how = "" if not plan.pinned else ", pinned outside the plan (--embed-format, or the proxy: fp16)"
+    tied = " (tied to the head: one decision)" if len(outer) == 1 else ""
+    print("embeddings and head: " + ", ".join(f"{n} {f.name}" for n, f in outer.items()) + tied + how)
+    unit = "nats/token" if table.method != "proxy" else "(no unit)"
+    print(f"damage = {METHOD_TEXT[table.method]}; predicted total {plan.predicted_loss:.4g} {unit}")
     if latency is not None and plan.predicted_latency_ms is not None:
-        fixed = plan.budget.fixed_latency_ms
+        fixed_ms = plan.budget.fixed_latency_ms
         print(f"predicted decode {plan.predicted_latency_ms:.3f} ms/token ({1e3 / plan.predicted_latency_ms:.1f} tok/s): "
-              f"layers {plan.predicted_latency_ms - fixed:.3f} ms + the rest (attention, norms, head) {fixed:.3f} ms; "
+              f"layers and head {plan.predicted_latency_ms - fixed_ms:.3f} ms + the rest (attention, norms) {fixed_ms:.3f} ms; "
               f"{latency.threads} threads on {latency.cpu}")
     agreement = table.rank_agreement()
     if agreement:
         print("proxy vs measured rank agreement (Spearman): " + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items()))
-    r = report.refinement
-    if r is not None:
-        moved = sum(report.milp_plan.formats[n] != f for n, f in plan.formats.items())
-        screen, full = r.evaluations
-        print(f"refined (EvoPress, {len(r.history)} generations, {screen} + {full} plans scored): KL on held-back text "
-              f"{r.start_loss:.4g} (integer program's plan) -> {r.loss:.4g}, {moved} layers changed format")
 
 
 def add_parsers(sub) -> None:
     pl = sub.add_parser(
         "plan",
         help="choose one format per layer under a size and/or latency budget and write the plan as JSON",
-        description="Calibrate, collect each layer's Hessian, measure every layer's sensitivity to every candidate "
-        "format (the GPTQ proxy, and the KL increase on held-back text when only that layer is quantized), then solve "
-        "an integer program (HiGHS) for the plan with the least predicted damage within the budget. Measurements are "
-        "cached in --work, so further budgets are instant. `tightfit compress MODEL --plan PLAN.json` applies it.",
+        description="Calibrate, collect each layer's Hessian and the Fisher information of its outputs, score every "
+        "layer in every candidate format (by default the KL increase predicted from its GPTQ error and the Fisher "
+        "information; see --sensitivity), then solve an integer program (HiGHS) for the plan with the least predicted "
+        "damage within the budget. The token embeddings and an untied head are layers of the plan too (fp16, "
+        "w8g32-sym, w6g32, w5g32 or w4g32-sym; --embed-format pins them). Measurements are cached in --work, so further "
+        "budgets are instant. `tightfit compress MODEL --plan PLAN.json` applies it.",
         epilog="example:\n  tightfit plan smollm2-135m --bpw 3.0 --out plan-3.0.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pl.add_argument("model", help="'smollm2-135m' (built in), a .gguf file, or a transformers folder")
     budget = pl.add_mutually_exclusive_group()
-    budget.add_argument("--bpw", type=float, help="average bits per weight of the quantized layers (e.g. 3.0)")
+    budget.add_argument("--bpw", type=float, help="average bits per weight of the plan's layers, embeddings and head included (e.g. 3.0)")
     budget.add_argument("--max-size", type=_size, help="size of the whole packed tensor file, e.g. 60MB")
     pl.add_argument("--out", type=Path, required=True, help="where to write the plan JSON")
     _add_calibration_flags(pl)
@@ -146,7 +160,8 @@ def add_parsers(sub) -> None:
         "runs them as dense fp32, so they are timed as such. Calls cycle through copies of the matrix larger than the "
         "cache, so weights stream from memory as in a real decode step. Then the whole model decodes on the engine once "
         "per format: its phase timers scale each format's kernel times to what they cost in context, and what is not a "
-        "linear layer (attention, norms, head) is the fixed part. Also measures the read bandwidth. Timings are cached per "
+        "linear layer or the head (attention, norms) is the fixed part; the head (the token embeddings when tied) is "
+        "timed in each embedding candidate. Also measures the read bandwidth. Timings are cached per "
         "machine, thread count and kernel version in --work: a second run is instant.",
         epilog="example:\n  tightfit profile smollm2-135m --threads 2 --out latency.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -185,7 +200,7 @@ def add_parsers(sub) -> None:
     pa.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's thread count)")
     _add_calibration_flags(pa)
     pa.add_argument("--candidates", default=None, help="comma-separated candidate formats, each also a uniform point (default: the planner's)")
-    pa.add_argument("--slice-windows", type=int, default=1, help="planner: held-back windows for the measured sensitivity (default 1)")
+    _add_sensitivity_flag(pa)
     pa.add_argument("--work", type=Path, default=None, help="planner cache folder (default .tightfit-cache/)")
 
 
@@ -203,43 +218,44 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_profile(args) -> int:
+    from tightfit.artifacts import format_or_none, parse_choice
     from tightfit.formats.registry import parse_format
-    from tightfit.formats.table import QuantFormat
     from tightfit.model import load_model
-    from tightfit.pipeline import DEFAULT_CANDIDATES, LATENCY_CACHE_FILE, linear_layer_shapes, profile_model
+    from tightfit.pipeline import DEFAULT_CANDIDATES, DEFAULT_EMBED_CANDIDATES, LATENCY_CACHE_FILE, linear_layer_shapes, profile_model
     from tightfit.runtime.engine import default_threads
     from tightfit.stages.profile import DENSE_KERNEL, ProfileConfig
 
     names = list(DEFAULT_CANDIDATES) + [f.strip() for f in args.formats.split(",") if f.strip()]
     formats = list(dict.fromkeys(parse_format(f) for f in names))
-    if args.embed_format is not None:
-        parse_format(args.embed_format)
-    config = ProfileConfig(threads=args.threads or default_threads(), embed_format=args.embed_format)
+    head_formats = [parse_choice(f) for f in DEFAULT_EMBED_CANDIDATES]
+    embed = None if args.embed_format is None else format_or_none(parse_choice(args.embed_format))
+    config = ProfileConfig(threads=args.threads or default_threads(), embed_format=None if embed is None else embed.name)
     work = args.work or Path(".tightfit-cache")
     _status(f"loading {args.model}")
     loaded = load_model(args.model)
-    table = profile_model(loaded, formats, config, work, on_stage=_status)
-    layers = linear_layer_shapes(loaded)
+    table = profile_model(loaded, formats, config, work, on_stage=_status, head_formats=head_formats)
     count = {}
-    for shape in layers.values():
+    for shape in linear_layer_shapes(loaded).values():
         count[shape] = count.get(shape, 0) + 1
     print(f"{'shape NxK':<12} {'layers':>6} {'format':<20} {'kernel':<12} {'decode ms':>10} {'GB/s':>6} {'in model':>9} {'prefill ms':>11}")
-    for e in table.entries:
-        fmt = parse_format(e.fmt)
-        nbytes = fmt.nbytes(*e.shape).total if isinstance(fmt, QuantFormat) else 4 * e.shape[0] * e.shape[1]
-        print(f"{e.shape[0]:>5}x{e.shape[1]:<6} {count[e.shape]:>6} {e.fmt:<20} {e.kernel:<12} {e.decode_ms:>10.4f} "
-              f"{nbytes / e.decode_ms / 1e6:>6.1f} {table.decode_ms(e.shape, e.fmt):>9.4f} {e.prefill_ms:>11.4f}")
+    rows = [(e, count[e.shape], table.decode_ms(e.shape, e.fmt)) for e in table.entries
+            if e.shape in count and parse_choice(e.fmt) in formats]
+    rows += [(table.entry(table.head, f), "head", table.head_ms(f)) for f in head_formats]
+    for e, layers, in_model in rows:
+        nbytes = 4 * e.shape[0] * e.shape[1] if e.kernel == DENSE_KERNEL else parse_choice(e.fmt).nbytes(*e.shape).total
+        print(f"{e.shape[0]:>5}x{e.shape[1]:<6} {layers:>6} {e.fmt:<20} {e.kernel:<12} "
+              f"{e.decode_ms:>10.4f} {nbytes / e.decode_ms / 1e6:>6.1f} {in_model:>9.4f} {e.prefill_ms:>11.4f}")
     print(f"decode = {table.decode_m} row, prefill = {table.prefill_m} rows per call; median of {config.repeats} timed calls "
           f"after a warm-up, weights streamed from memory; GB/s = bytes of the layer read per decode call; in model = "
           f"decode ms x the format's in-context scale (the engine's own timers in a whole-model decode)")
     if table.context_scale:
-        print("in-context scale  " + ", ".join(f"{k} {v:.2f}" for k, v in table.context_scale.items()))
+        print("in-context scale  " + ", ".join(f"{k} {v:.2f}" for k, v in table.context_scale.items()) + f", head {table.head_scale:.2f}")
     if any(e.kernel == DENSE_KERNEL for e in table.entries):
         print("SpQR formats have no fast kernel yet: the engine runs them as dense fp32, and that is what is timed")
     print(f"read bandwidth    {table.bandwidth_gb_s:8.1f} GB/s ({table.threads} threads, {table.cpu})")
     print(f"whole model       {table.model_decode_ms:8.3f} ms/token decode in {table.fixed_format} (short context)")
-    print(f"fixed part        {table.fixed_ms:8.3f} ms/token (attention, norms, embeddings, head, waits = whole model - its "
-          "layers, median over the formats)")
+    print(f"fixed part        {table.fixed_ms:8.3f} ms/token (attention, norms, embedding lookup, waits = whole model - its "
+          "layers and head, median over the formats)")
     print(f"kernel            sha256 {table.kernel_sha256[:16]}...; timings cached in {work / LATENCY_CACHE_FILE}")
     if args.out is not None:
         from tightfit.formats.files import atomic_write_json
@@ -251,24 +267,21 @@ def _cmd_profile(args) -> int:
 
 def _cmd_pareto(args) -> int:
     from tightfit import report as report_mod
+    from tightfit.artifacts import parse_choice
     from tightfit.evaluate import FAST_WINDOWS, EvalConfig
-    from tightfit.formats.registry import parse_format
     from tightfit.model import load_model
     from tightfit.pipeline import DEFAULT_CANDIDATES, ParetoRequest, pareto
     from tightfit.runtime.engine import default_threads
 
     budgets = _float_list(args.budgets, "--budgets")
-    formats = tuple(f.strip() for f in (args.candidates or ",".join(DEFAULT_CANDIDATES)).split(",") if f.strip())
-    for f in [*formats, *([args.embed_format] if args.embed_format else [])]:
-        parse_format(f)
-    if args.slice_windows < 0:
-        raise TightfitError(f"--slice-windows must be 0 or more, got {args.slice_windows}")
+    formats = _candidates(args.candidates or ",".join(DEFAULT_CANDIDATES), "--candidates")
+    embed = None if args.embed_format is None else parse_choice(args.embed_format).name
     request = ParetoRequest(
         model=args.model, out=args.out, work=args.work or Path(".tightfit-cache"), threads=args.threads or default_threads(),
         budgets=budgets, formats=formats, method=args.method, calibration=_calibration_config(args),
         evaluation=EvalConfig(text=args.text, n_windows=args.eval_windows or FAST_WINDOWS, ctx=args.ctx),
-        slice_windows=args.slice_windows, sequential=args.sequential, new_tokens=args.new_tokens, repeats=args.repeats,
-        embed_format=args.embed_format,
+        sensitivity=args.sensitivity, sequential=args.sequential, new_tokens=args.new_tokens, repeats=args.repeats,
+        embed_format=embed,
     )
     _status(f"loading {args.model}")
     report = pareto(request, load_model(args.model), on_stage=_status)

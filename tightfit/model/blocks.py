@@ -66,6 +66,17 @@ def block_list(model: nn.Module, arch: Architecture) -> nn.ModuleList:
     return blocks
 
 
+def linear_layer_names(model: nn.Module, arch: Architecture) -> list[str]:
+    """Full names of the linear layers of the decoder blocks, block by block: `model.layers.0.self_attn.q_proj`, ..."""
+    return [f"{arch.blocks}.{i}.{n}" for i in range(len(block_list(model, arch))) for n in arch.linear_names]
+
+
+def embedding_layers(model: nn.Module, arch: Architecture) -> list[str]:
+    """The token embeddings, and the output head unless it shares the embeddings' weight (tied)."""
+    emb, head = get_module(model, arch.embeddings), get_module(model, arch.head)
+    return [arch.embeddings] + ([] if head.weight.data_ptr() == emb.weight.data_ptr() else [arch.head])
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_size: int) -> BlockInputs:
     """tokens [S, T] int64 -> hidden states entering block 0 and the extra inputs of every block."""

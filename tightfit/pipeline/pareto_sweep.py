@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json
+from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json, format_or_none, parse_choice
 from tightfit.errors import TightfitError
 from tightfit.evaluate import FAST_WINDOWS, EvalConfig
 from tightfit.formats.packed import PackedModel, load_packed
@@ -33,7 +33,9 @@ class ParetoRequest:
     sequential: GPTQ collects each point's Hessians through its already-quantized layers (the
                `compress` default, slower); False: every point uses the original model's
                Hessians, collected once and cached in `work` (as the planner does)
-    embed_format: format of every point's token embeddings and output head (None: fp16)
+    embed_format: format of every point's token embeddings and output head (None: fp16), planned
+               points included, so that every point has the same embeddings
+    sensitivity: the planner's sensitivity method (stages.sensitivity METHODS)
     threads, prompt_tokens, new_tokens, repeats: the decode speed measurement (fast engine)
     bandwidth_mb: buffer of the read-bandwidth measurement
     """
@@ -47,7 +49,7 @@ class ParetoRequest:
     method: str = "gptq"
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvalConfig = EvalConfig(n_windows=FAST_WINDOWS)
-    slice_windows: int = 1
+    sensitivity: str = "fisher"
     sequential: bool = False
     embed_format: str | None = None
     prompt_tokens: int = 32
@@ -60,7 +62,7 @@ class ParetoRequest:
 def _pareto_settings(request: ParetoRequest, loaded: LoadedModel) -> dict:
     return {
         "model": request.model, "source_sha256": loaded.source.sha256(), "method": request.method,
-        "calibration": config_to_json(request.calibration), "slice_windows": request.slice_windows,
+        "calibration": config_to_json(request.calibration), "sensitivity": request.sensitivity,
         "candidates": list(request.formats), "sequential": request.sequential, "embed_format": request.embed_format,
         "eval_text": request.evaluation.text, "eval_windows": request.evaluation.n_windows,
         "eval_ctx": request.evaluation.ctx, "threads": request.threads, "prompt_tokens": request.prompt_tokens,
@@ -116,7 +118,7 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
         add(report_mod.ParetoPoint(name=name, kind="original", size_mb=original_packed(loaded).kept_bytes() / 1e6,
                                    kl=0.0, top1=1.0))
 
-    embed = None if request.embed_format is None else parse_format(request.embed_format)
+    embed = format_or_none(parse_choice(request.embed_format or "fp16"))
     hessians = None
     if request.method == "gptq" and not request.sequential:
         hessians = original_hessians(loaded, request.calibration, Path(request.work), request.progress, on_stage)
@@ -142,7 +144,8 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
         if name in report.names():
             continue
         plan_request = PlanRequest(model=request.model, budget=Budget(max_bpw=bpw), work=request.work, formats=request.formats,
-                                   calibration=request.calibration, slice_windows=request.slice_windows, progress=request.progress)
+                                   embed_formats=(request.embed_format or "fp16",), sensitivity=request.sensitivity,
+                                   calibration=request.calibration, progress=request.progress)
         try:
             plan = make_plan(plan_request, loaded, on_stage=on_stage).plan
         except InfeasibleBudget as e:
@@ -151,8 +154,8 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
             continue
         from collections import Counter
 
-        fmt = Counter(plan.formats.values()).most_common(1)[0][0]
-        measure(name, "planned", QuantizeConfig(fmt=fmt, method=request.method, plan=dict(plan.formats), embed_format=embed),
+        fmt = Counter(plan.quantized.values()).most_common(1)[0][0]
+        measure(name, "planned", QuantizeConfig(fmt=fmt, method=request.method, plan=plan.quantized, embed_format=embed),
                 f"planned-{bpw:.2f}")
 
     on_stage(f"timing decode of every point side by side: {request.repeats} round-robin rounds")

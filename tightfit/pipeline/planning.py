@@ -1,7 +1,8 @@
-"""Plan one format per layer under a budget: [profile ->] calibrate -> Hessians -> sensitivity -> allocate [-> refine].
+"""Plan one candidate per layer under a budget: [profile ->] calibrate -> Hessians [+ Fisher] -> sensitivity -> allocate.
 
-Hessians, sensitivities, kernel timings and the refined plan are cached in the work folder, so
-further budgets on the same model are instant.
+The plan's layers are the linear layers of the decoder blocks, the token embeddings and an untied
+output head (a tied one is the embeddings' decision). Hessians, Fisher statistics, sensitivities
+and kernel timings are cached in the work folder, so further budgets on the same model are instant.
 """
 
 from __future__ import annotations
@@ -13,84 +14,111 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tightfit.algorithms.evopress import EvolutionConfig
-from tightfit.artifacts import CalibrationConfig, CalibrationSet, HessianSet, config_to_json
+from tightfit.artifacts import CalibrationConfig, CalibrationSet, Choice, FisherSet, HessianSet, config_to_json, parse_choice
 from tightfit.errors import InfeasibleBudget
 from tightfit.formats.files import atomic_write_json
 from tightfit.formats.registry import parse_format
 from tightfit.model import LoadedModel, get_module, load_model
+from tightfit.model.blocks import embedding_layers, linear_layer_names
 from tightfit.pipeline.profiling import default_profile_config, profile_model
 from tightfit.stages import allocate as allocate_stage
 from tightfit.stages import calibrate as calibrate_stage
 from tightfit.stages import quantize as quantize_stage
 from tightfit.stages import sensitivity as sensitivity_stage
-from tightfit.stages.allocate import Budget, Plan, Refinement
+from tightfit.stages.allocate import Budget, Plan
 from tightfit.stages.profile import LatencyTable, ProfileConfig
-from tightfit.stages.sensitivity import SensitivityTable
+from tightfit.stages.sensitivity import METHODS, SensitivityTable
 
 DEFAULT_CANDIDATES = ("w2g64", "w2g32", "w3g128", "w3g64", "w3g32", "w4g128", "w4g64", "w6g128")
+# The embeddings and head: unquantized, or a format the engine has a kernel for (8/6/5/4 bits in
+# groups of 32: measured on smollm2-135m's tied embedding, 3 bits costs ~0.34 nats/token).
+DEFAULT_EMBED_CANDIDATES = ("fp16", "w8g32-sym", "w6g32", "w5g32", "w4g32-sym")
+SENSITIVITY_FILE = "sensitivity.json"
 
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """Choose one format per layer under a budget: calibrate -> Hessians -> sensitivity -> allocate.
+    """Choose one candidate per layer under a budget: calibrate -> Hessians -> sensitivity -> allocate.
 
-    slice_windows: held-back calibration windows on which each (layer, format) is measured
-    (0: the Hessian proxy alone). Hessians and sensitivities are cached in `work`.
-    profile: how to time the layers on this machine (profile stage; timings cached in `work`).
-    None: profile only when the budget has a latency limit, then with ProfileConfig's defaults
-    at the engine's default thread count.
-    refine: EvoPress search from the MILP plan on the real KL of whole plans over refine_windows
-    held-back windows (the first one screens children); None: the MILP plan as it is. The refined
-    plan is cached in `work` too.
+    formats:        candidates of the linear layers of the decoder blocks
+    embed_formats:  candidates of the token embeddings and an untied head (`fp16`: unquantized).
+                    One name pins them: they are then outside the plan (`Plan.pinned`), as they
+                    are with the proxy, which has no measure for them (pinned to fp16 unless one
+                    name is given).
+    sensitivity:    how each (layer, candidate) is scored (stages.sensitivity METHODS): "fisher"
+                    from fisher_windows calibration windows, "measured" on slice_windows held-back
+                    windows, or "proxy" (the GPTQ objective). Cached in `work` with the Hessians.
+    profile:        how to time the layers on this machine (profile stage; timings cached in
+                    `work`). None: profile only when the budget has a latency limit, then with
+                    ProfileConfig's defaults at the engine's default thread count.
     """
 
     model: str
     budget: Budget
     work: Path
     formats: tuple[str, ...] = DEFAULT_CANDIDATES
+    embed_formats: tuple[str, ...] = DEFAULT_EMBED_CANDIDATES
+    sensitivity: str = "fisher"
     calibration: CalibrationConfig = CalibrationConfig()
+    fisher_windows: int = 8
     slice_windows: int = 1
     profile: ProfileConfig | None = None
-    refine: EvolutionConfig | None = None
-    refine_windows: int = 4
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sensitivity not in METHODS:
+            raise ValueError(f"unknown sensitivity method {self.sensitivity!r}; expected one of {', '.join(METHODS)}")
+        if not self.formats or not self.embed_formats:
+            raise ValueError("the planner needs at least one candidate for the linear layers and one for the embeddings")
+        for name in ("fisher_windows", "slice_windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
+
+    def embed_choices(self) -> list[Choice]:
+        """The embeddings' candidates in the plan; none when they are pinned."""
+        return [] if self.pinned_embeddings() is not None else [parse_choice(f) for f in dict.fromkeys(self.embed_formats)]
+
+    def pinned_embeddings(self) -> Choice | None:
+        return pinned_embeddings(self.embed_formats, self.sensitivity)
+
+
+def pinned_embeddings(embed_formats: tuple[str, ...], sensitivity: str) -> Choice | None:
+    """The one candidate the embeddings and head are pinned to (outside the plan), or None when the plan chooses."""
+    if len(embed_formats) == 1:
+        return parse_choice(embed_formats[0])
+    return parse_choice("fp16") if sensitivity == "proxy" else None
 
 
 @dataclass
 class PlanReport:
-    """plan: the refined plan when refinement ran, else the MILP plan (milp_plan)."""
+    """plan: the allocation; choices: every layer's candidates as the allocate stage saw them."""
 
     plan: Plan
     sensitivity: SensitivityTable
+    choices: dict[str, list[allocate_stage.LayerChoice]]
     seconds: dict[str, float]
     latency: LatencyTable | None = None
-    milp_plan: Plan | None = None
-    refinement: Refinement | None = None
 
 
 HEADER_ALLOWANCE = 200_000  # bytes of safetensors header reserved when budgeting a whole file
 
 
 def file_budget(loaded: LoadedModel, max_size: int, max_latency_ms: float | None = None,
-                embed_format: str | None = None) -> Budget:
-    """The budget of the quantized layers when the whole packed tensor file must fit in max_size
-    bytes: the unquantized tensors (kept in fp16, or the embeddings and head in embed_format) and
-    the file header are taken off first."""
-    weights = {f"{loaded.arch.blocks}.{i}.{n}.weight" for i in range(loaded.model.config.num_hidden_layers) for n in loaded.arch.linear_names}
-    fixed = HEADER_ALLOWANCE
-    if embed_format is not None:
-        fmt = parse_format(embed_format)
-        for name in quantize_stage.embedding_layers(loaded.model, loaded.arch):
-            weights.add(f"{name}.weight")
-            fixed += fmt.nbytes(*get_module(loaded.model, name).weight.shape).total
-    fixed += sum(t.numel() * t.element_size() for t in quantize_stage.kept_tensors(loaded.model, weights, "fp16").values())
+                pinned: Choice | None = None) -> Budget:
+    """The budget of a plan when the whole packed tensor file must fit in max_size bytes: the
+    tensors outside the plan (norms, biases, kept in fp16; the embeddings and head when pinned,
+    in that candidate) and the file header are fixed_bytes."""
+    model, arch = loaded.model, loaded.arch
+    outer = embedding_layers(model, arch)
+    planned = {f"{name}.weight" for name in [*linear_layer_names(model, arch), *outer]}
+    fixed = HEADER_ALLOWANCE + sum(t.numel() * t.element_size() for t in quantize_stage.kept_tensors(model, planned, "fp16").values())
+    if pinned is not None:
+        fixed += sum(pinned.nbytes(*get_module(model, name).weight.shape).total for name in outer)
     if max_size <= fixed:
-        raise InfeasibleBudget(
-            f"--max-size {max_size / 1e6:.1f} MB cannot be met: the unquantized tensors (embeddings, norms) alone "
-            f"take {fixed / 1e6:.1f} MB"
-        )
-    return Budget(max_bytes=max_size - fixed, max_latency_ms=max_latency_ms)
+        what = "the norms, the pinned embeddings" if pinned is not None else "the tensors outside the plan (norms)"
+        raise InfeasibleBudget(f"--max-size {max_size / 1e6:.1f} MB cannot be met: {what} and the file header alone "
+                               f"take {fixed / 1e6:.1f} MB")
+    return Budget(max_bytes=max_size, fixed_bytes=fixed, max_latency_ms=max_latency_ms)
 
 
 def original_hessians(loaded: LoadedModel, config: CalibrationConfig, work: Path, progress: bool,
@@ -107,6 +135,42 @@ def original_hessians(loaded: LoadedModel, config: CalibrationConfig, work: Path
     return hessians
 
 
+def original_fisher(loaded: LoadedModel, calibration: CalibrationSet, windows: int, work: Path, progress: bool,
+                    on_stage: Callable[[str], None]) -> FisherSet:
+    """The original model's Fisher statistics on the first `windows` calibration windows, from
+    work/fisher.safetensors when made from this model, calibration and windows, else collected and saved."""
+    path = Path(work) / "fisher.safetensors"
+    fisher = calibrate_stage.load_fisher(path, loaded, calibration.config, windows=windows, seed=0)
+    if fisher is None:
+        on_stage(f"collecting the Fisher information of every layer's outputs ({windows} windows, forward and backward)")
+        fisher = calibrate_stage.collect_fisher(loaded, calibration, windows=windows, seed=0, progress=progress)
+        calibrate_stage.save_fisher(fisher, path)
+    return fisher
+
+
+def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list[Choice], calibration: CalibrationSet,
+                 held_back, hessians: HessianSet, on_stage: Callable[[str], None]) -> SensitivityTable:
+    """The sensitivity table, from work/sensitivity.json when it holds one made the same way."""
+    method = request.sensitivity
+    key = {"source": loaded.source.sha256(), "calibration": config_to_json(request.calibration), "method": method,
+           "formats": [f.name for f in formats], "embed_formats": [c.name for c in embed],
+           "windows": {"fisher": request.fisher_windows, "measured": request.slice_windows, "proxy": 0}[method]}
+    path = Path(request.work) / SENSITIVITY_FILE
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    for entry in cached.get("entries", []):
+        if entry.get("key") == key:
+            return SensitivityTable.from_json(entry["table"])
+    fisher = None
+    if method == "fisher":
+        fisher = original_fisher(loaded, calibration, request.fisher_windows, request.work, request.progress, on_stage)
+    on_stage(f"scoring every layer in each of its candidates ({sensitivity_stage.METHOD_TEXT[method]})")
+    table = sensitivity_stage.measure_sensitivity(loaded, hessians, formats, method=method, fisher=fisher,
+                                                  slice_tokens=held_back, embed_choices=embed, progress=request.progress)
+    entries = [e for e in cached.get("entries", []) if e.get("key") != key][-7:]
+    atomic_write_json(path, {"entries": entries + [{"key": key, "table": table.to_json()}]})
+    return table
+
+
 def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
               on_stage: Callable[[str], None] = lambda _: None) -> PlanReport:
     seconds: dict[str, float] = {}
@@ -115,6 +179,7 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
         on_stage(f"loading {request.model}")
         loaded = load_model(request.model)
     formats = [parse_format(f) for f in request.formats]
+    embed = request.embed_choices()
     work = Path(request.work)
     seconds["load"] = time.perf_counter() - t
     latency = None
@@ -122,16 +187,17 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     if request.profile is not None or budget.max_latency_ms is not None:
         t = time.perf_counter()
         config = request.profile or default_profile_config()
-        latency = profile_model(loaded, formats, config, work, on_stage)
-        budget = dataclasses.replace(budget, fixed_latency_ms=latency.fixed_ms)
+        pinned = request.pinned_embeddings()
+        latency = profile_model(loaded, formats, config, work, on_stage, head_formats=embed or [pinned])
+        # A pinned head is part of the fixed time.
+        budget = dataclasses.replace(budget, fixed_latency_ms=latency.fixed_ms + (0.0 if embed else latency.head_ms(pinned)))
         seconds["profile"] = time.perf_counter() - t
 
     t = time.perf_counter()
     cal = request.calibration
-    held_back = max(request.slice_windows, request.refine_windows if request.refine is not None else 0)
+    held_back = request.slice_windows if request.sensitivity == "measured" else 0
     on_stage(f"calibration text: {cal.n_samples} + {held_back} held-back windows of {cal.seq_len} tokens")
     calibration, held_back_tokens = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, cal, held_back)
-    slice_tokens = held_back_tokens[: request.slice_windows] if request.slice_windows else None
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -139,54 +205,31 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     seconds["hessians"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    key = {"source": loaded.source.sha256(), "calibration": config_to_json(cal), "formats": [f.name for f in formats],
-           "slice_windows": request.slice_windows}
-    sens_file = work / "sensitivity.json"
-    table = None
-    if sens_file.is_file():
-        cached = json.loads(sens_file.read_text())
-        if cached.get("key") == key:
-            table = sensitivity_stage.SensitivityTable.from_json(cached["table"])
-    if table is None:
-        on_stage(f"measuring the sensitivity of every layer in {len(formats)} formats")
-        table = sensitivity_stage.measure_sensitivity(loaded, hessians, formats, slice_tokens, progress=request.progress)
-        atomic_write_json(sens_file, {"key": key, "table": table.to_json()})
+    table = _sensitivity(request, loaded, formats, embed, calibration, held_back_tokens if held_back else None, hessians,
+                         on_stage)
     seconds["sensitivity"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    arch = loaded.arch
+    tied = arch.head not in table.shapes
+
+    def latency_ms(layer: str, choice: Choice) -> float | None:
+        if latency is None:
+            return None
+        if layer == arch.head or (layer == arch.embeddings and tied):
+            return latency.head_ms(choice)
+        if layer == arch.embeddings:
+            return 0.0  # a lookup of one row per token
+        return latency.decode_ms(table.shapes[layer], choice)
+
     choices = {
-        layer: [allocate_stage.LayerChoice(fmt=f, nbytes=table.nbytes[layer][f.name], sensitivity=table.damage(layer, f),
-                                           latency_ms=None if latency is None else latency.decode_ms(table.shapes[layer], f))
-                for f in formats]
+        layer: [allocate_stage.LayerChoice(fmt=c, nbytes=table.nbytes[layer][c.name], sensitivity=table.damage(layer, c),
+                                           latency_ms=latency_ms(layer, c))
+                for c in table.candidates(layer)]
         for layer in table.shapes
     }
     plan = allocate_stage.allocate(table.shapes, choices, budget)
+    if not embed:
+        plan = dataclasses.replace(plan, pinned={name: request.pinned_embeddings() for name in embedding_layers(loaded.model, arch)})
     seconds["allocate"] = time.perf_counter() - t
-    refinement = None
-    if request.refine is not None:
-        t = time.perf_counter()
-        windows = held_back_tokens[: request.refine_windows]
-        refinement = _refine(plan, table, choices, request, loaded, hessians, windows, key, on_stage)
-        seconds["refine"] = time.perf_counter() - t
-    return PlanReport(plan=plan if refinement is None else refinement.plan, sensitivity=table, seconds=seconds,
-                      latency=latency, milp_plan=plan, refinement=refinement)
-
-
-def _refine(plan: Plan, table: SensitivityTable, choices, request: PlanRequest, loaded: LoadedModel, hessians, windows,
-            sensitivity_key: dict, on_stage: Callable[[str], None]) -> Refinement:
-    """EvoPress from the MILP plan, cached in work/refined.json by everything it depends on."""
-    key = {"sensitivity": sensitivity_key, "start": plan.to_json(), "config": config_to_json(request.refine),
-           "refine_windows": request.refine_windows}
-    path = Path(request.work) / "refined.json"
-    cached = json.loads(path.read_text()) if path.is_file() else {}
-    for entry in cached.get("entries", []):
-        if entry.get("key") == key:
-            return Refinement.from_json(entry["refinement"])
-    cfg = request.refine
-    on_stage(f"refining the plan (EvoPress): {cfg.generations} generations x {cfg.offspring} children, KL on "
-             f"{windows.shape[0]} held-back windows")
-    with sensitivity_stage.PlanLoss(loaded, hessians, windows, screen_windows=1) as plan_loss:
-        refinement = allocate_stage.refine(plan, table.shapes, choices, plan_loss.loss, cfg, progress=request.progress)
-    entries = [e for e in cached.get("entries", []) if e.get("key") != key][-15:]
-    atomic_write_json(path, {"entries": entries + [{"key": key, "refinement": refinement.to_json()}]})
-    return refinement
+    return PlanReport(plan=plan, sensitivity=table, choices=choices, seconds=seconds, latency=latency)

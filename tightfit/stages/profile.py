@@ -1,8 +1,9 @@
 """Profile stage: how long each linear layer takes on this machine, in each candidate format.
 
 The allocate stage's latency row needs t[l, c], the decode time of layer l in format c, and T0,
-the time of everything else per token (attention, norms, embeddings, the output head). Both are
-measured with tightfit's own engine, the one that will run the model:
+the time of everything else per token (attention, norms, the embedding lookup, and the output head
+unless the plan chooses its format too). Both are measured with tightfit's own engine, the one that
+will run the model:
 
   t[(N, K), c]  one [m, K] x [K, N] call of the kernel that runs format c, timed inside the C
                 library (`kernels.time_matmul`): a warm-up call, then the median of `repeats`
@@ -13,15 +14,19 @@ measured with tightfit's own engine, the one that will run the model:
                 call streams its weights from memory as it does in a decode step of the whole
                 model; one matrix timed alone stays cache-resident, and then the formats that
                 unpack fastest, not the smallest, look fastest. Formats without a fast kernel
-                (SpQR) run as dense fp32 in the engine, so that is what they are timed as.
+                (SpQR) run as dense fp32 in the engine, so that is what they are timed as; an
+                unquantized (fp16) head runs the engine's fp16 kernel.
   in context    the whole model, packed uniformly in each candidate format with a fast kernel,
                 decodes on the engine (short context); the engine's own phase timers say how
                 long its linear layers took per token. scale[c] = that time / the summed kernel
                 times of its layers in c: inside a decode step consecutive matrices overlap
                 their memory traffic and share one thread team, so isolated calls are off by a
                 per-format factor. t[l, c] is the kernel time times scale[c].
+  the head      when profiled (its shape (V, H) and candidates): the kernel time of each
+                candidate, scaled by the head's in-context time in the models above (the
+                engine's `head` phase) over the kernel time of the head format they have.
   T0            decode ms per token of the whole model minus its linear layers' in-context
-                time, median over those formats.
+                time (and the head's, when profiled), median over those formats.
 
 Latency depends on the shape, not the layer, so each distinct (N, K) is timed once per format.
 Timings are cached entry by entry, keyed by machine (`cpu_fingerprint`), threads, kernel source
@@ -44,6 +49,7 @@ from typing import Any
 
 import torch
 
+from tightfit.artifacts import FP16, Choice, Unquantized
 from tightfit.formats.files import atomic_write_json
 from tightfit.formats.packed import PackedModel
 from tightfit.formats.primitives import quantize_rtn
@@ -52,10 +58,11 @@ from tightfit.formats.table import QuantFormat
 from tightfit.runtime import kernels
 from tightfit.runtime.kernels.build import cpu_fingerprint, source_hash
 
-LATENCY_TABLE_VERSION = 2
+LATENCY_TABLE_VERSION = 3
 PROFILE_CONFIG_VERSION = 2
 CACHE_VERSION = 1
 DENSE_KERNEL = "dense-fp32"  # what the engine runs for a format without a fast kernel
+FP16_KERNEL = "dense-fp16"  # what it runs for an unquantized (fp16) matrix
 
 
 @dataclass(frozen=True)
@@ -121,8 +128,11 @@ def cpu_name() -> str:
     return cpu_fingerprint().split("|", 1)[0]
 
 
-def kernel_of(fmt: Format) -> str:
-    """The kernel the engine runs for fmt: its own (named like it), or dense fp32 where it has none."""
+def kernel_of(fmt: Choice) -> str:
+    """The kernel the engine runs for fmt: its own (named like it), fp16 for an unquantized
+    matrix, or dense fp32 where the format has none."""
+    if isinstance(fmt, Unquantized):
+        return FP16_KERNEL
     return fmt.name if isinstance(fmt, QuantFormat) else DENSE_KERNEL
 
 
@@ -157,14 +167,16 @@ class LatencyTable:
     """Output of the profile stage: per-(shape, format) kernel latencies on one machine.
 
     entries:          one per distinct layer shape and format
-    fixed_ms:         decode ms per token of everything but the linear layers (>= 0; None when
-                      not measured): whole-model decode minus its layers' in-context time, median
-                      over the formats measured in context
+    fixed_ms:         decode ms per token of everything but the linear layers and (when
+                      profiled) the head (>= 0; None when not measured): whole-model decode minus
+                      their in-context time, median over the formats measured in context
     model_decode_ms:  measured decode ms per token of the whole model in fixed_format (None when
                       not measured)
     fixed_format:     the uniform format that model was quantized to
     context_scale:    format name -> in-context layer time / summed kernel times (formats not
                       measured in context: 1); decode_ms() applies it
+    head:             the head's shape (V, H) when its candidates are among the entries, else None
+    head_scale:       the head's in-context time / its kernel time (1 when not measured)
     bandwidth_gb_s:   read bandwidth with `threads` threads (0 when not measured)
     threads, decode_m, prefill_m: how the entries were timed
     machine, cpu:     `machine_id()` and the CPU model name
@@ -183,6 +195,8 @@ class LatencyTable:
     model_decode_ms: float | None = None
     fixed_format: str | None = None
     context_scale: dict[str, float] = field(default_factory=dict)
+    head: tuple[int, int] | None = None
+    head_scale: float = 1.0
     version: int = LATENCY_TABLE_VERSION
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
@@ -201,6 +215,12 @@ class LatencyTable:
         entry = self.entry(shape, fmt)
         return entry.decode_ms * self.context_scale.get(entry.fmt, 1.0)
 
+    def head_ms(self, fmt: Choice | str) -> float:
+        """Predicted ms of one decode step of the output head in fmt inside the model."""
+        if self.head is None:
+            raise KeyError("the latency table has no head entries; profile the head's candidates first")
+        return self.entry(self.head, fmt).decode_ms * self.head_scale
+
     def layers_decode_ms(self, layers: Mapping[str, tuple[int, int]], formats: Mapping[str, Format | str]) -> float:
         """Summed decode ms of the layers (name -> shape), each in formats[name]."""
         return sum(self.decode_ms(shape, formats[name]) for name, shape in layers.items())
@@ -211,6 +231,7 @@ class LatencyTable:
             "decode_m": self.decode_m, "prefill_m": self.prefill_m, "machine": self.machine, "cpu": self.cpu,
             "kernel_sha256": self.kernel_sha256, "bandwidth_gb_s": self.bandwidth_gb_s, "fixed_ms": self.fixed_ms,
             "model_decode_ms": self.model_decode_ms, "fixed_format": self.fixed_format, "context_scale": self.context_scale,
+            "head": None if self.head is None else list(self.head), "head_scale": self.head_scale,
         }
 
     @classmethod
@@ -218,19 +239,20 @@ class LatencyTable:
         if not isinstance(d, dict) or d.get("version") != LATENCY_TABLE_VERSION:
             got = d.get("version") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"latency table JSON has version {got!r}; this tightfit reads version {LATENCY_TABLE_VERSION}")
-        fields = {k: v for k, v in d.items() if k not in ("version", "entries")}
-        return cls(entries=tuple(LatencyEntry.from_json(e) for e in d["entries"]), **fields)
+        fields = {k: v for k, v in d.items() if k not in ("version", "entries", "head")}
+        head = None if d["head"] is None else (int(d["head"][0]), int(d["head"][1]))
+        return cls(entries=tuple(LatencyEntry.from_json(e) for e in d["entries"]), head=head, **fields)
 
 
 # ---- timing -------------------------------------------------------------------------------------
 
 
-def _random_matrix(shape: tuple[int, int], fmt: Format) -> kernels.KernelMatrix:
+def _random_matrix(shape: tuple[int, int], fmt: Choice) -> kernels.KernelMatrix:
     """A [N, K] matrix in the layout the engine gives fmt (see FastBackend._matrix)."""
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))  # [N, K] fp32
     if isinstance(fmt, QuantFormat):
         return kernels.from_quantized(quantize_rtn(w, fmt, clip_search=False))
-    return kernels.from_dense(w)
+    return kernels.from_dense(w.half() if isinstance(fmt, Unquantized) else w)
 
 
 def streamed_copies(w: kernels.KernelMatrix, megabytes: int) -> list[kernels.KernelMatrix]:
@@ -292,7 +314,7 @@ def entry_key(config: ProfileConfig, shape: tuple[int, int], kernel: str) -> str
 
 def profile_layers(
     shapes: Sequence[tuple[int, int]],
-    formats: Sequence[Format],
+    formats: Sequence[Choice],
     config: ProfileConfig,
     cache: LatencyCache,
     *,
@@ -316,16 +338,17 @@ def profile_layers(
     return entries
 
 
-def measure_model_decode(packed: PackedModel, config: ProfileConfig) -> tuple[float, float]:
-    """(decode ms per token, ms per token in the decoder blocks' linear layers) of a packed model
-    on the engine: a short prompt, then greedy tokens; medians over fixed_repeats runs after a
-    warm-up. The second figure is the engine's own phase timers over the decode steps only."""
+def measure_model_decode(packed: PackedModel, config: ProfileConfig) -> tuple[float, float, float]:
+    """(decode ms per token, ms per token in the decoder blocks' linear layers, ms per token in
+    the head) of a packed model on the engine: a short prompt, then greedy tokens; medians over
+    fixed_repeats runs after a warm-up. The last two are the engine's own phase timers over the
+    decode steps only."""
     from tightfit.runtime.engine import FastBackend
     from tightfit.runtime.speed import random_prompt
 
     backend = FastBackend(packed, max_positions=config.fixed_prompt + config.fixed_new_tokens, threads=config.threads)
     prompt = random_prompt(backend.vocab_size, config.fixed_prompt, 0)
-    decode, linear = [], []
+    decode, linear, head = [], [], []
     for run in range(config.fixed_repeats + 1):  # the first is a warm-up
         backend.reset()
         token = int(backend.forward(prompt).argmax())
@@ -338,7 +361,8 @@ def measure_model_decode(packed: PackedModel, config: ProfileConfig) -> tuple[fl
         if run:
             decode.append(1e3 * seconds / config.fixed_new_tokens)
             linear.append(1e3 * sum(phases[p] for p in backend.LINEAR_PHASES) / config.fixed_new_tokens)
-    return statistics.median(decode), statistics.median(linear)
+            head.append(1e3 * phases["head"] / config.fixed_new_tokens)
+    return statistics.median(decode), statistics.median(linear), statistics.median(head)
 
 
 def measure_bandwidth_gb_s(config: ProfileConfig) -> float:
@@ -359,11 +383,14 @@ def profile(
     config: ProfileConfig,
     cache: LatencyCache,
     *,
+    head: tuple[int, int] | None = None,
+    head_formats: Sequence[Choice] = (),
     architecture: str | None = None,
     uniform_model: Callable[[Format], PackedModel] | None = None,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> LatencyTable:
-    """The latency table of a model's linear layers (name -> (N, K)) in `formats`.
+    """The latency table of a model's linear layers (name -> (N, K)) in `formats`, and of its
+    output head (shape (V, H)) in head_formats when `head` is given.
 
     architecture, uniform_model: when given, also the in-context scales and the fixed part:
     uniform_model(fmt) builds the model packed uniformly in fmt (embeddings and head in
@@ -374,14 +401,16 @@ def profile(
     if not layers:
         raise ValueError("no layers to profile")
     fixed_fmt = parse_format(config.fixed_format)
+    model_head = FP16 if config.embed_format is None else parse_format(config.embed_format)  # the head of uniform_model's models
     wanted = list(formats) + ([fixed_fmt] if uniform_model is not None else [])
-    n_missing = sum(
-        cache.get(entry_key(config, s, kernel_of(f))) is None
-        for s in {tuple(v) for v in layers.values()} for f in dict.fromkeys(wanted)
-    )
+    head_wanted = [] if head is None else list(head_formats) + ([model_head] if uniform_model is not None else [])
+    todo = [(tuple(s), f) for s in {tuple(v) for v in layers.values()} for f in dict.fromkeys(wanted)]
+    todo += [(tuple(head), f) for f in dict.fromkeys(head_wanted)]
+    n_missing = sum(cache.get(entry_key(config, s, kernel_of(f))) is None for s, f in dict.fromkeys(todo))
     if n_missing:
         on_stage(f"timing {n_missing} (shape, kernel) entries at {config.threads} threads (cached in {cache.path})")
     entries = profile_layers(list(layers.values()), wanted, config, cache)
+    head_entries = profile_layers([head], head_wanted, config, cache) if head is not None else []
 
     key = f"bandwidth|{_scope(config)}|mb={config.bandwidth_mb}"
     bandwidth = cache.get(key)
@@ -392,35 +421,44 @@ def profile(
 
     fixed_ms = model_ms = None
     scale: dict[str, float] = {}
+    head_scale = 1.0
     if uniform_model is not None:
         if architecture is None:
             raise ValueError("the fixed part needs the model's architecture key")
-        fixed: list[float] = []
+        fixed, head_scales = [], []
         for fmt in dict.fromkeys([fixed_fmt, *formats]):
             if not isinstance(fmt, QuantFormat):
                 continue  # no fast kernel: runs as dense fp32, timed as such, unscaled
             key = (f"model-in-context|{_scope(config)}|arch={architecture}|{fmt.name}|"
-                   f"ctx={config.fixed_prompt}+{config.fixed_new_tokens}|embed={config.embed_format or 'fp16'}")
+                   f"ctx={config.fixed_prompt}+{config.fixed_new_tokens}|embed={config.embed_format or 'fp16'}|phases=2")
             measured = cache.get(key)
             if measured is None:
                 on_stage(f"timing decode of the whole model in {fmt.name} (in-context layer times, the non-linear rest)")
-                decode_ms, linear_ms = measure_model_decode(uniform_model(fmt), config)
-                measured = {"decode_ms": decode_ms, "linear_ms": linear_ms}
+                decode_ms, linear_ms, head_ms = measure_model_decode(uniform_model(fmt), config)
+                measured = {"decode_ms": decode_ms, "linear_ms": linear_ms, "head_ms": head_ms}
                 cache.put(key, measured)
             by_shape = {e.shape: e.decode_ms for e in entries if e.fmt == fmt.name}
             kernels_ms = sum(by_shape[tuple(s)] for s in layers.values())
             scale[fmt.name] = float(measured["linear_ms"]) / kernels_ms
+            rest = float(measured["decode_ms"]) - float(measured["linear_ms"])
+            if head is not None:
+                rest -= float(measured["head_ms"])
+                head_scales.append(float(measured["head_ms"]) / next(e.decode_ms for e in head_entries if e.fmt == model_head.name))
             # Timer noise can make the difference slightly negative on a small model; it is a time, so >= 0.
-            fixed.append(max(float(measured["decode_ms"]) - float(measured["linear_ms"]), 0.0))
+            fixed.append(max(rest, 0.0))
             if fmt == fixed_fmt:
                 model_ms = float(measured["decode_ms"])
         fixed_ms = statistics.median(fixed)
+        head_scale = statistics.median(head_scales) if head_scales else 1.0
 
+    names = {f.name for f in formats}
+    head_names = {f.name for f in head_formats}
     return LatencyTable(
-        entries=tuple(e for e in entries if e.fmt in {f.name for f in formats}),
+        entries=tuple(e for e in entries if e.fmt in names) + tuple(e for e in head_entries if e.fmt in head_names),
         threads=config.threads, decode_m=config.decode_m, prefill_m=config.prefill_m, machine=machine_id(), cpu=cpu_name(),
         kernel_sha256=kernel_hash(), bandwidth_gb_s=float(bandwidth), fixed_ms=fixed_ms,
         model_decode_ms=None if model_ms is None else float(model_ms),
         fixed_format=fixed_fmt.name if uniform_model is not None else None,
-        context_scale={k: v for k, v in scale.items() if k in {f.name for f in formats}},
+        context_scale={k: v for k, v in scale.items() if k in names},
+        head=None if head is None else (int(head[0]), int(head[1])), head_scale=head_scale,
     )

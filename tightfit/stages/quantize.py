@@ -6,6 +6,9 @@ linear groups are visited in execution order (q/k/v, then o, then gate/up, then 
 group's Hessian is collected from inputs that already pass through the quantized groups before
 it. A forward is stopped as soon as the group's layers have seen their input.
 
+The token embeddings and an untied output head, when the config gives them a format (a plan's
+choice or `embed_format`), are rounded to nearest first: a lookup table has no input Hessian.
+
 After each block its quantized layers are saved to the checkpoint folder; a rerun with the same
 job resumes after the last finished block.
 """
@@ -29,13 +32,7 @@ from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, HessianSet, LayerRep
 from tightfit.formats.registry import AnyQuantizedTensor, Format, parse_format, unpack_tensor
 from tightfit.formats.files import atomic_save_tensors, atomic_write_json
 from tightfit.model import LoadedModel, get_module
-from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, run_block
-
-
-def embedding_layers(model: nn.Module, arch) -> list[str]:
-    """The token embeddings, and the output head unless it shares the embeddings' weight."""
-    emb, head = get_module(model, arch.embeddings), get_module(model, arch.head)
-    return [arch.embeddings] + ([] if head.weight.data_ptr() == emb.weight.data_ptr() else [arch.head])
+from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, embedding_layers, linear_layer_names, run_block
 
 
 class _StopForward(Exception):
@@ -174,17 +171,16 @@ def quantize_model(
     model = copy.deepcopy(loaded.model)
     blocks = block_list(model, arch)
     prefix = arch.blocks
-    outer = embedding_layers(model, arch) if config.embed_format is not None else []
-    quantized_weights = {f"{prefix}.{i}.{n}.weight" for i in range(len(blocks)) for n in arch.linear_names}
-    quantized_weights |= {f"{name}.weight" for name in outer}
+    outer = {name: fmt for name in embedding_layers(model, arch) if (fmt := config.embedding_format(name)) is not None}
+    quantized_weights = {f"{name}.weight" for name in [*linear_layer_names(model, arch), *outer]}
     kept = kept_tensors(model, quantized_weights, config.keep_dtype)
     # Calibration must see every tensor as it will be stored.
     model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()}, strict=False)
     layers: dict[str, AnyQuantizedTensor] = {}
     reports: dict[str, LayerReport] = {}
-    for name in outer:
+    for name, fmt in outer.items():
         q, report = _quantize_layer(get_module(model, name).weight.detach().float(), None,
-                                    dataclasses.replace(config, method="rtn"), config.embed_format)
+                                    dataclasses.replace(config, method="rtn"), fmt)
         get_module(model, name).weight.data.copy_(q.dequantize())
         layers[name], reports[name] = q, report
 

@@ -1,84 +1,151 @@
-"""Sensitivity stage: how much each layer suffers in each candidate format.
+"""Sensitivity stage: how much each layer of a plan suffers in each of its candidates.
 
-Two measurements per (layer, format), after GPTQ-quantizing that layer alone with the Hessian of
-its inputs in the original model:
-  proxy     the GPTQ objective tr((W - W_hat) H (W - W_hat)^T) / 2: the layer's own output error
-            on the calibration inputs. Free once the layer is quantized.
+The layers: every linear layer of the decoder blocks (candidates: formats, each GPTQ-quantized with
+the Hessian of its inputs in the original model), the token embeddings and an untied output head
+(candidates: fp16 or a format, rounded to nearest as the quantize stage does them; a head tied to
+the embeddings is the same layer, one decision). The damage of (layer, candidate), by `method`:
+
+  fisher    (default) the KL increase predicted by a second-order expansion of the KL around the
+            original model, with the diagonal Fisher information of the layer's outputs
+            (calibrate stage, `FisherSet`); dW = W_hat - W:
+              linear layer  0.5 * sum_j F_j (dW Hbar dW^T)_jj,  Hbar = E[x x^T] = H / 2
+              embeddings    0.5 / T * sum_t sum_j g_tj^2 dE[x_t, j]^2  (g: gradient at token x_t)
+              head          0.5 * sum_v Fh_v (dE Hh dE^T)_vv,  Fh_v = mean_t p_tv (1 - p_tv),
+                            Hh = E[h h^T] of its inputs; a tied pair counts both terms
+            Off-diagonal terms of the output Fisher are dropped. One GPTQ run per (layer, format),
+            no forward pass: minutes on a 135M model.
   measured  OHQ's mask idea: the model with only this layer quantized (all others original) is run
-            on a small held-back slice of calibration text; the increase of KL(original || model)
-            per token is the damage. The blocks before the layer are not recomputed: their cached
-            outputs are replayed.
-The report says how well the proxy ranks layers (Spearman, per format) against the measurement.
+            on a held-back slice of calibration text; the increase of KL(original || model) per
+            token is the damage. The blocks before the layer are not recomputed: their cached
+            outputs are replayed. One forward per (layer, candidate): slow (24 min for 6 formats on
+            a 135M model on 2 cores).
+  proxy     the GPTQ objective tr((W - W_hat) H (W - W_hat)^T) / 2, the layer's own output error on
+            the calibration inputs, in no unit shared with the KL: the embeddings and head have
+            none, so they stay outside the plan (pinned).
 
-`PlanLoss` measures whole plans the same way (every layer quantized in its plan's format), the
-real objective that the allocate stage's EvoPress refinement optimizes.
+The GPTQ objective is kept for every linear layer; when measured, the table says how well it ranks
+layers against the measurement (Spearman, per format). `PlanLoss` measures whole plans the same
+way (every layer quantized in its plan's format): bench/planner.py checks the additive model with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from tightfit.algorithms import gptq_quantize
-from tightfit.artifacts import HessianSet
+from tightfit.algorithms.builders import quantize_rtn_any
+from tightfit.artifacts import Choice, FisherSet, HessianSet, Unquantized, parse_choice
 from tightfit.formats.registry import Format, parse_format
 from tightfit.metrics import kl_per_token, next_token_log_probs
 from tightfit.model import LoadedModel, get_module
-from tightfit.model.blocks import block_list, capture_block_inputs, replay_blocks, run_block
+from tightfit.model.blocks import block_list, capture_block_inputs, embedding_layers, linear_layer_names, replay_blocks, run_block
 
-SENSITIVITY_VERSION = 1
+SENSITIVITY_VERSION = 2
+METHODS = ("fisher", "measured", "proxy")
+METHOD_TEXT = {
+    "fisher": "Fisher-weighted GPTQ error (predicted KL)",
+    "measured": "KL increase on held-back text, one layer quantized at a time (measured)",
+    "proxy": "GPTQ objective of each layer alone (Hessian proxy, not a KL)",
+}
 
 
 @dataclass
 class SensitivityTable:
-    """proxy[layer][format name] and measured[layer][format name] (KL increase, nats/token);
-    shapes[layer] = (out_features, in_features); nbytes[layer][format name] = exact bytes."""
+    """What the allocate stage chooses from, for every layer of the plan.
 
+    method:  what `damages` holds, one of METHODS
+    formats: the candidates of the linear layers (the embedding layers' are their nbytes keys)
+    shapes:  layer -> (out_features, in_features); embeddings and head: (vocab, hidden)
+    nbytes:  layer -> candidate name -> exact bytes in that candidate
+    damages: layer -> candidate name -> damage by `method` (KL nats/token for fisher and measured)
+    proxy:   linear layer -> format name -> GPTQ objective
+    tokens:  tokens the damages were estimated or measured on (0 for the proxy)
+    """
+
+    method: str
     formats: tuple[Format, ...]
     shapes: dict[str, tuple[int, int]]
     nbytes: dict[str, dict[str, int]]
+    damages: dict[str, dict[str, float]]
     proxy: dict[str, dict[str, float]]
-    measured: dict[str, dict[str, float]] | None
-    slice_tokens: int = 0
+    tokens: int = 0
 
-    def damage(self, layer: str, fmt: Format) -> float:
-        """What allocation minimizes: the measured KL increase when available, else the proxy."""
-        table = self.measured if self.measured is not None else self.proxy
-        return table[layer][fmt.name]
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown sensitivity method {self.method!r}; expected one of {METHODS}")
 
-    def rank_agreement(self) -> dict[str, float]:
-        """Spearman correlation across layers between proxy and measured, per format."""
+    def candidates(self, layer: str) -> list[Choice]:
+        return [parse_choice(name) for name in self.nbytes[layer]]
+
+    def damage(self, layer: str, choice: Choice | str) -> float:
+        """What allocation minimizes for this layer in this candidate."""
+        return self.damages[layer][choice if isinstance(choice, str) else choice.name]
+
+    def rank_agreement(self, other: SensitivityTable | None = None) -> dict[str, float]:
+        """Spearman correlation across the linear layers, per format: of this table's damages
+        against other's, or (other None) of the GPTQ proxy against the measurement when this table
+        is measured ({} otherwise)."""
         from scipy.stats import spearmanr
 
-        if self.measured is None:
-            return {}
-        out = {}
-        layers = list(self.shapes)
-        for fmt in self.formats:
-            p = [self.proxy[l][fmt.name] for l in layers]
-            m = [self.measured[l][fmt.name] for l in layers]
-            out[fmt.name] = float(spearmanr(p, m).statistic)
-        return out
+        if other is None:
+            if self.method != "measured":
+                return {}
+            a, b = self.proxy, self.damages
+        else:
+            a, b = self.damages, other.damages
+        layers = list(self.proxy)
+        return {f.name: float(spearmanr([a[l][f.name] for l in layers], [b[l][f.name] for l in layers]).statistic)
+                for f in self.formats}
 
     def to_json(self) -> dict:
         return {
-            "version": SENSITIVITY_VERSION, "formats": [f.name for f in self.formats],
-            "shapes": {k: list(v) for k, v in self.shapes.items()}, "nbytes": self.nbytes,
-            "proxy": self.proxy, "measured": self.measured, "slice_tokens": self.slice_tokens,
+            "version": SENSITIVITY_VERSION, "method": self.method, "formats": [f.name for f in self.formats],
+            "shapes": {k: list(v) for k, v in self.shapes.items()}, "nbytes": self.nbytes, "damages": self.damages,
+            "proxy": self.proxy, "tokens": self.tokens,
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "SensitivityTable":
+    def from_json(cls, d: dict) -> SensitivityTable:
         if d.get("version") != SENSITIVITY_VERSION:
             raise ValueError(f"sensitivity table version {d.get('version')!r} is not {SENSITIVITY_VERSION}")
         return cls(
-            formats=tuple(parse_format(f) for f in d["formats"]),
-            shapes={k: tuple(v) for k, v in d["shapes"].items()}, nbytes=d["nbytes"],
-            proxy=d["proxy"], measured=d["measured"], slice_tokens=d["slice_tokens"],
+            method=d["method"], formats=tuple(parse_format(f) for f in d["formats"]),
+            shapes={k: tuple(v) for k, v in d["shapes"].items()}, nbytes=d["nbytes"], damages=d["damages"],
+            proxy=d["proxy"], tokens=d["tokens"],
         )
+
+
+# ---- the Fisher estimate (pure) -----------------------------------------------------------------
+
+
+def fisher_weighted_error(dw: torch.Tensor, second_moment: torch.Tensor, fisher: torch.Tensor) -> float:
+    """0.5 * sum_j F_j (dW S dW^T)_jj: the predicted KL increase when a layer's output o = W x
+    changes by dW x, with S = E[x x^T] [K, K] of its inputs and F [N] the Fisher diagonal of its
+    outputs; dw [N, K]."""
+    assert dw.dim() == 2 and second_moment.shape == (dw.shape[1],) * 2 and fisher.shape == dw.shape[:1], (
+        dw.shape, second_moment.shape, fisher.shape)
+    rows = ((dw @ second_moment) * dw).sum(1)  # [N] (dW S dW^T)_jj
+    return float(0.5 * (fisher * rows).sum())
+
+
+def fisher_embedding_error(dw: torch.Tensor, fisher: FisherSet) -> float:
+    """0.5 / T * sum_t sum_j g_tj^2 dE[x_t, j]^2, with dw = dE [V, H] (summed per token in the FisherSet)."""
+    assert dw.shape[1] == fisher.embed_fisher.shape[1], (dw.shape, fisher.embed_fisher.shape)
+    return float(0.5 * (fisher.embed_fisher * dw[fisher.embed_ids].pow(2)).sum())
+
+
+def embedding_damage(dw: torch.Tensor, fisher: FisherSet, *, embeddings: bool, head: bool) -> float:
+    """The Fisher estimate of an embedding-layer error dw [V, H]: its input side (embeddings), its
+    output side (head), or both for a tied pair."""
+    return ((fisher_embedding_error(dw, fisher) if embeddings else 0.0)
+            + (fisher_weighted_error(dw, fisher.head_inputs, fisher.head_fisher) if head else 0.0))
+
+
+# ---- the stage ----------------------------------------------------------------------------------
 
 
 def _block_index(arch, name: str) -> int:
@@ -86,55 +153,102 @@ def _block_index(arch, name: str) -> int:
     return int(name[len(arch.blocks) + 1 :].split(".", 1)[0])
 
 
+class _SliceKL:
+    """The measured method: KL increase on slice_tokens [S, T] with the model as it is now (one
+    layer changed), the blocks before `start` replayed from the original model's cache."""
+
+    def __init__(self, loaded: LoadedModel, slice_tokens: torch.Tensor) -> None:
+        self.loaded, self.tokens = loaded, slice_tokens
+        model, arch = loaded.model, loaded.arch
+        self.logp = next_token_log_probs(model, slice_tokens)  # [S, T-1, V]
+        captured = capture_block_inputs(model, arch, slice_tokens, batch_size=slice_tokens.shape[0])
+        self.block_inputs = [captured.hidden[0]]  # hidden states entering each block, whole slice as one batch
+        for i, block in enumerate(block_list(model, arch)[:-1]):
+            self.block_inputs.append(run_block(block, self.block_inputs[-1], captured.extra[i][0]))
+        self.base = kl_per_token(self.logp, next_token_log_probs(model, slice_tokens))
+
+    def __call__(self, start: int = 0) -> float:
+        model, arch = self.loaded.model, self.loaded.arch
+        if start == 0:
+            logq = next_token_log_probs(model, self.tokens)
+        else:
+            with replay_blocks(model, arch, start, self.block_inputs[start]):
+                logq = next_token_log_probs(model, self.tokens)
+        return max(kl_per_token(self.logp, logq) - self.base, 0.0)
+
+
 @torch.no_grad()
 def measure_sensitivity(
     loaded: LoadedModel,
     hessians: HessianSet,
-    formats: list[Format],
-    slice_tokens: torch.Tensor | None,
+    formats: Sequence[Format],
     *,
+    method: str = "fisher",
+    fisher: FisherSet | None = None,
+    slice_tokens: torch.Tensor | None = None,
+    embed_choices: Sequence[Choice] = (),
     damp: float = 0.01,
     progress: bool = True,
 ) -> SensitivityTable:
-    """Proxy for every (layer, format); with slice_tokens [S, T], also the measured KL increase."""
+    """The damage of every (layer, candidate) by `method`: "fisher" needs `fisher`, "measured"
+    needs slice_tokens [S, T] (held-back windows). The embeddings and head are layers of the table
+    when they have embed_choices (not with the proxy)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown sensitivity method {method!r}; expected one of {METHODS}")
+    if method == "fisher" and fisher is None:
+        raise ValueError("the fisher method needs the Fisher statistics (calibrate.collect_fisher)")
+    if method == "measured" and slice_tokens is None:
+        raise ValueError("the measured method needs held-back windows (slice_tokens)")
+    if method == "proxy" and embed_choices:
+        raise ValueError("the proxy has no measure for the embeddings and head: pin them outside the plan")
     model, arch = loaded.model, loaded.arch
-    blocks = block_list(model, arch)
-    names = [f"{arch.blocks}.{i}.{n}" for i in range(len(blocks)) for n in arch.linear_names]
-    shapes = {n: tuple(get_module(model, n).weight.shape) for n in names}
-    nbytes = {n: {f.name: f.nbytes(*shapes[n]).total for f in formats} for n in names}
+    names = linear_layer_names(model, arch)
+    outer = embedding_layers(model, arch) if embed_choices else []
+    shapes = {n: tuple(get_module(model, n).weight.shape) for n in [*names, *outer]}
+    nbytes = {n: {f.name: f.nbytes(*shapes[n]).total for f in (formats if n in names else embed_choices)} for n in shapes}
+    damages: dict[str, dict[str, float]] = {n: {} for n in shapes}
     proxy: dict[str, dict[str, float]] = {n: {} for n in names}
-    measured: dict[str, dict[str, float]] | None = None
-
-    block_inputs = logp = None
-    if slice_tokens is not None:
-        measured = {n: {} for n in names}
-        logp = next_token_log_probs(model, slice_tokens)  # [S, T-1, V]
-        captured = capture_block_inputs(model, arch, slice_tokens, batch_size=slice_tokens.shape[0])
-        block_inputs = [captured.hidden[0]]  # hidden states entering each block, whole slice as one batch
-        for i, block in enumerate(blocks[:-1]):
-            block_inputs.append(run_block(block, block_inputs[-1], captured.extra[i][0]))
-        base_kl = kl_per_token(logp, next_token_log_probs(model, slice_tokens))
+    slice_kl = _SliceKL(loaded, slice_tokens) if method == "measured" else None
 
     for name in tqdm(names, desc="sensitivity", unit="layer", disable=not progress):
         linear = get_module(model, name)
         weight = linear.weight.data.clone()
         h = hessians.hessians[name]
-        block_index = _block_index(arch, name)
         for fmt in formats:
             result = gptq_quantize(weight, h, fmt, damp=damp)
-            proxy[name][fmt.name] = result.loss
-            if measured is not None:
+            proxy[name][fmt.name] = damages[name][fmt.name] = result.loss
+            if method == "fisher":
+                dw = result.quantized.dequantize().float() - weight  # [N, K]
+                damages[name][fmt.name] = fisher_weighted_error(dw, h / 2, fisher.outputs[name])
+            elif method == "measured":
                 linear.weight.data.copy_(result.quantized.dequantize())
                 try:
-                    with replay_blocks(model, arch, block_index, block_inputs[block_index]):
-                        logq = next_token_log_probs(model, slice_tokens)
+                    damages[name][fmt.name] = slice_kl(_block_index(arch, name))
                 finally:
                     linear.weight.data.copy_(weight)
-                measured[name][fmt.name] = max(kl_per_token(logp, logq) - base_kl, 0.0)
-    return SensitivityTable(
-        formats=tuple(formats), shapes=shapes, nbytes=nbytes, proxy=proxy, measured=measured,
-        slice_tokens=0 if slice_tokens is None else int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1)),
-    )
+
+    tied = len(outer) == 1
+    for name in outer:
+        module = get_module(model, name)
+        weight = module.weight.data.clone()  # [V, H]
+        for choice in embed_choices:
+            if isinstance(choice, Unquantized):
+                damages[name][choice.name] = 0.0
+                continue
+            q = quantize_rtn_any(weight, choice).dequantize().float()  # as the quantize stage rounds them
+            if method == "fisher":
+                damages[name][choice.name] = embedding_damage(q - weight, fisher, embeddings=name == arch.embeddings,
+                                                              head=tied or name == arch.head)
+            else:
+                module.weight.data.copy_(q)
+                try:
+                    damages[name][choice.name] = slice_kl()
+                finally:
+                    module.weight.data.copy_(weight)
+    tokens = {"fisher": fisher.tokens if fisher is not None else 0, "proxy": 0,
+              "measured": 0 if slice_tokens is None else int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1))}[method]
+    return SensitivityTable(method=method, formats=tuple(formats), shapes=shapes, nbytes=nbytes, damages=damages,
+                            proxy=proxy, tokens=tokens)
 
 
 class PlanLoss:
@@ -143,10 +257,9 @@ class PlanLoss:
     gives it: `loss(formats, level)`, level 0 on the first `screen_windows` windows, level 1 on all.
 
     Quantized layers are computed on first use and kept as codes. The block inputs of the best
-    plan scored at level 1 so far (the anchor: in EvoPress, the parent) are kept too, with the
-    last block's output, so a plan that differs from it only from block b on runs blocks b.. alone
-    (and the anchor itself only the head). Use as a context manager:
-    the model's original weights are put back on exit.
+    plan scored at level 1 so far (the anchor) are kept too, with the last block's output, so a
+    plan that differs from it only from block b on runs blocks b.. alone (and the anchor itself
+    only the head). Use as a context manager: the model's original weights are put back on exit.
     """
 
     def __init__(self, loaded: LoadedModel, hessians: HessianSet, windows: torch.Tensor, *, screen_windows: int = 1,
@@ -158,7 +271,7 @@ class PlanLoss:
         self.screen_windows = screen_windows
         model, arch = loaded.model, loaded.arch
         self.blocks = block_list(model, arch)
-        names = [f"{arch.blocks}.{i}.{n}" for i in range(len(self.blocks)) for n in arch.linear_names]
+        names = linear_layer_names(model, arch)
         self.block_of = {n: _block_index(arch, n) for n in names}
         self.original = {n: get_module(model, n).weight.data.clone() for n in names}
         self.current: dict[str, Format] = {}  # layers now holding quantized weights in the model
@@ -234,7 +347,7 @@ class PlanLoss:
         return kl
 
     def reset_anchor(self) -> None:
-        """Forget the anchor (e.g. before refining another plan): the next level-1 plan becomes it."""
+        """Forget the anchor (e.g. before scoring another budget's plans): the next level-1 plan becomes it."""
         self.anchor = None
 
     def restore_missing(self, formats: Mapping[str, Format]) -> None:

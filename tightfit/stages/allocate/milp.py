@@ -1,4 +1,4 @@
-"""The integer program: choose one quantization format per linear layer under size and latency budgets.
+"""The integer program: choose one candidate per layer of the plan under size and latency budgets.
 
 Measure, then optimize (exllamav2 `conversion/optimize.py`; OHQ, Huang et al. 2023, eq. 6): an
 earlier stage measures, for every layer l and candidate format c, an additive sensitivity
@@ -7,7 +7,7 @@ decode latency t[l, c] on this machine. This stage solves the multiple-choice kn
 
     x[l, c] in {0, 1}                           layer l is stored in candidate c
     sum_c x[l, c] = 1                           for every layer l
-    sum_{l,c} b[l, c] x[l, c] <= B              B = min(max_bytes, floor(max_bpw * W / 8)),
+    sum_{l,c} b[l, c] x[l, c] <= B              B = min(max_bytes - fixed_bytes, floor(max_bpw * W / 8)),
                                                 W = sum_l out_l * in_l
     sum_{l,c} t[l, c] x[l, c] <= T - T0         T = max_latency_ms, T0 = fixed_latency_ms
     minimize sum_{l,c} s[l, c] x[l, c]
@@ -172,9 +172,10 @@ def _infeasible_alone(p: _Problem, budget: Budget) -> list[str]:
             f"budget {lim} bits/weight cannot be met: "
             f"the smallest possible is {mn} bits/weight (every layer in its smallest format)"
         )
-    if budget.max_bytes is not None and budget.max_bytes < min_bytes:
-        lim, mn = _shown(budget.max_bytes / BYTES_PER_MB, min_bytes / BYTES_PER_MB, 1)
-        clauses.append(f"budget {lim} MB cannot be met: the smallest possible is {mn} MB (every layer in its smallest format)")
+    if budget.max_bytes is not None and budget.max_bytes - budget.fixed_bytes < min_bytes:
+        lim, mn = _shown(budget.max_bytes / BYTES_PER_MB, (min_bytes + budget.fixed_bytes) / BYTES_PER_MB, 1)
+        fixed = f" plus {budget.fixed_bytes / BYTES_PER_MB:.1f} MB outside the plan" if budget.fixed_bytes else ""
+        clauses.append(f"budget {lim} MB cannot be met: the smallest possible is {mn} MB (every layer in its smallest format{fixed})")
     if budget.max_latency_ms is not None:
         fastest = p.min_latency() + budget.fixed_latency_ms
         if fastest > budget.max_latency_ms:
@@ -194,7 +195,8 @@ def _infeasible_jointly(p: _Problem, budget: Budget, bytes_cap: int, time_limit_
     if budget.max_bpw is not None:
         minima.append(f"the smallest possible is {_shown(budget.max_bpw, p.min_bytes * 8 / p.total_weights, 2)[1]} bits/weight")
     if budget.max_bytes is not None:
-        minima.append(f"the smallest possible is {_shown(budget.max_bytes / BYTES_PER_MB, p.min_bytes / BYTES_PER_MB, 1)[1]} MB")
+        smallest = (p.min_bytes + budget.fixed_bytes) / BYTES_PER_MB
+        minima.append(f"the smallest possible is {_shown(budget.max_bytes / BYTES_PER_MB, smallest, 1)[1]} MB")
     fastest = p.min_latency() + budget.fixed_latency_ms
     minima.append(f"the fastest possible is {_shown(budget.max_latency_ms, fastest, 1)[1]} ms/token")
     message = f"budget {budget.describe()} cannot be met: each limit alone can ({'; '.join(minima)}), but not all at once"

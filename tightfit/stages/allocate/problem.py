@@ -1,4 +1,4 @@
-"""The candidates of every layer flattened into one vector, as both the MILP and the refinement search it.
+"""The candidates of every layer flattened into one vector, as the MILP searches it.
 
 Candidate i (of n = sum_l C_l) belongs to layer layer_of[i]; a solution picks one candidate per
 layer, `chosen` [L], and `_plan` recomputes every total of the Plan from that pick.

@@ -1,0 +1,169 @@
+"""The Fisher statistics of the calibrate stage and the sensitivity stage's Fisher estimate, on the tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+from tiny_models import TINY_MODEL_TYPES
+
+from tightfit.algorithms import gptq_quantize
+from tightfit.algorithms.builders import quantize_rtn_any
+from tightfit.artifacts import FP16, CalibrationConfig, CalibrationSet, parse_choice
+from tightfit.formats.registry import parse_format
+from tightfit.model import get_module, load_model
+from tightfit.model.blocks import embedding_layers, linear_layer_names
+from tightfit.stages import calibrate as calibrate_stage
+from tightfit.stages.allocate import Budget, LayerChoice, allocate
+from tightfit.stages.sensitivity import embedding_damage, fisher_weighted_error, measure_sensitivity
+
+EMBED = [parse_choice(c) for c in ("fp16", "w8g32-sym", "w4g32-sym", "w2g32")]
+LINEAR = [parse_format("w2g32"), parse_format("w4g64")]
+
+
+def _calibration(loaded, text, n: int = 4, seq_len: int = 48) -> tuple[CalibrationSet, torch.Tensor]:
+    """n calibration windows and 2 held-back ones."""
+    return calibrate_stage.calibrate_with_held_back(loaded.tokenizer, CalibrationConfig(text=str(text), n_samples=n, seq_len=seq_len,
+                                                                                         batch_size=n), 2)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_fisher_statistics_shapes_and_a_seeded_sampler(model_type, make_tiny_model, tiny_text_file, tmp_path):
+    loaded = load_model(str(make_tiny_model(model_type, tmp_path)))
+    calibration, _ = _calibration(loaded, tiny_text_file)
+    fisher = calibrate_stage.collect_fisher(loaded, calibration, windows=3, progress=False)
+    vocab, hidden = get_module(loaded.model, loaded.arch.embeddings).weight.shape
+    assert fisher.tokens == 3 * 47 and fisher.windows == 3 and fisher.seed == 0
+    assert list(fisher.outputs) == linear_layer_names(loaded.model, loaded.arch)
+    for name, f in fisher.outputs.items():
+        assert f.shape == (get_module(loaded.model, name).out_features,) and bool((f >= 0).all()) and f.sum() > 0
+    assert torch.equal(fisher.embed_ids, torch.unique(calibration.tokens[:3]))
+    assert fisher.embed_fisher.shape == (len(fisher.embed_ids), hidden) and bool((fisher.embed_fisher >= 0).all())
+    assert fisher.head_fisher.shape == (vocab,) and 0 < float(fisher.head_fisher.sum()) <= 1  # sum_v p (1 - p) <= 1
+    h = fisher.head_inputs.double()
+    assert h.shape == (hidden, hidden) and torch.allclose(h, h.T) and bool((torch.linalg.eigvalsh(h) > -1e-5).all())
+
+    again = calibrate_stage.collect_fisher(loaded, calibration, windows=3, progress=False)
+    assert all(torch.equal(again.outputs[n], f) for n, f in fisher.outputs.items()), "the sampler is seeded"
+    other = calibrate_stage.collect_fisher(loaded, calibration, windows=3, seed=1, progress=False)
+    assert not torch.equal(other.embed_fisher, fisher.embed_fisher), "another seed samples other tokens"
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+    with pytest.raises(ValueError, match="Fisher windows must lie in 1 .. 4"):
+        calibrate_stage.collect_fisher(loaded, calibration, windows=5, progress=False)
+
+
+def test_fisher_cache_round_trip_and_invalidation(tiny_model_dir, tiny_text_file, tmp_path):
+    loaded = load_model(str(tiny_model_dir))
+    calibration, _ = _calibration(loaded, tiny_text_file)
+    fisher = calibrate_stage.collect_fisher(loaded, calibration, windows=2, progress=False)
+    path = tmp_path / "fisher.safetensors"
+    calibrate_stage.save_fisher(fisher, path)
+    again = calibrate_stage.load_fisher(path, loaded, calibration.config, windows=2, seed=0)
+    assert again is not None and again.tokens == fisher.tokens
+    for field in ("embed_ids", "embed_fisher", "head_fisher", "head_inputs"):
+        assert torch.equal(getattr(again, field), getattr(fisher, field))
+    assert again.outputs.keys() == fisher.outputs.keys() and all(torch.equal(again.outputs[n], f) for n, f in fisher.outputs.items())
+    assert calibrate_stage.load_fisher(path, loaded, calibration.config, windows=3, seed=0) is None
+    assert calibrate_stage.load_fisher(path, loaded, calibration.config, windows=2, seed=1) is None
+    other = dataclasses.replace(calibration.config, seq_len=32)
+    assert calibrate_stage.load_fisher(path, loaded, other, windows=2, seed=0) is None
+    assert calibrate_stage.load_fisher(tmp_path / "none.safetensors", loaded, calibration.config, windows=2, seed=0) is None
+
+
+def _direct_fisher(loaded, tokens: torch.Tensor, name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """F [N] and E[x x^T] [K, K] of one layer from plain autograd on each window, the next tokens
+    drawn as collect_fisher draws them."""
+    model = loaded.model
+    layer = get_module(model, name)
+    seen = {}
+    handle = layer.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    generator = torch.Generator().manual_seed(seed)
+    g2, xx, n = 0, 0, 0
+    try:
+        for w in range(tokens.shape[0]):
+            ids = tokens[w : w + 1]
+            x = get_module(model, loaded.arch.embeddings)(ids).detach().requires_grad_(True)
+            logp = torch.log_softmax(model(inputs_embeds=x, use_cache=False).logits[:, :-1].float(), -1)
+            y = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1, generator=generator).reshape(1, -1)
+            (g,) = torch.autograd.grad(logp.gather(-1, y[..., None]).sum(), seen["out"])
+            g2 = g2 + g[0].pow(2).sum(0)
+            inputs = seen["x"][0].detach()
+            xx = xx + inputs.T @ inputs
+            n += ids.shape[1] - 1
+    finally:
+        handle.remove()
+    return g2 / n, xx / tokens.shape[0] / tokens.shape[1]
+
+
+def test_the_estimate_of_one_layer_equals_a_direct_computation(tiny_model_dir, tiny_text_file):
+    loaded = load_model(str(tiny_model_dir))
+    calibration, _ = _calibration(loaded, tiny_text_file)
+    hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=False)
+    fisher = calibrate_stage.collect_fisher(loaded, calibration, windows=4, progress=False)
+    table = measure_sensitivity(loaded, hessians, LINEAR, method="fisher", fisher=fisher, progress=False)
+    name = f"{loaded.arch.blocks}.1.mlp.down_proj"
+    f, second_moment = _direct_fisher(loaded, calibration.tokens, name)
+    assert torch.allclose(fisher.outputs[name], f, rtol=1e-4, atol=1e-12)
+    assert torch.allclose(hessians.hessians[name] / 2, second_moment, rtol=1e-4, atol=1e-6)  # H = 2/T X^T X
+    w = get_module(loaded.model, name).weight.data
+    dw = gptq_quantize(w, hessians.hessians[name], LINEAR[0]).quantized.dequantize() - w
+    direct = 0.5 * float(sum(f[j] * (dw[j] @ second_moment @ dw[j]) for j in range(w.shape[0])))
+    assert table.damage(name, LINEAR[0]) == pytest.approx(direct, rel=1e-3)
+    assert fisher_weighted_error(dw, second_moment, f) == pytest.approx(direct, rel=1e-4)
+
+
+def test_the_estimate_ranks_layers_and_predicts_the_kl_of_the_embeddings(tiny_model_dir, tiny_text_file):
+    loaded = load_model(str(tiny_model_dir))
+    calibration, held_back = _calibration(loaded, tiny_text_file, n=8, seq_len=64)
+    hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=False)
+    fisher = calibrate_stage.collect_fisher(loaded, calibration, progress=False)
+    est = measure_sensitivity(loaded, hessians, LINEAR, method="fisher", fisher=fisher, embed_choices=EMBED, progress=False)
+    meas = measure_sensitivity(loaded, hessians, LINEAR, method="measured", slice_tokens=held_back, embed_choices=EMBED,
+                               progress=False)
+    assert est.method == "fisher" and est.tokens == fisher.tokens and est.rank_agreement() == {}
+    assert all(v > 0.6 for v in est.rank_agreement(meas).values()), est.rank_agreement(meas)
+    layers = list(est.proxy)
+    assert spearmanr([est.proxy[l]["w2g32"] for l in layers], [est.damages[l]["w2g32"] for l in layers]).statistic < 0.99
+    for name in (loaded.arch.embeddings, loaded.arch.head):  # untied: two layers, each its own term
+        assert est.damages[name]["fp16"] == meas.damages[name]["fp16"] == 0.0
+        assert est.damages[name]["w8g32-sym"] < est.damages[name]["w4g32-sym"] < est.damages[name]["w2g32"]
+        for c in ("w4g32-sym", "w2g32"):
+            assert est.damages[name][c] == pytest.approx(meas.damages[name][c], rel=0.5)
+
+
+def test_a_tied_embedding_is_one_decision_and_counts_its_bytes_once(make_tiny_model, tiny_text_file, tmp_path):
+    loaded = load_model(str(make_tiny_model("gemma3_text", tmp_path)))  # ties its head to the embeddings
+    assert embedding_layers(loaded.model, loaded.arch) == [loaded.arch.embeddings]
+    calibration, _ = _calibration(loaded, tiny_text_file)
+    hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=False)
+    fisher = calibrate_stage.collect_fisher(loaded, calibration, windows=4, progress=False)
+    table = measure_sensitivity(loaded, hessians, LINEAR, method="fisher", fisher=fisher, embed_choices=EMBED, progress=False)
+    name = loaded.arch.embeddings
+    assert loaded.arch.head not in table.shapes and table.candidates(name) == EMBED
+    vocab, hidden = table.shapes[name]
+    assert table.nbytes[name] == {c.name: c.nbytes(vocab, hidden).total for c in EMBED} and table.nbytes[name]["fp16"] == 2 * vocab * hidden
+    w = get_module(loaded.model, name).weight.data
+    dw = quantize_rtn_any(w, EMBED[2]).dequantize() - w
+    both = embedding_damage(dw, fisher, embeddings=True, head=True)
+    assert table.damage(name, EMBED[2]) == pytest.approx(both, rel=1e-5)
+    assert both > embedding_damage(dw, fisher, embeddings=True, head=False) > 0
+
+    choices = {layer: [LayerChoice(c, table.nbytes[layer][c.name], table.damage(layer, c)) for c in table.candidates(layer)]
+               for layer in table.shapes}
+    linear = sum(n * k for layer, (n, k) in table.shapes.items() if layer != name)
+    plan = allocate(table.shapes, choices, Budget(max_bpw=5.0))
+    assert plan.total_weights == linear + vocab * hidden, "the tied pair's weights count once"
+    assert plan.formats[name] != FP16 and name in plan.quantized
+
+    # The quantize stage applies the plan's embedding format to the pair; the kept tensors hold neither copy.
+    from tightfit.artifacts import QuantizeConfig
+    from tightfit.stages import quantize as quantize_stage
+
+    qmodel = quantize_stage.quantize_model(loaded, None, QuantizeConfig(fmt=LINEAR[1], method="rtn", plan=plan.quantized),
+                                           progress=False)
+    assert qmodel.layers[name].fmt == plan.formats[name] and not any(k.endswith("embed_tokens.weight") for k in qmodel.kept)
+    head = qmodel.module.get_output_embeddings().weight
+    assert torch.equal(head, qmodel.module.get_input_embeddings().weight)
+    assert torch.allclose(head, qmodel.layers[name].dequantize().to(head.dtype))
