@@ -183,3 +183,35 @@ def test_impossible_budgets_give_one_clean_line(tiny_model_dir, tiny_text_file, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 or not err[-2].startswith("Traceback")
     assert err[-1].startswith("tightfit: error:") and expected in err[-1]
+
+
+def test_budgeted_compress_quantizes_with_the_planners_hessians(tiny_model_dir, tiny_text_file, tmp_path, capsys, monkeypatch):
+    """With a budget, GPTQ takes the original-model Hessians the planner collected (no second pass through
+    the quantized blocks); --sequential collects them again block by block, and the layers come out different."""
+    from tightfit.stages import quantize as quantize_stage
+
+    seen = []
+    real = quantize_stage.quantize_model
+    monkeypatch.setattr(quantize_stage, "quantize_model", lambda *a, **k: seen.append(k.get("hessians")) or real(*a, **k))
+    common = _flags(tiny_text_file, tmp_path)
+    assert main(["compress", str(tiny_model_dir), "--bpw", "3.4", "--out", str(tmp_path / "a"), "--no-eval", *common]) == 0
+    assert main(["compress", str(tiny_model_dir), "--bpw", "3.4", "--out", str(tmp_path / "b"), "--no-eval", "--sequential",
+                 *common]) == 0
+    assert seen[0] is not None and seen[1] is None
+    a, b = load_packed(tmp_path / "a"), load_packed(tmp_path / "b")
+    assert a.layers.keys() == b.layers.keys()
+    assert any(not torch.equal(a.layers[n].dequantize(), b.layers[n].dequantize()) for n in a.layers if ".layers.1." in n)
+    capsys.readouterr()
+    assert main(["compress", str(tiny_model_dir), "--format", "w4g64", "--sequential", "--out", str(tmp_path / "c")]) == 2
+    assert "--sequential applies to planned compression" in capsys.readouterr().err
+
+
+def test_compress_evaluates_through_the_fast_engine(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "fast"
+    assert main(["compress", str(tiny_model_dir), "--format", "w4g64", "--out", str(out), "--eval-engine", "fast",
+                 "--text", str(tiny_text_file), "--windows", "2", "--ctx", "32",
+                 "--calib-text", str(tiny_text_file), "--calib-samples", "8", "--calib-len", "64"]) == 0
+    printed = capsys.readouterr()
+    assert "(fast engine)" in printed.err + printed.out
+    written = json.loads((out / "eval.json").read_text())
+    assert written["engine"] == "fast" and written["result"]["kl"] >= 0

@@ -23,6 +23,11 @@ from tightfit.cli.planner import _add_planner_flags, _budget, _plan_request, _pr
 from tightfit.errors import KernelUnavailable, TightfitError
 
 
+ENGINE_HELP = ("what computes {what} logits: torch (default), the transformers reference with the packed weights "
+               "dequantized and fp32 activations; fast, tightfit's compiled engine as `tightfit generate` runs it "
+               "(int8 activations, fp16 KV cache; packed Llama-layout models only). The reference is always torch fp32")
+
+
 def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
@@ -47,6 +52,11 @@ def add_parsers(sub) -> None:
     c.add_argument("--damp", type=float, default=None, help="GPTQ dampening as a fraction of the mean Hessian diagonal (default 0.01)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their natural order")
     c.add_argument("--no-eval", action="store_true", help="skip the evaluation after packing")
+    c.add_argument("--eval-engine", choices=("torch", "fast"), default="torch", help=ENGINE_HELP.format(what="the packed model's"))
+    c.add_argument("--sequential", action="store_true",
+                   help="with a budget: GPTQ collects its Hessians again, block by block through the already-quantized "
+                        "layers (about 7x slower quantization); default: the original model's Hessians that the planner "
+                        "collected (cached in --work)")
     c.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     _add_planner_flags(c)
     _add_eval_flags(c)
@@ -63,10 +73,7 @@ def add_parsers(sub) -> None:
     e.add_argument("path", help="a packed model folder, or any model source")
     e.add_argument("--against", default=None, help="reference model (default: the packed model's source if found)")
     e.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
-    e.add_argument("--engine", choices=("torch", "fast"), default="torch",
-                   help="what computes PATH's logits: torch (default), the transformers reference with the packed weights "
-                   "dequantized and fp32 activations; fast, tightfit's compiled engine as `tightfit generate` runs it "
-                   "(int8 activations, fp16 KV cache; packed Llama-layout models only). The reference is always torch fp32")
+    e.add_argument("--engine", choices=("torch", "fast"), default="torch", help=ENGINE_HELP.format(what="PATH's"))
     _add_eval_flags(e)
 
     i = sub.add_parser(
@@ -116,6 +123,7 @@ def _cmd_compress(args) -> int:
     from tightfit.formats.registry import parse_format
     from tightfit.model import load_model
     from tightfit.pipeline import CompressRequest, compress, make_plan
+    from tightfit.pipeline.planning import original_hessians
     from tightfit.stages.allocate import Plan
 
     given = [flag for flag, v in (("--format", args.format), ("--plan", args.plan)) if v is not None]
@@ -124,7 +132,10 @@ def _cmd_compress(args) -> int:
         raise TightfitError(f"{flag} is a planner budget; it does not combine with {given[0]} (use it with or instead of --bpw/--max-size)")
     if not given and args.bpw is None and args.max_size is None and args.max_latency is None:
         raise TightfitError("compress needs one of --format, --bpw, --max-size, --max-latency or --plan")
-    loaded = plan = None
+    loaded = plan = hessians = None
+    if args.sequential and (args.format is not None or args.plan is not None):
+        raise TightfitError("--sequential applies to planned compression (--bpw, --max-size, --max-latency): "
+                            "--format and --plan always collect Hessians block by block")
     if args.format is not None:
         fmt = parse_format(args.format)
     else:
@@ -136,9 +147,12 @@ def _cmd_compress(args) -> int:
         _status(f"loading {args.model}")
         loaded = load_model(args.model)
         if plan is None:
-            planned = make_plan(_plan_request(args, _budget(args, loaded)), loaded, on_stage=_status)
+            plan_request = _plan_request(args, _budget(args, loaded))
+            planned = make_plan(plan_request, loaded, on_stage=_status)
             _print_plan(planned)
             plan = planned.plan
+            if args.method == "gptq" and not args.sequential:
+                hessians = original_hessians(loaded, plan_request.calibration, plan_request.work, True, _status)
         fmt = Counter(plan.quantized.values()).most_common(1)[0][0]
     calibration = _calibration_config(args)
     embed = None if args.embed_format is None else format_or_none(parse_choice(args.embed_format))
@@ -156,9 +170,9 @@ def _cmd_compress(args) -> int:
         raise TightfitError(f"--damp must lie between 0 and 1, got {qconfig.damp}")
     request = CompressRequest(
         model=args.model, out=args.out, quantize=qconfig, calibration=calibration,
-        evaluation=None if args.no_eval else _eval_config(args),
+        evaluation=None if args.no_eval else _eval_config(args), eval_engine=args.eval_engine,
     )
-    report = compress(request, loaded, on_stage=_status)
+    report = compress(request, loaded, on_stage=_status, hessians=hessians)
     s = report.summary
     rows = []
     ev = report.evaluation

@@ -30,6 +30,7 @@ class CompressRequest:
     quantize: QuantizeConfig
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvalConfig | None = EvalConfig()
+    eval_engine: str = "torch"
     progress: bool = True
 
 
@@ -117,8 +118,10 @@ def compress(
     result = None
     if request.evaluation is not None:
         t = time.perf_counter()
-        on_stage(f"evaluating on {request.evaluation.n_windows} windows of {request.evaluation.ctx} tokens against the original")
-        result = evaluate_packed(out, loaded, request.evaluation, progress=request.progress)
+        on_stage(f"evaluating on {request.evaluation.n_windows} windows of {request.evaluation.ctx} tokens against the "
+                 f"original ({request.eval_engine} engine)")
+        result = evaluate_packed(out, loaded, request.evaluation, progress=request.progress,
+                                 engine=request.eval_engine)
         seconds["evaluate"] = time.perf_counter() - t
     shutil.rmtree(work, ignore_errors=True)
     return CompressReport(out=out, summary=ModelSummary.of(packed, packed_file_bytes(out)), evaluation=result, seconds=seconds)
