@@ -496,3 +496,16 @@ def test_fixed_bytes_count_against_max_bytes_and_name_the_whole_size():
     message = str(info.value)
     assert "\n" not in message and "cannot be met: the smallest possible is" in message
     assert f"the smallest possible is {shown_up((smallest + fixed) / 1e6, 1)} MB" in message and "plus 1.5 MB outside the plan" in message
+
+
+def test_solver_chatter_on_c_stdout_is_hidden_during_the_solve(capfd):
+    """HiGHS writes debugging lines straight to file descriptor 1 (not sys.stdout) during some MIP solves."""
+    import os
+
+    from tightfit.stages.allocate.milp import _solver_chatter_hidden
+
+    print("before", flush=True)
+    with _solver_chatter_hidden():
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+    print("after", flush=True)
+    assert capfd.readouterr().out == "before\nafter\n"

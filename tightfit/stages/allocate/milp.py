@@ -20,8 +20,11 @@ candidates no optimal plan can use (reduced-cost fixing, see `_solve`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 
@@ -38,6 +41,21 @@ from tightfit.stages.allocate.problem import _LATENCY_TOL_MS, _few, _plan, _Prob
 # objective is scaled to ~1 first, so HiGHS's absolute gap (1e-6) is relative too.
 MIP_REL_GAP = 1e-6
 
+
+@contextlib.contextmanager
+def _solver_chatter_hidden():
+    """HiGHS inside scipy 1.17 prints debugging lines to the process's C stdout during some MIP solves
+    (`HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();`, ERGO-Code/HiGHS#2783),
+    in the middle of the plan table: point file descriptor 1 at /dev/null for the solve only."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 def _solve(p: _Problem, objective: np.ndarray, K: np.ndarray, ub: np.ndarray, time_limit_s: float) -> np.ndarray | None:
     """Minimize objective @ x over binary x [n] with one candidate per layer and K @ x <= ub.
@@ -78,13 +96,14 @@ def _solve(p: _Problem, objective: np.ndarray, K: np.ndarray, ub: np.ndarray, ti
 
     remaining = time_limit_s - (time.perf_counter() - started)
     rows = sparse.vstack([one_per_layer[:, keep], sparse.csr_array(K[:, keep])], format="csr")  # [L + m, n_keep]
-    res = milp(
-        c[keep],
-        integrality=np.ones(len(keep)),
-        bounds=Bounds(0, 1),
-        constraints=LinearConstraint(rows, np.r_[np.ones(n_layers), np.full(len(ub), -np.inf)], np.r_[np.ones(n_layers), ub]),
-        options={"time_limit": max(remaining, 1e-3), "mip_rel_gap": MIP_REL_GAP},
-    )
+    with _solver_chatter_hidden():
+        res = milp(
+            c[keep],
+            integrality=np.ones(len(keep)),
+            bounds=Bounds(0, 1),
+            constraints=LinearConstraint(rows, np.r_[np.ones(n_layers), np.full(len(ub), -np.inf)], np.r_[np.ones(n_layers), ub]),
+            options={"time_limit": max(remaining, 1e-3), "mip_rel_gap": MIP_REL_GAP},
+        )
     if res.status == 2 and pick is None:
         return None
     if res.status == 1:
