@@ -177,7 +177,15 @@ def test_a_plan_mixes_spqr_and_uniform_layers_packs_reloads_and_runs(tiny_model_
     (["--max-size", "260KB"], "budget 0.3 MB cannot be met: the smallest possible is 0.4 MB (every layer in its smallest format plus "
                               "0.2 MB outside the plan)"),
 ])
-def test_impossible_budgets_give_one_clean_line(tiny_model_dir, tiny_text_file, tmp_path, capsys, flags, expected):
+def test_impossible_budgets_give_one_clean_line(tiny_model_dir, tiny_text_file, tmp_path, capsys, monkeypatch, flags, expected):
+    """... and before any Hessian, Fisher or sensitivity is computed: bytes need none of them."""
+    from tightfit.stages import calibrate as calibrate_stage
+
+    def too_late(*a, **k):
+        raise AssertionError("an impossible size budget must be refused before the calibration statistics")
+
+    monkeypatch.setattr(calibrate_stage, "collect_hessians", too_late)
+    monkeypatch.setattr(calibrate_stage, "collect_fisher", too_late)
     rc = main(["plan", str(tiny_model_dir), *flags, "--out", str(tmp_path / "p.json"), *_flags(tiny_text_file, tmp_path)])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -171,6 +171,17 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
     return table
 
 
+def _refuse_impossible_size(loaded: LoadedModel, formats, embed: list[Choice], budget: Budget) -> None:
+    """Bytes need no sensitivity: a size budget that no mix of candidates meets is refused (by the
+    allocate stage's own message) before minutes of Hessians, Fisher and sensitivity are spent."""
+    if budget.max_latency_ms is not None:  # the joint limit is checked with the measured latencies
+        return
+    shapes, nbytes = sensitivity_stage.layer_bytes(loaded, formats, embed)
+    choices = {layer: [allocate_stage.LayerChoice(fmt=parse_choice(name), nbytes=b, sensitivity=0.0) for name, b in row.items()]
+               for layer, row in nbytes.items()}
+    allocate_stage.allocate(shapes, choices, budget)
+
+
 def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
               on_stage: Callable[[str], None] = lambda _: None) -> PlanReport:
     seconds: dict[str, float] = {}
@@ -192,6 +203,8 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
         # A pinned head is part of the fixed time.
         budget = dataclasses.replace(budget, fixed_latency_ms=latency.fixed_ms + (0.0 if embed else latency.head_ms(pinned)))
         seconds["profile"] = time.perf_counter() - t
+
+    _refuse_impossible_size(loaded, formats, embed, budget)
 
     t = time.perf_counter()
     cal = request.calibration

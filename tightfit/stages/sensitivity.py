@@ -177,6 +177,19 @@ class _SliceKL:
         return max(kl_per_token(self.logp, logq) - self.base, 0.0)
 
 
+def layer_bytes(loaded: LoadedModel, formats: Sequence[Format], embed_choices: Sequence[Choice] = ()
+                ) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, int]]]:
+    """The layers of a plan and their exact bytes in each candidate: (shapes, nbytes), as in the
+    SensitivityTable. The linear layers take `formats`; the embeddings (and an untied head) are
+    layers only when they have embed_choices."""
+    model, arch = loaded.model, loaded.arch
+    names = linear_layer_names(model, arch)
+    outer = embedding_layers(model, arch) if embed_choices else []
+    shapes = {n: tuple(get_module(model, n).weight.shape) for n in [*names, *outer]}
+    nbytes = {n: {f.name: f.nbytes(*shapes[n]).total for f in (formats if n in names else embed_choices)} for n in shapes}
+    return shapes, nbytes
+
+
 @torch.no_grad()
 def measure_sensitivity(
     loaded: LoadedModel,
@@ -203,9 +216,7 @@ def measure_sensitivity(
         raise ValueError("the proxy has no measure for the embeddings and head: pin them outside the plan")
     model, arch = loaded.model, loaded.arch
     names = linear_layer_names(model, arch)
-    outer = embedding_layers(model, arch) if embed_choices else []
-    shapes = {n: tuple(get_module(model, n).weight.shape) for n in [*names, *outer]}
-    nbytes = {n: {f.name: f.nbytes(*shapes[n]).total for f in (formats if n in names else embed_choices)} for n in shapes}
+    shapes, nbytes = layer_bytes(loaded, formats, embed_choices)
     damages: dict[str, dict[str, float]] = {n: {} for n in shapes}
     proxy: dict[str, dict[str, float]] = {n: {} for n in names}
     slice_kl = _SliceKL(loaded, slice_tokens) if method == "measured" else None
@@ -227,6 +238,7 @@ def measure_sensitivity(
                 finally:
                     linear.weight.data.copy_(weight)
 
+    outer = [n for n in shapes if n not in proxy]  # the embeddings and an untied head, when planned
     tied = len(outer) == 1
     for name in outer:
         module = get_module(model, name)
