@@ -91,7 +91,7 @@ def compress(
     seconds["load"] = time.perf_counter() - t
 
     calibration = None
-    if request.quantize.method == "gptq":
+    if request.quantize.method == "gptq" and hessians is None:  # given Hessians need no calibration windows
         t = time.perf_counter()
         on_stage(f"calibration text: {request.calibration.n_samples} x {request.calibration.seq_len} tokens of {request.calibration.text}")
         calibration = calibrate_stage.calibrate(loaded.tokenizer, request.calibration)
@@ -107,7 +107,7 @@ def compress(
     seconds["quantize"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    packed = pack_stage.pack(qmodel, loaded, request.calibration if calibration is not None else None)
+    packed = pack_stage.pack(qmodel, loaded, request.calibration if request.quantize.method == "gptq" else None)
     on_stage(f"packing to {request.out}")
     if request.evaluation is not None:
         packed.info["evaluation"] = config_to_json(request.evaluation)
