@@ -7,6 +7,7 @@ through JSON so that a saved artifact says exactly how it was made.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -92,11 +93,12 @@ class CalibrationSet:
 @dataclass(frozen=True)
 class HessianSet:
     """H = 2/T X^T X [K, K] float32 of every linear layer's inputs, keyed by full module name,
-    collected from the original model (layers sharing an input share one tensor)."""
+    collected from the original model (layers sharing an input share one tensor). A mapping, not
+    always a dict: a big model's are read from files on access (`calibrate.HessianFiles`)."""
 
     config: CalibrationConfig
     source_sha256: str
-    hessians: dict[str, torch.Tensor]
+    hessians: Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

@@ -103,12 +103,15 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = True,
     clip_search: bool = True,
+    factors: dict[bytes, tuple[torch.Tensor, float]] | None = None,
 ) -> GPTQResult:
     """Quantize w [N, K] given the Hessian h [K, K] of its inputs, in any format with a builder.
 
     The builder (algorithms.builders.builder_for) chooses each group's parameters from the updated
     weights when the group's first column comes up (SpQR: also its outliers, from the Cholesky
     diagonal) and decodes columns; this function only orders columns and spreads errors.
+    factors: a cache of the inverse Hessian's Cholesky factor by column order, for calls on the same
+    h and damp (formats of one group size share an order): a K = 8960 factor takes seconds.
     """
     n, k = w.shape
     assert h.shape == (k, k), (h.shape, k)
@@ -124,7 +127,13 @@ def gptq_quantize(
     perm = group_aware_order(torch.diag(h), bounds) if act_order else torch.arange(k)
     w = w[:, perm]
     h = h[perm][:, perm]
-    u, lam = _inverse_hessian_factor(h, damp)  # [K, K] upper
+    key = perm.numpy().tobytes()
+    if factors is not None and key in factors:
+        u, lam = factors[key]
+    else:
+        u, lam = _inverse_hessian_factor(h, damp)  # [K, K] upper
+        if factors is not None:
+            factors[key] = (u, lam)
     d_all = torch.diag(u)  # [K]
 
     group_of = torch.empty(k, dtype=torch.long)  # original column -> its group

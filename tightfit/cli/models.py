@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tightfit.cli.common import (
     _calibration_config,
     _eval_config,
     _fmt,
+    _positive_int,
     _size,
     _status,
 )
@@ -52,7 +54,12 @@ def add_parsers(sub) -> None:
     c.add_argument("--damp", type=float, default=None, help="GPTQ dampening as a fraction of the mean Hessian diagonal (default 0.01)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their natural order")
     c.add_argument("--no-eval", action="store_true", help="skip the evaluation after packing")
-    c.add_argument("--eval-engine", choices=("torch", "fast"), default="torch", help=ENGINE_HELP.format(what="the packed model's"))
+    c.add_argument("--eval-engine", choices=("torch", "fast"), default=None,
+                   help=ENGINE_HELP.format(what="the packed model's") + " (default: torch; fast for a model big enough to be "
+                   "read one block at a time, which torch would hold whole)")
+    c.add_argument("--first-blocks", type=_positive_int, default=None, metavar="N",
+                   help="compress only the first N decoder blocks, a truncated model: to try a big model's whole path in "
+                        "minutes (the result is not a usable model)")
     c.add_argument("--sequential", action="store_true",
                    help="with a budget: GPTQ collects its Hessians again, block by block through the already-quantized "
                         "layers (about 7x slower quantization); default: the original model's Hessians that the planner "
@@ -138,14 +145,19 @@ def _cmd_compress(args) -> int:
                             "--format and --plan always collect Hessians block by block")
     if args.format is not None:
         fmt = parse_format(args.format)
-    else:
-        if args.plan is not None:
-            try:
-                plan = Plan.from_json(json.loads(args.plan.read_text()))
-            except (OSError, ValueError, TightfitError) as e:
-                raise TightfitError(f"cannot read plan {args.plan}: {e}") from None
-        _status(f"loading {args.model}")
-        loaded = load_model(args.model)
+    if args.plan is not None:
+        try:
+            plan = Plan.from_json(json.loads(args.plan.read_text()))
+        except (OSError, ValueError, TightfitError) as e:
+            raise TightfitError(f"cannot read plan {args.plan}: {e}") from None
+    _status(f"loading {args.model}")
+    load_start = time.perf_counter()
+    loaded = load_model(args.model, first_blocks=args.first_blocks)
+    load_seconds = time.perf_counter() - load_start
+    if loaded.streamed:
+        _status(f"{args.model} is read one decoder block at a time (fp32 weights "
+                f"{loaded.weights.nbytes() / 1e9:.1f} GB): only one block is in memory at once")
+    if args.format is None:
         if plan is None:
             plan_request = _plan_request(args, _budget(args, loaded))
             planned = make_plan(plan_request, loaded, on_stage=_status)
@@ -170,9 +182,11 @@ def _cmd_compress(args) -> int:
         raise TightfitError(f"--damp must lie between 0 and 1, got {qconfig.damp}")
     request = CompressRequest(
         model=args.model, out=args.out, quantize=qconfig, calibration=calibration,
-        evaluation=None if args.no_eval else _eval_config(args), eval_engine=args.eval_engine,
+        evaluation=None if args.no_eval else _eval_config(args),
+        eval_engine=args.eval_engine or ("fast" if loaded.streamed else "torch"),
     )
     report = compress(request, loaded, on_stage=_status, hessians=hessians)
+    report.seconds["load"] = load_seconds
     s = report.summary
     rows = []
     ev = report.evaluation
@@ -199,7 +213,7 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from tightfit.evaluate import eval_windows, evaluate
+    from tightfit.evaluate import eval_windows, evaluate, reference_for
     from tightfit.model import load_model
     from tightfit.pipeline import ModelSummary, default_reference, evaluate_packed, is_packed, packed_file_bytes
 
@@ -220,10 +234,11 @@ def _cmd_eval(args) -> int:
         if args.engine != "torch":
             raise KernelUnavailable(f"the {args.engine} engine scores packed models only; pack {args.path} with "
                                     "`tightfit compress` or use --engine torch")
-        loaded = load_model(args.path)
+        loaded = load_model(args.path, streamed=False)  # a candidate runs whole
         reference = load_model(args.against) if args.against else None
         windows = eval_windows(loaded.tokenizer, config)
-        result = evaluate(loaded.model, windows, reference=None if reference is None else reference.model, batch_size=config.batch_size)
+        against = None if reference is None else reference_for(reference, windows, batch_size=config.batch_size)
+        result = evaluate(loaded.model, windows, reference=against, batch_size=config.batch_size)
         row = {"name": str(args.path)[:28]}
     rows = [{"name": f"reference ({reference.source.name})"[:28], "ppl": result.reference_ppl}] if reference else []
     rows.append({**row, "ppl": result.ppl, "kl": result.kl, "top1": result.top1})

@@ -111,7 +111,7 @@ def file_budget(loaded: LoadedModel, max_size: int, max_latency_ms: float | None
     model, arch = loaded.model, loaded.arch
     outer = embedding_layers(model, arch)
     planned = {f"{name}.weight" for name in [*linear_layer_names(model, arch), *outer]}
-    fixed = HEADER_ALLOWANCE + sum(t.numel() * t.element_size() for t in quantize_stage.kept_tensors(model, planned, "fp16").values())
+    fixed = HEADER_ALLOWANCE + quantize_stage.kept_nbytes(model, planned, "fp16")
     if pinned is not None:
         fixed += sum(pinned.nbytes(*get_module(model, name).weight.shape).total for name in outer)
     if max_size <= fixed:
@@ -124,12 +124,17 @@ def file_budget(loaded: LoadedModel, max_size: int, max_latency_ms: float | None
 def original_hessians(loaded: LoadedModel, config: CalibrationConfig, work: Path, progress: bool,
                       on_stage: Callable[[str], None], calibration: CalibrationSet | None = None) -> HessianSet:
     """The original model's Hessians of every linear layer, from work/hessians.safetensors when
-    they were made from this model and calibration, else collected (one pass) and saved there."""
-    path = Path(work) / "hessians.safetensors"
-    hessians = calibrate_stage.load_hessians(path, loaded, config)
+    they were made from this model and calibration, else collected (one pass) and saved there. A
+    streamed model's stay on disk, one file per block in work/hessians/, read when used."""
+    path = Path(work) / ("hessians" if loaded.streamed else "hessians.safetensors")
+    load = calibrate_stage.load_hessian_files if loaded.streamed else calibrate_stage.load_hessians
+    hessians = load(path, loaded, config)
     if hessians is None:
         on_stage("collecting Hessians of every linear layer (original model)")
         calibration = calibration or calibrate_stage.calibrate(loaded.tokenizer, config)
+        if loaded.streamed:
+            path.mkdir(parents=True, exist_ok=True)
+            return calibrate_stage.collect_hessians(loaded, calibration, store=path, progress=progress)
         hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=progress)
         calibrate_stage.save_hessians(hessians, path)
     return hessians

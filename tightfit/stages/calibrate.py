@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -26,10 +27,10 @@ from tqdm.auto import tqdm
 from tightfit.algorithms import HessianAccumulator
 from tightfit.artifacts import CalibrationConfig, CalibrationSet, FisherSet, HessianSet, config_to_json
 from tightfit.data import load_text, token_windows
-from tightfit.formats.files import atomic_save_tensors
+from tightfit.formats.files import atomic_save_tensors, atomic_write_json
 from tightfit.metrics import log_probs
-from tightfit.model import LoadedModel, get_module
-from tightfit.model.blocks import block_list, capture_block_inputs, linear_layer_names, run_block
+from tightfit.model import LoadedModel, get_module, resident_block
+from tightfit.model.blocks import block_list, capture_block_inputs, linear_layer_names, replay_blocks, run_block
 
 
 def calibrate(tokenizer, config: CalibrationConfig) -> CalibrationSet:
@@ -48,45 +49,105 @@ def calibrate_with_held_back(tokenizer, config: CalibrationConfig, held_back: in
 
 
 @torch.no_grad()
-def collect_hessians(loaded: LoadedModel, calibration: CalibrationSet, *, progress: bool = True) -> HessianSet:
+def collect_hessians(loaded: LoadedModel, calibration: CalibrationSet, *, store: Path | None = None,
+                     progress: bool = True) -> HessianSet:
     """One pass of the original model over the calibration set, block by block.
 
     Returns, for every linear layer of every block, the Hessian [K, K] of its inputs; layers of
-    one group (same input) share one tensor.
+    one group (same input) share one tensor. With `store` (a folder), each block's Hessians are
+    saved there as soon as they exist and the set reads them back on access (`HessianFiles`):
+    a 1.5B model's take 9 GB, more than the model, so a streamed model keeps them on disk.
     """
     arch = loaded.arch
-    blocks = block_list(loaded.model, arch)
+    n_blocks = len(block_list(loaded.model, arch))
     inputs = capture_block_inputs(loaded.model, arch, calibration.tokens, calibration.config.batch_size)
     hessians: dict[str, torch.Tensor] = {}
-    for i in tqdm(range(len(blocks)), desc="hessians", unit="block", disable=not progress):
-        block = blocks[i]
-        accs = {names: HessianAccumulator(get_module(block, names[0]).in_features) for names in arch.linear_groups}
-        handles = [
-            get_module(block, names[0]).register_forward_pre_hook(lambda m, args, acc=acc: acc.add_batch(args[0]))
-            for names, acc in accs.items()
-        ]
-        try:
-            inputs.hidden = [run_block(block, h, inputs.extra[i][b]) for b, h in enumerate(inputs.hidden)]
-        finally:
-            for h in handles:
-                h.remove()
+    stored: dict[str, tuple[Path, str]] = {}
+    for i in tqdm(range(n_blocks), desc="hessians", unit="block", disable=not progress):
+        with resident_block(loaded, i) as block:
+            accs = {names: HessianAccumulator(get_module(block, names[0]).in_features) for names in arch.linear_groups}
+            handles = [
+                get_module(block, names[0]).register_forward_pre_hook(lambda m, args, acc=acc: acc.add_batch(args[0]))
+                for names, acc in accs.items()
+            ]
+            try:
+                inputs.hidden = [run_block(block, h, inputs.extra[i][b]) for b, h in enumerate(inputs.hidden)]
+            finally:
+                for h in handles:
+                    h.remove()
+        block_hessians = {}
         for names, acc in accs.items():
             h = acc.hessian()
             for name in names:
-                hessians[f"{arch.blocks}.{i}.{name}"] = h
+                block_hessians[f"{arch.blocks}.{i}.{name}"] = h
+        if store is None:
+            hessians.update(block_hessians)
+            continue
+        path = Path(store) / f"block_{i:03d}.safetensors"
+        unique, aliases = _unique_tensors(block_hessians)
+        atomic_save_tensors(path, unique, metadata={"aliases": json.dumps(aliases)})
+        stored.update({name: (path, aliases.get(name, name)) for name in block_hessians})
+    if store is not None:
+        atomic_write_json(Path(store) / HESSIAN_FILES_META, _hessian_key(loaded, calibration.config))
+        return HessianSet(config=calibration.config, source_sha256=loaded.source.sha256(), hessians=HessianFiles(stored))
     return HessianSet(config=calibration.config, source_sha256=loaded.source.sha256(), hessians=hessians)
 
 
-def save_hessians(hessians: HessianSet, path: Path) -> None:
+HESSIAN_FILES_META = "hessians.json"  # written last: its presence marks a finished folder
+
+
+class HessianFiles(Mapping[str, torch.Tensor]):
+    """Hessians kept in files, one per block: name -> (file, stored name); read on every access."""
+
+    def __init__(self, where: dict[str, tuple[Path, str]]) -> None:
+        self.where = where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, stored = self.where[name]
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor(stored)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+def _hessian_key(loaded: LoadedModel, config: CalibrationConfig) -> dict[str, str]:
+    return {"source_sha256": loaded.source.sha256(), "calibration": json.dumps(config_to_json(config))}
+
+
+def load_hessian_files(folder: Path, loaded: LoadedModel, config: CalibrationConfig) -> HessianSet | None:
+    """The Hessians `collect_hessians(store=folder)` saved, if made from this model and calibration, else None."""
+    meta = Path(folder) / HESSIAN_FILES_META
+    if not meta.is_file() or json.loads(meta.read_text()) != _hessian_key(loaded, config):
+        return None
+    where: dict[str, tuple[Path, str]] = {}
+    for path in sorted(Path(folder).glob("block_*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+            where.update({name: (path, name) for name in f.keys()})
+        where.update({alias: (path, name) for alias, name in aliases.items()})
+    return HessianSet(config=config, source_sha256=loaded.source.sha256(), hessians=HessianFiles(where))
+
+
+def _unique_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors shared under several names, stored once: (unique name -> tensor, alias -> stored name)."""
     unique: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    for name, h in hessians.hessians.items():
+    for name, h in tensors.items():
         if h.data_ptr() in seen:
             aliases[name] = seen[h.data_ptr()]
         else:
             seen[h.data_ptr()] = name
             unique[name] = h
+    return unique, aliases
+
+
+def save_hessians(hessians: HessianSet, path: Path) -> None:
+    unique, aliases = _unique_tensors(hessians.hessians)
     meta = {"calibration": json.dumps(config_to_json(hessians.config)), "source_sha256": hessians.source_sha256,
             "aliases": json.dumps(aliases)}
     atomic_save_tensors(path, unique, metadata=meta)
@@ -131,56 +192,95 @@ def collect_fisher(loaded: LoadedModel, calibration: CalibrationSet, *, windows:
                    progress: bool = True) -> FisherSet:
     """One forward and backward of the original model per window (the first `windows` of the
     calibration set): the statistics of `FisherSet`, with next tokens sampled from the model's
-    own prediction by a generator seeded with `seed` (the same statistics on every run)."""
+    own prediction by a generator seeded with `seed` (the same statistics on every run).
+
+    Block by block, so that a streamed model reads each block twice and holds one: the forward keeps
+    every block's input (windows x T x H floats per block); the head scores each window from the
+    last block's output; the backward then runs the blocks in reverse, each recomputing its forward
+    from its kept input and passing the gradient at its input to the block before it.
+    """
     model, arch = loaded.model, loaded.arch
     if not 1 <= windows <= calibration.tokens.shape[0]:
         raise ValueError(f"Fisher windows must lie in 1 .. {calibration.tokens.shape[0]} (the calibration set), got {windows}")
-    names = linear_layer_names(model, arch)
-    outputs = {n: torch.zeros(get_module(model, n).out_features, dtype=torch.float64) for n in names}
+    tokens_in = calibration.tokens[:windows]  # [W, T]
+    n_blocks = len(block_list(model, arch))
     embedding, head = get_module(model, arch.embeddings), get_module(model, arch.head)
     vocab, hidden = embedding.weight.shape
-    scale = _embedding_scale(embedding, int(calibration.tokens[0, 0]))
+    scale = _embedding_scale(embedding, int(tokens_in[0, 0]))
+    bar = tqdm(total=2 * n_blocks + windows, desc="fisher", unit="step", disable=not progress)
+
+    # forward, every window through one block at a time; block_inputs[i][w] enters block i
+    inputs = capture_block_inputs(model, arch, tokens_in, 1)
+    block_inputs: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for i in range(n_blocks):
+            block_inputs.append(inputs.hidden)
+            with resident_block(loaded, i) as block:
+                inputs.hidden = [run_block(block, h, inputs.extra[i][w]) for w, h in enumerate(inputs.hidden)]
+            bar.update()
+
+    # the head: log p(y_t) of sampled next tokens, its gradient at the last block's output
     head_fisher = torch.zeros(vocab, dtype=torch.float64)
     head_inputs = torch.zeros(hidden, hidden, dtype=torch.float64)
-    ids, grad2 = [], []  # per window: input tokens [T], squared row gradients [T, H]
     head_input: list[torch.Tensor] = []
-
-    def accumulate(name: str):
-        def on_grad(g: torch.Tensor) -> None:  # a tensor hook must return None, or it replaces the gradient
-            outputs[name] += g.detach().to(torch.float64).pow(2).reshape(-1, g.shape[-1]).sum(0)
-
-        def on_output(module, args, out) -> None:
-            out.register_hook(on_grad)
-        return on_output
-
-    handles = [get_module(model, n).register_forward_hook(accumulate(n)) for n in names]
-    handles.append(head.register_forward_hook(lambda m, args, out: head_input.append(args[0].detach())))
+    handle = head.register_forward_hook(lambda m, args, out: head_input.append(args[0].detach()))
     generator = torch.Generator().manual_seed(seed)
-    tokens = 0
+    grads: list[torch.Tensor] = []  # per window: the gradient at the current block's output [1, T, H]
     try:
-        for w in tqdm(range(windows), desc="fisher", unit="window", disable=not progress):
-            window = calibration.tokens[w : w + 1]  # [1, T]
-            x = embedding(window).detach().requires_grad_(True)  # [1, T, H]
-            with torch.enable_grad():
-                logp = log_probs(model(inputs_embeds=x, use_cache=False).logits[:, :-1])  # [1, T-1, V]
+        for w in range(windows):
+            last = inputs.hidden[w].detach().requires_grad_(True)  # [1, T, H]
+            with torch.enable_grad(), replay_blocks(model, arch, n_blocks, last):
+                logp = log_probs(model(input_ids=tokens_in[w : w + 1], use_cache=False).logits[:, :-1])  # [1, T-1, V]
                 p = logp.detach().exp()
                 y = torch.multinomial(p.reshape(-1, vocab), 1, generator=generator).reshape(p.shape[:2])  # [1, T-1]
-                (g,) = torch.autograd.grad(logp.gather(-1, y[..., None]).sum(), x)  # [1, T, H]
-            ids.append(window.reshape(-1))
-            grad2.append((scale * g.reshape(-1, hidden)).pow(2))
+                (g,) = torch.autograd.grad(logp.gather(-1, y[..., None]).sum(), last)
+            grads.append(g)
             head_fisher += (p * (1 - p)).reshape(-1, vocab).sum(0).to(torch.float64)
             h = head_input.pop()[:, :-1].reshape(-1, hidden).to(torch.float64)  # [T-1, H] inputs of the scored logits
             head_inputs += h.T @ h
-            tokens += window.shape[1] - 1
+            bar.update()
     finally:
-        for handle in handles:
-            handle.remove()
-    all_ids = torch.cat(ids)
-    embed_ids, where = torch.unique(all_ids, return_inverse=True)  # [U], [sum T]
-    embed_fisher = torch.zeros(len(embed_ids), hidden, dtype=torch.float64).index_add_(0, where, torch.cat(grad2).to(torch.float64))
+        handle.remove()
+    extra = inputs.extra
+    del inputs
+
+    # backward, block by block in reverse; the linear layers' output gradients accumulate on the way
+    outputs: dict[str, torch.Tensor] = {}
+    for i in reversed(range(n_blocks)):
+        with resident_block(loaded, i) as block:
+            block_outputs = {n: torch.zeros(get_module(block, n).out_features, dtype=torch.float64) for n in arch.linear_names}
+
+            def accumulate(name: str):
+                def on_grad(g: torch.Tensor) -> None:  # a tensor hook must return None, or it replaces the gradient
+                    block_outputs[name] += g.detach().to(torch.float64).pow(2).reshape(-1, g.shape[-1]).sum(0)
+
+                def on_output(module, args, out) -> None:
+                    out.register_hook(on_grad)
+                return on_output
+
+            handles = [get_module(block, n).register_forward_hook(accumulate(n)) for n in arch.linear_names]
+            try:
+                for w in range(windows):
+                    x = block_inputs[i][w].detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        (grads[w],) = torch.autograd.grad(run_block(block, x, extra[i][w]), x,
+                                                          grad_outputs=grads[w])
+            finally:
+                for handle in handles:
+                    handle.remove()
+        outputs.update({f"{arch.blocks}.{i}.{n}": f for n, f in block_outputs.items()})
+        block_inputs[i] = []
+        bar.update()
+    bar.close()
+
+    tokens = windows * (tokens_in.shape[1] - 1)
+    grad2 = torch.cat([(scale * g.reshape(-1, hidden)).pow(2) for g in grads])  # [W T, H]
+    embed_ids, where = torch.unique(tokens_in.reshape(-1), return_inverse=True)  # [U], [W T]
+    embed_fisher = torch.zeros(len(embed_ids), hidden, dtype=torch.float64).index_add_(0, where, grad2.to(torch.float64))
+    names = linear_layer_names(model, arch)
     return FisherSet(
         config=calibration.config, source_sha256=loaded.source.sha256(), windows=windows, seed=seed, tokens=tokens,
-        outputs={n: (f / tokens).float() for n, f in outputs.items()}, embed_ids=embed_ids,
+        outputs={n: (outputs[n] / tokens).float() for n in names}, embed_ids=embed_ids,
         embed_fisher=(embed_fisher / tokens).float(), head_fisher=(head_fisher / tokens).float(),
         head_inputs=(head_inputs / tokens).float(),
     )
