@@ -27,7 +27,7 @@ from tightfit.errors import KernelUnavailable, TightfitError
 
 ENGINE_HELP = ("what computes {what} logits: torch (default), the transformers reference with the packed weights "
                "dequantized and fp32 activations; fast, tightfit's compiled engine as `tightfit generate` runs it "
-               "(int8 activations, fp16 KV cache; packed Llama-layout models only). The reference is always torch fp32")
+               "(int8 activations, fp16 KV cache; packed models only). The reference is always torch fp32")
 
 
 def add_parsers(sub) -> None:
