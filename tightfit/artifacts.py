@@ -6,6 +6,7 @@ through JSON so that a saved artifact says exactly how it was made.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,15 +65,34 @@ def config_to_json(config) -> dict:
     return out
 
 
+FORWARD_DTYPES = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Which text calibrates, and how much of it: n_samples windows of seq_len tokens."""
+    """Which text calibrates, and how much of it: n_samples windows of seq_len tokens.
+
+    forward_dtype: the precision of the block forwards that produce the calibration activations
+    (the inputs whose Hessians GPTQ uses): "fp32", or "bf16" (torch autocast: about 3x faster
+    matrix products on CPUs with AVX-512 BF16; the Hessians still accumulate in fp64).
+    """
 
     text: str = "wiki"
     n_samples: int = 64
     seq_len: int = 512
     batch_size: int = 8
     version: int = 1
+    forward_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
+
+    def forward_precision(self):
+        """The context the calibration forwards run in."""
+        if self.forward_dtype == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @classmethod
     def from_json(cls, d: dict) -> "CalibrationConfig":

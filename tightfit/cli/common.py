@@ -80,6 +80,9 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-text", default="wiki", help="calibration text: 'wiki' (built in, its calibration part), a .txt or .jsonl file (default: wiki)")
     p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration windows (default 64)")
     p.add_argument("--calib-len", type=_positive_int, default=None, help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-dtype", choices=("fp32", "bf16"), default=None,
+                   help="precision of the block forwards that produce GPTQ's calibration inputs: fp32 (default), or "
+                        "bf16, about 3x faster matrix products on CPUs with AVX-512 BF16")
 
 
 def _calibration_config(args) -> "CalibrationConfig":
@@ -87,7 +90,8 @@ def _calibration_config(args) -> "CalibrationConfig":
 
     defaults = CalibrationConfig()
     return CalibrationConfig(text=args.calib_text, n_samples=args.calib_samples or defaults.n_samples,
-                             seq_len=args.calib_len or defaults.seq_len)
+                             seq_len=args.calib_len or defaults.seq_len,
+                             forward_dtype=args.calib_dtype or defaults.forward_dtype)
 
 
 def _add_embed_flag(p: argparse.ArgumentParser) -> None:

@@ -113,7 +113,8 @@ def compress(
         packed.info["evaluation"] = config_to_json(request.evaluation)
     out = pack_stage.write(packed, loaded.tokenizer, Path(request.out))
     seconds["pack"] = time.perf_counter() - t
-    del qmodel
+    summary = ModelSummary.of(packed, packed_file_bytes(out))
+    del qmodel, packed  # the evaluation reads the packed model from disk
 
     result = None
     if request.evaluation is not None:
@@ -124,4 +125,4 @@ def compress(
                                  engine=request.eval_engine)
         seconds["evaluate"] = time.perf_counter() - t
     shutil.rmtree(work, ignore_errors=True)
-    return CompressReport(out=out, summary=ModelSummary.of(packed, packed_file_bytes(out)), evaluation=result, seconds=seconds)
+    return CompressReport(out=out, summary=summary, evaluation=result, seconds=seconds)

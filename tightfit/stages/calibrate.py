@@ -71,7 +71,8 @@ def collect_hessians(loaded: LoadedModel, calibration: CalibrationSet, *, store:
                 for names, acc in accs.items()
             ]
             try:
-                inputs.hidden = [run_block(block, h, inputs.extra[i][b]) for b, h in enumerate(inputs.hidden)]
+                with calibration.config.forward_precision():
+                    inputs.hidden = [run_block(block, h, inputs.extra[i][b]).float() for b, h in enumerate(inputs.hidden)]
             finally:
                 for h in handles:
                     h.remove()
@@ -215,8 +216,8 @@ def collect_fisher(loaded: LoadedModel, calibration: CalibrationSet, *, windows:
     with torch.no_grad():
         for i in range(n_blocks):
             block_inputs.append(inputs.hidden)
-            with resident_block(loaded, i) as block:
-                inputs.hidden = [run_block(block, h, inputs.extra[i][w]) for w, h in enumerate(inputs.hidden)]
+            with resident_block(loaded, i) as block, calibration.config.forward_precision():
+                inputs.hidden = [run_block(block, h, inputs.extra[i][w]).float() for w, h in enumerate(inputs.hidden)]
             bar.update()
 
     # the head: log p(y_t) of sampled next tokens, its gradient at the last block's output
@@ -262,9 +263,10 @@ def collect_fisher(loaded: LoadedModel, calibration: CalibrationSet, *, windows:
             try:
                 for w in range(windows):
                     x = block_inputs[i][w].detach().requires_grad_(True)
-                    with torch.enable_grad():
-                        (grads[w],) = torch.autograd.grad(run_block(block, x, extra[i][w]), x,
-                                                          grad_outputs=grads[w])
+                    with torch.enable_grad(), calibration.config.forward_precision():
+                        out = run_block(block, x, extra[i][w])
+                        (g,) = torch.autograd.grad(out, x, grad_outputs=grads[w].to(out.dtype))
+                    grads[w] = g.float()
             finally:
                 for handle in handles:
                     handle.remove()

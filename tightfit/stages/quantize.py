@@ -16,7 +16,10 @@ block at a time, and only that block's weights are in memory while it is quantiz
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 import dataclasses
 import json
 import time
@@ -213,6 +216,7 @@ def quantize_model(
     if config.method == "gptq" and hessians is None:
         inputs = capture_block_inputs(model, arch, calibration.tokens, calibration.config.batch_size)
 
+    precision = calibration.config.forward_precision if calibration is not None else contextlib.nullcontext
     bar = tqdm(range(n_blocks), desc=f"quantize {config.method} {config.fmt.name}", unit="block", disable=not progress)
     for i in bar:
         results = checkpoint.load(i, config) if checkpoint is not None else None
@@ -226,11 +230,12 @@ def quantize_model(
                     for name, (q, _) in results.items():
                         _install(block, name, q.dequantize())
                 else:
-                    results = _quantize_block(block, i, arch, config, hessians, inputs)
+                    results = _quantize_block(block, i, arch, config, hessians, inputs, precision)
                     if checkpoint is not None:
                         checkpoint.save(i, results)
                 if inputs is not None:
-                    inputs.hidden = [run_block(block, h, inputs.extra[i][b]) for b, h in enumerate(inputs.hidden)]
+                    with precision():
+                        inputs.hidden = [run_block(block, h, inputs.extra[i][b]).float() for b, h in enumerate(inputs.hidden)]
         for name, (q, report) in results.items():
             layers[f"{prefix}.{i}.{name}"] = q
             reports[f"{prefix}.{i}.{name}"] = report
@@ -253,16 +258,20 @@ def _block_kept(working: LoadedModel, i: int, kept: dict[str, torch.Tensor], con
 
 
 def _quantize_block(block: nn.Module, i: int, arch, config: QuantizeConfig, hessians: HessianSet | None,
-                    inputs: BlockInputs | None) -> dict[str, tuple[AnyQuantizedTensor, LayerReport]]:
+                    inputs: BlockInputs | None, precision: Callable[[], ContextManager]
+                    ) -> dict[str, tuple[AnyQuantizedTensor, LayerReport]]:
     """Every linear layer of block i, group by group in execution order, each group's Hessian from
-    `hessians` (the original model's) or from `inputs` through the groups already quantized; the
-    dequantized weights are installed in `block` as they come."""
+    `hessians` (the original model's) or from `inputs` through the groups already quantized (block
+    forwards in `precision()`); the dequantized weights are installed in `block` as they come."""
     results = {}
     for names in arch.linear_groups:
         if hessians is not None:
             hessian = hessians.hessians[f"{arch.blocks}.{i}.{names[0]}"]
         else:
-            hessian = _group_hessian(block, names, inputs, i) if inputs is not None else None
+            hessian = None
+            if inputs is not None:
+                with precision():
+                    hessian = _group_hessian(block, names, inputs, i)
         for name in names:
             fmt = config.format_of(f"{arch.blocks}.{i}.{name}")
             q, report = _quantize_layer(get_module(block, name).weight, hessian, config, fmt)
