@@ -41,4 +41,4 @@ class Backend(Protocol):
 
     def forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Append `ids` (len >= 1) at positions position .. position+len-1 and return the logits
-        of the last one: [vocab_size] fp32. Raises ValueError when the cache would overflow."""
+        of the last one: [vocab_size] fp32. Raises GenerationError when the cache would overflow."""

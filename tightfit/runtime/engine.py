@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from tightfit.errors import KernelUnavailable, PackedModelError
+from tightfit.errors import GenerationError, KernelUnavailable, PackedModelError
 from tightfit.formats.packed import PackedModel, load_packed
 from tightfit.formats.primitives import QuantizedTensor
 from tightfit.runtime.engine_config import LAYOUTS, EngineLayout, EngineSpec, engine_spec, layout_for
@@ -216,7 +216,8 @@ class FastBackend:
         if not ids:
             raise ValueError("forward needs at least one token")
         if self._position + len(ids) > self.max_positions:
-            raise ValueError(f"{self._position + len(ids)} tokens exceed the KV cache of {self.max_positions}")
+            raise GenerationError(f"KV cache overflow: {self._position} cached + {len(ids)} new tokens > max_positions "
+                                  f"{self.max_positions}")  # as TorchBackend says it
         outs = []
         for s in range(0, len(ids), self.max_batch):
             chunk = ids[s : s + self.max_batch]
