@@ -12,7 +12,7 @@ import torch
 
 from tightfit.artifacts import FP16
 from tightfit.cli import _latency_ms, main
-from tightfit.errors import InfeasibleBudget
+from tightfit.errors import CorruptCacheWarning, InfeasibleBudget
 from tightfit.formats.registry import parse_format
 from tightfit.model import load_model
 from tightfit.stages import profile as profile_stage
@@ -142,7 +142,8 @@ def test_latency_table_json_round_trip(tmp_path, fake_timers):
 
 def test_a_corrupt_cache_is_remeasured(tmp_path, fake_timers):
     (tmp_path / "latency.json").write_text("{not json")
-    _profile(tmp_path, model=False)
+    with pytest.warns(CorruptCacheWarning, match="latency.json is unreadable"):
+        _profile(tmp_path, model=False)
     assert fake_timers["matmul"] > 0
     assert json.loads((tmp_path / "latency.json").read_text())["version"] == profile_stage.CACHE_VERSION
 

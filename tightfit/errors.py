@@ -50,3 +50,12 @@ class QuantizedSourceWarning(UserWarning):
 
 class InsufficientMemory(TightfitError):
     """Too little free memory for the request (e.g. a whole model in fp32); the message says what would fit."""
+
+
+class CorruptCacheError(TightfitError):
+    """A saved intermediate result (a block checkpoint; cached Hessians, Fisher statistics, sensitivities
+    or timings) is missing a part, unreadable, or fails its checksum. Callers recompute it (CorruptCacheWarning)."""
+
+
+class CorruptCacheWarning(UserWarning):
+    """A corrupt intermediate result was thrown away and is computed again."""

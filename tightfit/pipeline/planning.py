@@ -2,21 +2,21 @@
 
 The plan's layers are the linear layers of the decoder blocks, the token embeddings and an untied
 output head (a tied one is the embeddings' decision). Hessians, Fisher statistics, sensitivities
-and kernel timings are cached in the work folder, so further budgets on the same model are instant.
+and kernel timings are cached in the work folder, so further budgets on the same model are instant;
+a cache that is unreadable or fails its checksum is computed again, with a one-line warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from tightfit.artifacts import CalibrationConfig, CalibrationSet, Choice, FisherSet, HessianSet, config_to_json, parse_choice
-from tightfit.errors import InfeasibleBudget
-from tightfit.formats.files import atomic_write_json
+from tightfit.errors import CorruptCacheError, InfeasibleBudget, TightfitError
+from tightfit.formats.files import atomic_write_json, load_checked_json, warn_recomputed
 from tightfit.formats.registry import parse_format
 from tightfit.model import LoadedModel, get_module, load_model
 from tightfit.model.blocks import embedding_layers, linear_layer_names
@@ -161,10 +161,18 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
            "formats": [f.name for f in formats], "embed_formats": [c.name for c in embed],
            "windows": {"fisher": request.fisher_windows, "measured": request.slice_windows, "proxy": 0}[method]}
     path = Path(request.work) / SENSITIVITY_FILE
-    cached = json.loads(path.read_text()) if path.is_file() else {}
+    cached = {}
+    if path.is_file():
+        try:
+            cached = load_checked_json(path)
+        except CorruptCacheError as e:
+            warn_recomputed(e)
     for entry in cached.get("entries", []):
         if entry.get("key") == key:
-            return SensitivityTable.from_json(entry["table"])
+            try:
+                return SensitivityTable.from_json(entry["table"])
+            except (TightfitError, KeyError, TypeError, ValueError) as e:  # e.g. a table of an older version
+                warn_recomputed(CorruptCacheError(f"the cached table in {path} is unusable ({e})"))
     fisher = None
     if method == "fisher":
         fisher = original_fisher(loaded, calibration, request.fisher_windows, request.work, request.progress, on_stage)
@@ -172,7 +180,7 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
     table = sensitivity_stage.measure_sensitivity(loaded, hessians, formats, method=method, fisher=fisher,
                                                   slice_tokens=held_back, embed_choices=embed, progress=request.progress)
     entries = [e for e in cached.get("entries", []) if e.get("key") != key][-7:]
-    atomic_write_json(path, {"entries": entries + [{"key": key, "table": table.to_json()}]})
+    atomic_write_json(path, {"entries": entries + [{"key": key, "table": table.to_json()}]}, checksum=True)
     return table
 
 

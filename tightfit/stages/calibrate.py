@@ -9,7 +9,7 @@ Sequential quantization (the default) recomputes Hessians inside the quantize st
 that pass through already-quantized layers. Hessians of the original model are what measuring
 many formats needs (sensitivity, benchmarks): collected once, they let every format be quantized
 without another forward pass. Both are cached in a work folder, keyed by the source model and
-the calibration.
+the calibration, with the sha256 of their contents; a corrupt cache is collected again.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from tightfit.algorithms import HessianAccumulator
 from tightfit.artifacts import CalibrationConfig, CalibrationSet, FisherSet, HessianSet, config_to_json
 from tightfit.data import load_text, token_windows
-from tightfit.formats.files import atomic_save_tensors, atomic_write_json
+from tightfit.errors import CorruptCacheError
+from tightfit.formats.files import atomic_save_tensors, atomic_write_json, load_checked_tensors, read_tensor_metadata, warn_recomputed
 from tightfit.metrics import log_probs
 from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.model.blocks import block_list, capture_block_inputs, linear_layer_names, replay_blocks, run_block
@@ -151,26 +151,31 @@ def save_hessians(hessians: HessianSet, path: Path) -> None:
     unique, aliases = _unique_tensors(hessians.hessians)
     meta = {"calibration": json.dumps(config_to_json(hessians.config)), "source_sha256": hessians.source_sha256,
             "aliases": json.dumps(aliases)}
-    atomic_save_tensors(path, unique, metadata=meta)
+    atomic_save_tensors(path, unique, metadata=meta, checksum=True)
 
 
-def _cache_metadata(path: Path, loaded: LoadedModel, config: CalibrationConfig, **key: str) -> dict[str, str] | None:
-    """The metadata of the tensor file at path if it was made from this model and calibration
-    (and carries every `key` value), else None."""
+def _cached(path: Path, loaded: LoadedModel, config: CalibrationConfig, **key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(tensors, metadata) of the cache file at path if it was made from this model and calibration
+    (and carries every `key` value), else None; a corrupt one is None too, with a CorruptCacheWarning."""
     if not Path(path).is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
     wanted = {"source_sha256": loaded.source.sha256(), "calibration": json.dumps(config_to_json(config)), **key}
-    return meta if all(meta.get(k) == v for k, v in wanted.items()) else None
+    try:
+        meta = read_tensor_metadata(path)
+        if not all(meta.get(k) == v for k, v in wanted.items()):
+            return None
+        return load_checked_tensors(path)
+    except CorruptCacheError as e:
+        warn_recomputed(e)
+        return None
 
 
 def load_hessians(path: Path, loaded: LoadedModel, config: CalibrationConfig) -> HessianSet | None:
     """The cached Hessians at path if they were made from this model and calibration, else None."""
-    meta = _cache_metadata(path, loaded, config)
-    if meta is None:
+    cached = _cached(path, loaded, config)
+    if cached is None:
         return None
-    tensors = load_file(str(path))
+    tensors, meta = cached
     for alias, name in json.loads(meta["aliases"]).items():
         tensors[alias] = tensors[name]
     return HessianSet(config=config, source_sha256=meta["source_sha256"], hessians=tensors)
@@ -298,16 +303,16 @@ def save_fisher(fisher: FisherSet, path: Path) -> None:
                    head_inputs=fisher.head_inputs)
     meta = {"calibration": json.dumps(config_to_json(fisher.config)), "source_sha256": fisher.source_sha256,
             "tokens": str(fisher.tokens), **_fisher_key(fisher.windows, fisher.seed)}
-    atomic_save_tensors(path, tensors, metadata=meta)
+    atomic_save_tensors(path, tensors, metadata=meta, checksum=True)
 
 
 def load_fisher(path: Path, loaded: LoadedModel, config: CalibrationConfig, *, windows: int, seed: int) -> FisherSet | None:
     """The cached Fisher statistics at path if they were made from this model, calibration,
     windows and seed, else None."""
-    meta = _cache_metadata(path, loaded, config, **_fisher_key(windows, seed))
-    if meta is None:
+    cached = _cached(path, loaded, config, **_fisher_key(windows, seed))
+    if cached is None:
         return None
-    t = load_file(str(path))
+    t, meta = cached
     return FisherSet(
         config=config, source_sha256=meta["source_sha256"], windows=windows, seed=seed, tokens=int(meta["tokens"]),
         outputs={k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("outputs.")}, embed_ids=t["embed_ids"],

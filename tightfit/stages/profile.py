@@ -50,7 +50,8 @@ from typing import Any
 import torch
 
 from tightfit.artifacts import FP16, Choice, Unquantized
-from tightfit.formats.files import atomic_write_json
+from tightfit.errors import CorruptCacheError
+from tightfit.formats.files import atomic_write_json, warn_recomputed
 from tightfit.formats.packed import PackedModel
 from tightfit.formats.primitives import quantize_rtn
 from tightfit.formats.registry import Format, parse_format
@@ -287,8 +288,9 @@ class LatencyCache:
         if self.path is not None and self.path.is_file():
             try:
                 data = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                data = None  # unreadable cache: re-measure, and overwrite it on save
+            except (OSError, ValueError) as e:
+                warn_recomputed(CorruptCacheError(f"{self.path} is unreadable ({e})"))
+                data = None  # re-measure, and overwrite it on save
             if isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("values"), dict):
                 self.values = data["values"]
 

@@ -21,22 +21,20 @@ import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from tightfit.algorithms import HessianAccumulator, gptq_quantize
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, HessianSet, LayerReport, QuantizeConfig, QuantizedModel, config_to_json
-from tightfit.formats.registry import AnyQuantizedTensor, Format, parse_format, unpack_tensor
-from tightfit.formats.files import atomic_save_tensors, atomic_write_json
+from tightfit.formats.registry import AnyQuantizedTensor, Format
 from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, embedding_layers, linear_layer_names, run_block
+from tightfit.stages.checkpoint import BlockCheckpoint
 
 
 class _StopForward(Exception):
@@ -122,43 +120,6 @@ def _group_hessian(block: nn.Module, names: tuple[str, ...], inputs: BlockInputs
         for h in handles:
             h.remove()
     return acc.hessian()
-
-
-class BlockCheckpoint:
-    """Per-block results of one job in a folder: job.json names the job, block_NNN.* the results."""
-
-    def __init__(self, folder: Path, job: dict) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        job_file = self.folder / "job.json"
-        if job_file.exists() and json.loads(job_file.read_text()) != job:
-            for stale in self.folder.glob("block_*"):
-                stale.unlink()
-        atomic_write_json(job_file, job)
-
-    def _paths(self, index: int) -> tuple[Path, Path]:
-        return self.folder / f"block_{index:03d}.safetensors", self.folder / f"block_{index:03d}.json"
-
-    def load(self, index: int, config: QuantizeConfig) -> dict[str, tuple[AnyQuantizedTensor, LayerReport]] | None:
-        tensors_path, meta_path = self._paths(index)
-        if not (tensors_path.exists() and meta_path.exists()):
-            return None
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(tensors_path))
-        out = {}
-        for name, info in meta.items():
-            parts = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
-            q = unpack_tensor(parse_format(info["format"]), tuple(info["shape"]), parts)
-            out[name] = (q, LayerReport(loss=info["loss"], seconds=info["seconds"]))
-        return out
-
-    def save(self, index: int, results: dict[str, tuple[AnyQuantizedTensor, LayerReport]]) -> None:
-        tensors_path, meta_path = self._paths(index)
-        tensors = {f"{name}.{k}": v for name, (q, _) in results.items() for k, v in q.pack().items()}
-        atomic_save_tensors(tensors_path, tensors)
-        meta = {name: {"format": q.fmt.name, "shape": list(q.shape), "loss": r.loss, "seconds": r.seconds}
-                for name, (q, r) in results.items()}
-        atomic_write_json(meta_path, meta)  # written last: its presence marks the block done
 
 
 def _as_stored(module: nn.Module, kept: dict[str, torch.Tensor]) -> None:
