@@ -72,6 +72,11 @@ FORWARD_DTYPES = ("fp32", "bf16")
 class CalibrationConfig:
     """Which text calibrates, and how much of it: n_samples windows of seq_len tokens.
 
+    text: one source (`wiki`, `code`, a .txt or .jsonl file) or a mix of sources with shares, e.g.
+        `wiki,code`, `wiki:0.75,code:0.25` or `wiki,self:2048` (`self`: tokens sampled from the
+        model itself); data/mix.py parses it and apportions the windows. The CLI stores it in
+        canonical form, so equal mixes key the same cached Hessians.
+
     forward_dtype: the precision of the block forwards that produce the calibration activations
     (the inputs whose Hessians GPTQ uses): "fp32", or "bf16" (torch autocast: about 3x faster
     matrix products on CPUs with AVX-512 BF16; the Hessians still accumulate in fp64).
@@ -100,14 +105,33 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationSource:
+    """What one source of the calibration text gave: its windows (and held-back windows), where its
+    text came from, and the sha256 of that text (of the sampled token ids for `self`)."""
+
+    name: str
+    windows: int
+    held_back: int
+    origin: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class CalibrationSet:
-    """Calibration token windows, tokens [n_samples, seq_len] int64, from the calibration part."""
+    """Calibration token windows, tokens [n_samples, seq_len] int64, from the calibration part;
+    sources: each source's share of them, in the order of the config's text."""
 
     config: CalibrationConfig
     tokens: torch.Tensor
+    sources: tuple[CalibrationSource, ...] = ()
 
     def __post_init__(self) -> None:
         assert self.tokens.dtype == torch.int64 and self.tokens.dim() == 2, (self.tokens.dtype, self.tokens.shape)
+
+    def describe(self) -> str:
+        """'64 windows x 512 tokens: wiki 60, self 4' (one line for reports)."""
+        mix = ", ".join(f"{s.name} {s.windows}" for s in self.sources)
+        return f"{self.tokens.shape[0]} windows x {self.tokens.shape[1]} tokens" + (f": {mix}" if mix else "")
 
 
 @dataclass(frozen=True)

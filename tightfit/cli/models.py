@@ -20,6 +20,7 @@ from tightfit.cli.common import (
     _positive_int,
     _size,
     _status,
+    _text_line,
 )
 from tightfit.cli.planner import _add_planner_flags, _budget, _plan_request, _print_plan
 from tightfit.errors import KernelUnavailable, TightfitError
@@ -66,7 +67,7 @@ def add_parsers(sub) -> None:
                         "collected (cached in --work)")
     c.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     _add_planner_flags(c)
-    _add_eval_flags(c)
+    _add_eval_flags(c, eval_alias=True)
 
     e = sub.add_parser(
         "eval",
@@ -200,7 +201,8 @@ def _cmd_compress(args) -> int:
     print(f"packed model written to {report.out}")
     print(_result_table(rows))
     if ev is not None:
-        print(f"({ev.n_tokens} tokens scored; times: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.seconds.items()) + ")")
+        print(f"({ev.n_tokens} tokens of {_text_line(args.text)} scored; times: "
+              + ", ".join(f"{k} {v:.0f}s" for k, v in report.seconds.items()) + ")")
     if args.json:
         from tightfit.formats.files import atomic_write_json
 
@@ -243,13 +245,14 @@ def _cmd_eval(args) -> int:
     rows = [{"name": f"reference ({reference.source.name})"[:28], "ppl": result.reference_ppl}] if reference else []
     rows.append({**row, "ppl": result.ppl, "kl": result.kl, "top1": result.top1})
     print(_result_table(rows))
-    print(f"({result.n_tokens} tokens in {config.n_windows} windows of {config.ctx}, text {config.text}, "
+    print(f"({result.n_tokens} tokens in {config.n_windows} windows of {config.ctx}, text {_text_line(config.text)}, "
           f"scored by the {args.engine} engine, {result.seconds:.0f}s)")
     if args.json:
+        from tightfit.data import load_text
         from tightfit.formats.files import atomic_write_json
 
-        atomic_write_json(args.json, {"evaluation": dataclasses.asdict(config), "engine": args.engine,
-                                      "result": dataclasses.asdict(result)})
+        atomic_write_json(args.json, {"evaluation": dataclasses.asdict(config), "text": load_text(config.text).record(),
+                                      "engine": args.engine, "result": dataclasses.asdict(result)})
     return 0
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from tightfit.artifacts import config_to_json
+from tightfit.data import load_text
 from tightfit.errors import PackedModelError, TightfitError
 from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate, packed_candidate, reference_for
 from tightfit.formats.files import atomic_write_json
@@ -30,6 +31,7 @@ def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfi
     result = evaluate(model, windows, reference=against, batch_size=config.batch_size, progress=progress)
     atomic_write_json(Path(path) / EVAL_FILE, {
         "evaluation": config_to_json(config),
+        "text": load_text(config.text).record(),
         "engine": engine,
         "against": None if reference is None else {"name": reference.source.name, "sha256": reference.source.sha256()},
         "result": dataclasses.asdict(result),

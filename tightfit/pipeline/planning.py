@@ -98,6 +98,7 @@ class PlanReport:
     choices: dict[str, list[allocate_stage.LayerChoice]]
     seconds: dict[str, float]
     latency: LatencyTable | None = None
+    calibration: CalibrationSet | None = None  # what the Hessians, Fisher and sensitivities were measured on
 
 
 HEADER_ALLOWANCE = 200_000  # bytes of safetensors header reserved when budgeting a whole file
@@ -131,7 +132,8 @@ def original_hessians(loaded: LoadedModel, config: CalibrationConfig, work: Path
     hessians = load(path, loaded, config)
     if hessians is None:
         on_stage("collecting Hessians of every linear layer (original model)")
-        calibration = calibration or calibrate_stage.calibrate(loaded.tokenizer, config)
+        calibration = calibration or calibrate_stage.calibrate(loaded.tokenizer, config, loaded=loaded, work=work,
+                                                               progress=progress)
         if loaded.streamed:
             path.mkdir(parents=True, exist_ok=True)
             return calibrate_stage.collect_hessians(loaded, calibration, store=path, progress=progress)
@@ -222,8 +224,9 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     t = time.perf_counter()
     cal = request.calibration
     held_back = request.slice_windows if request.sensitivity == "measured" else 0
-    on_stage(f"calibration text: {cal.n_samples} + {held_back} held-back windows of {cal.seq_len} tokens")
-    calibration, held_back_tokens = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, cal, held_back)
+    on_stage(f"calibration text: {cal.n_samples} + {held_back} held-back windows of {cal.seq_len} tokens of {cal.text}")
+    calibration, held_back_tokens = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, cal, held_back, loaded=loaded,
+                                                                             work=work, progress=request.progress)
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -258,4 +261,4 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     if not embed:
         plan = dataclasses.replace(plan, pinned={name: request.pinned_embeddings() for name in embedding_layers(loaded.model, arch)})
     seconds["allocate"] = time.perf_counter() - t
-    return PlanReport(plan=plan, sensitivity=table, choices=choices, seconds=seconds, latency=latency)
+    return PlanReport(plan=plan, sensitivity=table, choices=choices, seconds=seconds, latency=latency, calibration=calibration)
