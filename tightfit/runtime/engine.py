@@ -23,10 +23,9 @@ import torch
 
 from tightfit.errors import KernelUnavailable, PackedModelError
 from tightfit.formats.packed import PackedModel, load_packed
-from tightfit.formats.primitives import QuantizedTensor
 from tightfit.runtime.kernels import KernelMatrix, from_dense, from_quantized
 from tightfit.runtime.kernels.build import load
-from tightfit.runtime.kernels.layout import TfMat
+from tightfit.runtime.kernels.layout import TfMat, has_kernel
 from tightfit.runtime.model import transformers_config
 
 ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2")  # Llama layout: model.layers.{i}.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj
@@ -170,7 +169,7 @@ class FastBackend:
         b = packed.kept.get(f"{module}.bias") if bias else None
         if module in packed.layers:
             q = packed.layers[module]
-            if isinstance(q, QuantizedTensor):
+            if has_kernel(q.fmt):
                 m = from_quantized(q, b)
             else:  # no kernel for this format family yet: exact fp32 weights
                 self.slow_layers.append(f"{module} ({q.fmt.name})")
