@@ -14,6 +14,7 @@ from typing import Any, Union
 
 import torch
 
+from tightfit.formats.grid import GridFormat
 from tightfit.formats.registry import AnyQuantizedTensor, Format, parse_format
 from tightfit.formats.spqr import SpQRFormat
 from tightfit.formats.table import LayerBytes, QuantFormat
@@ -40,7 +41,7 @@ class Unquantized:
 
 
 FP16 = Unquantized()
-Choice = Union[QuantFormat, SpQRFormat, Unquantized]  # one candidate of a plan's layer: a format, or fp16
+Choice = Union[QuantFormat, GridFormat, SpQRFormat, Unquantized]  # one candidate of a plan's layer: a format, or fp16
 
 
 def parse_choice(text: str) -> Choice:

@@ -254,3 +254,25 @@ def test_unsupported_architecture_falls_back(make_packed):
     assert isinstance(backend, TorchBackend)
     with pytest.raises(KernelUnavailable, match="fast engine runs llama, mistral, qwen2, gemma3_text, phi3 models, not 'gpt2'"):
         FastBackend(_variant(longrope, {"model_type": "gpt2"}), max_positions=32)
+
+
+def test_grid_formats_run_on_the_engine_kernels(make_tiny_model, tmp_path):
+    """A model packed in a fixed non-uniform grid (nl4 linears, nf4 embeddings and head) runs on the
+    quantized kernels, not the dense fallback, and matches the reference like uniform formats do."""
+    src = make_tiny_model("llama", tmp_path)
+    rc = main(["compress", str(src), "--format", "nl4g32", "--embed-format", "nf4g32", "--method", "rtn",
+               "--no-eval", "--out", str(tmp_path / "packed")])
+    assert rc == 0
+    packed = load_packed(tmp_path / "packed")
+    assert {q.fmt.name for q in packed.layers.values()} == {"nl4g32", "nf4g32"}
+    ids = _ids(30)
+    with torch.no_grad():
+        ref = _act_quantized_reference(packed)(input_ids=torch.tensor([ids])).logits[0]  # [T, V]
+    engine = FastBackend(packed, max_positions=64, threads=2, max_batch=16)
+    assert engine.slow_layers == []
+    got = torch.cat([engine.forward_all(ids[:17]), torch.stack([engine.forward([t]).clone() for t in ids[17:]])])
+    assert (got - ref).abs().max() / ref.abs().max() < 3e-2
+    exact = FastBackend(packed, max_positions=64, threads=2, exact=True)
+    with torch.no_grad():
+        dequantized = build_model(packed)(input_ids=torch.tensor([ids])).logits[0]
+    assert (exact.forward_all(ids) - dequantized).abs().max() / dequantized.abs().max() < 2e-3

@@ -28,6 +28,8 @@ FORMAT_HELP = (
     "(scale dtype; default fp16). Example: w3g64, w4g128-sym, w8pc. "
     "Or SpQR: spqr-w{bits}g{group}-s{stat_bits}-o{outlier_percent}, e.g. spqr-w3g16-s3-o1.0 "
     "(3-bit codes in groups of 16, scales and zeros quantized to 3 bits, at most 1%% of weights kept exact). "
+    "Or a fixed non-uniform 4-bit grid with one signed scale per group: {grid}g{group} or {grid}pc, grid nl4 "
+    "(llama.cpp IQ4_NL's levels) or nf4 (NormalFloat4), optional -bf16, e.g. nl4g32 (4.5 bits/weight). "
     "`tightfit formats` lists them with their bits/weight."
 )
 

@@ -289,6 +289,7 @@ def _cmd_info(args) -> int:
 
 def _cmd_formats(args) -> int:
     from tightfit.formats import BITS, GROUP_SIZES, QuantFormat
+    from tightfit.formats.grid import GRIDS, all_grid_formats
     from tightfit.formats.spqr import SPQR_RECIPES
 
     try:
@@ -303,6 +304,11 @@ def _cmd_formats(args) -> int:
             for sym in (False, True):
                 fmt = QuantFormat(bits=bits, group_size=group, symmetric=sym)
                 print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
+    print(f"\nfixed non-uniform 4-bit grids, one signed scale per group ({', '.join(GRIDS)})")
+    print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
+    for fmt in all_grid_formats():
+        if fmt.scale_dtype == "fp16":
+            print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
     print(f"\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)")
     print(f"{'format':<22} {'bpw':>7} {'bytes':>10}")
     for fmt in SPQR_RECIPES:
@@ -311,12 +317,15 @@ def _cmd_formats(args) -> int:
 
 
 def _print_export(report) -> None:
+    from tightfit.formats.grid import GRIDS
+
+    quantized = ("w", "spqr", *GRIDS)  # how our format names begin (kept tensors carry a dtype)
     print(f"{'tensor':<44} {'format':<12} {'written as':<22} {'exact':<5} {'max |err|':>9}  note")
     for t in report.tensors:
-        if t.source_format.startswith(("w", "spqr")):
+        if t.source_format.startswith(quantized):
             print(f"{t.name:<44} {t.source_format:<12} {t.target_type:<22} {'yes' if t.exact else 'no':<5} "
                   f"{t.max_abs_error:>9.2e}  {t.note}")
-    kept = [t for t in report.tensors if not t.source_format.startswith(("w", "spqr"))]
+    kept = [t for t in report.tensors if not t.source_format.startswith(quantized)]
     if kept:
         types = ", ".join(sorted({f"{t.source_format} -> {t.target_type}" for t in kept}))
         print(f"+ {len(kept)} unquantized tensors written unchanged ({types})")

@@ -14,6 +14,8 @@ tables come from transformers' own rotary module. Sliding-window layers keep a r
 
 from __future__ import annotations
 
+import dataclasses
+
 import ctypes
 import warnings
 from pathlib import Path
@@ -27,7 +29,7 @@ from tightfit.formats.primitives import QuantizedTensor
 from tightfit.runtime.engine_config import LAYOUTS, EngineLayout, EngineSpec, engine_spec, layout_for
 from tightfit.runtime.kernels import KernelMatrix, from_dense, from_quantized
 from tightfit.runtime.kernels.build import load
-from tightfit.runtime.kernels.layout import TfMat
+from tightfit.runtime.kernels.layout import TfMat, has_kernel
 from tightfit.runtime.model import transformers_config
 
 ENGINE_MODEL_TYPES = tuple(LAYOUTS)
@@ -168,9 +170,11 @@ class FastBackend:
         b = None if b is None else b[cut]
         if module in packed.layers:
             q = packed.layers[module]
-            if isinstance(q, QuantizedTensor):
-                zeros = None if q.zeros is None else q.zeros[cut]
-                m = from_quantized(QuantizedTensor(q.fmt, q.codes[cut], q.scales[cut], zeros), b)
+            if has_kernel(q.fmt):
+                if rows:  # one part of a fused projection: its rows of codes, scales (and zeros)
+                    extra = {"zeros": None if q.zeros is None else q.zeros[cut]} if isinstance(q, QuantizedTensor) else {}
+                    q = dataclasses.replace(q, codes=q.codes[cut], scales=q.scales[cut], **extra)
+                m = from_quantized(q, b)
             else:  # no kernel for this format family yet: exact fp32 weights
                 if f"{module} ({q.fmt.name})" not in self.slow_layers:
                     self.slow_layers.append(f"{module} ({q.fmt.name})")

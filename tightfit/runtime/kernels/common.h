@@ -20,7 +20,7 @@
 #define TF_AVX512 0
 #endif
 
-#define TF_ABI_VERSION 5  // = ABI_VERSION in build.py; bump with any change below or to a signature
+#define TF_ABI_VERSION 6  // = ABI_VERSION in build.py; bump with any change below or to a signature
 
 extern "C" {
 
@@ -40,6 +40,7 @@ typedef struct {
     const uint8_t* zeros;    // [Np/16, G, 16]
     const void* dense;       // fp16 or fp32 [N, K]
     const float* bias;       // [N] or NULL
+    const uint8_t* levels;   // [16] grid formats: code q stands for levels[q] (level + zero), else NULL
 } tf_mat;
 
 typedef struct {
