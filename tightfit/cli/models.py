@@ -151,6 +151,7 @@ def _cmd_compress(args) -> int:
             plan = Plan.from_json(json.loads(args.plan.read_text()))
         except (OSError, ValueError, TightfitError) as e:
             raise TightfitError(f"cannot read plan {args.plan}: {e}") from None
+    calibration = _calibration_config(args)  # a bad --calib-text fails before the model loads
     _status(f"loading {args.model}")
     load_start = time.perf_counter()
     loaded = load_model(args.model, first_blocks=args.first_blocks)
@@ -167,7 +168,6 @@ def _cmd_compress(args) -> int:
             if args.method == "gptq" and not args.sequential:
                 hessians = original_hessians(loaded, plan_request.calibration, plan_request.work, True, _status)
         fmt = Counter(plan.quantized.values()).most_common(1)[0][0]
-    calibration = _calibration_config(args)
     embed = None if args.embed_format is None else format_or_none(parse_choice(args.embed_format))
     layers = None
     if plan is not None:
