@@ -150,21 +150,25 @@ def quantize_model(
     if config.method == "gptq" and calibration is None and hessians is None:
         raise ValueError("GPTQ needs a calibration set or precomputed Hessians")
     arch = loaded.arch
-    working = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))  # streamed: the blocks stay in the files
+    # A streamed model is worked on in place: its blocks come from the files and go back to them, and
+    # its embeddings take their stored values only while the calibration inputs are captured (no
+    # second copy of a 151k-token vocabulary). A model in memory is copied and left untouched.
+    working = loaded if loaded.streamed else dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
     model = working.model
     prefix = arch.blocks
     n_blocks = len(block_list(model, arch))
     outer = {name: fmt for name in embedding_layers(model, arch) if (fmt := config.embedding_format(name)) is not None}
     quantized_weights = {f"{name}.weight" for name in [*linear_layer_names(model, arch), *outer]}
     kept = kept_tensors(model, quantized_weights, config.keep_dtype)
-    _as_stored(model, kept)
     layers: dict[str, AnyQuantizedTensor] = {}
     reports: dict[str, LayerReport] = {}
     for name, fmt in outer.items():
-        q, report = _quantize_layer(get_module(model, name).weight.detach().float(), None,
-                                    dataclasses.replace(config, method="rtn"), fmt)
-        get_module(model, name).weight.data.copy_(q.dequantize())
-        layers[name], reports[name] = q, report
+        layers[name], reports[name] = _quantize_layer(get_module(model, name).weight.detach().float(), None,
+                                                      dataclasses.replace(config, method="rtn"), fmt)
+    stored_outside = {**{k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()},
+                      **{f"{name}.weight": layers[name].dequantize() for name in outer}}
+    if not working.streamed:
+        model.load_state_dict(stored_outside, strict=False)
 
     job = {
         "source_sha256": loaded.source.sha256(),
@@ -175,7 +179,9 @@ def quantize_model(
     checkpoint = BlockCheckpoint(checkpoint_dir, job) if checkpoint_dir is not None else None
     inputs = None
     if config.method == "gptq" and hessians is None:
-        inputs = capture_block_inputs(model, arch, calibration.tokens, calibration.config.batch_size)
+        with _stored(model, stored_outside if working.streamed else {}):
+            inputs = capture_block_inputs(model, arch, calibration.tokens, calibration.config.batch_size)
+    del stored_outside
 
     precision = calibration.config.forward_precision if calibration is not None else contextlib.nullcontext
     bar = tqdm(range(n_blocks), desc=f"quantize {config.method} {config.fmt.name}", unit="block", disable=not progress)
@@ -203,6 +209,24 @@ def quantize_model(
     bar.close()
     return QuantizedModel(config=config, layers=layers, kept=kept, reports=reports,
                           module=None if working.streamed else model.eval())
+
+
+@contextlib.contextmanager
+def _stored(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Within the context, `model`'s parameters named in `tensors` hold those values (the originals,
+    ties included, come back on exit)."""
+    originals = {}
+    for name, t in tensors.items():
+        module_name, _, param = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if param in module._parameters:
+            originals[name] = (module, param, module._parameters[param])
+            module._parameters[param] = nn.Parameter(t, requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, param, original in originals.values():
+            module._parameters[param] = original
 
 
 def _block_kept(working: LoadedModel, i: int, kept: dict[str, torch.Tensor], config: QuantizeConfig,
