@@ -1,0 +1,121 @@
+"""One `tightfit compress` run measured from outside: wall time per stage, peak RSS, result (issue 11).
+
+The command runs in a child process exactly as a user types it (`--json` added); its peak RSS is
+the OS's counter for that child (wait4's ru_maxrss, which includes every page the child touched,
+file-backed ones too). With --memory-limit the child runs in its own cgroup (v1 memory controller,
+root only) capped at that many GB: a run below the model's fp32 size shows that a big model is
+compressed one block at a time. The stage times and the evaluation come from the report the CLI
+writes. Results go to bench/results/compress_<name>.{json,md}.
+
+    .venv/bin/python bench/compress_run.py --name qwen15-w4g128 -- qwen2.5-coder-1.5b --format w4g128 \
+        --calib-dtype bf16 --windows 16 --out out/qwen15-w4g128
+Run it alone: on 2 cores any other process slows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, machine_line, write_results  # noqa: E402
+
+CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+def _limited(limit_gb: float) -> tuple[Path, callable]:
+    """A fresh memory cgroup capped at limit_gb (swap included when the kernel accounts it), and
+    the preexec function that moves the child into it."""
+    if not (CGROUP / "cgroup.procs").exists() or not os.access(CGROUP, os.W_OK):
+        raise SystemExit(f"compress_run.py: --memory-limit needs a writable cgroup v1 memory controller at {CGROUP}")
+    group = CGROUP / f"tightfit-bench-{os.getpid()}"
+    group.mkdir()
+    limit = str(int(limit_gb * 1e9))
+    (group / "memory.limit_in_bytes").write_text(limit)
+    if (group / "memory.memsw.limit_in_bytes").exists():
+        (group / "memory.memsw.limit_in_bytes").write_text(limit)
+    return group, lambda: (group / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def run(args: list[str], limit_gb: float | None) -> dict:
+    """The compress command in a child: its report, wall seconds, peak RSS, exit status."""
+    report = Path(tempfile.mkdtemp()) / "report.json"
+    command = [sys.executable, "-m", "tightfit.cli", "compress", *args, "--json", str(report)]
+    group, preexec = _limited(limit_gb) if limit_gb else (None, None)
+    start = time.perf_counter()
+    child = subprocess.Popen(command, preexec_fn=preexec)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    failcnt = None
+    if group is not None:
+        failcnt = int((group / "memory.failcnt").read_text())
+        group.rmdir()
+    return {
+        "command": "tightfit compress " + " ".join(args), "exit_status": os.waitstatus_to_exitcode(status),
+        "wall_seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "memory_limit_gb": limit_gb,
+        "limit_hits": failcnt, "report": json.loads(report.read_text()) if report.is_file() else None,
+    }
+
+
+def fp16_bytes(model: str) -> int:
+    """The model's parameters in fp16, read from its files' headers (no weight is loaded)."""
+    from tightfit.model import open_weights
+
+    return open_weights(model).nbytes() // 2
+
+
+def markdown(name: str, result: dict, machine: dict, fp16: int, caveat: str) -> str:
+    r = result["report"] or {}
+    ev, seconds = r.get("evaluation") or {}, r.get("seconds") or {}
+    lines = [f"# compress run: {name}", "", machine_line(machine), "",
+             f"Command: `{result['command']}`", "",
+             "| wall min | peak RSS GB | fp16 GB | RSS / fp16 | memory limit GB | exit | "
+             + " | ".join(f"{k} s" for k in seconds) + " | bpw | KL | top-1 | PPL |",
+             "|---" * (10 + len(seconds)) + "|"]
+    summary = r.get("summary") or {}
+    cells = [f"{result['wall_seconds'] / 60:.1f}", f"{result['peak_rss_bytes'] / 1e9:.2f}", f"{fp16 / 1e9:.2f}",
+             f"{result['peak_rss_bytes'] / fp16:.2f}", "-" if not result["memory_limit_gb"] else f"{result['memory_limit_gb']:g}",
+             str(result["exit_status"]), *(f"{v:.0f}" for v in seconds.values()),
+             f"{summary.get('bits_per_weight', float('nan')):.3f}", f"{ev.get('kl', float('nan')):.4f}",
+             f"{ev.get('top1', float('nan')):.3f}", f"{ev.get('ppl', float('nan')):.3f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Peak RSS is the child's ru_maxrss (every page it touched, the model file's included)."]
+    if result["memory_limit_gb"]:
+        lines.append(f"The child ran in a cgroup capped at {result['memory_limit_gb']:g} GB; the kernel refused "
+                     f"{result['limit_hits']} allocations over it (page cache it reclaimed instead).")
+    if caveat:
+        lines.append(caveat)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="results file name: bench/results/compress_NAME.{json,md}")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GB", help="run the child in a cgroup capped at GB")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the arguments of `tightfit compress`")
+    a = p.parse_args()
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if not args:
+        p.error("give the compress arguments after --")
+    from tightfit.model import BUILTIN_MODELS
+
+    model = args[0]
+    caveat = next((b.grid_caveat for b in BUILTIN_MODELS if b.name == model), "")
+    result = run(args, a.memory_limit)
+    machine = machine_info()
+    fp16 = fp16_bytes(model)
+    payload = {"machine": machine, "fp16_bytes": fp16, "grid_caveat": caveat, **result}
+    paths = write_results(f"compress_{a.name}", payload, markdown(a.name, result, machine, fp16, caveat))
+    print(markdown(a.name, result, machine, fp16, caveat))
+    print("written:", *paths)
+    return 0 if result["exit_status"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
