@@ -24,6 +24,7 @@ import torch
 from tightfit.errors import KernelUnavailable, PackedModelError
 from tightfit.formats.packed import PackedModel, load_packed
 from tightfit.formats.primitives import QuantizedTensor
+from tightfit.runtime.engine_checks import create_engine, validate_packed_for_engine
 from tightfit.runtime.kernels import KernelMatrix, from_dense, from_quantized
 from tightfit.runtime.kernels.build import load
 from tightfit.runtime.kernels.layout import TfMat
@@ -80,10 +81,15 @@ def _rope_tables(config, max_positions: int, head_dim: int) -> tuple[torch.Tenso
     """cos, sin [max_positions, head_dim/2] fp32 from transformers' rotary module of this model type."""
     module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
     rotary_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    rotary = rotary_cls(config=config)
-    pos = torch.arange(max_positions).unsqueeze(0)  # [1, P]
-    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)  # [1, P, D] each, halves duplicated
+    try:  # rope_theta, rope_scaling come from config.json
+        rotary = rotary_cls(config=config)
+        pos = torch.arange(max_positions).unsqueeze(0)  # [1, P]
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)  # [1, P, D] each, halves duplicated
+    except Exception as e:  # transformers' own checks raise ValueError, KeyError, TypeError, ...
+        raise PackedModelError(f"config.json: transformers cannot build the rotary embedding ({type(e).__name__}: {e})") from None
     half = head_dim // 2
+    if tuple(cos.shape) != (1, max_positions, head_dim):
+        raise PackedModelError(f"config.json: the rotary embedding has {cos.shape[-1]} dimensions per head, head_dim is {head_dim}")
     return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
 
@@ -97,14 +103,15 @@ class FastBackend:
     def __init__(self, packed: PackedModel, *, max_positions: int = 2048, threads: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, exact: bool = False) -> None:
         config = _hf_config(packed)
+        self._lib = load()
+        dims = validate_packed_for_engine(packed, config, _MODULE, self._lib.tf_max_head_dim())
         window = getattr(config, "sliding_window", None)
         if window is not None and getattr(config, "use_sliding_window", True) and max_positions > window:
             raise KernelUnavailable(f"the fast engine has no sliding-window attention; use a KV cache of at most {window} tokens")
         limit = getattr(config, "max_position_embeddings", None)
         if limit is not None and max_positions > limit:
             max_positions = int(limit)
-        self._lib = load()
-        self.vocab_size = int(config.vocab_size)
+        self.vocab_size = dims.vocab
         self.max_positions = int(max_positions)
         self.max_batch = int(max_batch)
         self.threads = threads or default_threads()
@@ -112,11 +119,7 @@ class FastBackend:
         self._keep: list = []  # every tensor the C structs point into
         self._position = 0
 
-        hidden = int(config.hidden_size)
-        n_heads = int(config.num_attention_heads)
-        n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-        head_dim = int(getattr(config, "head_dim", None) or hidden // n_heads)
-        n_layers = int(config.num_hidden_layers)
+        hidden, n_heads, n_kv, head_dim, n_layers = dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.n_layers
         cos, sin = _rope_tables(config, self.max_positions, head_dim)
         layers = (TfLayer * n_layers)()
         for i in range(n_layers):
@@ -134,13 +137,13 @@ class FastBackend:
         self._keep += [cos, sin, layers]
         self._config = TfConfig(
             n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-            inter=int(config.intermediate_size), vocab=self.vocab_size, max_pos=self.max_positions,
+            inter=dims.inter, vocab=self.vocab_size, max_pos=self.max_positions,
             max_batch=self.max_batch, threads=self.threads, exact=int(exact), eps=float(config.rms_norm_eps),
             attn_scale=head_dim ** -0.5, rope_cos=cos.data_ptr(), rope_sin=sin.data_ptr(),
             embed=embed.struct(), head=head.struct(),
             final_norm=self._vector(packed, "model.norm.weight"), layers=layers,
         )
-        self._engine = self._lib.tf_engine_create(ctypes.addressof(self._config))
+        self._engine = create_engine(self._lib, self._config)
         self._logits = torch.empty(self.max_batch, self.vocab_size, dtype=torch.float32)
         self._logits_ptr = self._logits.data_ptr()
         self._ids_c = (ctypes.c_int32 * self.max_batch)()
