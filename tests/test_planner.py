@@ -168,6 +168,18 @@ def test_a_plan_mixes_spqr_and_uniform_layers_packs_reloads_and_runs(tiny_model_
     assert torch.isfinite(logits).all() and int(fast.forward(ids[0].tolist()).argmax()) >= 0
 
 
+def test_a_plan_with_a_grid_candidate_mixes_it_and_runs_it_on_the_kernels(tiny_model_dir, tiny_text_file, tmp_path):
+    from tightfit.runtime.engine import FastBackend
+
+    out = tmp_path / "grid"
+    assert main(["compress", str(tiny_model_dir), "--bpw", "3.3", "--out", str(out), "--no-eval", "--embed-format", "w8g32-sym",
+                 *_flags(tiny_text_file, tmp_path, "w2g32,nl4g32")]) == 0
+    packed = load_packed(out)
+    linear = {q.fmt.name for name, q in packed.layers.items() if "layers." in name}
+    assert linear == {"w2g32", "nl4g32"}, "3.3 bits/weight lies between the candidates: the plan must mix them"
+    assert FastBackend(packed, max_positions=32, threads=1).slow_layers == []  # the grid has a fast kernel
+
+
 @pytest.mark.parametrize("flags, expected", [
     # pinned embeddings (the proxy): w2g32 everywhere is 2 + 18/32 = 2.5625, shown rounded up
     (["--bpw", "1.0", "--sensitivity", "proxy"], "the smallest possible is 2.57 bits/weight"),

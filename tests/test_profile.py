@@ -12,7 +12,7 @@ import torch
 
 from tightfit.artifacts import FP16
 from tightfit.cli import _latency_ms, main
-from tightfit.errors import InfeasibleBudget
+from tightfit.errors import CorruptCacheWarning, InfeasibleBudget
 from tightfit.formats.registry import parse_format
 from tightfit.model import load_model
 from tightfit.stages import profile as profile_stage
@@ -130,6 +130,13 @@ def test_spqr_formats_share_the_dense_kernel_entry(tmp_path, fake_timers):
     assert table.fixed_ms is None and table.model_decode_ms is None
 
 
+def test_grid_formats_are_timed_on_their_own_kernel_and_in_context(tmp_path, fake_timers):
+    table = _profile(tmp_path, formats=("w4g32-sym", "nl4g32", "spqr-w3g16-s3-o1.0"))
+    assert {e.fmt: e.kernel for e in table.entries} == {"w4g32-sym": "w4g32-sym", "nl4g32": "nl4g32", "spqr-w3g16-s3-o1.0": DENSE_KERNEL}
+    assert "nl4g32" in table.context_scale and "spqr-w3g16-s3-o1.0" not in table.context_scale
+    assert profile_stage._random_matrix((64, 128), parse_format("nl4g32")).levels is not None
+
+
 def test_latency_table_json_round_trip(tmp_path, fake_timers):
     table = _profile(tmp_path, formats=("w2g32", "spqr-w3g16-s3-o1.0"))
     again = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
@@ -142,7 +149,8 @@ def test_latency_table_json_round_trip(tmp_path, fake_timers):
 
 def test_a_corrupt_cache_is_remeasured(tmp_path, fake_timers):
     (tmp_path / "latency.json").write_text("{not json")
-    _profile(tmp_path, model=False)
+    with pytest.warns(CorruptCacheWarning, match="latency.json is unreadable"):
+        _profile(tmp_path, model=False)
     assert fake_timers["matmul"] > 0
     assert json.loads((tmp_path / "latency.json").read_text())["version"] == profile_stage.CACHE_VERSION
 
@@ -158,7 +166,7 @@ def test_profile_of_a_tiny_llama_on_the_real_engine(tiny_model_dir, tmp_path, mo
     from tightfit.pipeline import linear_layer_shapes, profile_model
 
     loaded = load_model(str(tiny_model_dir))
-    formats = [parse_format("w2g32"), parse_format("w4g64"), parse_format("spqr-w3g16-s3-o1.0")]
+    formats = [parse_format("w2g32"), parse_format("w4g64"), parse_format("nl4g32"), parse_format("spqr-w3g16-s3-o1.0")]
     table = profile_model(loaded, formats, FAST, tmp_path)
     shapes = set(linear_layer_shapes(loaded).values())
     assert {(e.shape, e.fmt) for e in table.entries} == {(s, f.name) for s in shapes for f in formats}

@@ -85,3 +85,12 @@ def native_stderr_held() -> Iterator[None]:
                 held.seek(0)
                 sys.stderr.write(held.read().decode("utf-8", errors="replace"))
                 sys.stderr.flush()
+
+
+class CorruptCacheError(TightfitError):
+    """A saved intermediate result (a block checkpoint; cached Hessians, Fisher statistics, sensitivities
+    or timings) is missing a part, unreadable, or fails its checksum. Callers recompute it (CorruptCacheWarning)."""
+
+
+class CorruptCacheWarning(UserWarning):
+    """A corrupt intermediate result was thrown away and is computed again."""

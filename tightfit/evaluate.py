@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from tightfit.data import load_text, token_windows
 from tightfit.formats.packed import PackedModel
+from tightfit.model import LoadedModel, resident_block
+from tightfit.model.blocks import block_list, last_block_outputs, replay_blocks
 from tightfit.metrics import kl_per_position, log_probs, next_token_log_probs, nll_per_position, top1_agreement
 
 FAST_WINDOWS = 8
@@ -92,6 +94,29 @@ def packed_candidate(packed: PackedModel, engine: str, *, ctx: int, exact: bool 
     return backend_scorer(FastBackend(packed, max_positions=ctx, exact=exact))
 
 
+class ReplayedReference:
+    """A streamed reference model's log-probs on windows [W, T], batch by batch: `self[b0:b1]` ->
+    [B, T-1, V]. The hidden states leaving its last block are computed once for all windows, block
+    by block (each block read from the files once); a slice runs only the embeddings, the final
+    norm and the head, the blocks replaying those states (`replay_blocks`)."""
+
+    def __init__(self, loaded: LoadedModel, windows: torch.Tensor, *, batch_size: int = 2) -> None:
+        self.model, self.arch, self.windows = loaded.model, loaded.arch, windows
+        self.n_blocks = len(block_list(loaded.model, loaded.arch))
+        hidden = last_block_outputs(loaded.model, loaded.arch, windows, batch_size, lambda i: resident_block(loaded, i))
+        self.hidden = torch.cat(hidden)  # [W, T, H]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        with torch.no_grad(), replay_blocks(self.model, self.arch, self.n_blocks, self.hidden[rows]):
+            return next_token_log_probs(self.model, self.windows[rows])
+
+
+def reference_for(loaded: LoadedModel, windows: torch.Tensor, *, batch_size: int = 2) -> nn.Module | ReplayedReference:
+    """What `evaluate` takes as the reference for windows [W, T]: the model itself when its blocks
+    are in memory, else a ReplayedReference (which runs its blocks now)."""
+    return ReplayedReference(loaded, windows, batch_size=batch_size) if loaded.streamed else loaded.model
+
+
 def _next_token_log_probs(model: nn.Module | Scorer, ids: torch.Tensor) -> torch.Tensor:
     """ids [B, T] -> [B, T-1, V] fp32: a module runs the batch at once, a Scorer window by window."""
     if isinstance(model, nn.Module):
@@ -117,15 +142,16 @@ def evaluate_many(
     models: dict[str, nn.Module | Scorer],
     windows: torch.Tensor,
     *,
-    reference: nn.Module | torch.Tensor | None = None,
+    reference: nn.Module | torch.Tensor | ReplayedReference | None = None,
     batch_size: int = 2,
     progress: bool = True,
 ) -> dict[str, EvalResult]:
     """Score each model (a torch module, or a Scorer for any other engine) on windows [W, T] in
     one pass; the reference runs once per batch.
 
-    With `reference` (a module, or its log-probs [W, T-1, V] from `reference_log_probs`), also
-    KL(reference || model) per token and top-1 agreement.
+    With `reference` (a module, its log-probs [W, T-1, V] from `reference_log_probs`, or a
+    ReplayedReference for the same windows), also KL(reference || model) per token and top-1
+    agreement.
     """
     start = time.perf_counter()
     nll = dict.fromkeys(models, 0.0)
@@ -142,7 +168,7 @@ def evaluate_many(
         count += targets.numel()
         logp = None
         if reference is not None:
-            logp = reference[b : b + batch_size] if isinstance(reference, torch.Tensor) else next_token_log_probs(reference, ids)
+            logp = next_token_log_probs(reference, ids) if isinstance(reference, nn.Module) else reference[b : b + batch_size]
             ref_nll += nll_per_position(logp, targets).sum().item()
             p = logp.exp()
         for name, model in models.items():
@@ -170,7 +196,7 @@ def evaluate(
     model: nn.Module | Scorer,
     windows: torch.Tensor,
     *,
-    reference: nn.Module | torch.Tensor | None = None,
+    reference: nn.Module | torch.Tensor | ReplayedReference | None = None,
     batch_size: int = 2,
     progress: bool = True,
 ) -> EvalResult:

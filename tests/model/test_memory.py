@@ -8,6 +8,7 @@ import pytest
 
 from tightfit.errors import InsufficientMemory
 from tightfit.model import check_memory, load_model, open_weights
+from tightfit.model.load import streamed_nbytes
 from tightfit.model import load as load_module
 from tightfit.model.memory import MemoryBudget, memory_budget
 
@@ -50,12 +51,12 @@ def test_unreadable_bounds_do_not_block(tmp_path: Path) -> None:
 
 def test_check_memory_says_what_would_fit(tiny_model_dir: Path) -> None:
     weights = open_weights(str(tiny_model_dir))
-    whole, part = weights.nbytes(), weights.largest_part_nbytes()
+    whole, part = weights.nbytes(), streamed_nbytes(weights)
     assert part < whole
     check_memory(weights, MemoryBudget(available=2 * whole, detail="plenty"))
     with pytest.raises(InsufficientMemory, match=r"^loading .* whole needs about 0\.0 GB \(fp32 weights \+ 10%\), "
                        r"0\.0 GB is available \(MemAvailable tiny\); reading it one decoder block at a time "
-                       r"\(tightfit\.model\.open_weights\) needs about 0\.00 GB; or use a smaller model$"):
+                       r"needs about 0\.00 GB; or use a smaller model$"):
         check_memory(weights, MemoryBudget(available=whole, detail="MemAvailable tiny"))
     with pytest.raises(InsufficientMemory, match=r"needs about 0\.00 GB, which does not fit either; or use a smaller"):
         check_memory(weights, MemoryBudget(available=part, detail="MemAvailable tiny"))

@@ -1,4 +1,4 @@
-"""Packed tiny models (RTN w4g32, no calibration text) for the runtime tests."""
+"""Packed tiny models (RTN w4g32, no calibration text) for the runtime tests, and the one the server tests serve."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from tightfit.cli import main
+from tightfit.runtime.server import ServedModel
+from tightfit.runtime.text import eos_token_ids, load_tokenizer
+from tightfit.runtime.torch_backend import load_torch_backend
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +34,11 @@ def make_packed(make_tiny_model: Callable[[str, Path], Path], tmp_path_factory: 
 @pytest.fixture(scope="session")
 def packed_llama(make_packed: Callable[[str], Path]) -> Path:
     return make_packed("llama")
+
+
+@pytest.fixture(scope="session")
+def served(packed_llama: Path) -> ServedModel:
+    """The packed tiny llama as the server runs it: the torch backend, a 64-token cache, under the name 'tiny'."""
+    tokenizer = load_tokenizer(packed_llama)
+    return ServedModel("tiny", load_torch_backend(packed_llama, max_positions=64), tokenizer,
+                       eos_token_ids(packed_llama, tokenizer))

@@ -1,28 +1,43 @@
-"""The compiled engine (FastBackend) against the torch reference on tiny models.
+"""The compiled engine (FastBackend) against the torch reference on tiny models of every
+architecture, native (AVX-512 VNNI where the CPU has it) and portable (scalar) builds.
 
 Dense layers run with exact fp32 activations, so a model whose layers are all dense checks the
-engine's structure (norms, RoPE, attention over the cache, MLP, head) tightly against torch.
-Quantized layers quantize their input to int8 in blocks of 32 (each kernel is exact for that, see
+engine's structure (norms, RoPE, attention over the cache, MLP, head) tightly against torch; its
+norm weights are randomized first, so that a norm read from the wrong tensor shows. Quantized
+layers quantize their input to int8 in blocks of 32 (each kernel is exact for that, see
 test_kernels.py); across layers the rounding of a few activations flips with fp32 summation order,
 so whole-model checks of quantized models use a tolerance and argmax agreement.
+
+The tiny gemma3_text model has a sliding-window layer (window 16) beside a full one; runs longer
+than window + max_batch wrap its KV ring. VARIANTS change config values the tiny models leave at
+their defaults (attention scale, final soft-cap, Phi-3's partial rotary longrope and window).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import TINY_EXTRA_CONFIG, TINY_MODEL_TYPES, TINY_SHAPES, TINY_VOCAB_SIZE
 from tightfit.cli import main
-from tightfit.errors import KernelUnavailable
+from tightfit.errors import GenerationError, KernelUnavailable
 from tightfit.formats.packed import PackedModel, load_packed
 from tightfit.runtime import kernels
 from tightfit.runtime.engine import FastBackend, open_backend
 from tightfit.runtime.model import QuantLinear, build_model
 from tightfit.runtime.torch_backend import TorchBackend
 
-ENGINE_TYPES = ("llama", "mistral", "qwen2")
+ENGINE_TYPES = TINY_MODEL_TYPES
+BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable")]
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)]}
+VARIANTS = {
+    "gemma3_text": {"query_pre_attn_scalar": 20, "final_logit_softcapping": 3.0},
+    "phi3": {"rope_parameters": LONGROPE, "original_max_position_embeddings": 128, "sliding_window": 16},
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +70,76 @@ def _dense(packed: PackedModel) -> PackedModel:
     return PackedModel(layers={}, kept=kept, hf_config=packed.hf_config, tied=packed.tied, info=packed.info)
 
 
+def _random_norms(packed: PackedModel) -> PackedModel:
+    """The same model with every RMSNorm weight (1-D, named *norm.weight) perturbed at random."""
+    g = torch.Generator().manual_seed(1)
+    kept = {k: v + 0.3 * torch.randn(v.shape, generator=g) if k.endswith("norm.weight") else v for k, v in packed.kept.items()}
+    return PackedModel(layers=packed.layers, kept=kept, hf_config=packed.hf_config, tied=packed.tied, info=packed.info)
+
+
+def _variant(packed: PackedModel, changes: dict) -> PackedModel:
+    """The same weights under a changed config."""
+    return PackedModel(layers=packed.layers, kept=packed.kept, hf_config={**packed.hf_config, **changes},
+                       tied=packed.tied, info=packed.info)
+
+
 def _ids(n: int, seed: int = 0) -> list[int]:
     return torch.randint(4, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("model_type", ENGINE_TYPES)
-def test_engine_structure_matches_torch_exactly(model_type, packed_mixed):
-    """All-dense model: prefill in chunks, then token by token, equals the torch forward."""
-    packed = _dense(load_packed(packed_mixed[model_type]))
+def _structure_error(packed: PackedModel, portable: bool) -> float:
+    """Relative max error of the engine's logits against the torch forward over 40 tokens: prefill
+    in chunks of 16 (sliding windows of 16 wrap their ring of 32), then token by token."""
     ids = _ids(40)
     with torch.no_grad():
         ref = build_model(packed)(input_ids=torch.tensor([ids])).logits[0]  # [T, V]
-    engine = FastBackend(packed, max_positions=64, threads=2, max_batch=16)
+    engine = FastBackend(packed, max_positions=64, threads=2, max_batch=16, portable=portable)
     got = torch.cat([engine.forward_all(ids[:23]), torch.stack([engine.forward([t]).clone() for t in ids[23:]])])
-    assert (got - ref).abs().max() / ref.abs().max() < 2e-3  # fp16 KV cache (as llama.cpp); a wrong structure gives O(1)
+    return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("model_type", ENGINE_TYPES)
+def test_engine_structure_matches_torch_exactly(model_type, portable, packed_mixed):
+    """All-dense model: prefill in chunks, then token by token, equals the torch forward."""
+    packed = _random_norms(_dense(load_packed(packed_mixed[model_type])))
+    assert _structure_error(packed, portable) < 2e-3  # fp16 KV cache (as llama.cpp); a wrong structure gives O(1)
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("model_type", sorted(VARIANTS))
+def test_engine_structure_of_config_variants(model_type, portable, packed_mixed):
+    """Gemma3 with its own attention scale and a final logit soft-cap; Phi-3 with partial rotary
+    longrope (short factors within the original 128 positions) and a sliding window on every layer."""
+    packed = _random_norms(_dense(load_packed(packed_mixed[model_type])))
+    changed = _variant(packed, VARIANTS[model_type])
+    assert _structure_error(changed, portable) < 2e-3
+    assert _structure_error(packed, portable) < 2e-3  # (the variant's reference really differs:)
+    with torch.no_grad():
+        ids = torch.tensor([_ids(40)])
+        assert (build_model(changed)(input_ids=ids).logits - build_model(packed)(input_ids=ids).logits).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("model_type", ["gemma3_text", "mistral"])
+def test_engine_structure_with_heads_of_64(model_type, portable):
+    """Heads of 64 take attention's own AVX-512 path (two positions per step); with a window of 16
+    on every layer (mistral) or one (gemma3) it reads rings that wrap."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shapes = {**TINY_SHAPES, **TINY_EXTRA_CONFIG[model_type], "head_dim": 64, "sliding_window": 16}
+    config = AutoConfig.for_model(model_type, vocab_size=TINY_VOCAB_SIZE, **shapes)
+    torch.manual_seed(0)
+    state = AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+    packed = PackedModel(layers={}, kept={k: v for k, v in state.items() if k not in tied}, hf_config=config.to_dict(), tied=tied)
+    assert _structure_error(_random_norms(packed), portable) < 2e-3
+
+
+@pytest.mark.parametrize("portable", BUILDS)
 @pytest.mark.parametrize("model_type", ENGINE_TYPES)
 @pytest.mark.parametrize("fixture", ["packed_mixed", "make_packed"])
-def test_engine_quantized_matches_reference(model_type, fixture, request):
+def test_engine_quantized_matches_reference(model_type, fixture, portable, request):
     path = request.getfixturevalue(fixture)
     path = path[model_type] if isinstance(path, dict) else path(model_type)
     packed = load_packed(path)
@@ -81,7 +147,7 @@ def test_engine_quantized_matches_reference(model_type, fixture, request):
     with torch.no_grad():
         ref = _act_quantized_reference(packed)(input_ids=torch.tensor([ids])).logits[0]  # [T, V]
         exact = build_model(packed)(input_ids=torch.tensor([ids])).logits[0]
-    engine = FastBackend(packed, max_positions=64, threads=2, max_batch=16)
+    engine = FastBackend(packed, max_positions=64, threads=2, max_batch=16, portable=portable)
     got = torch.cat([engine.forward_all(ids[:23]), torch.stack([engine.forward([t]).clone() for t in ids[23:]])])
     scale = ref.abs().max()
     assert (got - ref).abs().max() / scale < 3e-2
@@ -100,7 +166,7 @@ def test_engine_truncate_and_reset(packed_mixed):
     engine.reset()
     fresh = engine.forward(ids).clone()
     assert torch.equal(full, again) and torch.equal(full, fresh)
-    with pytest.raises(ValueError, match="exceed the KV cache"):
+    with pytest.raises(GenerationError, match="KV cache overflow"):  # the torch backend's error, word for word
         engine.forward(_ids(60))
 
 
@@ -118,11 +184,12 @@ def test_engine_greedy_matches_torch_backend(packed_mixed):
     assert seq_a == seq_b
 
 
+@pytest.mark.parametrize("portable", BUILDS)
 @pytest.mark.parametrize("model_type", ENGINE_TYPES)
-def test_exact_engine_greedy_matches_dequantized_reference(model_type, packed_mixed):
+def test_exact_engine_greedy_matches_dequantized_reference(model_type, portable, packed_mixed):
     """Quantized generation, token for token, equals the dequantized torch reference (exact mode)."""
     packed = load_packed(packed_mixed[model_type])
-    fast = FastBackend(packed, max_positions=64, threads=2, exact=True)
+    fast = FastBackend(packed, max_positions=64, threads=2, exact=True, portable=portable)
     ref = TorchBackend(build_model(packed), max_positions=64)
     for seed in range(3):
         fast.reset(), ref.reset()
@@ -136,9 +203,76 @@ def test_exact_engine_greedy_matches_dequantized_reference(model_type, packed_mi
         assert seq_a == seq_b
 
 
+def _greedy(backend, prompt: list[int], n: int) -> list[int]:
+    logits, out = backend.forward(prompt), []
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = backend.forward([out[-1]])
+    return out
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+def test_sliding_window_ring_runs_past_the_window(portable, packed_mixed):
+    """Gemma3's sliding layer keeps a ring of window + max_batch - 1 positions (rounded up to 16):
+    a generation four times longer than that equals the reference token for token (exact mode), the
+    cache holds the ring, not the context, and a truncation back past the ring's reach runs the
+    kept tokens again and then continues as a fresh cache would."""
+    packed = load_packed(packed_mixed["gemma3_text"])
+    fast = FastBackend(packed, max_positions=512, threads=2, max_batch=4, exact=True, portable=portable)
+    ref = TorchBackend(build_model(packed), max_positions=512)
+    prompt = _ids(6, seed=5)
+    seq = _greedy(fast, prompt, 90)
+    assert seq == _greedy(ref, prompt, 90)
+    cfg = packed.hf_config
+    kv_heads, head_dim = cfg["num_key_value_heads"], cfg["head_dim"]
+    ring = -(-(cfg["sliding_window"] + 4 - 1) // 16) * 16  # 32 positions
+    assert fast.kv_bytes == (ring + 512) * kv_heads * head_dim * 2 * 2  # sliding + full layer, fp16 K and V
+    kept, cont = (prompt + seq)[:10], _ids(6, seed=6)
+    fast.truncate(10)  # 86 positions back: the ring of 32 has long overwritten what position 10 reads
+    ref.truncate(10)
+    assert _greedy(fast, cont, 20) == _greedy(ref, cont, 20)
+    fast.truncate(10)
+    fresh = FastBackend(packed, max_positions=512, threads=2, max_batch=4, exact=True, portable=portable)
+    fresh.forward(kept)
+    assert torch.equal(fast.forward(cont).clone(), fresh.forward(cont))
+
+
+def test_auto_runs_every_architecture_on_the_engine(make_packed):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for model_type in ENGINE_TYPES:
+            assert isinstance(open_backend(make_packed(model_type), engine="auto", max_positions=32), FastBackend)
+
+
 def test_unsupported_architecture_falls_back(make_packed):
-    with pytest.raises(KernelUnavailable, match="fast engine runs"):
-        FastBackend(load_packed(make_packed("phi3")), max_positions=32)
-    with pytest.warns(UserWarning, match="torch reference"):
-        backend = open_backend(make_packed("phi3"), engine="auto", max_positions=32)
+    """What the engine cannot run is refused saying what; engine="auto" then warns and runs torch."""
+    longrope = _variant(load_packed(make_packed("phi3")), VARIANTS["phi3"])
+    with pytest.raises(KernelUnavailable, match="longrope RoPE within the original 128 positions"):
+        FastBackend(longrope, max_positions=256)
+    with pytest.warns(UserWarning, match="longrope .* running the torch reference engine"):
+        backend = open_backend(longrope, engine="auto", max_positions=256)
     assert isinstance(backend, TorchBackend)
+    with pytest.raises(KernelUnavailable, match="fast engine runs llama, mistral, qwen2, gemma3_text, phi3 models, not 'gpt2'"):
+        FastBackend(_variant(longrope, {"model_type": "gpt2"}), max_positions=32)
+
+
+def test_grid_formats_run_on_the_engine_kernels(make_tiny_model, tmp_path):
+    """A model packed in a fixed non-uniform grid (nl4 linears, nf4 embeddings and head) runs on the
+    quantized kernels, not the dense fallback, and matches the reference like uniform formats do."""
+    src = make_tiny_model("llama", tmp_path)
+    rc = main(["compress", str(src), "--format", "nl4g32", "--embed-format", "nf4g32", "--method", "rtn",
+               "--no-eval", "--out", str(tmp_path / "packed")])
+    assert rc == 0
+    packed = load_packed(tmp_path / "packed")
+    assert {q.fmt.name for q in packed.layers.values()} == {"nl4g32", "nf4g32"}
+    ids = _ids(30)
+    with torch.no_grad():
+        ref = _act_quantized_reference(packed)(input_ids=torch.tensor([ids])).logits[0]  # [T, V]
+    engine = FastBackend(packed, max_positions=64, threads=2, max_batch=16)
+    assert engine.slow_layers == []
+    got = torch.cat([engine.forward_all(ids[:17]), torch.stack([engine.forward([t]).clone() for t in ids[17:]])])
+    assert (got - ref).abs().max() / ref.abs().max() < 3e-2
+    exact = FastBackend(packed, max_positions=64, threads=2, exact=True)
+    with torch.no_grad():
+        dequantized = build_model(packed)(input_ids=torch.tensor([ids])).logits[0]
+    assert (exact.forward_all(ids) - dequantized).abs().max() / dequantized.abs().max() < 2e-3

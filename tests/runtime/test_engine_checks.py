@@ -20,9 +20,11 @@ from fuzz_runner import judge
 from tightfit.cli import main
 from tightfit.errors import KernelUnavailable, PackedModelError
 from tightfit.formats.packed import load_packed
-from tightfit.runtime.engine import _MODULE, FastBackend, TfConfig, TfLayer, _hf_config
+from tightfit.runtime.engine import FastBackend, TfConfig, TfLayer
+from tightfit.runtime.engine_config import layout_for
 from tightfit.runtime.engine_checks import CREATE_ERRORS, validate_packed_for_engine
 from tightfit.runtime.kernels.build import load
+from tightfit.runtime.model import transformers_config
 
 BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable")]
 SHAPE = r"but config\.json \(.*\) implies"
@@ -62,10 +64,10 @@ def test_a_config_that_does_not_fit_the_tensors_is_one_line(change, fast, torch_
 
 def test_head_dim_above_the_engines_limit_falls_back_to_torch(packed_llama):
     packed = load_packed(packed_llama)
-    config = _hf_config(packed)
-    assert validate_packed_for_engine(packed, config, _MODULE, max_head_dim=32).head_dim == 32
+    config, layout = transformers_config(packed), layout_for("llama")
+    assert validate_packed_for_engine(packed, config, layout, max_head_dim=32).head_dim == 32
     with pytest.raises(KernelUnavailable, match=r"head_dim up to 16, this model has 32; use --engine torch"):
-        validate_packed_for_engine(packed, config, _MODULE, max_head_dim=16)
+        validate_packed_for_engine(packed, config, layout, max_head_dim=16)
 
 
 @pytest.mark.parametrize("name, tensor, pattern", [
@@ -122,7 +124,9 @@ def _damaged_layers(config: TfConfig, edit) -> ctypes.Array:
     ("head_dim", 1024, -2), ("head_dim", 33, -2), ("head_dim", 0, -1),
     ("n_kv_heads", 0, -1), ("n_heads", 3, -1), ("threads", 0, -1), ("threads", 4096, -1), ("max_batch", 0, -1),
     ("max_pos", 2**31 - 1, -1), ("vocab", 1000, -3), ("inter", 512, -3), ("hidden", 64, -3),
-    ("rope_cos", None, -4), ("final_norm", None, -4),
+    ("final_norm", None, -4), ("rope_dim", 0, -2), ("rope_dim", 15, -2), ("rope_dim", 34, -2),
+    ("act", 2, -6), ("act", -1, -6), ("eps", 0.0, -6), ("attn_scale", float("nan"), -6),
+    ("final_softcap", -1.0, -6), ("embed_scale", float("inf"), -6),
 ])
 def test_engine_create_returns_an_error_code(field, value, code, portable, engine):
     config = TfConfig.from_buffer_copy(engine._config)
@@ -140,11 +144,72 @@ def test_engine_create_returns_an_error_code(field, value, code, portable, engin
     pytest.param(lambda ls: setattr(ls[0].up, "Kp", 96), id="padded K"),
     pytest.param(lambda ls: setattr(ls[0].k, "kind", 9), id="kind"),
     pytest.param(lambda ls: setattr(ls[1].v, "codes", None), id="no codes"),
+    pytest.param(lambda ls: (setattr(ls[0].q, "levels", ls[0].q.codes), setattr(ls[0].q, "bits", 3)), id="levels of 3-bit codes"),
 ])
 def test_engine_create_checks_every_matrix(edit, portable, engine):
     config = TfConfig.from_buffer_copy(engine._config)
     keep = _damaged_layers(config, edit)  # noqa: F841  (the array config points at)
     assert _create(portable, config) == -3
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("edit, code", [
+    pytest.param(lambda ls: setattr(ls[1], "rope_cos", None), -4, id="no rope_cos"),
+    pytest.param(lambda ls: setattr(ls[0], "rope_sin", None), -4, id="no rope_sin"),
+    pytest.param(lambda ls: setattr(ls[1], "mlp_norm", None), -4, id="no mlp_norm"),
+    pytest.param(lambda ls: setattr(ls[0], "window", -1), -6, id="negative window"),
+    pytest.param(lambda ls: setattr(ls[1], "window", 2**31 - 1), -6, id="window past the limit"),
+    pytest.param(lambda ls: setattr(ls[1], "window", 16), 0, id="a sliding window"),
+])
+def test_engine_create_checks_every_layers_architecture_fields(edit, code, portable, engine):
+    config = TfConfig.from_buffer_copy(engine._config)
+    keep = _damaged_layers(config, edit)  # noqa: F841  (the array config points at)
+    assert _create(portable, config) == code
+    assert code == 0 or code in CREATE_ERRORS
+
+
+# ---- the architectures beyond Llama's layout: fused projections (Phi-3), extra norms (Gemma 3) -----
+
+
+@pytest.mark.parametrize("model_type, name, tensor, pattern", [
+    ("phi3", "model.layers.0.self_attn.qkv_proj.bias", torch.zeros(255), r"qkv_proj\.bias is \[255\], but .* has 256 rows"),
+    ("phi3", "model.layers.1.mlp.gate_up_proj.bias", torch.zeros(512), None),
+    ("gemma3_text", "model.layers.0.self_attn.q_norm.weight", torch.ones(33), rf"q_norm\.weight is \[33\], {SHAPE} \[32\]"),
+    ("gemma3_text", "model.layers.1.self_attn.k_norm.weight", torch.ones(128), rf"k_norm\.weight is \[128\], {SHAPE} \[32\]"),
+    ("gemma3_text", "model.layers.1.post_feedforward_layernorm.weight", torch.ones(32), rf"post_feedforward_layernorm\.weight is \[32\], {SHAPE} \[128\]"),
+    ("gemma3_text", "model.layers.0.pre_feedforward_layernorm.weight", torch.ones(127), rf"pre_feedforward_layernorm\.weight is \[127\], {SHAPE} \[128\]"),
+])
+def test_the_norms_and_fused_projections_of_other_architectures_are_checked(model_type, name, tensor, pattern, make_packed):
+    packed = load_packed(make_packed(model_type))
+    packed.kept[name] = tensor
+    if pattern is None:  # a bias of the fused projection's rows fits
+        FastBackend(packed, max_positions=32, threads=1)
+        return
+    with pytest.raises(PackedModelError, match=pattern):
+        FastBackend(packed, max_positions=32, threads=1)
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"intermediate_size": 512}, rf"mlp\.gate_up_proj is \[512, 128\], {SHAPE} \[1024, 128\]"),
+    ({"num_key_value_heads": 4}, rf"self_attn\.qkv_proj is \[256, 128\], {SHAPE} \[384, 128\]"),
+    ({"rope_parameters": {"partial_rotary_factor": 1.5, "rope_theta": 10000.0, "rope_type": "default"}}, r"rotary embedding has \d+ dimensions per head, it must be an even number from 2 to head_dim 32"),
+])
+def test_a_phi3_config_that_does_not_fit_its_fused_tensors(change, pattern, make_packed, tmp_path):
+    folder = _edited(make_packed("phi3"), tmp_path, **change)
+    with pytest.raises(PackedModelError, match=pattern):
+        FastBackend(load_packed(folder), max_positions=32, threads=1)
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"head_dim": 16}, rf"q_norm\.weight is \[32\], {SHAPE} \[16\]|q_proj is \[128, 128\], {SHAPE} \[64, 128\]"),
+    ({"query_pre_attn_scalar": 0}, r"query_pre_attn_scalar must be a positive number, got 0"),
+    ({"final_logit_softcapping": -30.0}, r"final_logit_softcapping must be a non-negative number"),
+    ({"layer_types": ["sliding_attention"]}, r"layer_types must list one type per layer \(2\)|must be equal to the number of `layer_types` \(1\)"),
+])
+def test_a_gemma3_config_that_does_not_fit(change, pattern, make_packed, tmp_path):
+    folder = _edited(make_packed("gemma3_text"), tmp_path, **change)
+    with pytest.raises(PackedModelError, match=pattern):
+        FastBackend(load_packed(folder), max_positions=32, threads=1)
 
 
 @pytest.mark.parametrize("portable", BUILDS)

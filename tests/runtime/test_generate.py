@@ -133,6 +133,18 @@ def test_stop_token_and_eos_end_generation(tiny_tokenizer: Any) -> None:
     assert stream.text() == tiny_tokenizer.decode(words[:2]) and stream.result.finish_reason == "length"
 
 
+def test_interrupt_ends_like_max_tokens_with_a_valid_cache(tiny_tokenizer: Any) -> None:
+    words = tiny_tokenizer(" the red bird flies over the old house", add_special_tokens=False)["input_ids"]
+    backend = ScriptedBackend(words, len(tiny_tokenizer))
+    prompt = text_prompt_ids(tiny_tokenizer, "Hi")
+    asked: list[int] = []
+    stream = generate(backend, tiny_tokenizer, prompt, SamplingConfig(max_new_tokens=50, temperature=0),
+                      interrupt=lambda: asked.append(1) or len(asked) == 3)  # True after the third token
+    assert stream.text() == tiny_tokenizer.decode(words[:3]) and len(asked) == 3
+    assert stream.result.finish_reason == "length" and stream.result.token_ids == tuple(words[:3])
+    assert backend.position == len(stream.result.cached_ids) == len(prompt) + 2  # reusable by the next request
+
+
 def test_result_before_the_end_is_an_error(tiny_tokenizer: Any) -> None:
     stream = generate(ScriptedBackend([50], 384), tiny_tokenizer, [1, 2], GREEDY)
     with pytest.raises(RuntimeError, match="once the iterator is exhausted"):

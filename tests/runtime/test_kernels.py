@@ -14,12 +14,15 @@ import shutil
 import pytest
 import torch
 
+from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.formats.primitives import quantize_rtn
+from tightfit.formats.registry import parse_format
 from tightfit.formats.table import QuantFormat
 from tightfit.runtime import kernels
 from tightfit.runtime.kernels import build
 
-FORMATS = ["w2g64", "w2pc", "w3g32-sym", "w3g64", "w4g16", "w4g32", "w4g128-bf16", "w5pc", "w6g16", "w8g32-sym", "w8g128"]
+FORMATS = ["w2g64", "w2pc", "w3g32-sym", "w3g64", "w4g16", "w4g32", "w4g128-bf16", "w5pc", "w6g16", "w8g32-sym", "w8g128",
+           "nl4g32", "nf4g16", "nl4pc", "nf4g128-bf16"]  # uniform grids, and fixed non-uniform grids (a level table)
 SHAPES = [(37, 576), (16, 50), (8, 200), (5, 1536), (33, 20), (3, 8), (64, 64)]
 BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable")]
 
@@ -29,7 +32,7 @@ BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable")]
 def test_quantized_kernels_match_reference(name, portable):
     g = torch.Generator().manual_seed(hash(name) % 1000)
     for n, k in SHAPES:
-        q = quantize_rtn(torch.randn(n, k, generator=g), QuantFormat.parse(name))
+        q = quantize_rtn_any(torch.randn(n, k, generator=g), parse_format(name))
         w = kernels.from_quantized(q, torch.randn(n, generator=g))
         assert torch.equal(kernels.dequantize(w, portable=portable), q.dequantize()), (n, k)
         for m in (1, 3, 6):
@@ -41,11 +44,11 @@ def test_quantized_kernels_match_reference(name, portable):
 
 
 @pytest.mark.parametrize("portable", BUILDS)
-@pytest.mark.parametrize("name", ["w2g64", "w3g32-sym", "w4g16", "w5pc", "w8g128"])
+@pytest.mark.parametrize("name", ["w2g64", "w3g32-sym", "w4g16", "w5pc", "w8g128", "nl4g32", "nf4g16-bf16"])
 def test_exact_mode_multiplies_fp32_activations(name, portable):
     g = torch.Generator().manual_seed(7)
     for n, k in SHAPES:
-        q = quantize_rtn(torch.randn(n, k, generator=g), QuantFormat.parse(name))
+        q = quantize_rtn_any(torch.randn(n, k, generator=g), parse_format(name))
         w = kernels.from_quantized(q, torch.randn(n, generator=g))
         x = torch.randn(3, k, generator=g) * 3
         ref = x.double() @ q.dequantize().double().T + w.bias.double()

@@ -4,57 +4,26 @@ in OpenAI's error shape while the server keeps serving, and a full queue answers
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import pytest
-import torch
+from http_helpers import NAME, GatedBackend, request, sse_events
 
 from tightfit.runtime.generate import SamplingConfig, generate
-from tightfit.runtime.server import OpenAIServer, ServedModel
-from tightfit.runtime.text import chat_prompt_ids, eos_token_ids, load_tokenizer, text_prompt_ids
-from tightfit.runtime.torch_backend import TorchBackend, load_torch_backend
+from tightfit.runtime.server import OpenAIServer, ServedModel, ServerLimits
+from tightfit.runtime.text import chat_prompt_ids, text_prompt_ids
+from tightfit.runtime.torch_backend import TorchBackend
 
-NAME = "tiny"
 MAX_TOKENS = 6
-
-
-def request(server: OpenAIServer, method: str, path: str, body: Any = None, raw: bytes | None = None,
-            timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(*server.address, timeout=timeout)
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    out = response.status, dict(response.getheaders()), response.read()
-    conn.close()
-    return out
-
-
-def sse_events(payload: bytes) -> list[Any]:
-    events = []
-    for block in payload.decode().split("\n\n"):
-        if block.strip():
-            assert block.startswith("data: "), block
-            data = block[len("data: "):]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
-
-@pytest.fixture(scope="module")
-def served(packed_llama: Path) -> ServedModel:
-    tokenizer = load_tokenizer(packed_llama)
-    return ServedModel(NAME, load_torch_backend(packed_llama, max_positions=64), tokenizer, eos_token_ids(packed_llama, tokenizer))
 
 
 @pytest.fixture(scope="module")
 def server(served: ServedModel) -> Iterator[OpenAIServer]:
-    srv = OpenAIServer(served, port=0, max_queue=8)
+    srv = OpenAIServer(served, port=0)
     srv.start()
     yield srv
     srv.close()
@@ -206,32 +175,9 @@ def test_json_schema_response_format(server: OpenAIServer) -> None:
     assert status == 400 and "JSON schema cannot be used" in json.loads(body)["error"]["message"]
 
 
-class GatedBackend:
-    """Wraps a backend; every forward waits for `gate` (so requests pile up) and signals `entered`."""
-
-    def __init__(self, inner: TorchBackend) -> None:
-        self.inner, self.vocab_size, self.max_positions = inner, inner.vocab_size, inner.max_positions
-        self.gate, self.entered = threading.Event(), threading.Event()
-
-    @property
-    def position(self) -> int:
-        return self.inner.position
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def truncate(self, n: int) -> None:
-        self.inner.truncate(n)
-
-    def forward(self, ids: Sequence[int]) -> torch.Tensor:
-        self.entered.set()
-        assert self.gate.wait(20), "test gate never opened"
-        return self.inner.forward(ids)
-
-
 def test_full_queue_answers_503_at_once(served: ServedModel) -> None:
     gated = GatedBackend(TorchBackend(served.backend.model, 64))
-    srv = OpenAIServer(ServedModel(NAME, gated, served.tokenizer, served.eos_token_ids), port=0, max_queue=1)
+    srv = OpenAIServer(ServedModel(NAME, gated, served.tokenizer, served.eos_token_ids), port=0, limits=ServerLimits(max_queue=1))
     srv.start()
     body = {"model": NAME, "prompt": "The cat", "max_tokens": 2, "temperature": 0}
     try:
@@ -240,7 +186,7 @@ def test_full_queue_answers_503_at_once(served: ServedModel) -> None:
             assert gated.entered.wait(10)
             waiting = pool.submit(request, srv, "POST", "/v1/completions", body)
             deadline = time.monotonic() + 10
-            while srv.worker.jobs.qsize() < 1 and time.monotonic() < deadline:
+            while srv.worker.waiting < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
             started = time.monotonic()
             status, headers, answer = request(srv, "POST", "/v1/completions", body)

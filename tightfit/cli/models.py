@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 import sys
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from tightfit.cli.common import (
     _calibration_config,
     _eval_config,
     _fmt,
+    _positive_int,
     _size,
     _status,
+    _text_line,
 )
 from tightfit.cli.planner import _add_planner_flags, _budget, _plan_request, _print_plan
 from tightfit.errors import KernelUnavailable, TightfitError
@@ -25,7 +28,7 @@ from tightfit.errors import KernelUnavailable, TightfitError
 
 ENGINE_HELP = ("what computes {what} logits: torch (default), the transformers reference with the packed weights "
                "dequantized and fp32 activations; fast, tightfit's compiled engine as `tightfit generate` runs it "
-               "(int8 activations, fp16 KV cache; packed Llama-layout models only). The reference is always torch fp32")
+               "(int8 activations, fp16 KV cache; packed models only). The reference is always torch fp32")
 
 
 def add_parsers(sub) -> None:
@@ -52,14 +55,19 @@ def add_parsers(sub) -> None:
     c.add_argument("--damp", type=float, default=None, help="GPTQ dampening as a fraction of the mean Hessian diagonal (default 0.01)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their natural order")
     c.add_argument("--no-eval", action="store_true", help="skip the evaluation after packing")
-    c.add_argument("--eval-engine", choices=("torch", "fast"), default="torch", help=ENGINE_HELP.format(what="the packed model's"))
+    c.add_argument("--eval-engine", choices=("torch", "fast"), default=None,
+                   help=ENGINE_HELP.format(what="the packed model's") + " (default: torch; fast for a model big enough to be "
+                   "read one block at a time, which torch would hold whole)")
+    c.add_argument("--first-blocks", type=_positive_int, default=None, metavar="N",
+                   help="compress only the first N decoder blocks, a truncated model: to try a big model's whole path in "
+                        "minutes (the result is not a usable model)")
     c.add_argument("--sequential", action="store_true",
                    help="with a budget: GPTQ collects its Hessians again, block by block through the already-quantized "
                         "layers (about 7x slower quantization); default: the original model's Hessians that the planner "
                         "collected (cached in --work)")
     c.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     _add_planner_flags(c)
-    _add_eval_flags(c)
+    _add_eval_flags(c, eval_alias=True)
 
     e = sub.add_parser(
         "eval",
@@ -138,14 +146,20 @@ def _cmd_compress(args) -> int:
                             "--format and --plan always collect Hessians block by block")
     if args.format is not None:
         fmt = parse_format(args.format)
-    else:
-        if args.plan is not None:
-            try:
-                plan = Plan.from_json(json.loads(args.plan.read_text()))
-            except (OSError, ValueError, TightfitError) as e:
-                raise TightfitError(f"cannot read plan {args.plan}: {e}") from None
-        _status(f"loading {args.model}")
-        loaded = load_model(args.model)
+    if args.plan is not None:
+        try:
+            plan = Plan.from_json(json.loads(args.plan.read_text()))
+        except (OSError, ValueError, TightfitError) as e:
+            raise TightfitError(f"cannot read plan {args.plan}: {e}") from None
+    calibration = _calibration_config(args)  # a bad --calib-text fails before the model loads
+    _status(f"loading {args.model}")
+    load_start = time.perf_counter()
+    loaded = load_model(args.model, first_blocks=args.first_blocks)
+    load_seconds = time.perf_counter() - load_start
+    if loaded.streamed:
+        _status(f"{args.model} is read one decoder block at a time (fp32 weights "
+                f"{loaded.weights.nbytes() / 1e9:.1f} GB): only one block is in memory at once")
+    if args.format is None:
         if plan is None:
             plan_request = _plan_request(args, _budget(args, loaded))
             planned = make_plan(plan_request, loaded, on_stage=_status)
@@ -154,7 +168,6 @@ def _cmd_compress(args) -> int:
             if args.method == "gptq" and not args.sequential:
                 hessians = original_hessians(loaded, plan_request.calibration, plan_request.work, True, _status)
         fmt = Counter(plan.quantized.values()).most_common(1)[0][0]
-    calibration = _calibration_config(args)
     embed = None if args.embed_format is None else format_or_none(parse_choice(args.embed_format))
     layers = None
     if plan is not None:
@@ -170,9 +183,11 @@ def _cmd_compress(args) -> int:
         raise TightfitError(f"--damp must lie between 0 and 1, got {qconfig.damp}")
     request = CompressRequest(
         model=args.model, out=args.out, quantize=qconfig, calibration=calibration,
-        evaluation=None if args.no_eval else _eval_config(args), eval_engine=args.eval_engine,
+        evaluation=None if args.no_eval else _eval_config(args),
+        eval_engine=args.eval_engine or ("fast" if loaded.streamed else "torch"),
     )
     report = compress(request, loaded, on_stage=_status, hessians=hessians)
+    report.seconds["load"] = load_seconds
     s = report.summary
     rows = []
     ev = report.evaluation
@@ -186,7 +201,8 @@ def _cmd_compress(args) -> int:
     print(f"packed model written to {report.out}")
     print(_result_table(rows))
     if ev is not None:
-        print(f"({ev.n_tokens} tokens scored; times: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.seconds.items()) + ")")
+        print(f"({ev.n_tokens} tokens of {_text_line(args.text)} scored; times: "
+              + ", ".join(f"{k} {v:.0f}s" for k, v in report.seconds.items()) + ")")
     if args.json:
         from tightfit.formats.files import atomic_write_json
 
@@ -199,7 +215,7 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from tightfit.evaluate import eval_windows, evaluate
+    from tightfit.evaluate import eval_windows, evaluate, reference_for
     from tightfit.model import load_model
     from tightfit.pipeline import ModelSummary, default_reference, evaluate_packed, is_packed, packed_file_bytes
 
@@ -220,21 +236,23 @@ def _cmd_eval(args) -> int:
         if args.engine != "torch":
             raise KernelUnavailable(f"the {args.engine} engine scores packed models only; pack {args.path} with "
                                     "`tightfit compress` or use --engine torch")
-        loaded = load_model(args.path)
+        loaded = load_model(args.path, streamed=False)  # a candidate runs whole
         reference = load_model(args.against) if args.against else None
         windows = eval_windows(loaded.tokenizer, config)
-        result = evaluate(loaded.model, windows, reference=None if reference is None else reference.model, batch_size=config.batch_size)
+        against = None if reference is None else reference_for(reference, windows, batch_size=config.batch_size)
+        result = evaluate(loaded.model, windows, reference=against, batch_size=config.batch_size)
         row = {"name": str(args.path)[:28]}
     rows = [{"name": f"reference ({reference.source.name})"[:28], "ppl": result.reference_ppl}] if reference else []
     rows.append({**row, "ppl": result.ppl, "kl": result.kl, "top1": result.top1})
     print(_result_table(rows))
-    print(f"({result.n_tokens} tokens in {config.n_windows} windows of {config.ctx}, text {config.text}, "
+    print(f"({result.n_tokens} tokens in {config.n_windows} windows of {config.ctx}, text {_text_line(config.text)}, "
           f"scored by the {args.engine} engine, {result.seconds:.0f}s)")
     if args.json:
+        from tightfit.data import load_text
         from tightfit.formats.files import atomic_write_json
 
-        atomic_write_json(args.json, {"evaluation": dataclasses.asdict(config), "engine": args.engine,
-                                      "result": dataclasses.asdict(result)})
+        atomic_write_json(args.json, {"evaluation": dataclasses.asdict(config), "text": load_text(config.text).record(),
+                                      "engine": args.engine, "result": dataclasses.asdict(result)})
     return 0
 
 
@@ -271,6 +289,7 @@ def _cmd_info(args) -> int:
 
 def _cmd_formats(args) -> int:
     from tightfit.formats import BITS, GROUP_SIZES, QuantFormat
+    from tightfit.formats.grid import GRIDS, all_grid_formats
     from tightfit.formats.spqr import SPQR_RECIPES
 
     try:
@@ -285,6 +304,11 @@ def _cmd_formats(args) -> int:
             for sym in (False, True):
                 fmt = QuantFormat(bits=bits, group_size=group, symmetric=sym)
                 print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
+    print(f"\nfixed non-uniform 4-bit grids, one signed scale per group ({', '.join(GRIDS)})")
+    print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
+    for fmt in all_grid_formats():
+        if fmt.scale_dtype == "fp16":
+            print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
     print(f"\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)")
     print(f"{'format':<22} {'bpw':>7} {'bytes':>10}")
     for fmt in SPQR_RECIPES:
@@ -293,12 +317,15 @@ def _cmd_formats(args) -> int:
 
 
 def _print_export(report) -> None:
+    from tightfit.formats.grid import GRIDS
+
+    quantized = ("w", "spqr", *GRIDS)  # how our format names begin (kept tensors carry a dtype)
     print(f"{'tensor':<44} {'format':<12} {'written as':<22} {'exact':<5} {'max |err|':>9}  note")
     for t in report.tensors:
-        if t.source_format.startswith(("w", "spqr")):
+        if t.source_format.startswith(quantized):
             print(f"{t.name:<44} {t.source_format:<12} {t.target_type:<22} {'yes' if t.exact else 'no':<5} "
                   f"{t.max_abs_error:>9.2e}  {t.note}")
-    kept = [t for t in report.tensors if not t.source_format.startswith(("w", "spqr"))]
+    kept = [t for t in report.tensors if not t.source_format.startswith(quantized)]
     if kept:
         types = ", ".join(sorted({f"{t.source_format} -> {t.target_type}" for t in kept}))
         print(f"+ {len(kept)} unquantized tensors written unchanged ({types})")

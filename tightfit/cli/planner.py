@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from tightfit.cli.common import (
+    EVAL_TEXT_HELP,
     _add_calibration_flags,
     _add_embed_flag,
     _calibration_config,
@@ -119,6 +120,8 @@ def _print_plan(report) -> None:
     print("embeddings and head: " + ", ".join(f"{n} {f.name}" for n, f in outer.items()) + tied + how)
     unit = "nats/token" if table.method != "proxy" else "(no unit)"
     print(f"damage = {METHOD_TEXT[table.method]}; predicted total {plan.predicted_loss:.4g} {unit}")
+    if report.calibration is not None:
+        print(f"calibrated on {report.calibration.config.text} ({report.calibration.describe()})")
     if latency is not None and plan.predicted_latency_ms is not None:
         fixed_ms = plan.budget.fixed_latency_ms
         print(f"predicted decode {plan.predicted_latency_ms:.3f} ms/token ({1e3 / plan.predicted_latency_ms:.1f} tok/s): "
@@ -193,7 +196,7 @@ def add_parsers(sub) -> None:
                     help="gptq: collect each point's Hessians through its already-quantized layers, as `compress` does "
                          "(about 4x slower per point); default: the original model's Hessians, collected once into --work")
     pa.add_argument("--eval-windows", type=_positive_int, default=None, help="evaluation windows for the KL (default 8)")
-    pa.add_argument("--text", default="wiki", help="evaluation text: 'wiki' (built in, its held-out part), a .txt or .jsonl file (default: wiki)")
+    pa.add_argument("--text", default="wiki", help=EVAL_TEXT_HELP)
     pa.add_argument("--ctx", type=_positive_int, default=512, help="tokens per evaluation window (default 512)")
     pa.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens decoded per speed run (default 64)")
     pa.add_argument("--repeats", type=_positive_int, default=3, help="timed speed runs; the median is reported (default 3)")

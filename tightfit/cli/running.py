@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
 from tightfit.cli.common import _positive_int, _status
 from tightfit.errors import TightfitError
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -78,11 +89,15 @@ def add_parsers(sub) -> None:
     _add_sampling_flags(ch)
     _add_backend_flags(ch)
 
+    from tightfit.runtime.server import ServerLimits
+
+    limits = ServerLimits()
     sv = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, streaming)",
         description="Serve PATH over HTTP with OpenAI's API. Requests run one at a time on one backend; at most "
-        "--max-queue wait, later ones get 503. The model is named after the folder (see GET /v1/models).",
+        "--max-queue wait, later ones get 503; beyond --max-connections open connections, 429. A client that "
+        "disconnects cancels its request. The model is named after the folder (see GET /v1/models).",
         epilog="example:\n  tightfit serve out/smollm2-w3g64 --port 8000\n"
         "  curl localhost:8000/v1/completions -d '{\"model\": \"smollm2-w3g64\", \"prompt\": \"Hello\", \"max_tokens\": 16}'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -90,7 +105,13 @@ def add_parsers(sub) -> None:
     sv.add_argument("path", help="a packed model folder")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    sv.add_argument("--max-queue", type=_positive_int, default=8, help="requests that may wait while one runs (default 8)")
+    sv.add_argument("--max-queue", type=_positive_int, default=limits.max_queue,
+                    help=f"requests that may wait while one runs (default {limits.max_queue})")
+    sv.add_argument("--max-connections", type=_positive_int, default=limits.max_connections,
+                    help=f"open connections at most; one more is answered 429 at once (default {limits.max_connections})")
+    sv.add_argument("--request-timeout", type=_positive_seconds, default=limits.request_timeout,
+                    help="seconds from a request's arrival to its last token: a request still waiting then gets 503, "
+                         f"one running ends there with finish_reason 'length' (default {limits.request_timeout:g})")
     sv.add_argument("--model-name", default=None, help="the model's name in the API (default: the folder name)")
     _add_backend_flags(sv)
 
@@ -192,13 +213,14 @@ def _chat_loop(config, backend, tokenizer, eos, start: list[dict], interactive: 
 
 
 def _cmd_serve(args) -> int:
-    from tightfit.runtime.server import OpenAIServer, ServedModel
+    from tightfit.runtime.server import OpenAIServer, ServedModel, ServerLimits
 
     backend, tokenizer, eos = _open_text_model(args)
     name = args.model_name or Path(args.path).resolve().name
     try:
         server = OpenAIServer(ServedModel(name, backend, tokenizer, eos), host=args.host, port=args.port,
-                              max_queue=args.max_queue, log=_status)
+                              limits=ServerLimits(max_queue=args.max_queue, max_connections=args.max_connections,
+                                                  request_timeout=args.request_timeout), log=_status)
     except OSError as e:
         raise TightfitError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.address

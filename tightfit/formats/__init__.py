@@ -2,6 +2,7 @@
 quantize/dequantize primitives. Imports nothing of tightfit except `tightfit.errors`."""
 
 from tightfit.formats.bitpack import pack_bits, unpack_bits
+from tightfit.formats.grid import GRIDS, GridFormat, GridTensor, all_grid_formats
 from tightfit.formats.primitives import (
     DEFAULT_SHRINK_GRID,
     QuantizedTensor,
@@ -16,12 +17,16 @@ from tightfit.formats.table import BITS, GROUP_SIZES, SCALE_DTYPES, LayerBytes, 
 __all__ = [
     "BITS",
     "DEFAULT_SHRINK_GRID",
+    "GRIDS",
     "GROUP_SIZES",
+    "GridFormat",
+    "GridTensor",
     "SCALE_DTYPES",
     "LayerBytes",
     "QuantFormat",
     "QuantizedTensor",
     "all_formats",
+    "all_grid_formats",
     "choose_qparams",
     "dequantize",
     "pack_bits",

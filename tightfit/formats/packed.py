@@ -15,9 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +26,7 @@ from safetensors.torch import load_file
 
 from tightfit import __version__
 from tightfit.errors import FormatError, PackedModelError
-from tightfit.formats.files import atomic_save_tensors, atomic_write_json, publishable
+from tightfit.formats.files import atomic_save_tensors, atomic_write_json, publish_folder, temp_dir_for
 from tightfit.formats.registry import AnyQuantizedTensor, parse_format, unpack_tensor
 
 FORMAT_NAME = "tightfit-packed"
@@ -129,13 +127,13 @@ class PackedModel:
 
 
 def save_packed(packed: PackedModel, out_dir: Path, extra_files: Callable[[Path], None] | None = None) -> Path:
-    """Write `packed` to out_dir atomically: built in a sibling temp folder, then renamed.
+    """Write `packed` to out_dir atomically and durably: built in a sibling temp folder, flushed to
+    disk, then put in place of out_dir in one step (see formats.files.publish_folder).
 
     extra_files(folder) may add files (e.g. the tokenizer) before the folder is published.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    tmp = temp_dir_for(out_dir)
     try:
         tensors_path = tmp / TENSORS_FILE
         atomic_save_tensors(tensors_path, packed.tensors(), metadata={"format": FORMAT_NAME})
@@ -144,14 +142,7 @@ def save_packed(packed: PackedModel, out_dir: Path, extra_files: Callable[[Path]
             extra_files(tmp)
         manifest = packed.manifest(sha256_file(tensors_path), tensors_path.stat().st_size, folder_files(tmp))
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
-        publishable(tmp, is_dir=True)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,7 +15,7 @@ import torch
 
 from tightfit.errors import FormatError
 from tightfit.formats.bitpack import pack_bits, unpack_bits
-from tightfit.formats.table import LayerBytes, QuantFormat
+from tightfit.formats.table import GroupedFormat, LayerBytes, QuantFormat
 
 # Candidate shrink factors of the [min, max] range, largest first so ties keep the full range.
 DEFAULT_SHRINK_GRID: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 .. 0.5
@@ -172,8 +172,41 @@ def search_shrink(
     return best_shrink
 
 
+class GroupedTensor:
+    """What the tensors of grouped formats (uniform and grid) share: codes [N, K] uint8 and scales
+    [N, G] fp32 of a `table.GroupedFormat`."""
+
+    fmt: GroupedFormat
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    def _check_codes_and_scales(self) -> None:
+        assert self.codes.dtype == torch.uint8 and self.codes.dim() == 2, (
+            f"codes must be uint8 [N, K], got {self.codes.dtype} {tuple(self.codes.shape)}"
+        )
+        n, k = self.codes.shape
+        g = self.fmt.num_groups(k)
+        assert self.scales.dtype == torch.float32 and self.scales.shape == (n, g), (
+            f"scales must be fp32 [{n}, {g}], got {self.scales.dtype} {tuple(self.scales.shape)}"
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.codes.shape
+        return (n, k)
+
+    def per_weight(self, stat: torch.Tensor) -> torch.Tensor:
+        """A statistic per group [N, G] repeated over its group's columns: [N, K]."""
+        k = self.shape[1]
+        return stat.repeat_interleave(self.fmt.group_width(k), dim=1)[:, :k]
+
+    def nbytes(self) -> LayerBytes:
+        """Bytes of `pack()`: equals fmt.nbytes(N, K)."""
+        return self.fmt.nbytes(*self.shape)
+
+
 @dataclass(frozen=True, eq=False)
-class QuantizedTensor:
+class QuantizedTensor(GroupedTensor):
     """A weight [N, K] in a QuantFormat, with unpacked fields.
 
     fmt:    the format
@@ -188,14 +221,8 @@ class QuantizedTensor:
     zeros: torch.Tensor | None
 
     def __post_init__(self) -> None:
-        assert self.codes.dtype == torch.uint8 and self.codes.dim() == 2, (
-            f"codes must be uint8 [N, K], got {self.codes.dtype} {tuple(self.codes.shape)}"
-        )
-        n, k = self.codes.shape
-        g = self.fmt.num_groups(k)
-        assert self.scales.dtype == torch.float32 and self.scales.shape == (n, g), (
-            f"scales must be fp32 [{n}, {g}], got {self.scales.dtype} {tuple(self.scales.shape)}"
-        )
+        self._check_codes_and_scales()
+        n, g = self.scales.shape
         assert (self.zeros is None) == self.fmt.symmetric, (
             f"zeros must be {'None' if self.fmt.symmetric else 'a tensor'} for format {self.fmt.name}"
         )
@@ -204,18 +231,10 @@ class QuantizedTensor:
                 f"zeros must be fp32 [{n}, {g}], got {self.zeros.dtype} {tuple(self.zeros.shape)}"
             )
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        n, k = self.codes.shape
-        return (n, k)
-
     def dequantize(self) -> torch.Tensor:
         """[N, K] fp32 weight."""
-        n, k = self.shape
-        gw = self.fmt.group_width(k)
-        scales = self.scales.repeat_interleave(gw, dim=1)[:, :k]  # [N, K]
-        zeros = None if self.zeros is None else self.zeros.repeat_interleave(gw, dim=1)[:, :k]  # [N, K]
-        return dequantize(self.codes, scales, zeros, self.fmt.bits)  # [N, K]
+        zeros = None if self.zeros is None else self.per_weight(self.zeros)  # [N, K]
+        return dequantize(self.codes, self.per_weight(self.scales), zeros, self.fmt.bits)  # [N, K]
 
     def pack(self) -> dict[str, torch.Tensor]:
         """Storage tensors; their bytes equal fmt.nbytes(N, K) exactly.
@@ -256,10 +275,6 @@ class QuantizedTensor:
         if not fmt.symmetric:
             zeros = unpack_bits(tensors["qzeros"], fmt.bits, n * g).view(n, g).to(torch.float32)  # [N, G]
         return cls(fmt=fmt, codes=codes, scales=scales, zeros=zeros)
-
-    def nbytes(self) -> LayerBytes:
-        """Bytes of `pack()`: equals fmt.nbytes(N, K)."""
-        return self.fmt.nbytes(*self.shape)
 
 
 def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, *, clip_search: bool = True) -> QuantizedTensor:

@@ -69,8 +69,88 @@ class LayerBytes:
         return self.codes + self.scales + self.zeros + self.outliers
 
 
+class GroupedFormat:
+    """Geometry and scale dtype shared by the format families that quantize W [N, K] in groups of
+    `group_size` columns along K (None = per channel) with one scale per group: uniform grids
+    (`QuantFormat`) and fixed non-uniform grids (`formats.grid.GridFormat`). Each family defines
+    its `name` and `nbytes`."""
+
+    group_size: int | None
+    scale_dtype: str
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        """The torch dtype scales are stored in."""
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def num_groups(self, in_features: int) -> int:
+        """G, the groups per row: 1 per channel, else ceil(in_features / group_size).
+
+        When group_size does not divide in_features the last group of each row is narrower
+        (e.g. 576 = 4 x 128 + 64): every group still has its own scale and zero, counted in bytes.
+        """
+        check_features("in_features", in_features)
+        if self.group_size is None:
+            return 1
+        return -(-in_features // self.group_size)
+
+    def group_width(self, in_features: int) -> int:
+        """Weights per (full) group: group_size, or in_features per channel."""
+        check_features("in_features", in_features)
+        return in_features if self.group_size is None else min(self.group_size, in_features)
+
+    def group_bounds(self, in_features: int) -> list[tuple[int, int]]:
+        """[start, end) column range of each group along K."""
+        return group_bounds(in_features, self.group_width(in_features))
+
+    def bits_per_weight(self, out_features: int, in_features: int) -> float:
+        """Bits the packed layer holds per weight, overheads included."""
+        return self.nbytes(out_features, in_features).total * 8 / (out_features * in_features)
+
+
+    # ---- JSON (the dataclass fields of the family) --------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": FORMAT_JSON_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]):
+        if not isinstance(d, dict):
+            raise FormatError(f"quantization format JSON must be an object, got {type(d).__name__}")
+        version = d.get("version")
+        if version != FORMAT_JSON_VERSION:
+            raise FormatError(f"quantization format JSON has version {version!r}; this tightfit reads version {FORMAT_JSON_VERSION}")
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        unknown = set(d) - names - {"version"}
+        if unknown:
+            raise FormatError(f"quantization format JSON has unknown keys {sorted(unknown)}; expected {sorted(names)}")
+        for f in fields:
+            if f.default is dataclasses.MISSING and f.name not in d:
+                raise FormatError(f"quantization format JSON lacks {f.name!r}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_group_size(group_size: object) -> None:
+    """Refuse a group size outside GROUP_SIZES (None = per channel)."""
+    if group_size is not None and (not _is_int(group_size) or group_size not in GROUP_SIZES):
+        raise FormatError(
+            f"group size {group_size!r} is not in the format table; choose one of "
+            f"{', '.join(str(g) for g in GROUP_SIZES if g is not None)} or None (per channel)"
+        )
+
+
+def check_scale_dtype(scale_dtype: object) -> None:
+    """Refuse a scale dtype outside SCALE_DTYPES."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise FormatError(f"scale dtype {scale_dtype!r} is not in the format table; choose one of {', '.join(SCALE_DTYPES)}")
+
+
 @dataclass(frozen=True)
-class QuantFormat:
+class QuantFormat(GroupedFormat):
     """One entry of the format table.
 
     bits:        code width, one of BITS
@@ -89,17 +169,10 @@ class QuantFormat:
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in BITS:
             raise FormatError(f"bits {self.bits!r} is not in the format table; choose one of {', '.join(map(str, BITS))}")
-        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size not in GROUP_SIZES):
-            raise FormatError(
-                f"group size {self.group_size!r} is not in the format table; choose one of "
-                f"{', '.join(str(g) for g in GROUP_SIZES if g is not None)} or None (per channel)"
-            )
+        check_group_size(self.group_size)
         if not isinstance(self.symmetric, bool):
             raise FormatError(f"symmetric must be True or False, got {self.symmetric!r}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise FormatError(
-                f"scale dtype {self.scale_dtype!r} is not in the format table; choose one of {', '.join(SCALE_DTYPES)}"
-            )
+        check_scale_dtype(self.scale_dtype)
 
     # ---- names -------------------------------------------------------------------------------
 
@@ -110,9 +183,6 @@ class QuantFormat:
         sym = "-sym" if self.symmetric else ""
         dtype = "" if self.scale_dtype == _DEFAULT_SCALE_DTYPE else f"-{self.scale_dtype}"
         return f"w{self.bits}{group}{sym}{dtype}"
-
-    def __str__(self) -> str:
-        return self.name
 
     @classmethod
     def parse(cls, text: str) -> QuantFormat:
@@ -132,38 +202,11 @@ class QuantFormat:
         except FormatError as e:
             raise FormatError(f"invalid quantization format {text!r}: {e}; {GRAMMAR}") from None
 
-    # ---- geometry ----------------------------------------------------------------------------
-
-    @property
-    def scale_torch_dtype(self) -> torch.dtype:
-        """The torch dtype scales are stored in."""
-        return SCALE_DTYPES[self.scale_dtype]
-
-    def num_groups(self, in_features: int) -> int:
-        """G, the groups per row: 1 per channel, else ceil(in_features / group_size).
-
-        When group_size does not divide in_features the last group of each row is narrower
-        (e.g. 576 = 4 x 128 + 64): every group still has its own scale and zero, counted in bytes.
-        """
-        _check_features("in_features", in_features)
-        if self.group_size is None:
-            return 1
-        return -(-in_features // self.group_size)
-
-    def group_width(self, in_features: int) -> int:
-        """Weights per (full) group: group_size, or in_features per channel."""
-        _check_features("in_features", in_features)
-        return in_features if self.group_size is None else min(self.group_size, in_features)
-
-    def group_bounds(self, in_features: int) -> list[tuple[int, int]]:
-        """[start, end) column range of each group along K."""
-        return group_bounds(in_features, self.group_width(in_features))
-
     # ---- bytes -------------------------------------------------------------------------------
 
     def nbytes(self, out_features: int, in_features: int) -> LayerBytes:
         """Exact bytes of a packed [out_features, in_features] layer (see module docstring)."""
-        _check_features("out_features", out_features)
+        check_features("out_features", out_features)
         n, k = out_features, in_features
         g = self.num_groups(k)
         return LayerBytes(
@@ -171,30 +214,6 @@ class QuantFormat:
             scales=n * g * self.scale_torch_dtype.itemsize,
             zeros=0 if self.symmetric else packed_nbytes(n * g, self.bits),
         )
-
-    def bits_per_weight(self, out_features: int, in_features: int) -> float:
-        """Bits the packed layer holds per weight, overheads included."""
-        return self.nbytes(out_features, in_features).total * 8 / (out_features * in_features)
-
-    # ---- JSON --------------------------------------------------------------------------------
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": FORMAT_JSON_VERSION, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> QuantFormat:
-        if not isinstance(d, dict):
-            raise FormatError(f"quantization format JSON must be an object, got {type(d).__name__}")
-        version = d.get("version")
-        if version != FORMAT_JSON_VERSION:
-            raise FormatError(f"quantization format JSON has version {version!r}; this tightfit reads version {FORMAT_JSON_VERSION}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields - {"version"}
-        if unknown:
-            raise FormatError(f"quantization format JSON has unknown keys {sorted(unknown)}; expected {sorted(fields)}")
-        if "bits" not in d:
-            raise FormatError("quantization format JSON lacks 'bits'")
-        return cls(**{k: v for k, v in d.items() if k in fields})
 
 
 def all_formats() -> tuple[QuantFormat, ...]:
@@ -205,7 +224,7 @@ def all_formats() -> tuple[QuantFormat, ...]:
     )
 
 
-def _check_features(what: str, value: int) -> None:
+def check_features(what: str, value: int) -> None:
     if not _is_int(value) or value <= 0:
         raise FormatError(f"{what} must be a positive integer, got {value!r}")
 

@@ -9,7 +9,7 @@ from tightfit.model.architectures import (
     supported_model_types,
 )
 from tightfit.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL, BuiltinModel
-from tightfit.model.load import LoadedModel, check_memory, load_model
+from tightfit.model.load import LoadedModel, check_memory, load_model, resident_block
 from tightfit.model.sources import ModelSource, resolve_source
 from tightfit.model.weights import CheckpointWeights, open_weights
 
@@ -28,6 +28,7 @@ __all__ = [
     "get_module",
     "load_model",
     "open_weights",
+    "resident_block",
     "resolve_source",
     "supported_model_types",
 ]

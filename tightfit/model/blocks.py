@@ -8,8 +8,8 @@ by pass-through recorders for that one call, so nothing but the embeddings is co
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +95,19 @@ def capture_block_inputs(model: nn.Module, arch: Architecture, tokens: torch.Ten
     hidden = [h for h, _, _ in calls[0]]
     extra = [[(args, kwargs) for _, args, kwargs in per_block] for per_block in calls]
     return BlockInputs(hidden=hidden, extra=extra)
+
+
+@torch.no_grad()
+def last_block_outputs(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_size: int,
+                       resident: Callable[[int], ContextManager[nn.Module]]) -> list[torch.Tensor]:
+    """tokens [S, T] -> the hidden states leaving the last block, per batch of `batch_size`, computed
+    block by block: every batch through block 0, then block 1, ... `resident(i)` gives block i with
+    its weights in memory (`tightfit.model.resident_block`), so a streamed model reads each once."""
+    inputs = capture_block_inputs(model, arch, tokens, batch_size)
+    for i in range(len(block_list(model, arch))):
+        with resident(i) as block:
+            inputs.hidden = [run_block(block, h, inputs.extra[i][b]) for b, h in enumerate(inputs.hidden)]
+    return inputs.hidden
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, extra: tuple[tuple, dict]) -> torch.Tensor:

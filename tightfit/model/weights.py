@@ -10,6 +10,8 @@ GGUF models from the same reader.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +94,6 @@ class CheckpointWeights:
             total += n * _FP32_BYTES
         return total
 
-    def largest_part_nbytes(self) -> int:
-        """fp32 bytes of the largest part read on its own: one block, the embeddings or the head."""
-        parts = [self.nbytes(self.block_names(i)) for i in range(self.n_blocks)]
-        parts += [self.nbytes([n]) for n in (f"{self.arch.embeddings}.weight", f"{self.arch.head}.weight")
-                  if n in self.shapes]
-        return max(parts)
-
 
 def _parameter_names(config: Any) -> list[str]:
     """The state-dict names of the transformers model for `config`, from a model on the meta device (no memory)."""
@@ -153,8 +148,11 @@ def _safetensors_weights(source: ModelSource) -> CheckpointWeights:
     return CheckpointWeights(source, config, arch, shapes, None, read)
 
 
-def open_weights(spec: str | ModelSource) -> CheckpointWeights:
+def open_weights(spec: str | ModelSource, *, first_blocks: int | None = None) -> CheckpointWeights:
     """Open a model's files for reading one part at a time (headers only; no tensor is read yet).
+
+    first_blocks: keep only the first decoder blocks, a smaller model of the same kind (the config
+    says so), to try a big model's whole path in minutes.
 
     Raises:
         ModelSourceError: the source cannot be resolved, or its config or tensor table cannot be read.
@@ -162,4 +160,19 @@ def open_weights(spec: str | ModelSource) -> CheckpointWeights:
     """
     source = spec if isinstance(spec, ModelSource) else resolve_source(spec)
     with quiet_transformers():
-        return _gguf_weights(source) if source.kind == GGUF else _safetensors_weights(source)
+        weights = _gguf_weights(source) if source.kind == GGUF else _safetensors_weights(source)
+    return weights if first_blocks is None else keep_first_blocks(weights, first_blocks)
+
+
+def keep_first_blocks(weights: CheckpointWeights, n: int) -> CheckpointWeights:
+    if not 1 <= n <= weights.n_blocks:
+        raise ModelSourceError(f"{weights.source.name} has {weights.n_blocks} decoder blocks; cannot keep the first {n}")
+    config = copy.deepcopy(weights.config)
+    config.num_hidden_layers = n
+    for per_layer in ("layer_types",):  # per-block lists of the config (sliding or full attention, ...)
+        if isinstance(getattr(config, per_layer, None), list):
+            setattr(config, per_layer, getattr(config, per_layer)[:n])
+    prefix = f"{weights.arch.blocks}."
+    shapes = {name: shape for name, shape in weights.shapes.items()
+              if not name.startswith(prefix) or int(name[len(prefix):].split(".", 1)[0]) < n}
+    return dataclasses.replace(weights, config=config, shapes=shapes)

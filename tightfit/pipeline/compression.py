@@ -7,6 +7,7 @@ model is published atomically; evaluation results are written next to it as eval
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -91,14 +92,15 @@ def compress(
     seconds["load"] = time.perf_counter() - t
 
     calibration = None
+    work = work_dir_for(Path(request.out))
     if request.quantize.method == "gptq" and hessians is None:  # given Hessians need no calibration windows
         t = time.perf_counter()
         on_stage(f"calibration text: {request.calibration.n_samples} x {request.calibration.seq_len} tokens of {request.calibration.text}")
-        calibration = calibrate_stage.calibrate(loaded.tokenizer, request.calibration)
+        calibration = calibrate_stage.calibrate(loaded.tokenizer, request.calibration, loaded=loaded, work=work,
+                                                progress=request.progress)
         seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    work = work_dir_for(Path(request.out))
     if (work / "quantize" / "job.json").exists():
         on_stage(f"resuming from finished blocks in {work}")
     qmodel = quantize_stage.quantize_model(
@@ -109,11 +111,14 @@ def compress(
     t = time.perf_counter()
     packed = pack_stage.pack(qmodel, loaded, request.calibration if request.quantize.method == "gptq" else None)
     on_stage(f"packing to {request.out}")
+    if calibration is not None:
+        packed.info["calibration_sources"] = [dataclasses.asdict(s) for s in calibration.sources]
     if request.evaluation is not None:
         packed.info["evaluation"] = config_to_json(request.evaluation)
     out = pack_stage.write(packed, loaded.tokenizer, Path(request.out))
     seconds["pack"] = time.perf_counter() - t
-    del qmodel
+    summary = ModelSummary.of(packed, packed_file_bytes(out))
+    del qmodel, packed  # the evaluation reads the packed model from disk
 
     result = None
     if request.evaluation is not None:
@@ -124,4 +129,4 @@ def compress(
                                  engine=request.eval_engine)
         seconds["evaluate"] = time.perf_counter() - t
     shutil.rmtree(work, ignore_errors=True)
-    return CompressReport(out=out, summary=ModelSummary.of(packed, packed_file_bytes(out)), evaluation=result, seconds=seconds)
+    return CompressReport(out=out, summary=summary, evaluation=result, seconds=seconds)

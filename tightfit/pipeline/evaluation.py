@@ -6,8 +6,9 @@ import dataclasses
 from pathlib import Path
 
 from tightfit.artifacts import config_to_json
+from tightfit.data import load_text
 from tightfit.errors import PackedModelError, TightfitError
-from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate, packed_candidate
+from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate, packed_candidate, reference_for
 from tightfit.formats.files import atomic_write_json
 from tightfit.formats.packed import PackedModel, load_packed, read_manifest
 from tightfit.model import LoadedModel
@@ -26,10 +27,11 @@ def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfi
     model = packed_candidate(packed, engine, ctx=config.ctx)
     tokenizer = reference.tokenizer if reference is not None else _packed_tokenizer(path)
     windows = eval_windows(tokenizer, config)
-    result = evaluate(model, windows, reference=None if reference is None else reference.model,
-                      batch_size=config.batch_size, progress=progress)
+    against = None if reference is None else reference_for(reference, windows, batch_size=config.batch_size)
+    result = evaluate(model, windows, reference=against, batch_size=config.batch_size, progress=progress)
     atomic_write_json(Path(path) / EVAL_FILE, {
         "evaluation": config_to_json(config),
+        "text": load_text(config.text).record(),
         "engine": engine,
         "against": None if reference is None else {"name": reference.source.name, "sha256": reference.source.sha256()},
         "result": dataclasses.asdict(result),

@@ -7,7 +7,8 @@ Two implementations:
     TorchBackend (runtime/torch_backend.py): the transformers model with QuantLinear layers,
         i.e. the dequantized reference; every architecture in the table.
     FastBackend (runtime/engine.py): tightfit's compiled CPU engine (low-bit kernels, one C++
-        decode step per token) for the architectures it supports.
+        decode step per token); every architecture in the table too (runtime/engine_config.py),
+        within the limits it states (e.g. Phi-3 longrope within its original context).
 """
 
 from __future__ import annotations
@@ -40,4 +41,4 @@ class Backend(Protocol):
 
     def forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Append `ids` (len >= 1) at positions position .. position+len-1 and return the logits
-        of the last one: [vocab_size] fp32. Raises ValueError when the cache would overflow."""
+        of the last one: [vocab_size] fp32. Raises GenerationError when the cache would overflow."""

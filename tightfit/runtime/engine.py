@@ -5,53 +5,53 @@ the head) with OpenMP threads that meet only where one needs rows another comput
 matrices run the AVX-512 VNNI kernels of runtime/kernels (int8 block-32 activations, like
 llama.cpp's Q8_0), dense ones an fp32-activation kernel.
 
-Supported here: the Llama-layout decoders (llama, mistral, qwen2) with SiLU MLPs and any RoPE
-variant transformers implements (the cos/sin tables come from transformers' own rotary module).
-Other architectures, and a KV cache beyond a sliding window, raise KernelUnavailable; `open_backend`
-with engine="auto" then falls back to the TorchBackend reference.
+Supported here: every architecture of runtime/engine_config.py's table (llama, mistral, qwen2,
+gemma3_text, phi3), whose differences are data in the engine's config, not code of their own; RoPE
+tables come from transformers' own rotary module. Sliding-window layers keep a ring of their window
+(plus one call's tokens) in the KV cache. What the engine cannot run raises KernelUnavailable;
+`open_backend` with engine="auto" then falls back to the TorchBackend reference with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ctypes
-import importlib
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from tightfit.errors import KernelUnavailable, PackedModelError
+from tightfit.errors import GenerationError, KernelUnavailable, PackedModelError
 from tightfit.formats.packed import PackedModel, load_packed
 from tightfit.formats.primitives import QuantizedTensor
-from tightfit.runtime.engine_checks import create_engine, validate_packed_for_engine
+from tightfit.runtime.engine_checks import MODULES, create_engine, validate_packed_for_engine
+from tightfit.runtime.engine_config import LAYOUTS, EngineLayout, EngineSpec, engine_spec, layout_for
 from tightfit.runtime.kernels import KernelMatrix, from_dense, from_quantized
 from tightfit.runtime.kernels.build import load
-from tightfit.runtime.kernels.layout import TfMat
+from tightfit.runtime.kernels.layout import TfMat, has_kernel
 from tightfit.runtime.model import transformers_config
 
-ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2")  # Llama layout: model.layers.{i}.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj
-ENGINE_ACTIVATIONS = ("silu",)
+ENGINE_MODEL_TYPES = tuple(LAYOUTS)
 DEFAULT_MAX_BATCH = 64  # tokens per C++ call; longer prompts are fed in chunks
+RING_LOST = -3  # tf_engine_forward: a sliding-window ring no longer holds what the call reads
 _PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-_MODULE = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-}
+_MODULE = MODULES  # projection -> its module in a Llama-layout block
+_LAYER_VECTORS = ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm", "q_norm", "k_norm")  # EngineLayout's norms
 
 
 class TfLayer(ctypes.Structure):
-    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p)] + [(p, TfMat) for p in _PROJECTIONS]
+    _fields_ = [(f, ctypes.c_void_p) for f in (*_LAYER_VECTORS, "rope_cos", "rope_sin")] + [("window", ctypes.c_int32)] + [
+        (p, TfMat) for p in _PROJECTIONS
+    ]
 
 
 class TfConfig(ctypes.Structure):
     _fields_ = [
         *[(f, ctypes.c_int32) for f in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "inter", "vocab",
-                                         "max_pos", "max_batch", "threads", "exact")],
-        ("eps", ctypes.c_float),
-        ("attn_scale", ctypes.c_float),
-        ("rope_cos", ctypes.c_void_p),
-        ("rope_sin", ctypes.c_void_p),
+                                         "max_pos", "max_batch", "threads", "exact", "rope_dim", "act")],
+        *[(f, ctypes.c_float) for f in ("eps", "attn_scale", "final_softcap", "embed_scale")],
         ("embed", TfMat),
         ("head", TfMat),
         ("final_norm", ctypes.c_void_p),
@@ -64,86 +64,60 @@ def default_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _hf_config(packed: PackedModel):
-    """The packed model's transformers config, when the engine runs its architecture."""
-    model_type = packed.hf_config.get("model_type")
-    if model_type not in ENGINE_MODEL_TYPES:
-        raise KernelUnavailable(
-            f"the fast engine runs {', '.join(ENGINE_MODEL_TYPES)} models, not '{model_type}'; use --engine torch"
-        )
-    config = transformers_config(packed)
-    if getattr(config, "hidden_act", "silu") not in ENGINE_ACTIVATIONS:
-        raise KernelUnavailable(f"the fast engine has no '{config.hidden_act}' MLP activation; use --engine torch")
-    return config
-
-
-def _rope_tables(config, max_positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_positions, head_dim/2] fp32 from transformers' rotary module of this model type."""
-    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
-    rotary_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    try:  # rope_theta, rope_scaling come from config.json
-        rotary = rotary_cls(config=config)
-        pos = torch.arange(max_positions).unsqueeze(0)  # [1, P]
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)  # [1, P, D] each, halves duplicated
-    except Exception as e:  # transformers' own checks raise ValueError, KeyError, TypeError, ...
-        raise PackedModelError(f"config.json: transformers cannot build the rotary embedding ({type(e).__name__}: {e})") from None
-    half = head_dim // 2
-    if tuple(cos.shape) != (1, max_positions, head_dim):
-        raise PackedModelError(f"config.json: the rotary embedding has {cos.shape[-1]} dimensions per head, head_dim is {head_dim}")
-    return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
-
-
 class FastBackend:
     """The compiled engine with a KV cache of `max_positions` tokens (see module docstring).
 
     exact: quantized matmuls multiply the fp32 activations instead of their int8 blocks (about 3x
     slower; then only fp32 summation order and the fp16 KV cache separate it from the reference).
+    portable: the portable scalar build instead of the one compiled for this CPU (tests).
     """
 
     def __init__(self, packed: PackedModel, *, max_positions: int = 2048, threads: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, exact: bool = False) -> None:
-        config = _hf_config(packed)
-        self._lib = load()
-        dims = validate_packed_for_engine(packed, config, _MODULE, self._lib.tf_max_head_dim())
-        window = getattr(config, "sliding_window", None)
-        if window is not None and getattr(config, "use_sliding_window", True) and max_positions > window:
-            raise KernelUnavailable(f"the fast engine has no sliding-window attention; use a KV cache of at most {window} tokens")
-        limit = getattr(config, "max_position_embeddings", None)
-        if limit is not None and max_positions > limit:
-            max_positions = int(limit)
-        self.vocab_size = dims.vocab
-        self.max_positions = int(max_positions)
+                 max_batch: int = DEFAULT_MAX_BATCH, exact: bool = False, portable: bool = False) -> None:
+        layout = layout_for(packed.hf_config.get("model_type"))  # an unknown architecture is refused before its config is built
+        config = transformers_config(packed)
+        self._lib = load(portable)
+        # every size config.json gives checked against every tensor the engine reads, before engine_spec uses them
+        validate_packed_for_engine(packed, config, layout, self._lib.tf_max_head_dim())
+        spec = engine_spec(config, max_positions)
+        self.vocab_size = spec.vocab
+        self.max_positions = spec.max_positions
         self.max_batch = int(max_batch)
         self.threads = threads or default_threads()
         self.slow_layers: list[str] = []  # layers the engine runs as dense fp32 (no fast kernel for their format)
         self._keep: list = []  # every tensor the C structs point into
         self._position = 0
+        self._history: list[int] = []  # the ids in the cache (a truncation past a ring's reach runs them again)
 
-        hidden, n_heads, n_kv, head_dim, n_layers = dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.n_layers
-        cos, sin = _rope_tables(config, self.max_positions, head_dim)
-        layers = (TfLayer * n_layers)()
-        for i in range(n_layers):
+        offset = spec.layout.norm_offset
+        layers = (TfLayer * spec.n_layers)()
+        for i in range(spec.n_layers):
             prefix = f"model.layers.{i}"
-            layers[i].attn_norm = self._vector(packed, f"{prefix}.input_layernorm.weight")
-            layers[i].mlp_norm = self._vector(packed, f"{prefix}.post_attention_layernorm.weight")
-            for p in _PROJECTIONS:
-                setattr(layers[i], p, self._matrix(packed, f"{prefix}.{_MODULE[p]}").struct())
+            for field in _LAYER_VECTORS:
+                name = getattr(spec.layout, field)
+                if name is not None:
+                    setattr(layers[i], field, self._vector(packed, f"{prefix}.{name}.weight", offset))
+            layers[i].rope_cos, layers[i].rope_sin = spec.rope_cos[i].data_ptr(), spec.rope_sin[i].data_ptr()
+            layers[i].window = spec.windows[i]
+            for p, m in self._projections(packed, prefix, spec).items():
+                setattr(layers[i], p, m.struct())
         embed = self._matrix(packed, "model.embed_tokens", bias=False)
         head_name = packed.tied.get("lm_head.weight")
         head = embed if head_name == "model.embed_tokens.weight" else self._matrix(packed, "lm_head", bias=False)
         self.weight_bytes = sum(m.nbytes for m in self._keep if isinstance(m, KernelMatrix) and m is not embed) + (
             embed.nbytes if head is embed else 0
         )
-        self._keep += [cos, sin, layers]
+        self._keep += [spec.rope_cos, spec.rope_sin, layers]
         self._config = TfConfig(
-            n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-            inter=dims.inter, vocab=self.vocab_size, max_pos=self.max_positions,
-            max_batch=self.max_batch, threads=self.threads, exact=int(exact), eps=float(config.rms_norm_eps),
-            attn_scale=head_dim ** -0.5, rope_cos=cos.data_ptr(), rope_sin=sin.data_ptr(),
+            n_layers=spec.n_layers, hidden=spec.hidden, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads,
+            head_dim=spec.head_dim, inter=spec.inter, vocab=spec.vocab, max_pos=self.max_positions,
+            max_batch=self.max_batch, threads=self.threads, exact=int(exact), rope_dim=spec.rope_dim, act=spec.act,
+            eps=spec.eps, attn_scale=spec.attn_scale, final_softcap=spec.final_softcap, embed_scale=spec.embed_scale,
             embed=embed.struct(), head=head.struct(),
-            final_norm=self._vector(packed, "model.norm.weight"), layers=layers,
+            final_norm=self._vector(packed, "model.norm.weight", offset), layers=layers,
         )
         self._engine = create_engine(self._lib, self._config)
+        self.kv_bytes = int(self._lib.tf_engine_kv_bytes(self._engine))  # fp16 K and V of every layer, rings included
         self._logits = torch.empty(self.max_batch, self.vocab_size, dtype=torch.float32)
         self._logits_ptr = self._logits.data_ptr()
         self._ids_c = (ctypes.c_int32 * self.max_batch)()
@@ -161,29 +135,55 @@ class FastBackend:
 
     # ---- weights -----------------------------------------------------------------------------
 
-    def _vector(self, packed: PackedModel, name: str) -> int:
+    def _vector(self, packed: PackedModel, name: str, offset: float = 0.0) -> int:
+        """Address of a norm weight in fp32, plus `offset` (Gemma's 1 + w, folded in: the same fp32
+        sum the reference computes)."""
         t = packed.kept.get(name)
         if t is None:
             raise PackedModelError(f"packed model lacks {name}")
         t = t.to(torch.float32).contiguous()
+        if offset:
+            t = t + offset
         self._keep.append(t)
         return t.data_ptr()
 
-    def _matrix(self, packed: PackedModel, module: str, *, bias: bool = True) -> KernelMatrix:
+    def _projections(self, packed: PackedModel, prefix: str, spec: EngineSpec) -> dict[str, KernelMatrix]:
+        """The seven projections of block `prefix`; fused ones are split by rows at load (exact:
+        quantization groups run along the input dimension)."""
+        layout: EngineLayout = spec.layout
+        out: dict[str, KernelMatrix] = {}
+        if layout.qkv:
+            q_rows, kv_rows = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+            bounds = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
+            out |= {p: self._matrix(packed, f"{prefix}.{layout.qkv}", rows=r) for p, r in bounds.items()}
+        if layout.gate_up:
+            bounds = {"gate": (0, spec.inter), "up": (spec.inter, 2 * spec.inter)}
+            out |= {p: self._matrix(packed, f"{prefix}.{layout.gate_up}", rows=r) for p, r in bounds.items()}
+        return {p: out[p] if p in out else self._matrix(packed, f"{prefix}.{_MODULE[p]}") for p in _PROJECTIONS}
+
+    def _matrix(self, packed: PackedModel, module: str, *, bias: bool = True,
+                rows: tuple[int, int] | None = None) -> KernelMatrix:
+        """A weight (and bias) in kernel layout; `rows` [start, stop) of it only, for a fused projection."""
+        cut = slice(*rows) if rows else slice(None)
         b = packed.kept.get(f"{module}.bias") if bias else None
+        b = None if b is None else b[cut]
         if module in packed.layers:
             q = packed.layers[module]
-            if isinstance(q, QuantizedTensor):
+            if has_kernel(q.fmt):
+                if rows:  # one part of a fused projection: its rows of codes, scales (and zeros)
+                    extra = {"zeros": None if q.zeros is None else q.zeros[cut]} if isinstance(q, QuantizedTensor) else {}
+                    q = dataclasses.replace(q, codes=q.codes[cut], scales=q.scales[cut], **extra)
                 m = from_quantized(q, b)
             else:  # no kernel for this format family yet: exact fp32 weights
-                self.slow_layers.append(f"{module} ({q.fmt.name})")
-                m = from_dense(q.dequantize(), b)
+                if f"{module} ({q.fmt.name})" not in self.slow_layers:
+                    self.slow_layers.append(f"{module} ({q.fmt.name})")
+                m = from_dense(q.dequantize()[cut], b)
         else:
             name = packed.tied.get(f"{module}.weight", f"{module}.weight")
             w = packed.kept.get(name)
             if w is None:
                 raise PackedModelError(f"packed model lacks {module}")
-            m = from_dense(w, b)
+            m = from_dense(w[cut], b)
         self._keep.append(m)
         return m
 
@@ -195,11 +195,16 @@ class FastBackend:
 
     def reset(self) -> None:
         self._position = 0
+        self._history.clear()
 
     def truncate(self, n: int) -> None:
+        """Keep the first n tokens. Entries past n are overwritten before they are read again; where a
+        sliding-window ring has already overwritten what the next call reads, that call first runs
+        the n kept tokens again (the engine says so, RING_LOST)."""
         if not 0 <= n <= self._position:
             raise ValueError(f"cannot keep {n} tokens of a cache holding {self._position}")
-        self._position = n  # entries past n are overwritten before they are read again
+        self._position = n
+        del self._history[n:]
 
     def forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Append ids; logits of the last one [vocab] fp32 (a view, valid until the next call)."""
@@ -214,21 +219,34 @@ class FastBackend:
         if not ids:
             raise ValueError("forward needs at least one token")
         if self._position + len(ids) > self.max_positions:
-            raise ValueError(f"{self._position + len(ids)} tokens exceed the KV cache of {self.max_positions}")
+            raise GenerationError(f"KV cache overflow: {self._position} cached + {len(ids)} new tokens > max_positions "
+                                  f"{self.max_positions}")  # as TorchBackend says it
         outs = []
         for s in range(0, len(ids), self.max_batch):
             chunk = ids[s : s + self.max_batch]
-            m = len(chunk)
+            self._step(chunk, all_logits)
+            if all_logits:
+                outs.append(self._logits[: len(chunk)].clone())
+        return torch.cat(outs) if all_logits else self._logits[:1]
+
+    def _step(self, chunk: list[int], all_logits: bool) -> None:
+        """One C call: chunk (at most max_batch ids) at the current position."""
+        m = len(chunk)
+        self._ids_c[:m] = chunk
+        rc = self._forward_c(self._engine, self._ids_c, m, self._position, self._logits_ptr, int(all_logits))
+        if rc == RING_LOST:  # after a truncation: run the kept tokens again from position 0, then this chunk
+            kept, self._position = self._history, 0
+            self._history = []
+            for s in range(0, len(kept), self.max_batch):
+                self._step(kept[s : s + self.max_batch], False)
             self._ids_c[:m] = chunk
             rc = self._forward_c(self._engine, self._ids_c, m, self._position, self._logits_ptr, int(all_logits))
-            if rc == -2:
-                raise ValueError(f"token id out of range 0..{self.vocab_size - 1} in {chunk}")
-            if rc != 0:
-                raise ValueError(f"engine refused {m} tokens at position {self._position} (code {rc})")
-            self._position += m
-            if all_logits:
-                outs.append(self._logits[:m].clone())
-        return torch.cat(outs) if all_logits else self._logits[:1]
+        if rc == -2:
+            raise ValueError(f"token id out of range 0..{self.vocab_size - 1} in {chunk}")
+        if rc != 0:
+            raise ValueError(f"engine refused {m} tokens at position {self._position} (code {rc})")
+        self._position += m
+        self._history += chunk
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)

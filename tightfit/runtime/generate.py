@@ -16,7 +16,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Generator, Literal, Protocol, Sequence
+from typing import Any, Callable, Generator, Literal, Protocol, Sequence
 
 import torch
 
@@ -160,7 +160,8 @@ class GenerationResult:
 
     token_ids:    generated ids, the stop token or the tokens that completed a stop string included
     text:         the output text (stop string excluded), equal to the streamed pieces joined
-    finish_reason: "stop" (EOS, stop token or stop string) or "length" (max_new_tokens or cache full)
+    finish_reason: "stop" (EOS, stop token or stop string) or "length" (max_new_tokens, cache full, or
+                  generate()'s `interrupt`)
     cached_ids:   the ids in the backend's cache afterwards (prompt + all generated ids but the last);
                   pass them as `cached` to the next generate() to reuse the common prefix
     """
@@ -225,13 +226,15 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 def generate(backend: Backend, tokenizer: Any, prompt_ids: Sequence[int], config: SamplingConfig, *,
              eos_token_ids: Sequence[int] = (), cached: Sequence[int] | None = None,
-             mask: LogitsMask | None = None) -> Generation:
+             mask: LogitsMask | None = None, interrupt: Callable[[], bool] | None = None) -> Generation:
     """Generate from `prompt_ids` token by token, streaming text pieces.
 
     eos_token_ids: the model's end ids (text.eos_token_ids); they stop like config.stop_token_ids.
     cached:        the ids the backend's cache holds now (a previous result's cached_ids): the
                    common prefix is kept and only the rest is prefilled. None resets the cache.
     mask:          constrains every sampled token (see LogitsMask).
+    interrupt:     asked after every token; True ends the generation there as max_new_tokens would
+                   (finish_reason "length", the cache still valid): a deadline, a client gone.
     Raises GenerationError at once for an empty prompt or one the cache cannot hold.
     """
     prompt = [int(t) for t in prompt_ids]
@@ -246,11 +249,12 @@ def generate(backend: Backend, tokenizer: Any, prompt_ids: Sequence[int], config
         if not 0 <= t < backend.vocab_size:
             raise GenerationError(f"token id {t} is outside the vocabulary (0..{backend.vocab_size - 1})")
     stops = frozenset(config.stop_token_ids) | frozenset(int(t) for t in eos_token_ids)
-    return Generation(_run(backend, tokenizer, prompt, config, stops, cached, mask))
+    return Generation(_run(backend, tokenizer, prompt, config, stops, cached, mask, interrupt or (lambda: False)))
 
 
 def _run(backend: Backend, tokenizer: Any, prompt: list[int], config: SamplingConfig, stop_ids: frozenset[int],
-         cached: Sequence[int] | None, mask: LogitsMask | None) -> Generator[str, None, GenerationResult]:
+         cached: Sequence[int] | None, mask: LogitsMask | None,
+         interrupt: Callable[[], bool]) -> Generator[str, None, GenerationResult]:
     started = time.perf_counter()
     keep = 0
     if cached is not None and backend.position == len(cached):
@@ -293,7 +297,7 @@ def _run(backend: Backend, tokenizer: Any, prompt: list[int], config: SamplingCo
         if stop_filter.stopped:
             finish = "stop"
             break
-        if len(output) >= config.max_new_tokens or backend.position >= backend.max_positions:
+        if len(output) >= config.max_new_tokens or backend.position >= backend.max_positions or interrupt():
             break
         history.append(token)
         logits = backend.forward((token,))

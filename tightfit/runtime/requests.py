@@ -1,25 +1,36 @@
-"""Requests to the OpenAI-compatible server: a decoded JSON body checked against OpenAI's schema
-for /v1/completions and /v1/chat/completions and turned into a typed CompletionRequest, or refused
-with an ApiError.
+"""Requests to the OpenAI-compatible server: the body's length and bytes decoded into JSON within
+limits, then checked against OpenAI's schema for /v1/completions and /v1/chat/completions and
+turned into a typed CompletionRequest, or refused with an ApiError.
 
-Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}. Beyond OpenAI's fields,
-requests may set `top_k` and `repetition_penalty`. A missing max_tokens means SamplingConfig's
-default. Fields that clients send with their default value (n, echo, logprobs, ...) are accepted
-with that value only; unknown fields are refused.
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}. Any body that is not
+well-formed is a 400 before it reaches the model: bad JSON, JSON nested deeper than MAX_JSON_DEPTH,
+integers longer than MAX_INT_DIGITS, NaN or infinite numbers, wrong types, and every number
+outside its bounds (below). Beyond OpenAI's fields, requests may set `top_k` and
+`repetition_penalty`. A missing max_tokens means SamplingConfig's default. Fields that clients
+send with their default value (n, echo, logprobs, ...) are accepted with that value only; unknown
+fields are refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from tightfit.errors import GenerationError
 from tightfit.runtime.generate import SamplingConfig
 
+MAX_BODY_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32  # arrays and objects inside one another; a JSON schema rarely needs 10
+MAX_INT_DIGITS = 40  # every integer a request may hold fits in 64 bits (20 digits)
 MAX_STOP_STRINGS = 4
 MAX_TEMPERATURE = 2.0
+MAX_REPETITION_PENALTY = 100.0  # CTRL's paper uses 1.2; beyond 100 every seen token is already banned
+MAX_TOP_K = 2**31 - 1  # any k >= the vocabulary means all tokens
+MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -35,6 +46,63 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def body_length(header: str | None) -> int:
+    """The body size from a Content-Length header: 411 when missing, 400 unless plain ASCII digits,
+    413 beyond MAX_BODY_BYTES."""
+    if header is None:
+        raise ApiError(411, "a Content-Length header is required")
+    if not re.fullmatch(r"[0-9]{1,19}", header.strip()):
+        raise ApiError(400, f"the Content-Length header must be a decimal byte count, got {header[:40]!r}")
+    length = int(header)
+    if length > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+    return length
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return value
+
+
+def _constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            todo.extend((x, depth + 1) for x in item if isinstance(x, (list, dict)))
+    return deepest
+
+
+def decode_body(raw: bytes) -> Any:
+    """A request body (UTF-8 JSON) decoded, or a 400 naming what is wrong with it."""
+    too_deep = ApiError(400, f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep")
+    try:
+        body = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except RecursionError:  # deeper than the decoder's own stack
+        raise too_deep from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the limits above
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise too_deep
+    return body
+
+
 @dataclass(frozen=True)
 class CompletionRequest:
     """A validated request. prompt is text, token ids, or chat messages (chat=True)."""
@@ -47,33 +115,42 @@ class CompletionRequest:
     response_format: dict | None  # {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
 
 
+def _shown(value: Any) -> str:
+    """A request value as JSON, cut short for an error message."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _number(body: dict, name: str, low: float, high: float, *, low_open: bool = False) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"'{name}' must be a number, got {json.dumps(value)}", name)
-    if value < low or value > high or (low_open and value == low):
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, bool) or not finite:
+        raise ApiError(400, f"'{name}' must be a number, got {_shown(value)}", name)
+    if value < low or value > high or (low_open and value == low):  # exact for ints of any size
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise ApiError(400, f"'{name}' must lie in {bound}, got {value}", name)
+        raise ApiError(400, f"'{name}' must lie in {bound}, got {_shown(value)}", name)
     return float(value)
 
 
-def _integer(body: dict, name: str, low: int) -> int | None:
+def _integer(body: dict, name: str, low: int, high: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"'{name}' must be an integer, got {json.dumps(value)}", name)
+        raise ApiError(400, f"'{name}' must be an integer, got {_shown(value)}", name)
     if value < low:
-        raise ApiError(400, f"'{name}' must be at least {low}, got {value}", name)
+        raise ApiError(400, f"'{name}' must be at least {low}, got {_shown(value)}", name)
+    if value > high:
+        raise ApiError(400, f"'{name}' must be at most {high}, got {_shown(value)}", name)
     return value
 
 
 def _only_default(body: dict, name: str, allowed: tuple) -> None:
     """Fields that clients send with their default value; any other value is not supported."""
     if name in body and body[name] not in allowed:
-        raise ApiError(400, f"'{name}' = {json.dumps(body[name])} is not supported by this server "
+        raise ApiError(400, f"'{name}' = {_shown(body[name])} is not supported by this server "
                             f"(allowed: {', '.join(json.dumps(a) for a in allowed)})", name)
 
 
@@ -132,8 +209,10 @@ COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "s
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 
 
-def parse_request(body: Any, model_name: str, *, chat: bool) -> CompletionRequest:
-    """Validate a decoded JSON body of /v1/completions (chat=False) or /v1/chat/completions."""
+def parse_request(body: Any, model_name: str, *, chat: bool, context: int) -> CompletionRequest:
+    """Validate a decoded JSON body of /v1/completions (chat=False) or /v1/chat/completions.
+
+    context: the model's KV cache capacity in tokens, the most max_tokens may ask for."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - (CHAT_FIELDS if chat else COMPLETION_FIELDS))
@@ -159,8 +238,8 @@ def parse_request(body: Any, model_name: str, *, chat: bool) -> CompletionReques
 
     if chat:
         prompt: Any = _messages(body)
-        max_tokens = _integer(body, "max_completion_tokens", 1)
-        max_tokens = _integer(body, "max_tokens", 1) if max_tokens is None else max_tokens
+        max_tokens = _integer(body, "max_completion_tokens", 1, context)
+        max_tokens = _integer(body, "max_tokens", 1, context) if max_tokens is None else max_tokens
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -169,14 +248,14 @@ def parse_request(body: Any, model_name: str, *, chat: bool) -> CompletionReques
             prompt = tuple(prompt)
         elif not isinstance(prompt, str):
             raise ApiError(400, "'prompt' is required: a string or a non-empty list of token ids (one prompt per request)", "prompt")
-        max_tokens = _integer(body, "max_tokens", 1)
+        max_tokens = _integer(body, "max_tokens", 1, context)
 
     defaults = SamplingConfig()
     fields = {
         "max_new_tokens": max_tokens, "temperature": _number(body, "temperature", 0, MAX_TEMPERATURE),
-        "top_p": _number(body, "top_p", 0, 1, low_open=True), "top_k": _integer(body, "top_k", 0),
-        "repetition_penalty": _number(body, "repetition_penalty", 0, float("inf"), low_open=True),
-        "seed": _integer(body, "seed", 0), "stop": _stop(body),
+        "top_p": _number(body, "top_p", 0, 1, low_open=True), "top_k": _integer(body, "top_k", 0, MAX_TOP_K),
+        "repetition_penalty": _number(body, "repetition_penalty", 0, MAX_REPETITION_PENALTY, low_open=True),
+        "seed": _integer(body, "seed", 0, MAX_SEED), "stop": _stop(body),
     }
     try:
         sampling = dataclasses.replace(defaults, **{k: v for k, v in fields.items() if v is not None})

@@ -1,14 +1,20 @@
 """An OpenAI-compatible HTTP server over one Backend (standard library only).
 
     GET  /v1/models
+    GET  /health                  {"status", "waiting", "connections", "requests": {outcome: count}}
     POST /v1/completions          {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", ...}
     POST /v1/chat/completions     {"model", "messages", "max_tokens", "response_format", "stream", ...}
 
-One worker thread owns the backend and serves requests one at a time, in arrival order, from a
-queue of at most `max_queue` waiting requests; a request that finds the queue full is answered
-503 at once. Handler threads only parse, validate and write; all tokenizer and model work runs on
-the worker, which also keeps the KV cache of the previous request and reuses its common prefix
-(a chat client resending the conversation prefills only the new turn).
+One worker thread owns the backend and serves requests one at a time (worker.py); handler threads
+only parse, validate and write. Under load (ServerLimits):
+  - at most `max_connections` connections are open; one more is answered 429 with Retry-After by
+    the accepting thread, with no thread of its own;
+  - at most `max_queue` requests wait; one more is answered 503 with Retry-After;
+  - a request has `request_timeout` seconds from arrival to its last token: one still waiting then
+    is answered 503 (code "timeout"), one running ends where it is, as max_tokens would
+    (finish_reason "length");
+  - a client that closes its connection cancels its request, streaming or not: its handler polls the
+    socket for EOF while it waits for the worker, and the worker stops at the next token.
 
 Streaming uses Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`. What a
 request may hold, and the error shape, are in `requests.py`.
@@ -21,132 +27,44 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from tightfit.errors import GenerationError
-from tightfit.runtime.backend import Backend
-from tightfit.runtime.generate import Generation, GenerationResult, generate
-from tightfit.runtime.requests import ApiError, CompletionRequest, parse_request
-from tightfit.runtime.text import chat_prompt_ids, text_prompt_ids
+from tightfit.runtime.connections import Closer, client_left
+from tightfit.runtime.generate import GenerationResult
+from tightfit.runtime.requests import ApiError, body_length, decode_body, parse_request
+from tightfit.runtime.worker import QUEUE_TIMEOUT, Job, ServedModel, Worker
 
-MAX_BODY_BYTES = 1 << 20
+__all__ = ["OpenAIServer", "ServedModel", "ServerLimits"]
+
+POLL_SECONDS = 0.1  # how often a waiting handler looks for a client that left
 
 
 @dataclass(frozen=True)
-class ServedModel:
-    """What the server runs: a backend, its tokenizer and end ids, under a public name."""
+class ServerLimits:
+    """How much the server takes on at once; the one home of these defaults.
 
-    name: str
-    backend: Backend
-    tokenizer: Any
-    eos_token_ids: tuple[int, ...]
+    max_queue:       requests that may wait while one runs; one more gets 503
+    max_connections: open connections; one more gets 429 at once
+    request_timeout: seconds from a request's arrival to its last token (see the module docstring)
+    read_timeout:    seconds a client may stay silent while it sends its request or reads the answer
+    """
 
+    max_queue: int = 8
+    max_connections: int = 32
+    request_timeout: float = 600.0
+    read_timeout: float = 30.0
 
-# ---- the worker --------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One request on its way through the worker. events carries ("piece", str), then ("done",
-    GenerationResult) or ("error", ApiError); cancelled is set by a handler whose client left."""
-
-    request: CompletionRequest
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class Worker:
-    """Owns the backend; runs queued jobs one at a time on its own thread."""
-
-    def __init__(self, model: ServedModel, max_queue: int) -> None:
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
-        self.model = model
-        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self._thread = threading.Thread(target=self._loop, name="tightfit-worker", daemon=True)
-        self._cached: tuple[int, ...] | None = None  # ids in the backend's cache, None = unknown
-        self._grammars: Any = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self.jobs.put(None)  # blocks only while the queue is full, until the worker takes one
-            self._thread.join()
-
-    def submit(self, job: Job) -> bool:
-        """Queue a job; False when the queue is full."""
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            return False
-        return True
-
-    def _loop(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
-                continue
-            try:
-                self._serve(job)
-            except ApiError as e:
-                job.events.put(("error", e))
-            except GenerationError as e:
-                job.events.put(("error", ApiError(400, str(e))))
-            except Exception as e:  # a bug: answer 500, keep serving with a fresh cache
-                self._cached = None
-                job.events.put(("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")))
-
-    def _prompt_ids(self, request: CompletionRequest) -> list[int]:
-        tokenizer, backend = self.model.tokenizer, self.model.backend
-        if request.chat:
-            ids = chat_prompt_ids(tokenizer, request.prompt)
-        elif isinstance(request.prompt, str):
-            ids = text_prompt_ids(tokenizer, request.prompt)
-        else:
-            ids = list(request.prompt)
-            bad = [t for t in ids if not 0 <= t < backend.vocab_size]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{backend.vocab_size - 1})", "prompt")
-        if len(ids) > backend.max_positions:
-            raise ApiError(400, f"This model's maximum context length is {backend.max_positions} tokens, but the prompt has "
-                                f"{len(ids)} tokens; shorten the prompt", "messages" if request.chat else "prompt",
-                           "context_length_exceeded")
-        return ids
-
-    def _mask(self, request: CompletionRequest) -> Any:
-        if request.response_format is None:
-            return None
-        from tightfit.runtime.grammar import JsonGrammars
-
-        if self._grammars is None:
-            self._grammars = JsonGrammars(self.model.tokenizer, self.model.backend.vocab_size, self.model.eos_token_ids)
-        if request.response_format["type"] == "json_object":
-            return self._grammars.any_json()
-        return self._grammars.schema(request.response_format["schema"])
-
-    def _serve(self, job: Job) -> None:
-        request = job.request
-        ids = self._prompt_ids(request)
-        try:
-            mask = self._mask(request)
-        except GenerationError as e:
-            raise ApiError(400, str(e), "response_format") from None
-        stream: Generation = generate(self.model.backend, self.model.tokenizer, ids, request.sampling,
-                                      eos_token_ids=self.model.eos_token_ids, cached=self._cached, mask=mask)
-        self._cached = None  # until the generation finishes, the cache holds an unknown prefix
-        for piece in stream:
-            if job.cancelled.is_set():
-                stream.close()
-                return
-            job.events.put(("piece", piece))
-        self._cached = stream.result.cached_ids
-        job.events.put(("done", stream.result))
-
-
-# ---- HTTP --------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for name in ("max_queue", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("request_timeout", "read_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
 
 
 def _usage(result: GenerationResult) -> dict:
@@ -154,10 +72,23 @@ def _usage(result: GenerationResult) -> dict:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
+def _outcome(error: ApiError) -> str:
+    """The /health counter an error answer adds to."""
+    if error.code == "timeout":
+        return "timed_out"
+    if error.status in (429, 503):
+        return "rejected"
+    return "failed" if error.status >= 500 else "invalid"
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     protocol_version = "HTTP/1.0"  # one request per connection; a stream ends when the connection closes
-    timeout = 120  # seconds a silent client may hold a handler thread
+    _looked = 0.0  # when _next_event last looked at the client and the deadline
+
+    def setup(self) -> None:
+        self.timeout = self.server.limits.read_timeout  # StreamRequestHandler sets it on the socket
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
         self.server.log(f"{self.address_string()} {format % args}")
@@ -175,8 +106,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _send_error(self, error: ApiError) -> None:
-        headers = {"Retry-After": "1"} if error.status == 503 else None
+        headers = {"Retry-After": "1"} if error.status in (429, 503) else None
         self._send_json(error.status, error.body(), headers)
+        self.server.count(_outcome(error))
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line or header, an unknown method), in OpenAI's shape."""
+        self.close_connection = True
+        self._send_json(code, ApiError(code, message or HTTPStatus(code).phrase).body())
+        self.server.count("invalid")
 
     def _sse(self, payload: dict | str) -> None:
         data = payload if isinstance(payload, str) else json.dumps(payload)
@@ -193,22 +131,31 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == f"/v1/models/{name}":
             self._send_json(200, card)
         elif self.path == "/health":
-            self._send_json(200, {"status": "ok", "queued": self.server.worker.jobs.qsize()})
+            self._send_json(200, self.server.health())
         else:
             self._send_error(ApiError(404, f"no route GET {self.path}; try GET /v1/models", code="not_found"))
 
     def do_POST(self) -> None:
         routes = {"/v1/completions": False, "/v1/chat/completions": True}
+        server = self.server
         try:
             if self.path not in routes:
                 raise ApiError(404, f"no route POST {self.path}; use /v1/completions or /v1/chat/completions", code="not_found")
-            request = parse_request(self._read_json(), self.server.model.name, chat=routes[self.path])
-            job = Job(request)
-            if not self.server.worker.submit(job):
-                raise ApiError(503, f"the server is busy: {self.server.worker.jobs.maxsize} requests are already waiting; "
+            body = decode_body(self.rfile.read(body_length(self.headers.get("Content-Length"))))
+            request = parse_request(body, server.model.name, chat=routes[self.path], context=server.model.backend.max_positions)
+            job = Job(request, deadline=time.monotonic() + server.limits.request_timeout)
+            if not server.worker.submit(job):
+                raise ApiError(503, f"the server is busy: {server.limits.max_queue} requests are already waiting; "
                                     "retry shortly", code="overloaded", kind="server_error")
         except ApiError as e:
             self._try(lambda: self._send_error(e))
+            return
+        except OSError:  # the body never came whole (the client left or stalled): nobody to answer
+            server.count("cancelled")
+            raise
+        except Exception as e:  # a bug: still an answer, in OpenAI's shape
+            server.log(f"error parsing a request: {type(e).__name__}: {e}")
+            self._try(lambda: self._send_error(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error")))
             return
         self._try(lambda: self._answer(job), job)
 
@@ -219,23 +166,39 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
             if job is not None:
                 job.cancelled.set()
+                self.server.worker.withdraw(job)
+            self.server.count("cancelled")
             self.close_connection = True
 
-    def _read_json(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise ApiError(411, "a Content-Length header is required")
-        if int(length) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
-        raw = self.rfile.read(int(length))
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    # -- waiting for the worker
+
+    def _next_event(self, job: Job) -> tuple[str, Any]:
+        """The worker's next event for job. Every POLL_SECONDS, events flowing or not, it looks for a client
+        that left (raises ConnectionAbortedError) and a deadline passed in the queue (answers 503). A handler
+        waits at most twice the request timeout."""
+        timeout = self.server.limits.request_timeout
+        while True:
+            now = time.monotonic()
+            if now >= self._looked + POLL_SECONDS:
+                self._looked = now
+                if client_left(self.connection):
+                    raise ConnectionAbortedError("the client closed the connection")
+                if now >= job.deadline and self.server.worker.withdraw(job):
+                    return "error", QUEUE_TIMEOUT
+                if now >= job.deadline + timeout:  # the worker is stuck inside one token
+                    job.cancelled.set()
+                    return "error", ApiError(503, f"the request did not finish within twice the server's request "
+                                                  f"timeout ({timeout:g} s)", code="timeout", kind="server_error")
+            try:
+                return job.events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                pass
+
+    # -- answers
 
     def _answer(self, job: Job) -> None:
         request = job.request
-        kind, value = job.events.get()
+        kind, value = self._next_event(job)
         if kind == "error":
             self._send_error(value)
             return
@@ -247,7 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
         pieces = []
         while kind == "piece":
             pieces.append(value)
-            kind, value = job.events.get()
+            kind, value = self._next_event(job)
         if kind == "error":
             self._send_error(value)
             return
@@ -261,6 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": result.finish_reason}
             body = head | {"object": "text_completion", "choices": [choice]}
         self._send_json(200, body | {"usage": _usage(result)})
+        self.server.count("completed")
 
     def _stream(self, job: Job, head: dict, kind: str, value: Any) -> None:
         chat = job.request.chat
@@ -281,23 +245,78 @@ class _Handler(BaseHTTPRequestHandler):
                                            "logprobs": None, "finish_reason": None}]})
         while kind == "piece":
             self._sse(chunk(value, None))
-            kind, value = job.events.get()
+            kind, value = self._next_event(job)
         if kind == "error":  # headers are out: report in the stream, as OpenAI does
             self._sse(value.body())
+            outcome = _outcome(value)
         else:
             self._sse(chunk(None, value.finish_reason))
             if job.request.include_usage:
                 self._sse(head | {"choices": [], "usage": _usage(value)})
+            outcome = "completed"
         self._sse("[DONE]")
+        self.server.count(outcome)
 
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], model: ServedModel, worker: Worker, log: Callable[[str], None]) -> None:
-        self.model, self.worker, self.log = model, worker, log
+    def __init__(self, address: tuple[str, int], model: ServedModel, worker: Worker, limits: ServerLimits,
+                 log: Callable[[str], None]) -> None:
+        self.model, self.worker, self.limits, self.log = model, worker, limits, log
         self.created = int(time.time())
+        self._slots = threading.BoundedSemaphore(limits.max_connections)
+        self._open = 0
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        too_many = ApiError(429, f"the server has {limits.max_connections} connections open, its limit; retry shortly",
+                            code="too_many_connections", kind="server_error")
+        data = json.dumps(too_many.body()).encode()
+        self._too_many = (f"HTTP/1.0 429 Too Many Requests\r\nContent-Type: application/json\r\nContent-Length: {len(data)}"
+                          "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode() + data
+        self._closer = Closer(limit=8 * limits.max_connections)
         super().__init__(address, _Handler)
+
+    def count(self, outcome: str) -> None:
+        with self._lock:
+            self._counts[outcome] += 1
+
+    def health(self) -> dict:
+        with self._lock:
+            counts, connections = dict(self._counts), self._open
+        return {"status": "ok", "waiting": self.worker.waiting, "connections": connections, "requests": counts}
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """On the accepting thread: a handler thread while a connection slot is free, else 429 at once."""
+        if not self._slots.acquire(blocking=False):
+            self.count("rejected")
+            self._closer.close(request, self._too_many)
+            return
+        with self._lock:
+            self._open += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._open -= 1
+        self._slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        self._closer.close(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._closer.stop()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
@@ -311,10 +330,10 @@ class _HTTPServer(ThreadingHTTPServer):
 class OpenAIServer:
     """The HTTP server and its worker. `serve_forever()` blocks; `start()` serves on a thread."""
 
-    def __init__(self, model: ServedModel, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 8,
-                 log: Callable[[str], None] = lambda message: None) -> None:
-        self.worker = Worker(model, max_queue)
-        self.httpd = _HTTPServer((host, port), model, self.worker, log)
+    def __init__(self, model: ServedModel, *, host: str = "127.0.0.1", port: int = 8000,
+                 limits: ServerLimits = ServerLimits(), log: Callable[[str], None] = lambda message: None) -> None:
+        self.worker = Worker(model, limits.max_queue)
+        self.httpd = _HTTPServer((host, port), model, self.worker, limits, log)
         self._serving = threading.Event()
 
     @property

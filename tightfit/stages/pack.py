@@ -10,12 +10,14 @@ from tightfit.model import LoadedModel
 
 
 def tied_names(loaded: LoadedModel, stored: list[str]) -> dict[str, str]:
-    """State-dict names whose tensor shares storage with a stored one: name -> stored name."""
+    """State-dict names whose tensor shares storage with a stored one: name -> stored name (the
+    blocks of a streamed model, on the meta device, share nothing)."""
     by_ptr = {}
     tied = {}
-    state = loaded.model.state_dict()
+    state = {name: t for name, t in loaded.model.state_dict().items() if not t.is_meta}
     for name in stored:
-        by_ptr.setdefault(state[name].data_ptr(), name)
+        if name in state:
+            by_ptr.setdefault(state[name].data_ptr(), name)
     for name, t in state.items():
         owner = by_ptr.get(t.data_ptr())
         if owner is not None and owner != name:

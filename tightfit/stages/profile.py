@@ -49,12 +49,12 @@ from typing import Any
 
 import torch
 
+from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.artifacts import FP16, Choice, Unquantized
-from tightfit.formats.files import atomic_write_json
+from tightfit.errors import CorruptCacheError
+from tightfit.formats.files import atomic_write_json, warn_recomputed
 from tightfit.formats.packed import PackedModel
-from tightfit.formats.primitives import quantize_rtn
 from tightfit.formats.registry import Format, parse_format
-from tightfit.formats.table import QuantFormat
 from tightfit.runtime import kernels
 from tightfit.runtime.kernels.build import cpu_fingerprint, source_hash
 
@@ -108,10 +108,10 @@ class ProfileConfig:
             raise ValueError(f"profile repeats must be at least 5 for a stable median, got {self.repeats}")
         if not (isinstance(self.min_repeat_s, (int, float)) and math.isfinite(self.min_repeat_s) and self.min_repeat_s > 0):
             raise ValueError(f"profile min_repeat_s must be a positive number, got {self.min_repeat_s!r}")
-        if not isinstance(parse_format(self.fixed_format), QuantFormat):
-            raise ValueError(f"profile fixed_format must have a fast kernel (a uniform format), got {self.fixed_format!r}")
-        if self.embed_format is not None and not isinstance(parse_format(self.embed_format), QuantFormat):
-            raise ValueError(f"profile embed_format must be a uniform format or None, got {self.embed_format!r}")
+        if not kernels.has_kernel(parse_format(self.fixed_format)):
+            raise ValueError(f"profile fixed_format must have a fast kernel (a uniform or grid format), got {self.fixed_format!r}")
+        if self.embed_format is not None and not kernels.has_kernel(parse_format(self.embed_format)):
+            raise ValueError(f"profile embed_format must be a format with a fast kernel (uniform or grid) or None, got {self.embed_format!r}")
 
 
 def kernel_hash() -> str:
@@ -133,7 +133,7 @@ def kernel_of(fmt: Choice) -> str:
     matrix, or dense fp32 where the format has none."""
     if isinstance(fmt, Unquantized):
         return FP16_KERNEL
-    return fmt.name if isinstance(fmt, QuantFormat) else DENSE_KERNEL
+    return fmt.name if kernels.has_kernel(fmt) else DENSE_KERNEL
 
 
 @dataclass(frozen=True)
@@ -250,8 +250,8 @@ class LatencyTable:
 def _random_matrix(shape: tuple[int, int], fmt: Choice) -> kernels.KernelMatrix:
     """A [N, K] matrix in the layout the engine gives fmt (see FastBackend._matrix)."""
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))  # [N, K] fp32
-    if isinstance(fmt, QuantFormat):
-        return kernels.from_quantized(quantize_rtn(w, fmt, clip_search=False))
+    if kernels.has_kernel(fmt):
+        return kernels.from_quantized(quantize_rtn_any(w, fmt, clip_search=False))
     return kernels.from_dense(w.half() if isinstance(fmt, Unquantized) else w)
 
 
@@ -287,8 +287,9 @@ class LatencyCache:
         if self.path is not None and self.path.is_file():
             try:
                 data = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                data = None  # unreadable cache: re-measure, and overwrite it on save
+            except (OSError, ValueError) as e:
+                warn_recomputed(CorruptCacheError(f"{self.path} is unreadable ({e})"))
+                data = None  # re-measure, and overwrite it on save
             if isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("values"), dict):
                 self.values = data["values"]
 
@@ -427,7 +428,7 @@ def profile(
             raise ValueError("the fixed part needs the model's architecture key")
         fixed, head_scales = [], []
         for fmt in dict.fromkeys([fixed_fmt, *formats]):
-            if not isinstance(fmt, QuantFormat):
+            if not kernels.has_kernel(fmt):
                 continue  # no fast kernel: runs as dense fp32, timed as such, unscaled
             key = (f"model-in-context|{_scope(config)}|arch={architecture}|{fmt.name}|"
                    f"ctx={config.fixed_prompt}+{config.fixed_new_tokens}|embed={config.embed_format or 'fp16'}|phases=2")

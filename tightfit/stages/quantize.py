@@ -10,29 +10,31 @@ The token embeddings and an untied output head, when the config gives them a for
 choice or `embed_format`), are rounded to nearest first: a lookup table has no input Hessian.
 
 After each block its quantized layers are saved to the checkpoint folder; a rerun with the same
-job resumes after the last finished block.
+job resumes after the last finished block. A streamed model (`LoadedModel.streamed`) is read one
+block at a time, and only that block's weights are in memory while it is quantized.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from tightfit.algorithms import HessianAccumulator, gptq_quantize
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, HessianSet, LayerReport, QuantizeConfig, QuantizedModel, config_to_json
-from tightfit.formats.registry import AnyQuantizedTensor, Format, parse_format, unpack_tensor
-from tightfit.formats.files import atomic_save_tensors, atomic_write_json
-from tightfit.model import LoadedModel, get_module
+from tightfit.formats.registry import AnyQuantizedTensor, Format
+from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, embedding_layers, linear_layer_names, run_block
+from tightfit.stages.checkpoint import BlockCheckpoint
 
 
 class _StopForward(Exception):
@@ -41,17 +43,27 @@ class _StopForward(Exception):
 
 def kept_tensors(model: nn.Module, quantized_weights: set[str], keep_dtype: str) -> dict[str, torch.Tensor]:
     """State-dict tensors that stay unquantized, in storage dtype; tied duplicates (also of a
-    quantized weight, e.g. a head tied to quantized embeddings) dropped."""
+    quantized weight, e.g. a head tied to quantized embeddings) dropped, and tensors on the meta
+    device (the blocks of a streamed model, not read yet) skipped."""
     dtype = KEEP_DTYPES[keep_dtype]
     state = model.state_dict()
-    seen: set[int] = {state[name].data_ptr() for name in quantized_weights}
+    seen: set[int] = {state[name].data_ptr() for name in quantized_weights if not state[name].is_meta}
     kept = {}
     for name, t in state.items():
-        if name in quantized_weights or t.data_ptr() in seen:
+        if name in quantized_weights or t.is_meta or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         kept[name] = t.detach().to(dtype if t.dim() >= 2 and t.is_floating_point() else t.dtype).clone()
     return kept
+
+
+def kept_nbytes(model: nn.Module, quantized_weights: set[str], keep_dtype: str) -> int:
+    """Bytes of `kept_tensors(model, ...)`, counting the blocks a streamed model has not read yet
+    (each meta tensor is its own: blocks tie nothing)."""
+    dtype = KEEP_DTYPES[keep_dtype]
+    unread = sum(t.numel() * (dtype.itemsize if t.dim() >= 2 and t.is_floating_point() else t.element_size())
+                 for name, t in model.state_dict().items() if t.is_meta and name not in quantized_weights)
+    return unread + sum(t.numel() * t.element_size() for t in kept_tensors(model, quantized_weights, keep_dtype).values())
 
 
 def _install(model: nn.Module, name: str, weight: torch.Tensor) -> None:
@@ -110,41 +122,11 @@ def _group_hessian(block: nn.Module, names: tuple[str, ...], inputs: BlockInputs
     return acc.hessian()
 
 
-class BlockCheckpoint:
-    """Per-block results of one job in a folder: job.json names the job, block_NNN.* the results."""
-
-    def __init__(self, folder: Path, job: dict) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        job_file = self.folder / "job.json"
-        if job_file.exists() and json.loads(job_file.read_text()) != job:
-            for stale in self.folder.glob("block_*"):
-                stale.unlink()
-        atomic_write_json(job_file, job)
-
-    def _paths(self, index: int) -> tuple[Path, Path]:
-        return self.folder / f"block_{index:03d}.safetensors", self.folder / f"block_{index:03d}.json"
-
-    def load(self, index: int, config: QuantizeConfig) -> dict[str, tuple[AnyQuantizedTensor, LayerReport]] | None:
-        tensors_path, meta_path = self._paths(index)
-        if not (tensors_path.exists() and meta_path.exists()):
-            return None
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(tensors_path))
-        out = {}
-        for name, info in meta.items():
-            parts = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
-            q = unpack_tensor(parse_format(info["format"]), tuple(info["shape"]), parts)
-            out[name] = (q, LayerReport(loss=info["loss"], seconds=info["seconds"]))
-        return out
-
-    def save(self, index: int, results: dict[str, tuple[AnyQuantizedTensor, LayerReport]]) -> None:
-        tensors_path, meta_path = self._paths(index)
-        tensors = {f"{name}.{k}": v for name, (q, _) in results.items() for k, v in q.pack().items()}
-        atomic_save_tensors(tensors_path, tensors)
-        meta = {name: {"format": q.fmt.name, "shape": list(q.shape), "loss": r.loss, "seconds": r.seconds}
-                for name, (q, r) in results.items()}
-        atomic_write_json(meta_path, meta)  # written last: its presence marks the block done
+def _as_stored(module: nn.Module, kept: dict[str, torch.Tensor]) -> None:
+    """Load the kept tensors (storage dtype) back into `module` as fp32: calibration must see every
+    tensor as it will be stored."""
+    module.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()},
+                           strict=False)
 
 
 @torch.no_grad()
@@ -162,27 +144,31 @@ def quantize_model(
     GPTQ takes its Hessians sequentially from `calibration` (inputs pass through the layers
     already quantized), or, when `hessians` is given, from the original model without any
     forward pass. Returns the quantized layers, the kept tensors in storage dtype, and (in
-    `.module`) the fp32 model with the dequantized weights installed, exactly as a packed copy
-    will compute.
+    `.module`, not for a streamed model) the fp32 model with the dequantized weights installed,
+    exactly as a packed copy will compute.
     """
     if config.method == "gptq" and calibration is None and hessians is None:
         raise ValueError("GPTQ needs a calibration set or precomputed Hessians")
     arch = loaded.arch
-    model = copy.deepcopy(loaded.model)
-    blocks = block_list(model, arch)
+    # A streamed model is worked on in place: its blocks come from the files and go back to them, and
+    # its embeddings take their stored values only while the calibration inputs are captured (no
+    # second copy of a 151k-token vocabulary). A model in memory is copied and left untouched.
+    working = loaded if loaded.streamed else dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    model = working.model
     prefix = arch.blocks
+    n_blocks = len(block_list(model, arch))
     outer = {name: fmt for name in embedding_layers(model, arch) if (fmt := config.embedding_format(name)) is not None}
     quantized_weights = {f"{name}.weight" for name in [*linear_layer_names(model, arch), *outer]}
     kept = kept_tensors(model, quantized_weights, config.keep_dtype)
-    # Calibration must see every tensor as it will be stored.
-    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()}, strict=False)
     layers: dict[str, AnyQuantizedTensor] = {}
     reports: dict[str, LayerReport] = {}
     for name, fmt in outer.items():
-        q, report = _quantize_layer(get_module(model, name).weight.detach().float(), None,
-                                    dataclasses.replace(config, method="rtn"), fmt)
-        get_module(model, name).weight.data.copy_(q.dequantize())
-        layers[name], reports[name] = q, report
+        layers[name], reports[name] = _quantize_layer(get_module(model, name).weight.detach().float(), None,
+                                                      dataclasses.replace(config, method="rtn"), fmt)
+    stored_outside = {**{k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()},
+                      **{f"{name}.weight": layers[name].dequantize() for name in outer}}
+    if not working.streamed:
+        model.load_state_dict(stored_outside, strict=False)
 
     job = {
         "source_sha256": loaded.source.sha256(),
@@ -193,33 +179,87 @@ def quantize_model(
     checkpoint = BlockCheckpoint(checkpoint_dir, job) if checkpoint_dir is not None else None
     inputs = None
     if config.method == "gptq" and hessians is None:
-        inputs = capture_block_inputs(model, arch, calibration.tokens, calibration.config.batch_size)
+        with _stored(model, stored_outside if working.streamed else {}):
+            inputs = capture_block_inputs(model, arch, calibration.tokens, calibration.config.batch_size)
+    del stored_outside
 
-    bar = tqdm(range(len(blocks)), desc=f"quantize {config.method} {config.fmt.name}", unit="block", disable=not progress)
+    precision = calibration.config.forward_precision if calibration is not None else contextlib.nullcontext
+    bar = tqdm(range(n_blocks), desc=f"quantize {config.method} {config.fmt.name}", unit="block", disable=not progress)
     for i in bar:
-        block = blocks[i]
         results = checkpoint.load(i, config) if checkpoint is not None else None
-        if results is not None:
-            for name, (q, _) in results.items():
-                _install(block, name, q.dequantize())
+        if results is not None and inputs is None and working.streamed:
+            _block_kept(working, i, kept, config)  # nothing else to do with this block
         else:
-            results = {}
-            for names in arch.linear_groups:
-                if hessians is not None:
-                    hessian = hessians.hessians[f"{prefix}.{i}.{names[0]}"]
+            with resident_block(working, i) as block:
+                if working.streamed:
+                    _block_kept(working, i, kept, config, block)
+                if results is not None:
+                    for name, (q, _) in results.items():
+                        _install(block, name, q.dequantize())
                 else:
-                    hessian = _group_hessian(block, names, inputs, i) if inputs is not None else None
-                for name in names:
-                    fmt = config.format_of(f"{prefix}.{i}.{name}")
-                    q, report = _quantize_layer(get_module(block, name).weight, hessian, config, fmt)
-                    _install(block, name, q.dequantize())
-                    results[name] = (q, report)
-            if checkpoint is not None:
-                checkpoint.save(i, results)
+                    results = _quantize_block(block, i, arch, config, hessians, inputs, precision)
+                    if checkpoint is not None:
+                        checkpoint.save(i, results)
+                if inputs is not None:
+                    with precision():
+                        inputs.hidden = [run_block(block, h, inputs.extra[i][b]).float() for b, h in enumerate(inputs.hidden)]
         for name, (q, report) in results.items():
             layers[f"{prefix}.{i}.{name}"] = q
             reports[f"{prefix}.{i}.{name}"] = report
-        if inputs is not None:
-            inputs.hidden = [run_block(block, h, inputs.extra[i][b]) for b, h in enumerate(inputs.hidden)]
     bar.close()
-    return QuantizedModel(config=config, layers=layers, kept=kept, reports=reports, module=model.eval())
+    return QuantizedModel(config=config, layers=layers, kept=kept, reports=reports,
+                          module=None if working.streamed else model.eval())
+
+
+@contextlib.contextmanager
+def _stored(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Within the context, `model`'s parameters named in `tensors` hold those values (the originals,
+    ties included, come back on exit)."""
+    originals = {}
+    for name, t in tensors.items():
+        module_name, _, param = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if param in module._parameters:
+            originals[name] = (module, param, module._parameters[param])
+            module._parameters[param] = nn.Parameter(t, requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, param, original in originals.values():
+            module._parameters[param] = original
+
+
+def _block_kept(working: LoadedModel, i: int, kept: dict[str, torch.Tensor], config: QuantizeConfig,
+                block: nn.Module | None = None) -> None:
+    """Streamed model: add block i's kept tensors (norms, biases) to `kept`, and set them in `block`
+    as stored; without `block`, the block is read for them alone."""
+    if block is None:
+        with resident_block(working, i) as resident:
+            return _block_kept(working, i, kept, config, resident)
+    prefix = f"{working.arch.blocks}.{i}."
+    own = kept_tensors(block, {f"{n}.weight" for n in working.arch.linear_names}, config.keep_dtype)
+    _as_stored(block, own)
+    kept.update({prefix + name: t for name, t in own.items()})
+
+
+def _quantize_block(block: nn.Module, i: int, arch, config: QuantizeConfig, hessians: HessianSet | None,
+                    inputs: BlockInputs | None, precision: Callable[[], ContextManager]
+                    ) -> dict[str, tuple[AnyQuantizedTensor, LayerReport]]:
+    """Every linear layer of block i, group by group in execution order, each group's Hessian from
+    `hessians` (the original model's) or from `inputs` through the groups already quantized (block
+    forwards in `precision()`); the dequantized weights are installed in `block` as they come."""
+    results = {}
+    for names in arch.linear_groups:
+        if hessians is not None:
+            hessian = hessians.hessians[f"{arch.blocks}.{i}.{names[0]}"]
+        else:
+            hessian = None
+            if inputs is not None:
+                with precision():
+                    hessian = _group_hessian(block, names, inputs, i)
+        for name in names:
+            fmt = config.format_of(f"{arch.blocks}.{i}.{name}")
+            q, report = _quantize_layer(get_module(block, name).weight, hessian, config, fmt)
+            _install(block, name, q.dequantize())
+            results[name] = (q, report)
+    return results

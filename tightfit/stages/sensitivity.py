@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 
 from tightfit.algorithms import gptq_quantize
 from tightfit.algorithms.builders import quantize_rtn_any
+from tightfit.errors import InsufficientMemory
 from tightfit.artifacts import Choice, FisherSet, HessianSet, Unquantized, parse_choice
 from tightfit.formats.registry import Format, parse_format
 from tightfit.metrics import kl_per_token, next_token_log_probs
-from tightfit.model import LoadedModel, get_module
+from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.model.blocks import block_list, capture_block_inputs, embedding_layers, linear_layer_names, replay_blocks, run_block
 
 SENSITIVITY_VERSION = 2
@@ -145,6 +146,34 @@ def embedding_damage(dw: torch.Tensor, fisher: FisherSet, *, embeddings: bool, h
             + (fisher_weighted_error(dw, fisher.head_inputs, fisher.head_fisher) if head else 0.0))
 
 
+# Row-sampled GPTQ above this work (rows x columns^2, about the flops of one GPTQ run): the Fisher
+# estimate sums over output rows, GPTQ quantizes rows independently, so a sample of the rows
+# estimates it. Below it (every layer of a 135M model) every row is quantized.
+ROW_SAMPLE_WORK = 4e9
+MIN_SAMPLED_ROWS = 256
+
+
+def sampled_rows(weight: torch.Tensor, h: torch.Tensor, fisher: torch.Tensor, *, seed: int
+                 ) -> tuple[slice | torch.Tensor, torch.Tensor | None]:
+    """The rows of weight [N, K] that estimate a big layer's Fisher error, and their weights:
+    (slice(None), None) when N K^2 <= ROW_SAMPLE_WORK; else n = max(MIN_SAMPLED_ROWS, work / K^2)
+    rows: the n/4 rows of largest F_j (w_j H w_j^T) (where the error can weigh most) with weight 1,
+    and 3n/4 drawn uniformly from the others (seeded) with weight (N - n/4) / (3n/4): an unbiased
+    estimate of the sum over all rows."""
+    n_rows, k = weight.shape
+    n = max(MIN_SAMPLED_ROWS, int(ROW_SAMPLE_WORK / k**2))
+    if n >= n_rows:
+        return slice(None), None
+    energy = fisher * ((weight @ h) * weight).sum(1)  # [N]
+    top = torch.topk(energy, n // 4).indices
+    rest = torch.ones(n_rows, dtype=torch.bool)
+    rest[top] = False
+    others = rest.nonzero().reshape(-1)
+    drawn = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[: n - n // 4]]
+    weights = torch.cat([torch.ones(len(top)), torch.full((len(drawn),), len(others) / len(drawn))])
+    return torch.cat([top, drawn]), weights
+
+
 # ---- the stage ----------------------------------------------------------------------------------
 
 
@@ -212,6 +241,9 @@ def measure_sensitivity(
         raise ValueError("the fisher method needs the Fisher statistics (calibrate.collect_fisher)")
     if method == "measured" and slice_tokens is None:
         raise ValueError("the measured method needs held-back windows (slice_tokens)")
+    if method == "measured" and loaded.streamed:
+        raise InsufficientMemory("--sensitivity measured runs the whole model once per layer and candidate: it needs the "
+                                 "model in memory, and this one is read one block at a time; use --sensitivity fisher")
     if method == "proxy" and embed_choices:
         raise ValueError("the proxy has no measure for the embeddings and head: pin them outside the plan")
     model, arch = loaded.model, loaded.arch
@@ -221,22 +253,30 @@ def measure_sensitivity(
     proxy: dict[str, dict[str, float]] = {n: {} for n in names}
     slice_kl = _SliceKL(loaded, slice_tokens) if method == "measured" else None
 
-    for name in tqdm(names, desc="sensitivity", unit="layer", disable=not progress):
-        linear = get_module(model, name)
-        weight = linear.weight.data.clone()
-        h = hessians.hessians[name]
-        for fmt in formats:
-            result = gptq_quantize(weight, h, fmt, damp=damp)
-            proxy[name][fmt.name] = damages[name][fmt.name] = result.loss
-            if method == "fisher":
-                dw = result.quantized.dequantize().float() - weight  # [N, K]
-                damages[name][fmt.name] = fisher_weighted_error(dw, h / 2, fisher.outputs[name])
-            elif method == "measured":
-                linear.weight.data.copy_(result.quantized.dequantize())
-                try:
-                    damages[name][fmt.name] = slice_kl(_block_index(arch, name))
-                finally:
-                    linear.weight.data.copy_(weight)
+    blocks = sorted({_block_index(arch, n) for n in names})
+    for i in tqdm(blocks, desc="sensitivity", unit="block", disable=not progress):
+        with resident_block(loaded, i) as block:
+            for name in [n for n in names if _block_index(arch, n) == i]:
+                linear = get_module(block, name[len(f"{arch.blocks}.{i}.") :])
+                weight = linear.weight.data.clone()
+                h = hessians.hessians[name]
+                rows, row_weight = (sampled_rows(weight, h, fisher.outputs[name], seed=i) if method == "fisher"
+                                    else (slice(None), None))
+                factors: dict = {}  # the formats of one group size share a Cholesky factor
+                for fmt in formats:
+                    result = gptq_quantize(weight[rows], h, fmt, damp=damp, factors=factors)
+                    scale = 1.0 if row_weight is None else float(row_weight.mean())  # N / n: the proxy, roughly
+                    proxy[name][fmt.name] = damages[name][fmt.name] = result.loss * scale
+                    if method == "fisher":
+                        dw = result.quantized.dequantize().float() - weight[rows]  # [n, K]
+                        f = fisher.outputs[name][rows] * (1.0 if row_weight is None else row_weight)
+                        damages[name][fmt.name] = fisher_weighted_error(dw, h / 2, f)
+                    elif method == "measured":
+                        linear.weight.data.copy_(result.quantized.dequantize())
+                        try:
+                            damages[name][fmt.name] = slice_kl(i)
+                        finally:
+                            linear.weight.data.copy_(weight)
 
     outer = [n for n in shapes if n not in proxy]  # the embeddings and an untied head, when planned
     tied = len(outer) == 1

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import torch
 
 from tightfit.runtime.kernels.build import load
-from tightfit.runtime.kernels.layout import KernelMatrix, TfMat, from_dense, from_quantized
+from tightfit.runtime.kernels.layout import KernelMatrix, TfMat, from_dense, from_quantized, has_kernel
 
-__all__ = ["KernelMatrix", "from_dense", "from_quantized", "matmul", "time_matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512"]
+__all__ = ["KernelMatrix", "from_dense", "from_quantized", "has_kernel", "matmul", "time_matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512"]
 
 
 def _lib(portable: bool) -> ctypes.CDLL:

@@ -1,10 +1,33 @@
-// Activation quantization, as llama.cpp's Q8_0: x [M, K] per token to int8 in blocks of 32,
-// x ~ sx_b * xq with sx_b = amax_b / 127 and xq rounded to nearest even. Quantized matmuls
-// (matmul.h) multiply these blocks; dense ones, and exact mode, the fp32 x itself.
+// Activations: the MLP's gated activation functions, and activation quantization as llama.cpp's
+// Q8_0: x [M, K] per token to int8 in blocks of 32, x ~ sx_b * xq with sx_b = amax_b / 127 and xq
+// rounded to nearest even. Quantized matmuls (matmul.h) multiply these blocks; dense ones, and exact
+// mode, the fp32 x itself.
 // Part of the one translation unit engine.cpp.
 #pragma once
 
 #include "common.h"
+
+// gate[j] <- act(gate[j]) * up[j] for j in [j0, j1), act = TF_ACT_SILU: x sigmoid(x), or
+// TF_ACT_GELU_TANH: GELU's tanh approximation 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
+// computed as x sigmoid(2u) (the same function; Gemma's GeGLU).
+static void gated_act(int act, float* gate, const float* up, int j0, int j1) {
+    const float c = act == TF_ACT_GELU_TANH ? 1.5957691216057308f : 0.f;  // 2 sqrt(2/pi)
+    int j = j0;
+#if TF_AVX512
+    for (; j + 16 <= j1; j += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + j);
+        __m512 z = g;  // sigmoid's argument: x (SiLU) or 2u (GELU)
+        if (act == TF_ACT_GELU_TANH)
+            z = _mm512_mul_ps(_mm512_mul_ps(g, _mm512_set1_ps(c)), _mm512_fmadd_ps(_mm512_mul_ps(g, g), _mm512_set1_ps(0.044715f), _mm512_set1_ps(1.f)));
+        const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+        _mm512_storeu_ps(gate + j, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + j)));
+    }
+#endif
+    for (; j < j1; j++) {
+        const float g = gate[j], z = act == TF_ACT_GELU_TANH ? c * g * (1.f + 0.044715f * g * g) : g;
+        gate[j] = g / (1.f + expf(-z)) * up[j];
+    }
+}
 
 struct QAct {  // x [M, K] quantized per token in blocks of 32
     int M = 0, K = 0, Kp = 0;

@@ -25,7 +25,7 @@ from tightfit.errors import KernelUnavailable
 
 SOURCE_DIR = Path(__file__).parent
 MAIN_SOURCE = "engine.cpp"  # the one translation unit; it includes the *.h sources
-ABI_VERSION = 5  # must equal TF_ABI_VERSION in common.h
+ABI_VERSION = 7  # must equal TF_ABI_VERSION in common.h
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = ("-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
@@ -135,3 +135,5 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.tf_engine_free.argtypes = [ptr]
     lib.tf_engine_forward.argtypes = [ptr, ctypes.POINTER(ctypes.c_int32), i32, i32, ptr, i32]
     lib.tf_engine_profile.argtypes = [ptr, ptr]
+    lib.tf_engine_kv_bytes.argtypes = [ptr]
+    lib.tf_engine_kv_bytes.restype = ctypes.c_size_t

@@ -20,11 +20,12 @@
 #define TF_AVX512 0
 #endif
 
-#define TF_ABI_VERSION 5  // = ABI_VERSION in build.py; bump with any change below or to a signature
+#define TF_ABI_VERSION 7  // = ABI_VERSION in build.py; bump with any change below or to a signature
 
 extern "C" {
 
 enum { TF_QUANT = 0, TF_F16 = 1, TF_F32 = 2 };
+enum { TF_ACT_SILU = 0, TF_ACT_GELU_TANH = 1 };  // the MLP gate's activation (tf_config.act)
 
 typedef struct {
     int32_t kind;   // TF_QUANT, TF_F16, TF_F32
@@ -39,11 +40,19 @@ typedef struct {
     const uint8_t* zeros;    // [Np/16, G, 16]
     const void* dense;       // fp16 or fp32 [N, K]
     const float* bias;       // [N] or NULL
+    const uint8_t* levels;   // [16] grid formats: code q stands for levels[q] (level + zero), else NULL
 } tf_mat;
 
 typedef struct {
-    const float* attn_norm;  // [hidden]
-    const float* mlp_norm;   // [hidden]
+    const float* attn_norm;      // [hidden] RMSNorm weight before attention
+    const float* mlp_norm;       // [hidden] RMSNorm weight before the MLP
+    const float* attn_out_norm;  // [hidden] RMSNorm of the attention output before the residual add, or NULL
+    const float* mlp_out_norm;   // [hidden] RMSNorm of the MLP output before the residual add, or NULL
+    const float* q_norm;         // [head_dim] RMSNorm of every query head before RoPE, or NULL
+    const float* k_norm;         // [head_dim] RMSNorm of every key head before RoPE, or NULL
+    const float* rope_cos;       // [max_pos, rope_dim/2] this layer's RoPE angles (bases may differ per layer)
+    const float* rope_sin;       // [max_pos, rope_dim/2]
+    int32_t window;              // > 0: attends to the last `window` positions only (sliding window); 0: to all
     tf_mat q, k, v, o, gate, up, down;
 } tf_layer;
 
@@ -53,10 +62,12 @@ typedef struct {
     int32_t max_batch;  // most tokens per forward call
     int32_t threads;
     int32_t exact;      // 1: quantized matmuls take fp32 activations (reference-exact, slower)
+    int32_t rope_dim;   // leading dims of each head that RoPE rotates (partial rotary), even, <= head_dim
+    int32_t act;        // TF_ACT_*: act(gate) * up in the MLP
     float eps;          // RMSNorm epsilon
-    float attn_scale;   // softmax scale, head_dim^-0.5
-    const float* rope_cos;  // [max_pos, head_dim/2]
-    const float* rope_sin;  // [max_pos, head_dim/2]
+    float attn_scale;   // softmax scale (head_dim^-0.5, or the architecture's own)
+    float final_softcap;  // > 0: logits <- c tanh(logits / c); 0: none
+    float embed_scale;    // embedding rows are multiplied by it (1: none)
     tf_mat embed;           // [vocab, hidden], rows looked up
     tf_mat head;            // [vocab, hidden]
     const float* final_norm;

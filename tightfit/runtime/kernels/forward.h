@@ -1,5 +1,8 @@
 // The decoder: one forward step of a Llama-layout model (RMSNorm, RoPE attention with grouped KV
-// heads, SiLU-gated MLP) for M tokens, all layers and the head in one call.
+// heads, gated MLP) for M tokens, all layers and the head in one call. What other architectures
+// differ by is data in tf_config / tf_layer, not code of their own: norms of the attention and MLP
+// outputs and per-head q/k norms (Gemma3), the MLP's activation, sliding-window layers beside
+// full ones with their own RoPE tables, partial rotary, the embedding scale, final logit soft-capping.
 // Part of the one translation unit engine.cpp.
 #pragma once
 
@@ -26,10 +29,11 @@ enum Phase { PH_NORM, PH_QKV, PH_ATTENTION, PH_O, PH_GATE_UP, PH_DOWN, PH_HEAD, 
 enum {
     TF_OK = 0,
     TF_E_COUNT = -1,     // a size or count <= 0 or past its limit below, or n_heads not a multiple of n_kv_heads
-    TF_E_HEAD_DIM = -2,  // head_dim odd (RoPE rotates pairs) or above TF_MAX_HEAD_DIM
+    TF_E_HEAD_DIM = -2,  // head_dim odd (RoPE rotates pairs) or above TF_MAX_HEAD_DIM, or rope_dim odd, < 2 or > head_dim
     TF_E_SHAPE = -3,     // a matrix's (N, K) or layout fields disagree with the config
     TF_E_NULL = -4,      // a weight, norm or table pointer is missing
     TF_E_MEMORY = -5,    // an allocation failed
+    TF_E_ARCH = -6,      // an architecture field out of range: act, a layer's window, eps, attn_scale, final_softcap, embed_scale
 };
 
 struct Engine {
@@ -39,7 +43,7 @@ struct Engine {
     std::vector<float> q, k, v, att;         // [B, H*D], [B, KVH*D] x2, [B, H*D]
     std::vector<float> o, gate, up, down;    // [B, hidden], [B, inter] x2, [B, hidden]
     std::vector<QAct> acts;                  // one per thread
-    std::vector<std::vector<float>> scores;  // one per thread [max_pos16]
+    std::vector<std::vector<float>> scores;  // one per thread [kv.max_slots]
     double prof[PH_COUNT] = {0};             // thread 0's seconds per phase
 };
 
@@ -48,19 +52,6 @@ static void rmsnorm(const float* x, const float* w, float eps, int H, float* out
     for (int j = 0; j < H; j++) ss += (double)x[j] * x[j];
     float r = 1.f / sqrtf((float)(ss / H) + eps);
     for (int j = 0; j < H; j++) out[j] = w[j] * (x[j] * r);
-}
-
-// gate[j] <- SiLU(gate[j]) * up[j] for j in [j0, j1)
-static void silu_mul(float* gate, const float* up, int j0, int j1) {
-    int j = j0;
-#if TF_AVX512
-    for (; j + 16 <= j1; j += 16) {
-        __m512 g = _mm512_loadu_ps(gate + j);
-        __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        _mm512_storeu_ps(gate + j, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + j)));
-    }
-#endif
-    for (; j < j1; j++) gate[j] = gate[j] / (1.f + expf(-gate[j])) * up[j];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -104,42 +95,66 @@ static inline void norm_quantize(Step& s, const float* w) {
     quantize_act(s.xp, s.M, H, s.a);
 }
 
-// res [M, hidden] += y [M, hidden]
-static inline void add_residual(Step& s, const float* y) {
-    for (size_t j = 0; j < (size_t)s.M * s.c.hidden; j++) s.res[j] += y[j];
+// res [M, hidden] += y [M, hidden], or += RMSNorm(y) * norm where the block normalizes its output
+// (normed into this thread's xp: y is shared, and xp's input is consumed by then)
+static inline void add_residual(Step& s, const float* y, const float* norm) {
+    const int H = s.c.hidden;
+    if (norm) {
+        for (int i = 0; i < s.M; i++) rmsnorm(y + (size_t)i * H, norm, s.c.eps, H, s.xp + (size_t)i * H);
+        y = s.xp;
+    }
+    for (size_t j = 0; j < (size_t)s.M * H; j++) s.res[j] += y[j];
 }
 
-// res [M, hidden] <- the embedding rows of ids
+// res [M, hidden] <- the embedding rows of ids, times embed_scale
 static inline void embed(Step& s, const int32_t* ids) {
-    for (int i = 0; i < s.M; i++) dequant_row(s.c.embed, ids[i], s.res + (size_t)i * s.c.hidden);
+    const int H = s.c.hidden;
+    for (int i = 0; i < s.M; i++) {
+        float* row = s.res + (size_t)i * H;
+        dequant_row(s.c.embed, ids[i], row);
+        if (s.c.embed_scale != 1.f)
+            for (int j = 0; j < H; j++) row[j] *= s.c.embed_scale;
+    }
 }
 
-// the new keys (rotated) and values of every (token, KV head) into layer L's cache
+// one head v [D] at position ps of layer ly: RMSNorm(v) * norm where the layer has one (in place), then RoPE
+static inline void norm_rope(const Step& s, const tf_layer& ly, const float* norm, int ps, float* v) {
+    const int D = s.c.head_dim, r2 = s.c.rope_dim / 2;
+    if (norm) rmsnorm(v, norm, s.c.eps, D, v);
+    rope(v, ly.rope_cos + (size_t)ps * r2, ly.rope_sin + (size_t)ps * r2, s.c.rope_dim);
+}
+
+// the new keys (normed, rotated) and values of every (token, KV head) into layer L's cache
 static inline void store_kv(Step& s, int L) {
-    const int D = s.c.head_dim, KVH = s.c.n_kv_heads, d2 = D / 2;
+    const tf_layer& ly = s.c.layers[L];
+    const int D = s.c.head_dim, KVH = s.c.n_kv_heads;
     for (int it = s.tid; it < s.M * KVH; it += s.nth) {
         const int i = it / KVH, kh = it % KVH, ps = s.pos + i;
         float kr[TF_MAX_HEAD_DIM];
         memcpy(kr, s.e.k.data() + (size_t)i * KVH * D + kh * D, sizeof(float) * D);
-        rope(kr, s.c.rope_cos + (size_t)ps * d2, s.c.rope_sin + (size_t)ps * d2, D);
+        norm_rope(s, ly, ly.k_norm, ps, kr);
         s.e.kv.store(L, kh, ps, kr, s.e.v.data() + (size_t)i * KVH * D + kh * D);
     }
 }
 
-// att <- causal attention of every (token, head) over layer L's cache; softmax in fp32
+// att <- causal attention of every (token, head) over the positions layer L's cache gives it
+// (all before it, or its sliding window); softmax in fp32
 static inline void attend_heads(Step& s, int L) {
-    const int D = s.c.head_dim, NH = s.c.n_heads, rep = NH / s.c.n_kv_heads, d2 = D / 2;
+    const tf_layer& ly = s.c.layers[L];
+    const int D = s.c.head_dim, NH = s.c.n_heads, rep = NH / s.c.n_kv_heads;
     float* sc = s.e.scores[s.tid].data();
     for (int it = s.tid; it < s.M * NH; it += s.nth) {
         const int i = it / NH, hd = it % NH, kh = hd / rep, ps = s.pos + i;
         float* qv = s.e.q.data() + (size_t)i * NH * D + hd * D;
-        rope(qv, s.c.rope_cos + (size_t)ps * d2, s.c.rope_sin + (size_t)ps * d2, D);
+        norm_rope(s, ly, ly.q_norm, ps, qv);
+        Span spans[2];
+        const int n_spans = s.e.kv.spans(L, ps, spans);
         float* out = s.e.att.data() + (size_t)i * NH * D + hd * D;
-        attend(qv, s.e.kv.keys(L, kh), s.e.kv.values(L, kh), ps + 1, D, s.c.attn_scale, sc, out);
+        attend(qv, s.e.kv.keys(L, kh), s.e.kv.values(L, kh), spans, n_spans, D, s.c.attn_scale, sc, out);
     }
 }
 
-// res += o(attention(RMSNorm(res))) for layer L
+// res += o(attention(RMSNorm(res))) for layer L (normed again before the add where the layer says so)
 static inline void attention_block(Step& s, int L) {
     const tf_layer& ly = s.c.layers[L];
     int n0, n1;
@@ -162,10 +177,10 @@ static inline void attention_block(Step& s, int L) {
     s.lap(PH_O);
 #pragma omp barrier
     s.lap(PH_BARRIERS);
-    add_residual(s, s.e.o.data());
+    add_residual(s, s.e.o.data(), ly.attn_out_norm);
 }
 
-// res += down(SiLU(gate(x)) * up(x)), x = RMSNorm(res), for layer ly
+// res += down(act(gate(x)) * up(x)), x = RMSNorm(res), for layer ly (its output normed likewise)
 static inline void mlp_block(Step& s, const tf_layer& ly) {
     const int I = s.c.inter;
     int n0, n1;
@@ -173,7 +188,7 @@ static inline void mlp_block(Step& s, const tf_layer& ly) {
     matmul_share(s, ly.gate, s.e.gate.data(), n0, n1);
     group_sums(ly.up, s.a);
     matmul_rows(ly.up, s.a, n0, n1, s.e.up.data());  // same rows as gate
-    for (int i = 0; i < s.M; i++) silu_mul(s.e.gate.data() + (size_t)i * I, s.e.up.data() + (size_t)i * I, n0, n1);
+    for (int i = 0; i < s.M; i++) gated_act(s.c.act, s.e.gate.data() + (size_t)i * I, s.e.up.data() + (size_t)i * I, n0, n1);
     s.lap(PH_GATE_UP);
 #pragma omp barrier
     s.lap(PH_BARRIERS);
@@ -182,44 +197,59 @@ static inline void mlp_block(Step& s, const tf_layer& ly) {
     s.lap(PH_DOWN);
 #pragma omp barrier
     s.lap(PH_BARRIERS);
-    add_residual(s, s.e.down.data());
+    add_residual(s, s.e.down.data(), ly.mlp_out_norm);
 }
 
-// logits [rows, vocab] <- head(RMSNorm(res)) of the last token (rows = 1) or of all (rows = M)
+// logits [rows, vocab] <- head(RMSNorm(res)) of the last token (rows = 1) or of all (rows = M),
+// soft-capped to c tanh(logits / c) where final_softcap c > 0
 static inline void lm_head(Step& s, float* logits, int all_logits) {
     const int H = s.c.hidden, first = all_logits ? 0 : s.M - 1, rows = s.M - first;
     int n0, n1;
     for (int i = 0; i < rows; i++) rmsnorm(s.res + (size_t)(first + i) * H, s.c.final_norm, s.c.eps, H, s.xp + (size_t)i * H);
     quantize_act(s.xp, rows, H, s.a);
     matmul_share(s, s.c.head, logits, n0, n1);
+    if (s.c.final_softcap > 0.f)
+        for (int i = 0; i < rows; i++)
+            for (int n = n0; n < n1; n++) {  // this thread's rows of the head
+                float& x = logits[(size_t)i * s.c.vocab + n];
+                x = s.c.final_softcap * tanhf(x / s.c.final_softcap);
+            }
     s.lap(PH_HEAD);
 }
 
 extern "C" {
 
-// Whether W is a well-formed [N, K] matrix: kind, layout fields and the pointers its kind reads.
+// Whether W is a well-formed [N, K] matrix: kind, layout fields and the pointers its kind reads
+// (a grid format's level table only with 4-bit codes: the kernels' grid path reads 16 levels).
 static bool mat_ok(const tf_mat& W, int64_t N, int64_t K) {
     if (W.N != N || W.K != K) return false;
     if (W.kind == TF_F16 || W.kind == TF_F32) return W.dense != nullptr;
     if (W.kind != TF_QUANT) return false;
     const bool bits_ok = W.bits == 2 || W.bits == 3 || W.bits == 4 || W.bits == 5 || W.bits == 6 || W.bits == 8;
-    return bits_ok && W.Kp == (K + 31) / 32 * 32 && W.group >= 1 && W.G == (K + W.group - 1) / W.group &&
-           W.codes && W.scales && W.zeros;
+    return bits_ok && (!W.levels || W.bits == 4) && W.Kp == (K + 31) / 32 * 32 && W.group >= 1 &&
+           W.G == (K + W.group - 1) / W.group && W.codes && W.scales && W.zeros;
 }
 
-// Every size the forward step relies on, checked before any allocation: TF_OK or a TF_E_* code.
+// Every size and architecture field the forward step relies on, checked before any allocation:
+// TF_OK or a TF_E_* code.
 static int check_config(const tf_config& c) {
     if (c.n_layers < 1 || c.hidden < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.head_dim < 1 || c.inter < 1 ||
         c.vocab < 1 || c.max_pos < 1 || c.max_pos > TF_MAX_POSITIONS || c.max_batch < 1 || c.max_batch > TF_MAX_BATCH ||
         c.threads < 1 || c.threads > TF_MAX_THREADS || c.n_heads % c.n_kv_heads != 0)
         return TF_E_COUNT;
     if (c.head_dim % 2 != 0 || c.head_dim > TF_MAX_HEAD_DIM) return TF_E_HEAD_DIM;
-    if (!c.rope_cos || !c.rope_sin || !c.final_norm || !c.layers) return TF_E_NULL;
+    if (c.rope_dim < 2 || c.rope_dim % 2 != 0 || c.rope_dim > c.head_dim) return TF_E_HEAD_DIM;
+    if ((c.act != TF_ACT_SILU && c.act != TF_ACT_GELU_TANH) || !(c.eps > 0.f) || !isfinite(c.eps) ||
+        !(c.attn_scale > 0.f) || !isfinite(c.attn_scale) || !(c.final_softcap >= 0.f) || !isfinite(c.final_softcap) ||
+        !isfinite(c.embed_scale))
+        return TF_E_ARCH;
+    if (!c.final_norm || !c.layers) return TF_E_NULL;
     const int64_t H = c.hidden, QD = (int64_t)c.n_heads * c.head_dim, KVD = (int64_t)c.n_kv_heads * c.head_dim, I = c.inter;
     if (!mat_ok(c.embed, c.vocab, H) || !mat_ok(c.head, c.vocab, H)) return TF_E_SHAPE;
     for (int L = 0; L < c.n_layers; L++) {
         const tf_layer& l = c.layers[L];
-        if (!l.attn_norm || !l.mlp_norm) return TF_E_NULL;
+        if (l.window < 0 || l.window > TF_MAX_POSITIONS) return TF_E_ARCH;
+        if (!l.attn_norm || !l.mlp_norm || !l.rope_cos || !l.rope_sin) return TF_E_NULL;
         if (!mat_ok(l.q, QD, H) || !mat_ok(l.k, KVD, H) || !mat_ok(l.v, KVD, H) || !mat_ok(l.o, H, QD) ||
             !mat_ok(l.gate, I, H) || !mat_ok(l.up, I, H) || !mat_ok(l.down, H, I))
             return TF_E_SHAPE;
@@ -227,8 +257,9 @@ static int check_config(const tf_config& c) {
     return TF_OK;
 }
 
-// *out <- a new engine for cfg (its weights stay the caller's), or NULL with the TF_E_* code returned.
-// No exception crosses this boundary; every buffer a forward step uses is allocated here.
+// *out <- a new engine for cfg (copied; the weights it points to stay the caller's and must outlive
+// the engine), or NULL with the TF_E_* code returned. No exception crosses this boundary; every
+// buffer a forward step uses is allocated here.
 int tf_engine_create(const tf_config* cfg, void** out) {
     if (!out) return TF_E_NULL;
     *out = nullptr;
@@ -260,7 +291,7 @@ int tf_engine_create(const tf_config* cfg, void** out) {
             a.psum.reserve(B * widest / 16 + B);
             a.xs.reserve(B * widest);
         }
-        e->scores.assign(T, std::vector<float>(e->kv.max_pos16));
+        e->scores.assign(T, std::vector<float>(e->kv.max_slots));
     } catch (...) {  // std::bad_alloc, std::length_error
         delete e;
         return TF_E_MEMORY;
@@ -273,13 +304,19 @@ void tf_engine_free(void* p) { delete (Engine*)p; }
 
 int tf_max_head_dim(void) { return TF_MAX_HEAD_DIM; }
 
+// Bytes of the engine's KV cache (rings of sliding-window layers included)
+size_t tf_engine_kv_bytes(const void* p) { return ((const Engine*)p)->kv.bytes(); }
+
 // Run tokens ids[0..M) at positions pos..pos+M-1 (M <= max_batch, pos+M <= max_pos); writes the
 // logits of the last token [vocab] (all_logits = 0) or of every token [M, vocab] to `logits`.
+// Returns 0, or -1 (bad M or pos), -2 (a token id out of range), -3 (a sliding-window ring no
+// longer holds positions before pos that this call reads: run the kept tokens again from 0).
 int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits, int all_logits) {
     Engine& e = *(Engine*)p;
     const tf_config& c = e.cfg;
     if (M < 1 || M > c.max_batch || pos < 0 || pos + M > c.max_pos) return -1;
     for (int i = 0; i < M; i++) if (ids[i] < 0 || ids[i] >= c.vocab) return -2;
+    if (!e.kv.claim(pos, M)) return -3;
 #pragma omp parallel num_threads(c.threads)
     {
         Step s(e, M, pos);

@@ -10,7 +10,9 @@
 // so a chunk holds 8*bits bytes, and one AVX-512 vpdpbusd multiplies it by 4 activations
 // broadcast to every row: lanes are rows. Statistics per (tile, group, row): an fp16 or bf16 scale
 // s and a u8 zero z (symmetric formats: z = 2^(bits-1)), each (tile, group) 16 contiguous values.
-// w = (q - z) * s, exactly as the reference dequantizes. Dense matrices are plain fp16 / fp32 [N, K].
+// w = (q - z) * s, exactly as the reference dequantizes. Grid formats (4-bit codes on a fixed
+// non-uniform grid) add a 16-byte table `levels`: code q stands for the u8 levels[q] = L[q] + 128
+// and z = 128, so w = (levels[q] - z) * s = L[q] * s. Dense matrices are plain fp16 / fp32 [N, K].
 // Part of the one translation unit engine.cpp.
 #pragma once
 
@@ -42,6 +44,14 @@ static void unpack_chunk_scalar(const uint8_t* p, int bits, uint8_t out[64]) {
     }
 }
 
+// The 64 codes of one chunk as the u8 values the kernels multiply: the codes, or for a grid
+// format their levels (scalar).
+static void unpack_chunk_values(const tf_mat& W, const uint8_t* p, uint8_t out[64]) {
+    unpack_chunk_scalar(p, W.bits, out);
+    if (W.levels)
+        for (int j = 0; j < 64; j++) out[j] = W.levels[out[j] & 15];
+}
+
 // Row n of W dequantized to fp32 [K] (exactly (q - z) * s, as the reference).
 static void dequant_row(const tf_mat& W, int n, float* out) {
     if (W.kind == TF_F32) { memcpy(out, (const float*)W.dense + (size_t)n * W.K, sizeof(float) * W.K); return; }
@@ -53,7 +63,7 @@ static void dequant_row(const tf_mat& W, int n, float* out) {
     const int nq = W.Kp / 4, cb = 8 * W.bits, T = n / 16, r = n % 16;
     uint8_t q[64];
     for (int k4 = 0; k4 < nq && 4 * k4 < W.K; k4++) {
-        unpack_chunk_scalar(W.codes + ((size_t)T * nq + k4) * cb, W.bits, q);
+        unpack_chunk_values(W, W.codes + ((size_t)T * nq + k4) * cb, q);
         for (int c = 0; c < 4 && 4 * k4 + c < W.K; c++) {
             int col = 4 * k4 + c, g = col / W.group;
             size_t si = ((size_t)T * W.G + g) * 16 + r;
@@ -91,6 +101,12 @@ static inline __m512i unpack64(const uint8_t* p) {
     if (BITS == 6) return _mm512_or_si512(nib_plane(p), _mm512_slli_epi16(crumb_plane(p + 32), 4));
     return _mm512_loadu_si512((const void*)p);
 }
+// Grid formats: the 16 levels in each 128-bit lane, for lookup_levels.
+static inline __m512i load_levels(const uint8_t* levels) {
+    return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)levels));
+}
+// codes (0..15 in every byte) -> their levels: one vpshufb, each byte indexing its lane's copy.
+static inline __m512i lookup_levels(__m512i table, __m512i codes) { return _mm512_shuffle_epi8(table, codes); }
 template <bool BF16>
 static inline __m512 load16_scales(const uint16_t* s) {
     __m256i h = _mm256_loadu_si256((const __m256i*)s);

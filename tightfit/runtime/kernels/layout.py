@@ -2,8 +2,11 @@
 
 Packed files keep the format's own storage (formats/); at load time each matrix is repacked once
 into the layout the kernels read: tiles of 16 rows, chunks of 16 rows x 4 columns as bit planes,
-and per (tile, group) 16 fp16/bf16 scales and 16 u8 zero points. Repacking is exact: every weight
-the kernels decode equals the reference dequantization, tested.
+and per (tile, group) 16 fp16/bf16 scales and 16 u8 zero points. Grid formats (formats/grid.py)
+keep their 4-bit codes and signed scales; a 16-byte table maps each code to its level + GRID_ZERO
+(a u8, as the int8 kernels multiply them) and every zero point is GRID_ZERO, so the kernels' w =
+(levels[q] - z) * s is the grid's L[q] * s. Repacking is exact: every weight the kernels decode
+equals the reference dequantization, tested.
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
+from tightfit.formats.grid import GridFormat, GridTensor
 from tightfit.formats.primitives import QuantizedTensor
+from tightfit.formats.table import QuantFormat
 
 TILE = 16  # rows per tile (one AVX-512 lane each)
 QUAD = 4  # columns per chunk: 16 rows x 4 columns = 64 codes
 CHUNK = TILE * QUAD
 K_ALIGN = 32  # columns are padded to whole activation blocks
 KIND_QUANT, KIND_F16, KIND_F32 = 0, 1, 2
+GRID_ZERO = 128  # grid levels (int8) + GRID_ZERO are u8, the operand vpdpbusd takes unsigned
+KERNEL_FORMATS = (QuantFormat, GridFormat)  # the format families with a fast kernel; others run dense
 # bit planes of a code width, low bits first: (plane width, bit shift)
 PLANES: dict[int, tuple[tuple[int, int], ...]] = {
     2: ((2, 0),),
@@ -48,6 +55,7 @@ class TfMat(ctypes.Structure):
         ("zeros", ctypes.c_void_p),
         ("dense", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
+        ("levels", ctypes.c_void_p),
     ]
 
 
@@ -71,7 +79,7 @@ class KernelMatrix:
     """One matrix in kernel layout; owns the tensors `TfMat` points into.
 
     codes [Np/16, Kp/4, 8*bits] uint8; scales [Np/16, G, 16] int16 bits of fp16/bf16;
-    zeros [Np/16, G, 16] uint8;
+    zeros [Np/16, G, 16] uint8; levels [16] uint8 (grid formats: level + GRID_ZERO per code) or None;
     dense [N, K] fp16/fp32 (dense kinds); bias [N] fp32 or None.
     """
 
@@ -86,19 +94,25 @@ class KernelMatrix:
     zeros: torch.Tensor | None = None
     dense: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    levels: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes the kernels read per full pass over the matrix."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros, self.dense, self.bias) if t is not None)
+        parts = (self.codes, self.scales, self.zeros, self.dense, self.bias, self.levels)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def struct(self) -> TfMat:
         n, k = self.shape
+        assert self.levels is None or (self.bits == 4 and self.levels.dtype == torch.uint8 and self.levels.shape == (16,)), (
+            "a level table needs 4-bit codes and 16 u8 levels (the kernels' grid path reads exactly that)"
+        )
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         return TfMat(
             kind=self.kind, N=n, K=k, Kp=-(-k // K_ALIGN) * K_ALIGN, bits=self.bits, group=self.group,
             G=self.groups, scale_bf16=int(self.scale_bf16),
             codes=ptr(self.codes), scales=ptr(self.scales), zeros=ptr(self.zeros), dense=ptr(self.dense), bias=ptr(self.bias),
+            levels=ptr(self.levels),
         )
 
 
@@ -106,9 +120,15 @@ def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.detach().to(torch.float32).contiguous()
 
 
-def from_quantized(q: QuantizedTensor, bias: torch.Tensor | None = None) -> KernelMatrix:
-    """A uniform-format QuantizedTensor -> kernel layout (exact)."""
+def has_kernel(fmt: object) -> bool:
+    """Whether the engine has a fast (quantized) kernel for a format; the others run as dense fp32."""
+    return isinstance(fmt, KERNEL_FORMATS)
+
+
+def from_quantized(q: QuantizedTensor | GridTensor, bias: torch.Tensor | None = None) -> KernelMatrix:
+    """A uniform- or grid-format weight -> kernel layout (exact)."""
     fmt = q.fmt
+    assert has_kernel(fmt), f"format {fmt.name} has no kernel layout"
     n, k = q.shape
     np_, kp = -(-n // TILE) * TILE, -(-k // K_ALIGN) * K_ALIGN
     codes = torch.zeros(np_, kp, dtype=torch.uint8)
@@ -120,14 +140,19 @@ def from_quantized(q: QuantizedTensor, bias: torch.Tensor | None = None) -> Kern
     g = q.scales.shape[1]
     scales = torch.zeros(np_, g, dtype=fmt.scale_torch_dtype)
     scales[:n] = q.scales.to(fmt.scale_torch_dtype)
-    zeros = torch.full((np_, g), 1 << (fmt.bits - 1), dtype=torch.uint8)
-    if q.zeros is not None:
-        zeros[:n] = q.zeros.to(torch.uint8)
+    levels = None
+    if isinstance(q, GridTensor):
+        levels = (torch.tensor(fmt.levels, dtype=torch.int32) + GRID_ZERO).to(torch.uint8)  # [16]
+        zeros = torch.full((np_, g), GRID_ZERO, dtype=torch.uint8)
+    else:
+        zeros = torch.full((np_, g), 1 << (fmt.bits - 1), dtype=torch.uint8)
+        if q.zeros is not None:
+            zeros[:n] = q.zeros.to(torch.uint8)
     by_tile = lambda t: t.view(tiles, TILE, g).transpose(1, 2).contiguous()  # noqa: E731  [tiles, G, 16]
     return KernelMatrix(
         kind=KIND_QUANT, shape=(n, k), bits=fmt.bits, group=fmt.group_width(k), groups=g,
         scale_bf16=fmt.scale_dtype == "bf16", codes=planes, scales=by_tile(scales).view(torch.int16),
-        zeros=by_tile(zeros), bias=_bias(bias),
+        zeros=by_tile(zeros), bias=_bias(bias), levels=levels,
     )
 
 

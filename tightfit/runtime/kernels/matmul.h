@@ -3,7 +3,9 @@
 // computes exactly
 //   y[m, n] = sum_j s(n, g(j)) * (q[n, j] - z(n, g(j))) * sx(m, b(j)) * xq[m, j]
 // (up to fp32 summation order): the int8 dot products q . xq run on AVX-512 VNNI (vpdpbusd,
-// u8 x s8) and the zero term sum_g s_g z_g xs[m, g] (group_sums) is subtracted after them. Exact
+// u8 x s8) and the zero term sum_g s_g z_g xs[m, g] (group_sums) is subtracted after them. Grid
+// formats (layout.h) put each code through their level table first, one vpshufb per chunk, and
+// multiply the u8 levels the same way (GRID: a template flag, the 4-bit kernels only). Exact
 // mode multiplies the same codes by the fp32 x; dense fp16 / fp32 matrices always take the fp32 x.
 // Without AVX-512 (F, BW, VL, VNNI) portable scalar kernels compute the same sums.
 // Part of the one translation unit engine.cpp.
@@ -32,7 +34,7 @@
 // Lanes are rows: per chunk one unpack, then per token a 4-byte activation broadcast and one
 // vpdpbusd; every segment of min(group, 32) columns (one activation block, one group) is
 // converted to fp32 and scaled once.
-template <int BITS, int MT, int NT, bool BF16>
+template <int BITS, int MT, int NT, bool BF16, bool GRID>
 static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     const int nq = W.Kp / 4, cb = 8 * BITS, Kp = a.Kp;
     const int seg = W.group < 32 && W.G > 1 ? W.group : 32;  // columns per int32 accumulation
@@ -44,6 +46,7 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
     }
     const int8_t* xq = a.xq.data() + (size_t)m0 * Kp;
     const float* sx = a.sx.data() + (size_t)m0 * (Kp / 32);
+    const __m512i table = GRID ? load_levels(W.levels) : _mm512_setzero_si512();
     __m512 acc[NT][MT], s[NT];
     for (int u = 0; u < NT; u++) {
         s[u] = load16_scales<BF16>(st[u]);
@@ -70,7 +73,11 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
             for (int u = 0; u < NT; u++) {
                 _mm_prefetch((const char*)p[u] + TF_PREFETCH, _MM_HINT_T0);  // 2 chunks <= 128 B: one or two lines
                 if (BITS > 4) _mm_prefetch((const char*)p[u] + TF_PREFETCH + 64, _MM_HINT_T0);
-                const __m512i qa = unpack64<BITS>(p[u]), qb = unpack64<BITS>(p[u] + cb);
+                __m512i qa = unpack64<BITS>(p[u]), qb = unpack64<BITS>(p[u] + cb);
+                if (GRID) {
+                    qa = lookup_levels(table, qa);
+                    qb = lookup_levels(table, qb);
+                }
                 p[u] += 2 * cb;
                 for (int t = 0; t < MT; t++) {
                     ia[u][t] = _mm512_dpbusd_epi32(ia[u][t], qa, xa[t]);
@@ -100,37 +107,38 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
 }
 
 // rows [n0, n1), n0 a multiple of 16; at one token TF_DECODE_TILES tiles share each activation broadcast
-template <int BITS, int MT, bool BF16>
+template <int BITS, int MT, bool BF16, bool GRID>
 static void quant_rows_t(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
     constexpr int NT = MT == 1 ? TF_DECODE_TILES : 1;
     const int t1 = (n1 + 15) / 16;
     int T = n0 / 16;
-    for (; T + NT <= t1; T += NT) quant_tile<BITS, MT, NT, BF16>(W, a, m0, T, y);
-    for (; T < t1; T++) quant_tile<BITS, MT, 1, BF16>(W, a, m0, T, y);
+    for (; T + NT <= t1; T += NT) quant_tile<BITS, MT, NT, BF16, GRID>(W, a, m0, T, y);
+    for (; T < t1; T++) quant_tile<BITS, MT, 1, BF16, GRID>(W, a, m0, T, y);
 }
 
-template <int BITS, int MT>
+template <int BITS, int MT, bool GRID = false>
 static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
-    if (W.scale_bf16) quant_rows_t<BITS, MT, true>(W, a, m0, n0, n1, y);
-    else quant_rows_t<BITS, MT, false>(W, a, m0, n0, n1, y);
+    if (W.scale_bf16) quant_rows_t<BITS, MT, true, GRID>(W, a, m0, n0, n1, y);
+    else quant_rows_t<BITS, MT, false, GRID>(W, a, m0, n0, n1, y);
 }
 
 // Exact mode: the same tiles multiplied by the fp32 activations (codes converted to fp32 per
 // column of each chunk); slower, bit-for-bit the dequantized weight times x up to summation order.
-template <int BITS, bool BF16>
+template <int BITS, bool BF16, bool GRID>
 static void quant_tile_exact(const tf_mat& W, const QAct& a, int m, int T, float* y) {
     const int nq = W.Kp / 4, cb = 8 * BITS, K = a.K;
     const int seg = W.group < 32 && W.G > 1 ? W.group : 32;
     const uint8_t* p = W.codes + (size_t)T * nq * cb;
     const uint16_t* st = W.scales + (size_t)T * W.G * 16;
     const float* x = a.x + (size_t)m * K;
+    const __m512i table = GRID ? load_levels(W.levels) : _mm512_setzero_si512();
     __m512 acc = _mm512_setzero_ps(), s = load16_scales<BF16>(st);
     int g = 0, next = W.group;
     for (int c0 = 0; c0 < W.Kp; c0 += seg) {
         if (c0 >= next && g + 1 < W.G) { g++; next += W.group; s = load16_scales<BF16>(st + (size_t)g * 16); }
         __m512 f = _mm512_setzero_ps();
         for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
-            const __m512i q = unpack64<BITS>(p);
+            const __m512i q = GRID ? lookup_levels(table, unpack64<BITS>(p)) : unpack64<BITS>(p);
             for (int c = 0; c < 4; c++) {
                 const int col = 4 * k4 + c;
                 if (col >= K) break;
@@ -151,12 +159,12 @@ static void quant_tile_exact(const tf_mat& W, const QAct& a, int m, int T, float
     _mm512_mask_storeu_ps(y + (size_t)m * W.N + n0, mk, _mm512_add_ps(acc, b));
 }
 
-template <int BITS>
+template <int BITS, bool GRID = false>
 static void quant_rows_exact(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
     for (int m = 0; m < a.M; m++)
         for (int T = n0 / 16; 16 * T < n1; T++) {
-            if (W.scale_bf16) quant_tile_exact<BITS, true>(W, a, m, T, y);
-            else quant_tile_exact<BITS, false>(W, a, m, T, y);
+            if (W.scale_bf16) quant_tile_exact<BITS, true, GRID>(W, a, m, T, y);
+            else quant_tile_exact<BITS, false, GRID>(W, a, m, T, y);
         }
 }
 
@@ -196,7 +204,7 @@ static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
                 const int g = std::min(c0 / W.group, W.G - 1);
                 int32_t d[16] = {0};
                 for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
-                    unpack_chunk_scalar(p, W.bits, q);
+                    unpack_chunk_values(W, p, q);
                     for (int r = 0; r < 16; r++)
                         for (int c = 0; c < 4; c++) d[r] += (int32_t)q[4 * r + c] * a.xq[(size_t)m * Kp + 4 * k4 + c];
                 }
@@ -231,6 +239,11 @@ static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
 static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
     if (n0 >= n1) return;
 #if TF_AVX512
+    const bool grid = W.kind == TF_QUANT && W.levels != nullptr;  // grid formats are 4-bit (layout.py)
+    if (a.exact && grid) {
+        quant_rows_exact<4, true>(W, a, n0, n1, y);
+        return;
+    }
     if (a.exact && W.kind == TF_QUANT) {
         switch (W.bits) {
             case 2: quant_rows_exact<2>(W, a, n0, n1, y); break;
@@ -253,19 +266,24 @@ static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y
             }
             continue;
         }
-#define TF_BITS_CASE(B)                                                  \
-    case B:                                                              \
-        switch (mt) {                                                    \
-            case 1: quant_rows<B, 1>(W, a, m0, n0, n1, y); break;        \
-            case 2: quant_rows<B, 2>(W, a, m0, n0, n1, y); break;        \
-            case 3: quant_rows<B, 3>(W, a, m0, n0, n1, y); break;        \
-            default: quant_rows<B, 4>(W, a, m0, n0, n1, y); break;       \
-        }                                                                \
-        break;
+#define TF_TOKENS(B, GRID)                                                  \
+    switch (mt) {                                                           \
+        case 1: quant_rows<B, 1, GRID>(W, a, m0, n0, n1, y); break;         \
+        case 2: quant_rows<B, 2, GRID>(W, a, m0, n0, n1, y); break;         \
+        case 3: quant_rows<B, 3, GRID>(W, a, m0, n0, n1, y); break;         \
+        default: quant_rows<B, 4, GRID>(W, a, m0, n0, n1, y); break;        \
+    }
+#define TF_BITS_CASE(B) \
+    case B: TF_TOKENS(B, false) break;
+        if (grid) {
+            TF_TOKENS(4, true)
+            continue;
+        }
         switch (W.bits) {
             TF_BITS_CASE(2) TF_BITS_CASE(3) TF_BITS_CASE(4) TF_BITS_CASE(5) TF_BITS_CASE(6) TF_BITS_CASE(8)
         }
 #undef TF_BITS_CASE
+#undef TF_TOKENS
     }
 #else
     if (W.kind != TF_QUANT || a.exact) dense_rows_scalar(W, a, 0, a.M, n0, n1, y);

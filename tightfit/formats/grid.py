@@ -1,0 +1,259 @@
+"""Fixed non-uniform grids: 16 int8 levels and one signed scale per group.
+
+A grid format quantizes W [N, K] group-wise along K as the uniform formats do (table.py), but a
+code q in 0..15 indexes a fixed table of levels instead of an evenly spaced grid:
+
+    w ~ s * L[q]        L: 16 int8 levels, sorted; s: one scale per group, in fp16 or bf16
+
+The levels are not symmetric about 0 (16 levels have no middle), so the scale keeps its sign: a
+negative scale mirrors the grid, and each group puts the grid's longer side on its own largest
+weight (as llama.cpp's IQ4_NL does). Every byte a packed layer holds:
+
+    codes   [N, K] 4-bit codes, row-major, bit-packed LSB-first (bitpack.py) -> ceil(N*K/2) bytes
+    scales  [N, G] in the scale dtype                                        -> N*G*2 bytes
+
+so g32 holds 4 + 16/32 = 4.5 bits/weight. Levels are int8 so that L[q] * s is exact in fp32 and the
+engine multiplies them as int8 (a table lookup of the code, then its int8 dot products).
+
+Grids (GRIDS), named by where their levels come from:
+    nl4   llama.cpp's IQ4_NL table `kvalues_iq4nl` (non-linear, fitted to LLM weights)
+    nf4   QLoRA's NormalFloat4 levels (Dettmers et al. 2023: quantiles of N(0, 1), exact 0) x 127,
+          rounded to integers
+Names: `{grid}g{group}` or `{grid}pc`, optionally `-bf16`: e.g. `nl4g32`, `nf4g64`, `nl4g128-bf16`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from tightfit.errors import FormatError
+from tightfit.formats.bitpack import pack_bits, packed_nbytes, unpack_bits
+from tightfit.formats.primitives import GroupedTensor, round_to_scale_dtype
+from tightfit.formats.table import (
+    GROUP_SIZES,
+    GroupedFormat,
+    LayerBytes,
+    check_features,
+    check_group_size,
+    check_scale_dtype,
+)
+
+GRID_BITS = 4
+GRIDS: dict[str, tuple[int, ...]] = {
+    "nl4": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
+    "nf4": (-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127),
+}
+# The scale search (`choose_grid_scale`) maps the group's largest |w| to each end level moved by
+# -STEPS..STEPS int8 units (llama.cpp's IQ4_NL tries 7 steps around its negative end).
+SCALE_SEARCH_STEPS = 7
+_RTN_CHUNK = 1 << 18  # weights per scale search in round to nearest (its temporaries hold 30x as many)
+
+GRID_GRAMMAR = (
+    f"expected {{grid}}g{{group}} or {{grid}}pc (per channel), optionally followed by -bf16, with grid in "
+    f"{{{', '.join(GRIDS)}}} and group in {{{', '.join(str(g) for g in GROUP_SIZES if g is not None)}}} "
+    "(e.g. nl4g32, nf4g64, nl4g128-bf16)"
+)
+_NAME_RE = re.compile(rf"(?P<grid>{'|'.join(GRIDS)})(?:g(?P<group>[1-9][0-9]*)|(?P<pc>pc))(?P<bf16>-bf16)?")
+
+
+def is_grid_name(text: str) -> bool:
+    """Whether a format name belongs to this family (starts with a grid's name)."""
+    return text.strip().lower().startswith(tuple(GRIDS))
+
+
+@dataclass(frozen=True)
+class GridFormat(GroupedFormat):
+    """A fixed non-uniform grid with one signed scale per group.
+
+    grid:        a key of GRIDS (the 16 int8 levels)
+    group_size:  weights per scale along in_features, one of GROUP_SIZES; None = per channel
+    scale_dtype: "fp16" or "bf16"
+    """
+
+    grid: str
+    group_size: int | None = 32
+    scale_dtype: str = "fp16"
+
+    def __post_init__(self) -> None:
+        if self.grid not in GRIDS:
+            raise FormatError(f"grid {self.grid!r} is not in the format table; choose one of {', '.join(GRIDS)}")
+        check_group_size(self.group_size)
+        check_scale_dtype(self.scale_dtype)
+
+    @property
+    def bits(self) -> int:
+        return GRID_BITS
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The 16 int8 levels, ascending: code q decodes to levels[q] * scale."""
+        return GRIDS[self.grid]
+
+    @property
+    def name(self) -> str:
+        group = "pc" if self.group_size is None else f"g{self.group_size}"
+        return f"{self.grid}{group}" + ("-bf16" if self.scale_dtype == "bf16" else "")
+
+    @classmethod
+    def parse(cls, text: str) -> GridFormat:
+        """Parse a grid format name (case-insensitive, surrounding whitespace ignored)."""
+        if not isinstance(text, str):
+            raise FormatError(f"format must be a string, got {type(text).__name__}; {GRID_GRAMMAR}")
+        m = _NAME_RE.fullmatch(text.strip().lower())
+        if m is None:
+            raise FormatError(f"cannot parse grid format {text!r}: {GRID_GRAMMAR}")
+        try:
+            return cls(grid=m["grid"], group_size=None if m["pc"] else int(m["group"]),
+                       scale_dtype="bf16" if m["bf16"] else "fp16")
+        except FormatError as e:
+            raise FormatError(f"invalid grid format {text!r}: {e}; {GRID_GRAMMAR}") from None
+
+    def nbytes(self, out_features: int, in_features: int) -> LayerBytes:
+        """Exact bytes of a packed [out_features, in_features] layer (see module docstring)."""
+        check_features("out_features", out_features)
+        g = self.num_groups(in_features)
+        n, k = out_features, in_features
+        return LayerBytes(codes=packed_nbytes(n * k, GRID_BITS), scales=n * g * self.scale_torch_dtype.itemsize, zeros=0)
+
+
+def all_grid_formats() -> tuple[GridFormat, ...]:
+    """Every grid format: GRIDS x GROUP_SIZES x scale dtypes."""
+    return tuple(GridFormat(grid, g, d) for grid in GRIDS for g in GROUP_SIZES for d in ("fp16", "bf16"))
+
+
+# ---- primitives ---------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _grid_tensors(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The levels [16] and the midpoints between consecutive levels [15] of a grid, fp32 (read only)."""
+    levels = torch.tensor(GRIDS[grid], dtype=torch.float32)
+    return levels, (levels[1:] + levels[:-1]) / 2
+
+
+def quantize_grid(w: torch.Tensor, scale: torch.Tensor, fmt: GridFormat) -> torch.Tensor:
+    """Nearest level: w [..., g] fp32, scale [..., 1] or [..., g] (nonzero) -> codes [..., g] uint8.
+
+    Codes are found on the level axis: the midpoints between consecutive levels cut w / scale into
+    16 intervals (a tie goes to the lower level).
+    """
+    assert w.dtype == torch.float32, f"w must be fp32, got {w.dtype}"
+    return torch.bucketize(w / scale, _grid_tensors(fmt.grid)[1]).to(torch.uint8)
+
+
+def dequantize_grid(codes: torch.Tensor, scale: torch.Tensor, fmt: GridFormat) -> torch.Tensor:
+    """codes [..., g] uint8 with scale [..., 1] or [..., g] -> fp32 levels[codes] * scale (exact)."""
+    assert codes.dtype == torch.uint8, f"codes must be uint8, got {codes.dtype}"
+    return _grid_tensors(fmt.grid)[0][codes.long()] * scale
+
+
+def round_signed_scale(scale: torch.Tensor, fmt: GridFormat) -> torch.Tensor:
+    """Signed scales rounded to fmt's scale dtype; 0 becomes the dtype's smallest normal."""
+    sign = torch.where(scale < 0, -1.0, 1.0)
+    return sign * round_to_scale_dtype(scale.abs(), fmt)
+
+
+def choose_grid_scale(w: torch.Tensor, fmt: GridFormat, weight: torch.Tensor | None = None, *,
+                      search: bool = True) -> torch.Tensor:
+    """The scale of each group minimizing sum_j weight_j (w_j - s L[q_j])^2 over a few candidates.
+
+    w: [..., g] fp32; weight: broadcastable to [..., g], >= 0 (default 1)
+    returns [...] fp32 scales, signed, exactly representable in fmt.scale_dtype, nonzero
+
+    Let m be the group's weight of largest magnitude (its sign kept). Candidate t maps m onto an
+    end level e of the grid moved by t: s_t = m / (e + t), e in {L[0], L[15]}, |t| <= STEPS (t > 0
+    towards the middle clips m, t < 0 leaves the end level unused). For each candidate the codes
+    are the nearest levels, then the scale is refitted to them by weighted least squares,
+    s* = sum(weight w L) / sum(weight L^2), rounded to the scale dtype, and the codes are chosen
+    again for s*; each group keeps the candidate with the least error (the first on ties). The
+    refit can only lower a candidate's error, up to the rounding of s*. search=False: s = m / L[0].
+    All-zero groups get the dtype's smallest normal (their weights decode to almost 0).
+    """
+    assert w.dtype == torch.float32, f"w must be fp32, got {w.dtype}"
+    assert w.dim() >= 1 and w.shape[-1] > 0, f"w must be [..., g] with g > 0, got {tuple(w.shape)}"
+    if not bool(torch.isfinite(w).all()):
+        raise FormatError("weight contains NaN or inf; cannot choose quantization parameters")
+    if weight is not None:
+        assert torch.broadcast_shapes(weight.shape, w.shape) == w.shape, (
+            f"weight {tuple(weight.shape)} does not broadcast to w {tuple(w.shape)}"
+        )
+    levels = _grid_tensors(fmt.grid)[0]  # [16]
+    m = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))  # [..., 1] signed extreme
+    if not search:
+        return round_signed_scale(m[..., 0] / levels[0], fmt)
+    zero_group = m[..., 0] == 0  # [...]
+    m = torch.where(zero_group.unsqueeze(-1), torch.ones_like(m), m)
+    steps = torch.arange(-SCALE_SEARCH_STEPS, SCALE_SEARCH_STEPS + 1, dtype=torch.float32)  # [T]
+    ends = torch.cat([levels[0] + steps, levels[-1] + steps])  # [C]: the level m lands on
+    x = w.unsqueeze(-2)  # [..., 1, g]
+    wt = torch.ones_like(x) if weight is None else weight.unsqueeze(-2)  # [..., 1, g]
+    s = round_signed_scale(m / ends, fmt).unsqueeze(-1)  # [..., C, 1]
+    q = levels[quantize_grid(x, s, fmt).long()]  # [..., C, g] levels of the nearest codes
+    num, den = (wt * x * q).sum(-1, keepdim=True), (wt * q * q).sum(-1, keepdim=True)  # [..., C, 1]
+    s = round_signed_scale(torch.where((den > 0) & (num != 0), num / den.clamp_min(1e-30), s), fmt)  # refit
+    err = (wt * (x - dequantize_grid(quantize_grid(x, s, fmt), s, fmt)).square()).sum(-1)  # [..., C]
+    best = s[..., 0].gather(-1, err.argmin(dim=-1, keepdim=True))[..., 0]  # [...]; argmin: first minimum
+    return torch.where(zero_group, round_signed_scale(torch.zeros_like(best), fmt), best)
+
+
+@dataclass(frozen=True, eq=False)
+class GridTensor(GroupedTensor):
+    """A weight [N, K] in a GridFormat, with unpacked fields.
+
+    fmt:    the format
+    codes:  [N, K] uint8, values in 0..15 (indices into fmt.levels)
+    scales: [N, G] fp32, nonzero (signed), exactly representable in fmt.scale_dtype
+    """
+
+    fmt: GridFormat
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self._check_codes_and_scales()
+
+    def dequantize(self) -> torch.Tensor:
+        """[N, K] fp32 weight, levels[codes] * scale."""
+        return dequantize_grid(self.codes, self.per_weight(self.scales), self.fmt)
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        """Storage tensors, fmt.nbytes(N, K) bytes exactly: qweight [ceil(N*K/2)] uint8 (codes
+        row-major, bit-packed LSB-first), scales [N, G] in fmt.scale_dtype."""
+        return {"qweight": pack_bits(self.codes, GRID_BITS), "scales": self.scales.to(self.fmt.scale_torch_dtype)}
+
+    @classmethod
+    def unpack(cls, fmt: GridFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> GridTensor:
+        """Inverse of `pack`; raises FormatError on missing/extra keys, wrong dtypes or sizes."""
+        n, k = shape
+        g = fmt.num_groups(k)
+        if set(tensors) != {"qweight", "scales"}:
+            raise FormatError(f"packed {fmt.name} tensor [{n}, {k}] needs keys ['qweight', 'scales'], got {sorted(tensors)}")
+        codes = unpack_bits(tensors["qweight"], GRID_BITS, n * k).view(n, k)  # [N, K]
+        scales = tensors["scales"]
+        if scales.dtype != fmt.scale_torch_dtype or tuple(scales.shape) != (n, g):
+            raise FormatError(
+                f"packed {fmt.name} scales must be {fmt.scale_torch_dtype} [{n}, {g}], got {scales.dtype} {tuple(scales.shape)}"
+            )
+        scales = scales.to(torch.float32)  # [N, G]
+        if not bool((torch.isfinite(scales) & (scales != 0)).all()):
+            raise FormatError(f"packed {fmt.name} scales must be finite and nonzero")
+        return cls(fmt=fmt, codes=codes, scales=scales)
+
+
+def quantize_grid_rtn(w: torch.Tensor, fmt: GridFormat, *, clip_search: bool = True) -> GridTensor:
+    """Round to nearest level of w [N, K] fp32, each group's scale by `choose_grid_scale`."""
+    assert w.dtype == torch.float32 and w.dim() == 2, f"w must be fp32 [N, K], got {w.dtype} {tuple(w.shape)}"
+    n, k = w.shape
+    codes, scales = torch.zeros(n, k, dtype=torch.uint8), torch.zeros(n, fmt.num_groups(k))
+    for gi, (lo, hi) in enumerate(fmt.group_bounds(k)):
+        rows = max(1, _RTN_CHUNK // (hi - lo))  # the scale search's temporaries: [rows, candidates, g]
+        for r in range(0, n, rows):
+            wg = w[r : r + rows, lo:hi]  # [rows, g]
+            s = choose_grid_scale(wg, fmt, search=clip_search)  # [rows]
+            scales[r : r + rows, gi] = s
+            codes[r : r + rows, lo:hi] = quantize_grid(wg, s.unsqueeze(1), fmt)
+    return GridTensor(fmt=fmt, codes=codes, scales=scales)
