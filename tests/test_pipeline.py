@@ -13,7 +13,7 @@ from tightfit.artifacts import CalibrationConfig, QuantizeConfig
 from tightfit.evaluate import EvalConfig, evaluate
 from tightfit.formats import QuantFormat
 from tightfit.formats.registry import parse_format
-from tightfit.formats.packed import MANIFEST_FILE, TENSORS_FILE, load_packed
+from tightfit.formats.packed import FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, load_packed
 from tightfit.model import load_model
 from tightfit.pipeline import CompressRequest, ModelSummary, compress, work_dir_for
 from tightfit.runtime import build_model
@@ -117,7 +117,7 @@ def test_manifest_describes_the_model(tiny_model_dir, tiny_text_file, tmp_path):
         evaluation=EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32), progress=False,
     ))
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["source"]["sha256"] == load_model(str(tiny_model_dir)).source.sha256()
     assert {e["format"] for e in manifest["layers"].values()} == {"w3g64-sym"}
     assert manifest["evaluation"]["n_windows"] == 2

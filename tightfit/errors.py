@@ -3,6 +3,14 @@
 Every message must say what was wrong and, where possible, what would be right.
 """
 
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class TightfitError(Exception):
     """Base of every error caused by input (files, flags, budgets), not by a bug."""
@@ -50,6 +58,33 @@ class QuantizedSourceWarning(UserWarning):
 
 class InsufficientMemory(TightfitError):
     """Too little free memory for the request (e.g. a whole model in fp32); the message says what would fit."""
+
+
+@contextmanager
+def native_stderr_held() -> Iterator[None]:
+    """Hold what is written to file descriptor 2 meanwhile (e.g. a Rust library's panic message, which
+    no Python code can silence): written out after the block if it succeeds, dropped if it raises,
+    whose error then becomes the one line the user sees."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if succeeded:
+                held.seek(0)
+                sys.stderr.write(held.read().decode("utf-8", errors="replace"))
+                sys.stderr.flush()
 
 
 class CorruptCacheError(TightfitError):

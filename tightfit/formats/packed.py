@@ -12,6 +12,7 @@ No pickle anywhere. Reading checks the version, size and sha256 before trusting 
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import shutil
@@ -29,11 +30,19 @@ from tightfit.formats.files import atomic_save_tensors, atomic_write_json, publi
 from tightfit.formats.registry import AnyQuantizedTensor, parse_format, unpack_tensor
 
 FORMAT_NAME = "tightfit-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files and manifest_sha256 (config, tokenizer and the manifest covered)
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-MANIFEST_FIELDS = {"layers": dict, "tied": dict, "tensors_file": str, "tensors_sha256": str, "tensors_bytes": int}
+MANIFEST_FIELDS = {"layers": dict, "tied": dict, "tensors_file": str, "tensors_sha256": str, "tensors_bytes": int,
+                   "files": dict, "manifest_sha256": str}
+# Names transformers' tokenizer and config loaders read from a model folder. A file under one of them that
+# the manifest does not list would change the model without failing a checksum, so it is refused; other
+# unlisted files (an eval.json written beside the model, notes) are not part of the model and are ignored.
+LOADER_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                "chat_template*", "vocab*", "merges*", "*.model", "*.tiktoken")
+SECTIONS = {"source": dict, "quantize": dict, "summary": dict, "calibration": (dict, type(None)),
+            "evaluation": (dict, type(None))}  # optional sections, when present
 
 
 def sha256_file(path: Path) -> str:
@@ -42,6 +51,19 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces) without its manifest_sha256 field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def folder_files(folder: Path) -> dict[str, dict]:
+    """name -> {"sha256", "bytes"} of every file in a packed folder but the manifest and the tensors
+    (config.json, the tokenizer files); hidden files (.name) are not part of a packed model."""
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name not in (MANIFEST_FILE, TENSORS_FILE) and not p.name.startswith(".")}
 
 
 @dataclass
@@ -79,8 +101,10 @@ class PackedModel:
     def total_weights(self) -> int:
         return self.quantized_weights() + sum(t.numel() for t in self.kept.values())
 
-    def manifest(self, tensors_sha256: str, tensors_bytes: int) -> dict:
-        return {
+    def manifest(self, tensors_sha256: str, tensors_bytes: int, files: dict[str, dict]) -> dict:
+        """The manifest of this model whose tensor file and other files (folder_files) are as given, sealed
+        with its own sha256."""
+        manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "tightfit_version": __version__,
@@ -89,6 +113,7 @@ class PackedModel:
             "tensors_file": TENSORS_FILE,
             "tensors_sha256": tensors_sha256,
             "tensors_bytes": tensors_bytes,
+            "files": files,
             "summary": {
                 "quantized_weights": self.quantized_weights(),
                 "quantized_bytes": self.quantized_bytes(),
@@ -98,6 +123,7 @@ class PackedModel:
             },
             **self.info,
         }
+        return {**manifest, "manifest_sha256": manifest_sha256(manifest)}
 
 
 def save_packed(packed: PackedModel, out_dir: Path, extra_files: Callable[[Path], None] | None = None) -> Path:
@@ -111,10 +137,10 @@ def save_packed(packed: PackedModel, out_dir: Path, extra_files: Callable[[Path]
     try:
         tensors_path = tmp / TENSORS_FILE
         atomic_save_tensors(tensors_path, packed.tensors(), metadata={"format": FORMAT_NAME})
-        manifest = packed.manifest(sha256_file(tensors_path), tensors_path.stat().st_size)
         atomic_write_json(tmp / CONFIG_FILE, packed.hf_config)
         if extra_files is not None:
             extra_files(tmp)
+        manifest = packed.manifest(sha256_file(tensors_path), tensors_path.stat().st_size, folder_files(tmp))
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
         publish_folder(tmp, out_dir)
     except BaseException:
@@ -139,13 +165,25 @@ def read_manifest(path: Path) -> dict:
         raise PackedModelError(f"{manifest_path} is not a tightfit manifest (format != {FORMAT_NAME!r})")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise PackedModelError(
-            f"{path} has packed format version {version!r}; this tightfit reads version {FORMAT_VERSION} "
-            "(upgrade tightfit or re-run compress)"
-        )
+        fix = ("it predates checksums over config.json and the tokenizer: re-run compress to repack it"
+               if version in range(1, FORMAT_VERSION) else "upgrade tightfit or re-run compress")
+        raise PackedModelError(f"{path} has packed format version {version!r}; this tightfit reads version {FORMAT_VERSION} ({fix})")
     for key, kind in MANIFEST_FIELDS.items():
         if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
             raise PackedModelError(f"{manifest_path} is corrupted: field {key!r} is missing or not a {kind.__name__}")
+    if manifest["manifest_sha256"] != manifest_sha256(manifest):
+        raise PackedModelError(f"{manifest_path} is corrupted or was edited: its sha256 does not match its contents "
+                               "(re-run compress)")
+    for key, kind in SECTIONS.items():
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise PackedModelError(f"{manifest_path} is corrupted: section {key!r} is not a JSON object")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["tied"].items()):
+        raise PackedModelError(f"{manifest_path} is corrupted: 'tied' must map tensor names to tensor names")
+    for name, entry in manifest["files"].items():
+        if (Path(name).name != name or name in (MANIFEST_FILE, TENSORS_FILE) or not isinstance(entry, dict)
+                or not isinstance(entry.get("sha256"), str) or type(entry.get("bytes")) is not int):
+            raise PackedModelError(f"{manifest_path} is corrupted: file entry {name!r} is not a plain file name "
+                                   "with its sha256 and bytes")
     for name, entry in manifest["layers"].items():
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
@@ -153,6 +191,25 @@ def read_manifest(path: Path) -> dict:
         if not isinstance(entry.get("format"), str):
             raise PackedModelError(f"{manifest_path} is corrupted: layer {name!r} has no format")
     return manifest
+
+
+def _check_files(path: Path, listed: dict[str, dict], verify: bool) -> None:
+    """Every file the manifest lists is there, of its size (and sha256 with verify), and no file a loader
+    would read (LOADER_FILES) is there unlisted."""
+    if CONFIG_FILE not in listed:
+        raise PackedModelError(f"{path / MANIFEST_FILE} is corrupted: it does not list {CONFIG_FILE}")
+    unlisted = sorted(p.name for p in path.iterdir() if p.is_file() and p.name not in listed
+                      and any(fnmatch.fnmatch(p.name, pattern) for pattern in LOADER_FILES))
+    if unlisted:
+        raise PackedModelError(f"{path} holds {unlisted[0]}, which its manifest does not list and a loader would read "
+                               "(move it out, or re-run compress)")
+    for name, entry in listed.items():
+        file = path / name
+        if not file.is_file():
+            raise PackedModelError(f"{path} is incomplete: {name} is missing")
+        if file.stat().st_size != entry["bytes"] or (verify and sha256_file(file) != entry["sha256"]):
+            raise PackedModelError(f"{file} is corrupted or was edited: its size or sha256 does not match the manifest "
+                                   "(re-run compress)")
 
 
 def load_packed(path: Path, *, verify: bool = True) -> PackedModel:
@@ -169,14 +226,17 @@ def load_packed(path: Path, *, verify: bool = True) -> PackedModel:
         )
     if verify and sha256_file(tensors_path) != manifest["tensors_sha256"]:
         raise PackedModelError(f"{tensors_path} is corrupted: sha256 does not match the manifest")
+    _check_files(path, manifest["files"], verify)
     try:
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise PackedModelError(f"{tensors_path} is corrupted: {e}") from e
     try:
         hf_config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PackedModelError(f"{path / CONFIG_FILE} is missing or corrupted ({e})") from e
+    if not isinstance(hf_config, dict):
+        raise PackedModelError(f"{path / CONFIG_FILE} is corrupted: not a JSON object")
 
     layers = {}
     try:
@@ -190,6 +250,6 @@ def load_packed(path: Path, *, verify: bool = True) -> PackedModel:
     except (FormatError, KeyError) as e:
         raise PackedModelError(f"{path}: quantized layer data is inconsistent with the manifest ({e})") from e
     known = {"format", "format_version", "tightfit_version", "layers", "tied", "tensors_file",
-             "tensors_sha256", "tensors_bytes", "summary"}
+             "tensors_sha256", "tensors_bytes", "files", "summary", "manifest_sha256"}
     info = {k: v for k, v in manifest.items() if k not in known}
     return PackedModel(layers=layers, kept=tensors, hf_config=hf_config, tied=manifest["tied"], info=info)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tightfit.errors import InsufficientMemory, ModelSourceError, QuantizedSourceWarning
+from tightfit.errors import InsufficientMemory, ModelSourceError, QuantizedSourceWarning, native_stderr_held
 from tightfit.model.architectures import Architecture, check_layout, get_module
 from tightfit.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL, BuiltinModel
 from tightfit.model.gguf import quantized_type_counts
@@ -143,11 +143,20 @@ def _tokenizer(weights: CheckpointWeights) -> Any:
     from transformers import AutoTokenizer
 
     source = weights.source
-    with reading(source.path, "tokenizer"):
+    with reading(source.path, "tokenizer", any_exception=True), native_stderr_held():
         if source.kind != GGUF:
-            return AutoTokenizer.from_pretrained(source.path)
-        with _gguf_config_already_read(weights):
-            return AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+            tokenizer = AutoTokenizer.from_pretrained(source.path)
+        else:
+            with _gguf_config_already_read(weights):
+                tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        largest = max(tokenizer.get_vocab().values(), default=0)
+    # an id past both the token count and the model's vocabulary is no token of this model (and saving
+    # the tokenizer would take `tokenizers` as long as counting up to it)
+    vocab = getattr(weights.config, "vocab_size", 0)
+    if largest >= max(len(tokenizer), vocab if isinstance(vocab, int) else 0):
+        raise ModelSourceError(f"the tokenizer of {source.path} has token id {largest}, past its {len(tokenizer)} tokens "
+                               f"and the model's vocabulary of {vocab}")
+    return tokenizer
 
 
 def _empty_model(weights: CheckpointWeights) -> nn.Module:
@@ -170,7 +179,10 @@ def _filled_model(weights: CheckpointWeights, *, streamed: bool) -> nn.Module:
         blocks.to("meta")
     for name, shape in weights.shapes.items():
         module_name, _, param = name.rpartition(".")
-        module = model.get_submodule(module_name)
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:  # a tensor name the config's model does not have
+            module = nn.Module()
         current = module._parameters.get(param)
         if current is None or tuple(current.shape) != shape:
             raise ModelSourceError(f"{weights.source.path}: tensor for {name} has shape {list(shape)}, the model "
@@ -209,6 +221,13 @@ def resident_block(loaded: LoadedModel, i: int) -> Iterator[nn.Module]:
 def _hf_model(weights: CheckpointWeights) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    with torch.device("meta"):  # the shapes config.json implies, compared before anything is allocated
+        shell = AutoModelForCausalLM.from_config(copy.deepcopy(weights.config))
+    for name, param in shell.named_parameters():
+        shape = weights.shapes.get(name)
+        if shape is not None and shape != tuple(param.shape):
+            raise ModelSourceError(f"{weights.source.path}: tensor {name} has shape {list(shape)}, config.json "
+                                   f"implies {list(param.shape)}")
     return AutoModelForCausalLM.from_pretrained(weights.source.path, config=weights.config, dtype=torch.float32,
                                                 use_safetensors=True)
 

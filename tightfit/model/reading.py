@@ -39,17 +39,30 @@ def quiet_transformers() -> Iterator[None]:
 
 def _read_errors() -> tuple[type[BaseException], ...]:
     """What transformers, gguf and safetensors raise on unreadable files (truncated, corrupt, invalid JSON;
-    NotImplementedError: a GGML type gguf cannot dequantize)."""
+    NotImplementedError: a GGML type gguf cannot dequantize; TypeError and huggingface_hub's
+    StrictDataclassError: a config value of the wrong type; ArithmeticError, AssertionError,
+    AttributeError, RuntimeError: a model transformers cannot build from the config, or whose tensors
+    do not fit it)."""
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, IndexError, KeyError, struct.error, SafetensorError, NotImplementedError)
+    return (OSError, ValueError, IndexError, KeyError, TypeError, ArithmeticError, AssertionError, AttributeError,
+            RuntimeError, struct.error, SafetensorError, StrictDataclassError)
 
 
 @contextmanager
-def reading(path: Path, what: str) -> Iterator[None]:
-    """Turn the libraries' exceptions for an unreadable `what` of `path` into one-line ModelSourceErrors."""
+def reading(path: Path, what: str, *, any_exception: bool = False) -> Iterator[None]:
+    """Turn the libraries' exceptions for an unreadable `what` of `path` into one-line ModelSourceErrors.
+
+    any_exception: for a parser that raises plain Exception on bad input, or even pyo3's PanicException
+    (a BaseException) when its Rust code panics: the `tokenizers` library.
+    """
     try:
         yield
-    except _read_errors() as e:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        if not (any_exception or isinstance(e, _read_errors())):
+            raise
         detail = " ".join(str(e).split()) or type(e).__name__
         raise ModelSourceError(f"cannot read the {what} of {path}: {detail}") from e

@@ -104,11 +104,20 @@ def _parameter_names(config: Any) -> list[str]:
     return list(model.state_dict())
 
 
+def _check_block_count(source: ModelSource, config: Any, found: set[str]) -> None:
+    """The config's number of decoder blocks is the number the file holds (`found`: their indices),
+    checked before a model of that many blocks is built."""
+    if getattr(config, "num_hidden_layers", None) != len(found):
+        raise ModelSourceError(f"{source.path}: the config says {getattr(config, 'num_hidden_layers', None)!r} decoder "
+                               f"blocks, the tensors hold {len(found)}")
+
+
 def _gguf_weights(source: ModelSource) -> CheckpointWeights:
     header = read_gguf_header(source.path)
     with reading(source.path, "config"):
         config = gguf_config(header)
     arch = architecture_for(config)
+    _check_block_count(source, config, {t.name.split(".")[1] for t in header.tensors if t.name.startswith("blk.")})
     with reading(source.path, "tensor table"):
         tensors = open_gguf_tensors(header, _parameter_names(config))
     shapes = {name: info.shape for name, info in tensors.names.items()}
@@ -129,6 +138,8 @@ def _safetensors_weights(source: ModelSource) -> CheckpointWeights:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
                     where[name], shapes[name] = file, tuple(f.get_slice(name).get_shape())
+    blocks = {name[len(arch.blocks) + 1:].split(".")[0] for name in shapes if name.startswith(f"{arch.blocks}.")}
+    _check_block_count(source, config, blocks)
 
     def read(name: str) -> torch.Tensor:
         with reading(where[name], "weights"), safe_open(where[name], framework="pt") as f:

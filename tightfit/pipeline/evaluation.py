@@ -55,11 +55,11 @@ def is_packed(path: str) -> bool:
 
 def default_reference(path: Path) -> str | None:
     """The source model named in a packed model's manifest, if it can still be found."""
-    source = read_manifest(path).get("source", {})
+    name = read_manifest(path).get("source", {}).get("name")
     from tightfit.model import resolve_source
 
     try:
-        resolve_source(source.get("name", ""))
+        resolve_source(name if isinstance(name, str) else "")
     except TightfitError:
         return None
-    return source.get("name")
+    return name

@@ -26,6 +26,7 @@ import torch
 from tightfit.errors import GenerationError, KernelUnavailable, PackedModelError
 from tightfit.formats.packed import PackedModel, load_packed
 from tightfit.formats.primitives import QuantizedTensor
+from tightfit.runtime.engine_checks import MODULES, create_engine, validate_packed_for_engine
 from tightfit.runtime.engine_config import LAYOUTS, EngineLayout, EngineSpec, engine_spec, layout_for
 from tightfit.runtime.kernels import KernelMatrix, from_dense, from_quantized
 from tightfit.runtime.kernels.build import load
@@ -36,10 +37,7 @@ ENGINE_MODEL_TYPES = tuple(LAYOUTS)
 DEFAULT_MAX_BATCH = 64  # tokens per C++ call; longer prompts are fed in chunks
 RING_LOST = -3  # tf_engine_forward: a sliding-window ring no longer holds what the call reads
 _PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-_MODULE = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-}
+_MODULE = MODULES  # projection -> its module in a Llama-layout block
 _LAYER_VECTORS = ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm", "q_norm", "k_norm")  # EngineLayout's norms
 
 
@@ -76,9 +74,12 @@ class FastBackend:
 
     def __init__(self, packed: PackedModel, *, max_positions: int = 2048, threads: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, exact: bool = False, portable: bool = False) -> None:
-        layout_for(packed.hf_config.get("model_type"))  # an unknown architecture is refused before its config is built
-        spec = engine_spec(transformers_config(packed), max_positions)
+        layout = layout_for(packed.hf_config.get("model_type"))  # an unknown architecture is refused before its config is built
+        config = transformers_config(packed)
         self._lib = load(portable)
+        # every size config.json gives checked against every tensor the engine reads, before engine_spec uses them
+        validate_packed_for_engine(packed, config, layout, self._lib.tf_max_head_dim())
+        spec = engine_spec(config, max_positions)
         self.vocab_size = spec.vocab
         self.max_positions = spec.max_positions
         self.max_batch = int(max_batch)
@@ -115,9 +116,7 @@ class FastBackend:
             embed=embed.struct(), head=head.struct(),
             final_norm=self._vector(packed, "model.norm.weight", offset), layers=layers,
         )
-        self._engine = self._lib.tf_engine_create(ctypes.addressof(self._config))
-        if not self._engine:
-            raise KernelUnavailable(f"the fast engine refused the configuration of this {packed.hf_config.get('model_type')} model")
+        self._engine = create_engine(self._lib, self._config)
         self.kv_bytes = int(self._lib.tf_engine_kv_bytes(self._engine))  # fp16 K and V of every layer, rings included
         self._logits = torch.empty(self.max_batch, self.vocab_size, dtype=torch.float32)
         self._logits_ptr = self._logits.data_ptr()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tightfit.errors import KernelUnavailable
+from tightfit.errors import KernelUnavailable, PackedModelError
 
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}  # config name -> TF_ACT_* in common.h
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
@@ -140,12 +140,20 @@ def _rope_tables(config, max_positions: int, layer_type: str | None) -> tuple[to
 
     module = importlib.import_module(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__module__)
     rotary_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    rotary = rotary_cls(config=config)
-    pos = torch.arange(max_positions).unsqueeze(0)  # [1, P]
-    typed = "layer_type" in inspect.signature(rotary.forward).parameters
-    x = torch.zeros(1, dtype=torch.float32)
-    cos, sin = rotary(x, pos, layer_type) if typed else rotary(x, pos)  # [1, P, R] each, halves duplicated
-    half = cos.shape[-1] // 2
+    try:  # rope_theta, rope_scaling / rope_parameters, partial_rotary_factor come from config.json
+        rotary = rotary_cls(config=config)
+        pos = torch.arange(max_positions).unsqueeze(0)  # [1, P]
+        typed = "layer_type" in inspect.signature(rotary.forward).parameters
+        x = torch.zeros(1, dtype=torch.float32)
+        cos, sin = rotary(x, pos, layer_type) if typed else rotary(x, pos)  # [1, P, R] each, halves duplicated
+    except Exception as e:  # transformers' own checks raise ValueError, KeyError, TypeError, ...
+        raise PackedModelError(f"config.json: transformers cannot build the rotary embedding ({type(e).__name__}: {e})") from None
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    rope_dim = cos.shape[-1]
+    if cos.dim() != 3 or tuple(cos.shape[:2]) != (1, max_positions) or rope_dim < 2 or rope_dim % 2 or rope_dim > head_dim:
+        raise PackedModelError(f"config.json: the rotary embedding has {rope_dim} dimensions per head, "
+                               f"it must be an even number from 2 to head_dim {head_dim}")
+    half = rope_dim // 2
     return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
 

@@ -7,6 +7,7 @@ Fast low-bit kernels replace `QuantLinear.forward` per format later, tested agai
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -41,15 +42,48 @@ def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+RUNTIME_OUTPUTS = {"return_dict": True, "output_attentions": False, "output_hidden_states": False, "torchscript": False}
+
+
 def transformers_config(packed: PackedModel):
     """The transformers config (a PretrainedConfig) of a packed model, from its config.json."""
     from transformers import AutoConfig
 
     config_dict = dict(packed.hf_config)
     model_type = config_dict.pop("model_type", None)
-    if model_type is None:
-        raise PackedModelError("packed config.json has no model_type")
-    return AutoConfig.for_model(model_type, **config_dict)
+    if not isinstance(model_type, str):
+        raise PackedModelError(f"packed config.json has no model_type (got {model_type!r})")
+    try:  # the output switches tightfit's callers rely on win over config.json's (a return_dict false gives tuples)
+        return AutoConfig.for_model(model_type, **{**config_dict, **RUNTIME_OUTPUTS})
+    except Exception as e:  # transformers' and huggingface_hub's validators raise ValueError, TypeError, their own types
+        raise PackedModelError(f"packed config.json is not a valid {model_type!r} config: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
+def check_tensors_fit(config, packed: PackedModel) -> None:
+    """Every packed tensor has the shape of the parameter it fills in the model `config` describes,
+    checked on a weightless (meta) copy of the model before any memory is allocated for it."""
+    from transformers import AutoModelForCausalLM
+
+    blocks = {int(m.group(1)) for n in (*packed.layers, *packed.kept) if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    if blocks and getattr(config, "num_hidden_layers", None) != len(blocks):
+        raise PackedModelError(f"packed config.json says num_hidden_layers {getattr(config, 'num_hidden_layers', None)!r}, "
+                               f"the tensors hold {len(blocks)} blocks (re-run compress)")
+    try:
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # a config transformers accepted but cannot build (sizes, layer types)
+        raise PackedModelError(f"packed config.json does not build a model: {_first_line(e)}") from None
+    params = dict(shell.named_parameters())
+    shapes = {f"{n}.weight": q.shape for n, q in packed.layers.items()} | {n: tuple(t.shape) for n, t in packed.kept.items()}
+    for name, shape in shapes.items():
+        if name in params and tuple(params[name].shape) != tuple(shape):
+            raise PackedModelError(f"packed tensor {name} is {list(shape)}, but config.json gives the model "
+                                   f"{list(params[name].shape)}: the config does not belong to these tensors (re-run compress)")
 
 
 @torch.no_grad()
@@ -60,9 +94,13 @@ def build_model(packed: PackedModel) -> nn.Module:
 
     hf_logging.set_verbosity_error()
     config = transformers_config(packed)
+    check_tensors_fit(config, packed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, q in packed.layers.items():
-        linear = model.get_submodule(name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise PackedModelError(f"packed layer {name} is not a module of the {config.model_type} model") from None
         if not isinstance(linear, (nn.Linear, nn.Embedding)) or tuple(linear.weight.shape) != q.shape:
             raise PackedModelError(f"packed layer {name} {q.shape} does not fit the model's {linear}")
         if isinstance(linear, nn.Embedding):  # rows are looked up, not multiplied: decode once

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from tightfit.errors import GenerationError, PackedModelError
+from tightfit.errors import GenerationError, PackedModelError, native_stderr_held
 
 REPLACEMENT_CHAR = "\ufffd"
 CONTEXT_TOKENS = 5  # tokens of left context decoded with each new token (enough for any merge)
@@ -26,9 +26,13 @@ def load_tokenizer(path: Path) -> Any:
 
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise PackedModelError(f"{path} has no usable tokenizer ({e})") from e
+        with native_stderr_held():  # a panic's message from the Rust `tokenizers`
+            return AutoTokenizer.from_pretrained(str(path))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # the Rust `tokenizers` raises Exception, or pyo3's PanicException (a BaseException)
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise PackedModelError(f"{path} has no usable tokenizer ({detail})") from e
 
 
 def eos_token_ids(path: Path, tokenizer: Any) -> tuple[int, ...]:

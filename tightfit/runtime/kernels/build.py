@@ -25,7 +25,7 @@ from tightfit.errors import KernelUnavailable
 
 SOURCE_DIR = Path(__file__).parent
 MAIN_SOURCE = "engine.cpp"  # the one translation unit; it includes the *.h sources
-ABI_VERSION = 6  # must equal TF_ABI_VERSION in common.h
+ABI_VERSION = 7  # must equal TF_ABI_VERSION in common.h
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = ("-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
@@ -129,8 +129,9 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.tf_quantize_activations.argtypes = [ptr, i32, i32, ptr]
     lib.tf_read_seconds.argtypes = [ptr, ctypes.c_size_t, i32, i32]
     lib.tf_read_seconds.restype = f64
-    lib.tf_engine_create.argtypes = [ptr]
-    lib.tf_engine_create.restype = ptr
+    lib.tf_engine_create.argtypes = [ptr, ctypes.POINTER(ptr)]
+    lib.tf_engine_create.restype = i32
+    lib.tf_max_head_dim.restype = i32
     lib.tf_engine_free.argtypes = [ptr]
     lib.tf_engine_forward.argtypes = [ptr, ctypes.POINTER(ctypes.c_int32), i32, i32, ptr, i32]
     lib.tf_engine_profile.argtypes = [ptr, ptr]

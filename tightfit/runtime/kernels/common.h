@@ -20,7 +20,7 @@
 #define TF_AVX512 0
 #endif
 
-#define TF_ABI_VERSION 6  // = ABI_VERSION in build.py; bump with any change below or to a signature
+#define TF_ABI_VERSION 7  // = ABI_VERSION in build.py; bump with any change below or to a signature
 
 extern "C" {
 

@@ -17,6 +17,25 @@
 // gate/up + SiLU, down, final norm + head; PH_BARRIERS is its waiting for the other threads.
 enum Phase { PH_NORM, PH_QKV, PH_ATTENTION, PH_O, PH_GATE_UP, PH_DOWN, PH_HEAD, PH_BARRIERS, PH_COUNT };
 
+// Largest head_dim: store_kv rotates each key in a stack buffer of this many floats.
+#define TF_MAX_HEAD_DIM 512
+// Largest KV cache, batch and thread count: positions and token counts stay far from int overflow,
+// per-thread buffers within reason.
+#define TF_MAX_POSITIONS (1 << 30)
+#define TF_MAX_BATCH (1 << 16)
+#define TF_MAX_THREADS 1024
+
+// What tf_engine_create returns (CREATE_ERRORS in runtime/engine_checks.py words them for people).
+enum {
+    TF_OK = 0,
+    TF_E_COUNT = -1,     // a size or count <= 0 or past its limit below, or n_heads not a multiple of n_kv_heads
+    TF_E_HEAD_DIM = -2,  // head_dim odd (RoPE rotates pairs) or above TF_MAX_HEAD_DIM, or rope_dim odd, < 2 or > head_dim
+    TF_E_SHAPE = -3,     // a matrix's (N, K) or layout fields disagree with the config
+    TF_E_NULL = -4,      // a weight, norm or table pointer is missing
+    TF_E_MEMORY = -5,    // an allocation failed
+    TF_E_ARCH = -6,      // an architecture field out of range: act, a layer's window, eps, attn_scale, final_softcap, embed_scale
+};
+
 struct Engine {
     tf_config cfg;
     KVCache kv;
@@ -111,7 +130,7 @@ static inline void store_kv(Step& s, int L) {
     const int D = s.c.head_dim, KVH = s.c.n_kv_heads;
     for (int it = s.tid; it < s.M * KVH; it += s.nth) {
         const int i = it / KVH, kh = it % KVH, ps = s.pos + i;
-        float kr[512];
+        float kr[TF_MAX_HEAD_DIM];
         memcpy(kr, s.e.k.data() + (size_t)i * KVH * D + kh * D, sizeof(float) * D);
         norm_rope(s, ly, ly.k_norm, ps, kr);
         s.e.kv.store(L, kh, ps, kr, s.e.v.data() + (size_t)i * KVH * D + kh * D);
@@ -200,40 +219,90 @@ static inline void lm_head(Step& s, float* logits, int all_logits) {
 
 extern "C" {
 
-// The architecture fields tf_engine_create checks (the matrices' shapes are the caller's to check)
-static bool valid_architecture(const tf_config& c) {
-    if (c.rope_dim < 2 || c.rope_dim % 2 || c.rope_dim > c.head_dim || c.head_dim > 512) return false;
-    if (c.act != TF_ACT_SILU && c.act != TF_ACT_GELU_TANH) return false;
-    for (int L = 0; L < c.n_layers; L++)
-        if (c.layers[L].window < 0 || !c.layers[L].rope_cos || !c.layers[L].rope_sin) return false;
-    return true;
+// Whether W is a well-formed [N, K] matrix: kind, layout fields and the pointers its kind reads
+// (a grid format's level table only with 4-bit codes: the kernels' grid path reads 16 levels).
+static bool mat_ok(const tf_mat& W, int64_t N, int64_t K) {
+    if (W.N != N || W.K != K) return false;
+    if (W.kind == TF_F16 || W.kind == TF_F32) return W.dense != nullptr;
+    if (W.kind != TF_QUANT) return false;
+    const bool bits_ok = W.bits == 2 || W.bits == 3 || W.bits == 4 || W.bits == 5 || W.bits == 6 || W.bits == 8;
+    return bits_ok && (!W.levels || W.bits == 4) && W.Kp == (K + 31) / 32 * 32 && W.group >= 1 &&
+           W.G == (K + W.group - 1) / W.group && W.codes && W.scales && W.zeros;
 }
 
-// A new engine for cfg (copied; the weights it points to must outlive the engine), or NULL when
-// cfg describes what the engine cannot run.
-void* tf_engine_create(const tf_config* cfg) {
-    if (!cfg || cfg->n_layers < 1 || !cfg->layers || !valid_architecture(*cfg)) return nullptr;
-    Engine* e = new Engine();
-    e->cfg = *cfg;
-    const tf_config& c = e->cfg;
-    const size_t D = c.head_dim, B = c.max_batch;
-    e->kv.allocate(c);
-    e->res.resize(std::max(1, c.threads));
-    e->xp.resize(std::max(1, c.threads));
-    e->q.resize(B * c.n_heads * D);
-    e->att.resize(B * c.n_heads * D);
-    e->k.resize(B * c.n_kv_heads * D);
-    e->v.resize(B * c.n_kv_heads * D);
-    e->o.resize(B * c.hidden);
-    e->down.resize(B * c.hidden);
-    e->gate.resize(B * c.inter);
-    e->up.resize(B * c.inter);
-    e->acts.resize(std::max(1, c.threads));
-    e->scores.assign(std::max(1, c.threads), std::vector<float>(e->kv.max_slots));
-    return e;
+// Every size and architecture field the forward step relies on, checked before any allocation:
+// TF_OK or a TF_E_* code.
+static int check_config(const tf_config& c) {
+    if (c.n_layers < 1 || c.hidden < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.head_dim < 1 || c.inter < 1 ||
+        c.vocab < 1 || c.max_pos < 1 || c.max_pos > TF_MAX_POSITIONS || c.max_batch < 1 || c.max_batch > TF_MAX_BATCH ||
+        c.threads < 1 || c.threads > TF_MAX_THREADS || c.n_heads % c.n_kv_heads != 0)
+        return TF_E_COUNT;
+    if (c.head_dim % 2 != 0 || c.head_dim > TF_MAX_HEAD_DIM) return TF_E_HEAD_DIM;
+    if (c.rope_dim < 2 || c.rope_dim % 2 != 0 || c.rope_dim > c.head_dim) return TF_E_HEAD_DIM;
+    if ((c.act != TF_ACT_SILU && c.act != TF_ACT_GELU_TANH) || !(c.eps > 0.f) || !isfinite(c.eps) ||
+        !(c.attn_scale > 0.f) || !isfinite(c.attn_scale) || !(c.final_softcap >= 0.f) || !isfinite(c.final_softcap) ||
+        !isfinite(c.embed_scale))
+        return TF_E_ARCH;
+    if (!c.final_norm || !c.layers) return TF_E_NULL;
+    const int64_t H = c.hidden, QD = (int64_t)c.n_heads * c.head_dim, KVD = (int64_t)c.n_kv_heads * c.head_dim, I = c.inter;
+    if (!mat_ok(c.embed, c.vocab, H) || !mat_ok(c.head, c.vocab, H)) return TF_E_SHAPE;
+    for (int L = 0; L < c.n_layers; L++) {
+        const tf_layer& l = c.layers[L];
+        if (l.window < 0 || l.window > TF_MAX_POSITIONS) return TF_E_ARCH;
+        if (!l.attn_norm || !l.mlp_norm || !l.rope_cos || !l.rope_sin) return TF_E_NULL;
+        if (!mat_ok(l.q, QD, H) || !mat_ok(l.k, KVD, H) || !mat_ok(l.v, KVD, H) || !mat_ok(l.o, H, QD) ||
+            !mat_ok(l.gate, I, H) || !mat_ok(l.up, I, H) || !mat_ok(l.down, H, I))
+            return TF_E_SHAPE;
+    }
+    return TF_OK;
+}
+
+// *out <- a new engine for cfg (copied; the weights it points to stay the caller's and must outlive
+// the engine), or NULL with the TF_E_* code returned. No exception crosses this boundary; every
+// buffer a forward step uses is allocated here.
+int tf_engine_create(const tf_config* cfg, void** out) {
+    if (!out) return TF_E_NULL;
+    *out = nullptr;
+    if (!cfg) return TF_E_NULL;
+    const int rc = check_config(*cfg);
+    if (rc != TF_OK) return rc;
+    Engine* e = nullptr;
+    try {
+        e = new Engine();
+        e->cfg = *cfg;
+        const tf_config& c = e->cfg;
+        const size_t D = c.head_dim, B = c.max_batch, T = c.threads;
+        const size_t widest = (size_t)std::max({c.hidden, c.inter, c.n_heads * c.head_dim}) + 31;  // + padding to 32 (checked: fits int)
+        e->kv.allocate(c);
+        e->res.assign(T, std::vector<float>(B * c.hidden));
+        e->xp.assign(T, std::vector<float>(B * c.hidden));
+        e->q.resize(B * c.n_heads * D);
+        e->att.resize(B * c.n_heads * D);
+        e->k.resize(B * c.n_kv_heads * D);
+        e->v.resize(B * c.n_kv_heads * D);
+        e->o.resize(B * c.hidden);
+        e->down.resize(B * c.hidden);
+        e->gate.resize(B * c.inter);
+        e->up.resize(B * c.inter);
+        e->acts.resize(T);
+        for (QAct& a : e->acts) {  // capacity for the widest activation, so forward steps never allocate
+            a.xq.reserve(B * widest);
+            a.sx.reserve(B * widest / 32 + B);
+            a.psum.reserve(B * widest / 16 + B);
+            a.xs.reserve(B * widest);
+        }
+        e->scores.assign(T, std::vector<float>(e->kv.max_slots));
+    } catch (...) {  // std::bad_alloc, std::length_error
+        delete e;
+        return TF_E_MEMORY;
+    }
+    *out = e;
+    return TF_OK;
 }
 
 void tf_engine_free(void* p) { delete (Engine*)p; }
+
+int tf_max_head_dim(void) { return TF_MAX_HEAD_DIM; }
 
 // Bytes of the engine's KV cache (rings of sliding-window layers included)
 size_t tf_engine_kv_bytes(const void* p) { return ((const Engine*)p)->kv.bytes(); }
