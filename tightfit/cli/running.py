@@ -213,6 +213,8 @@ def _chat_loop(config, backend, tokenizer, eos, start: list[dict], interactive: 
 
 
 def _cmd_serve(args) -> int:
+    import signal
+
     from tightfit.runtime.server import OpenAIServer, ServedModel, ServerLimits
 
     backend, tokenizer, eos = _open_text_model(args)
@@ -225,6 +227,10 @@ def _cmd_serve(args) -> int:
         raise TightfitError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.address
     _status(f"serving '{name}' on http://{host}:{port}/v1 (Ctrl-C stops)")
+    # Ctrl-C and SIGTERM stop it cleanly, also when it was started with SIGINT ignored (a background
+    # job of a script: Python then never turns SIGINT into KeyboardInterrupt on its own).
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
