@@ -78,8 +78,8 @@ class FastBackend:
         config = transformers_config(packed)
         self._lib = load(portable)
         # every size config.json gives checked against every tensor the engine reads, before engine_spec uses them
-        validate_packed_for_engine(packed, config, layout, self._lib.tf_max_head_dim())
-        spec = engine_spec(config, max_positions)
+        dims = validate_packed_for_engine(packed, config, layout, self._lib.tf_max_head_dim())
+        spec = engine_spec(config, dims, max_positions)
         self.vocab_size = spec.vocab
         self.max_positions = spec.max_positions
         self.max_batch = int(max_batch)

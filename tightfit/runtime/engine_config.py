@@ -16,10 +16,14 @@ import importlib
 import inspect
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tightfit.errors import KernelUnavailable, PackedModelError
+
+if TYPE_CHECKING:  # engine_checks builds on this module
+    from tightfit.runtime.engine_checks import EngineDims
 
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}  # config name -> TF_ACT_* in common.h
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
@@ -133,7 +137,7 @@ def _rope_limit(config) -> int | None:
     return None
 
 
-def _rope_tables(config, max_positions: int, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_tables(config, max_positions: int, layer_type: str | None, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_positions, rope_dim/2] fp32 from transformers' own rotary module of this model
     (every RoPE variant it implements; `layer_type` where the bases differ per layer type)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -148,7 +152,6 @@ def _rope_tables(config, max_positions: int, layer_type: str | None) -> tuple[to
         cos, sin = rotary(x, pos, layer_type) if typed else rotary(x, pos)  # [1, P, R] each, halves duplicated
     except Exception as e:  # transformers' own checks raise ValueError, KeyError, TypeError, ...
         raise PackedModelError(f"config.json: transformers cannot build the rotary embedding ({type(e).__name__}: {e})") from None
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     rope_dim = cos.shape[-1]
     if cos.dim() != 3 or tuple(cos.shape[:2]) != (1, max_positions) or rope_dim < 2 or rope_dim % 2 or rope_dim > head_dim:
         raise PackedModelError(f"config.json: the rotary embedding has {rope_dim} dimensions per head, "
@@ -157,9 +160,10 @@ def _rope_tables(config, max_positions: int, layer_type: str | None) -> tuple[to
     return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
 
-def engine_spec(config, max_positions: int) -> EngineSpec:
-    """The engine's values for a transformers config with a KV cache of `max_positions` tokens
-    (capped at the model's max_position_embeddings). Raises KernelUnavailable for what it cannot run."""
+def engine_spec(config, dims: EngineDims, max_positions: int) -> EngineSpec:
+    """The engine's values for a transformers config whose sizes `engine_checks.engine_dims` read and
+    checked (`dims`), with a KV cache of `max_positions` tokens (capped at the model's
+    max_position_embeddings). Raises KernelUnavailable for what it cannot run."""
     layout = layout_for(config.model_type)
     act = getattr(config, layout.activation_key, None)
     if act not in ACTIVATIONS:
@@ -176,21 +180,18 @@ def engine_spec(config, max_positions: int) -> EngineSpec:
             f"switches every position of a call to the long factors); use a KV cache of at most {rope_limit} tokens "
             "or --engine torch"
         )
-    hidden, n_heads = int(config.hidden_size), int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // n_heads)
     types = _layer_types(config)
     per_type = getattr(config, "layer_types", None) is not None
-    tables = {t: _rope_tables(config, max_positions, t if per_type else None) for t in sorted(set(types))}
+    tables = {t: _rope_tables(config, max_positions, t if per_type else None, dims.head_dim) for t in sorted(set(types))}
     window = int(getattr(config, "sliding_window", None) or 0)
-    query_scale = getattr(config, layout.query_scale_key) if layout.query_scale_key else head_dim
+    query_scale = getattr(config, layout.query_scale_key) if layout.query_scale_key else dims.head_dim
     softcap = getattr(config, "final_logit_softcapping", None)
     return EngineSpec(
-        layout=layout, n_layers=int(config.num_hidden_layers), hidden=hidden, n_heads=n_heads,
-        n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads), head_dim=head_dim,
-        inter=int(config.intermediate_size), vocab=int(config.vocab_size), max_positions=max_positions,
+        layout=layout, n_layers=dims.n_layers, hidden=dims.hidden, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads,
+        head_dim=dims.head_dim, inter=dims.inter, vocab=dims.vocab, max_positions=max_positions,
         eps=float(config.rms_norm_eps), attn_scale=float(query_scale) ** -0.5, act=ACTIVATIONS[act],
         rope_dim=2 * tables[types[0]][0].shape[1],
-        embed_scale=math.sqrt(hidden) if layout.scaled_embedding else 1.0,
+        embed_scale=math.sqrt(dims.hidden) if layout.scaled_embedding else 1.0,
         final_softcap=float(softcap or 0.0),
         windows=tuple(window if t == SLIDING else 0 for t in types),
         rope_cos=tuple(tables[t][0] for t in types), rope_sin=tuple(tables[t][1] for t in types),
