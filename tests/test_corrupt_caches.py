@@ -13,7 +13,7 @@ import torch
 
 from tightfit.artifacts import CalibrationConfig, LayerReport
 from tightfit.cli import main
-from tightfit.errors import CorruptCacheWarning
+from tightfit.errors import CorruptCacheError, CorruptCacheWarning
 from tightfit.formats import QuantFormat
 from tightfit.formats.primitives import quantize_rtn
 from tightfit.model import load_model
@@ -160,6 +160,49 @@ def test_corrupt_hessians_and_fisher_caches_are_collected_again(tiny_model_dir, 
     fisher_path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     with pytest.warns(CorruptCacheWarning, match="fisher.safetensors is unreadable"):
         assert calibrate_stage.load_fisher(fisher_path, loaded, config, windows=2, seed=0) is None
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("flip block", "block_001.safetensors is corrupted: its contents do not match their sha256"),
+    ("truncate block", "block_001.safetensors is unreadable"),
+    ("delete block", "block_001.safetensors is missing"),
+    ("truncate folder file", "hessians.json is unreadable"),
+    ("edit folder file", "hessians.json is corrupted: its contents do not match their sha256"),
+])
+def test_a_damaged_per_block_hessian_file_is_collected_again(tiny_model_dir, tiny_text_file, tmp_path, damage, message):
+    """A streamed model's Hessians stay in work/hessians/, one checksummed file per block (2 here)."""
+    loaded = load_model(str(tiny_model_dir), streamed=True)
+    config = CalibrationConfig(text=str(tiny_text_file), n_samples=4, seq_len=32, batch_size=2)
+    stages: list[str] = []
+    first = {k: v.clone() for k, v in original_hessians(loaded, config, tmp_path, False, stages.append).hessians.items()}
+    folder = tmp_path / "hessians"
+    block, meta = folder / "block_001.safetensors", folder / calibrate_stage.HESSIAN_FILES_META
+    if damage == "flip block":
+        _flip(block)
+    elif damage == "truncate block":
+        _truncate(block)
+    elif damage == "delete block":
+        block.unlink()
+    elif damage == "truncate folder file":
+        _truncate(meta)
+    else:
+        meta.write_text(meta.read_text().replace('"blocks": 2', '"blocks": 1'))
+    with pytest.warns(CorruptCacheWarning, match=f"{message}.*; computing it again"):
+        again = original_hessians(loaded, config, tmp_path, False, stages.append)
+    assert len(stages) == 2 and all("collecting Hessians" in s for s in stages)
+    assert again.hessians.keys() == first.keys() and all(torch.equal(again.hessians[k], first[k]) for k in first)
+    assert original_hessians(loaded, config, tmp_path, False, stages.append).hessians.keys() == first.keys()
+    assert len(stages) == 2, "the collected files are reused"
+
+
+def test_a_hessian_file_damaged_after_loading_is_a_one_line_error(tiny_model_dir, tiny_text_file, tmp_path):
+    loaded = load_model(str(tiny_model_dir), streamed=True)
+    config = CalibrationConfig(text=str(tiny_text_file), n_samples=4, seq_len=32, batch_size=2)
+    hessians = original_hessians(loaded, config, tmp_path, False, lambda _: None).hessians
+    name = next(k for k in hessians if ".1." in k)
+    _truncate(tmp_path / "hessians" / "block_001.safetensors")
+    with pytest.raises(CorruptCacheError, match=r"^\S*block_001.safetensors is unreadable \([^\n]*\); remove \S*hessians to collect"):
+        hessians[name]
 
 
 def test_a_corrupt_sensitivity_cache_is_scored_again(tiny_model_dir, tiny_text_file, tmp_path, capsys):

@@ -14,7 +14,8 @@ from tightfit.formats.files import load_checked_tensors, read_tensor_metadata, w
 from tightfit.model import LoadedModel
 
 
-def load_cached(path: Path, loaded: LoadedModel, config: CalibrationConfig, **key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+def load_cached(path: Path, loaded: LoadedModel, config: CalibrationConfig,
+                **key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """(tensors, metadata) of the cache file at path if it was made from this model and calibration
     (and carries every `key` value), else None; a corrupt one is None too, with a CorruptCacheWarning."""
     if not Path(path).is_file():

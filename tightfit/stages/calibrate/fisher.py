@@ -17,6 +17,7 @@ from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.model.blocks import block_list, capture_block_inputs, linear_layer_names, replay_blocks, run_block
 from tightfit.stages.calibrate.cache import load_cached
 
+
 def _embedding_scale(embedding: torch.nn.Module, token: int) -> float:
     """s with embedding(x) = s * E[x]: 1 for a plain embedding, sqrt(hidden) for Gemma's scaled one."""
     out = embedding(torch.tensor([[token]])).reshape(-1).float()  # [H]

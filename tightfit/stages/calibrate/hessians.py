@@ -16,15 +16,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from tightfit.algorithms import HessianAccumulator
 from tightfit.artifacts import CalibrationConfig, CalibrationSet, HessianSet, config_to_json
-from tightfit.formats.files import atomic_save_tensors, atomic_write_json
+from tightfit.errors import CorruptCacheError
+from tightfit.formats.files import atomic_save_tensors, atomic_write_json, load_checked_json, load_checked_tensors, warn_recomputed
 from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.model.blocks import block_list, capture_block_inputs, run_block
 from tightfit.stages.calibrate.cache import load_cached
+
 
 @torch.no_grad()
 def collect_hessians(loaded: LoadedModel, calibration: CalibrationSet, *, store: Path | None = None,
@@ -34,9 +36,13 @@ def collect_hessians(loaded: LoadedModel, calibration: CalibrationSet, *, store:
     Returns, for every linear layer of every block, the Hessian [K, K] of its inputs; layers of
     one group (same input) share one tensor. With `store` (a folder), each block's Hessians are
     saved there as soon as they exist and the set reads them back on access (`HessianFiles`):
-    a 1.5B model's take 9 GB, more than the model, so a streamed model keeps them on disk.
+    a 1.5B model's take 9 GB, more than the model, so a streamed model keeps them on disk. Each
+    block file carries the sha256 of its contents; the folder's HESSIAN_FILES_META, removed first
+    and written last, marks it finished.
     """
     arch = loaded.arch
+    if store is not None:
+        (Path(store) / HESSIAN_FILES_META).unlink(missing_ok=True)  # unfinished until written again
     n_blocks = len(block_list(loaded.model, arch))
     inputs = capture_block_inputs(loaded.model, arch, calibration.tokens, calibration.config.batch_size)
     hessians: dict[str, torch.Tensor] = {}
@@ -62,17 +68,22 @@ def collect_hessians(loaded: LoadedModel, calibration: CalibrationSet, *, store:
         if store is None:
             hessians.update(block_hessians)
             continue
-        path = Path(store) / f"block_{i:03d}.safetensors"
+        path = _block_file(store, i)
         unique, aliases = _unique_tensors(block_hessians)
-        atomic_save_tensors(path, unique, metadata={"aliases": json.dumps(aliases)})
+        atomic_save_tensors(path, unique, metadata={"aliases": json.dumps(aliases)}, checksum=True)
         stored.update({name: (path, aliases.get(name, name)) for name in block_hessians})
     if store is not None:
-        atomic_write_json(Path(store) / HESSIAN_FILES_META, _hessian_key(loaded, calibration.config))
+        meta = {**_hessian_key(loaded, calibration.config), "blocks": n_blocks}
+        atomic_write_json(Path(store) / HESSIAN_FILES_META, meta, checksum=True)
         return HessianSet(config=calibration.config, source_sha256=loaded.source.sha256(), hessians=HessianFiles(stored))
     return HessianSet(config=calibration.config, source_sha256=loaded.source.sha256(), hessians=hessians)
 
 
 HESSIAN_FILES_META = "hessians.json"  # written last: its presence marks a finished folder
+
+
+def _block_file(folder: Path, index: int) -> Path:
+    return Path(folder) / f"block_{index:03d}.safetensors"
 
 
 class HessianFiles(Mapping[str, torch.Tensor]):
@@ -83,8 +94,12 @@ class HessianFiles(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         path, stored = self.where[name]
-        with safe_open(str(path), "pt") as f:
-            return f.get_tensor(stored)
+        try:
+            with safe_open(str(path), "pt") as f:
+                return f.get_tensor(stored)
+        except (SafetensorError, OSError, ValueError) as e:  # checked when loaded: changed since
+            raise CorruptCacheError(f"{path} is unreadable ({' '.join(str(e).split())}); remove {path.parent} "
+                                    "to collect the Hessians again") from e
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)
@@ -98,16 +113,30 @@ def _hessian_key(loaded: LoadedModel, config: CalibrationConfig) -> dict[str, st
 
 
 def load_hessian_files(folder: Path, loaded: LoadedModel, config: CalibrationConfig) -> HessianSet | None:
-    """The Hessians `collect_hessians(store=folder)` saved, if made from this model and calibration, else None."""
-    meta = Path(folder) / HESSIAN_FILES_META
-    if not meta.is_file() or json.loads(meta.read_text()) != _hessian_key(loaded, config):
+    """The Hessians `collect_hessians(store=folder)` saved, if made from this model and calibration,
+    else None. Every block file is read once and checked against its sha256 here; a missing or
+    corrupt one (or folder file) is None too, with a CorruptCacheWarning."""
+    meta_path = Path(folder) / HESSIAN_FILES_META
+    if not meta_path.is_file():
         return None
+    key = _hessian_key(loaded, config)
     where: dict[str, tuple[Path, str]] = {}
-    for path in sorted(Path(folder).glob("block_*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-            where.update({name: (path, name) for name in f.keys()})
-        where.update({alias: (path, name) for alias, name in aliases.items()})
+    try:
+        meta = load_checked_json(meta_path)
+        if {k: meta.get(k) for k in key} != key:
+            return None
+        blocks = meta.get("blocks")
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+            raise CorruptCacheError(f"{meta_path} gives no block count ({blocks!r})")
+        for i in range(blocks):
+            path = _block_file(folder, i)
+            tensors, block_meta = load_checked_tensors(path)
+            aliases = json.loads(block_meta.get("aliases", "{}"))
+            where.update({name: (path, name) for name in tensors})
+            where.update({alias: (path, name) for alias, name in aliases.items()})
+    except CorruptCacheError as e:
+        warn_recomputed(e)
+        return None
     return HessianSet(config=config, source_sha256=loaded.source.sha256(), hessians=HessianFiles(where))
 
 
