@@ -162,31 +162,26 @@ def test_corrupt_hessians_and_fisher_caches_are_collected_again(tiny_model_dir, 
         assert calibrate_stage.load_fisher(fisher_path, loaded, config, windows=2, seed=0) is None
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    ("flip block", "block_001.safetensors is corrupted: its contents do not match their sha256"),
-    ("truncate block", "block_001.safetensors is unreadable"),
-    ("delete block", "block_001.safetensors is missing"),
-    ("truncate folder file", "hessians.json is unreadable"),
-    ("edit folder file", "hessians.json is corrupted: its contents do not match their sha256"),
-])
-def test_a_damaged_per_block_hessian_file_is_collected_again(tiny_model_dir, tiny_text_file, tmp_path, damage, message):
+def _one_block_fewer(path: Path) -> None:
+    """Edit the block count of a folder file: valid JSON, caught by the checksum only."""
+    path.write_text(path.read_text().replace('"blocks": 2', '"blocks": 1'))
+
+
+@pytest.mark.parametrize(("name", "damage", "message"), [
+    ("block_001.safetensors", _flip, "block_001.safetensors is corrupted: its contents do not match their sha256"),
+    ("block_001.safetensors", _truncate, "block_001.safetensors is unreadable"),
+    ("block_001.safetensors", Path.unlink, "block_001.safetensors is missing"),
+    ("hessians.json", _truncate, "hessians.json is unreadable"),
+    ("hessians.json", _one_block_fewer, "hessians.json is corrupted: its contents do not match their sha256"),
+], ids=["flip block", "truncate block", "delete block", "truncate folder file", "edit folder file"])
+def test_a_damaged_per_block_hessian_file_is_collected_again(tiny_model_dir, tiny_text_file, tmp_path, name, damage, message):
     """A streamed model's Hessians stay in work/hessians/, one checksummed file per block (2 here)."""
     loaded = load_model(str(tiny_model_dir), streamed=True)
     config = CalibrationConfig(text=str(tiny_text_file), n_samples=4, seq_len=32, batch_size=2)
     stages: list[str] = []
     first = {k: v.clone() for k, v in original_hessians(loaded, config, tmp_path, False, stages.append).hessians.items()}
-    folder = tmp_path / "hessians"
-    block, meta = folder / "block_001.safetensors", folder / calibrate_stage.HESSIAN_FILES_META
-    if damage == "flip block":
-        _flip(block)
-    elif damage == "truncate block":
-        _truncate(block)
-    elif damage == "delete block":
-        block.unlink()
-    elif damage == "truncate folder file":
-        _truncate(meta)
-    else:
-        meta.write_text(meta.read_text().replace('"blocks": 2', '"blocks": 1'))
+    assert calibrate_stage.HESSIAN_FILES_META == "hessians.json"
+    damage(tmp_path / "hessians" / name)
     with pytest.warns(CorruptCacheWarning, match=f"{message}.*; computing it again"):
         again = original_hessians(loaded, config, tmp_path, False, stages.append)
     assert len(stages) == 2 and all("collecting Hessians" in s for s in stages)
