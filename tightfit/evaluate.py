@@ -29,6 +29,9 @@ from tightfit.model.blocks import block_list, last_block_outputs, replay_blocks
 from tightfit.metrics import kl_per_position, log_probs, next_token_log_probs, nll_per_position, top1_agreement
 
 FAST_WINDOWS = 8
+BATCH_LOGITS_BYTES = 256 * 2**20  # at most this much fp32 log-probs per model per batch: a batch
+# of 2 windows at V = 49152 (100 MB each); one window of a 150k vocabulary (311 MB)
+POSITIONS_PER_CHUNK = 128  # the metrics' [positions, V] temporaries are formed this many at a time
 ENGINES = ("torch", "fast")  # what can score a packed model (`tightfit eval --engine`)
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -76,6 +79,7 @@ def backend_scorer(backend) -> Scorer:
         backend.reset()
         return backend.forward_all(ids.tolist())  # [T, V]
 
+    score.vocab_size = backend.vocab_size
     return score
 
 
@@ -161,6 +165,7 @@ def evaluate_many(
     count = 0
     if isinstance(reference, torch.Tensor):
         assert reference.shape[:2] == (windows.shape[0], windows.shape[1] - 1), (reference.shape, windows.shape)
+    batch_size = batch_size_for(windows, models, reference, batch_size)
     batches = range(0, windows.shape[0], batch_size)
     for b in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         ids = windows[b : b + batch_size]  # [B, T]
@@ -170,13 +175,13 @@ def evaluate_many(
         if reference is not None:
             logp = next_token_log_probs(reference, ids) if isinstance(reference, nn.Module) else reference[b : b + batch_size]
             ref_nll += nll_per_position(logp, targets).sum().item()
-            p = logp.exp()
         for name, model in models.items():
             logq = _next_token_log_probs(model, ids)  # [B, T-1, V]
-            nll[name] += nll_per_position(logq, targets).sum().item()
-            if logp is not None:
-                kl[name] += kl_per_position(logp, logq, p).sum().item()
-                agree[name] += top1_agreement(logp, logq).sum().item()
+            scores = _compare(logp, logq, targets)
+            del logq
+            nll[name] += scores[0]
+            kl[name] += scores[1]
+            agree[name] += scores[2]
     seconds = time.perf_counter() - start
     return {
         name: EvalResult(
@@ -190,6 +195,41 @@ def evaluate_many(
         )
         for name in models
     }
+
+
+def batch_size_for(windows: torch.Tensor, models: dict, reference, batch_size: int) -> int:
+    """batch_size, lowered so that one batch's log-probs of one model stay within
+    BATCH_LOGITS_BYTES (at least one window); windows [W, T]. The vocabulary size comes from the
+    first of reference and models that states it."""
+    vocab = next(filter(None, map(_vocab_size, (reference, *models.values()))), None)
+    if vocab is None:
+        return batch_size
+    return max(1, min(batch_size, BATCH_LOGITS_BYTES // ((windows.shape[1] - 1) * vocab * 4)))
+
+
+def _vocab_size(model) -> int | None:
+    """V of a module, a ReplayedReference, a Scorer from backend_scorer or log-probs [..., V]."""
+    if isinstance(model, torch.Tensor):
+        return model.shape[-1]
+    config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
+    return getattr(config, "vocab_size", None) or getattr(model, "vocab_size", None)
+
+
+def _compare(logp: torch.Tensor | None, logq: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, int]:
+    """Sums over the positions of one batch: the candidate's NLL, KL(reference || candidate) and
+    top-1 agreements (both 0 without a reference). logp, logq [B, T-1, V]; targets [B, T-1]. The
+    per-position formulas run POSITIONS_PER_CHUNK positions at a time, so their temporaries stay
+    small next to the log-probs themselves."""
+    logq, targets = logq.reshape(-1, logq.shape[-1]), targets.reshape(-1)
+    logp = None if logp is None else logp.reshape(logq.shape)
+    nll, kl, agree = 0.0, 0.0, 0
+    for s in range(0, targets.numel(), POSITIONS_PER_CHUNK):
+        rows = slice(s, s + POSITIONS_PER_CHUNK)
+        nll += nll_per_position(logq[rows], targets[rows]).sum().item()
+        if logp is not None:
+            kl += kl_per_position(logp[rows], logq[rows]).sum().item()
+            agree += int(top1_agreement(logp[rows], logq[rows]).sum())
+    return nll, kl, agree
 
 
 def evaluate(

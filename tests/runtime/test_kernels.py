@@ -108,3 +108,17 @@ def test_variant_builds_load_through_the_same_path():
     y = torch.empty(3, 20)
     lib.tf_matmul(ctypes.byref(w.struct()), x.data_ptr(), 3, y.data_ptr(), 1, 0)
     assert torch.equal(y, kernels.matmul(w, x, portable=True))  # the prefetch distance changes no result
+
+
+@pytest.mark.parametrize("name", ["w4g32", "w3g64-sym", "nl4g32"])
+def test_layout_of_a_tall_matrix_is_the_same_in_pieces(name, monkeypatch):
+    """from_quantized lays out PLANE_ROWS rows at a time (a 150k-row embedding's temporaries would
+    be GBs): the pieces join into the layout of the whole, a partial last tile included."""
+    from tightfit.runtime.kernels import layout
+
+    q = quantize_rtn_any(torch.randn(100, 64, generator=torch.Generator().manual_seed(3)), parse_format(name))
+    whole = kernels.from_quantized(q)
+    monkeypatch.setattr(layout, "PLANE_ROWS", 32)
+    pieces = kernels.from_quantized(q)
+    for field in ("codes", "scales", "zeros"):
+        assert torch.equal(getattr(whole, field), getattr(pieces, field)), field

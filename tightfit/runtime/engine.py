@@ -221,13 +221,13 @@ class FastBackend:
         if self._position + len(ids) > self.max_positions:
             raise GenerationError(f"KV cache overflow: {self._position} cached + {len(ids)} new tokens > max_positions "
                                   f"{self.max_positions}")  # as TorchBackend says it
-        outs = []
+        out = torch.empty(len(ids), self.vocab_size) if all_logits else None
         for s in range(0, len(ids), self.max_batch):
             chunk = ids[s : s + self.max_batch]
             self._step(chunk, all_logits)
             if all_logits:
-                outs.append(self._logits[: len(chunk)].clone())
-        return torch.cat(outs) if all_logits else self._logits[:1]
+                out[s : s + len(chunk)] = self._logits[: len(chunk)]
+        return out if all_logits else self._logits[:1]
 
     def _step(self, chunk: list[int], all_logits: bool) -> None:
         """One C call: chunk (at most max_batch ids) at the current position."""

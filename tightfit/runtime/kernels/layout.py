@@ -59,6 +59,9 @@ class TfMat(ctypes.Structure):
     ]
 
 
+PLANE_ROWS = 8192  # rows of a matrix laid out at once
+
+
 def _plane(codes: torch.Tensor, width: int, shift: int) -> torch.Tensor:
     """codes [N, C, 64] uint8 -> one bit plane [N, C, 8*width] uint8 (layout in layout.h)."""
     v = ((codes >> shift) & ((1 << width) - 1)).to(torch.int32)  # [N, C, 64]
@@ -131,12 +134,16 @@ def from_quantized(q: QuantizedTensor | GridTensor, bias: torch.Tensor | None = 
     assert has_kernel(fmt), f"format {fmt.name} has no kernel layout"
     n, k = q.shape
     np_, kp = -(-n // TILE) * TILE, -(-k // K_ALIGN) * K_ALIGN
-    codes = torch.zeros(np_, kp, dtype=torch.uint8)
-    codes[:n, :k] = q.codes
     tiles = np_ // TILE
-    # [Np, Kp] -> [tiles, 16 rows, Kp/4 quads, 4 cols] -> [tiles, quads, 16 rows, 4 cols]: o = 4*row + col
-    chunks = codes.view(tiles, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3).reshape(tiles, kp // QUAD, CHUNK)
-    planes = torch.cat([_plane(chunks, w, s) for w, s in PLANES[fmt.bits]], dim=2).contiguous()  # [tiles, Kp/4, 8*bits]
+    planes = torch.empty(tiles, kp // QUAD, 8 * fmt.bits, dtype=torch.uint8)  # [tiles, Kp/4, 8*bits]
+    step = max(1, PLANE_ROWS // TILE)  # tiles at a time: _plane's temporaries are ~10 bytes per code
+    for t in range(0, tiles, step):
+        rows = q.codes[t * TILE : (t + step) * TILE]
+        codes = torch.zeros(-(-rows.shape[0] // TILE) * TILE, kp, dtype=torch.uint8)
+        codes[: rows.shape[0], :k] = rows
+        # [rows, Kp] -> [tiles, 16 rows, Kp/4 quads, 4 cols] -> [tiles, quads, 16 rows, 4 cols]: o = 4*row + col
+        chunks = codes.view(-1, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3).reshape(-1, kp // QUAD, CHUNK)
+        planes[t : t + chunks.shape[0]] = torch.cat([_plane(chunks, w, s) for w, s in PLANES[fmt.bits]], dim=2)
     g = q.scales.shape[1]
     scales = torch.zeros(np_, g, dtype=fmt.scale_torch_dtype)
     scales[:n] = q.scales.to(fmt.scale_torch_dtype)
