@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tightfit.data import load_text, token_windows
+from tightfit.errors import KernelUnavailable
 from tightfit.formats.packed import PackedModel
 from tightfit.model import LoadedModel, resident_block
 from tightfit.model.blocks import block_list, last_block_outputs, replay_blocks
@@ -79,19 +80,23 @@ def backend_scorer(backend) -> Scorer:
     return score
 
 
-def packed_candidate(packed: PackedModel, engine: str, *, ctx: int, exact: bool = False) -> nn.Module | Scorer:
+def packed_candidate(packed: PackedModel, engine: str, *, ctx: int, exact: bool = False,
+                     kv_bits: int = 16) -> nn.Module | Scorer:
     """What scores a packed model: engine "torch" -> the reference module with its weights
-    dequantized (batched); "fast" -> the compiled engine with a KV cache of ctx tokens (exact: its
-    fp32-activation mode, see FastBackend). Raises KernelUnavailable where the engine cannot run."""
+    dequantized (batched); "fast" -> the compiled engine with a KV cache of ctx tokens, kv_bits wide
+    (exact: its fp32-activation mode, see FastBackend). Raises KernelUnavailable where the engine
+    cannot run (the torch engine has no quantized KV cache)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "torch" and kv_bits != 16:
+        raise KernelUnavailable(f"a {kv_bits}-bit KV cache runs on the fast engine only; use --engine fast or --kv 16")
     if engine == "torch":
         from tightfit.runtime import build_model
 
         return build_model(packed)
     from tightfit.runtime.engine import FastBackend
 
-    return backend_scorer(FastBackend(packed, max_positions=ctx, exact=exact))
+    return backend_scorer(FastBackend(packed, max_positions=ctx, exact=exact, kv_bits=kv_bits))
 
 
 class ReplayedReference:

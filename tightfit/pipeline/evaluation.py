@@ -17,14 +17,15 @@ EVAL_FILE = "eval.json"
 
 
 def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfig, *, progress: bool = True,
-                    packed: PackedModel | None = None, engine: str = "torch") -> EvalResult:
+                    packed: PackedModel | None = None, engine: str = "torch", kv_bits: int = 16) -> EvalResult:
     """Evaluate a packed model from disk against a reference model; results also go to eval.json.
 
     packed: the model at `path` if the caller already loaded it (not read again).
     engine: what scores it, "torch" (dequantized reference) or "fast" (compiled engine); see evaluate.py.
+    kv_bits: the fast engine's KV cache width (16, 8, 4); the torch engine refuses 8 and 4.
     """
     packed = packed if packed is not None else load_packed(path)
-    model = packed_candidate(packed, engine, ctx=config.ctx)
+    model = packed_candidate(packed, engine, ctx=config.ctx, kv_bits=kv_bits)
     tokenizer = reference.tokenizer if reference is not None else _packed_tokenizer(path)
     windows = eval_windows(tokenizer, config)
     against = None if reference is None else reference_for(reference, windows, batch_size=config.batch_size)
@@ -33,6 +34,7 @@ def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfi
         "evaluation": config_to_json(config),
         "text": load_text(config.text).record(),
         "engine": engine,
+        "kv_bits": kv_bits,
         "against": None if reference is None else {"name": reference.source.name, "sha256": reference.source.sha256()},
         "result": dataclasses.asdict(result),
     })
