@@ -24,17 +24,21 @@ struct KVHead {
     const uint8_t* v;    // values: fp16 or codes, slot by slot
     const uint16_t* kp;  // (scale, min) of the keys [slots/16, groups, 2, 16] (bits 8, 4)
     const uint16_t* vp;  // (scale, min) of the values [slots, groups, 2] (bits 8, 4)
-    int bits, D;
+    int bits, D, slots;
 };
 
 #if TF_AVX512
 static inline __m512 ld16h(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 static inline __m512 u8_to_ps(__m128i x) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x)); }
-// 16 value codes of one slot, dims 16c .. 16c+15
-template <int BITS>
-static inline __m512 value_codes(const uint8_t* row, int c) {
-    if (BITS == 8) return u8_to_ps(_mm_loadu_si128((const __m128i*)(row + 16 * c)));
-    const __m128i b = _mm_loadl_epi64((const __m128i*)(row + 8 * c));  // dims b low, b + 8 high
+// 4-bit value codes of one slot: dims 32i .. 32i+31 from 16 bytes (low nibbles the first 16, high
+// the next), a last 16 dims (D % 32 = 16) from 8 bytes (low the first 8, high the next)
+static inline void value_codes_32(const uint8_t* row, int c, __m512& lo, __m512& hi) {
+    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + 8 * c)));
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(15)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
+}
+static inline __m512 value_codes_16(const uint8_t* row, int c) {
+    const __m128i b = _mm_loadl_epi64((const __m128i*)(row + 8 * c));
     return u8_to_ps(_mm_and_si128(_mm_unpacklo_epi64(b, _mm_srli_epi16(b, 4)), _mm_set1_epi8(0x0f)));
 }
 #endif
@@ -184,41 +188,64 @@ static void values_f16(const KVHead& h, const Span* spans, int n_spans, const fl
 #endif
 }
 
-// out [D] <- inv * sum_s p_s v_s for value codes: per group g, sum_s (p_s scale_sg) c_s + sum_s p_s min_sg
+// out [D] <- inv * sum_s p_s v_s for value codes: per group g, sum_s (p_s scale_sg) c_s + sum_s p_s min_sg.
+// ws [slots, groups, 2] scratch.
 template <int BITS>
-static void values_q(const KVHead& h, const Span* spans, int n_spans, const float* sc, float inv, float* out) {
+static void values_q(const KVHead& h, const Span* spans, int n_spans, const float* sc, float inv, float* ws, float* out) {
     const int D = h.D, G = kv_groups(D), gw = kv_group(D);
     const size_t row = (size_t)D * BITS / 8;
 #if TF_AVX512
-    const __mmask16 pm = (__mmask16)((1u << std::min(16, 2 * G)) - 1);  // (scale, min) lanes of the first 8 groups
-    for (int c0 = 0; c0 < D / 16; c0 += 8) {  // up to 8 x 16 dims per pass over the slots
+    // First ws[s] <- p_s (scale, min) of every group and msum <- their sum over the slots; then the
+    // codes times broadcast weights, one pass over the slots per 128 dims with the accumulators in
+    // registers (loops over c unrolled: constant indices).
+    __m512 msum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int t = 0; t < n_spans; t++)
+        for (int j = spans[t].begin; j < spans[t].end; j++) {
+            const __m512 p = _mm512_set1_ps(sc[j]);
+            for (int i = 0; i < 2 * G; i += 16) {
+                const __mmask16 m = (__mmask16)((1u << std::min(16, 2 * G - i)) - 1);
+                const __m512 w = _mm512_mul_ps(p, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h.vp + (size_t)j * G * 2 + i)));
+                _mm512_mask_storeu_ps(ws + (size_t)j * G * 2 + i, m, w);
+                msum[i / 16] = _mm512_add_ps(msum[i / 16], w);
+            }
+        }
+    alignas(64) float ms[32];
+    _mm512_store_ps(ms, msum[0]);
+    _mm512_store_ps(ms + 16, msum[1]);
+    for (int c0 = 0; c0 < D / 16; c0 += 8) {
         const int nc = std::min(8, D / 16 - c0);
-        __m512 o[8], msum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // msum: sum_s p_s (scale, min) per group
+        __m512 o[8];
+#pragma GCC unroll 8
         for (int c = 0; c < 8; c++) o[c] = _mm512_setzero_ps();
-        alignas(64) float w[2 * TF_MAX_HEAD_DIM / 16];  // [G, 2] p_s (scale, min) of one slot
         for (int t = 0; t < n_spans; t++)
             for (int j = spans[t].begin; j < spans[t].end; j++) {
-                const uint16_t* par = h.vp + (size_t)j * G * 2;
-                const __m512 p = _mm512_set1_ps(sc[j]);
-                for (int i = 0; i < 2 * G; i += 16) {
-                    const __mmask16 m = i == 0 ? pm : (__mmask16)((1u << std::min(16, 2 * G - i)) - 1);
-                    const __m512 wv = _mm512_mul_ps(p, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, par + i)));
-                    _mm512_store_ps(w + i, wv);
-                    msum[i / 16] = _mm512_add_ps(msum[i / 16], wv);
-                }
                 const uint8_t* vr = h.v + (size_t)j * row;
-                for (int c = 0; c < nc; c++)
-                    o[c] = _mm512_fmadd_ps(_mm512_set1_ps(w[2 * ((c0 + c) * 16 / gw)]), value_codes<BITS>(vr, c0 + c), o[c]);
+                const float* w = ws + (size_t)j * G * 2;
+#pragma GCC unroll 4
+                for (int c = 0; c < 8; c += 2) {  // chunks c0 + c (even) and c0 + c + 1
+                    if (c >= nc) break;
+                    __m512 x0, x1;
+                    if (BITS == 8) {
+                        x0 = u8_to_ps(_mm_loadu_si128((const __m128i*)(vr + 16 * (c0 + c))));
+                        if (c + 1 < nc) x1 = u8_to_ps(_mm_loadu_si128((const __m128i*)(vr + 16 * (c0 + c + 1))));
+                    } else if (c + 1 < nc) {
+                        value_codes_32(vr, c0 + c, x0, x1);
+                    } else {
+                        x0 = value_codes_16(vr, c0 + c);
+                    }
+                    o[c] = _mm512_fmadd_ps(_mm512_set1_ps(w[2 * ((c0 + c) * 16 / gw)]), x0, o[c]);
+                    if (c + 1 < nc) o[c + 1] = _mm512_fmadd_ps(_mm512_set1_ps(w[2 * ((c0 + c + 1) * 16 / gw)]), x1, o[c + 1]);
+                }
             }
-        alignas(64) float ms[32];
-        _mm512_store_ps(ms, msum[0]);
-        _mm512_store_ps(ms + 16, msum[1]);
-        for (int c = 0; c < nc; c++) {
-            const float mg = ms[2 * ((c0 + c) * 16 / gw) + 1];
-            _mm512_storeu_ps(out + 16 * (c0 + c), _mm512_mul_ps(_mm512_add_ps(o[c], _mm512_set1_ps(mg)), _mm512_set1_ps(inv)));
-        }
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++)
+            if (c < nc) {
+                const float mg = ms[2 * ((c0 + c) * 16 / gw) + 1];
+                _mm512_storeu_ps(out + 16 * (c0 + c), _mm512_mul_ps(_mm512_add_ps(o[c], _mm512_set1_ps(mg)), _mm512_set1_ps(inv)));
+            }
     }
 #else
+    (void)ws;
     float msum[TF_MAX_HEAD_DIM / 16] = {0};  // [G] sum_s p_s min_sg
     for (int d = 0; d < D; d++) out[d] = 0.f;
     for (int t = 0; t < n_spans; t++)
@@ -229,7 +256,8 @@ static void values_q(const KVHead& h, const Span* spans, int n_spans, const floa
                 const float w = sc[j] * f16_to_f32(par[2 * g]);
                 msum[g] += sc[j] * f16_to_f32(par[2 * g + 1]);
                 for (int d = g * gw; d < std::min(D, (g + 1) * gw); d++) {
-                    const int c = BITS == 8 ? vr[d] : (vr[d / 16 * 8 + d % 8] >> (4 * (d % 16 >= 8))) & 15;
+                    const int half = std::min(32, D - d / 32 * 32) / 2;  // 16, or 8 in a last 16 dims
+                    const int c = BITS == 8 ? vr[d] : (vr[d / 32 * 16 + d % 32 % half] >> (4 * (d % 32 >= half))) & 15;
                     out[d] += w * (float)c;
                 }
             }
@@ -239,13 +267,13 @@ static void values_q(const KVHead& h, const Span* spans, int n_spans, const floa
 }
 
 // out [D] = softmax(q . k_s * scale) . v_s over the slots s of `spans` (disjoint) of one KV head's
-// cache h; sc [slots] scratch for the scores, indexed by slot.
+// cache h; sc [kv_scratch(h.slots, D)] scratch: the scores, indexed by slot, then (bits 8, 4) ws.
 static void attend(const float* q, const KVHead& h, const Span* spans, int n_spans, float scale, float* sc, float* out) {
     const float mx = h.bits == 16 ? key_scores<16>(q, h, spans, n_spans, scale, sc)
                      : h.bits == 8 ? key_scores<8>(q, h, spans, n_spans, scale, sc)
                                    : key_scores<4>(q, h, spans, n_spans, scale, sc);
     const float inv = softmax_weights(spans, n_spans, mx, sc);
     if (h.bits == 16) values_f16(h, spans, n_spans, sc, inv, out);
-    else if (h.bits == 8) values_q<8>(h, spans, n_spans, sc, inv, out);
-    else values_q<4>(h, spans, n_spans, sc, inv, out);
+    else if (h.bits == 8) values_q<8>(h, spans, n_spans, sc, inv, sc + h.slots, out);
+    else values_q<4>(h, spans, n_spans, sc, inv, sc + h.slots, out);
 }

@@ -42,7 +42,7 @@ struct Engine {
     std::vector<float> q, k, v, att;         // [B, H*D], [B, KVH*D] x2, [B, H*D]
     std::vector<float> o, gate, up, down;    // [B, hidden], [B, inter] x2, [B, hidden]
     std::vector<QAct> acts;                  // one per thread
-    std::vector<std::vector<float>> scores;  // one per thread [kv.max_slots]
+    std::vector<std::vector<float>> scores;  // one per thread [kv_scratch(kv.max_slots, head_dim)]
     double prof[PH_COUNT] = {0};             // thread 0's seconds per phase
 };
 
@@ -150,7 +150,7 @@ static inline void attend_heads(Step& s, int L) {
         const int n_spans = s.e.kv.spans(L, ps, spans);
         float* out = s.e.att.data() + (size_t)i * NH * D + hd * D;
         const KVHead h = {s.e.kv.keys(L, kh), s.e.kv.values(L, kh), s.e.kv.key_params(L, kh), s.e.kv.value_params(L, kh),
-                          s.e.kv.bits, D};
+                          s.e.kv.bits, D, s.e.kv.slots[L]};
         attend(qv, h, spans, n_spans, s.c.attn_scale, sc, out);
     }
 }
@@ -293,7 +293,7 @@ int tf_engine_create(const tf_config* cfg, void** out) {
             a.psum.reserve(B * widest / 16 + B);
             a.xs.reserve(B * widest);
         }
-        e->scores.assign(T, std::vector<float>(e->kv.max_slots));
+        e->scores.assign(T, std::vector<float>(kv_scratch(e->kv.max_slots, c.head_dim)));
     } catch (...) {  // std::bad_alloc, std::length_error
         delete e;
         return TF_E_MEMORY;
@@ -330,8 +330,8 @@ int tf_kv_attend(int kv_bits, int D, int n, const float* keys, const float* valu
         KVCache kv;
         kv.allocate(c);
         for (int p = 0; p < n; p++) kv.store(0, 0, p, keys + (size_t)p * D, values + (size_t)p * D);
-        std::vector<float> sc(kv.max_slots);
-        const KVHead h = {kv.keys(0, 0), kv.values(0, 0), kv.key_params(0, 0), kv.value_params(0, 0), kv_bits, D};
+        std::vector<float> sc(kv_scratch(kv.max_slots, D));
+        const KVHead h = {kv.keys(0, 0), kv.values(0, 0), kv.key_params(0, 0), kv.value_params(0, 0), kv_bits, D, kv.slots[0]};
         const Span all = {0, n};
         attend(q, h, &all, 1, scale, sc.data(), out);
     } catch (...) {

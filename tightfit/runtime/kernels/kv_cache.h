@@ -16,6 +16,9 @@
 
 static inline int kv_group(int D) { return D < KV_GROUP ? D : KV_GROUP; }
 static inline int kv_groups(int D) { return (D + kv_group(D) - 1) / kv_group(D); }
+// floats of scratch one query's attention over `slots` slots needs: its scores, and each slot's
+// weighted (scale, min) per group
+static inline size_t kv_scratch(int slots, int D) { return (size_t)slots * (1 + 2 * kv_groups(D)); }
 
 // x [n] -> codes [n] in [0, 2^bits - 1], *scale_h and *min_h (fp16) with x ~ scale * code + min
 static void quantize_kv_group(const float* x, int n, int bits, uint8_t* codes, uint16_t* scale_h, uint16_t* min_h) {
@@ -42,7 +45,8 @@ struct Span {
 //   bits 16: keys fp16 [slots/16, D, 16]; values fp16 [slots, D]
 //   bits 8:  key codes [slots/16, D, 16] bytes; value codes [slots, D] bytes
 //   bits 4:  key codes [slots/16, D/2, 16] bytes, dims 2i (low nibble) and 2i+1 (high) of a slot in
-//            one byte; value codes [slots, D/2] bytes, per 16 dims 8 bytes: dim b low, dim b+8 high
+//            one byte; value codes [slots, D/2] bytes, per 32 dims 16 bytes: dim b low, dim b+16
+//            high (a last 16 dims: 8 bytes, dim b low, b+8 high), so 16 bytes widen to 32 dims
 //   key (scale, min) fp16 [slots/16, groups, 2, 16]; value (scale, min) fp16 [slots, groups, 2]
 struct KVCache {
     std::vector<uint8_t> k, v;                // codes, or fp16 keys and values (bits 16)
@@ -115,8 +119,10 @@ struct KVCache {
             memcpy(vrow, vc, D);
         } else {
             for (int d = 0; d < D; d += 2) kblk[(size_t)d * 8] = (uint8_t)(kc[d] | kc[d + 1] << 4);
-            for (int c = 0; c < D; c += 16)
-                for (int b = 0; b < 8; b++) vrow[c / 2 + b] = (uint8_t)(vc[c + b] | vc[c + 8 + b] << 4);
+            for (int c = 0; c < D; c += 32) {
+                const int half = std::min(32, D - c) / 2;
+                for (int b = 0; b < half; b++) vrow[c / 2 + b] = (uint8_t)(vc[c + b] | vc[c + half + b] << 4);
+            }
         }
     }
     // the slots a query at position ps of layer L attends to: one span, two where its window wraps the ring
