@@ -188,6 +188,41 @@ static void values_f16(const KVHead& h, const Span* spans, int n_spans, const fl
 #endif
 }
 
+#if TF_AVX512
+// out[16 c0 .. 16 (c0 + NC)) of values_q: NC chunks of 16 dims (c0 a multiple of 8, so a pair of
+// chunks c0 + c, c0 + c + 1 with c even is 32 dims, and an odd NC ends at D's last 16 dims), one pass
+// over the slots with the NC accumulators in registers (NC a constant: the loops over c unroll).
+template <int BITS, int NC>
+static inline void values_pass(const KVHead& h, const Span* spans, int n_spans, const float* ws, const float* ms,
+                               float inv, int c0, float* out) {
+    const int G = kv_groups(h.D), gw = kv_group(h.D);
+    const size_t row = (size_t)h.D * BITS / 8;
+    int widx[NC];  // chunk c's scale among one slot's ws
+    __m512 o[NC];
+    for (int c = 0; c < NC; c++) widx[c] = 2 * ((c0 + c) * 16 / gw), o[c] = _mm512_setzero_ps();
+    for (int t = 0; t < n_spans; t++)
+        for (int j = spans[t].begin; j < spans[t].end; j++) {
+            const uint8_t* vr = h.v + (size_t)j * row;
+            const float* w = ws + (size_t)j * G * 2;
+            for (int c = 0; c < NC; c += 2) {
+                __m512 x0, x1 = _mm512_setzero_ps();
+                if (BITS == 8) {
+                    x0 = u8_to_ps(_mm_loadu_si128((const __m128i*)(vr + 16 * (c0 + c))));
+                    if (c + 1 < NC) x1 = u8_to_ps(_mm_loadu_si128((const __m128i*)(vr + 16 * (c0 + c + 1))));
+                } else if (c + 1 < NC) {
+                    value_codes_32(vr, c0 + c, x0, x1);
+                } else {
+                    x0 = value_codes_16(vr, c0 + c);
+                }
+                o[c] = _mm512_fmadd_ps(_mm512_set1_ps(w[widx[c]]), x0, o[c]);
+                if (c + 1 < NC) o[c + 1] = _mm512_fmadd_ps(_mm512_set1_ps(w[widx[c + 1]]), x1, o[c + 1]);
+            }
+        }
+    for (int c = 0; c < NC; c++)
+        _mm512_storeu_ps(out + 16 * (c0 + c), _mm512_mul_ps(_mm512_add_ps(o[c], _mm512_set1_ps(ms[widx[c] + 1])), _mm512_set1_ps(inv)));
+}
+#endif
+
 // out [D] <- inv * sum_s p_s v_s for value codes: per group g, sum_s (p_s scale_sg) c_s + sum_s p_s min_sg.
 // ws [slots, groups, 2] scratch.
 template <int BITS>
@@ -196,53 +231,48 @@ static void values_q(const KVHead& h, const Span* spans, int n_spans, const floa
     const size_t row = (size_t)D * BITS / 8;
 #if TF_AVX512
     // First ws[s] <- p_s (scale, min) of every group and msum <- their sum over the slots; then the
-    // codes times broadcast weights, one pass over the slots per 128 dims with the accumulators in
-    // registers (loops over c unrolled: constant indices).
-    __m512 msum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int t = 0; t < n_spans; t++)
-        for (int j = spans[t].begin; j < spans[t].end; j++) {
+    // codes times broadcast weights, one pass over the slots per 128 dims (values_pass).
+    const int per = 2 * G;  // ws floats per slot
+    __m512 msum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // lane k: ws[.][k % per] summed (per > 16: k, 16 + k)
+    for (int t = 0; t < n_spans; t++) {
+        int j = spans[t].begin;
+        if (16 % per == 0) {  // 16 / per slots per vector: (scale, min) of each times its p_s, lane l of slot l / per
+            const __m512i slot = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                   __builtin_ctz(per));
+            const __mmask16 pm = (__mmask16)((1u << (16 / per)) - 1);
+            for (; j + 16 / per <= spans[t].end; j += 16 / per) {
+                const __m512 p = _mm512_permutexvar_ps(slot, _mm512_maskz_loadu_ps(pm, sc + j));
+                const __m512 w = _mm512_mul_ps(p, ld16h(h.vp + (size_t)j * per));
+                _mm512_storeu_ps(ws + (size_t)j * per, w);
+                msum[0] = _mm512_add_ps(msum[0], w);
+            }
+        }
+        for (; j < spans[t].end; j++) {  // one slot at a time
             const __m512 p = _mm512_set1_ps(sc[j]);
-            for (int i = 0; i < 2 * G; i += 16) {
-                const __mmask16 m = (__mmask16)((1u << std::min(16, 2 * G - i)) - 1);
-                const __m512 w = _mm512_mul_ps(p, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h.vp + (size_t)j * G * 2 + i)));
-                _mm512_mask_storeu_ps(ws + (size_t)j * G * 2 + i, m, w);
+            for (int i = 0; i < per; i += 16) {
+                const __mmask16 m = (__mmask16)((1u << std::min(16, per - i)) - 1);
+                const __m512 w = _mm512_mul_ps(p, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h.vp + (size_t)j * per + i)));
+                _mm512_mask_storeu_ps(ws + (size_t)j * per + i, m, w);
                 msum[i / 16] = _mm512_add_ps(msum[i / 16], w);
             }
         }
-    alignas(64) float ms[32];
+    }
+    alignas(64) float ms[32];  // [G, 2] sum_s p_s (scale, min)
     _mm512_store_ps(ms, msum[0]);
     _mm512_store_ps(ms + 16, msum[1]);
+    if (per < 16)
+        for (int l = per; l < 16; l++) ms[l % per] += ms[l];
     for (int c0 = 0; c0 < D / 16; c0 += 8) {
-        const int nc = std::min(8, D / 16 - c0);
-        __m512 o[8];
-#pragma GCC unroll 8
-        for (int c = 0; c < 8; c++) o[c] = _mm512_setzero_ps();
-        for (int t = 0; t < n_spans; t++)
-            for (int j = spans[t].begin; j < spans[t].end; j++) {
-                const uint8_t* vr = h.v + (size_t)j * row;
-                const float* w = ws + (size_t)j * G * 2;
-#pragma GCC unroll 4
-                for (int c = 0; c < 8; c += 2) {  // chunks c0 + c (even) and c0 + c + 1
-                    if (c >= nc) break;
-                    __m512 x0, x1;
-                    if (BITS == 8) {
-                        x0 = u8_to_ps(_mm_loadu_si128((const __m128i*)(vr + 16 * (c0 + c))));
-                        if (c + 1 < nc) x1 = u8_to_ps(_mm_loadu_si128((const __m128i*)(vr + 16 * (c0 + c + 1))));
-                    } else if (c + 1 < nc) {
-                        value_codes_32(vr, c0 + c, x0, x1);
-                    } else {
-                        x0 = value_codes_16(vr, c0 + c);
-                    }
-                    o[c] = _mm512_fmadd_ps(_mm512_set1_ps(w[2 * ((c0 + c) * 16 / gw)]), x0, o[c]);
-                    if (c + 1 < nc) o[c + 1] = _mm512_fmadd_ps(_mm512_set1_ps(w[2 * ((c0 + c + 1) * 16 / gw)]), x1, o[c + 1]);
-                }
-            }
-#pragma GCC unroll 8
-        for (int c = 0; c < 8; c++)
-            if (c < nc) {
-                const float mg = ms[2 * ((c0 + c) * 16 / gw) + 1];
-                _mm512_storeu_ps(out + 16 * (c0 + c), _mm512_mul_ps(_mm512_add_ps(o[c], _mm512_set1_ps(mg)), _mm512_set1_ps(inv)));
-            }
+        switch (std::min(8, D / 16 - c0)) {
+            case 1: values_pass<BITS, 1>(h, spans, n_spans, ws, ms, inv, c0, out); break;
+            case 2: values_pass<BITS, 2>(h, spans, n_spans, ws, ms, inv, c0, out); break;
+            case 3: values_pass<BITS, 3>(h, spans, n_spans, ws, ms, inv, c0, out); break;
+            case 4: values_pass<BITS, 4>(h, spans, n_spans, ws, ms, inv, c0, out); break;
+            case 5: values_pass<BITS, 5>(h, spans, n_spans, ws, ms, inv, c0, out); break;
+            case 6: values_pass<BITS, 6>(h, spans, n_spans, ws, ms, inv, c0, out); break;
+            case 7: values_pass<BITS, 7>(h, spans, n_spans, ws, ms, inv, c0, out); break;
+            default: values_pass<BITS, 8>(h, spans, n_spans, ws, ms, inv, c0, out); break;
+        }
     }
 #else
     (void)ws;
