@@ -12,6 +12,8 @@ cache holds the same quantized-dequantized keys and values, token for token.
 from __future__ import annotations
 
 import ctypes
+import json
+import shutil
 
 import pytest
 import torch
@@ -174,13 +176,29 @@ def test_open_backend_kv_widths(packed_llama):
         FastBackend(load_packed(packed_llama), max_positions=32, kv_bits=5)
 
 
-def test_cli_kv_flag(packed_llama, capsys):
+def test_cli_kv_flag(packed_llama, capsys, tmp_path):
     """--kv reaches the engine (bench prints its KV bytes per token) and a bad width is a one-line error."""
+    report = tmp_path / "bench.json"
     assert main(["bench", str(packed_llama), "--kv", "4", "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1",
-                 "--threads", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "kv cache          4 bits" in out
+                 "--threads", "1", "--json", str(report)]) == 0
+    per_token = json.loads(report.read_text())["kv_bytes_per_token"]
+    assert f"kv cache          4 bits, {per_token} bytes/token" in capsys.readouterr().out
     assert main(["generate", str(packed_llama), "hello", "--engine", "torch", "--kv", "8", "--max-tokens", "2"]) == 2
     assert "runs on the fast engine only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", str(packed_llama), "hello", "--kv", "5"])
+    assert main(["eval", str(packed_llama), "--kv", "4", "--fast"]) == 2  # scored by the torch engine (its default)
+    assert "4-bit KV cache runs on the fast engine only" in capsys.readouterr().err
+
+
+def test_eval_scores_with_a_quantized_kv_cache(packed_llama, tmp_path):
+    """`eval --engine fast --kv 8` scores through the 8-bit cache and records its width in eval.json."""
+    folder = tmp_path / "packed"
+    shutil.copytree(packed_llama, folder)
+    ppl = {}
+    for bits in (16, 8):
+        assert main(["eval", str(folder), "--engine", "fast", "--kv", str(bits), "--windows", "2", "--ctx", "64"]) == 0
+        record = json.loads((folder / "eval.json").read_text())
+        assert record["kv_bits"] == bits
+        ppl[bits] = record["result"]["ppl"]
+    assert ppl[8] != ppl[16] and abs(ppl[8] / ppl[16] - 1) < 0.05

@@ -272,7 +272,8 @@ def _cmd_bench(args) -> int:
     if args.json is not None:
         from tightfit.formats.files import atomic_write_json
 
-        atomic_write_json(args.json, r.to_json())
+        kv = {"kv_bits": backend.kv_bits, "kv_bytes_per_token": backend.kv_bytes_per_token} if fast else {}
+        atomic_write_json(args.json, {**r.to_json(), **kv})
     return 0
 
 
