@@ -70,7 +70,8 @@ class FastBackend:
     """The compiled engine with a KV cache of `max_positions` tokens (see module docstring).
 
     exact: quantized matmuls multiply the fp32 activations instead of their int8 blocks (about 3x
-    slower; then only fp32 summation order and the fp16 KV cache separate it from the reference).
+    slower; then only fp32 summation order and the KV cache's rounding (fp16, or kv_bits codes) separate it from the
+    reference).
     portable: the portable scalar build instead of the one compiled for this CPU (tests).
     kv_bits: the KV cache's width, 16 (fp16), 8 or 4 (asymmetric codes per token, fp16 scales; KV_BITS).
     """

@@ -227,8 +227,7 @@ static inline void values_pass(const KVHead& h, const Span* spans, int n_spans, 
 // ws [slots, groups, 2] scratch.
 template <int BITS>
 static void values_q(const KVHead& h, const Span* spans, int n_spans, const float* sc, float inv, float* ws, float* out) {
-    const int D = h.D, G = kv_groups(D), gw = kv_group(D);
-    const size_t row = (size_t)D * BITS / 8;
+    const int D = h.D, G = kv_groups(D);
 #if TF_AVX512
     // First ws[s] <- p_s (scale, min) of every group and msum <- their sum over the slots; then the
     // codes times broadcast weights, one pass over the slots per 128 dims (values_pass).
@@ -276,6 +275,8 @@ static void values_q(const KVHead& h, const Span* spans, int n_spans, const floa
     }
 #else
     (void)ws;
+    const int gw = kv_group(D);
+    const size_t row = (size_t)D * BITS / 8;
     float msum[TF_MAX_HEAD_DIM / 16] = {0};  // [G] sum_s p_s min_sg
     for (int d = 0; d < D; d++) out[d] = 0.f;
     for (int t = 0; t < n_spans; t++)
