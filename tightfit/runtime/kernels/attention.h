@@ -147,6 +147,24 @@ static float softmax_weights(const Span* spans, int n_spans, float mx, float* sc
 #endif
 }
 
+#if TF_AVX512
+// out[16 c0 .. 16 (c0 + NC)) <- inv * sum_s p_s v_s for fp16 values, NC chunks of 16 dims in one pass
+// over the slots, the accumulators in registers (NC a constant: the loop over c unrolls)
+template <int NC>
+static inline void values_f16_pass(const KVHead& h, const Span* spans, int n_spans, const float* sc, float inv, int c0,
+                                   float* out) {
+    const uint16_t* vb = (const uint16_t*)h.v + 16 * c0;
+    __m512 o[NC];
+    for (int c = 0; c < NC; c++) o[c] = _mm512_setzero_ps();
+    for (int t = 0; t < n_spans; t++)
+        for (int j = spans[t].begin; j < spans[t].end; j++) {
+            const __m512 p = _mm512_set1_ps(sc[j]);
+            for (int c = 0; c < NC; c++) o[c] = _mm512_fmadd_ps(p, ld16h(vb + (size_t)j * h.D + 16 * c), o[c]);
+        }
+    for (int c = 0; c < NC; c++) _mm512_storeu_ps(out + 16 * (c0 + c), _mm512_mul_ps(o[c], _mm512_set1_ps(inv)));
+}
+#endif
+
 // out [D] <- inv * sum_s p_s v_s over the slots of `spans` (p_s = sc[s]), fp16 values
 static void values_f16(const KVHead& h, const Span* spans, int n_spans, const float* sc, float inv, float* out) {
     const int D = h.D;
@@ -171,7 +189,11 @@ static void values_f16(const KVHead& h, const Span* spans, int n_spans, const fl
         for (int u = 0; u < 4; u++) _mm512_storeu_ps(out + 16 * u, _mm512_mul_ps(_mm512_add_ps(o[u], o[4 + u]), _mm512_set1_ps(inv)));
         return;
     }
-    for (int d0 = 0; d0 < D; d0 += 16) {
+    if (D % 128 == 0) {  // 128 dims per pass (head_dim 128, 256, ...)
+        for (int c0 = 0; c0 < D / 16; c0 += 8) values_f16_pass<8>(h, spans, n_spans, sc, inv, c0, out);
+        return;
+    }
+    for (int d0 = 0; d0 < D; d0 += 16) {  // 16 dims per pass
         const __mmask16 mk = (__mmask16)(D - d0 >= 16 ? 0xffff : (1u << (D - d0)) - 1);
         __m512 o = _mm512_setzero_ps();
         for (int t = 0; t < n_spans; t++)
