@@ -23,6 +23,7 @@ from tightfit.cli import main
 from tightfit.errors import GenerationError, KernelUnavailable
 from tightfit.formats.packed import load_packed
 from tightfit.runtime.engine import FastBackend, open_backend
+from tightfit.runtime.engine_config import check_kv_bits
 from tightfit.runtime.kernels.build import load
 from tightfit.runtime.model import build_model
 
@@ -174,6 +175,9 @@ def test_open_backend_kv_widths(packed_llama):
         open_backend(packed_llama, engine="torch", max_positions=32, kv_bits=8)
     with pytest.raises(GenerationError, match="16, 8, 4 bits wide, not 5"):
         FastBackend(load_packed(packed_llama), max_positions=32, kv_bits=5)
+    with pytest.raises(KernelUnavailable, match="needs head_dim a multiple of 16, this model has 24"):
+        check_kv_bits(8, 24)
+    assert check_kv_bits(16, 24) == 16
 
 
 def test_cli_kv_flag(packed_llama, capsys, tmp_path):
@@ -189,6 +193,8 @@ def test_cli_kv_flag(packed_llama, capsys, tmp_path):
         main(["generate", str(packed_llama), "hello", "--kv", "5"])
     assert main(["eval", str(packed_llama), "--kv", "4", "--fast"]) == 2  # scored by the torch engine (its default)
     assert "4-bit KV cache runs on the fast engine only" in capsys.readouterr().err
+    assert main(["eval", "smollm2-135m", "--kv", "8", "--fast"]) == 2  # not packed: torch only
+    assert "8-bit KV cache runs on the fast engine only, which scores packed models only" in capsys.readouterr().err
 
 
 def test_eval_scores_with_a_quantized_kv_cache(packed_llama, tmp_path):

@@ -220,6 +220,7 @@ def _cmd_eval(args) -> int:
     from tightfit.evaluate import eval_windows, evaluate, reference_for
     from tightfit.model import load_model
     from tightfit.pipeline import ModelSummary, default_reference, evaluate_packed, is_packed, packed_file_bytes
+    from tightfit.runtime.engine_config import DEFAULT_KV_BITS
 
     config = _eval_config(args)
     if is_packed(args.path):
@@ -239,9 +240,9 @@ def _cmd_eval(args) -> int:
         if args.engine != "torch":
             raise KernelUnavailable(f"the {args.engine} engine scores packed models only; pack {args.path} with "
                                     "`tightfit compress` or use --engine torch")
-        if args.kv_bits != 16:
+        if args.kv_bits != DEFAULT_KV_BITS:
             raise KernelUnavailable(f"a {args.kv_bits}-bit KV cache runs on the fast engine only, which scores packed "
-                                    "models only; use --kv 16")
+                                    f"models only; use --kv {DEFAULT_KV_BITS}")
         loaded = load_model(args.path, streamed=False)  # a candidate runs whole
         reference = load_model(args.against) if args.against else None
         windows = eval_windows(loaded.tokenizer, config)

@@ -12,12 +12,14 @@ from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate, pa
 from tightfit.formats.files import atomic_write_json
 from tightfit.formats.packed import PackedModel, load_packed, read_manifest
 from tightfit.model import LoadedModel
+from tightfit.runtime.engine_config import DEFAULT_KV_BITS
 
 EVAL_FILE = "eval.json"
 
 
 def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfig, *, progress: bool = True,
-                    packed: PackedModel | None = None, engine: str = "torch", kv_bits: int = 16) -> EvalResult:
+                    packed: PackedModel | None = None, engine: str = "torch",
+                    kv_bits: int = DEFAULT_KV_BITS) -> EvalResult:
     """Evaluate a packed model from disk against a reference model; results also go to eval.json.
 
     packed: the model at `path` if the caller already loaded it (not read again).
