@@ -2,8 +2,9 @@
 
 One C++ call runs a whole forward step (all layers, attention with a preallocated KV cache in fp16
 or in 8- or 4-bit codes per token (`kv_bits`, runtime/kernels/kv_cache.h), the head) with OpenMP
-threads that meet only where one needs rows another computed; quantized matrices run the AVX-512 VNNI kernels of runtime/kernels (int8 block-32 activations, like
-llama.cpp's Q8_0), dense ones an fp32-activation kernel.
+threads that meet only where one needs rows another computed; quantized matrices run the AVX-512
+VNNI kernels of runtime/kernels (int8 block-32 activations, like llama.cpp's Q8_0), dense ones an
+fp32-activation kernel.
 
 Supported here: every architecture of runtime/engine_config.py's table (llama, mistral, qwen2,
 gemma3_text, phi3), whose differences are data in the engine's config, not code of their own; RoPE
