@@ -23,10 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tightfit.data import load_text, token_windows
+from tightfit.errors import KernelUnavailable
 from tightfit.formats.packed import PackedModel
 from tightfit.model import LoadedModel, resident_block
 from tightfit.model.blocks import block_list, last_block_outputs, replay_blocks
 from tightfit.metrics import kl_per_position, log_probs, next_token_log_probs, nll_per_position, top1_agreement
+from tightfit.runtime.engine_config import DEFAULT_KV_BITS
 
 FAST_WINDOWS = 8
 BATCH_LOGITS_BYTES = 256 * 2**20  # at most this much fp32 log-probs per model per batch: a batch
@@ -83,19 +85,23 @@ def backend_scorer(backend) -> Scorer:
     return score
 
 
-def packed_candidate(packed: PackedModel, engine: str, *, ctx: int, exact: bool = False) -> nn.Module | Scorer:
+def packed_candidate(packed: PackedModel, engine: str, *, ctx: int, exact: bool = False,
+                     kv_bits: int = DEFAULT_KV_BITS) -> nn.Module | Scorer:
     """What scores a packed model: engine "torch" -> the reference module with its weights
-    dequantized (batched); "fast" -> the compiled engine with a KV cache of ctx tokens (exact: its
-    fp32-activation mode, see FastBackend). Raises KernelUnavailable where the engine cannot run."""
+    dequantized (batched); "fast" -> the compiled engine with a KV cache of ctx tokens, kv_bits wide
+    (exact: its fp32-activation mode, see FastBackend). Raises KernelUnavailable where the engine
+    cannot run (the torch engine has no quantized KV cache)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "torch" and kv_bits != DEFAULT_KV_BITS:
+        raise KernelUnavailable(f"a {kv_bits}-bit KV cache runs on the fast engine only; use --engine fast or --kv 16")
     if engine == "torch":
         from tightfit.runtime import build_model
 
         return build_model(packed)
     from tightfit.runtime.engine import FastBackend
 
-    return backend_scorer(FastBackend(packed, max_positions=ctx, exact=exact))
+    return backend_scorer(FastBackend(packed, max_positions=ctx, exact=exact, kv_bits=kv_bits))
 
 
 class ReplayedReference:

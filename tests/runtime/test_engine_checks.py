@@ -127,6 +127,7 @@ def _damaged_layers(config: TfConfig, edit) -> ctypes.Array:
     ("final_norm", None, -4), ("rope_dim", 0, -2), ("rope_dim", 15, -2), ("rope_dim", 34, -2),
     ("act", 2, -6), ("act", -1, -6), ("eps", 0.0, -6), ("attn_scale", float("nan"), -6),
     ("final_softcap", -1.0, -6), ("embed_scale", float("inf"), -6),
+    ("kv_bits", 8, 0), ("kv_bits", 4, 0), ("kv_bits", 5, -7), ("kv_bits", 0, -7), ("kv_bits", 32, -7),
 ])
 def test_engine_create_returns_an_error_code(field, value, code, portable, engine):
     config = TfConfig.from_buffer_copy(engine._config)

@@ -62,6 +62,14 @@ def _add_eval_flags(p: argparse.ArgumentParser, *, eval_alias: bool = False) -> 
     p.add_argument("--fast", action="store_true", help="8 windows instead of 64: a quick look, not the protocol")
 
 
+def _add_kv_flag(p: argparse.ArgumentParser) -> None:
+    from tightfit.runtime.engine_config import DEFAULT_KV_BITS, KV_BITS
+
+    p.add_argument("--kv", type=int, choices=KV_BITS, default=DEFAULT_KV_BITS, dest="kv_bits",
+                   help="KV cache width in bits: 16 (fp16), or 8 / 4 (codes per token with fp16 scales in groups "
+                        f"of 32 along the head; fast engine only) (default {DEFAULT_KV_BITS})")
+
+
 def _size(text: str) -> int:
     import re
 

@@ -14,6 +14,7 @@ from tightfit.cli.common import (
     _add_calibration_flags,
     _add_embed_flag,
     _add_eval_flags,
+    _add_kv_flag,
     _calibration_config,
     _eval_config,
     _fmt,
@@ -82,6 +83,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--against", default=None, help="reference model (default: the packed model's source if found)")
     e.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
     e.add_argument("--engine", choices=("torch", "fast"), default="torch", help=ENGINE_HELP.format(what="PATH's"))
+    _add_kv_flag(e)
     _add_eval_flags(e)
 
     i = sub.add_parser(
@@ -218,6 +220,7 @@ def _cmd_eval(args) -> int:
     from tightfit.evaluate import eval_windows, evaluate, reference_for
     from tightfit.model import load_model
     from tightfit.pipeline import ModelSummary, default_reference, evaluate_packed, is_packed, packed_file_bytes
+    from tightfit.runtime.engine_config import DEFAULT_KV_BITS
 
     config = _eval_config(args)
     if is_packed(args.path):
@@ -228,7 +231,8 @@ def _cmd_eval(args) -> int:
         from tightfit.formats.packed import load_packed
 
         packed = load_packed(Path(args.path))
-        result = evaluate_packed(Path(args.path), reference, config, packed=packed, engine=args.engine)
+        result = evaluate_packed(Path(args.path), reference, config, packed=packed, engine=args.engine,
+                                 kv_bits=args.kv_bits)
         summary = ModelSummary.of(packed, packed_file_bytes(Path(args.path)))
         row = {"name": Path(args.path).name[:28], "size_mb": summary.file_bytes / 1e6, "bpw": summary.bits_per_weight,
                "bpw_all": summary.model_bits_per_weight}
@@ -236,6 +240,9 @@ def _cmd_eval(args) -> int:
         if args.engine != "torch":
             raise KernelUnavailable(f"the {args.engine} engine scores packed models only; pack {args.path} with "
                                     "`tightfit compress` or use --engine torch")
+        if args.kv_bits != DEFAULT_KV_BITS:
+            raise KernelUnavailable(f"a {args.kv_bits}-bit KV cache runs on the fast engine only, which scores packed "
+                                    f"models only; use --kv {DEFAULT_KV_BITS}")
         loaded = load_model(args.path, streamed=False)  # a candidate runs whole
         reference = load_model(args.against) if args.against else None
         windows = eval_windows(loaded.tokenizer, config)

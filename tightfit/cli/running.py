@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from tightfit.cli.common import _positive_int, _status
+from tightfit.cli.common import _add_kv_flag, _positive_int, _status
 from tightfit.errors import TightfitError
 
 
@@ -44,6 +44,7 @@ def _add_backend_flags(p: argparse.ArgumentParser) -> None:
                         "the fast engine caps it at 4096)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads (default: torch's thread count, normally one per core)")
+    _add_kv_flag(p)
 
 
 def _sampling_config(args) -> "SamplingConfig":
@@ -55,11 +56,11 @@ def _sampling_config(args) -> "SamplingConfig":
     return dataclasses.replace(SamplingConfig(), **{k: v for k, v in given.items() if v is not None})
 
 
-def _open_backend(path: Path, engine: str, max_positions: int | None, threads: int | None = None) -> "Backend":
+def _open_backend(path: Path, engine: str, max_positions: int | None, threads: int | None, kv_bits: int) -> "Backend":
     """The compiled engine where it supports the model (engine auto|fast), else the torch reference."""
     from tightfit.runtime.engine import open_backend
 
-    return open_backend(path, engine=engine, max_positions=max_positions, threads=threads)
+    return open_backend(path, engine=engine, max_positions=max_positions, threads=threads, kv_bits=kv_bits)
 
 
 def add_parsers(sub) -> None:
@@ -137,7 +138,7 @@ def _open_text_model(args) -> tuple:
     from tightfit.runtime.text import eos_token_ids, load_tokenizer
 
     _status(f"loading {args.path} ({args.engine} engine)")
-    backend = _open_backend(Path(args.path), args.engine, args.max_positions, args.threads)
+    backend = _open_backend(Path(args.path), args.engine, args.max_positions, args.threads, args.kv_bits)
     tokenizer = load_tokenizer(Path(args.path))
     return backend, tokenizer, eos_token_ids(Path(args.path), tokenizer)
 
@@ -247,7 +248,7 @@ def _cmd_bench(args) -> int:
     threads = args.threads or default_threads()
     positions = args.max_positions or args.prompt_tokens + args.new_tokens
     _status(f"loading {args.path} ({args.engine} engine, {threads} threads)")
-    backend = _open_backend(Path(args.path), args.engine, positions, threads)
+    backend = _open_backend(Path(args.path), args.engine, positions, threads, args.kv_bits)
     fast = isinstance(backend, FastBackend)
     weight_bytes = backend.weight_bytes if fast else 0
     _status("measuring read bandwidth")
@@ -261,6 +262,8 @@ def _cmd_bench(args) -> int:
     print(f"peak memory       {r.peak_rss_mb:8.1f} MB")
     print(f"read bandwidth    {bandwidth:8.1f} GB/s (measured now, {threads} threads)")
     if fast:
+        print(f"kv cache          {backend.kv_bits} bits, {backend.kv_bytes_per_token} bytes/token (codes + scales, "
+              f"all layers; {backend.kv_bytes / 1e6:.1f} MB allocated)")
         print(f"weights/token     {weight_bytes / 1e6:8.1f} MB")
         print(f"roofline          {r.roofline_tok_s:8.1f} tok/s  -> decode at {100 * r.roofline_fraction:.0f} % of it")
         if backend.slow_layers:
@@ -269,7 +272,8 @@ def _cmd_bench(args) -> int:
     if args.json is not None:
         from tightfit.formats.files import atomic_write_json
 
-        atomic_write_json(args.json, r.to_json())
+        kv = {"kv_bits": backend.kv_bits, "kv_bytes_per_token": backend.kv_bytes_per_token} if fast else {}
+        atomic_write_json(args.json, {**r.to_json(), **kv})
     return 0
 
 

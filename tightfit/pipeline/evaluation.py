@@ -12,20 +12,23 @@ from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate, pa
 from tightfit.formats.files import atomic_write_json
 from tightfit.formats.packed import PackedModel, load_packed, read_manifest
 from tightfit.model import LoadedModel
+from tightfit.runtime.engine_config import DEFAULT_KV_BITS
 
 EVAL_FILE = "eval.json"
 
 
 def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfig, *, progress: bool = True,
-                    packed: PackedModel | None = None, engine: str = "torch") -> EvalResult:
+                    packed: PackedModel | None = None, engine: str = "torch",
+                    kv_bits: int = DEFAULT_KV_BITS) -> EvalResult:
     """Evaluate a packed model from disk against a reference model; results also go to eval.json.
 
     packed: the model at `path` if the caller already loaded it (not read again).
     engine: what scores it, "torch" (dequantized reference) or "fast" (compiled engine); see evaluate.py.
+    kv_bits: the fast engine's KV cache width (16, 8, 4); the torch engine refuses 8 and 4.
     """
     # a packed model read here is dropped once the engine has its own layout (a 1.5B model's codes are
     # 1.8 GB unpacked)
-    model = packed_candidate(packed if packed is not None else load_packed(path), engine, ctx=config.ctx)
+    model = packed_candidate(packed if packed is not None else load_packed(path), engine, ctx=config.ctx, kv_bits=kv_bits)
     tokenizer = reference.tokenizer if reference is not None else _packed_tokenizer(path)
     windows = eval_windows(tokenizer, config)
     against = None if reference is None else reference_for(reference, windows, batch_size=config.batch_size)
@@ -34,6 +37,7 @@ def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfi
         "evaluation": config_to_json(config),
         "text": load_text(config.text).record(),
         "engine": engine,
+        "kv_bits": kv_bits,
         "against": None if reference is None else {"name": reference.source.name, "sha256": reference.source.sha256()},
         "result": dataclasses.asdict(result),
     })

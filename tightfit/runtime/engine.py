@@ -1,9 +1,10 @@
 """FastBackend: tightfit's compiled CPU engine behind the Backend protocol (runtime/backend.py).
 
-One C++ call runs a whole forward step (all layers, attention with a preallocated fp16 KV cache,
-the head) with OpenMP threads that meet only where one needs rows another computed; quantized
-matrices run the AVX-512 VNNI kernels of runtime/kernels (int8 block-32 activations, like
-llama.cpp's Q8_0), dense ones an fp32-activation kernel.
+One C++ call runs a whole forward step (all layers, attention with a preallocated KV cache in fp16
+or in 8- or 4-bit codes per token (`kv_bits`, runtime/kernels/kv_cache.h), the head) with OpenMP
+threads that meet only where one needs rows another computed; quantized matrices run the AVX-512
+VNNI kernels of runtime/kernels (int8 block-32 activations, like llama.cpp's Q8_0), dense ones an
+fp32-activation kernel.
 
 Supported here: every architecture of runtime/engine_config.py's table (llama, mistral, qwen2,
 gemma3_text, phi3), whose differences are data in the engine's config, not code of their own; RoPE
@@ -27,7 +28,9 @@ from tightfit.errors import GenerationError, KernelUnavailable, PackedModelError
 from tightfit.formats.packed import PackedModel, load_packed
 from tightfit.formats.primitives import QuantizedTensor
 from tightfit.runtime.engine_checks import MODULES, create_engine, validate_packed_for_engine
-from tightfit.runtime.engine_config import LAYOUTS, EngineLayout, EngineSpec, engine_spec, layout_for
+from tightfit.runtime.engine_config import (
+    DEFAULT_KV_BITS, KV_BITS, LAYOUTS, EngineLayout, EngineSpec, check_kv_bits, engine_spec, layout_for,
+)
 from tightfit.runtime.kernels import KernelMatrix, from_dense, from_quantized
 from tightfit.runtime.kernels.build import load
 from tightfit.runtime.kernels.layout import TfMat, has_kernel
@@ -50,7 +53,7 @@ class TfLayer(ctypes.Structure):
 class TfConfig(ctypes.Structure):
     _fields_ = [
         *[(f, ctypes.c_int32) for f in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "inter", "vocab",
-                                         "max_pos", "max_batch", "threads", "exact", "rope_dim", "act")],
+                                         "max_pos", "max_batch", "threads", "exact", "rope_dim", "act", "kv_bits")],
         *[(f, ctypes.c_float) for f in ("eps", "attn_scale", "final_softcap", "embed_scale")],
         ("embed", TfMat),
         ("head", TfMat),
@@ -68,18 +71,22 @@ class FastBackend:
     """The compiled engine with a KV cache of `max_positions` tokens (see module docstring).
 
     exact: quantized matmuls multiply the fp32 activations instead of their int8 blocks (about 3x
-    slower; then only fp32 summation order and the fp16 KV cache separate it from the reference).
+    slower; then only fp32 summation order and the KV cache's rounding, fp16 or kv_bits codes,
+    separate it from the reference).
     portable: the portable scalar build instead of the one compiled for this CPU (tests).
+    kv_bits: the KV cache's width, 16 (fp16), 8 or 4 (asymmetric codes per token, fp16 scales; KV_BITS).
     """
 
     def __init__(self, packed: PackedModel, *, max_positions: int = 2048, threads: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, exact: bool = False, portable: bool = False) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, exact: bool = False, portable: bool = False,
+                 kv_bits: int = DEFAULT_KV_BITS) -> None:
         layout = layout_for(packed.hf_config.get("model_type"))  # an unknown architecture is refused before its config is built
         config = transformers_config(packed)
         self._lib = load(portable)
         # every size config.json gives checked against every tensor the engine reads, before engine_spec uses them
         dims = validate_packed_for_engine(packed, config, layout, self._lib.tf_max_head_dim())
         spec = engine_spec(config, dims, max_positions)
+        self.kv_bits = check_kv_bits(kv_bits, spec.head_dim)
         self.vocab_size = spec.vocab
         self.max_positions = spec.max_positions
         self.max_batch = int(max_batch)
@@ -112,12 +119,15 @@ class FastBackend:
             n_layers=spec.n_layers, hidden=spec.hidden, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads,
             head_dim=spec.head_dim, inter=spec.inter, vocab=spec.vocab, max_pos=self.max_positions,
             max_batch=self.max_batch, threads=self.threads, exact=int(exact), rope_dim=spec.rope_dim, act=spec.act,
+            kv_bits=self.kv_bits,
             eps=spec.eps, attn_scale=spec.attn_scale, final_softcap=spec.final_softcap, embed_scale=spec.embed_scale,
             embed=embed.struct(), head=head.struct(),
             final_norm=self._vector(packed, "model.norm.weight", offset), layers=layers,
         )
         self._engine = create_engine(self._lib, self._config)
-        self.kv_bytes = int(self._lib.tf_engine_kv_bytes(self._engine))  # fp16 K and V of every layer, rings included
+        self.kv_bytes = int(self._lib.tf_engine_kv_bytes(self._engine))  # K and V of every layer, rings included
+        # what one more position adds to the cache of every layer: codes (or fp16) + scales of K and V
+        self.kv_bytes_per_token = int(self._lib.tf_engine_kv_bytes_per_token(self._engine))
         self._logits = torch.empty(self.max_batch, self.vocab_size, dtype=torch.float32)
         self._logits_ptr = self._logits.data_ptr()
         self._ids_c = (ctypes.c_int32 * self.max_batch)()
@@ -259,20 +269,25 @@ DEFAULT_FAST_POSITIONS = 4096  # fp16 KV cache of the fast engine: 30 layers x 3
 
 
 def open_backend(path: Path | PackedModel, *, engine: str = "auto", max_positions: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, kv_bits: int = DEFAULT_KV_BITS):
     """A Backend for a packed model: engine "fast" (compiled), "torch" (reference) or "auto"
     (fast where it supports the model and this machine can build it, else torch with a warning).
-    max_positions None: the model's context length (the fast engine caps it at DEFAULT_FAST_POSITIONS)."""
+    max_positions None: the model's context length (the fast engine caps it at DEFAULT_FAST_POSITIONS).
+    kv_bits 8 or 4: the fast engine's quantized KV cache; the torch engine refuses them (KernelUnavailable),
+    and "auto" then does not fall back to it."""
     from tightfit.runtime.torch_backend import TorchBackend
 
     if engine not in ("auto", "fast", "torch"):
         raise ValueError(f"engine must be auto, fast or torch, got {engine!r}")
+    if engine == "torch" and kv_bits != DEFAULT_KV_BITS:
+        raise KernelUnavailable(f"a {kv_bits}-bit KV cache runs on the fast engine only; drop --engine torch or use --kv 16")
     packed = path if isinstance(path, PackedModel) else load_packed(Path(path))
     if engine != "torch":
         try:
-            return FastBackend(packed, max_positions=max_positions or DEFAULT_FAST_POSITIONS, threads=threads)
+            return FastBackend(packed, max_positions=max_positions or DEFAULT_FAST_POSITIONS, threads=threads,
+                               kv_bits=kv_bits)
         except KernelUnavailable as e:
-            if engine == "fast":
+            if engine == "fast" or kv_bits != DEFAULT_KV_BITS:
                 raise
             warnings.warn(f"{e}; running the torch reference engine", stacklevel=2)
     from tightfit.runtime.model import build_model
@@ -283,4 +298,4 @@ def open_backend(path: Path | PackedModel, *, engine: str = "auto", max_position
     return TorchBackend(model, max_positions=max_positions or model.config.max_position_embeddings)
 
 
-__all__ = ["FastBackend", "open_backend", "default_threads", "ENGINE_MODEL_TYPES"]
+__all__ = ["FastBackend", "open_backend", "default_threads", "ENGINE_MODEL_TYPES", "KV_BITS", "DEFAULT_KV_BITS"]

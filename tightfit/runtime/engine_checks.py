@@ -32,6 +32,7 @@ CREATE_ERRORS = {
     -5: "out of memory for the KV cache and buffers",
     -6: "an architecture value is out of range (MLP activation, sliding window, rms_norm_eps, attention scale, "
         "logit soft-cap or embedding scale)",
+    -7: "the KV cache width is not 16, 8 or 4 bits, or a quantized KV cache has head_dim not a multiple of 16",
 }
 
 # The projections of a decoder block, by module name relative to `model.layers.{i}` (Llama layout)

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tightfit.errors import KernelUnavailable, PackedModelError
+from tightfit.errors import GenerationError, KernelUnavailable, PackedModelError
 
 if TYPE_CHECKING:  # engine_checks builds on this module
     from tightfit.runtime.engine_checks import EngineDims
 
+KV_BITS = (16, 8, 4)  # KV cache widths (tf_config.kv_bits): fp16, or codes per token with fp16 group scales
+DEFAULT_KV_BITS = 16
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}  # config name -> TF_ACT_* in common.h
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
 
@@ -158,6 +160,17 @@ def _rope_tables(config, max_positions: int, layer_type: str | None, head_dim: i
                                f"it must be an even number from 2 to head_dim {head_dim}")
     half = rope_dim // 2
     return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
+
+
+def check_kv_bits(kv_bits: int, head_dim: int) -> int:
+    """kv_bits if the engine can keep a KV cache that wide for heads of head_dim (codes go in groups
+    along head_dim, in 16-dim vectors: a multiple of 16), else GenerationError / KernelUnavailable."""
+    if kv_bits not in KV_BITS:
+        raise GenerationError(f"the KV cache is {', '.join(map(str, KV_BITS))} bits wide, not {kv_bits}")
+    if kv_bits != 16 and head_dim % 16:
+        raise KernelUnavailable(f"a {kv_bits}-bit KV cache needs head_dim a multiple of 16, this model has {head_dim}; "
+                                "use --kv 16")
+    return kv_bits
 
 
 def engine_spec(config, dims: EngineDims, max_positions: int) -> EngineSpec:

@@ -20,7 +20,10 @@
 #define TF_AVX512 0
 #endif
 
-#define TF_ABI_VERSION 7  // = ABI_VERSION in build.py; bump with any change below or to a signature
+#define TF_ABI_VERSION 8  // = ABI_VERSION in build.py; bump with any change below or to a signature
+
+// Largest head_dim: store_kv rotates each key, and the KV cache quantizes it, in stack buffers of this size.
+#define TF_MAX_HEAD_DIM 512
 
 extern "C" {
 
@@ -64,6 +67,7 @@ typedef struct {
     int32_t exact;      // 1: quantized matmuls take fp32 activations (reference-exact, slower)
     int32_t rope_dim;   // leading dims of each head that RoPE rotates (partial rotary), even, <= head_dim
     int32_t act;        // TF_ACT_*: act(gate) * up in the MLP
+    int32_t kv_bits;    // the KV cache: 16 (fp16), 8 or 4 (codes per token in groups along head_dim; kv_cache.h)
     float eps;          // RMSNorm epsilon
     float attn_scale;   // softmax scale (head_dim^-0.5, or the architecture's own)
     float final_softcap;  // > 0: logits <- c tanh(logits / c); 0: none

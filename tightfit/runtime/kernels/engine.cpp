@@ -6,7 +6,8 @@
 //   layout.h       the weight layout ("tf-tile16") and its decoding
 //   activations.h  int8 block-32 activations (llama.cpp's Q8_0)
 //   matmul.h       quantized and dense matrix kernels: AVX-512 VNNI, or portable scalar code
-//   attention.h    RoPE, the fp16 KV cache, softmax attention
+//   kv_cache.h     the KV cache: fp16, or 8- or 4-bit codes with per-token group scales
+//   attention.h    RoPE, softmax attention over one KV head's cache
 //   forward.h      the decoder's forward step
 //   timing.h       timing entry points (matmuls, memory reads, the forward step's phases)
 // One unit, not several objects linked together, so that -O3 -march=native inlines the hot path
@@ -19,6 +20,7 @@
 #include "layout.h"
 #include "activations.h"
 #include "matmul.h"
+#include "kv_cache.h"
 #include "attention.h"
 #include "forward.h"
 #include "timing.h"

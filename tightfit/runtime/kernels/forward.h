@@ -17,8 +17,6 @@
 // gate/up + SiLU, down, final norm + head; PH_BARRIERS is its waiting for the other threads.
 enum Phase { PH_NORM, PH_QKV, PH_ATTENTION, PH_O, PH_GATE_UP, PH_DOWN, PH_HEAD, PH_BARRIERS, PH_COUNT };
 
-// Largest head_dim: store_kv rotates each key in a stack buffer of this many floats.
-#define TF_MAX_HEAD_DIM 512
 // Largest KV cache, batch and thread count: positions and token counts stay far from int overflow,
 // per-thread buffers within reason.
 #define TF_MAX_POSITIONS (1 << 30)
@@ -34,6 +32,7 @@ enum {
     TF_E_NULL = -4,      // a weight, norm or table pointer is missing
     TF_E_MEMORY = -5,    // an allocation failed
     TF_E_ARCH = -6,      // an architecture field out of range: act, a layer's window, eps, attn_scale, final_softcap, embed_scale
+    TF_E_KV = -7,        // kv_bits not 16, 8 or 4, or a quantized KV cache with head_dim not a multiple of 16
 };
 
 struct Engine {
@@ -43,7 +42,7 @@ struct Engine {
     std::vector<float> q, k, v, att;         // [B, H*D], [B, KVH*D] x2, [B, H*D]
     std::vector<float> o, gate, up, down;    // [B, hidden], [B, inter] x2, [B, hidden]
     std::vector<QAct> acts;                  // one per thread
-    std::vector<std::vector<float>> scores;  // one per thread [kv.max_slots]
+    std::vector<std::vector<float>> scores;  // one per thread [kv_scratch(kv.max_slots, head_dim)]
     double prof[PH_COUNT] = {0};             // thread 0's seconds per phase
 };
 
@@ -150,7 +149,9 @@ static inline void attend_heads(Step& s, int L) {
         Span spans[2];
         const int n_spans = s.e.kv.spans(L, ps, spans);
         float* out = s.e.att.data() + (size_t)i * NH * D + hd * D;
-        attend(qv, s.e.kv.keys(L, kh), s.e.kv.values(L, kh), spans, n_spans, D, s.c.attn_scale, sc, out);
+        const KVHead h = {s.e.kv.keys(L, kh), s.e.kv.values(L, kh), s.e.kv.key_params(L, kh), s.e.kv.value_params(L, kh),
+                          s.e.kv.bits, D, s.e.kv.slots[L]};
+        attend(qv, h, spans, n_spans, s.c.attn_scale, sc, out);
     }
 }
 
@@ -239,6 +240,7 @@ static int check_config(const tf_config& c) {
         return TF_E_COUNT;
     if (c.head_dim % 2 != 0 || c.head_dim > TF_MAX_HEAD_DIM) return TF_E_HEAD_DIM;
     if (c.rope_dim < 2 || c.rope_dim % 2 != 0 || c.rope_dim > c.head_dim) return TF_E_HEAD_DIM;
+    if ((c.kv_bits != 16 && c.kv_bits != 8 && c.kv_bits != 4) || (c.kv_bits != 16 && c.head_dim % 16 != 0)) return TF_E_KV;
     if ((c.act != TF_ACT_SILU && c.act != TF_ACT_GELU_TANH) || !(c.eps > 0.f) || !isfinite(c.eps) ||
         !(c.attn_scale > 0.f) || !isfinite(c.attn_scale) || !(c.final_softcap >= 0.f) || !isfinite(c.final_softcap) ||
         !isfinite(c.embed_scale))
@@ -291,7 +293,7 @@ int tf_engine_create(const tf_config* cfg, void** out) {
             a.psum.reserve(B * widest / 16 + B);
             a.xs.reserve(B * widest);
         }
-        e->scores.assign(T, std::vector<float>(e->kv.max_slots));
+        e->scores.assign(T, std::vector<float>(kv_scratch(e->kv.max_slots, c.head_dim)));
     } catch (...) {  // std::bad_alloc, std::length_error
         delete e;
         return TF_E_MEMORY;
@@ -306,6 +308,37 @@ int tf_max_head_dim(void) { return TF_MAX_HEAD_DIM; }
 
 // Bytes of the engine's KV cache (rings of sliding-window layers included)
 size_t tf_engine_kv_bytes(const void* p) { return ((const Engine*)p)->kv.bytes(); }
+
+// Bytes one position takes in the KV cache of every layer: codes (or fp16) + scales of K and V
+size_t tf_engine_kv_bytes_per_token(const void* p) { return ((const Engine*)p)->kv.bytes_per_token(); }
+
+// One KV head of n positions stored in a KV cache of kv_bits (keys [n, D] as attention sees them,
+// already rotated; values [n, D]), then out [D] <- the attention of q [D] over all of them with
+// softmax scale `scale` (tests of the cache and the attention kernel). Returns 0 or a TF_E_* code.
+int tf_kv_attend(int kv_bits, int D, int n, const float* keys, const float* values, const float* q, float scale, float* out) {
+    if (!keys || !values || !q || !out) return TF_E_NULL;
+    if (n < 1 || n > TF_MAX_POSITIONS || D < 2 || D > TF_MAX_HEAD_DIM || D % 2 != 0) return TF_E_COUNT;
+    if ((kv_bits != 16 && kv_bits != 8 && kv_bits != 4) || (kv_bits != 16 && D % 16 != 0)) return TF_E_KV;
+    tf_layer layer = {};
+    tf_config c = {};
+    c.n_layers = c.n_kv_heads = c.max_batch = 1;
+    c.head_dim = D;
+    c.max_pos = n;
+    c.kv_bits = kv_bits;
+    c.layers = &layer;
+    try {
+        KVCache kv;
+        kv.allocate(c);
+        for (int p = 0; p < n; p++) kv.store(0, 0, p, keys + (size_t)p * D, values + (size_t)p * D);
+        std::vector<float> sc(kv_scratch(kv.max_slots, D));
+        const KVHead h = {kv.keys(0, 0), kv.values(0, 0), kv.key_params(0, 0), kv.value_params(0, 0), kv_bits, D, kv.slots[0]};
+        const Span all = {0, n};
+        attend(q, h, &all, 1, scale, sc.data(), out);
+    } catch (...) {
+        return TF_E_MEMORY;
+    }
+    return TF_OK;
+}
 
 // Run tokens ids[0..M) at positions pos..pos+M-1 (M <= max_batch, pos+M <= max_pos); writes the
 // logits of the last token [vocab] (all_logits = 0) or of every token [M, vocab] to `logits`.

@@ -1,0 +1,210 @@
+"""The engine's quantized KV cache (runtime/kernels/kv_cache.h): 16 (fp16), 8 and 4 bits, native
+(AVX-512 where the CPU has it) and portable builds.
+
+The reference quantizes every key and value the way the cache is documented to (per token, groups
+of 32 along head_dim or head_dim when smaller, x ~ scale * code + min with scale and min rounded to
+fp16 first) and attends in float64: the kernel must match it to fp32 rounding, and be far from the
+unquantized attention where the codes are coarse (so a kernel that skipped quantization fails too).
+On a tiny model, exact-mode greedy generation with an 8-bit cache equals a torch reference whose
+cache holds the same quantized-dequantized keys and values, token for token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tightfit.cli import main
+from tightfit.errors import GenerationError, KernelUnavailable
+from tightfit.formats.packed import load_packed
+from tightfit.runtime.engine import FastBackend, open_backend
+from tightfit.runtime.engine_config import check_kv_bits
+from tightfit.runtime.kernels.build import load
+from tightfit.runtime.model import build_model
+
+BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable")]
+TF_E_KV = -7
+
+
+def quantize_dequantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x [..., D] fp32 as the KV cache gives it back: fp16 (bits 16), else per token and group of
+    min(32, D) dims: min = fp16(min x), scale = fp16((max x - min x) / (2^bits - 1)),
+    code = clamp(round((x - min) / scale), 0, 2^bits - 1), x' = scale * code + min."""
+    if bits == 16:
+        return x.half().float()
+    top, gw = 2**bits - 1, min(32, x.shape[-1])
+    parts = []
+    for g0 in range(0, x.shape[-1], gw):
+        xg = x[..., g0 : g0 + gw]
+        lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
+        m, s = lo.half().float(), ((hi - lo) / top).half().float()
+        inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+        parts.append(s * torch.round((xg - m) * inv).clamp(0, top) + m)
+    return torch.cat(parts, -1)
+
+
+def _kernel_attend(bits: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float,
+                   portable: bool) -> torch.Tensor:
+    """The engine's cache of one KV head holding keys/values [n, D], and q [D]'s attention over it."""
+    n, d = keys.shape
+    out = torch.empty(d, dtype=torch.float32)
+    rc = load(portable).tf_kv_attend(bits, d, n, keys.data_ptr(), values.data_ptr(), q.data_ptr(), scale, out.data_ptr())
+    assert rc == 0, rc
+    return out
+
+
+def _attention(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:
+    p = torch.softmax((keys.double() @ q.double()) * scale, dim=0)  # [n]
+    return p @ values.double()  # [D]
+
+
+def _head(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """keys, values [n, d] and q [d]; per-channel offsets and a few outlier channels, as real keys have."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, d, generator=g) + 3 * torch.randn(d, generator=g)
+    keys[:, :: max(1, d // 5)] *= 6
+    values = torch.randn(n, d, generator=g) * 0.5 + torch.randn(d, generator=g)
+    return keys.contiguous(), values.contiguous(), torch.randn(d, generator=g)
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("d", [16, 32, 64, 80, 128])
+def test_attention_reads_the_cache_it_quantized(d, bits, portable):
+    """Every width and head size (80: a short last group of 16 dims; 37 positions: a partial block of
+    16 slots): the kernel equals attention over the dequantized cache."""
+    keys, values, q = _head(37, d, seed=d + bits)
+    scale = d**-0.5
+    got = _kernel_attend(bits, keys, values, q, scale, portable).double()
+    ref = _attention(quantize_dequantize(keys, bits), quantize_dequantize(values, bits), q, scale)
+    exact = _attention(keys, values, q, scale)
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2e-5, err
+    if bits == 4:  # 4-bit codes move the result far more than fp32 rounding does
+        assert ((exact - ref).abs().max() / ref.abs().max()).item() > 100 * max(err, 1e-7)
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+def test_attention_with_constant_groups(portable):
+    """A group whose values are all equal has scale 0: its codes are 0 and it reads back as its min."""
+    keys, values, q = _head(20, 64, seed=3)
+    keys[:, :32] = 1.5
+    values[:, 32:] = -2.0
+    for bits in (8, 4):
+        got = _kernel_attend(bits, keys, values, q, 0.125, portable).double()
+        ref = _attention(quantize_dequantize(keys, bits), quantize_dequantize(values, bits), q, 0.125)
+        assert torch.allclose(got, ref, rtol=2e-5, atol=2e-5)
+        assert torch.allclose(got[32:], torch.full((32,), -2.0, dtype=torch.float64))
+
+
+def test_kv_attend_refuses_bad_widths():
+    lib = load(False)
+    x, out = torch.zeros(4, 24), torch.zeros(24)
+    args = (x.data_ptr(), x.data_ptr(), out.data_ptr(), ctypes.c_float(1.0), out.data_ptr())
+    assert lib.tf_kv_attend(5, 16, 4, *args) == TF_E_KV
+    assert lib.tf_kv_attend(8, 24, 4, *args) == TF_E_KV  # codes need head_dim a multiple of 16
+    assert lib.tf_kv_attend(16, 24, 4, *args) == 0
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_kv_bytes_per_token_match_the_formula(bits, packed_llama):
+    """codes (D bits/8, or fp16's 2 D bytes) + fp16 (scale, min) per group, for K and V, per KV head and layer."""
+    packed = load_packed(packed_llama)
+    cfg = packed.hf_config
+    layers, kv_heads, d = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
+    per_head = 2 * d if bits == 16 else d * bits // 8 + -(-d // 32) * 2 * 2
+    engine = FastBackend(packed, max_positions=48, threads=1, kv_bits=bits)
+    assert engine.kv_bytes_per_token == layers * kv_heads * 2 * per_head
+    assert engine.kv_bytes == 48 * engine.kv_bytes_per_token  # no ring: 48 slots in every layer
+
+
+class _QuantizedKV(DynamicCache):
+    """A transformers cache that stores every new key and value quantized-dequantized like the engine's."""
+
+    def __init__(self, bits: int, config) -> None:
+        super().__init__(config=config)
+        self.bits = bits
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(quantize_dequantize(key_states, self.bits), quantize_dequantize(value_states, self.bits),
+                              layer_idx, *args, **kwargs)
+
+
+def _reference_logits(model, ids: list[int], bits: int) -> torch.Tensor:
+    """[len(ids), vocab] of the torch model over ids, its K/V cache quantized like the engine's."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), past_key_values=_QuantizedKV(bits, model.config), use_cache=True)
+    return out.logits[0].float()
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_exact_greedy_with_quantized_kv_matches_reference(model_type, portable, make_packed):
+    """Greedy generation in exact mode: kv 8 equals the quantized-KV torch reference token for token,
+    kv 4 stays within a logit tolerance of it (gemma3's sliding layer wraps its ring of 32)."""
+    packed = load_packed(make_packed(model_type))
+    model = build_model(packed)
+    prompt = torch.randint(4, 300, (6,), generator=torch.Generator().manual_seed(7)).tolist()
+    fp16 = FastBackend(packed, max_positions=64, threads=2, max_batch=4, exact=True, portable=portable)
+    fp16_logits = fp16.forward_all(prompt)
+    for bits in (8, 4):
+        fast = FastBackend(packed, max_positions=64, threads=2, max_batch=4, exact=True, portable=portable, kv_bits=bits)
+        ids, logits = list(prompt), fast.forward_all(prompt)  # prefill in chunks of 4, then decode
+        ref = _reference_logits(model, ids, bits)
+        assert (logits - ref).abs().max() / ref.abs().max() < 2e-3
+        assert not torch.allclose(logits, fp16_logits, atol=1e-4)  # the codes are really what it reads
+        for _ in range(40):
+            ids.append(int(logits[-1].argmax()))
+            logits = fast.forward([ids[-1]]).unsqueeze(0)
+        ref = _reference_logits(model, ids, bits)
+        if bits == 8:
+            assert ids[len(prompt):] == [int(t) for t in ref[len(prompt) - 1 : -1].argmax(-1)]
+        assert (logits[-1] - ref[-1]).abs().max() / ref[-1].abs().max() < (2e-3 if bits == 8 else 2e-2)
+
+
+def test_open_backend_kv_widths(packed_llama):
+    """The torch engine has no quantized KV cache: it refuses --kv 8/4 (so does auto where the fast
+    engine cannot run); a width the engine lacks is refused in one line."""
+    assert open_backend(packed_llama, engine="auto", max_positions=32, kv_bits=4).kv_bits == 4
+    with pytest.raises(KernelUnavailable, match="8-bit KV cache runs on the fast engine only"):
+        open_backend(packed_llama, engine="torch", max_positions=32, kv_bits=8)
+    with pytest.raises(GenerationError, match="16, 8, 4 bits wide, not 5"):
+        FastBackend(load_packed(packed_llama), max_positions=32, kv_bits=5)
+    with pytest.raises(KernelUnavailable, match="needs head_dim a multiple of 16, this model has 24"):
+        check_kv_bits(8, 24)
+    assert check_kv_bits(16, 24) == 16
+
+
+def test_cli_kv_flag(packed_llama, capsys, tmp_path):
+    """--kv reaches the engine (bench prints its KV bytes per token) and a bad width is a one-line error."""
+    report = tmp_path / "bench.json"
+    assert main(["bench", str(packed_llama), "--kv", "4", "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1",
+                 "--threads", "1", "--json", str(report)]) == 0
+    per_token = json.loads(report.read_text())["kv_bytes_per_token"]
+    assert f"kv cache          4 bits, {per_token} bytes/token" in capsys.readouterr().out
+    assert main(["generate", str(packed_llama), "hello", "--engine", "torch", "--kv", "8", "--max-tokens", "2"]) == 2
+    assert "runs on the fast engine only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", str(packed_llama), "hello", "--kv", "5"])
+    assert main(["eval", str(packed_llama), "--kv", "4", "--fast"]) == 2  # scored by the torch engine (its default)
+    assert "4-bit KV cache runs on the fast engine only" in capsys.readouterr().err
+    assert main(["eval", "smollm2-135m", "--kv", "8", "--fast"]) == 2  # not packed: torch only
+    assert "8-bit KV cache runs on the fast engine only, which scores packed models only" in capsys.readouterr().err
+
+
+def test_eval_scores_with_a_quantized_kv_cache(packed_llama, tmp_path):
+    """`eval --engine fast --kv 8` scores through the 8-bit cache and records its width in eval.json."""
+    folder = tmp_path / "packed"
+    shutil.copytree(packed_llama, folder)
+    ppl = {}
+    for bits in (16, 8):
+        assert main(["eval", str(folder), "--engine", "fast", "--kv", str(bits), "--windows", "2", "--ctx", "64"]) == 0
+        record = json.loads((folder / "eval.json").read_text())
+        assert record["kv_bits"] == bits
+        ppl[bits] = record["result"]["ppl"]
+    assert ppl[8] != ppl[16] and abs(ppl[8] / ppl[16] - 1) < 0.05

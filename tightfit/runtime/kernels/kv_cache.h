@@ -1,0 +1,148 @@
+// The KV cache of all layers: fp16, or asymmetric 8- or 4-bit codes per token (a ring for
+// sliding-window layers), written when a position's key and value are stored.
+// Part of the one translation unit engine.cpp.
+#pragma once
+
+#include "common.h"
+
+// Quantized KV (bits 8 or 4, tf_config.kv_bits): every stored key and value [D] is quantized on its
+// own (per token), in groups along the head dimension of KV_GROUP dims (D when D < KV_GROUP; D is a
+// multiple of 16, so a last group of D % 32 = 16 dims is the only short one), asymmetric as KIVI's
+// and QServe's KV4: x ~ scale * c + min, c in [0, 2^bits - 1], min = min(x), scale = (max - min) /
+// (2^bits - 1). scale and min are stored in fp16 (4 bytes per group: at D = 128 and 4 bits the codes
+// take 64 bytes and the scales 16; fp32 would add 16 more, and fp16's 11-bit mantissa is finer than
+// any 8-bit grid step), rounded before the codes are computed, so the codes fit the values read back.
+#define KV_GROUP 32
+
+static inline int kv_group(int D) { return D < KV_GROUP ? D : KV_GROUP; }
+static inline int kv_groups(int D) { return (D + kv_group(D) - 1) / kv_group(D); }
+// floats of scratch one query's attention over `slots` slots needs: its scores, and each slot's
+// weighted (scale, min) per group
+static inline size_t kv_scratch(int slots, int D) { return (size_t)slots * (1 + 2 * kv_groups(D)); }
+
+// x [n] -> codes [n] in [0, 2^bits - 1], *scale_h and *min_h (fp16) with x ~ scale * code + min
+static void quantize_kv_group(const float* x, int n, int bits, uint8_t* codes, uint16_t* scale_h, uint16_t* min_h) {
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < n; i++) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
+    const int top = (1 << bits) - 1;
+    *min_h = f32_to_f16(lo);
+    *scale_h = f32_to_f16((hi - lo) / top);
+    const float m = f16_to_f32(*min_h), s = f16_to_f32(*scale_h), inv = s > 0.f ? 1.f / s : 0.f;
+    for (int i = 0; i < n; i++) codes[i] = (uint8_t)std::min(std::max((int)lrintf((x[i] - m) * inv), 0), top);
+}
+
+// Slots [begin, end) of a KV head's cache that one query attends to.
+struct Span {
+    int begin, end;
+};
+
+// Layer L has slots[L] slots (a multiple of 16) and keeps position p in slot p % slots[L]: max_pos
+// rounded up for a full-attention layer, so nothing wraps; for a sliding window W a ring of W +
+// max_batch - 1 rounded up, the least that lets a call's first query still see its W positions
+// after the call stored all its keys, so long generations do not pay full-context memory for these
+// layers. Per KV head, in blocks of 16 slots so that attention reads component d of 16 positions as
+// one vector:
+//   bits 16: keys fp16 [slots/16, D, 16]; values fp16 [slots, D]
+//   bits 8:  key codes [slots/16, D, 16] bytes; value codes [slots, D] bytes
+//   bits 4:  key codes [slots/16, D/2, 16] bytes, dims 2i (low nibble) and 2i+1 (high) of a slot in
+//            one byte; value codes [slots, D/2] bytes, per 32 dims 16 bytes: dim b low, dim b+16
+//            high (a last 16 dims: 8 bytes, dim b low, b+8 high), so 16 bytes widen to 32 dims
+//   key (scale, min) fp16 [slots/16, groups, 2, 16]; value (scale, min) fp16 [slots, groups, 2]
+struct KVCache {
+    std::vector<uint8_t> k, v;                // codes, or fp16 keys and values (bits 16)
+    std::vector<uint16_t> kp, vp;             // (scale, min) per slot and group (bits 8, 4)
+    std::vector<size_t> base, pbase;          // [L] where layer L starts in k, v and in kp, vp
+    std::vector<int> slots, window;           // [L]
+    std::vector<std::vector<int32_t>> held;   // [L][slots] the position each slot of a ring holds (-1: none)
+    int bits = 16, kv_heads = 0, D = 0, groups = 0, max_pos = 0, max_slots = 0;
+
+    size_t row_bytes() const { return (size_t)D * bits / 8; }  // one slot's key (or value) codes
+    size_t row_params() const { return bits == 16 ? 0 : (size_t)groups * 2; }
+
+    void allocate(const tf_config& c) {
+        bits = c.kv_bits;
+        kv_heads = c.n_kv_heads;
+        D = c.head_dim;
+        groups = kv_groups(D);
+        max_pos = c.max_pos;
+        const int full = (c.max_pos + 15) / 16 * 16;
+        size_t at = 0, pat = 0;
+        for (int L = 0; L < c.n_layers; L++) {
+            const int w = c.layers[L].window, ring = (w + c.max_batch - 1 + 15) / 16 * 16;
+            const int n = w > 0 && ring < c.max_pos ? ring : full;
+            slots.push_back(n);
+            window.push_back(w);
+            held.emplace_back(n < c.max_pos ? n : 0, -1);
+            base.push_back(at);
+            pbase.push_back(pat);
+            at += (size_t)kv_heads * n * row_bytes();
+            pat += (size_t)kv_heads * n * row_params();
+            max_slots = std::max(max_slots, n);
+        }
+        k.assign(at, 0);
+        v.assign(at, 0);
+        kp.assign(pat, 0);
+        vp.assign(pat, 0);
+    }
+    size_t bytes() const { return k.size() + v.size() + (kp.size() + vp.size()) * sizeof(uint16_t); }
+    // bytes one position takes in every layer's cache: codes + scales of its keys and values
+    size_t bytes_per_token() const { return slots.size() * kv_heads * 2 * (row_bytes() + row_params() * sizeof(uint16_t)); }
+    // KV head kh of layer L: its keys, values (layout above) and their (scale, min)
+    uint8_t* keys(int L, int kh) { return k.data() + base[L] + (size_t)kh * slots[L] * row_bytes(); }
+    uint8_t* values(int L, int kh) { return v.data() + base[L] + (size_t)kh * slots[L] * row_bytes(); }
+    uint16_t* key_params(int L, int kh) { return kp.data() + pbase[L] + (size_t)kh * slots[L] * row_params(); }
+    uint16_t* value_params(int L, int kh) { return vp.data() + pbase[L] + (size_t)kh * slots[L] * row_params(); }
+
+    // position ps of KV head kh in layer L <- key [D] (already rotated), value [D]
+    void store(int L, int kh, int ps, const float* key, const float* value) {
+        const int s = ps % slots[L], lane = s % 16;
+        if (bits == 16) {
+            uint16_t* kblk = (uint16_t*)keys(L, kh) + (size_t)(s / 16) * D * 16 + lane;
+            for (int d = 0; d < D; d++) kblk[(size_t)d * 16] = f32_to_f16(key[d]);
+            uint16_t* vdst = (uint16_t*)values(L, kh) + (size_t)s * D;
+            for (int d = 0; d < D; d++) vdst[d] = f32_to_f16(value[d]);
+            return;
+        }
+        uint8_t kc[TF_MAX_HEAD_DIM], vc[TF_MAX_HEAD_DIM];
+        const int gw = kv_group(D);
+        uint16_t* kpar = key_params(L, kh) + (size_t)(s / 16) * groups * 32 + lane;
+        uint16_t* vpar = value_params(L, kh) + (size_t)s * groups * 2;
+        for (int g = 0; g < groups; g++) {
+            const int d0 = g * gw, n = std::min(D, d0 + gw) - d0;
+            quantize_kv_group(key + d0, n, bits, kc + d0, kpar + g * 32, kpar + g * 32 + 16);
+            quantize_kv_group(value + d0, n, bits, vc + d0, vpar + 2 * g, vpar + 2 * g + 1);
+        }
+        uint8_t* kblk = keys(L, kh) + (size_t)(s / 16) * row_bytes() * 16 + lane;
+        uint8_t* vrow = values(L, kh) + (size_t)s * row_bytes();
+        if (bits == 8) {
+            for (int d = 0; d < D; d++) kblk[(size_t)d * 16] = kc[d];
+            memcpy(vrow, vc, D);
+        } else {
+            for (int d = 0; d < D; d += 2) kblk[(size_t)d * 8] = (uint8_t)(kc[d] | kc[d + 1] << 4);
+            for (int c = 0; c < D; c += 32) {
+                const int half = std::min(32, D - c) / 2;
+                for (int b = 0; b < half; b++) vrow[c / 2 + b] = (uint8_t)(vc[c + b] | vc[c + half + b] << 4);
+            }
+        }
+    }
+    // the slots a query at position ps of layer L attends to: one span, two where its window wraps the ring
+    int spans(int L, int ps, Span out[2]) const {
+        const int lo = window[L] > 0 ? std::max(0, ps - window[L] + 1) : 0, n = ps - lo + 1, s0 = lo % slots[L];
+        out[0] = {s0, std::min(slots[L], s0 + n)};
+        if (s0 + n <= slots[L]) return 1;
+        out[1] = {0, s0 + n - slots[L]};
+        return 2;
+    }
+    // Whether every ring still holds the positions a call at `pos` reads from before it (a truncation
+    // may have gone back further than a ring remembers); then the ring slots of pos .. pos+M-1 are theirs.
+    bool claim(int pos, int M) {
+        for (size_t L = 0; L < held.size(); L++) {
+            if (held[L].empty() || pos == 0) continue;
+            for (int p = std::max(0, pos - window[L] + 1); p < pos; p++)
+                if (held[L][p % slots[L]] != p) return false;
+        }
+        for (auto& h : held)
+            for (int p = pos; p < pos + M && !h.empty(); p++) h[p % (int)h.size()] = p;
+        return true;
+    }
+};
