@@ -24,6 +24,9 @@ from tightfit.algorithms.builders import builder_for
 from tightfit.formats.registry import AnyQuantizedTensor, Format
 
 
+GRAM_BLOCK = 2048  # HessianAccumulator: input features per row block of x^T x
+
+
 class HessianAccumulator:
     """Running H = 2/T * sum_t x_t x_t^T over calibration inputs of one linear layer.
 
@@ -36,16 +39,22 @@ class HessianAccumulator:
         self.n_tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        assert x.shape[-1] == self.in_features, (x.shape, self.in_features)
-        x = x.reshape(-1, self.in_features).to(torch.float32)  # [T, K]
+        """x [..., K]: adds x^T x over its rows. Only the upper block triangle is formed (rows
+        GRAM_BLOCK at a time against the columns from there on; `hessian` mirrors it): 61 % of the
+        products at K = 8960, the cost that dominates calibrating a model with a wide MLP."""
+        k = self.in_features
+        assert x.shape[-1] == k, (x.shape, k)
+        x = x.reshape(-1, k).to(torch.float32)  # [T, K]
         with torch.autocast(x.device.type, enabled=False):  # inputs may come from bf16 forwards; H never does
-            self._h += (x.T @ x).to(torch.float64)
+            for i in range(0, k, GRAM_BLOCK):
+                self._h[i : i + GRAM_BLOCK, i:] += (x[:, i : i + GRAM_BLOCK].T @ x[:, i:]).to(torch.float64)
         self.n_tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.n_tokens == 0:
             raise ValueError("no calibration inputs were accumulated")
-        return (2.0 / self.n_tokens * self._h).to(torch.float32)  # [K, K]
+        upper = torch.triu(self._h)
+        return (2.0 / self.n_tokens * (upper + torch.triu(upper, 1).T)).to(torch.float32)  # [K, K]
 
 
 @dataclass(frozen=True)
