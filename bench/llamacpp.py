@@ -66,11 +66,14 @@ def gguf_linear_bits(path: Path) -> tuple[float, dict[str, int]]:
     return 8 * nbytes / nweights, dict(types)
 
 
-def gguf_tensor_bytes(path: Path) -> int:
-    """Bytes of every tensor in a GGUF file (what a decode step reads, embeddings included)."""
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes a decode step reads: every tensor, less the token embeddings when an output tensor of
+    its own exists (then only one row of them is read per token)."""
     from gguf import GGUFReader
 
-    return int(sum(t.n_bytes for t in GGUFReader(str(path)).tensors))
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    untied = "output.weight" in tensors
+    return sum(n for name, n in tensors.items() if not (untied and name == "token_embd.weight"))
 
 
 class LlamaLogits:

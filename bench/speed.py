@@ -1,15 +1,19 @@
-"""Decode and prefill speed on the default model, side by side in one run (issue 5).
+"""Decode and prefill speed, side by side in one run (issue 5; the 1.5B model: issue 11).
 
 tightfit's compiled engine at several formats vs llama.cpp (llama-cpp-python) at its nearest
-GGML types vs transformers fp32, same prompt length, same threads (1 and 2), medians of repeats,
-with the read bandwidth measured in the same run and each engine's decode roofline.
+GGML types (vs transformers fp32 on the default model), same prompt length, same threads (1 and 2),
+medians of repeats, with the read bandwidth measured in the same run and each engine's decode
+roofline.
 
 Speed does not depend on weight values, so tightfit models are quantized with RTN (fast); every
-tightfit model quantizes the tied embedding/head too (--embed-format), as llama.cpp does.
-llama.cpp files are made with llama.cpp's own quantizer from the shipped Q4_1 GGUF.
+tightfit model quantizes the embedding/head too (--embed-format), as llama.cpp does. llama.cpp
+files are made with llama.cpp's own quantizer from the shipped GGUF (Q4_1 for smollm2-135m, Q4_K_M
+for qwen2.5-coder-1.5b, itself one of the entries); types that want an importance matrix get a flat
+one (all ones): it changes values, not speed.
 
-    .venv/bin/python bench/speed.py [--threads 1,2] [--repeats 5] [--quick]
-Run it alone: any other process on this 2-core machine halves the figures.
+    .venv/bin/python bench/speed.py [--model smollm2-135m] [--threads 1,2] [--repeats 5] [--quick]
+Run it alone: any other process on this 2-core machine halves the figures. Results:
+bench/results/speed.{json,md} (default model), speed_<model>.{json,md} (another).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,57 +38,84 @@ from tightfit.runtime.speed import measure_bandwidth, random_prompt, report, tim
 from tightfit.runtime.torch_backend import TorchBackend  # noqa: E402
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "speed"
-# (tightfit body format, embedding/head format) and the llama.cpp type it is set against
-TIGHTFIT = {
-    "w8g32-sym": "w8g32-sym",   # ~ Q8_0
-    "w4g32-sym": "w8g32-sym",   # ~ Q4_0 (Q8_0 embeddings)
-    "w4g128": "w8g32-sym",
-    "w3g64": "w8g32-sym",
-    "w2g64": "w8g32-sym",
+
+
+@dataclass(frozen=True)
+class SpeedSetup:
+    """What one model is timed in: tightfit body format -> embedding/head format, llama.cpp types
+    made from the shipped file (which is timed too), the ratios to print, transformers or not."""
+
+    tightfit: dict[str, str]
+    llama_types: tuple[str, ...]
+    shipped_type: str
+    pairs: tuple[tuple[str, str], ...]
+    transformers: bool
+
+
+SETUPS = {
+    "smollm2-135m": SpeedSetup(
+        tightfit={"w8g32-sym": "w8g32-sym", "w4g32-sym": "w8g32-sym", "w4g128": "w8g32-sym", "w3g64": "w8g32-sym",
+                  "w2g64": "w8g32-sym"},
+        llama_types=("Q8_0", "Q4_0", "Q3_K_S", "Q2_K"), shipped_type="Q4_1",
+        pairs=(("w8g32-sym", "Q8_0"), ("w4g32-sym", "Q4_0"), ("w4g128", "Q4_1"), ("w3g64", "Q3_K_S"), ("w2g64", "Q2_K")),
+        transformers=True),
+    # the head is read at every token: 6-bit like llama.cpp's Q6_K output tensor of these types
+    "qwen2.5-coder-1.5b": SpeedSetup(
+        tightfit={"w4g32-sym": "w6g32", "w4g128": "w6g32", "nl4g32": "w6g32", "w3g64": "w6g32", "w3g128": "w6g32",
+                  "w2g64": "w6g32"},
+        llama_types=("Q4_0", "Q3_K_M", "IQ4_XS", "IQ3_XXS", "Q2_K"), shipped_type="Q4_K_M",
+        pairs=(), transformers=False),
 }
-LLAMA_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q3_K_S", "Q2_K")
+NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
 
 
-def tightfit_models() -> dict[str, Path]:
+def tightfit_models(model: str, setup: SpeedSetup) -> dict[str, Path]:
     """Packed RTN models (no clipping search: speed does not depend on values), built once into .cache/."""
     from tightfit.artifacts import QuantizeConfig
     from tightfit.formats.registry import parse_format
     from tightfit.pipeline import CompressRequest, compress
 
     out, loaded = {}, None
-    for fmt, embed in TIGHTFIT.items():
-        folder = CACHE / f"tightfit-{fmt}-e{embed}"
+    for fmt, embed in setup.tightfit.items():
+        folder = CACHE / model / f"tightfit-{fmt}-e{embed}"
         if not (folder / "manifest.json").exists():
-            loaded = loaded or load_model("smollm2-135m")
+            loaded = loaded or load_model(model)
             config = QuantizeConfig(fmt=parse_format(fmt), method="rtn", clip_search=False, embed_format=parse_format(embed))
-            compress(CompressRequest(model="smollm2-135m", out=folder, quantize=config, evaluation=None), loaded)
+            compress(CompressRequest(model=model, out=folder, quantize=config, evaluation=None), loaded)
         out[fmt] = folder
     return out
 
 
-def llama_models() -> dict[str, Path]:
-    """llama.cpp's own files from the shipped Q4_1 GGUF (its default embedding types), built once into .cache/."""
-    shipped = resolve_source("smollm2-135m").path
-    out = {"Q4_1": shipped}
-    for t in LLAMA_TYPES:
-        if t == "Q4_1":
-            continue
-        dst = CACHE / f"llama-{t}.gguf"
+def llama_models(model: str, setup: SpeedSetup) -> dict[str, Path]:
+    """llama.cpp's own files from the shipped GGUF (its default embedding types), built once into .cache/."""
+    shipped = resolve_source(model).path
+    out = {setup.shipped_type: shipped}
+    for t in setup.llama_types:
+        dst = CACHE / model / f"llama-{t}.gguf"
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_suffix(".tmp")
-            llamacpp.quantize(shipped, tmp, t)
+            llamacpp.quantize(shipped, tmp, t, imatrix=flat_imatrix(shipped) if t in NEEDS_IMATRIX else None)
             tmp.rename(dst)
         out[t] = dst
     return out
 
 
-def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: bool) -> dict:
+def flat_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """An importance matrix of ones for every 2-D tensor of a GGUF file (input width K): what
+    llama.cpp's IQ types insist on, with no effect on their speed."""
+    from gguf import GGUFReader
+
+    return {t.name: np.ones(int(t.shape[0]), dtype=np.float32) for t in GGUFReader(str(path)).tensors if len(t.shape) == 2}
+
+
+def run(model: str, threads_list: list[int], repeats: int, prompt: int, new: int, quick: bool) -> dict:
     """Per thread count: open every engine, then time them round-robin (one run each per round), so
     that drifts of this shared machine hit every engine alike; medians over the rounds."""
     rows = []
-    tf_models = tightfit_models()
-    ll_models = llama_models()
+    setup = SETUPS[model]
+    tf_models = tightfit_models(model, setup)
+    ll_models = llama_models(model, setup)
     if quick:
         tf_models = {k: v for k, v in tf_models.items() if k in ("w4g32-sym", "w2g64")}
         ll_models = {k: v for k, v in ll_models.items() if k in ("Q4_0", "Q2_K")}
@@ -96,9 +129,9 @@ def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: boo
             engines.append(("tightfit", fmt, folder_mb(folder), b, b.weight_bytes))
         for t, path in ll_models.items():
             engines.append(("llama.cpp", t, path.stat().st_size / 1e6, llamacpp.LlamaCppBackend(path, threads, prompt + new),
-                            llamacpp.gguf_tensor_bytes(path)))
-        if not quick:
-            loaded = load_model("smollm2-135m")
+                            llamacpp.gguf_bytes_per_token(path)))
+        if setup.transformers and not quick:
+            loaded = load_model(model)
             wb = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
             engines.append(("transformers", "fp32", wb / 1e6, TorchBackend(loaded.model, max_positions=prompt + new), wb))
         tokens = random_prompt(engines[0][3].vocab_size, prompt)
@@ -111,7 +144,8 @@ def run(threads_list: list[int], repeats: int, prompt: int, new: int, quick: boo
             rows.append(dict(engine=engine, model=model, size_mb=size, **r.to_json()))
             show(rows[-1])
         del engines
-    return {"machine": machine_info(), "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats, "rows": rows}
+    return {"machine": machine_info(), "model": model, "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats,
+            "rows": rows, "pairs": [list(p) for p in setup.pairs]}
 
 
 def folder_mb(folder: Path) -> float:
@@ -123,13 +157,12 @@ def show(row: dict) -> None:
           f"decode {row['decode_tok_s']:6.1f} tok/s  roofline {100 * row['roofline_fraction']:4.0f} %", flush=True)
 
 
-PAIRS = (("w8g32-sym", "Q8_0"), ("w4g32-sym", "Q4_0"), ("w4g128", "Q4_1"), ("w3g64", "Q3_K_S"), ("w2g64", "Q2_K"))
-
-
 def markdown(result: dict) -> str:
     m = result["machine"]
+    model = result.get("model", "smollm2-135m")
     lines = [
-        "# Decode and prefill speed: tightfit vs llama.cpp vs transformers (one run)",
+        f"# Decode and prefill speed on {model}: tightfit vs llama.cpp" + (" vs transformers" if SETUPS[model].transformers
+                                                                          else "") + " (one run)",
         "",
         machine_line(m, threads=" and ".join(str(t) for t in sorted({r["threads"] for r in result["rows"]}))),
         "",
@@ -151,19 +184,37 @@ def markdown(result: dict) -> str:
                          f"{100 * r['roofline_fraction']:.0f} % |")
         by = {(r["engine"], r["model"]): r for r in rows}
         ratio_lines = []
-        for tf, ll in PAIRS:
+        for tf, ll in result.get("pairs", SETUPS[model].pairs):
             a, b = by.get(("tightfit", tf)), by.get(("llama.cpp", ll))
             if a and b:
                 ratio_lines.append(f"| {tf} vs {ll} | {a['decode_tok_s'] / b['decode_tok_s']:.2f}x | "
                                    f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x |")
         if ratio_lines:
             lines += ["", "| tightfit vs llama.cpp | decode ratio | prefill ratio |", "|---|---|---|", *ratio_lines]
+        lines += ["", *no_larger_lines(rows)]
         lines.append("")
     return "\n".join(lines)
 
 
+def no_larger_lines(rows: list[dict]) -> list[str]:
+    """Per llama.cpp file: the fastest tightfit model whose file is no larger, and the decode ratio."""
+    ours = [r for r in rows if r["engine"] == "tightfit"]
+    lines = ["| llama.cpp file | its MB | decode tok/s | fastest tightfit no larger | its MB | decode tok/s | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in [r for r in rows if r["engine"] == "llama.cpp"]:
+        fits = [o for o in ours if o["size_mb"] <= r["size_mb"]]
+        if not fits:
+            lines.append(f"| {r['model']} | {r['size_mb']:.0f} | {r['decode_tok_s']:.1f} | none that small | - | - | - |")
+            continue
+        best = max(fits, key=lambda o: o["decode_tok_s"])
+        lines.append(f"| {r['model']} | {r['size_mb']:.0f} | {r['decode_tok_s']:.1f} | {best['model']} | "
+                     f"{best['size_mb']:.0f} | {best['decode_tok_s']:.1f} | {best['decode_tok_s'] / r['decode_tok_s']:.2f}x |")
+    return lines
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(SETUPS))
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=256)
@@ -171,10 +222,10 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="two formats per engine, no transformers, no results written")
     a = ap.parse_args()
     t0 = time.time()
-    res = run([int(t) for t in a.threads.split(",")], a.repeats, a.prompt_tokens, a.new_tokens, a.quick)
+    res = run(a.model, [int(t) for t in a.threads.split(",")], a.repeats, a.prompt_tokens, a.new_tokens, a.quick)
     res["wall_s"] = round(time.time() - t0, 1)
     if not a.quick:
-        paths = write_results("speed", res, markdown(res))
+        paths = write_results("speed" if a.model == "smollm2-135m" else f"speed_{a.model}", res, markdown(res))
         print("wrote", *paths)
     else:
         print(markdown(res))

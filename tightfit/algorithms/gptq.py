@@ -162,12 +162,12 @@ def gptq_quantize(
     bounds = builder.bounds
     perm = group_aware_order(diag, bounds) if act_order else torch.arange(k)
     w = w[:, perm]
-    h = h[perm][:, perm]  # a new matrix: the caller's h is never written
-    h.diagonal()[dead[perm]] = 1.0
     key = perm.numpy().tobytes()
     if factors is not None and key in factors:
         u, lam = factors[key]
     else:
+        h = h[perm][:, perm]  # a new matrix: the caller's h is never written
+        h.diagonal()[dead[perm]] = 1.0
         u, lam = _inverse_hessian_factor(h, damp)  # [K, K] upper
         if factors is not None:
             factors[key] = (u, lam)

@@ -263,6 +263,7 @@ def measure_sensitivity(
                 rows, row_weight = (sampled_rows(weight, h, fisher.outputs[name], seed=i) if method == "fisher"
                                     else (slice(None), None))
                 factors: dict = {}  # the formats of one group size share a Cholesky factor
+                second_moment = h / 2  # E[x x^T] (H = 2 E[x x^T])
                 for fmt in formats:
                     result = gptq_quantize(weight[rows], h, fmt, damp=damp, factors=factors)
                     scale = 1.0 if row_weight is None else float(row_weight.mean())  # N / n: the proxy, roughly
@@ -270,7 +271,7 @@ def measure_sensitivity(
                     if method == "fisher":
                         dw = result.quantized.dequantize().float() - weight[rows]  # [n, K]
                         f = fisher.outputs[name][rows] * (1.0 if row_weight is None else row_weight)
-                        damages[name][fmt.name] = fisher_weighted_error(dw, h / 2, f)
+                        damages[name][fmt.name] = fisher_weighted_error(dw, second_moment, f)
                     elif method == "measured":
                         linear.weight.data.copy_(result.quantized.dequantize())
                         try:
