@@ -22,11 +22,10 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from tightfit import __version__
 from tightfit.errors import FormatError, PackedModelError
-from tightfit.formats.files import atomic_save_tensors, atomic_write_json, publish_folder, temp_dir_for
+from tightfit.formats.files import atomic_save_tensors, atomic_write_json, publish_folder, read_safetensors, temp_dir_for
 from tightfit.formats.registry import AnyQuantizedTensor, parse_format, unpack_tensor
 
 FORMAT_NAME = "tightfit-packed"
@@ -228,7 +227,7 @@ def load_packed(path: Path, *, verify: bool = True) -> PackedModel:
         raise PackedModelError(f"{tensors_path} is corrupted: sha256 does not match the manifest")
     _check_files(path, manifest["files"], verify)
     try:
-        tensors = load_file(str(tensors_path))
+        tensors = read_safetensors(tensors_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise PackedModelError(f"{tensors_path} is corrupted: {e}") from e
     try:

@@ -84,3 +84,22 @@ def memory_budget(meminfo: Path = Path("/proc/meminfo"), proc_cgroup: Path = Pat
         bounds.append(max(0, limit - usage))
         details.append(f"cgroup limit {limit / _GB:.1f} GB with {usage / _GB:.1f} GB used")
     return MemoryBudget(available=min(bounds) if bounds else None, detail=", ".join(details) or "unknown")
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    Tensors under 32 MB come from the heap, and after thousands of them (a big model's layers,
+    quantized, packed and unpacked) the freed space stays in this process's RSS; a stage that
+    drops its big objects calls this before the next one grows."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)

@@ -18,6 +18,7 @@ from tightfit.artifacts import CalibrationConfig, HessianSet, QuantizeConfig, co
 from tightfit.evaluate import EvalConfig, EvalResult
 from tightfit.formats.packed import PackedModel, read_manifest
 from tightfit.model import LoadedModel, load_model
+from tightfit.model.memory import release_freed_memory
 from tightfit.pipeline.evaluation import evaluate_packed
 from tightfit.stages import calibrate as calibrate_stage
 from tightfit.stages import pack as pack_stage
@@ -107,6 +108,7 @@ def compress(
         loaded, calibration, request.quantize, hessians=hessians, checkpoint_dir=work / "quantize", progress=request.progress
     )
     seconds["quantize"] = time.perf_counter() - t
+    release_freed_memory()
 
     t = time.perf_counter()
     packed = pack_stage.pack(qmodel, loaded, request.calibration if request.quantize.method == "gptq" else None)
@@ -119,6 +121,7 @@ def compress(
     seconds["pack"] = time.perf_counter() - t
     summary = ModelSummary.of(packed, packed_file_bytes(out))
     del qmodel, packed  # the evaluation reads the packed model from disk
+    release_freed_memory()
 
     result = None
     if request.evaluation is not None:

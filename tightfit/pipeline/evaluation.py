@@ -12,6 +12,7 @@ from tightfit.evaluate import EvalConfig, EvalResult, eval_windows, evaluate, pa
 from tightfit.formats.files import atomic_write_json
 from tightfit.formats.packed import PackedModel, load_packed, read_manifest
 from tightfit.model import LoadedModel
+from tightfit.model.memory import release_freed_memory
 from tightfit.runtime.engine_config import DEFAULT_KV_BITS
 
 EVAL_FILE = "eval.json"
@@ -29,6 +30,7 @@ def evaluate_packed(path: Path, reference: LoadedModel | None, config: EvalConfi
     # a packed model read here is dropped once the engine has its own layout (a 1.5B model's codes are
     # 1.8 GB unpacked)
     model = packed_candidate(packed if packed is not None else load_packed(path), engine, ctx=config.ctx, kv_bits=kv_bits)
+    release_freed_memory()
     tokenizer = reference.tokenizer if reference is not None else _packed_tokenizer(path)
     windows = eval_windows(tokenizer, config)
     against = None if reference is None else reference_for(reference, windows, batch_size=config.batch_size)

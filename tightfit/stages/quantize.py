@@ -174,8 +174,12 @@ def quantize_model(
     for name, fmt in outer.items():
         layers[name], reports[name] = _quantize_layer(get_module(model, name).weight.detach().float(), None,
                                                       dataclasses.replace(config, method="rtn"), fmt)
-    stored_outside = {**{k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()},
-                      **{f"{name}.weight": layers[name].dequantize() for name in outer}}
+    # what the forward computes with: every kept tensor in fp32; a streamed model's capture reaches only
+    # its embeddings (a second fp32 copy of a 151k-token head would cost 0.9 GB for nothing)
+    stored_outside = {**{k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()
+                         if not working.streamed or k.startswith(f"{arch.embeddings}.")},
+                      **{f"{name}.weight": layers[name].dequantize() for name in outer
+                         if not working.streamed or name == arch.embeddings}}
     if not working.streamed:
         model.load_state_dict(stored_outside, strict=False)
 
