@@ -167,3 +167,25 @@ def test_a_tied_embedding_is_one_decision_and_counts_its_bytes_once(make_tiny_mo
     head = qmodel.module.get_output_embeddings().weight
     assert torch.equal(head, qmodel.module.get_input_embeddings().weight)
     assert torch.allclose(head, qmodel.layers[name].dequantize().to(head.dtype))
+
+
+@pytest.mark.parametrize("embeddings, head", [(True, True), (True, False), (False, True)])
+def test_embedding_damage_of_a_big_vocabulary_is_summed_in_row_slices(embeddings, head, monkeypatch):
+    """rtn_embedding_damage scores RTN_ROWS rows of the error at a time (a 151936-token head's error
+    is 0.9 GB): the slices add up to the whole, tokens of every slice and a partial last one counted."""
+    import types
+
+    from tightfit.stages import sensitivity
+
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden, tokens = 300, 32, 200
+    a = torch.randn(hidden, hidden, generator=g)
+    fisher = types.SimpleNamespace(embed_ids=torch.randint(0, vocab, (tokens,), generator=g),
+                                   embed_fisher=torch.rand(tokens, hidden, generator=g),
+                                   head_fisher=torch.rand(vocab, generator=g), head_inputs=a @ a.T / hidden)
+    w = torch.randn(vocab, hidden, generator=g)
+    fmt = EMBED[2]
+    whole = embedding_damage(quantize_rtn_any(w, fmt).dequantize() - w, fisher, embeddings=embeddings, head=head)
+    monkeypatch.setattr(sensitivity, "RTN_ROWS", 64)
+    sliced = sensitivity.rtn_embedding_damage(w, fmt, fisher, embeddings=embeddings, head=head)
+    assert whole > 0 and sliced == pytest.approx(whole, rel=1e-6)
