@@ -77,3 +77,15 @@ def test_bad_arguments_rejected():
         unpack_bits(torch.cat([packed, packed[:1]]), 3, 10)
     with pytest.raises(FormatError, match="1-D uint8"):
         unpack_bits(packed.to(torch.int32), 3, 10)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
+def test_unpack_in_pieces_equals_unpack_at_once(bits, monkeypatch):
+    """unpack_bits converts UNPACK_BLOCKS blocks of 8 codes at a time (a big embedding's int64 words
+    would be GBs): the pieces, a partial last block included, give the codes back exactly."""
+    from tightfit.formats import bitpack
+
+    codes = torch.randint(0, 2**bits, (1000 * 8 + 5,), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = bitpack.pack_bits(codes, bits)
+    monkeypatch.setattr(bitpack, "UNPACK_BLOCKS", 7)
+    assert torch.equal(bitpack.unpack_bits(packed, bits, codes.numel()), codes)

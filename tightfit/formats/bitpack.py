@@ -14,6 +14,7 @@ import torch
 
 from tightfit.errors import FormatError
 
+UNPACK_BLOCKS = 1 << 20  # unpack_bits: blocks of 8 codes converted at once
 _CODES_PER_BLOCK = 8  # 8 codes of b bits == b bytes
 _INTEGER_DTYPES = frozenset(
     {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64}
@@ -78,11 +79,16 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         return packed.clone()
 
     num_blocks = -(-numel // _CODES_PER_BLOCK)
-    padded = torch.zeros(num_blocks * bits, dtype=torch.int64, device=packed.device)
-    padded[:expected] = packed
-    byte_blocks = padded.view(num_blocks, bits)  # [B, bits]
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8  # [bits]
-    words = (byte_blocks << byte_shifts).sum(dim=1, keepdim=True)  # [B, 1] int64, < 2**56
     shifts = torch.arange(_CODES_PER_BLOCK, dtype=torch.int64, device=packed.device) * bits  # [8]
-    codes = ((words >> shifts) & ((1 << bits) - 1)).to(torch.uint8)  # [B, 8]
-    return codes.reshape(-1)[:numel].clone()  # [numel]
+    out = torch.empty(num_blocks * _CODES_PER_BLOCK, dtype=torch.uint8, device=packed.device)
+    # UNPACK_BLOCKS blocks at a time: the int64 words cost 8 bytes per code (1.9 GB for a 151936 x 1536
+    # embedding unpacked at once)
+    for b0 in range(0, num_blocks, UNPACK_BLOCKS):
+        b1 = min(num_blocks, b0 + UNPACK_BLOCKS)
+        padded = torch.zeros((b1 - b0) * bits, dtype=torch.int64, device=packed.device)
+        part = packed[b0 * bits : b1 * bits]
+        padded[: part.numel()] = part
+        words = (padded.view(b1 - b0, bits) << byte_shifts).sum(dim=1, keepdim=True)  # [b, 1] int64, < 2**56
+        out[b0 * _CODES_PER_BLOCK : b1 * _CODES_PER_BLOCK] = ((words >> shifts) & ((1 << bits) - 1)).reshape(-1)
+    return out[:numel]  # [numel]
