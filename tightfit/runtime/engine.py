@@ -86,8 +86,8 @@ class FastBackend:
         # every size config.json gives checked against every tensor the engine reads, before engine_spec uses them
         dims = validate_packed_for_engine(packed, config, layout, self._lib.tf_max_head_dim())
         spec = engine_spec(config, dims, max_positions)
-        self.kv_bits = check_kv_bits(kv_bits, spec.head_dim)
-        self.vocab_size = spec.vocab
+        self.kv_bits = check_kv_bits(kv_bits, dims.head_dim)
+        self.vocab_size = dims.vocab
         self.max_positions = spec.max_positions
         self.max_batch = int(max_batch)
         self.threads = threads or default_threads()
@@ -97,8 +97,8 @@ class FastBackend:
         self._history: list[int] = []  # the ids in the cache (a truncation past a ring's reach runs them again)
 
         offset = spec.layout.norm_offset
-        layers = (TfLayer * spec.n_layers)()
-        for i in range(spec.n_layers):
+        layers = (TfLayer * dims.n_layers)()
+        for i in range(dims.n_layers):
             prefix = f"model.layers.{i}"
             for field in _LAYER_VECTORS:
                 name = getattr(spec.layout, field)
@@ -116,8 +116,7 @@ class FastBackend:
         )
         self._keep += [spec.rope_cos, spec.rope_sin, layers]
         self._config = TfConfig(
-            n_layers=spec.n_layers, hidden=spec.hidden, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads,
-            head_dim=spec.head_dim, inter=spec.inter, vocab=spec.vocab, max_pos=self.max_positions,
+            **dataclasses.asdict(dims), max_pos=self.max_positions,
             max_batch=self.max_batch, threads=self.threads, exact=int(exact), rope_dim=spec.rope_dim, act=spec.act,
             kv_bits=self.kv_bits,
             eps=spec.eps, attn_scale=spec.attn_scale, final_softcap=spec.final_softcap, embed_scale=spec.embed_scale,
@@ -163,11 +162,12 @@ class FastBackend:
         layout: EngineLayout = spec.layout
         out: dict[str, KernelMatrix] = {}
         if layout.qkv:
-            q_rows, kv_rows = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+            dims = spec.dims
+            q_rows, kv_rows = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
             bounds = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
             out |= {p: self._matrix(packed, f"{prefix}.{layout.qkv}", rows=r) for p, r in bounds.items()}
         if layout.gate_up:
-            bounds = {"gate": (0, spec.inter), "up": (spec.inter, 2 * spec.inter)}
+            bounds = {"gate": (0, spec.dims.inter), "up": (spec.dims.inter, 2 * spec.dims.inter)}
             out |= {p: self._matrix(packed, f"{prefix}.{layout.gate_up}", rows=r) for p, r in bounds.items()}
         return {p: out[p] if p in out else self._matrix(packed, f"{prefix}.{_MODULE[p]}") for p in _PROJECTIONS}
 

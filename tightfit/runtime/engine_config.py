@@ -84,19 +84,14 @@ LAYOUTS: dict[str, EngineLayout] = {
 class EngineSpec:
     """One model's values for tf_config and tf_layer (common.h documents each).
 
+    dims: the sizes from config.json, checked against the packed tensors (engine_checks.engine_dims)
     max_positions: the KV cache capacity, within the model's own limits
     rope_cos, rope_sin: per layer [max_positions, rope_dim/2] fp32; layers of one type share them
     windows: per layer, its sliding window in positions, 0 for full attention
     """
 
     layout: EngineLayout
-    n_layers: int
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    inter: int
-    vocab: int
+    dims: EngineDims
     max_positions: int
     eps: float
     attn_scale: float
@@ -200,8 +195,7 @@ def engine_spec(config, dims: EngineDims, max_positions: int) -> EngineSpec:
     query_scale = getattr(config, layout.query_scale_key) if layout.query_scale_key else dims.head_dim
     softcap = getattr(config, "final_logit_softcapping", None)
     return EngineSpec(
-        layout=layout, n_layers=dims.n_layers, hidden=dims.hidden, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads,
-        head_dim=dims.head_dim, inter=dims.inter, vocab=dims.vocab, max_positions=max_positions,
+        layout=layout, dims=dims, max_positions=max_positions,
         eps=float(config.rms_norm_eps), attn_scale=float(query_scale) ** -0.5, act=ACTIVATIONS[act],
         rope_dim=2 * tables[types[0]][0].shape[1],
         embed_scale=math.sqrt(dims.hidden) if layout.scaled_embedding else 1.0,
