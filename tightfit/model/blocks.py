@@ -66,6 +66,11 @@ def block_list(model: nn.Module, arch: Architecture) -> nn.ModuleList:
     return blocks
 
 
+def block_index(arch: Architecture, name: str) -> int:
+    """The decoder block a layer belongs to: `model.layers.7.mlp.up_proj` -> 7."""
+    return int(name[len(arch.blocks) + 1 :].split(".", 1)[0])
+
+
 def linear_layer_names(model: nn.Module, arch: Architecture) -> list[str]:
     """Full names of the linear layers of the decoder blocks, block by block: `model.layers.0.self_attn.q_proj`, ..."""
     return [f"{arch.blocks}.{i}.{n}" for i in range(len(block_list(model, arch))) for n in arch.linear_names]
