@@ -175,6 +175,7 @@ def test_embedding_damage_of_a_big_vocabulary_is_summed_in_row_slices(embeddings
     is 0.9 GB): the slices add up to the whole, tokens of every slice and a partial last one counted."""
     import types
 
+    from tightfit.formats import registry
     from tightfit.stages import sensitivity
 
     g = torch.Generator().manual_seed(0)
@@ -186,6 +187,6 @@ def test_embedding_damage_of_a_big_vocabulary_is_summed_in_row_slices(embeddings
     w = torch.randn(vocab, hidden, generator=g)
     fmt = EMBED[2]
     whole = embedding_damage(quantize_rtn_any(w, fmt).dequantize() - w, fisher, embeddings=embeddings, head=head)
-    monkeypatch.setattr(sensitivity, "RTN_ROWS", 64)
+    monkeypatch.setattr(registry, "RTN_ROWS", 64)  # error_rows' slices
     sliced = sensitivity.rtn_embedding_damage(w, fmt, fisher, embeddings=embeddings, head=head)
     assert whole > 0 and sliced == pytest.approx(whole, rel=1e-6)

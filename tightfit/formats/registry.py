@@ -3,13 +3,14 @@ by its type."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Union
 
 import torch
 
 from tightfit.errors import FormatError
 from tightfit.formats.grid import GRID_GRAMMAR, GridFormat, GridTensor, is_grid_name
-from tightfit.formats.primitives import QuantizedTensor
+from tightfit.formats.primitives import RTN_ROWS, GroupedTensor, QuantizedTensor
 from tightfit.formats.spqr import SPQR_GRAMMAR, SpQRFormat, SpQRTensor
 from tightfit.formats.table import GRAMMAR, QuantFormat
 
@@ -33,3 +34,14 @@ def parse_format(text: str) -> Format:
 
 def unpack_tensor(fmt: Format, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> AnyQuantizedTensor:
     return TENSOR_TYPES[type(fmt)].unpack(fmt, shape, tensors)
+
+
+def error_rows(weight: torch.Tensor, quantized: AnyQuantizedTensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """The rounding error dequantized - weight [N, K] as (first row, error of its rows): RTN_ROWS
+    rows at a time for a grouped format (a 151936-row embedding's fp32 error is 0.9 GB), in one
+    piece for SpQR."""
+    if not isinstance(quantized, GroupedTensor):
+        yield 0, quantized.dequantize() - weight
+        return
+    for r in range(0, weight.shape[0], RTN_ROWS):
+        yield r, quantized.rows(slice(r, r + RTN_ROWS)).dequantize() - weight[r : r + RTN_ROWS]

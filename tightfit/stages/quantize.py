@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 from tightfit.algorithms import HessianAccumulator, gptq_quantize
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, HessianSet, LayerReport, QuantizeConfig, QuantizedModel, config_to_json
-from tightfit.formats.primitives import RTN_ROWS, GroupedTensor
-from tightfit.formats.registry import AnyQuantizedTensor, Format
+from tightfit.formats.registry import AnyQuantizedTensor, Format, error_rows
 from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, embedding_layers, linear_layer_names, run_block
 from tightfit.stages.checkpoint import BlockCheckpoint
@@ -86,16 +85,8 @@ def _quantize_layer(
         quantized, loss = result.quantized, result.loss
     else:
         quantized = quantize_rtn_any(weight, fmt, clip_search=config.clip_search)
-        loss = _squared_error(weight, quantized)
+        loss = sum(float(e.square().sum()) for _, e in error_rows(weight, quantized))
     return quantized, LayerReport(loss=loss, seconds=time.perf_counter() - start)
-
-
-def _squared_error(weight: torch.Tensor, quantized: AnyQuantizedTensor) -> float:
-    """sum((W - dequantized)^2); a grouped format's rows RTN_ROWS at a time (no full fp32 copy)."""
-    if not isinstance(quantized, GroupedTensor):
-        return float(((weight - quantized.dequantize()) ** 2).sum())
-    return sum(float(((weight[r : r + RTN_ROWS] - quantized.rows(slice(r, r + RTN_ROWS)).dequantize()) ** 2).sum())
-               for r in range(0, weight.shape[0], RTN_ROWS))
 
 
 @torch.no_grad()

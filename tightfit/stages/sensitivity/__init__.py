@@ -40,8 +40,7 @@ from tightfit.algorithms import gptq_quantize
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.errors import InsufficientMemory
 from tightfit.artifacts import Choice, FisherSet, HessianSet, Unquantized, parse_choice
-from tightfit.formats.primitives import RTN_ROWS, GroupedTensor
-from tightfit.formats.registry import Format, parse_format
+from tightfit.formats.registry import Format, error_rows, parse_format
 from tightfit.metrics import kl_per_token, next_token_log_probs
 from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.model.blocks import (block_index, block_list, capture_block_inputs, embedding_layers, linear_layer_names,
@@ -158,12 +157,8 @@ def rtn_embedding_damage(weight: torch.Tensor, fmt: Format, fisher: FisherSet, *
     """embedding_damage of weight [V, H] rounded to nearest in fmt (as the quantize stage rounds
     it), RTN_ROWS rows of the error at a time: a 151936-token vocabulary's error and its products
     are 0.9 GB each in fp32."""
-    q = quantize_rtn_any(weight, fmt)
-    if not isinstance(q, GroupedTensor):
-        return embedding_damage(q.dequantize().float() - weight, fisher, embeddings=embeddings, head=head)
-    return sum(embedding_damage(q.rows(slice(r, r + RTN_ROWS)).dequantize() - weight[r : r + RTN_ROWS], fisher,
-                                embeddings=embeddings, head=head, first_row=r)
-               for r in range(0, weight.shape[0], RTN_ROWS))
+    return sum(embedding_damage(dw, fisher, embeddings=embeddings, head=head, first_row=r)
+               for r, dw in error_rows(weight, quantize_rtn_any(weight, fmt)))
 
 
 # Row-sampled GPTQ above this work (rows x columns^2, about the flops of one GPTQ run): the Fisher
