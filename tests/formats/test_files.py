@@ -166,3 +166,29 @@ def test_checked_json_round_trips_and_refuses_a_changed_value(tmp_path):
     path.write_text(json.dumps({"entries": []}))
     with pytest.raises(CorruptCacheError, match="has no checksum"):
         load_checked_json(path)
+
+
+def test_read_safetensors_equals_the_library_and_refuses_damage(tmp_path):
+    """read_safetensors (no memory map) gives what safetensors' load_file gives, every dtype and a
+    0-element tensor included; a truncated file or a header pointing past the data is a ValueError."""
+    from safetensors.torch import load_file, save_file
+
+    from tightfit.formats.files import read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 4, generator=g), "u8": torch.randint(0, 255, (10,), dtype=torch.uint8, generator=g),
+               "f16": torch.randn(5, generator=g).half(), "bf16": torch.randn(2, 2, generator=g).bfloat16(),
+               "i64": torch.arange(4), "empty": torch.zeros(0, 3), "scalar": torch.tensor(3.0)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    ours, theirs = read_safetensors(path), load_file(str(path))
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+    data = path.read_bytes()
+    (tmp_path / "short").write_bytes(data[:-3])
+    with pytest.raises(ValueError):
+        read_safetensors(tmp_path / "short")
+    (tmp_path / "head").write_bytes(data[:6])
+    with pytest.raises(ValueError):
+        read_safetensors(tmp_path / "head")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -280,16 +281,13 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise ValueError("header is not a JSON object")
         header.pop("__metadata__", None)
         out = {}
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if isinstance(kv[1], dict) else 0):
+        for name, entry in header.items():
             try:
                 dtype, shape, (lo, hi) = _SAFETENSORS_DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]], entry["data_offsets"]
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"tensor {name!r}: bad entry ({e})") from None
-            count = 1
-            for d in shape:
-                count *= d
             itemsize = torch.empty((), dtype=dtype).element_size()
-            if not (0 <= lo <= hi <= size - 8 - n) or hi - lo != count * itemsize or min(shape, default=0) < 0:
+            if not (0 <= lo <= hi <= size - 8 - n) or hi - lo != math.prod(shape) * itemsize or min(shape, default=0) < 0:
                 raise ValueError(f"tensor {name!r}: offsets {lo}..{hi} do not hold {shape} {entry['dtype']}")
             data = torch.empty(hi - lo, dtype=torch.uint8)
             f.seek(8 + n + lo)
