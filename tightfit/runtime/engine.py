@@ -160,15 +160,13 @@ class FastBackend:
         """The seven projections of block `prefix`; fused ones are split by rows at load (exact:
         quantization groups run along the input dimension)."""
         layout: EngineLayout = spec.layout
+        shapes = spec.dims.matrix_shapes()
         out: dict[str, KernelMatrix] = {}
-        if layout.qkv:
-            dims = spec.dims
-            q_rows, kv_rows = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
-            bounds = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
-            out |= {p: self._matrix(packed, f"{prefix}.{layout.qkv}", rows=r) for p, r in bounds.items()}
-        if layout.gate_up:
-            bounds = {"gate": (0, spec.dims.inter), "up": (spec.dims.inter, 2 * spec.dims.inter)}
-            out |= {p: self._matrix(packed, f"{prefix}.{layout.gate_up}", rows=r) for p, r in bounds.items()}
+        for module, parts in ((layout.qkv, ("q", "k", "v")), (layout.gate_up, ("gate", "up"))):
+            start = 0
+            for p in parts if module else ():
+                out[p] = self._matrix(packed, f"{prefix}.{module}", rows=(start, start + shapes[p][0]))
+                start += shapes[p][0]
         return {p: out[p] if p in out else self._matrix(packed, f"{prefix}.{_MODULE[p]}") for p in _PROJECTIONS}
 
     def _matrix(self, packed: PackedModel, module: str, *, bias: bool = True,
