@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tightfit.algorithms import gptq_quantize
+from tightfit.algorithms import gptq_quantize_many
 from tightfit.artifacts import CalibrationConfig
 from tightfit.cli import main
 from tightfit.formats.packed import TENSORS_FILE, load_packed
@@ -36,13 +36,13 @@ def measured(tiny_model_dir, tiny_text_file):
 def test_measured_damage_is_the_kl_of_the_model_with_one_layer_quantized(measured):
     """The replayed-prefix measurement equals a plain full forward with that one layer quantized."""
     loaded, hessians, slice_tokens, table = measured
-    model = loaded.model
+    model, formats = loaded.model, [parse_format("w2g32"), parse_format("w4g64")]
     name = f"{loaded.arch.blocks}.1.mlp.down_proj"  # block 1: blocks before it are replayed
     linear = get_module(model, name)
     original = linear.weight.data.clone()
     with torch.no_grad():
         logp = F.log_softmax(model(input_ids=slice_tokens).logits[:, :-1], -1)
-        q = gptq_quantize(original, hessians.hessians[name], parse_format("w2g32")).quantized
+        q = gptq_quantize_many(original, hessians.hessians[name], formats)[0].quantized  # the stage's one sweep
         linear.weight.data.copy_(q.dequantize())
         logq = F.log_softmax(model(input_ids=slice_tokens).logits[:, :-1], -1)
         linear.weight.data.copy_(original)
