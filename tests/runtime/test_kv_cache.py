@@ -104,11 +104,12 @@ def test_grouped_attention_at_odd_lengths(rep, n, bits, portable):
     assert _relative_error(got, alone.double()) < 2e-5  # fp32 sums in another order, not another head's
 
 
-def test_time_kv_attend_computes_what_it_times():
-    """The timing entry runs the same attention (its output equals kv_attend's) and refuses a group
-    wider than the kernel keeps in registers."""
+def test_time_kv_attend_runs_and_refuses_wide_groups():
+    """The timing entry runs (over one cache, or copies of it) and refuses a group wider than the
+    kernel keeps in registers."""
     keys, values, q = _head(40, 64, seed=5, rep=6)
     assert time_kv_attend(4, keys, values, q, 0.125, group=6, reps=2) > 0
+    assert time_kv_attend(8, keys, values, q, 0.125, group=2, reps=5, min_bytes=1 << 16) > 0  # cycles through copies
     with pytest.raises(ValueError, match="group 9"):
         time_kv_attend(4, keys, values, q, 0.125, group=9, reps=1)
 

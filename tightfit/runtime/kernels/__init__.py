@@ -94,15 +94,17 @@ def kv_attend(bits: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tens
 
 
 def time_kv_attend(bits: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float, *, group: int,
-                   reps: int) -> float:
+                   reps: int, min_bytes: int = 0) -> float:
     """Seconds per attention of the rep query heads q [rep, D] over one KV head's cache (as kv_attend),
     timed inside the library over `reps` back-to-back calls on one thread; the heads read the cache
-    in pieces of `group` (1: each head alone, as before grouped-query attention)."""
+    in pieces of `group` (1: each head alone, as before grouped-query attention). The calls cycle
+    through copies of the cache whose bytes reach min_bytes (0: one copy): beyond the last-level
+    cache, every call streams its cache from memory as a whole model's decode does."""
     keys, values, q = _kv_args(keys, values, q)
     (n, d), rep = keys.shape, q.shape[0]
     out = torch.empty(rep, d, dtype=torch.float32)
     t = _lib(False).tf_time_kv_attend(bits, d, n, rep, group, keys.data_ptr(), values.data_ptr(), q.data_ptr(), scale,
-                                      reps, out.data_ptr())
+                                      reps, min_bytes, out.data_ptr())
     if t < 0:
         raise ValueError(f"tf_time_kv_attend refused bits {bits}, D {d}, n {n}, rep {rep}, group {group} (code {int(t)})")
     return float(t)

@@ -140,6 +140,6 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.tf_engine_kv_bytes_per_token.argtypes = [ptr]
     lib.tf_engine_kv_bytes_per_token.restype = ctypes.c_size_t
     lib.tf_kv_attend.argtypes = [i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_float, ptr]
-    lib.tf_time_kv_attend.argtypes = [i32, i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_float, i32, ptr]
+    lib.tf_time_kv_attend.argtypes = [i32, i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_float, i32, ctypes.c_size_t, ptr]
     lib.tf_time_kv_attend.restype = f64
     lib.tf_kv_attend.restype = i32

@@ -118,19 +118,25 @@ double tf_read_seconds(const uint8_t* buf, size_t bytes, int reps, int threads) 
 
 // Seconds per call, over `reps` back-to-back calls on this thread, of the attention of rep query
 // heads q [rep, D] over n positions of one KV head's cache in kv_bits (keys, values [n, D]), the
-// heads in pieces of `group` (1: each head reads the cache alone). out [rep, D] receives the
-// result. Returns a negative TF_E_* code for bad arguments or a failed allocation.
+// heads in pieces of `group` (1: each head reads the cache alone). The cache is copied until the
+// copies' bytes reach min_bytes (0: one copy) and call r reads copy r % copies: copies beyond the
+// last-level cache make every call stream its cache from memory, as a whole model's decode does.
+// out [rep, D] receives the result. Returns a negative TF_E_* code for bad arguments or a failed
+// allocation.
 double tf_time_kv_attend(int kv_bits, int D, int n, int rep, int group, const float* keys, const float* values,
-                         const float* q, float scale, int reps, float* out) {
+                         const float* q, float scale, int reps, size_t min_bytes, float* out) {
     const int rc = check_attend_args(kv_bits, D, n, rep, group, keys, values, q, out);
     if (rc != TF_OK) return rc;
-    if (reps < 1) return TF_E_COUNT;
+    if (reps < 1 || min_bytes > ((size_t)1 << 36)) return TF_E_COUNT;
     try {
-        KVCache kv;
-        const KVHead h = one_head_cache(kv, kv_bits, D, n, keys, values);
-        std::vector<float> sc(attend_scratch(group, h.slots, D));
+        KVCache first;
+        std::vector<KVHead> heads = {one_head_cache(first, kv_bits, D, n, keys, values)};
+        const size_t copies = std::max<size_t>(1, (min_bytes + first.bytes() - 1) / first.bytes());
+        std::vector<KVCache> more(copies - 1);  // sized once: the heads point into their buffers
+        for (KVCache& c : more) heads.push_back(one_head_cache(c, kv_bits, D, n, keys, values));
+        std::vector<float> sc(attend_scratch(group, heads[0].slots, D));
         const double t0 = omp_get_wtime();
-        for (int r = 0; r < reps; r++) attend_all(h, n, rep, group, q, scale, sc.data(), out);
+        for (int r = 0; r < reps; r++) attend_all(heads[r % copies], n, rep, group, q, scale, sc.data(), out);
         return (omp_get_wtime() - t0) / reps;
     } catch (...) {
         return TF_E_MEMORY;
