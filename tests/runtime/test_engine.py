@@ -123,8 +123,8 @@ def test_engine_structure_of_config_variants(model_type, portable, packed_mixed)
 @pytest.mark.parametrize("portable", BUILDS)
 @pytest.mark.parametrize("model_type", ["gemma3_text", "mistral"])
 def test_engine_structure_with_heads_of_64(model_type, portable):
-    """Heads of 64 take attention's own AVX-512 path (two positions per step); with a window of 16
-    on every layer (mistral) or one (gemma3) it reads rings that wrap."""
+    """Heads of 64 take attention's narrower AVX-512 value passes (4 chunks of 16 dims, two positions
+    per step); with a window of 16 on every layer (mistral) or one (gemma3) it reads rings that wrap."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shapes = {**TINY_SHAPES, **TINY_EXTRA_CONFIG[model_type], "head_dim": 64, "sliding_window": 16}

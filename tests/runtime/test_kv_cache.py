@@ -24,11 +24,12 @@ from tightfit.errors import GenerationError, KernelUnavailable
 from tightfit.formats.packed import load_packed
 from tightfit.runtime.engine import FastBackend, open_backend
 from tightfit.runtime.engine_config import check_kv_bits
+from tightfit.runtime.kernels import kv_attend, time_kv_attend
 from tightfit.runtime.kernels.build import load
 from tightfit.runtime.model import build_model
 
 BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable")]
-TF_E_KV = -7
+TF_E_COUNT, TF_E_KV = -1, -7
 
 
 def quantize_dequantize(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -48,67 +49,92 @@ def quantize_dequantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(parts, -1)
 
 
-def _kernel_attend(bits: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float,
-                   portable: bool) -> torch.Tensor:
-    """The engine's cache of one KV head holding keys/values [n, D], and q [D]'s attention over it."""
-    n, d = keys.shape
-    out = torch.empty(d, dtype=torch.float32)
-    rc = load(portable).tf_kv_attend(bits, d, n, keys.data_ptr(), values.data_ptr(), q.data_ptr(), scale, out.data_ptr())
-    assert rc == 0, rc
-    return out
-
-
 def _attention(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:
-    p = torch.softmax((keys.double() @ q.double()) * scale, dim=0)  # [n]
-    return p @ values.double()  # [D]
+    """q [D] or [rep, D] -> [D] or [rep, D], in float64."""
+    p = torch.softmax((q.double() @ keys.double().T) * scale, dim=-1)  # [rep, n]
+    return p @ values.double()  # [rep, D]
 
 
-def _head(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """keys, values [n, d] and q [d]; per-channel offsets and a few outlier channels, as real keys have."""
+def _head(n: int, d: int, seed: int, rep: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """keys, values [n, d] and the rep query heads that share them q [rep, d]; per-channel offsets and
+    a few outlier channels, as real keys have."""
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(n, d, generator=g) + 3 * torch.randn(d, generator=g)
     keys[:, :: max(1, d // 5)] *= 6
     values = torch.randn(n, d, generator=g) * 0.5 + torch.randn(d, generator=g)
-    return keys.contiguous(), values.contiguous(), torch.randn(d, generator=g)
+    return keys.contiguous(), values.contiguous(), torch.randn(rep, d, generator=g)
+
+
+def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| per query head, the worst head's"""
+    return ((got.double() - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item()
 
 
 @pytest.mark.parametrize("portable", BUILDS)
 @pytest.mark.parametrize("bits", [16, 8, 4])
 @pytest.mark.parametrize("d", [16, 32, 64, 80, 128])
-def test_attention_reads_the_cache_it_quantized(d, bits, portable):
-    """Every width and head size (80: a short last group of 16 dims; 37 positions: a partial block of
-    16 slots): the kernel equals attention over the dequantized cache."""
-    keys, values, q = _head(37, d, seed=d + bits)
+@pytest.mark.parametrize("rep", [1, 2, 6])
+def test_attention_reads_the_cache_it_quantized(rep, d, bits, portable):
+    """Every width, head size (80: a short last group of 16 dims; 37 positions: a partial block of 16
+    slots) and GQA ratio (rep query heads read the KV head together): each head's output equals
+    attention over the dequantized cache."""
+    keys, values, q = _head(37, d, seed=d + bits + rep, rep=rep)
     scale = d**-0.5
-    got = _kernel_attend(bits, keys, values, q, scale, portable).double()
+    got = kv_attend(bits, keys, values, q, scale, portable=portable)
     ref = _attention(quantize_dequantize(keys, bits), quantize_dequantize(values, bits), q, scale)
-    exact = _attention(keys, values, q, scale)
-    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    err = _relative_error(got, ref)
     assert err < 2e-5, err
     if bits == 4:  # 4-bit codes move the result far more than fp32 rounding does
-        assert ((exact - ref).abs().max() / ref.abs().max()).item() > 100 * max(err, 1e-7)
+        assert _relative_error(_attention(keys, values, q, scale).float(), ref) > 100 * max(err, 1e-7)
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 131])
+@pytest.mark.parametrize("rep", [3, 6, 11])
+def test_grouped_attention_at_odd_lengths(rep, n, bits, portable):
+    """Lengths around a block of 16 slots and GQA ratios beyond one group of 8 heads (11: groups of 8
+    and 3) on the 1.5B's head size: every head equals its reference, and grouping does not mix heads
+    up (each head alone gives the same output, up to fp32 rounding)."""
+    keys, values, q = _head(n, 128, seed=n * rep + bits, rep=rep)
+    got = kv_attend(bits, keys, values, q, 128**-0.5, portable=portable)
+    ref = _attention(quantize_dequantize(keys, bits), quantize_dequantize(values, bits), q, 128**-0.5)
+    assert _relative_error(got, ref) < 2e-5
+    alone = torch.cat([kv_attend(bits, keys, values, q[r : r + 1], 128**-0.5, portable=portable) for r in range(rep)])
+    assert _relative_error(got, alone.double()) < 2e-5  # fp32 sums in another order, not another head's
+
+
+def test_time_kv_attend_runs_and_refuses_wide_groups():
+    """The timing entry runs (over one cache, or copies of it) and refuses a group wider than the
+    kernel keeps in registers."""
+    keys, values, q = _head(40, 64, seed=5, rep=6)
+    assert time_kv_attend(4, keys, values, q, 0.125, group=6, reps=2) > 0
+    assert time_kv_attend(8, keys, values, q, 0.125, group=2, reps=5, min_bytes=1 << 16) > 0  # cycles through copies
+    with pytest.raises(ValueError, match="group 9"):
+        time_kv_attend(4, keys, values, q, 0.125, group=9, reps=1)
 
 
 @pytest.mark.parametrize("portable", BUILDS)
 def test_attention_with_constant_groups(portable):
     """A group whose values are all equal has scale 0: its codes are 0 and it reads back as its min."""
-    keys, values, q = _head(20, 64, seed=3)
+    keys, values, q = _head(20, 64, seed=3, rep=2)
     keys[:, :32] = 1.5
     values[:, 32:] = -2.0
     for bits in (8, 4):
-        got = _kernel_attend(bits, keys, values, q, 0.125, portable).double()
+        got = kv_attend(bits, keys, values, q, 0.125, portable=portable).double()
         ref = _attention(quantize_dequantize(keys, bits), quantize_dequantize(values, bits), q, 0.125)
         assert torch.allclose(got, ref, rtol=2e-5, atol=2e-5)
-        assert torch.allclose(got[32:], torch.full((32,), -2.0, dtype=torch.float64))
+        assert torch.allclose(got[:, 32:], torch.full((2, 32), -2.0, dtype=torch.float64))
 
 
 def test_kv_attend_refuses_bad_widths():
     lib = load(False)
     x, out = torch.zeros(4, 24), torch.zeros(24)
     args = (x.data_ptr(), x.data_ptr(), out.data_ptr(), ctypes.c_float(1.0), out.data_ptr())
-    assert lib.tf_kv_attend(5, 16, 4, *args) == TF_E_KV
-    assert lib.tf_kv_attend(8, 24, 4, *args) == TF_E_KV  # codes need head_dim a multiple of 16
-    assert lib.tf_kv_attend(16, 24, 4, *args) == 0
+    assert lib.tf_kv_attend(5, 16, 4, 1, *args) == TF_E_KV
+    assert lib.tf_kv_attend(8, 24, 4, 1, *args) == TF_E_KV  # codes need head_dim a multiple of 16
+    assert lib.tf_kv_attend(16, 24, 4, 0, *args) == TF_E_COUNT  # no query head
+    assert lib.tf_kv_attend(16, 24, 4, 1, *args) == 0
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4])
@@ -208,3 +234,17 @@ def test_eval_scores_with_a_quantized_kv_cache(packed_llama, tmp_path):
         assert record["kv_bits"] == bits
         ppl[bits] = record["result"]["ppl"]
     assert ppl[8] != ppl[16] and abs(ppl[8] / ppl[16] - 1) < 0.05
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_query_heads_split_among_threads_agree(bits, packed_llama):
+    """A decode step on 1 thread attends with both query heads of a KV head together, on 4 threads
+    with each alone (the engine splits groups to keep threads busy): same logits up to fp32 rounding."""
+    packed = load_packed(packed_llama)
+    prompt = torch.randint(4, 300, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    logits = []
+    for threads in (1, 4):
+        engine = FastBackend(packed, max_positions=32, threads=threads, max_batch=4, exact=True, kv_bits=bits)
+        engine.forward_all(prompt)
+        logits.append(torch.stack([engine.forward([t]).clone() for t in (5, 17, 40)]))
+    assert ((logits[0] - logits[1]).abs().max() / logits[0].abs().max()).item() < 1e-4

@@ -10,7 +10,8 @@ import torch
 from tightfit.runtime.kernels.build import load
 from tightfit.runtime.kernels.layout import KernelMatrix, TfMat, from_dense, from_quantized, has_kernel
 
-__all__ = ["KernelMatrix", "from_dense", "from_quantized", "has_kernel", "matmul", "time_matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512"]
+__all__ = ["KernelMatrix", "from_dense", "from_quantized", "has_kernel", "matmul", "time_matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512",
+           "kv_attend", "time_kv_attend"]
 
 
 def _lib(portable: bool) -> ctypes.CDLL:
@@ -68,3 +69,42 @@ def read_seconds(buf: torch.Tensor, reps: int, threads: int) -> float:
     """Seconds to read buf (uint8, contiguous) `reps` times with `threads` threads."""
     assert buf.dtype == torch.uint8 and buf.is_contiguous()
     return float(_lib(False).tf_read_seconds(buf.data_ptr(), buf.numel(), reps, threads))
+
+
+def _kv_args(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """keys, values [n, D] and q [rep, D] as contiguous fp32, checked against each other."""
+    keys, values, q = (x.to(torch.float32).contiguous() for x in (keys, values, q))
+    assert keys.dim() == 2 and values.shape == keys.shape, f"keys and values must be [n, D], got {tuple(keys.shape)}, {tuple(values.shape)}"
+    assert q.dim() == 2 and q.shape[1] == keys.shape[1], f"q must be [rep, {keys.shape[1]}], got {tuple(q.shape)}"
+    return keys, values, q
+
+
+def kv_attend(bits: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float, *,
+              portable: bool = False) -> torch.Tensor:
+    """[rep, D]: the attention of rep query heads q [rep, D] over one KV head's cache of `bits` (16, 8, 4)
+    holding keys, values [n, D] (keys already rotated), as the engine computes it (groups of up to
+    TF_MAX_GROUP = 8 heads reading the cache together)."""
+    keys, values, q = _kv_args(keys, values, q)
+    (n, d), rep = keys.shape, q.shape[0]
+    out = torch.empty(rep, d, dtype=torch.float32)
+    rc = _lib(portable).tf_kv_attend(bits, d, n, rep, keys.data_ptr(), values.data_ptr(), q.data_ptr(), scale, out.data_ptr())
+    if rc != 0:
+        raise ValueError(f"tf_kv_attend refused bits {bits}, D {d}, n {n}, rep {rep} (code {rc})")
+    return out
+
+
+def time_kv_attend(bits: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float, *, group: int,
+                   reps: int, min_bytes: int = 0) -> float:
+    """Seconds per attention of the rep query heads q [rep, D] over one KV head's cache (as kv_attend),
+    timed inside the library over `reps` back-to-back calls on one thread; the heads read the cache
+    in pieces of `group` (1: each head alone, as before grouped-query attention). The calls cycle
+    through copies of the cache whose bytes reach min_bytes (0: one copy): beyond the last-level
+    cache, every call streams its cache from memory as a whole model's decode does."""
+    keys, values, q = _kv_args(keys, values, q)
+    (n, d), rep = keys.shape, q.shape[0]
+    out = torch.empty(rep, d, dtype=torch.float32)
+    t = _lib(False).tf_time_kv_attend(bits, d, n, rep, group, keys.data_ptr(), values.data_ptr(), q.data_ptr(), scale,
+                                      reps, min_bytes, out.data_ptr())
+    if t < 0:
+        raise ValueError(f"tf_time_kv_attend refused bits {bits}, D {d}, n {n}, rep {rep}, group {group} (code {int(t)})")
+    return float(t)

@@ -25,7 +25,7 @@ from tightfit.errors import KernelUnavailable
 
 SOURCE_DIR = Path(__file__).parent
 MAIN_SOURCE = "engine.cpp"  # the one translation unit; it includes the *.h sources
-ABI_VERSION = 8  # must equal TF_ABI_VERSION in common.h
+ABI_VERSION = 9  # must equal TF_ABI_VERSION in common.h
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = ("-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
@@ -139,5 +139,7 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.tf_engine_kv_bytes.restype = ctypes.c_size_t
     lib.tf_engine_kv_bytes_per_token.argtypes = [ptr]
     lib.tf_engine_kv_bytes_per_token.restype = ctypes.c_size_t
-    lib.tf_kv_attend.argtypes = [i32, i32, i32, ptr, ptr, ptr, ctypes.c_float, ptr]
+    lib.tf_kv_attend.argtypes = [i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_float, ptr]
+    lib.tf_time_kv_attend.argtypes = [i32, i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_float, i32, ctypes.c_size_t, ptr]
+    lib.tf_time_kv_attend.restype = f64
     lib.tf_kv_attend.restype = i32

@@ -20,7 +20,7 @@
 #define TF_AVX512 0
 #endif
 
-#define TF_ABI_VERSION 8  // = ABI_VERSION in build.py; bump with any change below or to a signature
+#define TF_ABI_VERSION 9  // = ABI_VERSION in build.py; bump with any change below or to a signature
 
 // Largest head_dim: store_kv rotates each key, and the KV cache quantizes it, in stack buffers of this size.
 #define TF_MAX_HEAD_DIM 512

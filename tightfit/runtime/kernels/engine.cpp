@@ -7,9 +7,11 @@
 //   activations.h  int8 block-32 activations (llama.cpp's Q8_0)
 //   matmul.h       quantized and dense matrix kernels: AVX-512 VNNI, or portable scalar code
 //   kv_cache.h     the KV cache: fp16, or 8- or 4-bit codes with per-token group scales
-//   attention.h    RoPE, softmax attention over one KV head's cache
+//   attention_values.h  how attention reads a KV head's cache; the weighted sum of its values
+//   attention.h    RoPE, softmax attention of the query heads that share one KV head's cache
 //   forward.h      the decoder's forward step
-//   timing.h       timing entry points (matmuls, memory reads, the forward step's phases)
+//   timing.h       timing entry points (matmuls, memory reads, attention, the forward step's
+//                  phases) and the attention probe of the kernel tests
 // One unit, not several objects linked together, so that -O3 -march=native inlines the hot path
 // across parts (chunk unpacking into the tile loops, the tiles into matmul_rows, those into the
 // forward step) exactly as within one file, without depending on link-time optimization; every
@@ -21,6 +23,7 @@
 #include "activations.h"
 #include "matmul.h"
 #include "kv_cache.h"
+#include "attention_values.h"
 #include "attention.h"
 #include "forward.h"
 #include "timing.h"

@@ -42,7 +42,7 @@ struct Engine {
     std::vector<float> q, k, v, att;         // [B, H*D], [B, KVH*D] x2, [B, H*D]
     std::vector<float> o, gate, up, down;    // [B, hidden], [B, inter] x2, [B, hidden]
     std::vector<QAct> acts;                  // one per thread
-    std::vector<std::vector<float>> scores;  // one per thread [kv_scratch(kv.max_slots, head_dim)]
+    std::vector<std::vector<float>> scores;  // one per thread [attend_scratch(group, kv.max_slots, head_dim)]
     double prof[PH_COUNT] = {0};             // thread 0's seconds per phase
 };
 
@@ -136,22 +136,33 @@ static inline void store_kv(Step& s, int L) {
     }
 }
 
+// Query heads of a KV head attend in pieces of R (<= TF_MAX_GROUP) that read its cache together:
+// as few pieces as keep all nth threads busy over the M * KVH (token, KV head) pairs, so a decode
+// step on few threads decodes each code once per KV head, and many threads still share the work.
+static inline int group_size(int rep, int M, int KVH, int nth) {
+    const int pieces = std::min(rep, std::max((rep + TF_MAX_GROUP - 1) / TF_MAX_GROUP, (nth + M * KVH - 1) / (M * KVH)));
+    return (rep + pieces - 1) / pieces;
+}
+
 // att <- causal attention of every (token, head) over the positions layer L's cache gives it
-// (all before it, or its sliding window); softmax in fp32
+// (all before it, or its sliding window); softmax in fp32. The query heads of one KV head go in
+// pieces of group_size (the last one may be smaller).
 static inline void attend_heads(Step& s, int L) {
     const tf_layer& ly = s.c.layers[L];
-    const int D = s.c.head_dim, NH = s.c.n_heads, rep = NH / s.c.n_kv_heads;
+    const int D = s.c.head_dim, NH = s.c.n_heads, KVH = s.c.n_kv_heads, rep = NH / KVH;
+    const int R = group_size(rep, s.M, KVH, s.nth), pieces = (rep + R - 1) / R;
     float* sc = s.e.scores[s.tid].data();
-    for (int it = s.tid; it < s.M * NH; it += s.nth) {
-        const int i = it / NH, hd = it % NH, kh = hd / rep, ps = s.pos + i;
-        float* qv = s.e.q.data() + (size_t)i * NH * D + hd * D;
-        norm_rope(s, ly, ly.q_norm, ps, qv);
+    for (int it = s.tid; it < s.M * KVH * pieces; it += s.nth) {
+        const int i = it / (KVH * pieces), kh = it / pieces % KVH, h0 = kh * rep + it % pieces * R, ps = s.pos + i;
+        const int n = std::min(R, (kh + 1) * rep - h0);  // query heads h0 .. h0 + n - 1
+        float* qv = s.e.q.data() + (size_t)i * NH * D + (size_t)h0 * D;  // [n, D]
+        for (int r = 0; r < n; r++) norm_rope(s, ly, ly.q_norm, ps, qv + (size_t)r * D);
         Span spans[2];
         const int n_spans = s.e.kv.spans(L, ps, spans);
-        float* out = s.e.att.data() + (size_t)i * NH * D + hd * D;
+        float* out = s.e.att.data() + (size_t)i * NH * D + (size_t)h0 * D;
         const KVHead h = {s.e.kv.keys(L, kh), s.e.kv.values(L, kh), s.e.kv.key_params(L, kh), s.e.kv.value_params(L, kh),
                           s.e.kv.bits, D, s.e.kv.slots[L]};
-        attend(qv, h, spans, n_spans, s.c.attn_scale, sc, out);
+        attend(qv, n, h, spans, n_spans, s.c.attn_scale, sc, out);
     }
 }
 
@@ -293,7 +304,8 @@ int tf_engine_create(const tf_config* cfg, void** out) {
             a.psum.reserve(B * widest / 16 + B);
             a.xs.reserve(B * widest);
         }
-        e->scores.assign(T, std::vector<float>(kv_scratch(e->kv.max_slots, c.head_dim)));
+        const int group = std::min(c.n_heads / c.n_kv_heads, TF_MAX_GROUP);  // the largest group_size
+        e->scores.assign(T, std::vector<float>(attend_scratch(group, e->kv.max_slots, c.head_dim)));
     } catch (...) {  // std::bad_alloc, std::length_error
         delete e;
         return TF_E_MEMORY;
@@ -311,34 +323,6 @@ size_t tf_engine_kv_bytes(const void* p) { return ((const Engine*)p)->kv.bytes()
 
 // Bytes one position takes in the KV cache of every layer: codes (or fp16) + scales of K and V
 size_t tf_engine_kv_bytes_per_token(const void* p) { return ((const Engine*)p)->kv.bytes_per_token(); }
-
-// One KV head of n positions stored in a KV cache of kv_bits (keys [n, D] as attention sees them,
-// already rotated; values [n, D]), then out [D] <- the attention of q [D] over all of them with
-// softmax scale `scale` (tests of the cache and the attention kernel). Returns 0 or a TF_E_* code.
-int tf_kv_attend(int kv_bits, int D, int n, const float* keys, const float* values, const float* q, float scale, float* out) {
-    if (!keys || !values || !q || !out) return TF_E_NULL;
-    if (n < 1 || n > TF_MAX_POSITIONS || D < 2 || D > TF_MAX_HEAD_DIM || D % 2 != 0) return TF_E_COUNT;
-    if ((kv_bits != 16 && kv_bits != 8 && kv_bits != 4) || (kv_bits != 16 && D % 16 != 0)) return TF_E_KV;
-    tf_layer layer = {};
-    tf_config c = {};
-    c.n_layers = c.n_kv_heads = c.max_batch = 1;
-    c.head_dim = D;
-    c.max_pos = n;
-    c.kv_bits = kv_bits;
-    c.layers = &layer;
-    try {
-        KVCache kv;
-        kv.allocate(c);
-        for (int p = 0; p < n; p++) kv.store(0, 0, p, keys + (size_t)p * D, values + (size_t)p * D);
-        std::vector<float> sc(kv_scratch(kv.max_slots, D));
-        const KVHead h = {kv.keys(0, 0), kv.values(0, 0), kv.key_params(0, 0), kv.value_params(0, 0), kv_bits, D, kv.slots[0]};
-        const Span all = {0, n};
-        attend(q, h, &all, 1, scale, sc.data(), out);
-    } catch (...) {
-        return TF_E_MEMORY;
-    }
-    return TF_OK;
-}
 
 // Run tokens ids[0..M) at positions pos..pos+M-1 (M <= max_batch, pos+M <= max_pos); writes the
 // logits of the last token [vocab] (all_logits = 0) or of every token [M, vocab] to `logits`.

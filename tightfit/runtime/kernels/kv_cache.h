@@ -16,8 +16,8 @@
 
 static inline int kv_group(int D) { return D < KV_GROUP ? D : KV_GROUP; }
 static inline int kv_groups(int D) { return (D + kv_group(D) - 1) / kv_group(D); }
-// floats of scratch one query's attention over `slots` slots needs: its scores, and each slot's
-// weighted (scale, min) per group
+// floats of scratch per query head attending over `slots` slots (attention.h, attend_scratch): its
+// scores, and room for each slot's (scale, min) per group as floats
 static inline size_t kv_scratch(int slots, int D) { return (size_t)slots * (1 + 2 * kv_groups(D)); }
 
 // x [n] -> codes [n] in [0, 2^bits - 1], *scale_h and *min_h (fp16) with x ~ scale * code + min
