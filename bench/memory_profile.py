@@ -31,12 +31,22 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def anon_bytes() -> int:
+    """Resident anonymous memory (RssAnon): what the OOM killer weighs; mapped file pages can be dropped."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024  # kB
+    return 0
+
+
 def sample(main_id: int, peak: list) -> None:
     last = 0
     while True:
         rss = rss_bytes()
         if rss > peak[0]:
-            peak[:] = [rss, where(main_id, 6)]
+            peak[:2] = [rss, where(main_id, 6)]
+        peak[2] = max(peak[2], anon_bytes())
         if abs(rss - last) > STEP_BYTES:
             print(f"[mem] {rss / 1e9:.2f} GB  {where(main_id, 5)}", file=sys.stderr, flush=True)
             last = rss
@@ -46,10 +56,10 @@ def sample(main_id: int, peak: list) -> None:
 if __name__ == "__main__":
     from tightfit.cli import main
 
-    peak = [0, ""]
+    peak = [0, "", 0]  # RSS, where, anonymous RSS
     threading.Thread(target=sample, args=(threading.main_thread().ident, peak), daemon=True).start()
     try:
         rc = main(sys.argv[1:])
     finally:
-        print(f"[mem] peak {peak[0] / 1e9:.2f} GB at {peak[1]}", file=sys.stderr)
+        print(f"[mem] peak {peak[0] / 1e9:.3f} GB at {peak[1]}; peak anonymous {peak[2] / 1e9:.3f} GB", file=sys.stderr)
     sys.exit(rc)

@@ -43,27 +43,33 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache" / "speed"
 
 @dataclass(frozen=True)
 class SpeedSetup:
-    """What one model is timed in: tightfit body format -> embedding/head format, llama.cpp types
-    made from the shipped file (which is timed too), the ratios to print, transformers or not."""
+    """What one model is timed in: tightfit files (label -> body format and embedding/head format; a
+    body format may appear with several heads), llama.cpp types made from the shipped file (which is
+    timed too), the ratios to print (by label), transformers or not."""
 
-    tightfit: dict[str, str]
+    tightfit: dict[str, tuple[str, str]]
     llama_types: tuple[str, ...]
     shipped_type: str
     pairs: tuple[tuple[str, str], ...]
     transformers: bool
 
 
+def with_head(head: str, *formats: str) -> dict[str, tuple[str, str]]:
+    """Body formats sharing one head format, each labelled by its body format alone."""
+    return {fmt: (fmt, head) for fmt in formats}
+
+
 SETUPS = {
     "smollm2-135m": SpeedSetup(
-        tightfit={"w8g32-sym": "w8g32-sym", "w4g32-sym": "w8g32-sym", "w4g128": "w8g32-sym", "w3g64": "w8g32-sym",
-                  "w2g64": "w8g32-sym"},
+        tightfit=with_head("w8g32-sym", "w8g32-sym", "w4g32-sym", "w4g128", "w3g64", "w2g64"),
         llama_types=("Q8_0", "Q4_0", "Q3_K_S", "Q2_K"), shipped_type="Q4_1",
         pairs=(("w8g32-sym", "Q8_0"), ("w4g32-sym", "Q4_0"), ("w4g128", "Q4_1"), ("w3g64", "Q3_K_S"), ("w2g64", "Q2_K")),
         transformers=True),
-    # the head is read at every token: 6-bit like llama.cpp's Q6_K output tensor of these types
+    # the head is read at every token: 6-bit like llama.cpp's Q6_K output tensor of these types; w2g64 also
+    # with a 4-bit head, which brings it under Q2_K's 753 MB (764 MB with the 6-bit head)
     "qwen2.5-coder-1.5b": SpeedSetup(
-        tightfit={"w4g32-sym": "w6g32", "w4g128": "w6g32", "nl4g32": "w6g32", "w3g64": "w6g32", "w3g128": "w6g32",
-                  "w2g64": "w6g32"},
+        tightfit={**with_head("w6g32", "w4g32-sym", "w4g128", "nl4g32", "w3g64", "w3g128", "w2g64"),
+                  "w2g64+w4g32-sym": ("w2g64", "w4g32-sym")},
         llama_types=("Q4_0", "Q3_K_M", "IQ4_XS", "IQ3_XXS", "Q2_K"), shipped_type="Q4_K_M",
         pairs=(), transformers=False),
 }
@@ -71,19 +77,19 @@ NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
 
 
 def tightfit_models(model: str, setup: SpeedSetup) -> dict[str, Path]:
-    """Packed RTN models (no clipping search: speed does not depend on values), built once into .cache/."""
+    """label -> packed RTN models (no clipping search: speed does not depend on values), built once into .cache/."""
     from tightfit.artifacts import QuantizeConfig
     from tightfit.formats.registry import parse_format
     from tightfit.pipeline import CompressRequest, compress
 
     out, loaded = {}, None
-    for fmt, embed in setup.tightfit.items():
-        folder = CACHE / model / f"tightfit-{fmt}-e{embed}"
+    for label, (fmt, embed) in setup.tightfit.items():
+        folder = CACHE / model / f"tightfit-{fmt}-e{embed}"  # named by both formats: built ones stay valid
         if not (folder / "manifest.json").exists():
             loaded = loaded or load_model(model)
             config = QuantizeConfig(fmt=parse_format(fmt), method="rtn", clip_search=False, embed_format=parse_format(embed))
             compress(CompressRequest(model=model, out=folder, quantize=config, evaluation=None), loaded)
-        out[fmt] = folder
+        out[label] = folder
     return out
 
 

@@ -131,8 +131,10 @@ def _cmd_compress(args) -> int:
 
     from tightfit.artifacts import QuantizeConfig, format_or_none, parse_choice
     from tightfit.formats.registry import parse_format
-    from tightfit.model import load_model
+    from tightfit.model import keep_first_blocks, load_model, open_weights, streams_by_default
+    from tightfit.model.memory import memory_budget
     from tightfit.pipeline import CompressRequest, compress, make_plan
+    from tightfit.pipeline.footprint import CompressSettings, CompressShapes, check_compress_memory
     from tightfit.pipeline.planning import original_hessians
     from tightfit.stages.allocate import Plan
 
@@ -154,9 +156,18 @@ def _cmd_compress(args) -> int:
         except (OSError, ValueError, TightfitError) as e:
             raise TightfitError(f"cannot read plan {args.plan}: {e}") from None
     calibration = _calibration_config(args)  # a bad --calib-text fails before the model loads
+    weights = open_weights(args.model)
+    streamed = streams_by_default(weights)
+    if args.first_blocks is not None:
+        weights = keep_first_blocks(weights, args.first_blocks)
+    eval_engine = args.eval_engine or ("fast" if streamed else "torch")
+    planned = args.format is None and plan is None
+    check_compress_memory(CompressShapes.of(weights, streamed=streamed), CompressSettings(
+        calibration=calibration, evaluation=None if args.no_eval else _eval_config(args), method=args.method,
+        planned=planned, original_hessians=planned and not args.sequential, eval_engine=eval_engine), memory_budget())
     _status(f"loading {args.model}")
     load_start = time.perf_counter()
-    loaded = load_model(args.model, first_blocks=args.first_blocks)
+    loaded = load_model(weights, streamed=streamed)
     load_seconds = time.perf_counter() - load_start
     if loaded.streamed:
         _status(f"{args.model} is read one decoder block at a time (fp32 weights "
@@ -186,7 +197,7 @@ def _cmd_compress(args) -> int:
     request = CompressRequest(
         model=args.model, out=args.out, quantize=qconfig, calibration=calibration,
         evaluation=None if args.no_eval else _eval_config(args),
-        eval_engine=args.eval_engine or ("fast" if loaded.streamed else "torch"),
+        eval_engine=eval_engine,
     )
     report = compress(request, loaded, on_stage=_status, hessians=hessians)
     report.seconds["load"] = load_seconds
@@ -316,7 +327,7 @@ def _cmd_formats(args) -> int:
     for fmt in all_grid_formats():
         if fmt.scale_dtype == "fp16":
             print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
-    print(f"\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)")
+    print("\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)")
     print(f"{'format':<22} {'bpw':>7} {'bytes':>10}")
     for fmt in SPQR_RECIPES:
         print(f"{fmt.name:<22} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")

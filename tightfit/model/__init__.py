@@ -9,9 +9,9 @@ from tightfit.model.architectures import (
     supported_model_types,
 )
 from tightfit.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL, BuiltinModel
-from tightfit.model.load import LoadedModel, check_memory, load_model, resident_block
+from tightfit.model.load import LoadedModel, check_memory, load_model, resident_block, streams_by_default
 from tightfit.model.sources import ModelSource, resolve_source
-from tightfit.model.weights import CheckpointWeights, open_weights
+from tightfit.model.weights import CheckpointWeights, keep_first_blocks, open_weights
 
 __all__ = [
     "ARCHITECTURES",
@@ -26,9 +26,11 @@ __all__ = [
     "check_layout",
     "check_memory",
     "get_module",
+    "keep_first_blocks",
     "load_model",
     "open_weights",
     "resident_block",
     "resolve_source",
+    "streams_by_default",
     "supported_model_types",
 ]

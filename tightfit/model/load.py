@@ -35,7 +35,7 @@ from tightfit.model.sources import GGUF, ModelSource, resolve_source
 from tightfit.model.weights import CheckpointWeights, keep_first_blocks, open_weights
 
 __all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "BuiltinModel", "LoadedModel", "ModelSource", "check_memory",
-           "load_model", "resident_block", "resolve_source"]
+           "load_model", "resident_block", "resolve_source", "streams_by_default"]
 
 # A whole-model load needs the fp32 weights plus the tokenizer, Python and the temporaries of one
 # tensor being dequantized (or transformers' own for safetensors): 10% more covers them.
@@ -232,7 +232,15 @@ def _hf_model(weights: CheckpointWeights) -> nn.Module:
                                                 use_safetensors=True)
 
 
-def load_model(spec: str | ModelSource, *, streamed: bool | None = None, first_blocks: int | None = None) -> LoadedModel:
+def streams_by_default(weights: CheckpointWeights, budget: MemoryBudget | None = None) -> bool:
+    """Whether `load_model` reads `weights` one decoder block at a time unless told: fp32 weights above
+    STREAM_ABOVE_BYTES, or more (x LOAD_HEADROOM) than `budget` (default: `memory_budget()`) allows."""
+    budget = budget or memory_budget()
+    whole = weights.nbytes() * LOAD_HEADROOM
+    return weights.nbytes() > STREAM_ABOVE_BYTES or (budget.available is not None and whole > budget.available)
+
+
+def load_model(spec: str | ModelSource | CheckpointWeights, *, streamed: bool | None = None, first_blocks: int | None = None) -> LoadedModel:
     """Load a model and its tokenizer: fp32, CPU, eval mode, no gradients.
 
     The config is read first and checked against the architecture table, so an unsupported model
@@ -240,6 +248,7 @@ def load_model(spec: str | ModelSource, *, streamed: bool | None = None, first_b
     streamed: keep the decoder blocks in the files (see the module docstring); None decides by size
     (above STREAM_ABOVE_BYTES, or when the whole model would not fit).
     first_blocks: only the first decoder blocks (`open_weights`); the size decision is the whole model's.
+    spec may be weights already opened (`open_weights`), e.g. to estimate a run's memory first.
 
     Raises:
         ModelSourceError: the source cannot be resolved, or a file in it cannot be read.
@@ -247,11 +256,9 @@ def load_model(spec: str | ModelSource, *, streamed: bool | None = None, first_b
             do not have the layout the table says.
         InsufficientMemory: the whole model in fp32 would not fit in the memory left.
     """
-    weights = open_weights(spec)
+    weights = spec if isinstance(spec, CheckpointWeights) else open_weights(spec)
     if streamed is None:
-        budget = memory_budget()
-        whole = weights.nbytes() * LOAD_HEADROOM
-        streamed = weights.nbytes() > STREAM_ABOVE_BYTES or (budget.available is not None and whole > budget.available)
+        streamed = streams_by_default(weights)
     if first_blocks is not None:
         weights = keep_first_blocks(weights, first_blocks)
     check_memory(weights, streamed=streamed)
