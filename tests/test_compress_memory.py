@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tightfit.algorithms import HessianAccumulator
+from tightfit.algorithms.gptq import GRAM_BLOCK
 from tightfit.artifacts import CalibrationConfig
 from tightfit.cli import main
 from tightfit.errors import InsufficientMemory
@@ -53,8 +54,11 @@ def test_terms_count_the_tensors_the_stages_allocate(tiny_model_dir: Path, shape
     assert estimate.phases["hessian"]["calibration activations"] == activations
     assert estimate.phases["forward"]["calibration activations"] == 2 * activations  # a block's inputs and outputs
     acc = HessianAccumulator(shapes.widest_input)
-    accumulator = acc._h.numel() * acc._h.element_size()
-    assert estimate.phases["hessian"]["Hessian accumulator (fp64)"] == footprint.HESSIAN_FP64_COPIES * accumulator
+    acc.add_batch(torch.randn(4, shapes.widest_input))
+    result, k = acc.hessian(), shapes.widest_input
+    row_block = min(GRAM_BLOCK, k) * k * acc._h.element_size()  # the largest temporary of hessian()
+    held = acc._h.numel() * acc._h.element_size() + result.numel() * result.element_size() + row_block
+    assert estimate.phases["hessian"]["Hessian accumulator (fp64)"] == held
     assert estimate.phases["hessian"]["working copy (fp32)"] == shapes.whole_fp32  # quantize_model's deepcopy
     assert estimate.held["loaded weights (fp32)"] == shapes.whole_fp32
     assert set(estimate.phases) == {"hessian", "factor", "forward"}

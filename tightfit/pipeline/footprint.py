@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from tightfit.algorithms.gptq import GRAM_BLOCK
 from tightfit.artifacts import CalibrationConfig
 from tightfit.errors import InsufficientMemory
 from tightfit.evaluate import BATCH_LOGITS_BYTES, EvalConfig
@@ -43,11 +44,8 @@ _GB = 1e9
 # between a measured peak RSS and the other terms (1.0 GB: qwen2.5-coder-1.5b --first-blocks 2 with
 # evaluation; 0.64 GB anonymous without; 0.58 GB smollm2-135m), rounded up. bench/memory_profile.py, 2026-11-26
 RUNTIME_BYTES = int(1.1e9)
-# HessianAccumulator.hessian: the fp64 accumulator, triu(H), triu(H, 1).T + triu(H) and the scaled
-# sum alive at once (4 x K^2 fp64), the fp32 result after them
-HESSIAN_FP64_COPIES = 4
-# gptq_quantize: the caller's fp32 H, H[perm][:, perm], then L, eye and L^-1 in
-# _inverse_hessian_factor (5 x K^2 fp32 at the worst moment)
+# gptq_quantize: the caller's fp32 H, H[perm][:, perm], then J H J and L in _inverse_hessian_factor
+# (L^-1 is formed in place; 4 x K^2 fp32 at the worst moment, 5 while H[perm] is being indexed)
 FACTOR_FP32_COPIES = 5
 # one batch through a block: gate, up, act(gate) and their product [B, T, F] fp32, and the attention's
 # scores and softmax [B, heads, T, T]
@@ -162,6 +160,12 @@ class PeakEstimate:
         return name, terms[name]
 
 
+def hessian_bytes(k: int) -> int:
+    """HessianAccumulator of K inputs at its largest, in `hessian()`: the fp64 sums, the fp32 result
+    and one fp64 row block of GRAM_BLOCK x K."""
+    return k * k * (_FP64 + _FP32) + min(GRAM_BLOCK, k) * k * _FP64
+
+
 def _eval_batch(shapes: CompressShapes, evaluation: EvalConfig) -> int:
     """Windows per evaluation batch, as `evaluate.batch_size_for` lowers it."""
     per_window = (evaluation.ctx - 1) * shapes.vocab * _FP32
@@ -189,7 +193,7 @@ def compress_peak(shapes: CompressShapes, settings: CompressSettings) -> PeakEst
     if gptq and settings.planned:
         # collect_hessians: every group's fp64 accumulator of one block at once, the widest made symmetric
         phases["planner"] = {"original Hessians (fp32)": original,
-                             "Hessian accumulators (fp64)": 2 * one_block + (HESSIAN_FP64_COPIES - 1) * k * k * _FP64,
+                             "Hessian accumulators (fp64)": 2 * one_block + hessian_bytes(k) - k * k * _FP64,
                              "calibration activations": 2 * cal.n_samples * cal.seq_len * c * _FP32}
     if gptq and settings.original_hessians:
         phases["factor"] = {**factor, "original Hessians (fp32)": original}
@@ -197,7 +201,7 @@ def compress_peak(shapes: CompressShapes, settings: CompressSettings) -> PeakEst
         activations = cal.n_samples * cal.seq_len * c * _FP32
         batch_tokens = min(cal.batch_size, cal.n_samples) * cal.seq_len
         phases["hessian"] = {**quantize_held, "calibration activations": activations,
-                             "Hessian accumulator (fp64)": HESSIAN_FP64_COPIES * k * k * _FP64}
+                             "Hessian accumulator (fp64)": hessian_bytes(k)}
         phases["factor"] = {**factor, "calibration activations": activations}
         phases["forward"] = {**quantize_held, "calibration activations": 2 * activations,
                              # the attention's scores are freed before the MLP runs: the larger of the two
