@@ -17,7 +17,8 @@ from tightfit.model import get_module, load_model
 from tightfit.model.blocks import embedding_layers, linear_layer_names
 from tightfit.stages import calibrate as calibrate_stage
 from tightfit.stages.allocate import Budget, LayerChoice, allocate
-from tightfit.stages.sensitivity import embedding_damage, fisher_weighted_error, measure_sensitivity
+from tightfit.stages import sensitivity
+from tightfit.stages.sensitivity import embedding_damage, fisher_error_of, fisher_weighted_error, measure_sensitivity
 
 EMBED = [parse_choice(c) for c in ("fp16", "w8g32-sym", "w4g32-sym", "w2g32")]
 LINEAR = [parse_format("w2g32"), parse_format("w4g64")]
@@ -190,3 +191,29 @@ def test_embedding_damage_of_a_big_vocabulary_is_summed_in_row_slices(embeddings
     monkeypatch.setattr(registry, "RTN_ROWS", 64)  # error_rows' slices
     sliced = sensitivity.rtn_embedding_damage(w, fmt, fisher, embeddings=embeddings, head=head)
     assert whole > 0 and sliced == pytest.approx(whole, rel=1e-6)
+
+
+def test_the_fisher_error_of_a_gptq_result_needs_no_hessian_product():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 160, generator=g) * torch.rand(160, generator=g)
+    x[:, 11] = 0  # an input that never fires: GPTQ zeroes its weights, the error there costs nothing
+    h, w, f = 2 * x.T @ x / 400, torch.randn(24, 160, generator=g), torch.rand(24, generator=g)
+    for fmt in ("w2g32", "w4g64"):
+        result = gptq_quantize_many(w, h, [parse_format(fmt)])[0]
+        direct = fisher_weighted_error(result.quantized.dequantize() - w, h / 2, f)
+        assert fisher_error_of(result, w, h, f) == pytest.approx(direct, rel=1e-4)
+
+
+def test_sampled_rows_estimate_the_sum_over_all_rows_without_bias(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    w, f = torch.randn(400, 8, generator=g) * torch.rand(400, 1, generator=g), torch.rand(400, generator=g)
+    h = torch.diag(torch.rand(8, generator=g))
+    monkeypatch.setattr(sensitivity, "ROW_SAMPLE_WORK", 64 * 8**2)  # 64 of 400 rows
+    monkeypatch.setattr(sensitivity, "MIN_SAMPLED_ROWS", 16)
+    value = f * (w.square() @ torch.diag(h))  # what each row contributes
+    estimates = []
+    for seed in range(400):
+        rows, weights = sensitivity.sampled_rows(w, h, f, seed=seed)
+        assert len(rows) == 64 and len(set(rows.tolist())) == 64
+        estimates.append(float((value[rows] * weights).sum()))
+    assert sum(estimates) / len(estimates) == pytest.approx(float(value.sum()), rel=0.02)

@@ -98,3 +98,18 @@ def test_formats_that_do_not_nest_are_swept_apart(monkeypatch):
     monkeypatch.setattr(gptq, "_sweep", lambda w, h, builders, **kw: sweeps.append(len(builders)) or sweep(w, h, builders, **kw))
     results = gptq_quantize_many(w, h, fake)
     assert sweeps == [1, 1] and [r.quantized.fmt.name for r in results] == ["w4g64", "w3g64"]
+
+
+def test_row_loss_is_the_rows_quadratic_form_in_the_damped_hessian():
+    w, h = _problem(n=16, k=192)
+    h[:, 7] = h[7, :] = 0  # an input that never fires
+    for fmt in ("w3g64", "w2g32", "nl4g32"):
+        result = gptq_quantize(w, h, parse_format(fmt))
+        assert result.loss == pytest.approx(float(result.row_loss.sum()), rel=1e-5)
+        swept = w.clone()
+        swept[:, 7] = 0  # GPTQ zeroes a dead input's weights and counts its H_jj as 1
+        h_swept = h.clone().double()
+        h_swept[7, 7] = 1
+        dw = (result.quantized.dequantize() - swept).double()
+        quad = torch.einsum("nk,kl,nl->n", dw, h_swept + result.ridge * torch.eye(192, dtype=torch.float64), dw) / 2
+        torch.testing.assert_close(result.row_loss.double(), quad, rtol=1e-4, atol=1e-6)

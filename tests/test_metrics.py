@@ -30,6 +30,18 @@ def test_log_probs_are_fp32_and_normalized():
     assert torch.allclose(logp.exp().sum(-1), torch.ones(3), atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(9,), (300, 11), (2, 3, 200, 5)])  # 300, 200 > LOG_PROBS_ROWS: several steps
+def test_log_probs_in_place_equal_log_softmax(shape):
+    logits = torch.randn(*shape) * 4
+    view = logits[..., :-1, :] if len(shape) > 1 else logits  # a strided view, as logits[:, :-1] is
+    wanted = torch.log_softmax(view, -1)
+    out = log_probs(view)
+    torch.testing.assert_close(out, wanted, rtol=0, atol=1e-5)
+    assert out.data_ptr() == view.data_ptr(), "fp32 logits become the log-probs"
+    grad = torch.randn(4, 6, requires_grad=True)
+    assert log_probs(grad).requires_grad and torch.equal(grad.detach(), grad.detach().clone())
+
+
 def test_kl_nll_and_top1_equal_the_direct_formulas():
     logp, logq = _pair()
     targets = torch.tensor([[0, 3, 10, 5, 5], [1, 1, 2, 9, 4]])  # [B, T]

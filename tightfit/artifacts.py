@@ -15,7 +15,7 @@ from typing import Any, Union
 import torch
 
 from tightfit.formats.grid import GridFormat
-from tightfit.formats.registry import AnyQuantizedTensor, Format, parse_format
+from tightfit.formats.registry import AnyQuantizedTensor, Format, StoredTensor, parse_format
 from tightfit.formats.spqr import SpQRFormat
 from tightfit.formats.table import LayerBytes, QuantFormat
 
@@ -239,13 +239,14 @@ class LayerReport:
 class QuantizedModel:
     """Output of the quantize stage.
 
-    layers: full module name -> quantized weight of that linear layer.
+    layers: full module name -> quantized weight of that linear layer (a model read one block at a
+        time: as StoredTensor, packed, to hold half the bytes at 4 bits).
     kept: every other tensor of the state dict (tied copies excluded), already in keep_dtype
         (1-D tensors such as norms stay float32).
     """
 
     config: QuantizeConfig
-    layers: dict[str, AnyQuantizedTensor]
+    layers: dict[str, AnyQuantizedTensor | StoredTensor]
     kept: dict[str, torch.Tensor]
     reports: dict[str, LayerReport] = field(default_factory=dict)
     module: Any = None  # the fp32 model with dequantized weights installed (in memory only, never saved)

@@ -131,7 +131,8 @@ def _next_token_log_probs(model: nn.Module | Scorer, ids: torch.Tensor) -> torch
     """ids [B, T] -> [B, T-1, V] fp32: a module runs the batch at once, a Scorer window by window."""
     if isinstance(model, nn.Module):
         return next_token_log_probs(model, ids)
-    return torch.stack([log_probs(model(w)[:-1]) for w in ids])  # [B, T-1, V]
+    rows = [log_probs(model(w)[:-1]) for w in ids]
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)  # [B, T-1, V]; one window: no copy
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from tiny_models import TINY_MODEL_TYPES
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig
 from tightfit.evaluate import evaluate, reference_for
-from tightfit.formats.registry import parse_format
+from tightfit.formats.registry import StoredTensor, parse_format
 from tightfit.model import get_module, load_model, resident_block
 from tightfit.model import load as load_module
 from tightfit.stages import calibrate as calibrate_stage
@@ -39,6 +39,10 @@ def test_streamed_quantization_equals_the_whole_model(model_type, make_tiny_mode
     assert a.layers.keys() == b.layers.keys() and a.kept.keys() == b.kept.keys()
     for name in a.layers:
         assert torch.equal(a.layers[name].dequantize(), b.layers[name].dequantize()), name
+        # a streamed model's layers are held packed: the same parts and bytes as the layer packs into
+        assert isinstance(b.layers[name], StoredTensor) and not isinstance(a.layers[name], StoredTensor)
+        assert b.layers[name].nbytes() == a.layers[name].nbytes()
+        assert all(torch.equal(v, b.layers[name].pack()[k]) for k, v in a.layers[name].pack().items()), name
     for name in a.kept:
         assert torch.equal(a.kept[name], b.kept[name]), name
     assert pack_stage.pack(a, whole, calib.config).tied == pack_stage.pack(b, streamed, calib.config).tied

@@ -67,11 +67,19 @@ class HessianAccumulator:
 
 @dataclass(frozen=True)
 class GPTQResult:
-    """Quantized weight and the GPTQ objective sum_j e_j^2 / 2 (proxy of the output error)."""
+    """Quantized weight and the GPTQ objective sum_j e_j^2 / 2 (proxy of the output error).
+
+    row_loss [N]: the objective per row; it equals dW_r (H + ridge I) dW_r^T / 2 exactly, with dW_r
+    the row's final error (the columns' errors are that quadratic form in the Cholesky basis), so
+    a row-weighted output error needs no [N, K] x [K, K] product (`fisher_error_of`).
+    damp: the dampening chosen (a fraction of the mean H_jj); ridge: what it added to H's diagonal.
+    """
 
     quantized: AnyQuantizedTensor
     loss: float
     damp: float
+    row_loss: torch.Tensor
+    ridge: float
 
 
 def nested_group_order(diag: torch.Tensor, levels: list[list[tuple[int, int]]]) -> torch.Tensor | None:
@@ -289,4 +297,6 @@ def _sweep(w: torch.Tensor, h: torch.Tensor, builders: list, *, damp: float, blo
             w1[:, s2:] -= err1[:, s1:s2] @ u1[s1:s2, s2:]
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 
-    return [GPTQResult(quantized=b.result(), loss=loss[r].sum().item(), damp=lam) for b, r in zip(builders, rows)]
+    ridge = lam * diag.mean().item()  # diag: H's diagonal as factored (inputs that never fire count 1)
+    return [GPTQResult(quantized=b.result(), loss=loss[r].sum().item(), damp=lam, row_loss=loss[r], ridge=ridge)
+            for b, r in zip(builders, rows)]

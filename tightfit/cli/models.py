@@ -23,7 +23,7 @@ from tightfit.cli.common import (
     _status,
     _text_line,
 )
-from tightfit.cli.planner import _add_planner_flags, _budget, _plan_request, _print_plan
+from tightfit.cli.planner import _add_planner_flags, _budget, _candidates, _plan_request, _print_plan
 from tightfit.errors import KernelUnavailable, TightfitError
 
 
@@ -129,12 +129,12 @@ def _result_table(rows: list[dict]) -> str:
 def _cmd_compress(args) -> int:
     from collections import Counter
 
-    from tightfit.artifacts import QuantizeConfig, format_or_none, parse_choice
+    from tightfit.artifacts import QuantizeConfig, Unquantized, format_or_none, parse_choice
     from tightfit.formats.registry import parse_format
     from tightfit.model import keep_first_blocks, load_model, open_weights, streams_by_default
     from tightfit.model.memory import memory_budget
     from tightfit.pipeline import CompressRequest, compress, make_plan
-    from tightfit.pipeline.footprint import CompressSettings, CompressShapes, check_compress_memory
+    from tightfit.pipeline.footprint import CompressSettings, CompressShapes, check_compress_memory, packed_bytes_per_weight
     from tightfit.pipeline.planning import original_hessians
     from tightfit.stages.allocate import Plan
 
@@ -162,9 +162,14 @@ def _cmd_compress(args) -> int:
         weights = keep_first_blocks(weights, args.first_blocks)
     eval_engine = args.eval_engine or ("fast" if streamed else "torch")
     planned = args.format is None and plan is None
-    check_compress_memory(CompressShapes.of(weights, streamed=streamed), CompressSettings(
+    used = ([fmt] if args.format is not None
+            else [c for c in plan.formats.values() if not isinstance(c, Unquantized)] if plan is not None
+            else [parse_format(f) for f in _candidates(args.candidates, "--candidates")])
+    shapes = CompressShapes.of(weights, streamed=streamed)
+    check_compress_memory(shapes, CompressSettings(
         calibration=calibration, evaluation=None if args.no_eval else _eval_config(args), method=args.method,
-        planned=planned, original_hessians=planned and not args.sequential, eval_engine=eval_engine), memory_budget())
+        planned=planned, original_hessians=planned and not args.sequential, eval_engine=eval_engine,
+        packed_bytes_per_weight=packed_bytes_per_weight(used, shapes) if used else None), memory_budget())
     _status(f"loading {args.model}")
     load_start = time.perf_counter()
     loaded = load_model(weights, streamed=streamed)

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from tightfit import __version__
 from tightfit.errors import FormatError, PackedModelError
 from tightfit.formats.files import atomic_save_tensors, atomic_write_json, publish_folder, read_safetensors, temp_dir_for
-from tightfit.formats.registry import AnyQuantizedTensor, parse_format, unpack_tensor
+from tightfit.formats.registry import AnyQuantizedTensor, StoredTensor, parse_format, unpack_tensor
 
 FORMAT_NAME = "tightfit-packed"
 FORMAT_VERSION = 2  # 2: files and manifest_sha256 (config, tokenizer and the manifest covered)
@@ -69,14 +69,15 @@ def folder_files(folder: Path) -> dict[str, dict]:
 class PackedModel:
     """A quantized model in memory, as it is stored.
 
-    layers: module name -> QuantizedTensor (weights of quantized linear layers).
+    layers: module name -> quantized weight of a linear layer (any format; StoredTensor as the
+        quantize stage holds a big model's, already packed).
     kept: state-dict name -> tensor for everything else (tied copies excluded, see `tied`).
     tied: state-dict name -> the name of the tensor it shares storage with.
     hf_config: the transformers config as a dict.
     info: free-form JSON sections (source, calibration, quantize, ...) carried into the manifest.
     """
 
-    layers: dict[str, AnyQuantizedTensor]
+    layers: dict[str, AnyQuantizedTensor | StoredTensor]
     kept: dict[str, torch.Tensor]
     hf_config: dict
     tied: dict[str, str] = field(default_factory=dict)

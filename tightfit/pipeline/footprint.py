@@ -124,6 +124,10 @@ class CompressSettings:
         original_hessians: GPTQ takes the planner's Hessians instead of running the calibration set
             through the layers already quantized (a budget without --sequential).
         eval_engine: "torch" (a dequantized fp32 copy of the model) or "fast" (the packed layout).
+        packed_bytes_per_weight: bytes per weight of the largest format the run may use, as packed
+            (`packed_bytes_per_weight`); a streamed model's finished layers are held packed
+            (StoredTensor), and the fast engine holds its layout at about that size. None: the
+            builders' QUANTIZED_BYTES_PER_WEIGHT for both.
     """
 
     calibration: CalibrationConfig = CalibrationConfig()
@@ -132,6 +136,13 @@ class CompressSettings:
     planned: bool = False
     original_hessians: bool = False
     eval_engine: str = "torch"
+    packed_bytes_per_weight: float | None = None
+
+
+def packed_bytes_per_weight(formats, shapes: CompressShapes) -> float:
+    """The most bytes per weight that any of `formats` packs the widest layer [hidden, widest input] in."""
+    n, k = shapes.hidden, shapes.widest_input
+    return max(f.nbytes(n, k).total / (n * k) for f in formats)
 
 
 @dataclass(frozen=True)
@@ -183,7 +194,8 @@ def compress_peak(shapes: CompressShapes, settings: CompressSettings) -> PeakEst
     # what the quantize stage adds to the loaded model: a working fp32 copy (a model in memory),
     # the kept tensors in fp16 (embeddings, head, norms), the quantized layers as they accumulate
     kept_fp16 = shapes.outside_fp32 // 2
-    quantized = int(shapes.linear_weights * QUANTIZED_BYTES_PER_WEIGHT)
+    packed = settings.packed_bytes_per_weight or QUANTIZED_BYTES_PER_WEIGHT
+    quantized = int(shapes.linear_weights * (packed if shapes.streamed else QUANTIZED_BYTES_PER_WEIGHT))
     held = {"runtime": RUNTIME_BYTES, "loaded weights (fp32)": shapes.held_fp32}
     quantize_held = {"working copy (fp32)": 0 if shapes.streamed else shapes.whole_fp32,
                      "kept tensors (fp16)": kept_fp16, "quantized layers": quantized}
@@ -217,7 +229,8 @@ def compress_peak(shapes: CompressShapes, settings: CompressSettings) -> PeakEst
         ev = settings.evaluation
         # torch: QuantLinear keeps the fp32 weight and the quantized layer it came from; fast: the packed
         # codes and the embeddings and head in fp16 at most
-        candidate = quantized + (shapes.whole_fp32 if settings.eval_engine == "torch" else shapes.outside_fp32 // 2)
+        candidate = (quantized + shapes.whole_fp32 if settings.eval_engine == "torch"
+                     else int(shapes.linear_weights * packed) + shapes.outside_fp32 // 2)
         phases["evaluate"] = {
             "packed model in the engine": candidate,
             "reference hidden states": 2 * ev.n_windows * ev.ctx * c * _FP32 if shapes.streamed else 0,

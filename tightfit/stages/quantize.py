@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from tightfit.algorithms import HessianAccumulator, gptq_quantize
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, HessianSet, LayerReport, QuantizeConfig, QuantizedModel, config_to_json
-from tightfit.formats.registry import AnyQuantizedTensor, Format, error_rows
+from tightfit.formats.registry import AnyQuantizedTensor, Format, StoredTensor, error_rows
 from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, embedding_layers, linear_layer_names, run_block
 from tightfit.stages.checkpoint import BlockCheckpoint
@@ -143,9 +143,9 @@ def quantize_model(
 
     GPTQ takes its Hessians sequentially from `calibration` (inputs pass through the layers
     already quantized), or, when `hessians` is given, from the original model without any
-    forward pass. Returns the quantized layers, the kept tensors in storage dtype, and (in
-    `.module`, not for a streamed model) the fp32 model with the dequantized weights installed,
-    exactly as a packed copy will compute.
+    forward pass. Returns the quantized layers (a streamed model's as StoredTensor: packed as they
+    finish), the kept tensors in storage dtype, and (in `.module`, not for a streamed model) the
+    fp32 model with the dequantized weights installed, exactly as a packed copy will compute.
     """
     if config.method == "gptq" and calibration is None and hessians is None:
         raise ValueError("GPTQ needs a calibration set or precomputed Hessians")
@@ -165,6 +165,8 @@ def quantize_model(
     for name, fmt in outer.items():
         layers[name], reports[name] = _quantize_layer(get_module(model, name).weight.detach().float(), None,
                                                       dataclasses.replace(config, method="rtn"), fmt)
+        if working.streamed:
+            layers[name] = StoredTensor.of(layers[name])
     # what the forward computes with: every kept tensor in fp32; a streamed model's capture reaches only
     # its embeddings (a second fp32 copy of a 151k-token head would cost 0.9 GB for nothing)
     stored_outside = {**{k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()
@@ -208,7 +210,7 @@ def quantize_model(
                     with precision():
                         inputs.hidden = [run_block(block, h, inputs.extra[i][b]).float() for b, h in enumerate(inputs.hidden)]
         for name, (q, report) in results.items():
-            layers[f"{prefix}.{i}.{name}"] = q
+            layers[f"{prefix}.{i}.{name}"] = StoredTensor.of(q) if working.streamed else q  # a big model's: packed
             reports[f"{prefix}.{i}.{name}"] = report
     bar.close()
     return QuantizedModel(config=config, layers=layers, kept=kept, reports=reports,

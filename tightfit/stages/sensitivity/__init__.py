@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from tightfit.algorithms import gptq_quantize_many
+from tightfit.algorithms import GPTQResult, gptq_quantize_many
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.errors import InsufficientMemory
 from tightfit.artifacts import Choice, FisherSet, HessianSet, Unquantized, parse_choice
@@ -135,6 +135,21 @@ def fisher_weighted_error(dw: torch.Tensor, second_moment: torch.Tensor, fisher:
     return float(0.5 * (fisher * rows).sum())
 
 
+def fisher_error_of(result: GPTQResult, weight: torch.Tensor, h: torch.Tensor, fisher: torch.Tensor) -> float:
+    """fisher_weighted_error(dW, H / 2, fisher) of a GPTQ result on weight [N, K] with Hessian h,
+    from its per-row objective instead of an [N, K] x [K, K] product (the largest cost of scoring a
+    layer in many formats): GPTQ's row_loss_r = dW'_r (H' + ridge I) dW'_r^T / 2, where GPTQ worked on
+    H' (the diagonal of inputs that never fire set to 1) and dW' (their weights zeroed first), so
+    dW_r H dW_r^T = 2 row_loss_r - ridge |dW'_r|^2 - |dW'_r, dead|^2, with dW'_r, dead = Q_r, dead."""
+    q = result.quantized.dequantize().float()  # [N, K]
+    dead = torch.diag(h) == 0
+    dw_sweep = q - weight
+    dw_sweep[:, dead] = q[:, dead]
+    dead_sq = dw_sweep[:, dead].square().sum(1)
+    quad = 2 * result.row_loss.double() - result.ridge * dw_sweep.square().sum(1).double() - dead_sq.double()  # dW H dW^T
+    return float(0.5 * (fisher.double() * quad / 2).sum())  # S = H / 2
+
+
 def fisher_embedding_error(dw: torch.Tensor, fisher: FisherSet, first_row: int = 0) -> float:
     """0.5 / T * sum_t sum_j g_tj^2 dE[x_t, j]^2, with dw = dE (summed per token in the FisherSet):
     dw [R, H] holds rows first_row .. first_row + R of dE [V, H]; tokens outside them count 0."""
@@ -172,14 +187,14 @@ def sampled_rows(weight: torch.Tensor, h: torch.Tensor, fisher: torch.Tensor, *,
                  ) -> tuple[slice | torch.Tensor, torch.Tensor | None]:
     """The rows of weight [N, K] that estimate a big layer's Fisher error, and their weights:
     (slice(None), None) when N K^2 <= ROW_SAMPLE_WORK; else n = max(MIN_SAMPLED_ROWS, work / K^2)
-    rows: the n/4 rows of largest F_j (w_j H w_j^T) (where the error can weigh most) with weight 1,
-    and 3n/4 drawn uniformly from the others (seeded) with weight (N - n/4) / (3n/4): an unbiased
-    estimate of the sum over all rows."""
+    rows: the n/4 rows of largest F_j sum_k w_jk^2 H_kk (where the error can weigh most; the diagonal
+    of w_j H w_j^T, no [N, K] x [K, K] product) with weight 1, and 3n/4 drawn uniformly from the
+    others (seeded) with weight (N - n/4) / (3n/4): an unbiased estimate of the sum over all rows."""
     n_rows, k = weight.shape
     n = max(MIN_SAMPLED_ROWS, int(ROW_SAMPLE_WORK / k**2))
     if n >= n_rows:
         return slice(None), None
-    energy = fisher * ((weight @ h) * weight).sum(1)  # [N]
+    energy = fisher * (weight.square() @ torch.diag(h))  # [N]: the diagonal part of F_j w_j H w_j^T, a ranking only
     top = torch.topk(energy, n // 4).indices
     rest = torch.ones(n_rows, dtype=torch.bool)
     rest[top] = False
@@ -272,15 +287,13 @@ def measure_sensitivity(
                 h = hessians.hessians[name]
                 rows, row_weight = (sampled_rows(weight, h, fisher.outputs[name], seed=i) if method == "fisher"
                                     else (slice(None), None))
-                second_moment = h / 2  # E[x x^T] (H = 2 E[x x^T])
                 # one sweep, one Cholesky factor for every candidate (their groups nest)
                 for fmt, result in zip(formats, gptq_quantize_many(weight[rows], h, list(formats), damp=damp)):
                     scale = 1.0 if row_weight is None else float(row_weight.mean())  # N / n: the proxy, roughly
                     proxy[name][fmt.name] = damages[name][fmt.name] = result.loss * scale
                     if method == "fisher":
-                        dw = result.quantized.dequantize().float() - weight[rows]  # [n, K]
                         f = fisher.outputs[name][rows] * (1.0 if row_weight is None else row_weight)
-                        damages[name][fmt.name] = fisher_weighted_error(dw, second_moment, f)
+                        damages[name][fmt.name] = fisher_error_of(result, weight[rows], h, f)
                     elif method == "measured":
                         linear.weight.data.copy_(result.quantized.dequantize())
                         try:
