@@ -21,7 +21,8 @@ from tightfit.metrics import (
 def _pair(seed: int = 0, shape: tuple[int, ...] = (2, 5, 11)) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     a = 3 * torch.randn(shape, generator=g)
-    return log_probs(a), log_probs(a + torch.randn(shape, generator=g))  # [B, T, V] each
+    b = a + torch.randn(shape, generator=g)  # before log_probs turns a into log-probs in place
+    return log_probs(a), log_probs(b)  # [B, T, V] each
 
 
 def test_log_probs_are_fp32_and_normalized():
