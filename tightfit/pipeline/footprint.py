@@ -41,9 +41,10 @@ _FP32, _FP64 = 4, 8
 _GB = 1e9
 # Python, torch, transformers and the tokenizer (0.56 GB RSS before the weights), what the calibration
 # text leaves in the Python heap, mapped file pages and the allocator's slack: fitted, the largest gap
-# between a measured peak RSS and the other terms (1.0 GB: qwen2.5-coder-1.5b --first-blocks 2 with
-# evaluation; 0.64 GB anonymous without; 0.58 GB smollm2-135m), rounded up. bench/memory_profile.py, 2026-11-26
-RUNTIME_BYTES = int(1.1e9)
+# between a measured peak RSS and the other terms (1.27 GB: the whole qwen2.5-coder-1.5b, w4g128,
+# bench/compress_run.py; 1.0 GB with --first-blocks 2 and evaluation; 0.58 GB smollm2-135m), rounded up.
+# bench/memory_profile.py and bench/compress_run.py, 2026-11-26
+RUNTIME_BYTES = int(1.3e9)
 # gptq_quantize: the caller's fp32 H, H[perm][:, perm], then J H J and L in _inverse_hessian_factor
 # (L^-1 is formed in place; 4 x K^2 fp32 at the worst moment, 5 while H[perm] is being indexed)
 FACTOR_FP32_COPIES = 5
