@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tightfit.algorithms import gptq
-from tightfit.algorithms.builders import builder_for
 from tightfit.algorithms.gptq import gptq_quantize, gptq_quantize_many, group_aware_order, nested_group_order
 from tightfit.formats.registry import parse_format
+from tightfit.formats.table import QuantFormat
 
 
 def _problem(n: int = 24, k: int = 320, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,15 +84,12 @@ def test_nested_formats_share_one_factor_and_lose_about_what_they_lose_alone(mon
 def test_formats_that_do_not_nest_are_swept_apart(monkeypatch):
     w, h = _problem(k=192)
     fake = [parse_format("w4g64"), parse_format("w3g64")]
-    real = builder_for
+    real = QuantFormat.group_bounds
 
-    def shifted(fmt, shape, **kw):  # w3g64's groups moved by 32 columns: no shared order with w4g64's
-        b = real(fmt, shape, **kw)
-        if fmt.name == "w3g64":
-            b.bounds = [(0, 32), (32, 96), (96, 192)]
-        return b
+    def shifted(fmt, k):  # w3g64's groups moved by 32 columns: no shared order with w4g64's
+        return [(0, 32), (32, 96), (96, 192)] if fmt.name == "w3g64" else real(fmt, k)
 
-    monkeypatch.setattr(gptq, "builder_for", shifted)
+    monkeypatch.setattr(QuantFormat, "group_bounds", shifted)
     sweeps = []
     sweep = gptq._sweep
     monkeypatch.setattr(gptq, "_sweep", lambda w, h, builders, **kw: sweeps.append(len(builders)) or sweep(w, h, builders, **kw))

@@ -82,6 +82,12 @@ class GPTQResult:
     ridge: float
 
 
+def _levels_nest(levels: list[list[tuple[int, int]]]) -> bool:
+    """Whether every boundary of a coarser level (fewer groups) is a boundary of each finer one."""
+    unique = sorted({tuple(b) for b in levels}, key=len)
+    return all({lo for lo, _ in coarse} <= {lo for lo, _ in fine} for coarse, fine in zip(unique, unique[1:]))
+
+
 def nested_group_order(diag: torch.Tensor, levels: list[list[tuple[int, int]]]) -> torch.Tensor | None:
     """A column order [K] in which the groups of every level stay contiguous (GPTQ's act-order
     kept group-aware), or None when the levels do not nest.
@@ -92,10 +98,9 @@ def nested_group_order(diag: torch.Tensor, levels: list[list[tuple[int, int]]]) 
     H_jj, columns inside a finest group by decreasing H_jj; with one level this is the plain
     group-aware order. One order serves every format of the levels, so they share one Cholesky
     factor and one GPTQ sweep (`gptq_quantize_many`)."""
+    if not _levels_nest(levels):
+        return None
     unique = sorted({tuple(b) for b in levels}, key=len)  # coarse to fine
-    for coarse, fine in zip(unique, unique[1:]):
-        if not {lo for lo, _ in coarse} <= {lo for lo, _ in fine}:
-            return None
 
     def visit(lo: int, hi: int, depth: int) -> list[torch.Tensor]:
         if depth == len(unique):
@@ -206,19 +211,17 @@ def gptq_quantize_many(
     updates are one product for all of them (the sensitivity stage tries every candidate format on
     every layer). With act-order each format's columns then follow the nested order, not its own
     group-aware one: the same groups, a slightly different visit inside them."""
+    bounds = [fmt.group_bounds(w.shape[1]) for fmt in formats]  # the groups each format's builder works in
     results: dict[int, GPTQResult] = {}
     remaining = list(range(len(formats)))
     while remaining:  # greedily: the first remaining format and every later one that nests with it
-        builders = [builder_for(formats[remaining[0]], tuple(w.shape), clip_search=clip_search)]
         together = [remaining[0]]
         for i in remaining[1:]:
-            b = builder_for(formats[i], tuple(w.shape), clip_search=clip_search)
-            if nested_group_order(torch.ones(w.shape[1]), [x.bounds for x in builders] + [b.bounds]) is not None:
-                builders.append(b)
+            if _levels_nest([bounds[j] for j in together] + [bounds[i]]):
                 together.append(i)
-        for i, result in zip(together, _sweep(w, h, builders, damp=damp, block_size=block_size, act_order=act_order,
-                                              factors=factors)):
-            results[i] = result
+        builders = [builder_for(formats[i], tuple(w.shape), clip_search=clip_search) for i in together]
+        results.update(zip(together, _sweep(w, h, builders, damp=damp, block_size=block_size, act_order=act_order,
+                                            factors=factors)))
         remaining = [i for i in remaining if i not in together]
     return [results[i] for i in range(len(formats))]
 
@@ -256,7 +259,7 @@ def _sweep(w: torch.Tensor, h: torch.Tensor, builders: list, *, damp: float, blo
 
     # permuted column -> [(format, its group there, the group's width)] where a group starts
     firsts: dict[int, list[tuple[int, int, int]]] = {}
-    block_starts = [0]  # the groups of the coarsest grouped format: blocks never split one
+    grouped_starts: list[list[int]] = []  # per format with several groups: where its groups start
     for f, b in enumerate(builders):
         if len(b.bounds) == 1:  # the group spans every block: its parameters come from the whole row up front
             b.start_group(0, w[rows[f]], d_all, perm)
@@ -269,9 +272,9 @@ def _sweep(w: torch.Tensor, h: torch.Tensor, builders: list, *, damp: float, blo
         for j in starts:
             lo, hi = b.bounds[pgroup[j]]
             firsts.setdefault(j, []).append((f, pgroup[j], hi - lo))
-        if len(block_starts) == 1 or len(starts) < len(block_starts):
-            block_starts = starts
-    blocks = (_blocks(block_starts, k, block_size) if firsts
+        grouped_starts.append(starts)
+    # blocks never split a group of the coarsest grouped format, so (nested) never one of any format
+    blocks = (_blocks(min(grouped_starts, key=len), k, block_size) if grouped_starts
               else [(lo, min(lo + block_size, k)) for lo in range(0, k, block_size)])
 
     loss = torch.zeros(w.shape[0])

@@ -47,7 +47,7 @@ from tightfit.model.blocks import (block_index, block_list, capture_block_inputs
                                    replay_blocks, run_block)
 from tightfit.stages.sensitivity.plan_loss import PlanLoss  # noqa: F401  (re-exported: callers import it from here)
 
-SENSITIVITY_VERSION = 3  # 3: every candidate of a layer in one GPTQ sweep (nested group order)
+SENSITIVITY_VERSION = 3  # 3: one GPTQ sweep per layer for all candidates; Fisher error from GPTQ's row objective
 METHODS = ("fisher", "measured", "proxy")
 METHOD_TEXT = {
     "fisher": "Fisher-weighted GPTQ error (predicted KL)",
