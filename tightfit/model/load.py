@@ -193,9 +193,14 @@ def _filled_model(weights: CheckpointWeights, *, streamed: bool) -> nn.Module:
         model.tie_weights()
     missing = sorted({name for name, _ in model.named_parameters()} - set(weights.shapes))
     if missing:
-        raise ModelSourceError(f"{weights.source.path} has no tensor for {len(missing)} parameter(s): "
-                               f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+        raise missing_tensors(weights, missing)
     return model
+
+
+def missing_tensors(weights: CheckpointWeights, names: list[str]) -> ModelSourceError:
+    """The error for a checkpoint that lacks tensors the model needs (`names`: the first three are named)."""
+    return ModelSourceError(f"{weights.source.path} has no tensor for {len(names)} parameter(s): "
+                            f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
 
 
 @contextmanager

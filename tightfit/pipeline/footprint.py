@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 from tightfit.algorithms.gptq import GRAM_BLOCK
 from tightfit.artifacts import CalibrationConfig
-from tightfit.errors import InsufficientMemory, ModelSourceError
+from tightfit.errors import InsufficientMemory
 from tightfit.evaluate import BATCH_LOGITS_BYTES, EvalConfig
-from tightfit.model.load import streamed_nbytes
+from tightfit.model.load import missing_tensors, streamed_nbytes
 from tightfit.model.memory import MemoryBudget
 from tightfit.model.weights import CheckpointWeights
 
@@ -100,8 +100,7 @@ class CompressShapes:
         linear = [f"{prefix}{i}.{name}.weight" for i in range(weights.n_blocks) for name in arch.linear_names]
         missing = [n for n in [*linear, f"{arch.embeddings}.weight"] if n not in weights.shapes]
         if missing:  # the loader's own words, before it would get to say them
-            raise ModelSourceError(f"{weights.source.path} has no tensor for {len(missing)} parameter(s): "
-                                   f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+            raise missing_tensors(weights, missing)
         group_inputs = tuple(weights.shapes[f"{first}{names[0]}.weight"][1] for names in arch.linear_groups)
         outside = [n for n in weights.shapes if not n.startswith(prefix)]
         whole = weights.nbytes()
