@@ -195,7 +195,7 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
     return "\n".join(lines)
 
 
-def plot(entries: list[Entry], path: Path, title: str) -> None:
+def plot(entries: list[Entry], path: Path, title: str, xlabel: str = "bits/weight of the quantized linear layers (as stored)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +212,7 @@ def plot(entries: list[Entry], path: Path, title: str) -> None:
             label = e.name + (" (source grid)" if e.source_grid else "")
             ax.annotate(label, (e.bits_per_weight, e.kl), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
     ax.set_yscale("log")
-    ax.set_xlabel("bits/weight of the quantized linear layers (as stored)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("KL(original || quantized) per token, through each engine (log)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

@@ -89,3 +89,18 @@ def test_unpack_in_pieces_equals_unpack_at_once(bits, monkeypatch):
     packed = bitpack.pack_bits(codes, bits)
     monkeypatch.setattr(bitpack, "UNPACK_BLOCKS", 7)
     assert torch.equal(bitpack.unpack_bits(packed, bits, codes.numel()), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 7])
+def test_pack_in_pieces_equals_pack_at_once(bits, monkeypatch):
+    """pack_bits packs PACK_BLOCKS blocks of 8 codes at a time: the same bytes as one piece, a partial
+    last block included."""
+    from tightfit.formats import bitpack
+
+    codes = torch.randint(0, 2**bits, (1000 * 8 + 5,), dtype=torch.int32, generator=torch.Generator().manual_seed(bits))
+    whole = bitpack.pack_bits(codes, bits)
+    monkeypatch.setattr(bitpack, "PACK_BLOCKS", 7)
+    pieces = bitpack.pack_bits(codes, bits)
+    assert pieces.numel() == bitpack.packed_nbytes(codes.numel(), bits)
+    assert torch.equal(pieces, whole)
+    assert torch.equal(bitpack.unpack_bits(pieces, bits, codes.numel()).to(torch.int32), codes)

@@ -15,6 +15,7 @@ import torch
 from tightfit.errors import FormatError
 
 UNPACK_BLOCKS = 1 << 20  # unpack_bits: blocks of 8 codes converted at once
+PACK_BLOCKS = 1 << 20  # pack_bits: the same
 _CODES_PER_BLOCK = 8  # 8 codes of b bits == b bytes
 _INTEGER_DTYPES = frozenset(
     {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64}
@@ -50,15 +51,20 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return flat.to(torch.uint8).clone()
 
     num_blocks = -(-n // _CODES_PER_BLOCK)
-    padded = torch.zeros(num_blocks * _CODES_PER_BLOCK, dtype=torch.int64, device=codes.device)
-    padded[:n] = flat
-    blocks = padded.view(num_blocks, _CODES_PER_BLOCK)  # [B, 8]
     shifts = torch.arange(_CODES_PER_BLOCK, dtype=torch.int64, device=codes.device) * bits  # [8]
-    # The 8 codes occupy disjoint bit ranges, so OR == sum; sum stays < 2**(8*bits) <= 2**56.
-    words = (blocks << shifts).sum(dim=1, keepdim=True)  # [B, 1] int64
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8  # [bits]
-    packed = ((words >> byte_shifts) & 0xFF).to(torch.uint8)  # [B, bits]
-    return packed.reshape(-1)[: packed_nbytes(n, bits)].clone()  # [ceil(n*bits/8)]
+    out = torch.empty(num_blocks * bits, dtype=torch.uint8, device=codes.device)
+    # PACK_BLOCKS blocks at a time, as unpack_bits: int64 words of a 151936 x 1536 embedding packed at
+    # once cost 2 x 1.9 GB
+    for b0 in range(0, num_blocks, PACK_BLOCKS):
+        b1 = min(num_blocks, b0 + PACK_BLOCKS)
+        padded = torch.zeros((b1 - b0) * _CODES_PER_BLOCK, dtype=torch.int64, device=codes.device)
+        part = flat[b0 * _CODES_PER_BLOCK : b1 * _CODES_PER_BLOCK]
+        padded[: part.numel()] = part
+        # The 8 codes occupy disjoint bit ranges, so OR == sum; sum stays < 2**(8*bits) <= 2**56.
+        words = (padded.view(b1 - b0, _CODES_PER_BLOCK) << shifts).sum(dim=1, keepdim=True)  # [b, 1] int64
+        out[b0 * bits : b1 * bits] = ((words >> byte_shifts) & 0xFF).reshape(-1)
+    return out[: packed_nbytes(n, bits)].clone()  # [ceil(n*bits/8)]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

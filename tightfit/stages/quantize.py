@@ -167,12 +167,14 @@ def quantize_model(
                                                       dataclasses.replace(config, method="rtn"), fmt)
         if working.streamed:
             layers[name] = StoredTensor.of(layers[name])
+    capture = config.method == "gptq" and hessians is None  # calibration inputs run through the model
     # what the forward computes with: every kept tensor in fp32; a streamed model's capture reaches only
-    # its embeddings (a second fp32 copy of a 151k-token head would cost 0.9 GB for nothing)
+    # its embeddings (a second fp32 copy of a 151k-token head would cost 0.9 GB for nothing), and
+    # without a capture it needs none of them
     stored_outside = {**{k: v.to(torch.float32) if v.is_floating_point() else v for k, v in kept.items()
-                         if not working.streamed or k.startswith(f"{arch.embeddings}.")},
+                         if not working.streamed or (capture and k.startswith(f"{arch.embeddings}."))},
                       **{f"{name}.weight": layers[name].dequantize() for name in outer
-                         if not working.streamed or name == arch.embeddings}}
+                         if not working.streamed or (capture and name == arch.embeddings)}}
     if not working.streamed:
         model.load_state_dict(stored_outside, strict=False)
 
@@ -184,7 +186,7 @@ def quantize_model(
     }
     checkpoint = BlockCheckpoint(checkpoint_dir, job) if checkpoint_dir is not None else None
     inputs = None
-    if config.method == "gptq" and hessians is None:
+    if capture:
         with _stored(model, stored_outside if working.streamed else {}):
             inputs = capture_block_inputs(model, arch, calibration.tokens, calibration.config.batch_size)
     del stored_outside
