@@ -126,10 +126,15 @@ SOURCE_GRID = (4, 32)  # (bits, group size)
 
 def on_source_grid(name: str) -> bool:
     """Whether format `name` can represent the source's own 4-bit g32 asymmetric grid (or a
-    finer one of it: g16), so re-quantizing to it is (near) lossless and proves nothing."""
+    finer one of it: g16), so re-quantizing to it is (near) lossless and proves nothing. A name that
+    is no single format (a plan's file) is not."""
+    from tightfit.errors import FormatError
     from tightfit.formats.registry import parse_format
 
-    fmt = parse_format(name)
+    try:
+        fmt = parse_format(name)
+    except FormatError:
+        return False
     bits, group = SOURCE_GRID
     return (fmt.bits == bits and fmt.group_size is not None and group % fmt.group_size == 0
             and not getattr(fmt, "symmetric", False))

@@ -85,7 +85,7 @@ def gguf_tensor_bytes(path: Path) -> tuple[int, dict[str, int]]:
     nbytes = 0
     for t in GGUFReader(str(path)).tensors:
         nbytes += int(t.n_bytes)
-        if t.n_dims == 2:
+        if len(t.shape) == 2:
             types[t.tensor_type.name] += 1
     return nbytes, dict(types)
 
