@@ -113,3 +113,15 @@ def test_cli_refuses_in_one_line_before_loading(tiny_model_dir: Path, tmp_path: 
     assert len(lines) == 1 and lines[0].startswith("tightfit: error: compressing "), lines
     assert "0.5 GB is available (MemAvailable 0.5 GB)" in lines[0]
     assert not out.exists()
+
+
+def test_smooth_attention_counts_the_calibration_forwards(shapes: CompressShapes) -> None:
+    """RTN with SmoothAttention runs the calibration windows through the blocks (key scales): the
+    estimate has that forward phase; GPTQ has it already and costs the same either way."""
+    cal = CalibrationConfig(n_samples=64, seq_len=512)
+    rtn = compress_peak(shapes, CompressSettings(calibration=cal, evaluation=None, method="rtn"))
+    smooth = compress_peak(shapes, CompressSettings(calibration=cal, evaluation=None, method="rtn", smooth_attention=True))
+    assert "forward" not in rtn.phases and "forward" in smooth.phases
+    assert smooth.total > rtn.total
+    gptq = CompressSettings(calibration=cal, evaluation=None)
+    assert compress_peak(shapes, dataclasses.replace(gptq, smooth_attention=True)).total == compress_peak(shapes, gptq).total

@@ -67,12 +67,13 @@ def test_gptq_beats_rtn_on_output_error(tiny_model_dir, tiny_text_file):
     assert kls["gptq"] < kls["rtn"], kls
 
 
-def test_compress_resumes_after_finished_blocks(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("smooth_attention", [None, 0.5])  # a resumed SmoothAttention run folds its biases again
+def test_compress_resumes_after_finished_blocks(smooth_attention, tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
     loaded = load_model(str(tiny_model_dir))
     out = tmp_path / "out"
     request = CompressRequest(
         model=str(tiny_model_dir), out=out,
-        quantize=QuantizeConfig(fmt=QuantFormat.parse("w4g64"), method="gptq"),
+        quantize=QuantizeConfig(fmt=QuantFormat.parse("w4g64"), method="gptq", smooth_attention=smooth_attention),
         calibration=CalibrationConfig(text=str(tiny_text_file), **SMALL_CALIB), evaluation=None, progress=False,
     )
     reference = compress(request, loaded)

@@ -193,6 +193,9 @@ class QuantizeConfig:
         does not name, rounded to nearest; None keeps them in keep_dtype.
     keep_dtype: storage dtype of the tensors that stay unquantized (embeddings, head, norms).
     damp: GPTQ dampening, a fraction of the mean Hessian diagonal added to the diagonal.
+    smooth_attention: SmoothAttention's alpha (QServe): per-channel key scales max|K|^alpha from the
+        calibration windows are folded into q_proj/k_proj before they are quantized, so that a
+        4-bit KV cache sees flatter keys; None: off.
     """
 
     fmt: Format
@@ -205,6 +208,7 @@ class QuantizeConfig:
     plan: dict[str, Format] | None = None
     embed_format: Format | None = None
     version: int = 1
+    smooth_attention: float | None = None
 
     def format_of(self, layer: str) -> Format:
         """The format of a linear layer of the decoder blocks."""
@@ -219,6 +223,8 @@ class QuantizeConfig:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.keep_dtype not in KEEP_DTYPES:
             raise ValueError(f"unknown keep dtype {self.keep_dtype!r}; expected one of {tuple(KEEP_DTYPES)}")
+        if self.smooth_attention is not None and not 0 <= self.smooth_attention <= 1:
+            raise ValueError(f"SmoothAttention alpha must lie in [0, 1], got {self.smooth_attention}")
 
     @classmethod
     def from_json(cls, d: dict) -> "QuantizeConfig":

@@ -55,6 +55,7 @@ def add_parsers(sub) -> None:
     _add_embed_flag(c)
     c.add_argument("--damp", type=float, default=None, help="GPTQ dampening as a fraction of the mean Hessian diagonal (default 0.01)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their natural order")
+    _add_smooth_attention_flag(c)
     c.add_argument("--no-eval", action="store_true", help="skip the evaluation after packing")
     c.add_argument("--eval-engine", choices=("torch", "fast"), default=None,
                    help=ENGINE_HELP.format(what="the packed model's") + " (default: torch; fast for a model big enough to be "
@@ -115,6 +116,27 @@ def add_parsers(sub) -> None:
     x.add_argument("--json", type=Path, default=None, help="also write the per-tensor mapping as JSON to this file")
 
 
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
+    return value
+
+
+def _add_smooth_attention_flag(p: argparse.ArgumentParser) -> None:
+    from tightfit.algorithms.smooth_attention import DEFAULT_ALPHA
+
+    p.add_argument("--smooth-attention", type=_alpha, nargs="?", const=DEFAULT_ALPHA, default=None, metavar="ALPHA",
+                   help="SmoothAttention (QServe) for a 4-bit KV cache (--kv 4): per-channel key scales max|K|^ALPHA "
+                        "from the calibration windows (RoPE pairs sharing one) are folded into q_proj/k_proj and their "
+                        "biases before quantization: the outputs are unchanged, the keys' channels flatter. ALPHA in "
+                        f"[0, 1] (default {DEFAULT_ALPHA} when the flag is given bare); off by default; recorded in "
+                        "the manifest. Not for models with q/k norms or fused q/k projections")
+
+
 def _result_table(rows: list[dict]) -> str:
     head = f"{'model':<28} {'size MB':>8} {'bpw(q)':>7} {'bpw(all)':>8} {'PPL':>8} {'KL':>8} {'top-1':>7}"
     lines = [head, "-" * len(head)]
@@ -129,6 +151,7 @@ def _result_table(rows: list[dict]) -> str:
 def _cmd_compress(args) -> int:
     from collections import Counter
 
+    from tightfit.stages.quantize import check_smooth_attention
     from tightfit.artifacts import QuantizeConfig, Unquantized, format_or_none, parse_choice
     from tightfit.formats.registry import parse_format
     from tightfit.model import keep_first_blocks, load_model, open_weights, streams_by_default
@@ -169,11 +192,14 @@ def _cmd_compress(args) -> int:
     check_compress_memory(shapes, CompressSettings(
         calibration=calibration, evaluation=None if args.no_eval else _eval_config(args), method=args.method,
         planned=planned, original_hessians=planned and not args.sequential, eval_engine=eval_engine,
-        packed_bytes_per_weight=packed_bytes_per_weight(used, shapes) if used else None), memory_budget())
+        packed_bytes_per_weight=packed_bytes_per_weight(used, shapes) if used else None,
+        smooth_attention=args.smooth_attention is not None), memory_budget())
     _status(f"loading {args.model}")
     load_start = time.perf_counter()
     loaded = load_model(weights, streamed=streamed)
     load_seconds = time.perf_counter() - load_start
+    if args.smooth_attention is not None:  # before any planning or calibration
+        check_smooth_attention(loaded.arch)
     if loaded.streamed:
         _status(f"{args.model} is read one decoder block at a time (fp32 weights "
                 f"{loaded.weights.nbytes() / 1e9:.1f} GB): only one block is in memory at once")
@@ -195,8 +221,9 @@ def _cmd_compress(args) -> int:
     qdefaults = QuantizeConfig(fmt=fmt)
     qconfig = dataclasses.replace(
         qdefaults, method=args.method, damp=qdefaults.damp if args.damp is None else args.damp,
-        act_order=not args.no_act_order, plan=layers, embed_format=embed,
+        act_order=not args.no_act_order, plan=layers, embed_format=embed, smooth_attention=args.smooth_attention,
     )
+
     if not 0 < qconfig.damp < 1:
         raise TightfitError(f"--damp must lie between 0 and 1, got {qconfig.damp}")
     request = CompressRequest(
@@ -302,6 +329,8 @@ def _cmd_info(args) -> int:
           f"-> {summary.bits_per_weight:.4f} bits/weight")
     print(f"whole file     {summary.file_bytes:,} bytes for {summary.total_weights:,} weights -> {summary.model_bits_per_weight:.4f} bits/weight "
           f"(unquantized tensors in {q.get('keep_dtype')})")
+    if q.get("smooth_attention") is not None:
+        print(f"SmoothAttention alpha {q['smooth_attention']}: key scales folded into the query and key projections")
     if args.layers:
         print(f"\n{'layer':<44} {'format':<12} {'shape':>11} {'bytes':>9} {'bpw':>7}")
         for name, t in packed.layers.items():

@@ -30,6 +30,11 @@ class Architecture:
         head: dotted path of the output projection (`nn.Linear`; may share its weight with
             `embeddings` when the config ties them).
         norm: dotted path of the norm between the last block and the head.
+        query_key: the separate query and key projections of one block (relative to the block)
+            whose outputs go through RoPE ("rotate_half" layout) into the attention scores; None
+            when q and k share one fused projection. SmoothAttention folds key scales into them.
+        qk_norm: the block normalizes queries and keys per head after their projections (Gemma 3's
+            q_norm/k_norm), which undoes any per-channel scale folded into the projections.
     """
 
     name: str
@@ -39,6 +44,8 @@ class Architecture:
     embeddings: str
     head: str
     norm: str
+    query_key: tuple[str, str] | None = None
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -72,7 +79,11 @@ _FUSED_PROJECTIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def _decoder(name: str, linear_groups: tuple[tuple[str, ...], ...]) -> Architecture:
+# The projections whose outputs are rotated (RoPE) into the attention scores, where they are separate.
+_QUERY_KEY = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+def _decoder(name: str, linear_groups: tuple[tuple[str, ...], ...], *, qk_norm: bool = False) -> Architecture:
     """An entry with the `model.layers` / `model.embed_tokens` / `model.norm` / `lm_head` layout all of them share."""
     return Architecture(
         name=name,
@@ -82,6 +93,8 @@ def _decoder(name: str, linear_groups: tuple[tuple[str, ...], ...]) -> Architect
         embeddings="model.embed_tokens",
         head="lm_head",
         norm="model.norm",
+        query_key=_QUERY_KEY if set(_QUERY_KEY) <= {n for g in linear_groups for n in g} else None,
+        qk_norm=qk_norm,
     )
 
 
@@ -91,7 +104,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _decoder("qwen2", _SPLIT_PROJECTIONS),
     # Gemma 3 text-only (`Gemma3ForCausalLM`); its q_norm/k_norm are RMSNorms, not linears, and its
     # embedding is `Gemma3TextScaledWordEmbedding` (an `nn.Embedding` that multiplies by sqrt(hidden)).
-    _decoder("gemma3_text", _SPLIT_PROJECTIONS),
+    _decoder("gemma3_text", _SPLIT_PROJECTIONS, qk_norm=True),
     _decoder("phi3", _FUSED_PROJECTIONS),
 )
 

@@ -94,7 +94,8 @@ def compress(
 
     calibration = None
     work = work_dir_for(Path(request.out))
-    if request.quantize.method == "gptq" and hessians is None:  # given Hessians need no calibration windows
+    # given Hessians need no calibration windows, unless SmoothAttention takes key scales from them
+    if (request.quantize.method == "gptq" and hessians is None) or request.quantize.smooth_attention is not None:
         t = time.perf_counter()
         on_stage(f"calibration text: {request.calibration.n_samples} x {request.calibration.seq_len} tokens of {request.calibration.text}")
         calibration = calibrate_stage.calibrate(loaded.tokenizer, request.calibration, loaded=loaded, work=work,
@@ -111,7 +112,7 @@ def compress(
     release_freed_memory()
 
     t = time.perf_counter()
-    packed = pack_stage.pack(qmodel, loaded, request.calibration if request.quantize.method == "gptq" else None)
+    packed = pack_stage.pack(qmodel, loaded, request.calibration if calibration is not None or hessians is not None else None)
     on_stage(f"packing to {request.out}")
     if calibration is not None:
         packed.info["calibration_sources"] = [dataclasses.asdict(s) for s in calibration.sources]

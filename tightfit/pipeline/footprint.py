@@ -128,6 +128,8 @@ class CompressSettings:
             (`packed_bytes_per_weight`); a streamed model's finished layers are held packed
             (StoredTensor), and the fast engine holds its layout at about that size. None: the
             builders' QUANTIZED_BYTES_PER_WEIGHT for both.
+        smooth_attention: SmoothAttention takes key scales from the calibration windows run through
+            the blocks, so their activations and block forwards count even without GPTQ's own.
     """
 
     calibration: CalibrationConfig = CalibrationConfig()
@@ -137,6 +139,7 @@ class CompressSettings:
     original_hessians: bool = False
     eval_engine: str = "torch"
     packed_bytes_per_weight: float | None = None
+    smooth_attention: bool = False
 
 
 def packed_bytes_per_weight(formats, shapes: CompressShapes) -> float:
@@ -211,20 +214,23 @@ def compress_peak(shapes: CompressShapes, settings: CompressSettings) -> PeakEst
         phases["planner"] = {"original Hessians (fp32)": original,
                              "Hessian accumulators (fp64)": 2 * one_block + hessian_bytes(k) - k * k * _FP64,
                              "calibration activations": 2 * cal.n_samples * cal.seq_len * c * _FP32}
+    activations = cal.n_samples * cal.seq_len * c * _FP32
+    batch_tokens = min(cal.batch_size, cal.n_samples) * cal.seq_len
+    forward = {**quantize_held, "calibration activations": 2 * activations,
+               # the attention's scores are freed before the MLP runs: the larger of the two
+               "block forward of one batch": _FP32 * batch_tokens * max(
+                   MLP_COPIES * k, ATTENTION_COPIES * shapes.heads * cal.seq_len)}
     if gptq and settings.original_hessians:
         phases["factor"] = {**factor, "original Hessians (fp32)": original}
     elif gptq:
-        activations = cal.n_samples * cal.seq_len * c * _FP32
-        batch_tokens = min(cal.batch_size, cal.n_samples) * cal.seq_len
         phases["hessian"] = {**quantize_held, "calibration activations": activations,
                              "Hessian accumulator (fp64)": hessian_bytes(k)}
         phases["factor"] = {**factor, "calibration activations": activations}
-        phases["forward"] = {**quantize_held, "calibration activations": 2 * activations,
-                             # the attention's scores are freed before the MLP runs: the larger of the two
-                             "block forward of one batch": _FP32 * batch_tokens * max(
-                                 MLP_COPIES * k, ATTENTION_COPIES * shapes.heads * cal.seq_len)}
+        phases["forward"] = forward
     else:
         phases["factor"] = {**quantize_held, "weight copies": largest_layer}
+    if settings.smooth_attention and "forward" not in phases:
+        phases["forward"] = forward
     if settings.evaluation is not None:
         ev = settings.evaluation
         # torch: QuantLinear keeps the fp32 weight and the quantized layer it came from; fast: the packed

@@ -30,9 +30,11 @@ from tqdm.auto import tqdm
 
 from tightfit.algorithms import HessianAccumulator, gptq_quantize
 from tightfit.algorithms.builders import quantize_rtn_any
+from tightfit.algorithms.smooth_attention import AttentionShape, fold_key_scales, key_scales
 from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, HessianSet, LayerReport, QuantizeConfig, QuantizedModel, config_to_json
+from tightfit.errors import UnsupportedArchitecture
 from tightfit.formats.registry import AnyQuantizedTensor, Format, StoredTensor, error_rows
-from tightfit.model import LoadedModel, get_module, resident_block
+from tightfit.model import Architecture, LoadedModel, get_module, resident_block
 from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, embedding_layers, linear_layer_names, run_block
 from tightfit.stages.checkpoint import BlockCheckpoint
 
@@ -150,6 +152,10 @@ def quantize_model(
     if config.method == "gptq" and calibration is None and hessians is None:
         raise ValueError("GPTQ needs a calibration set or precomputed Hessians")
     arch = loaded.arch
+    if config.smooth_attention is not None:
+        check_smooth_attention(arch)
+        if calibration is None:
+            raise ValueError("SmoothAttention takes its key scales from calibration windows; none were given")
     # A streamed model is worked on in place: its blocks come from the files and go back to them, and
     # its embeddings take their stored values only while the calibration inputs are captured (no
     # second copy of a 151k-token vocabulary). A model in memory is copied and left untouched.
@@ -167,7 +173,8 @@ def quantize_model(
                                                       dataclasses.replace(config, method="rtn"), fmt)
         if working.streamed:
             layers[name] = StoredTensor.of(layers[name])
-    capture = config.method == "gptq" and hessians is None  # calibration inputs run through the model
+    # calibration inputs run through the model: for GPTQ's sequential Hessians, or SmoothAttention's keys
+    capture = (config.method == "gptq" and hessians is None) or config.smooth_attention is not None
     # what the forward computes with: every kept tensor in fp32; a streamed model's capture reaches only
     # its embeddings (a second fp32 copy of a 151k-token head would cost 0.9 GB for nothing), and
     # without a capture it needs none of them
@@ -201,6 +208,9 @@ def quantize_model(
             with resident_block(working, i) as block:
                 if working.streamed:
                     _block_kept(working, i, kept, config, block)
+                if config.smooth_attention is not None:  # before GPTQ sees the weights, or resumed ones are installed
+                    _smooth_attention_block(block, i, arch, AttentionShape.of(model.config), config.smooth_attention,
+                                  inputs, kept, precision)
                 if results is not None:
                     for name, (q, _) in results.items():
                         _install(block, name, q.dequantize())
@@ -248,6 +258,73 @@ def _block_kept(working: LoadedModel, i: int, kept: dict[str, torch.Tensor], con
     own = kept_tensors(block, {f"{n}.weight" for n in working.arch.linear_names}, config.keep_dtype)
     _as_stored(block, own)
     kept.update({prefix + name: t for name, t in own.items()})
+
+
+def smooth_attention_obstacle(arch: Architecture) -> str | None:
+    """Why key scales cannot be folded into this architecture's projections; None where they can."""
+    if arch.query_key is None:
+        return f"architecture '{arch.name}' fuses its query and key projections"
+    if arch.qk_norm:
+        return (f"architecture '{arch.name}' normalizes queries and keys after their projections (q/k norms), "
+                "which would undo the folded key scales")
+    return None
+
+
+def check_smooth_attention(arch: Architecture) -> None:
+    """Raises UnsupportedArchitecture (with the reason) where SmoothAttention cannot be folded."""
+    reason = smooth_attention_obstacle(arch)
+    if reason is not None:
+        raise UnsupportedArchitecture(f"SmoothAttention is not possible: {reason}")
+
+
+@torch.no_grad()
+def key_channel_max(block: nn.Module, key_name: str, hidden: list[torch.Tensor], extra: list[tuple],
+                    precision: Callable[[], ContextManager]) -> torch.Tensor:
+    """max_t |K_t| per output channel [n_kv_heads * head_dim] of the block's key projection over
+    every token of the batches `hidden` ([B, T, C] each, with their block arguments `extra`)."""
+    key = get_module(block, key_name)
+    out = torch.zeros(key.out_features)
+
+    def hook(module, args, output):
+        out.copy_(torch.maximum(out, output.detach().float().abs().reshape(-1, key.out_features).amax(0)))
+        raise _StopForward
+
+    handle = key.register_forward_hook(hook)
+    try:
+        for h, e in zip(hidden, extra, strict=True):
+            try:
+                with precision():
+                    run_block(block, h, e)
+            except _StopForward:
+                continue
+            raise RuntimeError(f"'{key_name}' was not called by its block's forward")
+    finally:
+        handle.remove()
+    return out
+
+
+def smooth_block(block: nn.Module, arch: Architecture, shape: AttentionShape, key_max: torch.Tensor,
+                 alpha: float) -> torch.Tensor:
+    """SmoothAttention on one block: the scales of `key_max` (algorithms.smooth_attention.key_scales)
+    folded into its query and key projections; returns the scales [n_kv_heads, head_dim]."""
+    check_smooth_attention(arch)
+    q_name, k_name = arch.query_key
+    scales = key_scales(key_max, shape, alpha)
+    fold_key_scales(get_module(block, q_name), get_module(block, k_name), scales, shape)
+    return scales
+
+
+def _smooth_attention_block(block: nn.Module, i: int, arch: Architecture, shape: AttentionShape, alpha: float, inputs: BlockInputs, kept: dict[str, torch.Tensor],
+                  precision: Callable[[], ContextManager]) -> None:
+    """SmoothAttention on block i: key scales from its keys on `inputs` folded into its query and key
+    projections (see algorithms.smooth_attention); their folded biases replace the kept ones."""
+    extra = [inputs.extra[i][b] for b in range(len(inputs.hidden))]
+    key_max = key_channel_max(block, arch.query_key[1], inputs.hidden, extra, precision)
+    smooth_block(block, arch, shape, key_max, alpha)
+    for name in arch.query_key:
+        bias = get_module(block, name).bias
+        if bias is not None:
+            kept[f"{arch.blocks}.{i}.{name}.bias"] = bias.detach().clone()
 
 
 def _quantize_block(block: nn.Module, i: int, arch, config: QuantizeConfig, hessians: HessianSet | None,
