@@ -99,11 +99,15 @@ class LlamaLogits:
 class LlamaCppBackend:
     """llama.cpp behind the Backend protocol (runtime/backend.py), for greedy timing only."""
 
-    def __init__(self, path: Path, threads: int, max_positions: int) -> None:
+    def __init__(self, path: Path, threads: int, max_positions: int, *, kv_type: str | None = None) -> None:
+        """kv_type: the KV cache's GGML type ("F16", "Q8_0", "Q4_0"; None: llama.cpp's default, F16);
+        a quantized one needs flash attention in llama.cpp, which is then on."""
         import llama_cpp
 
+        kv = {} if kv_type is None else {"type_k": getattr(llama_cpp, f"GGML_TYPE_{kv_type}"),
+                                          "type_v": getattr(llama_cpp, f"GGML_TYPE_{kv_type}"), "flash_attn": True}
         self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=max_positions,
-                                   n_batch=512, n_ubatch=512, logits_all=False, verbose=False)
+                                   n_batch=512, n_ubatch=512, logits_all=False, verbose=False, **kv)
         self.vocab_size = self.llm.n_vocab()
         self.max_positions = max_positions
 
