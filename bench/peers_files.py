@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import sys
 import tempfile
@@ -35,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
-from common import machine_info, machine_line, protocol_line, windows_help, write_results  # noqa: E402
+from common import RESULTS, machine_info, machine_line, protocol_line, windows_help, write_results  # noqa: E402
 from peers import f32_gguf, imatrix_entries  # noqa: E402
 from peers_report import Entry, pareto_front, plot, verdict_line, verdicts  # noqa: E402
 
@@ -110,7 +111,7 @@ def run_llama(src: Path, types: list[str], imatrix, label: str, n_weights: int, 
     return entries
 
 
-def markdown(payload: dict, entries: list[Entry], caveat: str) -> str:
+def markdown(payload: dict, entries: list[Entry]) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
     lines = [
         f"# tightfit's planned files vs llama.cpp's presets on {payload['model']} (one run)", "",
@@ -144,7 +145,14 @@ def markdown(payload: dict, entries: list[Entry], caveat: str) -> str:
               "", "## Where tightfit loses", "",
               "Each tightfit file against every llama.cpp file at no more bits (up to 0.05 bits/weight more), by KL.", "",
               *map(verdict_line, payload["verdicts"]), "", "## Caveats", "",
-              f"- {caveat}",
+              f"- {payload['caveat']}",
+              "- The source grid favours llama.cpp here: its presets keep some tensors in Q4_K / Q6_K (see `types`), "
+              "which re-quantize the original's own Q4_K / Q6_K tensors almost losslessly (Q4_K_M entirely: its KL is no "
+              "evidence of quality); tightfit's candidates hold no such grid (4-bit groups are symmetric, non-uniform "
+              "nl4g32, or g64/g128), so every tightfit layer pays a full rounding.",
+              "- Entries named after a folder are tightfit plans (`--bpw B`, Hessians and sensitivity of one work folder); "
+              "a uniform tightfit entry (one format) keeps its embeddings and head in fp16, hence its size.",
+              "- A failed entry is llama.cpp refusing the preset (IQ3_XXS and the IQ2 types need an importance matrix).",
               "- tightfit's quantize seconds are in each compress run's own result (bench/results/compress_*.md), not here.",
               "- KL and PPL move by a few percent between window sets; small gaps are not significant.", ""]
     return "\n".join(lines)
@@ -160,8 +168,12 @@ def main() -> None:
     ap.add_argument("--llama-imatrix", default=",".join(LLAMA_IMATRIX))
     ap.add_argument("--windows", type=int, default=16, help=windows_help())
     ap.add_argument("--name", default="peers_qwen15", help="results name in bench/results/ (empty: write nothing)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite bench/results/NAME.md and its plot from NAME.json (no scoring)")
     args = ap.parse_args()
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    if args.report_only:
+        return report(args.name)
     folders = [Path(f) for f in split(args.tightfit)]
     for f in folders:
         if not (f / "manifest.json").is_file():
@@ -203,14 +215,36 @@ def main() -> None:
         "tightfit_folders": [str(f) for f in folders], "entries": [e.to_json() for e in entries],
         "wall_s": round(time.time() - t0, 1), "verdicts": verdicts(entries),
     }
-    md = markdown(payload, entries, caveat)
+    payload["caveat"] = caveat
+    md = markdown(payload, entries)
     print(md)
     if args.name:
         paths = write_results(args.name, payload, md)
-        png = paths[0].with_suffix(".png")
-        plot(entries, png, f"{args.model}: KL vs whole-file bits/weight, {eval_config.n_windows} x {eval_config.ctx} held-out tokens",
+        write_plot(payload, entries, paths[0].with_suffix(".png"))
+        print("wrote", *paths)
+
+
+def write_plot(payload: dict, entries: list[Entry], png: Path) -> None:
+    ev = EvalConfig.from_json(payload["evaluation"])
+    try:
+        plot(entries, png, f"{payload['model']}: KL vs whole-file bits/weight, {ev.n_windows} x {ev.ctx} held-out tokens",
              xlabel="bits/weight of the whole file (every tensor / the original's parameter count)")
-        print("wrote", *paths, png)
+        print("wrote", png)
+    except ImportError as e:
+        print(f"no plot ({e}): install the bench extra (bash scripts/setup.sh --bench)")
+
+
+def report(name: str) -> None:
+    """The Markdown and the plot of a saved run, from its JSON (e.g. after a caveat was added to this script)."""
+    json_path = RESULTS / f"{name}.json"
+    payload = json.loads(json_path.read_text())
+    payload.setdefault("caveat", next((b.grid_caveat for b in BUILTIN_MODELS if b.name == payload["model"]), ""))
+    fields = set(Entry.__dataclass_fields__)
+    entries = [Entry(**{k: v for k, v in e.items() if k in fields}) for e in payload["entries"]]
+    md = markdown(payload, entries)
+    (RESULTS / f"{name}.md").write_text(md)
+    print(md)
+    write_plot(payload, entries, json_path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
