@@ -106,8 +106,10 @@ class LlamaCppBackend:
 
         kv = {} if kv_type is None else {"type_k": getattr(llama_cpp, f"GGML_TYPE_{kv_type}"),
                                           "type_v": getattr(llama_cpp, f"GGML_TYPE_{kv_type}"), "flash_attn": True}
+        # without logits_all llama-cpp-python keeps n_batch rows of scores and writes row (position - 1): a batch
+        # as long as the cache lets a decode past position 512 find its row
         self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=max_positions,
-                                   n_batch=512, n_ubatch=512, logits_all=False, verbose=False, **kv)
+                                   n_batch=max(512, max_positions), n_ubatch=512, logits_all=False, verbose=False, **kv)
         self.vocab_size = self.llm.n_vocab()
         self.max_positions = max_positions
 
