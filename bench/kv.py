@@ -84,9 +84,9 @@ def speed(packed: dict[str, Path], llama_gguf: Path | None, positions: list[int]
                          "kv_bytes_per_token": kv_bytes.get((engine, bits)), "decode_tok_s": statistics.median(r.decode_tok_s),
                          "decode_runs": list(r.decode_tok_s), "prefill_tok_s": statistics.median(r.prefill_tok_s)})
             print(f"  position {p} {engine} {rows[-1]['kv']}: {rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
-        for e in engines.values():
-            if hasattr(e, "llm"):
-                e.llm.close()
+        for (engine, _), e in engines.items():
+            if engine == "llama.cpp":
+                e.close()
         del engines
     return rows
 

@@ -66,6 +66,19 @@ def gguf_linear_bits(path: Path) -> tuple[float, dict[str, int]]:
     return 8 * nbytes / nweights, dict(types)
 
 
+def gguf_tensor_bytes(path: Path) -> tuple[int, dict[str, int]]:
+    """(bytes of every tensor in the file, GGML type -> count of its 2-D tensors)."""
+    from gguf import GGUFReader
+
+    types: Counter = Counter()
+    nbytes = 0
+    for t in GGUFReader(str(path)).tensors:
+        nbytes += int(t.n_bytes)
+        if len(t.shape) == 2:
+            types[t.tensor_type.name] += 1
+    return nbytes, dict(types)
+
+
 def gguf_bytes_per_token(path: Path) -> int:
     """Bytes a decode step reads: every tensor, less the token embeddings when an output tensor of
     its own exists (then only one row of them is read per token)."""
@@ -126,3 +139,6 @@ class LlamaCppBackend:
     def forward(self, ids):
         self.llm.eval(list(ids))
         return torch.from_numpy(self.llm.scores[self.llm.n_tokens - 1])
+
+    def close(self) -> None:
+        self.llm.close()

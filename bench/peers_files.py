@@ -77,20 +77,6 @@ def run_tightfit(folders: list[Path], n_weights: int, windows, logp) -> list[Ent
     return entries
 
 
-def gguf_tensor_bytes(path: Path) -> tuple[int, dict[str, int]]:
-    from collections import Counter
-
-    from gguf import GGUFReader
-
-    types: Counter = Counter()
-    nbytes = 0
-    for t in GGUFReader(str(path)).tensors:
-        nbytes += int(t.n_bytes)
-        if len(t.shape) == 2:
-            types[t.tensor_type.name] += 1
-    return nbytes, dict(types)
-
-
 def run_llama(src: Path, types: list[str], imatrix, label: str, n_weights: int, windows, logp, tmp: Path) -> list[Entry]:
     entries = []
     for t in types:
@@ -101,7 +87,7 @@ def run_llama(src: Path, types: list[str], imatrix, label: str, n_weights: int, 
             print(f"  {label} {t}: {e}", flush=True)
             entries.append(Entry(label, t, math.nan, math.nan, note=str(e)))
             continue
-        nbytes, mix = gguf_tensor_bytes(dst)
+        nbytes, mix = llamacpp.gguf_tensor_bytes(dst)
         entry = Entry(label, t, 8 * nbytes / n_weights, seconds, file_mb=nbytes / 1e6, types=mix)
         fn = llamacpp.LlamaLogits(dst, windows.shape[1], THREADS)
         score(fn, windows, logp, entry)

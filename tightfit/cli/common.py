@@ -70,6 +70,27 @@ def _add_kv_flag(p: argparse.ArgumentParser) -> None:
                         f"of 32 along the head; fast engine only) (default {DEFAULT_KV_BITS})")
 
 
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
+    return value
+
+
+def _add_smooth_attention_flag(p: argparse.ArgumentParser) -> None:
+    from tightfit.algorithms.smooth_attention import DEFAULT_ALPHA
+
+    p.add_argument("--smooth-attention", type=_alpha, nargs="?", const=DEFAULT_ALPHA, default=None, metavar="ALPHA",
+                   help="SmoothAttention (QServe) for a 4-bit KV cache (--kv 4): per-channel key scales max|K|^ALPHA "
+                        "from the calibration windows (RoPE pairs sharing one) are folded into q_proj/k_proj and their "
+                        "biases before quantization: the outputs are unchanged, the keys' channels flatter. ALPHA in "
+                        f"[0, 1] (default {DEFAULT_ALPHA} when the flag is given bare); off by default; recorded in "
+                        "the manifest. Not for models with q/k norms or fused q/k projections")
+
+
 def _size(text: str) -> int:
     import re
 

@@ -15,6 +15,7 @@ from tightfit.cli.common import (
     _add_embed_flag,
     _add_eval_flags,
     _add_kv_flag,
+    _add_smooth_attention_flag,
     _calibration_config,
     _eval_config,
     _fmt,
@@ -116,27 +117,6 @@ def add_parsers(sub) -> None:
     x.add_argument("--json", type=Path, default=None, help="also write the per-tensor mapping as JSON to this file")
 
 
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
-    return value
-
-
-def _add_smooth_attention_flag(p: argparse.ArgumentParser) -> None:
-    from tightfit.algorithms.smooth_attention import DEFAULT_ALPHA
-
-    p.add_argument("--smooth-attention", type=_alpha, nargs="?", const=DEFAULT_ALPHA, default=None, metavar="ALPHA",
-                   help="SmoothAttention (QServe) for a 4-bit KV cache (--kv 4): per-channel key scales max|K|^ALPHA "
-                        "from the calibration windows (RoPE pairs sharing one) are folded into q_proj/k_proj and their "
-                        "biases before quantization: the outputs are unchanged, the keys' channels flatter. ALPHA in "
-                        f"[0, 1] (default {DEFAULT_ALPHA} when the flag is given bare); off by default; recorded in "
-                        "the manifest. Not for models with q/k norms or fused q/k projections")
-
-
 def _result_table(rows: list[dict]) -> str:
     head = f"{'model':<28} {'size MB':>8} {'bpw(q)':>7} {'bpw(all)':>8} {'PPL':>8} {'KL':>8} {'top-1':>7}"
     lines = [head, "-" * len(head)]
@@ -151,7 +131,6 @@ def _result_table(rows: list[dict]) -> str:
 def _cmd_compress(args) -> int:
     from collections import Counter
 
-    from tightfit.stages.quantize import check_smooth_attention
     from tightfit.artifacts import QuantizeConfig, Unquantized, format_or_none, parse_choice
     from tightfit.formats.registry import parse_format
     from tightfit.model import keep_first_blocks, load_model, open_weights, streams_by_default
@@ -160,6 +139,7 @@ def _cmd_compress(args) -> int:
     from tightfit.pipeline.footprint import CompressSettings, CompressShapes, check_compress_memory, packed_bytes_per_weight
     from tightfit.pipeline.planning import original_hessians
     from tightfit.stages.allocate import Plan
+    from tightfit.stages.quantize import check_smooth_attention
 
     given = [flag for flag, v in (("--format", args.format), ("--plan", args.plan)) if v is not None]
     if given and (args.max_latency is not None or args.predict_latency):
@@ -223,7 +203,6 @@ def _cmd_compress(args) -> int:
         qdefaults, method=args.method, damp=qdefaults.damp if args.damp is None else args.damp,
         act_order=not args.no_act_order, plan=layers, embed_format=embed, smooth_attention=args.smooth_attention,
     )
-
     if not 0 < qconfig.damp < 1:
         raise TightfitError(f"--damp must lie between 0 and 1, got {qconfig.damp}")
     request = CompressRequest(

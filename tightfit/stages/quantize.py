@@ -199,6 +199,7 @@ def quantize_model(
     del stored_outside
 
     precision = calibration.config.forward_precision if calibration is not None else contextlib.nullcontext
+    attention = AttentionShape.of(model.config) if config.smooth_attention is not None else None
     bar = tqdm(range(n_blocks), desc=f"quantize {config.method} {config.fmt.name}", unit="block", disable=not progress)
     for i in bar:
         results = checkpoint.load(i, config) if checkpoint is not None else None
@@ -209,8 +210,7 @@ def quantize_model(
                 if working.streamed:
                     _block_kept(working, i, kept, config, block)
                 if config.smooth_attention is not None:  # before GPTQ sees the weights, or resumed ones are installed
-                    _smooth_attention_block(block, i, arch, AttentionShape.of(model.config), config.smooth_attention,
-                                  inputs, kept, precision)
+                    _smooth_attention_block(block, i, arch, attention, config.smooth_attention, inputs, kept, precision)
                 if results is not None:
                     for name, (q, _) in results.items():
                         _install(block, name, q.dequantize())
@@ -314,8 +314,8 @@ def smooth_block(block: nn.Module, arch: Architecture, shape: AttentionShape, ke
     return scales
 
 
-def _smooth_attention_block(block: nn.Module, i: int, arch: Architecture, shape: AttentionShape, alpha: float, inputs: BlockInputs, kept: dict[str, torch.Tensor],
-                  precision: Callable[[], ContextManager]) -> None:
+def _smooth_attention_block(block: nn.Module, i: int, arch: Architecture, shape: AttentionShape, alpha: float,
+                            inputs: BlockInputs, kept: dict[str, torch.Tensor], precision: Callable[[], ContextManager]) -> None:
     """SmoothAttention on block i: key scales from its keys on `inputs` folded into its query and key
     projections (see algorithms.smooth_attention); their folded biases replace the kept ones."""
     extra = [inputs.extra[i][b] for b in range(len(inputs.hidden))]
