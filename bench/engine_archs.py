@@ -4,7 +4,8 @@ Until issue 18, `open_backend(engine="auto")` ran Gemma3 models on the torch fal
 the transformers model with every weight dequantized to fp32); now the engine runs them. This
 times both on one packed model, round-robin in one process (each round runs each backend once, so
 drifts of a shared machine hit both alike), medians of repeats after a warm-up round, with the read
-bandwidth measured in the same run and each backend's decode roofline.
+bandwidth probed right before every timed run and each backend's decode roofline fraction (the
+median over runs of each run against its own probe).
 
 The model: a transformers Gemma3 text config in the shape of google/gemma-3-270m (18 layers, hidden
 640, 4 query heads of 256 sharing 1 KV head, GeGLU MLP of 2048, vocabulary 262144, a sliding window
@@ -33,7 +34,7 @@ from common import machine_info, machine_line, write_results  # noqa: E402
 from tightfit.formats.packed import load_packed  # noqa: E402
 from tightfit.runtime.engine import FastBackend, open_backend  # noqa: E402
 from tightfit.runtime.model import build_model  # noqa: E402
-from tightfit.runtime.speed import measure_bandwidth, random_prompt, report, time_round_robin  # noqa: E402
+from tightfit.runtime.speed import BandwidthProbe, random_prompt, report, time_round_robin  # noqa: E402
 from tightfit.runtime.torch_backend import TorchBackend  # noqa: E402
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "engine_archs"
@@ -110,14 +111,14 @@ def run(name: str, shape: dict, fmt: str, embed: str, threads: int, repeats: int
     model = build_model(packed)
     backends = {"engine": fast, "torch fallback": TorchBackend(model, max_positions=prompt + new)}
     bytes_read = {"engine": fast.weight_bytes, "torch fallback": weight_bytes(model)}
-    bandwidth = measure_bandwidth(threads)
-    print(f"[{threads} threads] read bandwidth {bandwidth:.1f} GB/s", flush=True)
+    probe = BandwidthProbe(threads)
+    print(f"[{threads} threads] read bandwidth now {probe():.1f} GB/s (probed again before every timed run)", flush=True)
     tokens = random_prompt(fast.vocab_size, prompt)
     runs = time_round_robin(backends, tokens, new, repeats, max_rounds={"torch fallback": max(2, repeats // 2)},
-                            on_round=lambda rnd: print(f"  round {rnd} done", flush=True))
+                            on_round=lambda rnd: print(f"  round {rnd} done", flush=True), probe=probe)
     rows = [dict(backend=key, **report(threads=threads, prompt_tokens=prompt, new_tokens=new,
                                        prefill=runs[key].prefill_tok_s, decode=runs[key].decode_tok_s,
-                                       weight_bytes=bytes_read[key], bandwidth_gb_s=bandwidth).to_json())
+                                       weight_bytes=bytes_read[key], bandwidth_runs=runs[key].bandwidth_gb_s).to_json())
             for key in backends]
     n_weights = sum(p.numel() for p in model.parameters())
     return {"machine": machine_info(), "model": name, "shape": shape, "weights": n_weights, "format": fmt,
@@ -142,7 +143,9 @@ def markdown(result: dict) -> str:
         "",
         f"Prompt {rows[0]['prompt_tokens']} random tokens, then {rows[0]['new_tokens']} greedy tokens; medians of the "
         "rounds after a warm-up round, both backends once per round (round-robin; the torch fallback sits out the "
-        "later rounds). Roofline = read bandwidth measured in the same run / weight bytes per token. Engine KV cache "
+        "later rounds). Roofline = read bandwidth / weight bytes per token, the bandwidth probed right before every "
+        "timed run; `of roofline` is the median of each run against its own probe, `read bandwidth` the median probe. "
+        "Engine KV cache "
         f"{result['kv_bytes_engine'] / 1e6:.1f} MB. Command: `{result['command']}`.",
         "",
         f"## {rows[0]['threads']} thread(s), read bandwidth {rows[0]['bandwidth_gb_s']:.1f} GB/s",

@@ -39,7 +39,7 @@ def main(path: str, threads: int, variants: list[str], rounds: int = 7, new_toke
     packed = load_packed(path)
     backends = []
     for lib in load_variants(variants).values():
-        with mock.patch.object(engine, "load", lambda lib=lib: lib):  # this FastBackend runs this build
+        with mock.patch.object(engine, "load", lambda portable=False, lib=lib: lib):  # this FastBackend runs this build
             backends.append(engine.FastBackend(packed, max_positions=512, threads=threads))
     prompt = random_prompt(backends[0].vocab_size, 256)
     runs = time_round_robin(dict(zip(variants, backends)), prompt, new_tokens, rounds - 1)  # a warm-up round first

@@ -2,8 +2,8 @@
 
 tightfit's compiled engine at several formats vs llama.cpp (llama-cpp-python) at its nearest
 GGML types (vs transformers fp32 on the default model), same prompt length, same threads (1 and 2),
-medians of repeats, with the read bandwidth measured in the same run and each engine's decode
-roofline.
+medians of repeats, with the read bandwidth probed right before every timed run and each engine's
+decode roofline fraction taken run by run against its own moment's bandwidth (the median of those).
 
 Speed does not depend on weight values, so tightfit models are quantized with RTN (fast); every
 tightfit model quantizes the embedding/head too (--embed-format), as llama.cpp does. llama.cpp
@@ -35,7 +35,7 @@ from tightfit.formats.packed import load_packed  # noqa: E402
 from tightfit.model import BUILTIN_MODELS  # noqa: E402
 from tightfit.model.load import load_model, resolve_source  # noqa: E402
 from tightfit.runtime.engine import FastBackend  # noqa: E402
-from tightfit.runtime.speed import measure_bandwidth, random_prompt, report, time_round_robin  # noqa: E402
+from tightfit.runtime.speed import BandwidthProbe, random_prompt, report, time_round_robin  # noqa: E402
 from tightfit.runtime.torch_backend import TorchBackend  # noqa: E402
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "speed"
@@ -128,8 +128,8 @@ def run(model: str, threads_list: list[int], repeats: int, prompt: int, new: int
         ll_models = {k: v for k, v in ll_models.items() if k in ("Q4_0", "Q2_K")}
     for threads in threads_list:
         torch.set_num_threads(threads)
-        bandwidth = measure_bandwidth(threads)
-        print(f"[{threads} threads] read bandwidth {bandwidth:.1f} GB/s", flush=True)
+        probe = BandwidthProbe(threads)
+        print(f"[{threads} threads] read bandwidth now {probe():.1f} GB/s (probed again before every timed run)", flush=True)
         engines = []  # (engine, model, size MB, backend, weight bytes)
         for fmt, folder in tf_models.items():
             b = FastBackend(load_packed(folder), max_positions=prompt + new, threads=threads)
@@ -144,13 +144,13 @@ def run(model: str, threads_list: list[int], repeats: int, prompt: int, new: int
         tokens = random_prompt(engines[0][3].vocab_size, prompt)
         slowest = {i: max(2, repeats // 2) for i, e in enumerate(engines) if e[0] == "transformers"}  # fewer rounds
         runs = time_round_robin({i: e[3] for i, e in enumerate(engines)}, tokens, new, repeats, max_rounds=slowest,
-                                on_round=lambda rnd: print(f"  round {rnd} done", flush=True))
+                                on_round=lambda rnd: print(f"  round {rnd} done", flush=True), probe=probe)
         for i, (engine, name, size, _, wb) in enumerate(engines):
             r = report(threads=threads, prompt_tokens=prompt, new_tokens=new, prefill=runs[i].prefill_tok_s,
-                       decode=runs[i].decode_tok_s, weight_bytes=wb, bandwidth_gb_s=bandwidth)
+                       decode=runs[i].decode_tok_s, weight_bytes=wb, bandwidth_runs=runs[i].bandwidth_gb_s)
             rows.append(dict(engine=engine, model=name, size_mb=size, **r.to_json()))
             show(rows[-1])
-        del engines
+        del engines, probe
     return {"machine": machine_info(), "model": model, "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats,
             "rows": rows, "pairs": [list(p) for p in setup.pairs]}
 
@@ -175,15 +175,19 @@ def markdown(result: dict) -> str:
         "",
         f"Prompt {result['prompt_tokens']} random tokens, then {result['new_tokens']} greedy tokens; medians of "
         f"{result['repeats']} rounds after a warm-up round; in each round every engine runs once (round-robin), so "
-        "drifts of the shared machine hit all alike. Roofline = read bandwidth measured in the same run / weight "
-        "bytes per token (the KV cache is not counted)." + (" transformers fp32 runs fewer rounds." if SETUPS[model].transformers
+        "drifts of the shared machine hit all alike. Roofline = read bandwidth / weight bytes per token (the KV cache "
+        "is not counted); the read bandwidth (tightfit's streaming-read kernel, the best of 2 passes over 1 GB) is "
+        "probed right before every timed run, since it drifts by tens of percent within seconds here, and `of "
+        "roofline` is the median over the runs of each run's decode against its own probe; `roofline tok/s` uses "
+        "the median probe." + (" transformers fp32 runs fewer rounds." if SETUPS[model].transformers
                                                              else ""),
         "",
     ]
     for threads in sorted({r["threads"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["threads"] == threads]
-        bw = rows[0]["bandwidth_gb_s"]
-        lines += [f"## {threads} thread(s), read bandwidth {bw:.1f} GB/s", "",
+        probes = [b for r in rows for b in r.get("bandwidth_runs", ())] or [rows[0]["bandwidth_gb_s"]]
+        lines += [f"## {threads} thread(s), read bandwidth {sorted(probes)[len(probes) // 2]:.1f} GB/s "
+                  f"(median of {len(probes)} probes, {min(probes):.1f}-{max(probes):.1f})", "",
                   "| engine | model | file MB | weights MB/token | prefill tok/s | decode tok/s | roofline tok/s | of roofline |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in rows:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tightfit.runtime.speed import measure_speed, time_round_robin
+from tightfit.runtime.speed import BandwidthProbe, measure_speed, report, time_round_robin
 
 
 class _Recorder:
@@ -49,3 +49,33 @@ def test_measure_speed_is_one_backend_round_robin():
 def test_a_run_longer_than_the_cache_is_refused():
     with pytest.raises(ValueError, match="exceed the KV cache of 64"):
         time_round_robin({"a": _Recorder("a", [])}, list(range(60)), 8, 1)
+
+
+def test_a_probe_runs_right_before_every_timed_run_and_its_values_stay_with_the_runs():
+    log: list[str] = []
+    backends = {k: _Recorder(k, log) for k in ("a", "b")}
+    values = iter([10.0, 20.0, 30.0, 40.0])
+
+    def probe() -> float:
+        log.append("probe")
+        return next(values)
+
+    runs = time_round_robin(backends, [1, 2], 2, 2, probe=probe)
+    assert log == ["a", "b", "probe", "a", "probe", "b", "probe", "a", "probe", "b"]  # none before the warm-up round
+    assert runs["a"].bandwidth_gb_s == (10.0, 30.0) and runs["b"].bandwidth_gb_s == (20.0, 40.0)
+    assert time_round_robin(backends, [1], 1, 1)["a"].bandwidth_gb_s == ()
+
+
+def test_the_roofline_fraction_is_taken_run_by_run_against_each_runs_own_bandwidth():
+    # 1 GB per token: run r decodes d tok/s against b GB/s, fraction d / b
+    r = report(threads=2, prompt_tokens=1, new_tokens=1, prefill=[1.0] * 3, decode=[10.0, 20.0, 30.0],
+               weight_bytes=10**9, bandwidth_runs=[20.0, 20.0, 100.0])
+    assert r.roofline_fraction == pytest.approx(0.5)  # median of 0.5, 1.0, 0.3; not 20 / 20
+    assert r.bandwidth_gb_s == 20.0 and r.roofline_tok_s == pytest.approx(20.0) and r.bandwidth_runs == (20.0, 20.0, 100.0)
+    one = report(threads=2, prompt_tokens=1, new_tokens=1, prefill=[1.0], decode=[10.0], weight_bytes=10**9, bandwidth_gb_s=40.0)
+    assert one.roofline_fraction == pytest.approx(0.25) and one.bandwidth_runs == ()
+
+
+def test_a_bandwidth_probe_reads_its_buffer_and_reports_gb_s():
+    probe = BandwidthProbe(1, megabytes=8, passes=2)
+    assert 0.1 < probe() < 10_000

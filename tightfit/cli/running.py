@@ -243,7 +243,7 @@ def _cmd_serve(args) -> int:
 
 def _cmd_bench(args) -> int:
     from tightfit.runtime.engine import FastBackend, default_threads
-    from tightfit.runtime.speed import measure_bandwidth, measure_speed
+    from tightfit.runtime.speed import BandwidthProbe, measure_speed
 
     threads = args.threads or default_threads()
     positions = args.max_positions or args.prompt_tokens + args.new_tokens
@@ -251,21 +251,23 @@ def _cmd_bench(args) -> int:
     backend = _open_backend(Path(args.path), args.engine, positions, threads, args.kv_bits)
     fast = isinstance(backend, FastBackend)
     weight_bytes = backend.weight_bytes if fast else 0
-    _status("measuring read bandwidth")
-    bandwidth = measure_bandwidth(threads)
-    _status(f"timing {args.repeats} runs: prefill {args.prompt_tokens} tokens, decode {args.new_tokens}")
+    probe = BandwidthProbe(threads) if fast else None
+    _status(f"timing {args.repeats} runs: prefill {args.prompt_tokens} tokens, decode {args.new_tokens}"
+            + (", the read bandwidth measured before each" if fast else ""))
     r = measure_speed(backend, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
-                      threads=threads, weight_bytes=weight_bytes, bandwidth_gb_s=bandwidth)
+                      threads=threads, weight_bytes=weight_bytes, probe=probe)
     print(f"engine            {'fast' if fast else 'torch'}, {threads} threads")
     print(f"prefill           {r.prefill_tok_s:8.1f} tok/s  ({args.prompt_tokens} tokens, median of {args.repeats})")
     print(f"decode            {r.decode_tok_s:8.1f} tok/s  ({r.decode_ms:.2f} ms/token)")
     print(f"peak memory       {r.peak_rss_mb:8.1f} MB")
-    print(f"read bandwidth    {bandwidth:8.1f} GB/s (measured now, {threads} threads)")
     if fast:
+        print(f"read bandwidth    {r.bandwidth_gb_s:8.1f} GB/s (median of {len(r.bandwidth_runs)} probes, one before each run, "
+              f"{min(r.bandwidth_runs):.1f}-{max(r.bandwidth_runs):.1f}; {threads} threads)")
         print(f"kv cache          {backend.kv_bits} bits, {backend.kv_bytes_per_token} bytes/token (codes + scales, "
               f"all layers; {backend.kv_bytes / 1e6:.1f} MB allocated)")
         print(f"weights/token     {weight_bytes / 1e6:8.1f} MB")
-        print(f"roofline          {r.roofline_tok_s:8.1f} tok/s  -> decode at {100 * r.roofline_fraction:.0f} % of it")
+        print(f"roofline          {r.roofline_tok_s:8.1f} tok/s  -> decode at {100 * r.roofline_fraction:.0f} % of it "
+              "(median of the runs, each against its own probe)")
         if backend.slow_layers:
             print(f"note: {len(backend.slow_layers)} layers run dense (no fast kernel for their format yet), "
                   f"e.g. {backend.slow_layers[0]}")

@@ -47,19 +47,31 @@ static void quantize_act(const float* x, int M, int K, QAct& a) {
     a.psum.resize((size_t)M * (Kp / 16));
     for (int m = 0; m < M; m++) {
         const float* xr = x + (size_t)m * K;
-        for (int b = 0; b < nb; b++) {
+        int b = 0;
+        int8_t* q = a.xq.data() + (size_t)m * Kp;
+#if TF_AVX512
+        // whole blocks: the same fp32 operations as below (cvtps rounds to nearest even, as lrintf)
+        for (; (b + 1) * 32 <= K; b++) {
+            const __m512 x0 = _mm512_loadu_ps(xr + b * 32), x1 = _mm512_loadu_ps(xr + b * 32 + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+            const float id = amax > 0.f ? 127.f / amax : 0.f;
+            a.sx[(size_t)m * nb + b] = amax / 127.f;
+            const __m512 vid = _mm512_set1_ps(id);
+            _mm_storeu_si128((__m128i*)(q + b * 32), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x0, vid))));
+            _mm_storeu_si128((__m128i*)(q + b * 32 + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x1, vid))));
+        }
+#endif
+        for (; b < nb; b++) {
             int lo = b * 32, hi = std::min(lo + 32, K);
             float amax = 0.f;
             for (int j = lo; j < hi; j++) amax = std::max(amax, fabsf(xr[j]));
             float id = amax > 0.f ? 127.f / amax : 0.f;
             a.sx[(size_t)m * nb + b] = amax / 127.f;
-            int8_t* q = a.xq.data() + (size_t)m * Kp;
             for (int j = lo; j < hi; j++) q[j] = (int8_t)lrintf(xr[j] * id);
         }
         for (int p = 0; p < Kp / 16; p++) {
             int s = 0;
-            const int8_t* q = a.xq.data() + (size_t)m * Kp + p * 16;
-            for (int j = 0; j < 16; j++) s += q[j];
+            for (int j = 0; j < 16; j++) s += q[p * 16 + j];
             a.psum[(size_t)m * (Kp / 16) + p] = (float)s * a.sx[(size_t)m * nb + p / 2];
         }
     }
