@@ -103,7 +103,9 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
         f"# tightfit's planned files vs llama.cpp's presets on {payload['model']} (one run)", "",
         machine_line(payload["machine"], THREADS), "",
         f"{protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} Identical token ids for every engine. "
-        f"Wall time {payload['wall_s'] / 60:.1f} min.", "",
+        f"Wall time {payload['wall_s'] / 60:.1f} min."
+        + "".join(f" Added later on the same windows ({a['date']}, {a['wall_s'] / 60:.1f} min): {', '.join(a['entries'])}."
+                  for a in payload.get("added", [])), "",
         "- **tightfit**: the packed folders of `tightfit compress` runs (their plans choose every layer's format, "
         "embeddings and head included), scored through tightfit's compiled engine (int8 activations, fp16 KV cache).",
         f"- **llama.cpp** {payload['llama_cpp_version']}: `llama_model_quantize` with each preset's own per-tensor choices "
@@ -156,6 +158,10 @@ def main() -> None:
     ap.add_argument("--name", default="peers_qwen15", help="results name in bench/results/ (empty: write nothing)")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite bench/results/NAME.md and its plot from NAME.json (no scoring)")
+    ap.add_argument("--add", action="store_true",
+                    help="score only the entries given and merge them into bench/results/NAME.json (same model, windows "
+                         "and calibration; an entry of the same peer and name is replaced), e.g. one new plan: "
+                         "--add --tightfit out/qwen15-bpw2.5 --llama '' --llama-imatrix ''")
     args = ap.parse_args()
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     if args.report_only:
@@ -164,6 +170,18 @@ def main() -> None:
     for f in folders:
         if not (f / "manifest.json").is_file():
             sys.exit(f"peers_files: {f} is not a packed tightfit folder")
+    eval_config, calib_config = EvalConfig(n_windows=args.windows), CalibrationConfig(forward_dtype=args.calib_dtype)
+    earlier = None
+    if args.add:
+        json_path = RESULTS / f"{args.name}.json"
+        if not args.name or not json_path.is_file():
+            sys.exit(f"peers_files: --add needs an earlier run's {json_path} to merge into")
+        earlier = json.loads(json_path.read_text())
+        same = {"model": args.model, "evaluation": config_to_json(eval_config), "calibration": config_to_json(calib_config)}
+        for key, value in same.items():
+            if earlier.get(key) != value:
+                sys.exit(f"peers_files: --add: {json_path} has another {key} ({earlier.get(key)} vs {value}); "
+                         "its entries would not compare")
     t0 = time.time()
     import llama_cpp
 
@@ -171,7 +189,6 @@ def main() -> None:
     cache = ROOT / ".cache" / f"peers-{args.model}"
     cache.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.model, streamed=False)
-    calib_config = CalibrationConfig(forward_dtype=args.calib_dtype)
     files = args.work / "hessians"  # a streamed model's, one file per block, else one file
     hessians = (calibrate_stage.load_hessian_files(files, loaded, calib_config) if files.is_dir()
                 else calibrate_stage.load_hessians(args.work / "hessians.safetensors", loaded, calib_config))
@@ -181,7 +198,6 @@ def main() -> None:
     del hessians
     n_weights = sum(p.numel() for p in loaded.model.parameters())
     src = f32_gguf(loaded, cache)
-    eval_config = EvalConfig(n_windows=args.windows)
     windows = eval_windows(loaded.tokenizer, eval_config)
     logp = reference_log_probs(loaded.model, windows, batch_size=1)  # [W, T-1, V]
     original_ppl = math.exp(nll_per_position(logp, windows[:, 1:]).mean().item())
@@ -202,6 +218,16 @@ def main() -> None:
         "wall_s": round(time.time() - t0, 1), "verdicts": verdicts(entries),
     }
     payload["caveat"] = caveat
+    if earlier is not None:  # this run's entries replace or join the earlier run's
+        new = {(e.peer, e.name) for e in entries}
+        fields = set(Entry.__dataclass_fields__)
+        kept = [Entry(**{k: v for k, v in e.items() if k in fields}) for e in earlier["entries"]
+                if (e["peer"], e["name"]) not in new]
+        entries = kept + entries
+        added = earlier.get("added", []) + [{"entries": sorted(f"{p} {n}" for p, n in new), "date": payload["machine"].get("date"),
+                                             "wall_s": payload["wall_s"]}]
+        payload = {**earlier, "entries": [e.to_json() for e in entries], "verdicts": verdicts(entries), "added": added,
+                   "tightfit_folders": sorted(set(earlier.get("tightfit_folders", [])) | {str(f) for f in folders})}
     md = markdown(payload, entries)
     print(md)
     if args.name:

@@ -3,6 +3,7 @@ with the plan, --max-size over the whole file, embeddings in the plan, SpQR cand
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -235,3 +236,32 @@ def test_compress_evaluates_through_the_fast_engine(tiny_model_dir, tiny_text_fi
     assert "(fast engine)" in printed.err + printed.out
     written = json.loads((out / "eval.json").read_text())
     assert written["engine"] == "fast" and written["result"]["kl"] >= 0
+
+
+def test_other_embedding_candidates_reuse_the_cached_linear_scores(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    """A second plan whose embedding candidates differ scores only the embeddings and head: the
+    linear layers' sweep (most of the sensitivity stage's time) is taken from the cached table."""
+    from tightfit.pipeline import PlanRequest, make_plan
+    from tightfit.stages import sensitivity as sensitivity_stage
+    from tightfit.stages.allocate import Budget
+
+    loaded = load_model(str(tiny_model_dir))
+    calib = CalibrationConfig(text=str(tiny_text_file), n_samples=8, seq_len=64)
+    ask = lambda embed: PlanRequest(model=str(tiny_model_dir), budget=Budget(max_bpw=4.0), work=tmp_path / "work",  # noqa: E731
+                                    formats=("w2g32", "w4g64"), embed_formats=embed, calibration=calib, progress=False)
+    first = make_plan(ask(("fp16", "w4g32-sym")), loaded).sensitivity
+    sweeps = []
+    real = sensitivity_stage.gptq_quantize_many
+    monkeypatch.setattr(sensitivity_stage, "gptq_quantize_many", lambda *a, **k: sweeps.append(1) or real(*a, **k))
+    second = make_plan(ask(("w4g32-sym", "w3g32", "w3g64")), loaded).sensitivity
+    assert not sweeps, "the linear layers were scored again"
+    linear = [n for n in first.damages if n not in (loaded.arch.embeddings, loaded.arch.head)]
+    assert linear and all(second.damages[n] == first.damages[n] and second.proxy[n] == first.proxy[n] for n in linear)
+    emb = second.damages[loaded.arch.embeddings]
+    assert set(emb) == {"w4g32-sym", "w3g32", "w3g64"} and emb["w4g32-sym"] == first.damages[loaded.arch.embeddings]["w4g32-sym"]
+    assert emb["w3g64"] > emb["w3g32"] > emb["w4g32-sym"] > 0, "fewer bits, more predicted damage"
+    entries = json.loads((tmp_path / "work" / "sensitivity.json").read_text())["entries"]
+    assert len(entries) == 2
+    # the same linear candidates but another set of them: scored in full
+    make_plan(dataclasses.replace(ask(("w4g32-sym",)), formats=("w2g32", "w3g64")), loaded)
+    assert sweeps

@@ -140,8 +140,8 @@ def add_parsers(sub) -> None:
         "layer in every candidate format (by default the KL increase predicted from its GPTQ error and the Fisher "
         "information; see --sensitivity), then solve an integer program (HiGHS) for the plan with the least predicted "
         "damage within the budget. The token embeddings and an untied head are layers of the plan too (fp16, "
-        "w8g32-sym, w6g32, w5g32 or w4g32-sym; --embed-format pins them). Measurements are cached in --work, so further "
-        "budgets are instant. `tightfit compress MODEL --plan PLAN.json` applies it.",
+        "w8g32-sym, w6g32, w5g32, w4g32-sym, w3g32, w3g64, w3g128 or w2g64; --embed-format pins them). Measurements "
+        "are cached in --work, so further budgets are instant. `tightfit compress MODEL --plan PLAN.json` applies it.",
         epilog="example:\n  tightfit plan smollm2-135m --bpw 3.0 --out plan-3.0.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

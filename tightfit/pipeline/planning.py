@@ -33,9 +33,12 @@ from tightfit.stages.sensitivity import METHODS, SensitivityTable
 # against 0.177 for w4g32-sym of equal bytes (the symmetric uniform grid; asymmetric 4-bit g32 is the
 # source's own Q4_1 grid there and no evidence).
 DEFAULT_CANDIDATES = ("w2g64", "w2g32", "w3g128", "w3g64", "w3g32", "w4g128", "w4g64", "nl4g32", "w6g128")
-# The embeddings and head: unquantized, or a format the engine has a kernel for (8/6/5/4 bits in
-# groups of 32: measured on smollm2-135m's tied embedding, 3 bits costs ~0.34 nats/token).
-DEFAULT_EMBED_CANDIDATES = ("fp16", "w8g32-sym", "w6g32", "w5g32", "w4g32-sym")
+# The embeddings and head: unquantized, or a format the engine has a kernel for (8 to 2 bits; the
+# engine gathers embedding rows of any of them). Below 4 bits they are for tight budgets: on
+# smollm2-135m's tied embedding 3 bits costs ~0.34 nats/token, and a plan takes them only where the
+# Fisher estimate says so. On a 1.5B model with a 151936-token vocabulary the embeddings and head
+# are a quarter of the weights: with them at 4 bits no plan goes below ~2.9 bits/weight.
+DEFAULT_EMBED_CANDIDATES = ("fp16", "w8g32-sym", "w6g32", "w5g32", "w4g32-sym", "w3g32", "w3g64", "w3g128", "w2g64")
 SENSITIVITY_FILE = "sensitivity.json"
 
 
@@ -178,12 +181,25 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
                 return SensitivityTable.from_json(entry["table"])
             except (TightfitError, KeyError, TypeError, ValueError) as e:  # e.g. a table of an older version
                 warn_recomputed(CorruptCacheError(f"the cached table in {path} is unusable ({e})"))
+    # a table made the same way but for other embedding candidates: its linear layers' scores stand
+    linear_from = None
+    for entry in cached.get("entries", []):
+        other = entry.get("key")
+        if isinstance(other, dict) and {**other, "embed_formats": key["embed_formats"]} == key:
+            try:
+                linear_from = SensitivityTable.from_json(entry["table"])
+            except (TightfitError, KeyError, TypeError, ValueError):
+                continue
     fisher = None
     if method == "fisher":
         fisher = original_fisher(loaded, calibration, request.fisher_windows, request.work, request.progress, on_stage)
-    on_stage(f"scoring every layer in each of its candidates ({sensitivity_stage.METHOD_TEXT[method]})")
+    if linear_from is not None:
+        on_stage(f"scoring the embeddings in their candidates (the linear layers' scores from {path})")
+    else:
+        on_stage(f"scoring every layer in each of its candidates ({sensitivity_stage.METHOD_TEXT[method]})")
     table = sensitivity_stage.measure_sensitivity(loaded, hessians, formats, method=method, fisher=fisher,
-                                                  slice_tokens=held_back, embed_choices=embed, progress=request.progress)
+                                                  slice_tokens=held_back, embed_choices=embed, progress=request.progress,
+                                                  linear_from=linear_from)
     entries = [e for e in cached.get("entries", []) if e.get("key") != key][-7:]
     atomic_write_json(path, {"entries": entries + [{"key": key, "table": table.to_json()}]}, checksum=True)
     return table

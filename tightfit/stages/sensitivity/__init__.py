@@ -256,10 +256,13 @@ def measure_sensitivity(
     embed_choices: Sequence[Choice] = (),
     damp: float = 0.01,
     progress: bool = True,
+    linear_from: SensitivityTable | None = None,
 ) -> SensitivityTable:
     """The damage of every (layer, candidate) by `method`: "fisher" needs `fisher`, "measured"
     needs slice_tokens [S, T] (held-back windows). The embeddings and head are layers of the table
-    when they have embed_choices (not with the proxy)."""
+    when they have embed_choices (not with the proxy). linear_from: a table made the same way with the
+    same `formats` whose linear layers' scores are taken as they are (only the embeddings and head
+    are scored: their candidates changed; the linear layers' sweep is most of the time)."""
     if method not in METHODS:
         raise ValueError(f"unknown sensitivity method {method!r}; expected one of {METHODS}")
     if method == "fisher" and fisher is None:
@@ -278,8 +281,13 @@ def measure_sensitivity(
     proxy: dict[str, dict[str, float]] = {n: {} for n in names}
     slice_kl = _SliceKL(loaded, slice_tokens) if method == "measured" else None
 
-    blocks = sorted({block_index(arch, n) for n in names})
-    for i in tqdm(blocks, desc="sensitivity", unit="block", disable=not progress):
+    if linear_from is not None:
+        assert [f.name for f in linear_from.formats] == [f.name for f in formats] and linear_from.method == method, (
+            "a table of other candidates")
+        for name in names:
+            damages[name], proxy[name] = dict(linear_from.damages[name]), dict(linear_from.proxy[name])
+    blocks = sorted({block_index(arch, n) for n in names}) if linear_from is None else []
+    for i in tqdm(blocks, desc="sensitivity", unit="block", disable=not progress or not blocks):
         with resident_block(loaded, i) as block:
             for name in [n for n in names if block_index(arch, n) == i]:
                 linear = get_module(block, name[len(f"{arch.blocks}.{i}.") :])
