@@ -120,7 +120,9 @@ def run(name: str, shape: dict, fmt: str, embed: str, threads: int, repeats: int
                                        prefill=runs[key].prefill_tok_s, decode=runs[key].decode_tok_s,
                                        weight_bytes=bytes_read[key], bandwidth_runs=runs[key].bandwidth_gb_s).to_json())
             for key in backends]
-    n_weights = sum(p.numel() for p in model.parameters())
+    # every weight matrix and vector: parameters, and QuantLinear's dequantized weights, which are buffers
+    named = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    n_weights = sum(t.numel() for t in {t.data_ptr(): t for n, t in named.items() if n.endswith("weight")}.values())
     return {"machine": machine_info(), "model": name, "shape": shape, "weights": n_weights, "format": fmt,
             "embed_format": embed, "kv_bytes_engine": fast.kv_bytes, "slow_layers": fast.slow_layers,
             "command": " ".join(shlex.quote(a) for a in sys.argv), "rows": rows}

@@ -47,13 +47,15 @@ ATTENTION = "tightfit_kv_emulation"
 
 @dataclass(frozen=True)
 class Variant:
-    """key_bits / value_bits: 16 = untouched; key_axis "token" (the engine's) or "channel" (KIVI's)."""
+    """key_bits / value_bits: 16 = untouched; key_axis "token" (the engine's) or "channel" (KIVI's, in
+    groups of key_tokens consecutive tokens)."""
 
     name: str
     key_bits: int = 16
     value_bits: int = 16
     key_axis: str = "token"
     alpha: float | None = None  # SmoothAttention's exponent, None: no smoothing
+    key_tokens: int = GROUP
 
 
 VARIANTS = (
@@ -66,6 +68,7 @@ VARIANTS = (
     Variant("K4 V4, smooth 1.0", 4, 4, alpha=1.0),
     Variant("K4 per-channel V16", 4, 16, key_axis="channel"),
     Variant("K4 per-channel V4", 4, 4, key_axis="channel"),
+    Variant("K4 per-channel/16 V4", 4, 4, key_axis="channel", key_tokens=16),  # the engine's key blocks: 16 slots
 )
 
 
@@ -85,13 +88,14 @@ def round_groups(x: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-def round_channels(k: torch.Tensor, bits: int) -> torch.Tensor:
-    """keys [B, H, T, D]: each channel rounded over groups of GROUP consecutive tokens; the last partial
-    group (KIVI's recent tokens) stays as it is."""
-    t = k.shape[2] // GROUP * GROUP
+def round_channels(k: torch.Tensor, bits: int, tokens: int = GROUP) -> torch.Tensor:
+    """keys [B, H, T, D]: each channel rounded over groups of `tokens` consecutive tokens (rounded along
+    the last axis in one group: tokens <= GROUP); the last partial group (KIVI's recent tokens) stays
+    as it is."""
+    t = k.shape[2] // tokens * tokens
     out = k.clone()
     if t:
-        blocks = k[:, :, :t].reshape(k.shape[0], k.shape[1], t // GROUP, GROUP, k.shape[3]).transpose(-1, -2)
+        blocks = k[:, :, :t].reshape(k.shape[0], k.shape[1], t // tokens, tokens, k.shape[3]).transpose(-1, -2)
         out[:, :, :t] = round_groups(blocks, bits).transpose(-1, -2).reshape(k.shape[0], k.shape[1], t, k.shape[3])
     return out
 
@@ -124,7 +128,8 @@ class Emulation:
                 query = query * s.repeat_interleave(rep, dim=1)
                 key = key / s
             if v.key_bits < 16:
-                key = round_channels(key, v.key_bits) if v.key_axis == "channel" else round_groups(key, v.key_bits)
+                key = (round_channels(key, v.key_bits, v.key_tokens) if v.key_axis == "channel"
+                       else round_groups(key, v.key_bits))
             if v.value_bits < 16:
                 value = round_groups(value, v.value_bits)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -204,8 +209,10 @@ def markdown(res: dict) -> str:
               f"{k:.4f} per token. Lowest 4-bit KV: {best['variant']} ({best['kl']:.4f}, {100 * best['kl'] / kv4:.0f} % of "
               "the engine's KV4).", "",
               "Caveats: emulated in torch, not the engine (the engine's KV4 KL on this model is in kv.md, with its quantized "
-              "weights' error beside it); per-channel keys keep the last partial group of 32 tokens in fp16, as KIVI keeps its "
-              "recent tokens; one run, a few percent between window sets is noise.", ""]
+              "weights' error beside it). Per-channel keys are rounded with each group's statistics over all its tokens, "
+              "and every query sees them rounded, even a query inside a group that a streaming cache would still hold in "
+              "fp16 (KIVI keeps its unfinished group unquantized): on the pessimistic side for those queries; a last "
+              "partial group stays fp16. One run; a few percent between window sets is noise.", ""]
     return "\n".join(lines)
 
 

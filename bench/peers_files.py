@@ -227,6 +227,7 @@ def main() -> None:
         added = earlier.get("added", []) + [{"entries": sorted(f"{p} {n}" for p, n in new), "date": payload["machine"].get("date"),
                                              "wall_s": payload["wall_s"]}]
         payload = {**earlier, "entries": [e.to_json() for e in entries], "verdicts": verdicts(entries), "added": added,
+                   "caveat": caveat,
                    "tightfit_folders": sorted(set(earlier.get("tightfit_folders", [])) | {str(f) for f in folders})}
     md = markdown(payload, entries)
     print(md)

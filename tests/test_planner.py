@@ -184,8 +184,9 @@ def test_a_plan_with_a_grid_candidate_mixes_it_and_runs_it_on_the_kernels(tiny_m
 @pytest.mark.parametrize("flags, expected", [
     # pinned embeddings (the proxy): w2g32 everywhere is 2 + 18/32 = 2.5625, shown rounded up
     (["--bpw", "1.0", "--sensitivity", "proxy"], "the smallest possible is 2.57 bits/weight"),
-    # planned embeddings count: w4g32-sym (4.5 bits/weight) is their smallest candidate
-    (["--bpw", "1.0"], "the smallest possible is 3.05 bits/weight (every layer in its smallest format)"),
+    # planned embeddings count: w2g64 (2 + 24/64 = 2.375 bits/weight) is their smallest candidate,
+    # below the linear layers' w2g32
+    (["--bpw", "1.0"], "the smallest possible is 2.50 bits/weight (every layer in its smallest format)"),
     (["--max-size", "150KB"], "--max-size 0.1 MB cannot be met: the tensors outside the plan (norms) and the file header alone take 0.2 MB"),
     (["--max-size", "260KB"], "budget 0.3 MB cannot be met: the smallest possible is 0.4 MB (every layer in its smallest format plus "
                               "0.2 MB outside the plan)"),
