@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, machine_line, protocol_line, windows_help, write_results  # noqa: E402
 
 from tightfit.artifacts import CalibrationConfig, config_to_json  # noqa: E402
-from tightfit.evaluate import EvalConfig, eval_windows  # noqa: E402
-from tightfit.metrics import nll_per_position  # noqa: E402
+from tightfit.evaluate import EvalConfig, eval_windows, reference_log_probs  # noqa: E402
+from tightfit.metrics import kl_per_token, nll_per_position, top1_agreement  # noqa: E402
 from tightfit.model import DEFAULT_MODEL, load_model  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 
@@ -135,17 +135,9 @@ class Emulation:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def log_probs(model, windows: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([torch.log_softmax(model(windows[i : i + 1]).logits[:, :-1].float(), dim=-1)
-                          for i in range(windows.shape[0])])
-
-
 def score(logp: torch.Tensor, ref: torch.Tensor, windows: torch.Tensor) -> dict:
-    kl = (ref.exp() * (ref - logp)).sum(-1).mean().item()
-    top1 = (logp.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    ppl = math.exp(nll_per_position(logp, windows[:, 1:]).mean().item())
-    return {"kl": kl, "top1": top1, "ppl": ppl}
+    return {"kl": kl_per_token(ref, logp), "top1": top1_agreement(ref, logp).float().mean().item(),
+            "ppl": math.exp(nll_per_position(logp, windows[:, 1:]).mean().item())}
 
 
 def run(model_name: str, n_windows: int, ctx: int, calib_windows: int) -> dict:
@@ -162,13 +154,13 @@ def run(model_name: str, n_windows: int, ctx: int, calib_windows: int) -> dict:
     calib_config = CalibrationConfig(n_samples=calib_windows, seq_len=ctx)
     calib = calibrate_stage.calibrate(loaded.tokenizer, calib_config).tokens
     emulation.collect = True
-    log_probs(model, calib)
+    reference_log_probs(model, calib, batch_size=1)
     emulation.collect = False
 
     eval_config = EvalConfig(n_windows=n_windows, ctx=ctx)
     windows = eval_windows(loaded.tokenizer, eval_config)
     t = time.perf_counter()
-    ref = log_probs(model, windows)
+    ref = reference_log_probs(model, windows, batch_size=1)
     base = score(ref, ref, windows)
     print(f"reference: {windows.shape[0]} windows x {ctx}, PPL {base['ppl']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
     rows = []
@@ -176,7 +168,7 @@ def run(model_name: str, n_windows: int, ctx: int, calib_windows: int) -> dict:
         emulation.variant = v
         t = time.perf_counter()
         rows.append({"variant": v.name, "key_bits": v.key_bits, "value_bits": v.value_bits, "key_axis": v.key_axis,
-                     "alpha": v.alpha, **score(log_probs(model, windows), ref, windows)})
+                     "alpha": v.alpha, **score(reference_log_probs(model, windows, batch_size=1), ref, windows)})
         print(f"  {v.name:28s} KL {rows[-1]['kl']:.4f}  top-1 {rows[-1]['top1']:.3f}  PPL {rows[-1]['ppl']:.3f}  "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
     emulation.variant = None

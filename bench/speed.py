@@ -19,6 +19,7 @@ bench/results/speed.{json,md} (default model), speed_<model>.{json,md} (another)
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -186,7 +187,7 @@ def markdown(result: dict) -> str:
     for threads in sorted({r["threads"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["threads"] == threads]
         probes = [b for r in rows for b in r.get("bandwidth_runs", ())] or [rows[0]["bandwidth_gb_s"]]
-        lines += [f"## {threads} thread(s), read bandwidth {sorted(probes)[len(probes) // 2]:.1f} GB/s "
+        lines += [f"## {threads} thread(s), read bandwidth {statistics.median(probes):.1f} GB/s "
                   f"(median of {len(probes)} probes, {min(probes):.1f}-{max(probes):.1f})", "",
                   "| engine | model | file MB | weights MB/token | prefill tok/s | decode tok/s | roofline tok/s | of roofline |",
                   "|---|---|---|---|---|---|---|---|"]

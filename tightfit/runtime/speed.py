@@ -63,12 +63,8 @@ class SpeedReport:
 
 def measure_bandwidth(threads: int, *, megabytes: int = 1024, repeats: int = 5) -> float:
     """Read bandwidth in GB/s: median of `repeats` passes over a `megabytes` buffer."""
-    from tightfit.runtime import kernels
-
-    buf = torch.ones(megabytes << 20, dtype=torch.uint8)
-    kernels.read_seconds(buf, 1, threads)  # fault the pages in, warm up
-    runs = [buf.numel() / kernels.read_seconds(buf, 1, threads) / 1e9 for _ in range(repeats)]
-    return statistics.median(runs)
+    probe = BandwidthProbe(threads, megabytes=megabytes, passes=1)
+    return statistics.median(probe() for _ in range(repeats))
 
 
 class BandwidthProbe:
