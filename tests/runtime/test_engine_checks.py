@@ -19,7 +19,7 @@ from fuzz_inputs import reseal
 from fuzz_runner import judge
 from tightfit.cli import main
 from tightfit.errors import KernelUnavailable, PackedModelError
-from tightfit.formats.packed import load_packed
+from tightfit.formats.packed import load_packed, manifest_sha256
 from tightfit.runtime.engine import FastBackend, TfConfig, TfLayer
 from tightfit.runtime.engine_config import layout_for
 from tightfit.runtime.engine_checks import CREATE_ERRORS, validate_packed_for_engine
@@ -236,3 +236,24 @@ def test_engine_create_reports_a_failed_allocation(portable, engine):
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     assert rc == -5
+
+
+@pytest.mark.parametrize("field", ["tensors_file", "files"])
+def test_a_manifest_naming_a_file_no_file_system_can_hold_is_one_line(field, packed_llama, tmp_path, capsys):
+    """Fuzz seed 9685 (bench/fuzz.py): a manifest naming a 300-character file made os.stat raise
+    ENAMETOOLONG inside load_packed, a traceback; now it is the corrupt manifest it is."""
+    folder = Path(shutil.copytree(packed_llama, tmp_path / "edited"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    long_name = "x" * 300
+    if field == "tensors_file":
+        manifest["tensors_file"] = long_name
+    else:
+        manifest["files"][long_name] = {"bytes": 1, "sha256": "0" * 64}
+    manifest["manifest_sha256"] = manifest_sha256(manifest)  # sealed: the name itself must be what is refused
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(PackedModelError):
+        load_packed(folder)
+    rc = main(["eval", str(folder), "--windows", "1"])
+    captured = capsys.readouterr()
+    assert judge(rc, captured.out, captured.err, None).outcome == "error", captured.err

@@ -193,6 +193,15 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _is_listed_file(path: Path, name: str) -> bool:
+    """Whether the manifest's file `name` is a regular file in the folder; a name no file system can hold
+    (too long, a NUL byte) is a corrupt manifest, not a crash."""
+    try:
+        return (path / name).is_file()
+    except (OSError, ValueError) as e:
+        raise PackedModelError(f"{path / MANIFEST_FILE} is corrupted: it lists a file name that cannot exist ({e.__class__.__name__})") from e
+
+
 def _check_files(path: Path, listed: dict[str, dict], verify: bool) -> None:
     """Every file the manifest lists is there, of its size (and sha256 with verify), and no file a loader
     would read (LOADER_FILES) is there unlisted."""
@@ -205,7 +214,7 @@ def _check_files(path: Path, listed: dict[str, dict], verify: bool) -> None:
                                "(move it out, or re-run compress)")
     for name, entry in listed.items():
         file = path / name
-        if not file.is_file():
+        if not _is_listed_file(path, name):
             raise PackedModelError(f"{path} is incomplete: {name} is missing")
         if file.stat().st_size != entry["bytes"] or (verify and sha256_file(file) != entry["sha256"]):
             raise PackedModelError(f"{file} is corrupted or was edited: its size or sha256 does not match the manifest "
@@ -217,7 +226,7 @@ def load_packed(path: Path, *, verify: bool = True) -> PackedModel:
     path = Path(path)
     manifest = read_manifest(path)
     tensors_path = path / Path(manifest["tensors_file"]).name
-    if not tensors_path.is_file():
+    if not _is_listed_file(path, tensors_path.name):
         raise PackedModelError(f"{path} is incomplete: {tensors_path.name} is missing")
     size = tensors_path.stat().st_size
     if size != manifest["tensors_bytes"]:
