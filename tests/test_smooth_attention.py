@@ -1,6 +1,7 @@
 """SmoothAttention: key scales folded into q_proj/k_proj leave the model's outputs unchanged (fp32),
 share one scale per RoPE pair, follow the GQA grouping, fold the biases, flatten the keys; the
-quantize config, the manifest and the CLI carry it; a 4-bit KV cache loses less with it."""
+quantize config, the manifest and the CLI carry it; the engine's 4-bit KV cache, whose keys have a
+grid per channel, neither gains nor loses by it."""
 
 from __future__ import annotations
 
@@ -179,7 +180,11 @@ def _plant_key_outliers(folder: Path, channels: tuple[int, ...] = (3, 40), facto
     model.save_pretrained(str(folder))
 
 
-def test_smooth_attention_end_to_end_lowers_the_kv4_error(make_tiny_model, tiny_text_file, tmp_path):
+def test_smooth_attention_end_to_end_with_per_channel_kv4(make_tiny_model, tiny_text_file, tmp_path):
+    """Planted x20 key channels, packed with and without the fold, scored through the engine at kv 16
+    and kv 4. A per-token key grid lost half its KL to them and the fold won it back; the 4-bit keys
+    now have a grid per channel (kv_cache.h), which a per-channel key scale only rescales: the fold
+    changes KV4's KL by little either way."""
     src = make_tiny_model("llama", tmp_path)
     _plant_key_outliers(src)
     loaded = load_model(str(src))
@@ -205,9 +210,8 @@ def test_smooth_attention_end_to_end_lowers_the_kv4_error(make_tiny_model, tiny_
     kl = {k: v.kl for k, v in got.items()}
     # with a 16-bit cache the fold changes nothing that matters (w8 weights either way)
     assert abs(kl["0.5-16"] - kl["None-16"]) < 0.5 * kl["None-16"] + 1e-4, kl
-    # with a 4-bit cache the planted key outliers cost much less once smoothed
-    assert kl["None-4"] > 2 * kl["None-16"], kl  # the outliers hurt: a real test
-    assert kl["0.5-4"] < 0.5 * kl["None-4"], kl
+    assert kl["None-4"] > 2 * kl["None-16"], kl  # the 4-bit cache costs something: a real comparison
+    assert abs(kl["0.5-4"] - kl["None-4"]) < 0.25 * kl["None-4"], kl
 
 
 def test_gptq_streamed_and_in_memory_fold_alike(make_tiny_model, tiny_text_file, tmp_path):

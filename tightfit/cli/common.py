@@ -66,8 +66,9 @@ def _add_kv_flag(p: argparse.ArgumentParser) -> None:
     from tightfit.runtime.engine_config import DEFAULT_KV_BITS, KV_BITS
 
     p.add_argument("--kv", type=int, choices=KV_BITS, default=DEFAULT_KV_BITS, dest="kv_bits",
-                   help="KV cache width in bits: 16 (fp16), or 8 / 4 (codes per token with fp16 scales in groups "
-                        f"of 32 along the head; fast engine only) (default {DEFAULT_KV_BITS})")
+                   help="KV cache width in bits: 16 (fp16), or 8 / 4 (codes with fp16 scales: per token in groups "
+                        "of 32 along the head, but 4-bit keys per channel over blocks of 16 positions; fast engine "
+                        f"only) (default {DEFAULT_KV_BITS})")
 
 
 def _alpha(text: str) -> float:

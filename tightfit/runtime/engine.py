@@ -1,7 +1,7 @@
 """FastBackend: tightfit's compiled CPU engine behind the Backend protocol (runtime/backend.py).
 
 One C++ call runs a whole forward step (all layers, attention with a preallocated KV cache in fp16
-or in 8- or 4-bit codes per token (`kv_bits`, runtime/kernels/kv_cache.h), the head) with OpenMP
+or in 8- or 4-bit codes (`kv_bits`, runtime/kernels/kv_cache.h), the head) with OpenMP
 threads that meet only where one needs rows another computed; quantized matrices run the AVX-512
 VNNI kernels of runtime/kernels (int8 block-32 activations, like llama.cpp's Q8_0), dense ones an
 fp32-activation kernel.
@@ -74,7 +74,8 @@ class FastBackend:
     slower; then only fp32 summation order and the KV cache's rounding, fp16 or kv_bits codes,
     separate it from the reference).
     portable: the portable scalar build instead of the one compiled for this CPU (tests).
-    kv_bits: the KV cache's width, 16 (fp16), 8 or 4 (asymmetric codes per token, fp16 scales; KV_BITS).
+    kv_bits: the KV cache's width, 16 (fp16), 8 or 4 (asymmetric codes with fp16 scales, per token but
+        4-bit keys, per channel over blocks of 16 positions; KV_BITS).
     """
 
     def __init__(self, packed: PackedModel, *, max_positions: int = 2048, threads: int | None = None,

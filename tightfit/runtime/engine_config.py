@@ -25,7 +25,7 @@ from tightfit.errors import GenerationError, KernelUnavailable, PackedModelError
 if TYPE_CHECKING:  # engine_checks builds on this module
     from tightfit.runtime.engine_checks import EngineDims
 
-KV_BITS = (16, 8, 4)  # KV cache widths (tf_config.kv_bits): fp16, or codes per token with fp16 group scales
+KV_BITS = (16, 8, 4)  # KV cache widths (tf_config.kv_bits): fp16, or codes with fp16 scales (kv_cache.h)
 DEFAULT_KV_BITS = 16
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}  # config name -> TF_ACT_* in common.h
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types

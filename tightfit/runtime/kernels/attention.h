@@ -36,15 +36,16 @@ static float scores_max(const Span* spans, int n_spans, const float* sc) {
 #endif
 
 // sc[r * slots + s] <- (q_r . k_s) * scale for R queries q [R, D] over the slots of `spans`; mx[r]
-// <- their max. Keys of 16 slots are scored together: fp16, or codes c with q . k = sum_g scale_g
-// (q_g . c_g) + min_g sum(q_g) over the key's groups g, so the inner loop multiplies codes, each
-// decoded once for the R queries.
+// <- their max. Keys of 16 slots are scored together, fp16 or codes c, so the inner loop multiplies
+// codes, each decoded once for the R queries: 8-bit keys (per slot and group g) as q . k = sum_g
+// scale_g (q_g . c_g) + min_g sum(q_g); 4-bit keys (per block and dim d) as q . k = sum_d (q_d
+// scale_d) c_d + sum_d q_d min_d, q_d scale_d and the constant computed once per block.
 template <int BITS, int R>
 static void key_scores(const float* q, const KVHead& h, const Span* spans, int n_spans, float scale, float* sc, float* mx) {
     const int D = h.D, G = kv_groups(D), gw = kv_group(D);
     const size_t S = h.slots, block = (size_t)D * 16 * BITS / 8;  // bytes of 16 slots' keys
-    float qsum[R][TF_MAX_HEAD_DIM / 16];                        // [R, G] sum(q_rg)
-    for (int r = 0; r < R; r++)
+    float qsum[R][TF_MAX_HEAD_DIM / 16];                        // [R, G] sum(q_rg) (bits 8)
+    for (int r = 0; r < R && BITS == 8; r++)
         for (int g = 0; g < G; g++) {
             float a = 0.f;
             for (int d = g * gw; d < std::min(D, (g + 1) * gw); d++) a += q[r * D + d];
@@ -52,6 +53,7 @@ static void key_scores(const float* q, const KVHead& h, const Span* spans, int n
         }
 #if TF_AVX512
     constexpr int A = R <= 6 ? 2 : 1;  // accumulators per query: two chains, but for many queries' FMAs
+    alignas(64) float qs[BITS == 4 ? R * TF_MAX_HEAD_DIM : 1];  // [R, D] q_rd scale_d of a block (bits 4)
     for (int t = 0; t < n_spans; t++) {
         const Span sp = spans[t];
         for (int b = sp.begin / 16; 16 * b < sp.end; b++) {
@@ -70,21 +72,41 @@ static void key_scores(const float* q, const KVHead& h, const Span* spans, int n
                     }
                 }
                 for (int r = 0; r < R; r++) sv[r] = A == 2 ? _mm512_add_ps(acc[0][r], acc[A - 1][r]) : acc[0][r];
+            } else if (BITS == 4) {
+                const uint16_t* par = h.kp + (size_t)b * 2 * D;  // [2, D]: scales, mins
+                __m512 bias[R];                                   // lanes summed: sum_d q_rd min_d
+                for (int r = 0; r < R; r++) bias[r] = _mm512_setzero_ps();
+                for (int d = 0; d < D; d += 16) {
+                    const __m512 s = ld16h(par + d), m = ld16h(par + D + d);
+                    for (int r = 0; r < R; r++) {
+                        const __m512 qv = _mm512_loadu_ps(q + r * D + d);
+                        _mm512_store_ps(qs + r * D + d, _mm512_mul_ps(qv, s));
+                        bias[r] = _mm512_fmadd_ps(qv, m, bias[r]);
+                    }
+                }
+                for (int a = 0; a < A; a++)
+                    for (int r = 0; r < R; r++) acc[a][r] = _mm512_setzero_ps();
+                for (int d = 0; d < D; d += 2) {  // dims d (low nibble) and d + 1 (high) of 16 slots
+                    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(kblk + (size_t)d * 8)));
+                    const __m512 c0 = _mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(15)));
+                    const __m512 c1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
+                    for (int r = 0; r < R; r++) {
+                        acc[0][r] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r * D + d]), c0, acc[0][r]);
+                        acc[A - 1][r] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r * D + d + 1]), c1, acc[A - 1][r]);
+                    }
+                }
+                for (int r = 0; r < R; r++) {
+                    const __m512 a = A == 2 ? _mm512_add_ps(acc[0][r], acc[A - 1][r]) : acc[0][r];
+                    sv[r] = _mm512_add_ps(a, _mm512_set1_ps(_mm512_reduce_add_ps(bias[r])));
+                }
             } else {
                 const uint16_t* par = h.kp + (size_t)b * G * 32;
                 for (int g = 0; g < G; g++) {
                     for (int a = 0; a < A; a++)
                         for (int r = 0; r < R; r++) acc[a][r] = _mm512_setzero_ps();
                     for (int d = g * gw; d < std::min(D, (g + 1) * gw); d += 2) {
-                        __m512 c0, c1;
-                        if (BITS == 8) {
-                            c0 = u8_to_ps(_mm_loadu_si128((const __m128i*)(kblk + (size_t)d * 16)));
-                            c1 = u8_to_ps(_mm_loadu_si128((const __m128i*)(kblk + (size_t)(d + 1) * 16)));
-                        } else {  // dims d (low nibble) and d + 1 (high) of 16 slots
-                            const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(kblk + (size_t)d * 8)));
-                            c0 = _mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(15)));
-                            c1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
-                        }
+                        const __m512 c0 = u8_to_ps(_mm_loadu_si128((const __m128i*)(kblk + (size_t)d * 16)));
+                        const __m512 c1 = u8_to_ps(_mm_loadu_si128((const __m128i*)(kblk + (size_t)(d + 1) * 16)));
                         for (int r = 0; r < R; r++) {
                             acc[0][r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * D + d]), c0, acc[0][r]);
                             acc[A - 1][r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * D + d + 1]), c1, acc[A - 1][r]);
@@ -107,6 +129,8 @@ static void key_scores(const float* q, const KVHead& h, const Span* spans, int n
     for (int r = 0; r < R; r++) {
         const float* qr = q + (size_t)r * D;
         float* scr = sc + r * S;
+        float qs[TF_MAX_HEAD_DIM], bias = 0.f;  // bits 4: q_d scale_d and sum_d q_d min_d of block `in_qs`
+        int in_qs = -1;
         mx[r] = -INFINITY;
         for (int t = 0; t < n_spans; t++)
             for (int j = spans[t].begin; j < spans[t].end; j++) {
@@ -115,13 +139,20 @@ static void key_scores(const float* q, const KVHead& h, const Span* spans, int n
                 float s = 0.f;
                 if (BITS == 16) {
                     for (int d = 0; d < D; d++) s += qr[d] * f16_to_f32(((const uint16_t*)kblk)[(size_t)d * 16 + lane]);
+                } else if (BITS == 4) {
+                    if (j / 16 != in_qs) {
+                        const uint16_t* par = h.kp + (size_t)(j / 16) * 2 * D;
+                        in_qs = j / 16, bias = 0.f;
+                        for (int d = 0; d < D; d++) qs[d] = qr[d] * f16_to_f32(par[d]), bias += qr[d] * f16_to_f32(par[D + d]);
+                    }
+                    for (int d = 0; d < D; d++) s += qs[d] * (float)((kblk[(size_t)(d / 2) * 16 + lane] >> (4 * (d & 1))) & 15);
+                    s += bias;
                 } else {
                     const uint16_t* par = h.kp + (size_t)(j / 16) * G * 32 + lane;
                     for (int g = 0; g < G; g++) {
                         float a = 0.f;
                         for (int d = g * gw; d < std::min(D, (g + 1) * gw); d++) {
-                            const int c = BITS == 8 ? kblk[(size_t)d * 16 + lane] : (kblk[(size_t)(d / 2) * 16 + lane] >> (4 * (d & 1))) & 15;
-                            a += qr[d] * (float)c;
+                            a += qr[d] * (float)kblk[(size_t)d * 16 + lane];
                         }
                         s += f16_to_f32(par[g * 32]) * a + f16_to_f32(par[g * 32 + 16]) * qsum[r][g];
                     }

@@ -16,7 +16,7 @@
 struct KVHead {
     const uint8_t* k;    // keys: fp16 or codes, in blocks of 16 slots
     const uint8_t* v;    // values: fp16 or codes, slot by slot
-    const uint16_t* kp;  // (scale, min) of the keys [slots/16, groups, 2, 16] (bits 8, 4)
+    const uint16_t* kp;  // (scale, min) of the keys: [slots/16, groups, 2, 16] (bits 8), [slots/16, 2, D] (bits 4)
     const uint16_t* vp;  // (scale, min) of the values [slots, groups, 2] (bits 8, 4)
     int bits, D, slots;
 };

@@ -123,16 +123,29 @@ static inline void norm_rope(const Step& s, const tf_layer& ly, const float* nor
     rope(v, ly.rope_cos + (size_t)ps * r2, ly.rope_sin + (size_t)ps * r2, s.c.rope_dim);
 }
 
-// the new keys (normed, rotated) and values of every (token, KV head) into layer L's cache
+// the new keys (normed, rotated) and values of every (token, KV head) into layer L's cache; 4-bit
+// keys per channel, a block of 16 positions at a time (KVCache::store_keys' work items)
 static inline void store_kv(Step& s, int L) {
     const tf_layer& ly = s.c.layers[L];
     const int D = s.c.head_dim, KVH = s.c.n_kv_heads;
+    KVCache& kv = s.e.kv;
+    auto key = [&](int kh, int ps, float* kr) {  // kr [D] <- the key of KV head kh at position ps, normed and rotated
+        memcpy(kr, s.e.k.data() + (size_t)(ps - s.pos) * KVH * D + kh * D, sizeof(float) * D);
+        norm_rope(s, ly, ly.k_norm, ps, kr);
+    };
     for (int it = s.tid; it < s.M * KVH; it += s.nth) {
         const int i = it / KVH, kh = it % KVH, ps = s.pos + i;
+        kv.store_value(L, kh, ps, s.e.v.data() + (size_t)i * KVH * D + kh * D);
+        if (kv.bits == 4) continue;
         float kr[TF_MAX_HEAD_DIM];
-        memcpy(kr, s.e.k.data() + (size_t)i * KVH * D + kh * D, sizeof(float) * D);
-        norm_rope(s, ly, ly.k_norm, ps, kr);
-        s.e.kv.store(L, kh, ps, kr, s.e.v.data() + (size_t)i * KVH * D + kh * D);
+        key(kh, ps, kr);
+        kv.store_key(L, kh, ps, kr);
+    }
+    if (kv.bits != 4) return;
+    const int items = KVCache::key_items(s.pos, s.M);
+    for (int it = s.nth - 1 - s.tid; it < KVH * items; it += s.nth) {  // from the last thread: the first ones store values
+        const int kh = it % KVH;
+        kv.store_keys(L, kh, s.pos, s.M, it / KVH, [&](int ps, float* kr) { key(kh, ps, kr); });
     }
 }
 

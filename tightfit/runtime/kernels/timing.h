@@ -23,7 +23,11 @@ static KVHead one_head_cache(KVCache& kv, int kv_bits, int D, int n, const float
     c.kv_bits = kv_bits;
     c.layers = &layer;
     kv.allocate(c);
-    for (int p = 0; p < n; p++) kv.store(0, 0, p, keys + (size_t)p * D, values + (size_t)p * D);
+    for (int p = 0; p < n; p++) {  // one position per call, as decode stores them
+        kv.store_value(0, 0, p, values + (size_t)p * D);
+        if (kv_bits == 4) kv.store_keys(0, 0, p, 1, 0, [&](int, float* kr) { memcpy(kr, keys + (size_t)p * D, sizeof(float) * D); });
+        else kv.store_key(0, 0, p, keys + (size_t)p * D);
+    }
     return {kv.keys(0, 0), kv.values(0, 0), kv.key_params(0, 0), kv.value_params(0, 0), kv_bits, D, kv.slots[0]};
 }
 
