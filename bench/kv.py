@@ -34,7 +34,7 @@ from tightfit.evaluate import EvalConfig, eval_windows, evaluate, packed_candida
 from tightfit.formats.packed import load_packed  # noqa: E402
 from tightfit.model import load_model  # noqa: E402
 from tightfit.runtime.engine import FastBackend  # noqa: E402
-from tightfit.runtime.speed import random_prompt, time_round_robin  # noqa: E402
+from tightfit.runtime.speed import BandwidthProbe, random_prompt, time_round_robin  # noqa: E402
 
 KV_WIDTHS = (16, 8, 4)
 LLAMA_KV = {16: "F16", 8: "Q8_0", 4: "Q4_0"}
@@ -64,31 +64,63 @@ def quality(loaded, packed: dict[str, Path], contexts: list[int], tokens: int) -
     return rows
 
 
-def speed(packed: dict[str, Path], llama_gguf: Path | None, positions: list[int], new: int, repeats: int) -> list[dict]:
+def speed(folder: Path, llama_gguf: Path | None, positions: list[int], new: int, repeats: int) -> tuple[list[dict], int]:
+    """Decode rows per position and KV width, and the bytes of weights tightfit's engine reads per token.
+    Each tightfit row also carries the bytes a decode step reads in the middle of its timed tokens
+    (weights + KV bytes/token x cached positions) and the roofline fraction against the read bandwidth
+    probed right before each run."""
     import llamacpp
 
-    label, folder = next(iter(packed.items()))  # speed does not depend on how the weights were made
     model = load_packed(folder)
-    rows = []
+    probe = BandwidthProbe(THREADS)
+    rows, weight_bytes = [], 0
     for p in positions:
         n = p + new + 1
         engines = {("tightfit", bits): FastBackend(model, max_positions=n, threads=THREADS, kv_bits=bits) for bits in KV_WIDTHS}
         kv_bytes = {key: e.kv_bytes_per_token for key, e in engines.items()}
+        weight_bytes = engines[("tightfit", 16)].weight_bytes
         if llama_gguf is not None:
             engines.update({("llama.cpp", bits): llamacpp.LlamaCppBackend(llama_gguf, THREADS, n, kv_type=LLAMA_KV[bits])
                             for bits in KV_WIDTHS})
         prompt = random_prompt(engines[("tightfit", 16)].vocab_size, p)
-        runs = time_round_robin(engines, prompt, new, repeats)
+        runs = time_round_robin(engines, prompt, new, repeats, probe=probe)
         for (engine, bits), r in runs.items():
+            kvb = kv_bytes.get((engine, bits))
+            read = None if kvb is None else weight_bytes + kvb * (p + new // 2)
             rows.append({"position": p, "engine": engine, "kv_bits": bits, "kv": LLAMA_KV[bits] if engine == "llama.cpp" else f"KV{bits}",
-                         "kv_bytes_per_token": kv_bytes.get((engine, bits)), "decode_tok_s": statistics.median(r.decode_tok_s),
-                         "decode_runs": list(r.decode_tok_s), "prefill_tok_s": statistics.median(r.prefill_tok_s)})
+                         "kv_bytes_per_token": kvb, "bytes_read_per_token": read, "decode_tok_s": statistics.median(r.decode_tok_s),
+                         "decode_runs": list(r.decode_tok_s), "prefill_tok_s": statistics.median(r.prefill_tok_s),
+                         "bandwidth_runs": list(r.bandwidth_gb_s),
+                         "roofline_fraction": None if read is None else statistics.median(
+                             d * read / (b * 1e9) for d, b in zip(r.decode_tok_s, r.bandwidth_gb_s))})
             print(f"  position {p} {engine} {rows[-1]['kv']}: {rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
         for (engine, _), e in engines.items():
             if engine == "llama.cpp":
                 e.close()
         del engines
-    return rows
+    return rows, weight_bytes
+
+
+def kv_bound_lines(payload: dict) -> list[str]:
+    """What a smaller cache can buy at all: a decode step reads the weights and the cache, so KV4 over
+    KV16 is at most (W + kv16 x P) / (W + kv4 x P) at P cached positions (bandwidth-bound, both at the
+    same fraction of the roofline), and the position where that bound reaches 1.5x."""
+    rows = [r for r in payload["speed"] if r["engine"] == "tightfit"]
+    if not rows or not payload.get("weight_bytes"):
+        return []
+    w = payload["weight_bytes"]
+    kv = {r["kv_bits"]: r["kv_bytes_per_token"] for r in rows}
+    lines = [f"- Bytes per decoded token: tightfit's weights {w / 1e6:.0f} MB, KV cache {kv[16]} / {kv[8]} / {kv[4]} bytes "
+             "per cached position at KV16 / KV8 / KV4 (codes and scales, as allocated). KV4's speed-up over KV16 is at most "
+             "(W + kv16 x P) / (W + kv4 x P): " + ", ".join(
+                 f"{(w + kv[16] * p) / (w + kv[4] * p):.2f}x at {p}" for p in sorted({r['position'] for r in rows})) + "."]
+    # (W + a P) / (W + b P) = 1.5  <=>  P = 0.5 W / (a - 1.5 b)
+    if kv[16] > 1.5 * kv[4]:
+        cross, last = 0.5 * w / (kv[16] - 1.5 * kv[4]), max(r["position"] for r in rows)
+        lines.append(f"- That bound reaches 1.5x from about {cross:,.0f} cached positions with these weights"
+                     + (f", beyond the {last} timed here: no KV4 kernel can decode 1.5x faster than KV16 at {last}."
+                        if cross > last else "."))
+    return lines
 
 
 def markdown(payload: dict) -> str:
@@ -105,18 +137,22 @@ def markdown(payload: dict) -> str:
                   f"greedy tokens; median of {payload['repeats']} rounds after a warm-up, every engine round-robin. "
                   f"tightfit runs `{payload['speed_packed']}`; llama.cpp runs {payload['llama_gguf']} "
                   f"({payload['llama_gguf_mb']:.0f} MB) with flash attention for its quantized caches.", "",
-                  "| position | engine | KV | KV bytes/token | decode tok/s | vs its own 16-bit cache |", "|---|---|---|---|---|---|"]
+                  "Bytes read/token: tightfit's weights plus its KV bytes/token times the positions cached half-way through "
+                  "the timed tokens; roofline: that against the read bandwidth probed right before each run (median over runs).", "",
+                  "| position | engine | KV | KV bytes/token | bytes read/token | decode tok/s | roofline | vs its own 16-bit cache |",
+                  "|---|---|---|---|---|---|---|---|"]
         base = {(r["position"], r["engine"]): r["decode_tok_s"] for r in payload["speed"] if r["kv_bits"] == 16}
         for r in payload["speed"]:
             kvb = "-" if r["kv_bytes_per_token"] is None else str(r["kv_bytes_per_token"])
-            lines.append(f"| {r['position']} | {r['engine']} | {r['kv']} | {kvb} | {r['decode_tok_s']:.1f} | "
+            read = "-" if r.get("bytes_read_per_token") is None else f"{r['bytes_read_per_token'] / 1e6:.0f} MB"
+            roof = "-" if r.get("roofline_fraction") is None else f"{r['roofline_fraction']:.0%}"
+            lines.append(f"| {r['position']} | {r['engine']} | {r['kv']} | {kvb} | {read} | {r['decode_tok_s']:.1f} | {roof} | "
                          f"{r['decode_tok_s'] / base[(r['position'], r['engine'])]:.2f}x |")
     lines += ["", "## Caveats", "",
               f"- {payload['caveat']}" if payload["caveat"] else "- (no source caveat)",
               "- Quality rows at one context share their windows; rows at different contexts do not (longer windows, "
               "other text). A few windows per context: KL moves by a few percent between window sets.",
-              "- On a model this small the KV cache of a few thousand positions is a small part of the bytes a decode "
-              "step reads, so the speed columns show the attention kernels' cost more than bandwidth savings.", ""]
+              *kv_bound_lines(payload), ""]
     return "\n".join(lines)
 
 
@@ -130,6 +166,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--llama-gguf", type=Path, default=None, help="a GGUF of the same model for llama.cpp's row")
+    ap.add_argument("--speed-packed", type=Path, default=None,
+                    help="the packed folder timed for speed (default: the first of --packed; speed does not depend on "
+                         "how the weights were made, only on their bytes)")
     ap.add_argument("--name", default="kv", help="results name in bench/results/ (empty: write nothing)")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -139,6 +178,9 @@ def main() -> None:
         if not sep or not (Path(folder) / "manifest.json").is_file():
             sys.exit(f"kv: --packed wants LABEL=FOLDER with a packed model in FOLDER, got {pair!r}")
         packed[label] = Path(folder)
+    speed_folder = args.speed_packed or next(iter(packed.values()))
+    if not (speed_folder / "manifest.json").is_file():
+        sys.exit(f"kv: --speed-packed {speed_folder} holds no packed model")
     if args.llama_gguf is not None and not args.llama_gguf.is_file():
         sys.exit(f"kv: {args.llama_gguf} is not a file")
     t0 = time.time()
@@ -153,9 +195,10 @@ def main() -> None:
                        "bits_per_weight": 8 * m.quantized_bytes() / max(m.quantized_weights(), 1)}
     rows = quality(loaded, packed, ints(args.contexts), args.tokens)
     del loaded
-    speed_rows = speed(packed, args.llama_gguf, ints(args.positions), args.new_tokens, args.repeats) if args.positions else []
+    speed_rows, weight_bytes = (speed(speed_folder, args.llama_gguf, ints(args.positions), args.new_tokens, args.repeats)
+                                if args.positions else ([], 0))
     payload = {"machine": machine_info(), "model": args.model, "packed": info, "quality": rows, "speed": speed_rows,
-               "speed_packed": next(iter(packed)), "new_tokens": args.new_tokens, "repeats": args.repeats,
+               "speed_packed": str(speed_folder), "weight_bytes": weight_bytes, "new_tokens": args.new_tokens, "repeats": args.repeats,
                "llama_gguf": None if args.llama_gguf is None else args.llama_gguf.name,
                "llama_gguf_mb": 0.0 if args.llama_gguf is None else args.llama_gguf.stat().st_size / 1e6,
                "caveat": next((b.grid_caveat for b in BUILTIN_MODELS if b.name == args.model), ""),
