@@ -1,27 +1,41 @@
-"""Mixed-precision plans vs the best uniform format at 2.5, 3.0 and 3.5 bits/weight on the default model.
+"""Mixed-precision plans vs uniform formats at 2.5, 3.0, 3.5 and 4.0 bits/weight on the default model,
+every size counted from the whole file.
 
-    .venv/bin/python bench/planner.py [--windows 64] [--budgets 2.5,3.0,3.5] [--sensitivity fisher,measured]
+    .venv/bin/python bench/planner.py [--windows 64] [--budgets 2.5,3.0,3.5,4.0] [--sensitivity fisher,measured]
 
-For each sensitivity method (`--sensitivity`: fisher, the KL increase predicted from the Fisher
-information of each layer's outputs and its GPTQ error; measured, the KL increase on a held-back
-calibration window when only that layer is quantized; proxy, the GPTQ objective) the planner scores
-every layer in every candidate format, then solves the integer program for each budget. The
-embeddings and head stay fp16 in every model here, plans and uniform formats alike, so bits/weight
-compare (`tightfit plan` plans them too by default). Plans and uniform formats are all quantized
-with GPTQ from the same original-model Hessians, packed, reloaded, and scored against the original
-on held-out evaluation text: through tightfit's compiled engine (the headline KL) and as the
-dequantized fp32 torch model. Each plan is set against every uniform format of its size class
-(bench/common.py RIVAL_WINDOW); nothing is chosen on the evaluation text. The additive model is
-checked on `--heldback-windows` held-back calibration windows: each plan's predicted loss (the sum of
-its layers' damages) against the real KL of the whole plan (`PlanLoss`).
+Plans are made as `tightfit compress MODEL --bpw B --sensitivity S` makes them (`make_plan`, one
+per budget and sensitivity method): the linear layers (among `--candidates`, by default the
+planner's DEFAULT_CANDIDATES), the token embeddings and the head (among DEFAULT_EMBED_CANDIDATES; a
+tied pair is one decision) are all in the plan. Sensitivity methods (`--sensitivity`): fisher, the KL increase predicted from the Fisher
+information of each layer's outputs and its quantization error; measured, the KL increase on a
+held-back calibration window when only that layer is quantized; proxy, the GPTQ objective (it has
+no measure for the embeddings: they are then fp16). The methods in `--rescore` (default fisher) are
+scored from scratch in a scratch folder (the Hessians shared) so that their cost in seconds is
+measured here; the others come from the `--work` cache when it holds them (a table made for other
+embedding candidates lends its linear layers' scores: only the embeddings are scored again).
+
+The uniform rivals: every linear layer in format F, GPTQ, and the embeddings and head in F when F
+is one of the embedding candidates, else in the candidate of the fewest bits/weight not below F's
+(`rival_embeddings`): `tightfit compress MODEL --format F --embed-format E`. Every model is
+quantized with GPTQ from the same original-model Hessians, packed, reloaded, and scored against
+the original on held-out evaluation text: through tightfit's compiled engine (the headline KL) and
+as the dequantized fp32 torch model. Bits/weight are the packed file's bytes * 8 over all the
+model's weights (norms, header and embeddings included). Each plan is set against every uniform
+model of its size class (bench/common.py RIVAL_WINDOW); nothing is chosen on the evaluation text.
+The additive model is checked on `--heldback-windows` held-back calibration windows: each plan's
+predicted loss (the sum of its layers' damages) against the KL of the packed plan there.
+`--embeddings fp16` is the earlier protocol: embeddings and head fp16 in every model, budgets and
+sizes over the linear layers only.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,91 +44,127 @@ from common import (  # noqa: E402
     score_columns, score_json, verdict_cell, windows_help, write_results,
 )
 
-from tightfit.artifacts import QuantizeConfig, config_to_json  # noqa: E402
+from tightfit.artifacts import Choice, QuantizeConfig, config_to_json, format_or_none, parse_choice  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
-from tightfit.formats.registry import parse_format  # noqa: E402
-from tightfit.model import DEFAULT_MODEL, load_model  # noqa: E402
-from tightfit.pipeline import PlanRequest, make_plan  # noqa: E402
-from tightfit.stages import allocate as allocate_stage  # noqa: E402
+from tightfit.formats.registry import Format, parse_format  # noqa: E402
+from tightfit.model import DEFAULT_MODEL, get_module, load_model  # noqa: E402
+from tightfit.model.blocks import embedding_layers  # noqa: E402
+from tightfit.pipeline import DEFAULT_CANDIDATES, DEFAULT_EMBED_CANDIDATES, PlanRequest, make_plan  # noqa: E402
+from tightfit.pipeline.planning import original_hessians  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
-from tightfit.stages.sensitivity import METHOD_TEXT, METHODS, PlanLoss  # noqa: E402
+from tightfit.stages.allocate import Budget  # noqa: E402
+from tightfit.stages.sensitivity import METHOD_TEXT, METHODS  # noqa: E402
 
-UNIFORM = ["w2g32", "w2g16", "w3g128", "w3g64", "w3g32", "w4g128"]
+UNIFORM = ("w2g32", "w2g16", "w3g128", "w3g64", "w3g32", "w4g128")
 WORK = Path(__file__).resolve().parents[1] / ".cache" / "planner"
+# what each `--embeddings` protocol puts in the plan, and the row field sizes are compared on
+EMBEDDINGS = {"plan": (DEFAULT_EMBED_CANDIDATES, "model_bits_per_weight"), "fp16": (("fp16",), "bits_per_weight")}
+
+
+def rival_embeddings(fmt: Format, candidates: tuple[str, ...], shape: tuple[int, int]) -> Choice:
+    """The embeddings' and head's format in the uniform model of fmt: fmt itself when it is one of
+    the embedding candidates, else the candidate of the fewest bytes among those with no fewer than
+    fmt on the embeddings' shape [V, H] (so the rival is no smaller than all-fmt would be)."""
+    choices = [parse_choice(c) for c in candidates]
+    if fmt in choices:
+        return fmt
+    size = fmt.nbytes(*shape).total
+    return min((c for c in choices if c.nbytes(*shape).total >= size), key=lambda c: c.nbytes(*shape).total,
+               default=parse_choice("fp16"))
+
+
+@contextmanager
+def scratch_work(work: Path):
+    """A fresh work folder sharing work's original-model Hessians: everything else is computed there."""
+    with tempfile.TemporaryDirectory(prefix="planner-") as tmp:
+        (Path(tmp) / "hessians.safetensors").symlink_to((work / "hessians.safetensors").resolve())
+        yield Path(tmp)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--windows", type=int, default=EvalConfig.n_windows, help=windows_help())
-    ap.add_argument("--candidates", default="w2g64,w2g32,w3g128,w3g64,w3g32,w4g128", help="candidate formats per layer")
-    ap.add_argument("--budgets", default="2.5,3.0,3.5")
+    ap.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES), help="candidate formats per linear layer (default: the planner's)")
+    ap.add_argument("--embeddings", choices=tuple(EMBEDDINGS), default="plan",
+                    help="plan (default): embeddings and head in the plan, sizes of the whole file; fp16: the earlier "
+                         "protocol, fp16 in every model, budgets and sizes over the linear layers")
+    ap.add_argument("--budgets", default="2.5,3.0,3.5,4.0")
     ap.add_argument("--uniform", default=",".join(UNIFORM))
     ap.add_argument("--sensitivity", default="fisher,measured", help=f"comma-separated methods among {', '.join(METHODS)}: "
                     "a plan per budget for each")
+    ap.add_argument("--rescore", default="fisher", help="methods scored from scratch in this run, so that their cost is "
+                    "measured (the others are read from --work's cache when there); '' for none")
+    ap.add_argument("--work", type=Path, default=WORK, help=f"cache of Hessians and sensitivity tables (default {WORK})")
     ap.add_argument("--heldback-windows", type=int, default=4, help="held-back calibration windows the whole plans' real KL is measured on")
     args = ap.parse_args()
     t0 = time.perf_counter()
     methods = [m.strip() for m in args.sensitivity.split(",") if m.strip()]
-    if not methods or not set(methods) <= set(METHODS):
-        ap.error(f"--sensitivity takes methods among {', '.join(METHODS)}, got {args.sensitivity!r}")
+    rescore = {m.strip() for m in args.rescore.split(",") if m.strip()}
+    if not methods or not set(methods) <= set(METHODS) or not rescore <= set(METHODS):
+        ap.error(f"--sensitivity and --rescore take methods among {', '.join(METHODS)}")
+    embed_formats, size_key = EMBEDDINGS[args.embeddings]
+    candidates = tuple(f.strip() for f in args.candidates.split(",") if f.strip())
 
     loaded = load_model(args.model)
+    cal = PlanRequest.calibration
+    hessians = original_hessians(loaded, cal, args.work, True, print)
     budgets = [float(b) for b in args.budgets.split(",")]
-    tables, seconds, measured_now, plans = {}, {}, {}, {}
+    tables, methods_json, plans = {}, {}, {}
     for method in methods:
-        t = time.perf_counter()
-        request = PlanRequest(model=args.model, budget=allocate_stage.Budget(max_bpw=budgets[0]), work=WORK,
-                              formats=tuple(args.candidates.split(",")), embed_formats=("fp16",), sensitivity=method)
-        sens_file = WORK / "sensitivity.json"
-        written_before = sens_file.stat().st_mtime_ns if sens_file.exists() else None
-        first = make_plan(request, loaded)
-        seconds[method] = time.perf_counter() - t
-        measured_now[method] = sens_file.stat().st_mtime_ns != written_before  # rewritten only when it scores
-        table = tables[method] = first.sensitivity
-        choices = {layer: [allocate_stage.LayerChoice(fmt=f, nbytes=table.nbytes[layer][f.name], sensitivity=table.damage(layer, f))
-                           for f in table.formats] for layer in table.shapes}
-        for b in budgets:
-            t = time.perf_counter()
-            plans[f"plan {b} {method}"] = allocate_stage.allocate(table.shapes, choices, allocate_stage.Budget(max_bpw=b))
-            print(f"budget {b} ({method}): plan {plans[f'plan {b} {method}'].bits_per_weight:.3f} bpw solved in "
-                  f"{time.perf_counter() - t:.2f}s", flush=True)
+        with (scratch_work(args.work) if method in rescore else nullcontext(args.work)) as work:
+            for b in budgets:
+                request = PlanRequest(model=args.model, budget=Budget(max_bpw=b), work=work, formats=candidates,
+                                      embed_formats=embed_formats, sensitivity=method)
+                report = make_plan(request, loaded, on_stage=lambda s: print(s, flush=True))
+                if method not in tables:
+                    tables[method] = report.sensitivity
+                    methods_json[method] = {"tokens": report.sensitivity.tokens, "seconds": report.seconds["sensitivity"],
+                                            "scored": report.sensitivity_origin}
+                plans[f"plan {b} {method}"] = report.plan
+                print(f"budget {b} ({method}): plan {report.plan.bits_per_weight:.3f} bits/weight of its layers", flush=True)
 
-    calibration, windows = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, PlanRequest.calibration, args.heldback_windows)
-    hessians = calibrate_stage.load_hessians(WORK / "hessians.safetensors", loaded, calibration.config)
-    heldback_kl = {}
-    with PlanLoss(loaded, hessians, windows, screen_windows=1) as plan_loss:
-        for key, p in plans.items():
-            plan_loss.reset_anchor()
-            heldback_kl[key] = plan_loss.loss(p.quantized, 1)
-    fmt0 = parse_format(args.candidates.split(",")[0])
+    calibration, heldback = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, cal, args.heldback_windows)
+    outer = embedding_layers(loaded.model, loaded.arch)
+    shape = tuple(get_module(loaded.model, outer[0]).weight.shape)
+    fmt0 = parse_format(candidates[0])
     configs = {key: QuantizeConfig(fmt=fmt0, method="gptq", plan=p.quantized) for key, p in plans.items()}
-    configs.update({name: QuantizeConfig(fmt=parse_format(name), method="gptq") for name in args.uniform.split(",")})
+    rival_embed = {name: rival_embeddings(parse_format(name), embed_formats, shape) for name in args.uniform.split(",")}
+    configs.update({name: QuantizeConfig(fmt=parse_format(name), method="gptq", embed_format=format_or_none(e))
+                    for name, e in rival_embed.items()})
     eval_config = EvalConfig(n_windows=args.windows)
-    rows, scores = quantize_and_evaluate(loaded, configs, calibration, eval_config, hessians=hessians)
+    rows, scores = quantize_and_evaluate(loaded, configs, calibration, eval_config, hessians=hessians, held_back=heldback)
 
     table_rows = []
     for key in configs:
         r = rows[key]
         row = {"name": key, "bits_per_weight": r["bits_per_weight"], "model_bits_per_weight": r["model_bits_per_weight"],
-               **score_json(scores[key])}
+               "file_bytes": r["file_bytes"], **score_json(scores[key])}
         if key in plans:
             p = plans[key]
-            row.update(predicted_loss=p.predicted_loss, heldback_kl=heldback_kl[key], mix=dict(Counter(f.name for f in p.formats.values())))
+            row.update(predicted_loss=p.predicted_loss, embeddings=", ".join(sorted({p.formats.get(n, p.pinned.get(n)).name
+                                                                                     for n in outer})),
+                       mix=dict(Counter(f.name for n, f in p.formats.items() if n not in outer)))
+        else:
+            row["embeddings"] = rival_embed[key].name
         table_rows.append(row)
     ev0 = next(iter(scores.values())).engine
-    agreement = {}
+    agreement, embed_damages = {}, {}
     if "measured" in tables:
         agreement["proxy"] = tables["measured"].rank_agreement()
         agreement.update({m: tables[m].rank_agreement(tables["measured"]) for m in tables if m != "measured"})
+    for m, table in tables.items():
+        for name in [n for n in table.shapes if n not in table.proxy]:
+            embed_damages.setdefault(name, {})[m] = table.damages[name]
     payload = {
         "machine": machine_info(), "model": args.model, "source_sha256": loaded.source.sha256(),
-        "candidates": [f.name for f in next(iter(tables.values())).formats], "calibration": config_to_json(PlanRequest.calibration),
-        "methods": {m: {"tokens": tables[m].tokens, "seconds": seconds[m], "measured_now": measured_now[m]} for m in methods},
+        "candidates": list(candidates), "embed_candidates": list(embed_formats), "embeddings": args.embeddings,
+        "size_key": size_key, "calibration": config_to_json(cal), "methods": methods_json,
         "evaluation": config_to_json(eval_config), "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl,
-        "rank_agreement_spearman": agreement, "rival_window_bpw": RIVAL_WINDOW, "rows": table_rows,
-        "budgets": verdicts(table_rows, budgets), "plans": {key: p.to_json() for key, p in plans.items()},
-        "heldback_windows": args.heldback_windows, "wall_s": round(time.perf_counter() - t0, 1),
+        "rank_agreement_spearman": agreement, "embedding_damages": embed_damages, "embedding_layers": outer,
+        "rival_window_bpw": RIVAL_WINDOW, "rows": table_rows, "budgets": verdicts(table_rows, budgets, size_key),
+        "plans": {key: p.to_json() for key, p in plans.items()}, "heldback_windows": args.heldback_windows,
+        "wall_s": round(time.perf_counter() - t0, 1),
     }
     md = markdown(payload)
     paths = write_results("planner", payload, md)
@@ -122,60 +172,86 @@ def main() -> None:
     print("written:", *paths)
 
 
-def verdicts(table_rows: list[dict], budgets: list[float]) -> list[dict]:
-    """Each plan (one per sensitivity method) against the best uniform rival of its size class by
-    evaluation KL; plan_wins None (n/a) when no uniform format is in the window."""
-    uniform = [r for r in table_rows if not r["name"].startswith("plan")]
+def verdicts(table_rows: list[dict], budgets: list[float], size_key: str = "model_bits_per_weight") -> list[dict]:
+    """Each plan (one per sensitivity method) against the best uniform rival of its size class (by
+    size_key: the whole file's bits/weight, or the linear layers' in the fp16 protocol) by
+    evaluation KL; plan_wins None (n/a) when no uniform model is in the window."""
+    uniform = [{**r, "bits_per_weight": r[size_key]} for r in table_rows if not r["name"].startswith("plan")]
     out = []
     for b in budgets:
         for plan_row in [r for r in table_rows if r["name"].startswith(f"plan {b} ")]:
-            best = min(rivals(uniform, plan_row["bits_per_weight"]), key=lambda r: r["kl"], default=None)
-            out.append({"budget": b, "plan": plan_row["name"], "plan_bpw": plan_row["bits_per_weight"], "plan_kl": plan_row["kl"],
+            best = min(rivals(uniform, plan_row[size_key]), key=lambda r: r["kl"], default=None)
+            out.append({"budget": b, "plan": plan_row["name"], "plan_bpw": plan_row[size_key], "plan_kl": plan_row["kl"],
                         "best_uniform": best and best["name"], "uniform_bpw": best and best["bits_per_weight"],
                         "uniform_kl": best and best["kl"], "plan_wins": None if best is None else plan_row["kl"] < best["kl"]})
     return out
 
 
+def scored_text(method: str, info: dict) -> str:
+    cost = f"{info['seconds']:.0f} s"
+    what = "the Fisher statistics and the sweep; " if method == "fisher" else ""
+    return {
+        "scored": f"scored in this run in {cost} ({what}the shared Hessians not counted)",
+        "lent": "the linear layers' scores read from the cache of an earlier run (sensitivity.json in --work, which does "
+                      f"not record how long they took), the rest (the embeddings, when planned) scored in this run in {cost}",
+        "cached": "read from the cache of an earlier run (sensitivity.json in --work, which does not record how long it took)",
+    }[info["scored"]]
+
+
 def markdown(payload: dict) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
-    scored = []
-    for m, info in payload["methods"].items():
-        when = (f"scored in this run in {info['seconds'] / 60:.1f} min (cached afterwards)" if info["measured_now"]
-                else "read from the cache of an earlier run (.cache/planner/sensitivity.json, which does not record how long it took)")
-        scored.append(f"{m} = {METHOD_TEXT[m]}, on {info['tokens']} tokens, {when}")
+    whole = payload.get("embeddings", "plan") == "plan"
+    scored = [f"{m} = {METHOD_TEXT[m]}, on {info['tokens']} tokens, {scored_text(m, info)}" for m, info in payload["methods"].items()]
+    if whole:
+        sizes = (f"Plans as `tightfit compress --bpw B` makes them: the linear layers, the embeddings and the head in the "
+                 f"plan (embedding candidates {', '.join(payload['embed_candidates'])}; a tied pair is one decision; the "
+                 "budget B covers the plan's layers, the norms and file header come on top). Uniform rivals: every linear "
+                 "layer in F, the embeddings and head in F when F is an embedding candidate, else in the candidate of the "
+                 "fewest bits/weight not below F's (column 'embeddings'). Bits/weight: the packed file's bytes x 8 / all "
+                 "the model's weights (embeddings, norms and header included).")
+    else:
+        sizes = ("Embeddings and head fp16 in every model (the earlier protocol); bits/weight over the linear layers only.")
     lines = [
         f"# Planner: mixed precision vs uniform formats on {payload['model']}",
         "",
         machine_line(payload["machine"]),
         "",
-        f"Candidates per layer: {', '.join(payload['candidates'])}. Sensitivity methods, a plan per budget for each: "
-        + "; ".join(scored) + ". Embeddings and head fp16 in every model. "
-        "Plans: HiGHS MILP. Everything quantized with GPTQ from the same original-model Hessians. "
+        f"Candidates per linear layer: {', '.join(payload['candidates'])}. Sensitivity methods, a plan per budget for "
+        "each: " + "; ".join(scored) + f". {sizes} Plans: HiGHS MILP. Linear layers quantized with GPTQ from the same "
+        f"original-model Hessians{', embeddings and head rounded to nearest' if whole else ''}. "
         f"{protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} {ENGINE_COLUMNS} "
         f"Wall time {payload['wall_s'] / 60:.0f} min.",
         "",
-        "| model | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | formats |",
-        "|---|---|---|---|---|---|---|",
+        "| model | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | embeddings | linear layers |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(payload["rows"], key=lambda r: r["bits_per_weight"]):
-        mix = ", ".join(f"{k} x{v}" for k, v in r.get("mix", {}).items())
-        lines.append(f"| {r['name']} | {r['bits_per_weight']:.3f} | {score_columns(r)} | {mix} |")
+    key = payload.get("size_key", "model_bits_per_weight")
+    for r in sorted(payload["rows"], key=lambda r: r[key]):
+        mix = ", ".join(f"{k} x{v}" for k, v in r.get("mix", {}).items()) or r["name"]
+        lines.append(f"| {r['name']} | {r[key]:.3f} | {score_columns(r)} | {r.get('embeddings', 'fp16')} | {mix} |")
     lines += ["", f"Every plan (none is chosen among them) against its rivals: {rival_window_text()}. "
-              "KL is the evaluation KL (engine); n/a: no uniform format in the window.", "",
+              "KL is the evaluation KL (engine); n/a: no uniform model in the window.", "",
               "| budget | plan | plan bpw | plan KL | best uniform rival | its bpw | its KL | plan wins |",
               "|---|---|---|---|---|---|---|---|"]
     for v in payload["budgets"]:
         rival = "- | - | -" if v["best_uniform"] is None else f"{v['best_uniform']} | {v['uniform_bpw']:.3f} | {v['uniform_kl']:.4f}"
         lines.append(f"| {v['budget']} | {v['plan']} | {v['plan_bpw']:.3f} | {v['plan_kl']:.4f} | {rival} | {verdict_cell(v['plan_wins'])} |")
     for method, agreement in payload["rank_agreement_spearman"].items():
-        lines += ["", f"{method} vs measured KL increase, Spearman rank correlation across layers: "
+        lines += ["", f"{method} vs measured KL increase, Spearman rank correlation across the linear layers: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items())]
-    lines += ["", f"Additive model vs the real KL on {payload['heldback_windows']} held-back calibration windows (measured with "
-              "the torch reference; the evaluation above is on other, held-out text):", "",
+    for name, by_method in payload.get("embedding_damages", {}).items():
+        tied = " (tied to the head: one layer, so no rank correlation across layers; the damage of each candidate instead)"
+        methods = list(by_method)
+        lines += ["", f"{name}{tied if len(payload['embedding_layers']) == 1 else ''}, KL increase (nats/token):", "",
+                  "| candidate | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for c in next(iter(by_method.values())):
+            lines.append(f"| {c} | " + " | ".join(f"{by_method[m][c]:.4f}" for m in methods) + " |")
+    lines += ["", f"Additive model vs the real KL on {payload['heldback_windows']} held-back calibration windows (the "
+              "packed plan through the engine; the evaluation above is on other, held-out text):", "",
               "| plan | predicted (sum of its layers' damages) | measured KL of the whole plan |", "|---|---|---|"]
     for r in payload["rows"]:
         if r["name"].startswith("plan"):
-            lines.append(f"| {r['name']} | {r['predicted_loss']:.4f} | {r['heldback_kl']:.4f} |")
+            lines.append(f"| {r['name']} | {r['predicted_loss']:.4f} | {r['kl_held_back']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

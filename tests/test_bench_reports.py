@@ -80,23 +80,39 @@ def test_spqr_recipe_is_chosen_on_held_back_kl_and_no_rival_is_na():
 
 
 def test_planner_verdict_without_rival_is_na():
-    rows = [_row("plan 2.5 fisher", 2.5, 1.4, 0), _row("w2g32", 2.56, 2.3, 0), _row("plan 3.5 fisher", 3.5, 0.37, 0),
+    """Sizes are the whole file's (model_bits_per_weight) by default, the linear layers' in the fp16 protocol."""
+    rows = [_row("plan 2.5 fisher", 2.5, 1.4, 0.9), _row("w2g32", 2.56, 2.3, 0), _row("plan 3.5 fisher", 3.5, 0.37, 0.3),
             _row("w4g128", 4.17, 0.22, 0)]
-    v = {x["plan"]: x for x in planner.verdicts(rows, [2.5, 3.5])}
-    assert v["plan 2.5 fisher"]["plan_wins"] is True and v["plan 2.5 fisher"]["best_uniform"] == "w2g32"
-    assert v["plan 3.5 fisher"]["plan_wins"] is None
-    payload = {"model": "m", "machine": MACHINE, "candidates": ["w2g64"],
-               "methods": {"fisher": {"tokens": 4088, "seconds": 84.0, "measured_now": True},
-                           "measured": {"tokens": 511, "seconds": 1440.0, "measured_now": False}},
+    for size_key in ("model_bits_per_weight", "bits_per_weight"):
+        v = {x["plan"]: x for x in planner.verdicts(rows, [2.5, 3.5], size_key)}
+        assert v["plan 2.5 fisher"]["plan_wins"] is True and v["plan 2.5 fisher"]["best_uniform"] == "w2g32"
+        assert v["plan 3.5 fisher"]["plan_wins"] is None
+    payload = {"model": "m", "machine": MACHINE, "candidates": ["w2g64"], "embed_candidates": ["fp16", "w3g64"],
+               "methods": {"fisher": {"tokens": 4088, "seconds": 84.0, "scored": "scored"},
+                           "measured": {"tokens": 511, "seconds": 12.0, "scored": "lent"}},
                "evaluation": config_to_json(EvalConfig()), "n_tokens": 32704, "original_ppl": 15.0, "wall_s": 60.0,
                "rows": rows, "budgets": planner.verdicts(rows, [2.5, 3.5]),
-               "rank_agreement_spearman": {"proxy": {"w2g64": 0.1}, "fisher": {"w2g64": 0.8}}, "heldback_windows": 4}
+               "rank_agreement_spearman": {"proxy": {"w2g64": 0.1}, "fisher": {"w2g64": 0.8}}, "heldback_windows": 4,
+               "embedding_layers": ["model.embed_tokens"],
+               "embedding_damages": {"model.embed_tokens": {"fisher": {"fp16": 0.0, "w3g64": 0.3},
+                                                            "measured": {"fp16": 0.0, "w3g64": 0.25}}}}
     for r in rows[::2]:
-        r.update(predicted_loss=1.0, heldback_kl=1.0)
+        r.update(predicted_loss=1.0, embeddings="w3g64", mix={"w2g64": 3})
     md = planner.markdown(payload)
-    assert "| 3.5 | plan 3.5 fisher | 3.500 | 0.3700 | - | - | - | n/a |" in md and "Machine: Test CPU" in md
-    assert "on 4088 tokens, scored in this run in 1.4 min" in md and "read from the cache of an earlier run" in md
-    assert "fisher vs measured KL increase, Spearman rank correlation across layers: w2g64 0.80" in md
+    assert "| 3.5 | plan 3.5 fisher | 5.500 | 0.3700 | - | - | - | n/a |" in md and "Machine: Test CPU" in md
+    assert "on 4088 tokens, scored in this run in 84 s" in md and "(the embeddings, when planned) scored in this run in 12 s" in md
+    assert "fisher vs measured KL increase, Spearman rank correlation across the linear layers: w2g64 0.80" in md
+    assert "| plan 2.5 fisher | 4.500 |" in md and "| w3g64 | w2g64 x3 |" in md and "| plan 2.5 fisher | 1.0000 | 0.9000 |" in md
+    assert "tied to the head: one layer" in md and "| w3g64 | 0.3000 | 0.2500 |" in md
+    assert "embedding candidates fp16, w3g64" in md
+
+
+def test_planner_rival_embeddings_are_no_smaller_than_the_format():
+    shape, embed = (49152, 576), ("fp16", "w4g32-sym", "w3g128", "w3g64", "w2g64")
+    assert planner.rival_embeddings(parse_format("w3g64"), embed, shape) == parse_format("w3g64")
+    assert planner.rival_embeddings(parse_format("w4g128"), embed, shape) == parse_format("w4g32-sym")
+    assert planner.rival_embeddings(parse_format("w2g32"), embed, shape) == parse_format("w3g128")
+    assert planner.rival_embeddings(parse_format("w4g128"), ("fp16",), shape).name == "fp16"
 
 
 def test_quality_markdown_has_both_kl_columns():

@@ -1,4 +1,4 @@
-"""PlanLoss: the real KL of whole plans on held-back windows (bench/planner.py checks the additive model with it)."""
+"""PlanLoss: the real KL of whole plans on held-back windows (the additive model of the linear layers checked against it)."""
 
 from __future__ import annotations
 

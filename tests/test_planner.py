@@ -250,12 +250,16 @@ def test_other_embedding_candidates_reuse_the_cached_linear_scores(tiny_model_di
     calib = CalibrationConfig(text=str(tiny_text_file), n_samples=8, seq_len=64)
     ask = lambda embed: PlanRequest(model=str(tiny_model_dir), budget=Budget(max_bpw=4.0), work=tmp_path / "work",  # noqa: E731
                                     formats=("w2g32", "w4g64"), embed_formats=embed, calibration=calib, progress=False)
-    first = make_plan(ask(("fp16", "w4g32-sym")), loaded).sensitivity
+    report = make_plan(ask(("fp16", "w4g32-sym")), loaded)
+    first = report.sensitivity
+    assert report.sensitivity_origin == "scored" and make_plan(ask(("fp16", "w4g32-sym")), loaded).sensitivity_origin == "cached"
     sweeps = []
     real = sensitivity_stage.gptq_quantize_many
     monkeypatch.setattr(sensitivity_stage, "gptq_quantize_many", lambda *a, **k: sweeps.append(1) or real(*a, **k))
-    second = make_plan(ask(("w4g32-sym", "w3g32", "w3g64")), loaded).sensitivity
+    report = make_plan(ask(("w4g32-sym", "w3g32", "w3g64")), loaded)
+    second = report.sensitivity
     assert not sweeps, "the linear layers were scored again"
+    assert report.sensitivity_origin == "lent"
     linear = [n for n in first.damages if n not in (loaded.arch.embeddings, loaded.arch.head)]
     assert linear and all(second.damages[n] == first.damages[n] and second.proxy[n] == first.proxy[n] for n in linear)
     emb = second.damages[loaded.arch.embeddings]

@@ -97,7 +97,10 @@ def pinned_embeddings(embed_formats: tuple[str, ...], sensitivity: str) -> Choic
 
 @dataclass
 class PlanReport:
-    """plan: the allocation; choices: every layer's candidates as the allocate stage saw them."""
+    """plan: the allocation; choices: every layer's candidates as the allocate stage saw them;
+    sensitivity_origin: how the table came about ("cached": read from the work folder; "lent": the
+    linear layers' scores from a cached table made for other embedding candidates, the embeddings
+    scored now; "scored": every layer scored now)."""
 
     plan: Plan
     sensitivity: SensitivityTable
@@ -105,6 +108,7 @@ class PlanReport:
     seconds: dict[str, float]
     latency: LatencyTable | None = None
     calibration: CalibrationSet | None = None  # what the Hessians, Fisher and sensitivities were measured on
+    sensitivity_origin: str = "scored"
 
 
 HEADER_ALLOWANCE = 200_000  # bytes of safetensors header reserved when budgeting a whole file
@@ -162,8 +166,9 @@ def original_fisher(loaded: LoadedModel, calibration: CalibrationSet, windows: i
 
 
 def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list[Choice], calibration: CalibrationSet,
-                 held_back, hessians: HessianSet, on_stage: Callable[[str], None]) -> SensitivityTable:
-    """The sensitivity table, from work/sensitivity.json when it holds one made the same way."""
+                 held_back, hessians: HessianSet, on_stage: Callable[[str], None]) -> tuple[SensitivityTable, str]:
+    """The sensitivity table, from work/sensitivity.json when it holds one made the same way, and
+    its origin (PlanReport.sensitivity_origin)."""
     method = request.sensitivity
     key = {"source": loaded.source.sha256(), "calibration": config_to_json(request.calibration), "method": method,
            "formats": [f.name for f in formats], "embed_formats": [c.name for c in embed],
@@ -178,7 +183,7 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
     for entry in cached.get("entries", []):
         if entry.get("key") == key:
             try:
-                return SensitivityTable.from_json(entry["table"])
+                return SensitivityTable.from_json(entry["table"]), "cached"
             except (TightfitError, KeyError, TypeError, ValueError) as e:  # e.g. a table of an older version
                 warn_recomputed(CorruptCacheError(f"the cached table in {path} is unusable ({e})"))
     # a table made the same way but for other embedding candidates: its linear layers' scores stand
@@ -202,7 +207,7 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
                                                   linear_from=linear_from)
     entries = [e for e in cached.get("entries", []) if e.get("key") != key][-7:]
     atomic_write_json(path, {"entries": entries + [{"key": key, "table": table.to_json()}]}, checksum=True)
-    return table
+    return table, "scored" if linear_from is None else "lent"
 
 
 def _refuse_impossible_size(loaded: LoadedModel, formats, embed: list[Choice], budget: Budget) -> None:
@@ -253,7 +258,7 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     seconds["hessians"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    table = _sensitivity(request, loaded, formats, embed, calibration, held_back_tokens if held_back else None, hessians,
+    table, origin = _sensitivity(request, loaded, formats, embed, calibration, held_back_tokens if held_back else None, hessians,
                          on_stage)
     seconds["sensitivity"] = time.perf_counter() - t
 
@@ -280,4 +285,5 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     if not embed:
         plan = dataclasses.replace(plan, pinned={name: request.pinned_embeddings() for name in embedding_layers(loaded.model, arch)})
     seconds["allocate"] = time.perf_counter() - t
-    return PlanReport(plan=plan, sensitivity=table, choices=choices, seconds=seconds, latency=latency, calibration=calibration)
+    return PlanReport(plan=plan, sensitivity=table, choices=choices, seconds=seconds, latency=latency, calibration=calibration,
+                      sensitivity_origin=origin)

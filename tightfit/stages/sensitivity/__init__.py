@@ -25,7 +25,7 @@ the embeddings is the same layer, one decision). The damage of (layer, candidate
 
 The GPTQ objective is kept for every linear layer; when measured, the table says how well it ranks
 layers against the measurement (Spearman, per format). `PlanLoss` (plan_loss.py) measures whole plans
-the same way (every layer quantized in its plan's format): bench/planner.py checks the additive model with it.
+the same way (every linear layer quantized in its plan's format; embeddings not covered).
 """
 
 from __future__ import annotations

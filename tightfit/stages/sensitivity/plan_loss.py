@@ -1,5 +1,6 @@
 """Whole plans measured: KL(original || model) on held-back windows with every layer quantized in
-its plan's format (bench/planner.py checks the sensitivity table's additive model with it)."""
+its plan's format, a check of the sensitivity table's additive model (linear layers only: bench/planner.py,
+whose plans hold the embeddings too, scores the packed plans on held-back windows instead)."""
 
 from __future__ import annotations
 
