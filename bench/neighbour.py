@@ -45,7 +45,9 @@ BUILDS = {"TF_BARRIER=0": "OpenMP region and barrier (old)", "": "own threads an
 OLD, NEW = "TF_BARRIER=0", ""
 TARGET_CONTENDED = 0.80  # 2 threads with the neighbour / 1 thread with the neighbour, new barrier
 TARGET_QUIET = 0.95      # new / old barrier, 2 threads, quiet machine
-SPINNER = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+# the neighbour: busy until its deadline, or until its parent (this script) is gone, killed or not
+SPINNER = ("import os, time\nparent, end = os.getppid(), time.monotonic() + {seconds}\n"
+           "while time.monotonic() < end and os.getppid() == parent:\n    pass\n")
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ class Case:
 
 class Neighbour:
     """A CPU-bound process beside the engine: a Python busy loop that ends by itself after `seconds`
-    at the latest; `want(True)` starts it (if not running), `want(False)` kills it. Only the process
-    this object started is ever killed, by its pid."""
+    at the latest, or when this process is gone; `want(True)` starts it (if not running),
+    `want(False)` kills it. Only the process this object started is ever killed, by its pid."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -91,6 +93,7 @@ def run(packed_dir: Path, builds: list[str], rounds: int, prompt_tokens: int, ne
         neighbour_seconds: float) -> dict:
     packed = load_packed(packed_dir)
     libs = {b: build.load(defines=defines(b)) for b in builds}
+    load_before = os.getloadavg()[0]  # other processes already running: a second neighbour
     cases = [Case(b, t, n) for n in (False, True) for b in builds for t in (1, 2)]  # quiet cases first in a round
     backends = {c: backend_on(libs[c.build], packed, max_positions=prompt_tokens + new_tokens, threads=c.threads)
                 for c in cases}
@@ -103,7 +106,7 @@ def run(packed_dir: Path, builds: list[str], rounds: int, prompt_tokens: int, ne
         neighbour.stop()
     rows = [{**asdict(c), "label": BUILDS.get(c.build, c.build or "default"), "decode_tok_s": statistics.median(r.decode_tok_s),
              "decode_runs": list(r.decode_tok_s)} for c, r in runs.items()]
-    return {"packed": str(packed_dir), "builds": builds, "rounds": rounds, "prompt_tokens": prompt_tokens,
+    return {"packed": str(packed_dir), "load_average_before": load_before, "builds": builds, "rounds": rounds, "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))},
             "rows": rows, "targets": targets(rows) if OLD in builds and NEW in builds else {}}
 
@@ -127,7 +130,9 @@ def markdown(result: dict, machine: dict) -> str:
              machine_line(machine, "1 and 2"), "",
              f"Prompt {result['prompt_tokens']} tokens, then {result['new_tokens']} decoded; medians of "
              f"{result['rounds'] - 1} round-robin rounds after a warm-up. Neighbour: one Python busy loop started by "
-             f"the script for the contended runs. OpenMP environment: {result['omp_env'] or 'none set'}. The new build's "
+             f"the script for the contended runs. Load average (1 min) before the runs: {result['load_average_before']:.1f} "
+             f"(near 0 on a machine left to this script; several: the 'quiet' runs shared it with other busy processes). "
+             f"OpenMP environment: {result['omp_env'] or 'none set'}. The new build's "
              "2-thread engine runs a decode step on one thread where that has been faster lately (Pace, "
              "runtime/kernels/threads.h).", "",
              "| barrier | threads | quiet tok/s | with neighbour tok/s | runs with neighbour |", "|---|---:|---:|---:|---|"]

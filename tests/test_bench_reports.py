@@ -251,7 +251,7 @@ def test_neighbour_targets_name_their_reference_and_say_when_unmet():
     assert tg["contended_2t_over_1t"] == pytest.approx(95 / 190) and not tg["contended_met"]
     assert tg["quiet_new_over_old"] == pytest.approx(200 / 220) and not tg["quiet_met"]
     result = {"packed": "x/model", "builds": [neighbour.OLD, neighbour.NEW], "rounds": 3, "prompt_tokens": 8,
-              "new_tokens": 4, "omp_env": {}, "rows": rows, "targets": tg}
+              "new_tokens": 4, "omp_env": {}, "rows": rows, "targets": tg, "load_average_before": 0.1}
     text = neighbour.markdown(result, MACHINE)
     assert text.count("NOT met") == 2 and "of 1 thread with the neighbour (the target's reference" in text
     assert "Machine: Test CPU" in text
