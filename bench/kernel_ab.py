@@ -20,7 +20,7 @@ import statistics
 from unittest import mock
 
 import tightfit.runtime.engine as engine
-from tightfit.formats.packed import load_packed
+from tightfit.formats.packed import PackedModel, load_packed
 from tightfit.runtime.kernels import build
 from tightfit.runtime.speed import random_prompt, time_round_robin
 
@@ -35,12 +35,15 @@ def load_variants(variants: list[str]) -> dict[str, ctypes.CDLL]:
     return {v: build.load(defines=defines(v)) for v in variants}
 
 
+def backend_on(lib: ctypes.CDLL, packed: PackedModel, **kwargs) -> engine.FastBackend:
+    """A FastBackend that runs the kernel library `lib` (one variant's build) instead of the default."""
+    with mock.patch.object(engine, "load", lambda portable=False: lib):
+        return engine.FastBackend(packed, **kwargs)
+
+
 def main(path: str, threads: int, variants: list[str], rounds: int = 7, new_tokens: int = 64) -> None:
     packed = load_packed(path)
-    backends = []
-    for lib in load_variants(variants).values():
-        with mock.patch.object(engine, "load", lambda portable=False, lib=lib: lib):  # this FastBackend runs this build
-            backends.append(engine.FastBackend(packed, max_positions=512, threads=threads))
+    backends = [backend_on(lib, packed, max_positions=512, threads=threads) for lib in load_variants(variants).values()]
     prompt = random_prompt(backends[0].vocab_size, 256)
     runs = time_round_robin(dict(zip(variants, backends)), prompt, new_tokens, rounds - 1)  # a warm-up round first
     for v in variants:

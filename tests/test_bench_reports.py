@@ -244,3 +244,44 @@ def test_calibration_bench_tiny_run(tiny_model_dir, tmp_path, capsys):
     assert {b["model"] for b in payload["best"]} == {"w3g32", "plan 4 bpw"} and payload["beside_llama"] == []
     assert "| wiki+code | wiki,code, 4 x 32 | damp 0.01, act-order on | w3g32 |" in printed
     assert "No llama.cpp+imatrix rows: none asked for (--llama)" in printed and "Texts: wiki = Wikipedia intros" in printed
+
+
+# ---- bench/neighbour.py: decode beside a busy neighbour -------------------------------------------
+
+
+def _neighbour_rows(old_2t_busy: float, new_2t_busy: float, new_2t_quiet: float) -> list[dict]:
+    import neighbour
+
+    speeds = {(neighbour.OLD, 1, False): 200.0, (neighbour.OLD, 2, False): 220.0, (neighbour.OLD, 1, True): 190.0,
+              (neighbour.OLD, 2, True): old_2t_busy, (neighbour.NEW, 1, False): 200.0,
+              (neighbour.NEW, 2, False): new_2t_quiet, (neighbour.NEW, 1, True): 190.0, (neighbour.NEW, 2, True): new_2t_busy}
+    return [{"build": b, "threads": t, "neighbour": n, "label": neighbour.BUILDS[b], "decode_tok_s": v,
+             "decode_runs": [v, v]} for (b, t, n), v in speeds.items()]
+
+
+def test_neighbour_targets_name_their_reference_and_say_when_unmet():
+    import neighbour
+
+    rows = _neighbour_rows(old_2t_busy=10.0, new_2t_busy=95.0, new_2t_quiet=200.0)
+    tg = neighbour.targets(rows)
+    assert tg["contended_2t_over_1t"] == pytest.approx(95 / 190) and not tg["contended_met"]
+    assert tg["quiet_new_over_old"] == pytest.approx(200 / 220) and not tg["quiet_met"]
+    result = {"packed": "x/model", "builds": [neighbour.OLD, neighbour.NEW], "rounds": 3, "prompt_tokens": 8,
+              "new_tokens": 4, "omp_env": {}, "rows": rows, "targets": tg, "load_average_before": 0.1}
+    text = neighbour.markdown(result, MACHINE)
+    assert text.count("NOT met") == 2 and "of 1 thread with the neighbour (the target's reference" in text
+    assert "Machine: Test CPU" in text
+    assert neighbour.targets(_neighbour_rows(10.0, 180.0, 219.0))["contended_met"]
+
+
+def test_neighbour_process_is_started_and_killed():
+    import neighbour
+
+    busy = neighbour.Neighbour(seconds=30)
+    busy.want(True)
+    proc = busy.proc
+    assert proc is not None and proc.poll() is None
+    busy.want(True)  # already running: the same process
+    assert busy.proc is proc
+    busy.want(False)
+    assert busy.proc is None and proc.poll() is not None

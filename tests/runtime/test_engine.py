@@ -15,6 +15,8 @@ their defaults (attention scale, final soft-cap, Phi-3's partial rotary longrope
 
 from __future__ import annotations
 
+import gc
+import re
 import warnings
 from pathlib import Path
 
@@ -25,8 +27,10 @@ from tests.conftest import TINY_EXTRA_CONFIG, TINY_MODEL_TYPES, TINY_SHAPES, TIN
 from tightfit.cli import main
 from tightfit.errors import GenerationError, KernelUnavailable
 from tightfit.formats.packed import PackedModel, load_packed
+import tightfit.runtime.engine as engine_module
 from tightfit.runtime import kernels
 from tightfit.runtime.engine import FastBackend, open_backend
+from tightfit.runtime.kernels import build
 from tightfit.runtime.model import QuantLinear, build_model
 from tightfit.runtime.torch_backend import TorchBackend
 
@@ -154,6 +158,48 @@ def test_engine_quantized_matches_reference(model_type, fixture, portable, reque
     assert (got - exact).abs().max() / scale < 0.1
     agree = (got.argmax(-1) == exact.argmax(-1)).float().mean().item()
     assert agree > 0.9, agree
+
+
+@pytest.mark.parametrize("threads", [2, 5])
+@pytest.mark.parametrize("model_type", ENGINE_TYPES)
+def test_own_barrier_gives_openmps_logits(model_type, threads, packed_mixed, monkeypatch):
+    """The engine's threads and barrier (kernels/threads.h: a Team kept across calls) against
+    OpenMP's region and barrier (the TF_BARRIER=0 build, the engine before), its own barrier in
+    OpenMP's region (TF_BARRIER=1) and itself sleeping at once (every wait takes the futex path):
+    bit-identical logits, prefill and decode, at 2 threads and at 5 (more than this machine's
+    cores), and equal to one thread's (Pace may run a decode call on thread 0 alone). Portable
+    builds: the barrier is the same code in every instruction set's build."""
+    packed = load_packed(packed_mixed[model_type])
+    ids = _ids(40)
+
+    def logits(defines: tuple[str, ...], threads: int = threads) -> torch.Tensor:
+        lib = build.load(portable=True, defines=defines)
+        monkeypatch.setattr(engine_module, "load", lambda portable=False: lib)  # as bench/kernel_ab.py runs a build
+        engine = FastBackend(packed, max_positions=64, threads=threads, max_batch=16)
+        return torch.cat([engine.forward_all(ids[:23]), torch.stack([engine.forward([t]).clone() for t in ids[23:]])])
+
+    ours = logits(())
+    assert torch.equal(logits((), threads=1), ours)
+    for defines in [("TF_BARRIER=0",), ("TF_BARRIER=1",), ("TF_BARRIER_SPIN_US=0", "TF_BARRIER_YIELD_US=0")]:
+        assert torch.equal(logits(defines), ours), defines
+
+
+def _process_threads() -> int:
+    return int(re.search(r"Threads:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads in /proc")
+def test_freed_engines_leave_no_threads(packed_mixed):
+    """An engine keeps its worker threads (threads.h's Team) until it is freed: many engines
+    created, run and dropped leave the process with the threads it had."""
+    packed = load_packed(packed_mixed["llama"])
+    FastBackend(packed, max_positions=64, threads=4).forward([5, 6, 7])  # torch's and OpenMP's pools started
+    gc.collect()
+    before = _process_threads()
+    for _ in range(10):
+        FastBackend(packed, max_positions=64, threads=4).forward([5, 6, 7])
+    gc.collect()
+    assert _process_threads() == before
 
 
 def test_engine_truncate_and_reset(packed_mixed):

@@ -1,8 +1,9 @@
 """FastBackend: tightfit's compiled CPU engine behind the Backend protocol (runtime/backend.py).
 
 One C++ call runs a whole forward step (all layers, attention with a preallocated KV cache in fp16
-or in 8- or 4-bit codes (`kv_bits`, runtime/kernels/kv_cache.h), the head) with OpenMP
-threads that meet only where one needs rows another computed; quantized matrices run the AVX-512
+or in 8- or 4-bit codes (`kv_bits`, runtime/kernels/kv_cache.h), the head) with the engine's own
+threads, kept across calls, that meet only where one needs rows another computed (a decode call runs
+on one of them where the machine is so busy that this is faster: runtime/kernels/threads.h); quantized matrices run the AVX-512
 VNNI kernels of runtime/kernels (int8 block-32 activations, like llama.cpp's Q8_0), dense ones an
 fp32-activation kernel.
 

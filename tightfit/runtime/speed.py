@@ -119,13 +119,15 @@ class TimedRuns:
 def time_round_robin(backends: Mapping[K, Backend], prompt: list[int], new_tokens: int, repeats: int, *,
                      max_rounds: Mapping[K, int] | None = None,
                      on_round: Callable[[int], None] = lambda _: None,
+                     before_run: Callable[[K], None] = lambda _: None,
                      probe: Callable[[], float] | None = None) -> dict[K, TimedRuns]:
     """Time every backend `repeats` times with `time_once`, round-robin: a warm-up round, then
     `repeats` rounds, each running every backend once in the mapping's order.
 
     max_rounds: timed rounds of a backend when fewer than `repeats` (a slow one: it sits out the
-    later rounds). on_round(r) after round r, 0 being the warm-up. probe (e.g. a BandwidthProbe):
-    called right before every timed run, its value kept beside the run's times.
+    later rounds). on_round(r) after round r, 0 being the warm-up. before_run(key) before every run
+    of that backend, warm-up included (e.g. to set up the conditions it is timed in). probe (e.g. a
+    BandwidthProbe): called right before every timed run, its value kept beside the run's times.
     """
     limit = dict(max_rounds or {})
     runs: dict[K, list[tuple[float, float, float]]] = {key: [] for key in backends}
@@ -133,6 +135,7 @@ def time_round_robin(backends: Mapping[K, Backend], prompt: list[int], new_token
         for key, backend in backends.items():
             if rnd > limit.get(key, repeats):
                 continue
+            before_run(key)
             bandwidth = probe() if probe is not None and rnd else 0.0
             r = time_once(backend, prompt, new_tokens)
             if rnd:

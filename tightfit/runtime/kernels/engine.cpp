@@ -9,6 +9,7 @@
 //   kv_cache.h     the KV cache: fp16, or 8- or 4-bit codes with per-token group scales
 //   attention_values.h  how attention reads a KV head's cache; the weighted sum of its values
 //   attention.h    RoPE, softmax attention of the query heads that share one KV head's cache
+//   threads.h      the forward step's threads: kept across calls, a barrier (spin, yield, sleep)
 //   forward.h      the decoder's forward step
 //   timing.h       timing entry points (matmuls, memory reads, attention, the forward step's
 //                  phases) and the attention probe of the kernel tests
@@ -25,6 +26,7 @@
 #include "kv_cache.h"
 #include "attention_values.h"
 #include "attention.h"
+#include "threads.h"
 #include "forward.h"
 #include "timing.h"
 

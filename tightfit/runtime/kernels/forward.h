@@ -11,6 +11,7 @@
 #include "common.h"
 #include "layout.h"
 #include "matmul.h"
+#include "threads.h"
 
 // Phases of a forward step as thread 0 times them (tf_engine_profile; engine.py's PHASES names
 // them in this order): attention norm + quantize, q/k/v, KV cache + attention, o, MLP norm +
@@ -44,6 +45,8 @@ struct Engine {
     std::vector<QAct> acts;                  // one per thread
     std::vector<std::vector<float>> scores;  // one per thread [attend_scratch(group, kv.max_slots, head_dim)]
     double prof[PH_COUNT] = {0};             // thread 0's seconds per phase
+    Pace pace;                               // decode on the team or on thread 0 alone (threads.h)
+    Team team;                               // its threads (TF_BARRIER=2; threads.h); declared last, so joined first
 };
 
 static void rmsnorm(const float* x, const float* w, float eps, int H, float* out) {
@@ -66,10 +69,12 @@ struct Step {
     QAct& a;          // this thread's activations
     float* res;       // [M, hidden] its residual stream
     float* xp;        // [M, hidden] its normed input
+    Barrier& meet;    // the call's barrier (threads.h)
+    int sense = 0;    // this thread's side of it
     double clock = 0; // thread 0's time at the last lap
 
-    Step(Engine& e_, int M_, int pos_)
-        : e(e_), c(e_.cfg), M(M_), pos(pos_), tid(omp_get_thread_num()), nth(omp_get_num_threads()), a(e_.acts[tid]) {
+    Step(Engine& e_, Barrier& meet_, int M_, int pos_, int tid_, int nth_)
+        : e(e_), c(e_.cfg), M(M_), pos(pos_), tid(tid_), nth(nth_), a(e_.acts[tid]), meet(meet_) {
         a.exact = c.exact != 0;
         e.res[tid].resize((size_t)M * c.hidden);
         e.xp[tid].resize((size_t)M * c.hidden);
@@ -78,6 +83,8 @@ struct Step {
     }
     // thread 0: the time since the last lap goes to `phase`
     void lap(int phase) { if (tid == 0) { double t = omp_get_wtime(); e.prof[phase] += t - clock; clock = t; } }
+    // wait until every thread of the call gets here
+    void sync() { team_barrier(meet, sense, nth); }
 };
 
 // This thread's rows [n0, n1) of y [M, W.N] = x W^T, x already quantized into s.a.
@@ -189,18 +196,18 @@ static inline void attention_block(Step& s, int L) {
     matmul_share(s, ly.k, s.e.k.data(), n0, n1);
     matmul_share(s, ly.v, s.e.v.data(), n0, n1);
     s.lap(PH_QKV);
-#pragma omp barrier
+    s.sync();
     s.lap(PH_BARRIERS);
     store_kv(s, L);
-#pragma omp barrier
+    s.sync();
     attend_heads(s, L);
     s.lap(PH_ATTENTION);
-#pragma omp barrier
+    s.sync();
     s.lap(PH_BARRIERS);
     quantize_act(s.e.att.data(), s.M, s.c.n_heads * s.c.head_dim, s.a);
     matmul_share(s, ly.o, s.e.o.data(), n0, n1);
     s.lap(PH_O);
-#pragma omp barrier
+    s.sync();
     s.lap(PH_BARRIERS);
     add_residual(s, s.e.o.data(), ly.attn_out_norm);
 }
@@ -215,12 +222,12 @@ static inline void mlp_block(Step& s, const tf_layer& ly) {
     matmul_rows(ly.up, s.a, n0, n1, s.e.up.data());  // same rows as gate
     for (int i = 0; i < s.M; i++) gated_act(s.c.act, s.e.gate.data() + (size_t)i * I, s.e.up.data() + (size_t)i * I, n0, n1);
     s.lap(PH_GATE_UP);
-#pragma omp barrier
+    s.sync();
     s.lap(PH_BARRIERS);
     quantize_act(s.e.gate.data(), s.M, I, s.a);
     matmul_share(s, ly.down, s.e.down.data(), n0, n1);
     s.lap(PH_DOWN);
-#pragma omp barrier
+    s.sync();
     s.lap(PH_BARRIERS);
     add_residual(s, s.e.down.data(), ly.mlp_out_norm);
 }
@@ -240,6 +247,30 @@ static inline void lm_head(Step& s, float* logits, int all_logits) {
                 x = s.c.final_softcap * tanhf(x / s.c.final_softcap);
             }
     s.lap(PH_HEAD);
+}
+
+// One forward call's arguments, and the barrier its threads meet at
+struct Call {
+    Engine& e;
+    const int32_t* ids;
+    int M, pos;
+    float* logits;
+    int all_logits;
+    Barrier meet;
+};
+
+// Thread tid's part (of nth) of a forward call (a Team's job, or an OpenMP region's body)
+static void forward_thread(void* ctx, int tid, int nth) {
+    Call& call = *(Call*)ctx;
+    Step s(call.e, call.meet, call.M, call.pos, tid, nth);
+    embed(s, call.ids);
+    s.clock = omp_get_wtime();  // the phases start after the embedding lookup
+    for (int L = 0; L < s.c.n_layers; L++) {
+        attention_block(s, L);
+        mlp_block(s, s.c.layers[L]);
+    }
+    lm_head(s, call.logits, call.all_logits);
+    if (TF_BARRIER == 1) s.sync();  // all arrive at OpenMP's closing barrier together: none waits in it (its spin policy)
 }
 
 extern "C" {
@@ -319,7 +350,8 @@ int tf_engine_create(const tf_config* cfg, void** out) {
         }
         const int group = std::min(c.n_heads / c.n_kv_heads, TF_MAX_GROUP);  // the largest group_size
         e->scores.assign(T, std::vector<float>(attend_scratch(group, e->kv.max_slots, c.head_dim)));
-    } catch (...) {  // std::bad_alloc, std::length_error
+        if (TF_BARRIER == 2) e->team.launch(c.threads);
+    } catch (...) {  // std::bad_alloc, std::length_error, std::system_error (a thread not started)
         delete e;
         return TF_E_MEMORY;
     }
@@ -347,17 +379,20 @@ int tf_engine_forward(void* p, const int32_t* ids, int M, int pos, float* logits
     if (M < 1 || M > c.max_batch || pos < 0 || pos + M > c.max_pos) return -1;
     for (int i = 0; i < M; i++) if (ids[i] < 0 || ids[i] >= c.vocab) return -2;
     if (!e.kv.claim(pos, M)) return -3;
-#pragma omp parallel num_threads(c.threads)
-    {
-        Step s(e, M, pos);
-        embed(s, ids);
-        s.clock = omp_get_wtime();  // the phases start after the embedding lookup
-        for (int L = 0; L < c.n_layers; L++) {
-            attention_block(s, L);
-            mlp_block(s, c.layers[L]);
-        }
-        lm_head(s, logits, all_logits);
+    Call call = {e, ids, M, pos, logits, all_logits, {}};
+#if TF_BARRIER == 2
+    if (M > 1 || !TF_PACE || c.threads == 1) {
+        e.team.run(forward_thread, &call, c.threads);
+    } else {  // a decode call: the team or thread 0 alone, whichever is faster now (Pace)
+        const bool team = e.pace.team();
+        const double t0 = omp_get_wtime();
+        e.team.run(forward_thread, &call, team ? c.threads : 1);
+        e.pace.record(team, omp_get_wtime() - t0);
     }
+#else
+#pragma omp parallel num_threads(c.threads)
+    forward_thread(&call, omp_get_thread_num(), omp_get_num_threads());
+#endif
     return 0;
 }
 

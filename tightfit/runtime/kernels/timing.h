@@ -10,6 +10,7 @@
 #include "forward.h"
 #include "kv_cache.h"
 #include "matmul.h"
+#include "threads.h"
 
 // kv <- a cache of one layer and one KV head holding n positions in kv_bits (keys [n, D] as
 // attention sees them, already rotated; values [n, D]); returns that head (tests and timing of
@@ -79,18 +80,19 @@ int tf_kv_attend(int kv_bits, int D, int n, int rep, const float* keys, const fl
 // step of a whole model (one matrix alone would stay cache-resident and time too fast).
 double tf_time_matmul(const tf_mat* W, int count, const float* x, int M, float* y, int threads, int reps) {
     std::vector<QAct> acts(threads);
+    Barrier meet;  // the forward step's barrier (threads.h), so the profile times what the engine runs
     double t0 = omp_get_wtime();
 #pragma omp parallel num_threads(threads)
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        int n0, n1;
+        int n0, n1, sense = 0;
         share(W[0].N, tid, nth, n0, n1);
         for (int r = 0; r < reps; r++) {
             const tf_mat& w = W[r % count];
             quantize_act(x, M, w.K, acts[tid]);
             group_sums(w, acts[tid]);
             matmul_rows(w, acts[tid], n0, n1, y);
-#pragma omp barrier
+            team_barrier(meet, sense, nth);
         }
     }
     return (omp_get_wtime() - t0) / reps;
