@@ -185,7 +185,7 @@ def main() -> None:
         sys.exit(f"kv: {args.llama_gguf} is not a file")
     t0 = time.time()
     torch.set_num_threads(THREADS)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, streamed=False)  # the reference runs whole windows
     from tightfit.model.builtin import BUILTIN_MODELS
 
     info = {}
