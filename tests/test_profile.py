@@ -4,6 +4,7 @@ Pareto report, on the tiny models."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -377,3 +378,62 @@ def test_profile_command_prints_kernel_and_in_context_times(tiny_model_dir, tmp_
     assert "w2g64 " in scales and "w6g128 " in scales and "fixed part" in printed
     table = LatencyTable.from_json(json.loads(out.read_text()))
     assert set(table.context_scale) >= {"w2g64", "w4g64"} and all(v > 0 for v in table.context_scale.values())
+
+
+# ---- --context and --kv: the fixed part at the decode the latency limit is for ---------------------
+
+
+def test_the_fixed_part_is_measured_at_the_context_and_kv_width_asked_for(tmp_path, fake_timers, monkeypatch):
+    """The whole-model decode that gives the fixed part (attention above all) runs at config.fixed_prompt
+    cached positions and config.kv_bits; each (context, KV width) is its own cache entry, and the table
+    records both."""
+    seen = []
+    monkeypatch.setattr(profile_stage, "measure_model_decode",
+                        lambda packed, config: seen.append((config.fixed_prompt, config.kv_bits)) or (5.0, 2.0, 0.5))
+    short = _profile(tmp_path)
+    long4 = _profile(tmp_path, config=dataclasses.replace(FAST, fixed_prompt=2048, kv_bits=4))
+    again = _profile(tmp_path, config=dataclasses.replace(FAST, fixed_prompt=2048, kv_bits=4))
+    assert {s for s in seen} == {(FAST.fixed_prompt, 16), (2048, 4)} and len(seen) == 4  # 2 formats x 2 settings, cached after
+    assert (short.context, short.kv_bits) == (FAST.fixed_prompt + FAST.fixed_new_tokens // 2, 16)
+    assert (long4.context, long4.kv_bits) == (2048 + FAST.fixed_new_tokens // 2, 4) and again == long4
+    assert LatencyTable.from_json(json.loads(json.dumps(long4.to_json()))) == long4
+    with pytest.raises(ValueError, match="kv_bits must be one of"):
+        ProfileConfig(threads=1, kv_bits=5)
+
+
+def test_the_real_engine_decodes_at_the_kv_width_of_the_profile(tiny_model_dir, monkeypatch):
+    """measure_model_decode runs the engine with the profile's KV width and enough positions for its context."""
+    from tightfit.pipeline import uniform_rtn_packed
+    from tightfit.runtime import engine as engine_mod
+    from tightfit.stages.profile import timing
+
+    made = []
+    real = engine_mod.FastBackend
+
+    def spy(*args, **kwargs):
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "FastBackend", spy)
+    packed = uniform_rtn_packed(load_model(str(tiny_model_dir)), parse_format("w4g64"))
+    config = dataclasses.replace(FAST, fixed_prompt=40, fixed_new_tokens=4, fixed_repeats=1, kv_bits=4)
+    decode_ms, linear_ms, head_ms = timing.measure_model_decode(packed, config)
+    assert made and made[0]["kv_bits"] == 4 and made[0]["max_positions"] == 44
+    assert decode_ms > linear_ms > 0 and head_ms > 0
+
+
+def test_context_and_kv_flags_reach_the_profile_and_need_a_latency_flag(tiny_model_dir, tiny_text_file, tmp_path, capsys, monkeypatch):
+    seen = []
+    monkeypatch.setattr(profile_stage, "measure_bandwidth_gb_s", lambda config: 10.0)
+    real = profile_stage.measure_model_decode
+    monkeypatch.setattr(profile_stage, "measure_model_decode", lambda packed, config: seen.append(config) or real(packed, config))
+    work = tmp_path / "work"
+    assert main(["--threads", "1", "plan", str(tiny_model_dir), "--bpw", "8", "--predict-latency", "--context", "48", "--kv", "8",
+                 "--out", str(tmp_path / "p.json"), *_plan_flags(tiny_text_file, work)]) == 0
+    out = capsys.readouterr().out
+    assert seen and all(c.fixed_prompt == 48 and c.kv_bits == 8 for c in seen)
+    assert f"at {48 + seen[0].fixed_new_tokens // 2} cached positions, KV8" in out
+
+    assert main(["plan", str(tiny_model_dir), "--bpw", "8", "--context", "48", "--out", str(tmp_path / "q.json"),
+                 *_plan_flags(tiny_text_file, work)]) == 2
+    assert "--context and --kv describe the decode" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from tightfit.errors import TightfitError
 
 def _add_planner_flags(p: argparse.ArgumentParser) -> None:
     from tightfit.pipeline import DEFAULT_CANDIDATES
+    from tightfit.runtime.engine_config import DEFAULT_KV_BITS, KV_BITS
 
     p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
                    help=f"planner: comma-separated candidate formats per linear layer (default {','.join(DEFAULT_CANDIDATES)})")
@@ -32,6 +33,12 @@ def _add_planner_flags(p: argparse.ArgumentParser) -> None:
                         "--bpw/--max-size. Profiles the kernels at --threads (global flag; cached in --work)")
     p.add_argument("--predict-latency", action="store_true",
                    help="planner: profile this machine and print each layer's predicted decode ms, without a latency limit")
+    p.add_argument("--context", type=_positive_int, default=None,
+                   help="planner: with --max-latency/--predict-latency, the tokens already in the KV cache when a token "
+                        "is decoded: the attention's share of the time grows with it (default 32, a short chat turn)")
+    p.add_argument("--kv", type=int, choices=KV_BITS, default=DEFAULT_KV_BITS, dest="kv_bits",
+                   help="planner: with --max-latency/--predict-latency, the KV cache width the model will run with "
+                        f"(generate/chat/serve --kv; default {DEFAULT_KV_BITS})")
 
 
 def _add_sensitivity_flag(p: argparse.ArgumentParser) -> None:
@@ -67,13 +74,19 @@ def _embed_formats(args) -> tuple[str, ...]:
 def _plan_request(args, budget) -> "PlanRequest":
     from tightfit.pipeline import PlanRequest
 
+    from tightfit.runtime.engine_config import DEFAULT_KV_BITS
+
     work = args.work or Path(".tightfit-cache")
     profile = None
     if args.max_latency is not None or args.predict_latency:
         from tightfit.runtime.engine import default_threads
         from tightfit.stages.profile import ProfileConfig
 
-        profile = ProfileConfig(threads=args.threads or default_threads())
+        context = {} if args.context is None else {"fixed_prompt": args.context}
+        profile = ProfileConfig(threads=args.threads or default_threads(), kv_bits=args.kv_bits, **context)
+    elif args.context is not None or args.kv_bits != DEFAULT_KV_BITS:
+        raise TightfitError("--context and --kv describe the decode that --max-latency or --predict-latency times; "
+                            "give one of those too")
     return PlanRequest(model=args.model, budget=budget, work=work, formats=_candidates(args.candidates, "--candidates"),
                        embed_formats=_embed_formats(args), sensitivity=args.sensitivity,
                        calibration=_calibration_config(args), profile=profile)
@@ -125,8 +138,8 @@ def _print_plan(report) -> None:
     if latency is not None and plan.predicted_latency_ms is not None:
         fixed_ms = plan.budget.fixed_latency_ms
         print(f"predicted decode {plan.predicted_latency_ms:.3f} ms/token ({1e3 / plan.predicted_latency_ms:.1f} tok/s): "
-              f"layers and head {plan.predicted_latency_ms - fixed_ms:.3f} ms + the rest (attention, norms) {fixed_ms:.3f} ms; "
-              f"{latency.threads} threads on {latency.cpu}")
+              f"layers and head {plan.predicted_latency_ms - fixed_ms:.3f} ms + the rest (attention, norms) {fixed_ms:.3f} ms "
+              f"at {latency.context} cached positions, KV{latency.kv_bits}; {latency.threads} threads on {latency.cpu}")
     agreement = table.rank_agreement()
     if agreement:
         print("proxy vs measured rank agreement (Spearman): " + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items()))

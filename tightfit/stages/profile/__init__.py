@@ -173,7 +173,8 @@ def profile(
             if not kernels.has_kernel(fmt):
                 continue  # no fast kernel: runs as dense fp32, timed as such, unscaled
             key = (f"model-in-context|{_scope(config)}|arch={architecture}|{fmt.name}|"
-                   f"ctx={config.fixed_prompt}+{config.fixed_new_tokens}|embed={config.embed_format or 'fp16'}|phases=2")
+                   f"ctx={config.fixed_prompt}+{config.fixed_new_tokens}|embed={config.embed_format or 'fp16'}|phases=2"
+                   + ("" if config.kv_bits == 16 else f"|kv={config.kv_bits}"))
             measured = cache.get(key)
             if measured is None:
                 on_stage(f"timing decode of the whole model in {fmt.name} (in-context layer times, the non-linear rest)")
@@ -204,4 +205,5 @@ def profile(
         fixed_format=fixed_fmt.name if uniform_model is not None else None,
         context_scale={k: v for k, v in scale.items() if k in names},
         head=None if head is None else (int(head[0]), int(head[1])), head_scale=head_scale,
+        context=config.fixed_prompt + config.fixed_new_tokens // 2 if uniform_model is not None else 0, kv_bits=config.kv_bits,
     )

@@ -13,7 +13,7 @@ from tightfit.artifacts import Choice, Unquantized
 from tightfit.formats.registry import Format, parse_format
 from tightfit.runtime import kernels
 
-LATENCY_TABLE_VERSION = 3
+LATENCY_TABLE_VERSION = 3  # context and kv_bits (later fields) default when absent
 PROFILE_CONFIG_VERSION = 2
 DENSE_KERNEL = "dense-fp32"  # what the engine runs for a format without a fast kernel
 FP16_KERNEL = "dense-fp16"  # what it runs for an unquantized (fp16) matrix
@@ -34,7 +34,10 @@ class ProfileConfig:
     fixed_format:     a uniform format whose whole model is always timed (as are the candidates)
     embed_format:     format of that model's token embeddings and output head (None: fp16), as
                       the model being planned will have them: the head is most of the fixed part
-    fixed_prompt:     prompt tokens before each timed whole-model decode
+    fixed_prompt:     prompt tokens before each timed whole-model decode: the context the fixed
+                      part (attention above all) is measured at, `--context` of plan and compress
+    kv_bits:          the engine's KV cache width in those decodes (16, 8, 4), `--kv`: the
+                      attention's cost per cached position depends on it
     fixed_new_tokens: decoded tokens per timed whole-model run
     fixed_repeats:    timed whole-model runs (after one warm-up); the median is kept
     """
@@ -51,6 +54,7 @@ class ProfileConfig:
     fixed_prompt: int = 32
     fixed_new_tokens: int = 64
     fixed_repeats: int = 5
+    kv_bits: int = 16
     version: int = PROFILE_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -58,6 +62,10 @@ class ProfileConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"profile {name} must be a whole number >= 1, got {v!r}")
+        from tightfit.runtime.engine_config import KV_BITS
+
+        if self.kv_bits not in KV_BITS:
+            raise ValueError(f"profile kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {self.kv_bits!r}")
         if self.repeats < 5:
             raise ValueError(f"profile repeats must be at least 5 for a stable median, got {self.repeats}")
         if not (isinstance(self.min_repeat_s, (int, float)) and math.isfinite(self.min_repeat_s) and self.min_repeat_s > 0):
@@ -117,6 +125,7 @@ class LatencyTable:
                       measured in context: 1); decode_ms() applies it
     head:             the head's shape (V, H) when its candidates are among the entries, else None
     head_scale:       the head's in-context time / its kernel time (1 when not measured)
+    context, kv_bits: the cached positions and KV cache width fixed_ms was measured at
     bandwidth_gb_s:   read bandwidth with `threads` threads (0 when not measured)
     threads, decode_m, prefill_m: how the entries were timed
     machine, cpu:     `machine_id()` and the CPU model name
@@ -137,6 +146,8 @@ class LatencyTable:
     context_scale: dict[str, float] = field(default_factory=dict)
     head: tuple[int, int] | None = None
     head_scale: float = 1.0
+    context: int = 0
+    kv_bits: int = 16
     version: int = LATENCY_TABLE_VERSION
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
@@ -172,6 +183,7 @@ class LatencyTable:
             "kernel_sha256": self.kernel_sha256, "bandwidth_gb_s": self.bandwidth_gb_s, "fixed_ms": self.fixed_ms,
             "model_decode_ms": self.model_decode_ms, "fixed_format": self.fixed_format, "context_scale": self.context_scale,
             "head": None if self.head is None else list(self.head), "head_scale": self.head_scale,
+            "context": self.context, "kv_bits": self.kv_bits,
         }
 
     @classmethod

@@ -67,7 +67,8 @@ def measure_model_decode(packed: PackedModel, config: ProfileConfig) -> tuple[fl
     from tightfit.runtime.engine import FastBackend
     from tightfit.runtime.speed import random_prompt
 
-    backend = FastBackend(packed, max_positions=config.fixed_prompt + config.fixed_new_tokens, threads=config.threads)
+    backend = FastBackend(packed, max_positions=config.fixed_prompt + config.fixed_new_tokens, threads=config.threads,
+                          kv_bits=config.kv_bits)
     prompt = random_prompt(backend.vocab_size, config.fixed_prompt, 0)
     decode, linear, head = [], [], []
     for run in range(config.fixed_repeats + 1):  # the first is a warm-up
