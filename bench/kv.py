@@ -152,7 +152,7 @@ def markdown(payload: dict) -> str:
               f"- {payload['caveat']}" if payload["caveat"] else "- (no source caveat)",
               "- Quality rows at one context share their windows; rows at different contexts do not (longer windows, "
               "other text). A few windows per context: KL moves by a few percent between window sets.",
-              *kv_bound_lines(payload), ""]
+              *kv_bound_lines(payload), *(f"- {note}" for note in payload.get("notes", [])), ""]
     return "\n".join(lines)
 
 
@@ -170,8 +170,24 @@ def main() -> None:
                     help="the packed folder timed for speed (default: the first of --packed; speed does not depend on "
                          "how the weights were made, only on their bytes)")
     ap.add_argument("--name", default="kv", help="results name in bench/results/ (empty: write nothing)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the Markdown again from bench/results/NAME.json (e.g. with a --note), measuring nothing")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a caveat about this run to print with the table (repeatable; kept in the JSON)")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    if args.report_only:
+        path = Path(__file__).resolve().parent / "results" / f"{args.name}.json"
+        if not path.is_file():
+            sys.exit(f"kv: --report-only needs {path}")
+        import json
+
+        payload = json.loads(path.read_text())
+        payload["notes"] = payload.get("notes", []) + args.note
+        md = markdown(payload)
+        print(md)
+        print("wrote", *write_results(args.name, payload, md))
+        return
     packed = {}
     for pair in args.packed.split(","):
         label, sep, folder = pair.partition("=")
@@ -202,7 +218,7 @@ def main() -> None:
                "llama_gguf": None if args.llama_gguf is None else args.llama_gguf.name,
                "llama_gguf_mb": 0.0 if args.llama_gguf is None else args.llama_gguf.stat().st_size / 1e6,
                "caveat": next((b.grid_caveat for b in BUILTIN_MODELS if b.name == args.model), ""),
-               "wall_s": round(time.time() - t0, 1)}
+               "wall_s": round(time.time() - t0, 1), "notes": args.note}
     md = markdown(payload)
     print(md)
     if args.name:
