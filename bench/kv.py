@@ -34,7 +34,7 @@ from tightfit.evaluate import EvalConfig, eval_windows, evaluate, packed_candida
 from tightfit.formats.packed import load_packed  # noqa: E402
 from tightfit.model import load_model  # noqa: E402
 from tightfit.runtime.engine import FastBackend  # noqa: E402
-from tightfit.runtime.speed import BandwidthProbe, random_prompt, time_round_robin  # noqa: E402
+from tightfit.runtime.speed import BandwidthProbe, random_prompt, report, time_round_robin  # noqa: E402
 
 KV_WIDTHS = (16, 8, 4)
 LLAMA_KV = {16: "F16", 8: "Q8_0", 4: "Q4_0"}
@@ -91,8 +91,9 @@ def speed(folder: Path, llama_gguf: Path | None, positions: list[int], new: int,
                          "kv_bytes_per_token": kvb, "bytes_read_per_token": read, "decode_tok_s": statistics.median(r.decode_tok_s),
                          "decode_runs": list(r.decode_tok_s), "prefill_tok_s": statistics.median(r.prefill_tok_s),
                          "bandwidth_runs": list(r.bandwidth_gb_s),
-                         "roofline_fraction": None if read is None else statistics.median(
-                             d * read / (b * 1e9) for d, b in zip(r.decode_tok_s, r.bandwidth_gb_s))})
+                         "roofline_fraction": None if read is None else report(
+                             threads=THREADS, prompt_tokens=p, new_tokens=new, prefill=r.prefill_tok_s, decode=r.decode_tok_s,
+                             weight_bytes=read, bandwidth_runs=r.bandwidth_gb_s).roofline_fraction})
             print(f"  position {p} {engine} {rows[-1]['kv']}: {rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
         for (engine, _), e in engines.items():
             if engine == "llama.cpp":
@@ -159,7 +160,8 @@ def markdown(payload: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--packed", required=True, help="LABEL=FOLDER pairs, comma-separated (packed files of --model)")
+    ap.add_argument("--packed", default="", help="LABEL=FOLDER pairs, comma-separated (packed files of --model; "
+                                                 "needed unless --report-only)")
     ap.add_argument("--contexts", default="512,2048,4096")
     ap.add_argument("--tokens", type=int, default=8192, help="evaluation tokens per context length")
     ap.add_argument("--positions", default="512,2048,4096", help="decode positions timed (empty: no speed)")
@@ -188,6 +190,8 @@ def main() -> None:
         print(md)
         print("wrote", *write_results(args.name, payload, md))
         return
+    if not args.packed:
+        sys.exit("kv: --packed LABEL=FOLDER[,...] is needed to measure")
     packed = {}
     for pair in args.packed.split(","):
         label, sep, folder = pair.partition("=")

@@ -437,3 +437,5 @@ def test_context_and_kv_flags_reach_the_profile_and_need_a_latency_flag(tiny_mod
     assert main(["plan", str(tiny_model_dir), "--bpw", "8", "--context", "48", "--out", str(tmp_path / "q.json"),
                  *_plan_flags(tiny_text_file, work)]) == 2
     assert "--context and --kv describe the decode" in capsys.readouterr().err
+    assert main(["compress", str(tiny_model_dir), "--format", "w4g64", "--kv", "4", "--out", str(tmp_path / "c")]) == 2
+    assert "do not combine with --format" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -139,12 +139,15 @@ def _cmd_compress(args) -> int:
     from tightfit.pipeline.footprint import CompressSettings, CompressShapes, check_compress_memory, packed_bytes_per_weight
     from tightfit.pipeline.planning import original_hessians
     from tightfit.stages.allocate import Plan
+    from tightfit.runtime.engine_config import DEFAULT_KV_BITS
     from tightfit.stages.quantize import check_smooth_attention
 
     given = [flag for flag, v in (("--format", args.format), ("--plan", args.plan)) if v is not None]
     if given and (args.max_latency is not None or args.predict_latency):
         flag = "--max-latency" if args.max_latency is not None else "--predict-latency"
         raise TightfitError(f"{flag} is a planner budget; it does not combine with {given[0]} (use it with or instead of --bpw/--max-size)")
+    if given and (args.context is not None or args.kv_bits != DEFAULT_KV_BITS):
+        raise TightfitError(f"--context and --kv describe the decode a planner's latency budget is for; they do not combine with {given[0]}")
     if not given and args.bpw is None and args.max_size is None and args.max_latency is None:
         raise TightfitError("compress needs one of --format, --bpw, --max-size, --max-latency or --plan")
     loaded = plan = hessians = None
