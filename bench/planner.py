@@ -31,6 +31,7 @@ sizes over the linear layers only.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -55,6 +56,9 @@ from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 from tightfit.stages.allocate import Budget  # noqa: E402
 from tightfit.stages.sensitivity import METHOD_TEXT, METHODS  # noqa: E402
 
+SCALE_RUNS = tuple(Path(__file__).resolve().parent / "results" / f"compress_qwen15-bpw{b}.json"
+                   for b in ("2.5-s9", "3.0-s10", "3.5-s9", "4.0-s10"))
+SCALE_PEERS = Path(__file__).resolve().parent / "results" / "peers_qwen15.json"
 UNIFORM = ("w2g32", "w2g16", "w3g128", "w3g64", "w3g32", "w4g128")
 WORK = Path(__file__).resolve().parents[1] / ".cache" / "planner"
 # what each `--embeddings` protocol puts in the plan, and the row field sizes are compared on
@@ -97,6 +101,13 @@ def main() -> None:
                     "measured (the others are read from --work's cache when there); '' for none")
     ap.add_argument("--work", type=Path, default=WORK, help=f"cache of Hessians and sensitivity tables (default {WORK})")
     ap.add_argument("--heldback-windows", type=int, default=4, help="held-back calibration windows the whole plans' real KL is measured on")
+    ap.add_argument("--scale-runs", default=",".join(str(p) for p in SCALE_RUNS),
+                    help="JSONs of bench/compress_run.py runs of `tightfit compress BIGGER --bpw B` (the cheap estimate), "
+                         "shown beside --scale-peers; '' for none")
+    ap.add_argument("--scale-peers", type=Path, default=SCALE_PEERS,
+                    help="bench/peers.py JSON of the same bigger model on the same windows: the plans' rivals")
+    ap.add_argument("--note", action="append", default=[], help="a caveat printed under the tables (e.g. that the "
+                    "machine was shared during the run, so the seconds are high)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     methods = [m.strip() for m in args.sensitivity.split(",") if m.strip()]
@@ -165,11 +176,62 @@ def main() -> None:
         "rival_window_bpw": RIVAL_WINDOW, "rows": table_rows, "budgets": verdicts(table_rows, budgets, size_key),
         "plans": {key: p.to_json() for key, p in plans.items()}, "heldback_windows": args.heldback_windows,
         "wall_s": round(time.perf_counter() - t0, 1),
+        "notes": args.note,
+        "scale": scale_section([Path(p) for p in args.scale_runs.split(",") if p.strip()], args.scale_peers),
     }
     md = markdown(payload)
     paths = write_results("planner", payload, md)
     print(md)
     print("written:", *paths)
+
+
+def scale_section(runs: list[Path], peers_json: Path | None) -> dict | None:
+    """The plans of `tightfit compress BIG --bpw B` runs (their compress_run.py JSONs) beside the
+    llama.cpp presets of bench/peers.py on the same model and windows: each plan against the best
+    rival in the rival window (by KL). Entries scored on other windows than the plans are left out."""
+    if not runs or peers_json is None:
+        return None
+    peers = json.loads(peers_json.read_text())
+    plans = []
+    for path in runs:
+        run = json.loads(path.read_text())
+        ev, summary = run["report"]["evaluation"], run["report"]["summary"]
+        plans.append({"name": path.stem.removeprefix("compress_"), "command": run["command"], "date": run["machine"]["date"],
+                      "bits_per_weight": summary["model_bits_per_weight"], "kl": ev["kl"], "top1": ev["top1"], "ppl": ev["ppl"],
+                      "n_tokens": ev["n_tokens"], "wall_min": run["wall_seconds"] / 60})
+    n_tokens = {p["n_tokens"] for p in plans}
+    if n_tokens != {peers["n_tokens"]}:
+        raise SystemExit(f"--scale-runs scored {sorted(n_tokens)} tokens, --scale-peers {peers['n_tokens']}: not the same windows")
+    others = [{"name": f"{e['peer']} {e['name']}", "bits_per_weight": e["bits_per_weight"], "kl": e["kl"],
+               "top1": e["top1"], "ppl": e["ppl"]}
+              for e in peers["entries"] if e["peer"] != "tightfit" and e.get("kl") is not None and e["kl"] == e["kl"]]
+    for p in plans:
+        best = min(rivals(others, p["bits_per_weight"]), key=lambda r: r["kl"], default=None)
+        p.update(best_rival=best and best["name"], rival_bpw=best and best["bits_per_weight"], rival_kl=best and best["kl"],
+                 plan_wins=None if best is None else p["kl"] < best["kl"])
+    return {"model": peers["model"], "evaluation": peers["evaluation"], "n_tokens": peers["n_tokens"],
+            "original_ppl": peers["original_ppl"], "peers_file": peers_json.name, "plans": plans, "rivals": others}
+
+
+def scale_markdown(scale: dict) -> list[str]:
+    ev = EvalConfig.from_json(scale["evaluation"])
+    lines = ["", f"## The same planner on {scale['model']} (the cheap estimate only)", "",
+             "Plans made by `tightfit compress MODEL --bpw B` (default sensitivity: fisher; embeddings and head planned), "
+             "each from its own run (command and date below), scored through tightfit's engine; beside them llama.cpp's "
+             f"presets from {scale['peers_file']} (their own engine, same windows). Uniform tightfit rivals were not run "
+             f"on this model (each is a ~40-minute compress run). {protocol_line(ev, scale['n_tokens'], scale['original_ppl'])}",
+             "", "| model | bits/weight | PPL | KL | top-1 |", "|---|---|---|---|---|"]
+    rows = [{**p, "name": f"tightfit plan ({p['name']})"} for p in scale["plans"]] + scale["rivals"]
+    for r in sorted(rows, key=lambda r: r["bits_per_weight"]):
+        lines.append(f"| {r['name']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.3f} |")
+    lines += ["", f"Each plan against llama.cpp's presets of its size class ({rival_window_text().replace('uniform format', 'preset')}); "
+              "n/a: none in the window.", "",
+              "| plan | bpw | KL | best llama.cpp rival | its bpw | its KL | plan wins | run |", "|---|---|---|---|---|---|---|---|"]
+    for p in scale["plans"]:
+        rival = "- | - | -" if p["best_rival"] is None else f"{p['best_rival']} | {p['rival_bpw']:.3f} | {p['rival_kl']:.4f}"
+        lines.append(f"| {p['name']} | {p['bits_per_weight']:.3f} | {p['kl']:.4f} | {rival} | {verdict_cell(p['plan_wins'])} | "
+                     f"`{p['command']}` ({p['date'][:10]}, {p['wall_min']:.0f} min) |")
+    return lines
 
 
 def verdicts(table_rows: list[dict], budgets: list[float], size_key: str = "model_bits_per_weight") -> list[dict]:
@@ -236,6 +298,20 @@ def markdown(payload: dict) -> str:
     for v in payload["budgets"]:
         rival = "- | - | -" if v["best_uniform"] is None else f"{v['best_uniform']} | {v['uniform_bpw']:.3f} | {v['uniform_kl']:.4f}"
         lines.append(f"| {v['budget']} | {v['plan']} | {v['plan_bpw']:.3f} | {v['plan_kl']:.4f} | {rival} | {verdict_cell(v['plan_wins'])} |")
+    by_name = {r["name"]: r for r in payload["rows"]}
+    methods = list(payload["methods"])
+    if "measured" in methods and len(methods) > 1:
+        cheap = [m for m in methods if m != "measured"]
+        lines += ["", "Plans from each cheap estimate against the plan from the measured table at the same budget "
+                  "(evaluation KL; ratio = cheap / measured, below 1.05 is within 5 %):", "",
+                  "| budget | measured plan KL | " + " | ".join(f"{m} plan KL | ratio" for m in cheap) + " |",
+                  "|---|---|" + "---|---|" * len(cheap)]
+        for b in sorted({v["budget"] for v in payload["budgets"]}):
+            ref = by_name.get(f"plan {b} measured")
+            if ref is None:
+                continue
+            cells = [f"{by_name[f'plan {b} {m}']['kl']:.4f} | {by_name[f'plan {b} {m}']['kl'] / ref['kl']:.3f}" for m in cheap]
+            lines.append(f"| {b} | {ref['kl']:.4f} | " + " | ".join(cells) + " |")
     for method, agreement in payload["rank_agreement_spearman"].items():
         lines += ["", f"{method} vs measured KL increase, Spearman rank correlation across the linear layers: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items())]
@@ -252,6 +328,10 @@ def markdown(payload: dict) -> str:
     for r in payload["rows"]:
         if r["name"].startswith("plan"):
             lines.append(f"| {r['name']} | {r['predicted_loss']:.4f} | {r['kl_held_back']:.4f} |")
+    if payload.get("notes"):
+        lines += ["", "## Caveats", ""] + [f"- {n}" for n in payload["notes"]]
+    if payload.get("scale"):
+        lines += scale_markdown(payload["scale"])
     return "\n".join(lines) + "\n"
 
 
