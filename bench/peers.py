@@ -3,6 +3,7 @@ importance matrix) and HQQ, on the default model and the same held-out windows.
 
     .venv/bin/python bench/peers.py [--windows 64] [--select-windows 8] [--tightfit w2g64,...]
                                     [--llama Q2_K,...] [--llama-imatrix Q2_K,...] [--hqq 2,3,4] [--no-speed]
+    .venv/bin/python bench/peers.py --report-only    # peers.md and its plot again from peers.json, measuring nothing
 
 What each peer gets, so that the comparison is fair:
 - one reference: the original model (fp32, dequantized from the shipped Q4_1 GGUF). Its log-probs
@@ -52,9 +53,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
-from common import SELECT_WINDOWS, hessians_cached, machine_info, windows_help, write_results  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS, SELECT_WINDOWS, grids_json, hessians_cached, machine_info, source_grids, windows_help, write_results,
+)
 from peers_report import (  # noqa: E402
-    HQQ_GROUP, NO_MORE_BITS, SPEED_NEW, SPEED_PROMPT, SPEED_REPEATS, SPEED_THREADS, Entry, markdown, plot, verdicts,
+    HQQ_GROUP, NO_MORE_BITS, SPEED_NEW, SPEED_PROMPT, SPEED_REPEATS, SPEED_THREADS, Entry, mark_source_grid, markdown, plot,
+    saved_run, verdicts,
 )
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
@@ -263,7 +267,12 @@ def main() -> None:
     ap.add_argument("--hqq", default=",".join(map(str, HQQ_BITS)))
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--name", default="peers", help="results name in bench/results/ (empty: write nothing)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write bench/results/NAME.md and its plot again from NAME.json (e.g. after a caveat was added "
+                         "here), measuring nothing")
     args = ap.parse_args()
+    if args.report_only:
+        return report(args.name)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     t0 = time.time()
 
@@ -315,10 +324,13 @@ def main() -> None:
         hqq_version = version("hqq")
     except PackageNotFoundError:
         hqq_version = "not installed"
+    grids = source_grids(loaded.source)
+    mark_source_grid(entries, grids)
     payload = {
         "machine": machine_info(), "model": args.model, "source_sha256": loaded.source.sha256(),
         "calibration": config_to_json(calib_config), "evaluation": config_to_json(eval_config),
-        "held_back_windows": args.select_windows, "n_tokens": scorer.count, "original_ppl": scorer.reference_ppl,
+        "held_back_windows": args.select_windows, "source_grids": grids_json(grids), "n_tokens": scorer.count,
+        "original_ppl": scorer.reference_ppl,
         "llama_cpp_version": llama_cpp.__version__, "hqq_version": hqq_version, "no_more_bits": NO_MORE_BITS,
         "speed": {"threads": SPEED_THREADS, "prompt_tokens": SPEED_PROMPT, "new_tokens": SPEED_NEW, "repeats": SPEED_REPEATS},
         **payload, "entries": [e.to_json() for e in entries], "wall_s": round(time.time() - t0, 1),
@@ -327,10 +339,27 @@ def main() -> None:
     md = markdown(payload, entries)
     print(md)
     if args.name:
-        paths = write_results(args.name, payload, md)
-        png = paths[0].with_suffix(".png")
-        plot(entries, png, f"{args.model}: KL vs bits/weight, {eval_config.n_windows} x {eval_config.ctx} held-out tokens")
-        print("wrote", *paths, png)
+        write_report(args.name, payload, entries, md)
+
+
+def write_report(name: str, payload: dict, entries: list[Entry], md: str) -> None:
+    paths = write_results(name, payload, md)
+    ev = EvalConfig.from_json(payload["evaluation"])
+    png = paths[0].with_suffix(".png")
+    plot(entries, png, f"{payload['model']}: KL vs bits/weight, {ev.n_windows} x {ev.ctx} held-out tokens")
+    print("wrote", *paths, png)
+
+
+def report(name: str) -> None:
+    """NAME.md and its plot again from NAME.json (peers_report.saved_run)."""
+    json_path = RESULTS / f"{name}.json"
+    payload, entries = saved_run(json_path)
+    try:
+        md = markdown(payload, entries)
+    except KeyError as e:
+        sys.exit(f"peers: {json_path} was written by an older bench/peers.py (no {e}): rerun it")
+    print(md)
+    write_report(name, payload, entries, md)
 
 
 if __name__ == "__main__":

@@ -30,22 +30,27 @@ import math
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
-from common import RESULTS, machine_info, machine_line, protocol_line, windows_help, write_results  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS, grids_from_json, grids_json, machine_info, machine_line, protocol_line, source_grids, windows_help,
+    write_results,
+)
 from peers import f32_gguf, imatrix_entries  # noqa: E402
-from peers_report import Entry, pareto_front, plot, verdict_line, verdicts  # noqa: E402
+from peers_report import (  # noqa: E402
+    Entry, grid_bullet, mark_source_grid, pareto_front, plot, saved_run, types_note, verdict_line, verdicts,
+)
 
 from tightfit.artifacts import CalibrationConfig, config_to_json  # noqa: E402
 from tightfit.evaluate import EvalConfig, eval_windows, evaluate, packed_candidate, reference_log_probs  # noqa: E402
 from tightfit.formats.packed import load_packed  # noqa: E402
 from tightfit.metrics import nll_per_position  # noqa: E402
 from tightfit.model import load_model  # noqa: E402
-from tightfit.model.builtin import BUILTIN_MODELS  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,9 +73,9 @@ def run_tightfit(folders: list[Path], n_weights: int, windows, logp) -> list[Ent
     for folder in folders:
         packed = load_packed(folder)
         nbytes = packed.quantized_bytes() + packed.kept_bytes()
-        formats = sorted({q.fmt.name for q in packed.layers.values()})
-        entry = Entry("tightfit", folder.name, 8 * nbytes / n_weights, math.nan, file_mb=nbytes / 1e6,
-                      note=f"{len(formats)} formats: {', '.join(formats)}")
+        formats = dict(Counter(q.fmt.name for q in packed.layers.values()).most_common())  # which grids it holds
+        entry = Entry("tightfit", folder.name, 8 * nbytes / n_weights, math.nan, file_mb=nbytes / 1e6, types=formats,
+                      note=f"{len(formats)} formats")
         score(packed_candidate(packed, "fast", ctx=windows.shape[1]), windows, logp, entry)
         entries.append(entry)
         del packed
@@ -99,6 +104,7 @@ def run_llama(src: Path, types: list[str], imatrix, label: str, n_weights: int, 
 
 def markdown(payload: dict, entries: list[Entry]) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
+    grids = grids_from_json(payload["source_grids"])
     lines = [
         f"# tightfit's planned files vs llama.cpp's presets on {payload['model']} (one run)", "",
         machine_line(payload["machine"], THREADS), "",
@@ -124,20 +130,15 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
             if math.isnan(e.kl):
                 lines.append(f"| {peer} | {e.name} | - | - | - | - | - | - | failed: {e.note} |")
                 continue
-            mix = ", ".join(f"{k} x{v}" for k, v in sorted(e.types.items(), key=lambda kv: -kv[1]))
             seconds = "-" if math.isnan(e.quantize_seconds) else f"{e.quantize_seconds:.0f}"
             lines.append(f"| {peer} | {e.name} | {e.bits_per_weight:.3f} | {e.file_mb:.0f} | {e.ppl:.3f} | {e.kl:.4f} | "
-                         f"{e.top1:.3f} | {seconds} | {'; '.join(x for x in (mix, e.note) if x)} |")
+                         f"{e.top1:.3f} | {seconds} | {types_note(e)} |")
     lines += ["", "Pareto front (none is both smaller and closer to the original): "
               + ", ".join(f"{e.peer} {e.name} ({e.bits_per_weight:.2f}, {e.kl:.4f})" for e in pareto_front(entries)) + ".",
               "", "## Where tightfit loses", "",
               "Each tightfit file against every llama.cpp file at no more bits (up to 0.05 bits/weight more), by KL.", "",
               *map(verdict_line, payload["verdicts"]), "", "## Caveats", "",
-              f"- {payload['caveat']}",
-              "- The source grid favours llama.cpp here: its presets keep some tensors in Q4_K / Q6_K (see `types`), "
-              "which re-quantize the original's own Q4_K / Q6_K tensors almost losslessly (Q4_K_M entirely: its KL is no "
-              "evidence of quality); tightfit's candidates hold no such grid (4-bit groups are symmetric, non-uniform "
-              "nl4g32, or g64/g128), so every tightfit layer pays a full rounding.",
+              *([grid_bullet(entries, grids)] if grids else []),
               "- Entries named after a folder are tightfit plans (`--bpw B`, Hessians and sensitivity of one work folder); "
               "a uniform tightfit entry (one format) keeps its embeddings and head in fp16, hence its size.",
               "- A failed entry is llama.cpp refusing the preset (IQ3_XXS and the IQ2 types need an importance matrix).",
@@ -149,7 +150,8 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--work", type=Path, required=True, help="a compress work folder holding the original's Hessians")
+    ap.add_argument("--work", type=Path, help="a compress work folder holding the original's Hessians (needed unless "
+                                               "--report-only)")
     ap.add_argument("--calib-dtype", choices=("fp32", "bf16"), default="bf16", help="as the compress runs used")
     ap.add_argument("--tightfit", default="", help="packed folders, comma-separated")
     ap.add_argument("--llama", default=",".join(LLAMA))
@@ -166,6 +168,8 @@ def main() -> None:
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     if args.report_only:
         return report(args.name)
+    if args.work is None:
+        sys.exit("peers_files: --work is needed to measure (a compress work folder holding the original's Hessians)")
     folders = [Path(f) for f in split(args.tightfit)]
     for f in folders:
         if not (f / "manifest.json").is_file():
@@ -202,7 +206,7 @@ def main() -> None:
     logp = reference_log_probs(loaded.model, windows, batch_size=1)  # [W, T-1, V]
     original_ppl = math.exp(nll_per_position(logp, windows[:, 1:]).mean().item())
     print(f"reference: {windows.shape[0]} windows, PPL {original_ppl:.3f} ({time.time() - t0:.0f} s)", flush=True)
-    caveat = next((b.grid_caveat for b in BUILTIN_MODELS if b.name == args.model), "")
+    grids = source_grids(loaded.source)
     del loaded
     gc.collect()
 
@@ -210,24 +214,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         entries += run_llama(src, split(args.llama), None, "llama.cpp", n_weights, windows, logp, Path(tmp))
         entries += run_llama(src, split(args.llama_imatrix), imatrix, "llama.cpp+imatrix", n_weights, windows, logp, Path(tmp))
+    mark_source_grid(entries, grids)
     payload = {
-        "machine": machine_info(), "model": args.model, "calibration": config_to_json(calib_config),
+        "machine": machine_info(), "model": args.model, "source_grids": grids_json(grids),
+        "calibration": config_to_json(calib_config),
         "evaluation": config_to_json(eval_config), "n_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
         "original_ppl": original_ppl, "n_weights": n_weights, "llama_cpp_version": llama_cpp.__version__,
         "tightfit_folders": [str(f) for f in folders], "entries": [e.to_json() for e in entries],
         "wall_s": round(time.time() - t0, 1), "verdicts": verdicts(entries),
     }
-    payload["caveat"] = caveat
     if earlier is not None:  # this run's entries replace or join the earlier run's
         new = {(e.peer, e.name) for e in entries}
-        fields = set(Entry.__dataclass_fields__)
-        kept = [Entry(**{k: v for k, v in e.items() if k in fields}) for e in earlier["entries"]
-                if (e["peer"], e["name"]) not in new]
-        entries = kept + entries
+        kept = [Entry.from_json(e) for e in earlier["entries"] if (e["peer"], e["name"]) not in new]
+        entries = mark_source_grid(kept + entries, grids)
         added = earlier.get("added", []) + [{"entries": sorted(f"{p} {n}" for p, n in new), "date": payload["machine"].get("date"),
                                              "wall_s": payload["wall_s"]}]
         payload = {**earlier, "entries": [e.to_json() for e in entries], "verdicts": verdicts(entries), "added": added,
-                   "caveat": caveat,
+                   "source_grids": grids_json(grids),
                    "tightfit_folders": sorted(set(earlier.get("tightfit_folders", [])) | {str(f) for f in folders})}
     md = markdown(payload, entries)
     print(md)
@@ -248,12 +251,10 @@ def write_plot(payload: dict, entries: list[Entry], png: Path) -> None:
 
 
 def report(name: str) -> None:
-    """The Markdown and the plot of a saved run, from its JSON (e.g. after a caveat was added to this script)."""
+    """The Markdown and the plot of a saved run, from its JSON (peers_report.saved_run), e.g. after a
+    caveat was added to this script."""
     json_path = RESULTS / f"{name}.json"
-    payload = json.loads(json_path.read_text())
-    payload.setdefault("caveat", next((b.grid_caveat for b in BUILTIN_MODELS if b.name == payload["model"]), ""))
-    fields = set(Entry.__dataclass_fields__)
-    entries = [Entry(**{k: v for k, v in e.items() if k in fields}) for e in payload["entries"]]
+    payload, entries = saved_run(json_path)
     md = markdown(payload, entries)
     (RESULTS / f"{name}.md").write_text(md)
     print(md)

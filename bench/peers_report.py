@@ -7,7 +7,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import ENGINE_COLUMNS, machine_line, on_source_grid, protocol_line, source_grid_caveat
+from common import (
+    ENGINE_COLUMNS, grids_from_json, held_grids, is_format, machine_line, on_source_grid, protocol_line, recorded_grids,
+    source_grid_caveat, source_line,
+)
 
 from tightfit.evaluate import EvalConfig
 
@@ -22,6 +25,8 @@ class Entry:
 
     kl, ppl, top1: through the engine that runs it; kl_fp32: tightfit's packed file as the
     dequantized torch model (None for peers); kl_held_back: on the held-back calibration windows.
+    source_grid: it can hold the source's own grid throughout, so its quality is no evidence
+    (`mark_source_grid`).
     """
 
     peer: str
@@ -29,7 +34,7 @@ class Entry:
     bits_per_weight: float
     quantize_seconds: float
     file_mb: float | None = None
-    types: dict[str, int] = field(default_factory=dict)  # llama.cpp: GGML type -> number of linear tensors
+    types: dict[str, int] = field(default_factory=dict)  # a file's tensors: GGML type (llama.cpp) or format -> count
     ppl: float = math.nan
     kl: float = math.nan
     top1: float = math.nan
@@ -38,14 +43,46 @@ class Entry:
     decode_tok_s: float | None = None
     decode_runs: list[float] = field(default_factory=list)
     note: str = ""
-
-    @property
-    def source_grid(self) -> bool:
-        """A tightfit format that can hold the source's own grid: no evidence (bench/common.py)."""
-        return self.peer == "tightfit" and on_source_grid(self.name)
+    source_grid: bool = False
 
     def to_json(self) -> dict:
-        return {**self.__dict__, "source_grid": self.source_grid}
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Entry:
+        """An entry as a results JSON holds it (keys this version does not know are dropped)."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def saved_run(json_path: Path) -> tuple[dict, list[Entry]]:
+    """A saved run's payload and entries, for writing its report again: which entries sit on the
+    source's grid and the verdicts recomputed from the entries (the grids read from the model file
+    when the run did not record them), the numbers as measured."""
+    import json
+
+    payload = json.loads(json_path.read_text())
+    payload["source_grids"] = recorded_grids(payload)
+    entries = mark_source_grid([Entry.from_json(e) for e in payload["entries"]], grids_from_json(payload["source_grids"]))
+    payload["entries"], payload["verdicts"] = [e.to_json() for e in entries], verdicts(entries)
+    return payload, entries
+
+
+def grid_tensors(e: Entry, grids) -> dict[str, int]:
+    """Of a file's tensors (its `types`: GGML type or tightfit format -> count), those of a type
+    that can hold one of the source's `grids`."""
+    return {t: n for t, n in e.types.items() if held_grids(t, grids)}
+
+
+def mark_source_grid(entries: list[Entry], grids) -> list[Entry]:
+    """Set `source_grid` on every entry that can hold the source's own grid throughout: a tightfit or
+    HQQ format that holds it, a file (`types`) whose every tensor is of a type that holds it.
+    `grids`: common.SourceGrid of the source (() for a float source: nothing is marked)."""
+    for e in entries:
+        if e.types:
+            e.source_grid = bool(grids) and sum(grid_tensors(e, grids).values()) == sum(e.types.values())
+        else:
+            e.source_grid = on_source_grid(e.name, grids)
+    return entries
 
 
 BANDS = ((2.0, 2.75), (2.75, 3.25), (3.25, 3.75), (3.75, 4.25), (4.25, 4.75), (4.75, 5.5), (5.5, 9.0))
@@ -57,12 +94,14 @@ def scored(entries: list[Entry]) -> list[Entry]:
 
 
 def verdicts(entries: list[Entry]) -> list[dict]:
-    """Per tightfit entry: the peer entries at no more bits (within NO_MORE_BITS), those of them
-    with lower KL, and tightfit_wins: None (n/a) without any such peer entry, or on the source's grid."""
+    """Per tightfit entry: the peer entries off the source's grid at no more bits (within
+    NO_MORE_BITS), those of them with lower KL, and tightfit_wins: None (n/a) without any such peer
+    entry, or when the tightfit entry is on the source's grid (`mark_source_grid` first)."""
     ok = scored(entries)
     out = []
     for t in sorted((e for e in ok if e.peer == "tightfit"), key=lambda e: e.bits_per_weight):
-        rivals = [e for e in ok if e.peer != "tightfit" and e.bits_per_weight <= t.bits_per_weight + NO_MORE_BITS]
+        rivals = [e for e in ok if e.peer != "tightfit" and not e.source_grid
+                  and e.bits_per_weight <= t.bits_per_weight + NO_MORE_BITS]
         beaten = [e for e in rivals if e.kl < t.kl]
         best = min(beaten, key=lambda e: e.kl, default=None)
         out.append({
@@ -84,7 +123,7 @@ def verdict_line(v: dict) -> str:
         text = f"{head}: none of the {v['rivals']} peer entries at no more bits has lower KL"
     else:
         text = f"{head}: n/a, no peer entry at no more bits"
-    return text + (" (n/a: it sits on the source's Q4_1 grid, see the caveats)." if v["source_grid"] else ".")
+    return text + (" (n/a: it can hold the source's own grid, see the caveats)." if v["source_grid"] else ".")
 
 
 def band_table(entries: list[Entry]) -> list[str]:
@@ -117,9 +156,73 @@ def pareto_front(entries: list[Entry]) -> list[Entry]:
     return front
 
 
+# llama.cpp's legacy block types (32 weights a block): what its K- and IQ-types (256 a block) fall
+# back to, per tensor, where a row's width is not a multiple of 256.
+LEGACY_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
+
+
+def fallback_tensors(e: Entry) -> int:
+    """How many tensors of a llama.cpp K- or IQ-type file were written in a legacy block type."""
+    if not e.peer.startswith("llama.cpp") or e.name in LEGACY_TYPES:
+        return 0
+    return sum(n for t, n in e.types.items() if t in LEGACY_TYPES)
+
+
+def peer_bullets(entries: list[Entry]) -> list[str]:
+    """Caveats on the peers' entries, from the entries: llama.cpp files that fell back to legacy
+    types, HQQ's storage, tightfit's SpQR entries without a kernel (none where nothing applies)."""
+    out = []
+    fell = [(e, n) for e in scored(entries) if (n := fallback_tensors(e))]
+    if fell:
+        out.append("- llama.cpp's K- and IQ-types fall back per tensor to a legacy 32-weight block type where a row's "
+                   "width is not a multiple of 256; here: " + "; ".join(f"{e.peer} {e.name} {n} of {sum(e.types.values())} "
+                                                                       "tensors" for e, n in fell)
+                   + ". So its low-bit types land near the legacy types' bits/weight; the `types` column shows the real mix. "
+                   "On a model whose widths are multiples of 256 they would not.")
+    hqq = sorted((e for e in scored(entries) if e.peer == "HQQ"), key=lambda e: e.bits_per_weight)
+    if hqq:
+        out.append(f"- HQQ stores its codes packed in int32 words (3-bit: ten to a word) plus an fp16 scale and zero per "
+                   f"{HQQ_GROUP} weights, hence " + ", ".join(f"{e.bits_per_weight:.2f} bits/weight for its {e.name}" for e in hqq)
+                   + "; it optimizes a weight-space error, without data.")
+    if any(e.peer == "tightfit" and e.name.startswith("spqr") for e in entries):
+        out.append("- tightfit's SpQR entries run on the engine's dense fp32 path (no SpQR kernel yet): fp32 activations, so "
+                   "their KL (engine) is close to KL (fp32 ref), and their tok/s is not what a kernel would give.")
+    return out
+
+
+def types_note(e: Entry) -> str:
+    """The 'types / note' cell: what the file's tensors are, the entry's note, and whether it sits on
+    the source's grid."""
+    mix = ", ".join(f"{k} x{v}" for k, v in sorted(e.types.items(), key=lambda kv: -kv[1]))
+    return "; ".join(x for x in (mix, e.note, "on the source's grid: no evidence" if e.source_grid else "") if x)
+
+
+def grid_bullet(entries: list[Entry], grids) -> str:
+    """The caveat on the source's own grid ('' for a float source), from the entries and the
+    source's `grids`: the formats that can hold it or are favoured by it, and the files (entries
+    with `types`: GGML types or tightfit formats per tensor) with tensors of a type that holds it."""
+    if not grids:
+        return ""
+    formats = [e.name for e in entries if not e.types and e.peer in ("tightfit", "HQQ") and is_format(e.name)]
+    text = source_grid_caveat(formats, grids) if formats else source_line(grids)
+    files = [(e, grid_tensors(e, grids)) for e in entries if e.types]
+    on = [(e, held) for e, held in files if held]
+    if on:
+        text += (" Files with tensors of a type that can hold it (wholly: no evidence either; partly: favoured by the "
+                 "source): " + "; ".join(f"{e.peer} {e.name} ({', '.join(f'{t} x{n}' for t, n in held.items())} of "
+                                         f"{sum(e.types.values())}{': wholly' if e.source_grid else ''})"
+                                         for e, held in on) + ".")
+    off = sorted({e.peer for e, _ in files} - {e.peer for e, _ in on})
+    if off:
+        text += f" No {' or '.join(off)} file has a tensor of a type that can hold it."
+    return f"- Source grid: {text} Entries wholly on it are left out of the band table, the Pareto front and the verdicts."
+
+
 def markdown(payload: dict, entries: list[Entry]) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
+    grids = grids_from_json(payload["source_grids"])
     n_held = payload["held_back_windows"]
+    n_linear = max((sum(e.types.values()) for e in entries if e.types), default=None)
     lines = [
         f"# tightfit vs peers on {payload['model']} (one run)",
         "",
@@ -130,13 +233,15 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
         f"the evaluation text), what the band table chooses on. KL (fp32 ref) exists for tightfit's entries only. "
         f"Wall time {payload['wall_s'] / 60:.1f} min.",
         "",
-        "- **tightfit**: GPTQ from cached Hessians of the original (64 x 512 calibration tokens), packed and reloaded, "
+        f"- **tightfit**: GPTQ from cached Hessians of the original ({payload['calibration']['n_samples']} x "
+        f"{payload['calibration']['seq_len']} calibration tokens), packed and reloaded, "
         "scored through tightfit's engine; bits/weight from the packed tensors. Quantize s excludes the one-time Hessian "
         "collection.",
         f"- **llama.cpp** {payload['llama_cpp_version']}: `llama_model_quantize` from an F32 GGUF of the original written by "
         "tightfit's exporter; token embeddings / tied head kept F16 (as tightfit); logits from llama.cpp itself. "
-        "bits/weight = GGUF bytes of the 210 linear tensors / their weights; `types` shows what llama.cpp actually wrote: "
-        "widths 576 (not a multiple of 256) make K- and IQ-types fall back per tensor.",
+        f"bits/weight = GGUF bytes of the {f'{n_linear} ' if n_linear else ''}linear tensors / their weights; `types` shows "
+        "what llama.cpp "
+        "actually wrote.",
         "- **llama.cpp+imatrix**: the same, with an importance matrix = diag(H)/2 of the same cached Hessians "
         "(mean squared input activation per channel over the calibration text), passed as `params.imatrix`.",
         f"- **HQQ** {payload['hqq_version']}: CPU, group size {HQQ_GROUP} (its default), float32 compute; no CPU kernel, so "
@@ -153,8 +258,7 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
             if math.isnan(e.kl):
                 lines.append(f"| {peer} | {e.name} | - | - | - | - | - | - | - | - | failed: {e.note} |")
                 continue
-            mix = ", ".join(f"{k} x{v}" for k, v in sorted(e.types.items(), key=lambda kv: -kv[1]))
-            note = "; ".join(x for x in (mix, e.note, "on the source's grid: no evidence" if e.source_grid else "") if x)
+            note = types_note(e)
             speed = f"{e.decode_tok_s:.0f}" if e.decode_tok_s else "-"
             fp32 = "-" if e.kl_fp32 is None else f"{e.kl_fp32:.4f}"
             lines.append(f"| {peer} | {e.name} | {e.bits_per_weight:.3f} | {e.ppl:.3f} | {e.kl:.4f} | {fp32} | {e.top1:.3f} | "
@@ -171,7 +275,6 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
               *band_table(entries)]
     lines += ["", "Pareto front over every entry off the source's grid (none is both smaller and closer to the original): "
               + ", ".join(f"{e.peer} {e.name} ({e.bits_per_weight:.2f}, {e.kl:.4f})" for e in pareto_front(entries)) + "."]
-    grid = source_grid_caveat([e.name for e in entries if e.peer == "tightfit"])
     lines += ["", "## Where tightfit loses", "",
               f"Each tightfit entry against every peer entry at no more bits (up to {NO_MORE_BITS} bits/weight more), by "
               "evaluation KL (engine); n/a: no such peer entry, or the entry sits on the source's grid.", "",
@@ -179,17 +282,8 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
               "## Caveats", "",
               "- Calibration: tightfit (GPTQ) and llama.cpp+imatrix use the calibration text; llama.cpp without imatrix "
               "and HQQ are data-free.",
-              "- The original's weights are a dequantized Q4_1 file (4-bit asymmetric, groups of 32): formats on that grid "
-              "(tightfit w4g32, llama.cpp Q4_1) are left out as (near) lossless, and formats close to it (Q4_K, 4-bit "
-              "asymmetric g64/g128) are favoured by the source." + (f" **{grid}**" if grid else ""),
-              "- Widths of 576 (all but ffn_down's input) are not a multiple of 256: llama.cpp's K- and IQ-types fall "
-              "back per tensor (mostly to IQ4_NL / Q4_0 / Q5_0), so its '2-bit' and '3-bit' types land near 4 bits/weight "
-              "here; the `types` column shows the real mix. On models with widths divisible by 256 they would not.",
-              "- HQQ stores 3-bit codes ten to an int32 (3.2 bits) plus fp16 scale and zero per 64 weights, hence 3.70 "
-              "bits/weight for its w3g64; it optimizes a weight-space error without data, and at 2 and 3 bits on this "
-              "model that is far from enough.",
-              "- tightfit's SpQR entries run on the engine's dense fp32 path (no SpQR kernel yet): fp32 activations, so their "
-              "KL (engine) is close to KL (fp32 ref), and their tok/s is not what a kernel would give.",
+              *([grid_bullet(entries, grids)] if grids else []),
+              *peer_bullets(entries),
               "- KL and PPL move by a few percent between window sets; small gaps are not significant.",
               ""]
     return "\n".join(lines)

