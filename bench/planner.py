@@ -204,7 +204,8 @@ def scale_section(runs: list[Path], peers_json: Path | None) -> dict | None:
         raise SystemExit(f"--scale-runs scored {sorted(n_tokens)} tokens, --scale-peers {peers['n_tokens']}: not the same windows")
     others = [{"name": f"{e['peer']} {e['name']}", "bits_per_weight": e["bits_per_weight"], "kl": e["kl"],
                "top1": e["top1"], "ppl": e["ppl"]}
-              for e in peers["entries"] if e["peer"] != "tightfit" and e.get("kl") is not None and e["kl"] == e["kl"]]
+              for e in peers["entries"] if e["peer"] != "tightfit" and e.get("kl") is not None and e["kl"] == e["kl"]
+              and not e.get("source_grid")]  # a file on the source's own grid is no evidence, and no rival
     for p in plans:
         best = min(rivals(others, p["bits_per_weight"]), key=lambda r: r["kl"], default=None)
         p.update(best_rival=best and best["name"], rival_bpw=best and best["bits_per_weight"], rival_kl=best and best["kl"],
@@ -218,7 +219,7 @@ def scale_markdown(scale: dict) -> list[str]:
     lines = ["", f"## The same planner on {scale['model']} (the cheap estimate only)", "",
              "Plans made by `tightfit compress MODEL --bpw B` (default sensitivity: fisher; embeddings and head planned), "
              "each from its own run (command and date below), scored through tightfit's engine; beside them llama.cpp's "
-             f"presets from {scale['peers_file']} (their own engine, same windows). Uniform tightfit rivals were not run "
+             f"presets from {scale['peers_file']} (their own engine, same windows; files wholly on the source's own grid left out). Uniform tightfit rivals were not run "
              f"on this model (each is a ~40-minute compress run). {protocol_line(ev, scale['n_tokens'], scale['original_ppl'])}",
              "", "| model | bits/weight | PPL | KL | top-1 |", "|---|---|---|---|---|"]
     rows = [{**p, "name": f"tightfit plan ({p['name']})"} for p in scale["plans"]] + scale["rivals"]

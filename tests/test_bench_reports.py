@@ -145,6 +145,45 @@ def test_planner_verdict_without_rival_is_na():
     assert "| plan 2.5 fisher | 4.500 |" in md and "| w3g64 | w2g64 x3 |" in md and "| plan 2.5 fisher | 1.0000 | 0.9000 |" in md
     assert "tied to the head: one layer" in md and "| w3g64 | 0.3000 | 0.2500 |" in md
     assert "embedding candidates fp16, w3g64" in md
+    rows += [_row("plan 2.5 measured", 2.5, 1.25, 0.9), _row("plan 3.5 measured", 3.5, 0.40, 0.3)]
+    payload.update(rows=rows, budgets=planner.verdicts(rows, [2.5, 3.5]))
+    for r in rows[-2:]:
+        r.update(predicted_loss=1.0, embeddings="w3g64", mix={"w2g64": 3})
+    md = planner.markdown(payload)
+    assert "| 2.5 | 1.2500 | 1.4000 | 1.120 |" in md and "| 3.5 | 0.4000 | 0.3700 | 0.925 |" in md
+
+
+def test_planner_scale_section_sets_plans_against_presets_of_their_size(tmp_path):
+    """The bigger model's plans (compress-run JSONs) meet llama.cpp's presets in the rival window; a
+    preset on the source's own grid is no rival; other windows than the plans' are refused."""
+    import json
+
+    runs = []
+    for bpw, kl in ((3.0, 0.49), (4.0, 0.054)):
+        path = tmp_path / f"compress_big-bpw{bpw}.json"
+        path.write_text(json.dumps({"command": f"tightfit compress big --bpw {bpw}", "machine": {"date": "2026-11-26T00:00"},
+                                    "wall_seconds": 600.0, "report": {
+                                        "evaluation": {"kl": kl, "top1": 0.7, "ppl": 12.0, "n_tokens": 8176},
+                                        "summary": {"model_bits_per_weight": bpw + 0.003}}}))
+        runs.append(path)
+    entry = {"top1": 0.8, "ppl": 11.0, "source_grid": False}
+    peers = {"model": "big", "evaluation": config_to_json(EvalConfig(n_windows=16)), "n_tokens": 8176, "original_ppl": 10.0,
+             "entries": [{"peer": "tightfit", "name": "x", "bits_per_weight": 4.1, "kl": 0.01, **entry},
+                         {"peer": "llama.cpp+imatrix", "name": "Q3_K_M", "bits_per_weight": 4.135, "kl": 0.069, **entry},
+                         {**entry, "peer": "llama.cpp", "name": "Q4_0", "bits_per_weight": 4.2, "kl": 0.01, "source_grid": True},
+                         {"peer": "llama.cpp", "name": "IQ3_XXS", "bits_per_weight": 3.4, "kl": float("nan"), **entry}]}
+    peers_path = tmp_path / "peers_big.json"
+    peers_path.write_text(json.dumps(peers))
+    scale = planner.scale_section(runs, peers_path)
+    by_name = {p["name"]: p for p in scale["plans"]}
+    assert by_name["big-bpw3.0"]["plan_wins"] is None  # nothing in [3.003, 3.353]: IQ3_XXS has no KL
+    assert by_name["big-bpw4.0"]["best_rival"] == "llama.cpp+imatrix Q3_K_M" and by_name["big-bpw4.0"]["plan_wins"] is True
+    md = "\n".join(planner.scale_markdown(scale))
+    assert "| big-bpw3.0 | 3.003 | 0.4900 | - | - | - | n/a |" in md and "Q4_0" not in md
+    peers["n_tokens"] = 4088
+    peers_path.write_text(json.dumps(peers))
+    with pytest.raises(SystemExit, match="not the same windows"):
+        planner.scale_section(runs, peers_path)
 
 
 def test_planner_rival_embeddings_are_no_smaller_than_the_format():
