@@ -118,6 +118,16 @@ def test_fitted_tables_are_sorted_int8(per_row):
     assert torch.equal(levels, levels.sort(dim=-1).values)
 
 
+def test_per_row_tables_fitted_in_pieces_equal_the_whole(monkeypatch):
+    """fit_levels fits per-row tables FIT_CHUNK weights at a time (an embedding's temporaries)."""
+    from tightfit.formats import lut
+
+    w, importance = heavy_tailed(50, 64), torch.rand(64)
+    whole = fit_levels(w, LutFormat(32, True), importance)
+    monkeypatch.setattr(lut, "FIT_CHUNK", 64 * 7)
+    assert torch.equal(fit_levels(w, LutFormat(32, True), importance), whole)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_kmeans_never_increases_the_weighted_error_of_its_start(seed):
     """lloyd_levels against its nl4 start, on the objective it minimizes (Hessian-diagonal-weighted

@@ -42,8 +42,8 @@ LUT_PREFIX = "lut4"
 LUT_INIT = "nl4"  # the grid k-means starts from (grid.GRIDS)
 LLOYD_ITERATIONS = 6
 LEVEL_MAX = 127  # levels are int8 in [-127, 127]: -128 has no mirror under a negative scale
-FIT_WEIGHTS = 1 << 21  # a per-tensor table is fitted on at most this many weights (every r-th row)
-_FIT_CHUNK = 1 << 20  # weights per piece of a per-row fit
+FIT_WEIGHTS = 1 << 18  # a per-tensor table is fitted on at most this many weights (every r-th row): 16 levels need few
+FIT_CHUNK = 1 << 20  # weights per piece of a per-row fit (an embedding's fp32 temporaries would be GBs)
 
 LUT_GRAMMAR = (
     "expected lut4g{group} or lut4pc (per channel), optionally followed by -row (a table per output row) "
@@ -161,18 +161,24 @@ def fit_levels(w: torch.Tensor, fmt: LutFormat, importance: torch.Tensor | None 
     if importance is None:
         importance = torch.ones(k)
     assert importance.shape == (k,), f"importance must be [{k}], got {tuple(importance.shape)}"
-    if not fmt.per_row:
-        w = w[:: max(1, -(-n * k // FIT_WEIGHTS))]  # every r-th row: at most ~FIT_WEIGHTS weights
-    init = grid_levels(LUT_INIT)
     importance = importance.to(torch.float32).clamp_min(0)
-    _, scales = quantize_levels_rtn(w, init, fmt, importance=importance)  # [R, G]
+    if not fmt.per_row:  # one table, fitted on every r-th row: at most ~FIT_WEIGHTS weights
+        x, kw = _normalized(w[:: max(1, -(-n * k // FIT_WEIGHTS))], fmt, importance)  # [R, K]
+        return lloyd_levels(x.reshape(1, -1), kw.reshape(1, -1), grid_levels(LUT_INIT).unsqueeze(0))[0]
+    pieces = []
+    for r in range(0, n, max(1, FIT_CHUNK // k)):  # a table per row: rows a piece at a time
+        x, kw = _normalized(w[r : r + max(1, FIT_CHUNK // k)], fmt, importance)  # [R, K]
+        pieces.append(lloyd_levels(x, kw, grid_levels(LUT_INIT).expand(x.shape[0], -1)))
+    return torch.cat(pieces)  # [N, 16]
+
+
+def _normalized(w: torch.Tensor, fmt: LutFormat, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [R, K] in level units, x = w / s with each group's scale s on the LUT_INIT grid, and the
+    k-means weights kw = importance_j s^2: both [R, K]."""
+    k = w.shape[1]
+    _, scales = quantize_levels_rtn(w, grid_levels(LUT_INIT), fmt, importance=importance)  # [R, G]
     scale = scales.repeat_interleave(fmt.group_width(k), dim=1)[:, :k]  # [R, K] each weight's group scale
-    x, kw = w / scale, importance * scale.square()  # [R, K]
-    if not fmt.per_row:
-        return lloyd_levels(x.reshape(1, -1), kw.reshape(1, -1), init.unsqueeze(0))[0]  # one table over [1, R K]
-    rows = max(1, _FIT_CHUNK // k)
-    return torch.cat([lloyd_levels(x[r : r + rows], kw[r : r + rows], init.expand(min(rows, n - r), -1))
-                      for r in range(0, n, rows)])  # [N, 16]
+    return w / scale, importance * scale.square()
 
 
 # ---- the tensor ---------------------------------------------------------------------------------
