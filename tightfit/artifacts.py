@@ -15,6 +15,7 @@ from typing import Any, Union
 import torch
 
 from tightfit.formats.grid import GridFormat
+from tightfit.formats.lut import LutFormat
 from tightfit.formats.registry import AnyQuantizedTensor, Format, StoredTensor, parse_format
 from tightfit.formats.spqr import SpQRFormat
 from tightfit.formats.table import LayerBytes, QuantFormat
@@ -41,7 +42,7 @@ class Unquantized:
 
 
 FP16 = Unquantized()
-Choice = Union[QuantFormat, GridFormat, SpQRFormat, Unquantized]  # one candidate of a plan's layer: a format, or fp16
+Choice = Union[QuantFormat, GridFormat, LutFormat, SpQRFormat, Unquantized]  # one candidate of a plan's layer: a format, or fp16
 
 
 def parse_choice(text: str) -> Choice:

@@ -302,15 +302,17 @@ def test_unsupported_architecture_falls_back(make_packed):
         FastBackend(_variant(longrope, {"model_type": "gpt2"}), max_positions=32)
 
 
-def test_grid_formats_run_on_the_engine_kernels(make_tiny_model, tmp_path):
-    """A model packed in a fixed non-uniform grid (nl4 linears, nf4 embeddings and head) runs on the
-    quantized kernels, not the dense fallback, and matches the reference like uniform formats do."""
+@pytest.mark.parametrize("linear, embed", [("nl4g32", "nf4g32"), ("lut4g32-row", "lut4g32")])
+def test_grid_formats_run_on_the_engine_kernels(linear, embed, make_tiny_model, tmp_path):
+    """A model packed in a fixed non-uniform grid (nl4 linears, nf4 embeddings and head), or in
+    learned tables (per row, per tensor), runs on the quantized kernels, not the dense fallback, and
+    matches the reference like uniform formats do."""
     src = make_tiny_model("llama", tmp_path)
-    rc = main(["compress", str(src), "--format", "nl4g32", "--embed-format", "nf4g32", "--method", "rtn",
+    rc = main(["compress", str(src), "--format", linear, "--embed-format", embed, "--method", "rtn",
                "--no-eval", "--out", str(tmp_path / "packed")])
     assert rc == 0
     packed = load_packed(tmp_path / "packed")
-    assert {q.fmt.name for q in packed.layers.values()} == {"nl4g32", "nf4g32"}
+    assert {q.fmt.name for q in packed.layers.values()} == {linear, embed}
     ids = _ids(30)
     with torch.no_grad():
         ref = _act_quantized_reference(packed)(input_ids=torch.tensor([ids])).logits[0]  # [T, V]

@@ -212,6 +212,7 @@ def gptq_quantize_many(
     every layer). With act-order each format's columns then follow the nested order, not its own
     group-aware one: the same groups, a slightly different visit inside them."""
     bounds = [fmt.group_bounds(w.shape[1]) for fmt in formats]  # the groups each format's builder works in
+    w, h_diag = w.detach().to(torch.float32), torch.diag(h).to(torch.float32)  # [N, K], [K] (learned tables fit to them)
     results: dict[int, GPTQResult] = {}
     remaining = list(range(len(formats)))
     while remaining:  # greedily: the first remaining format and every later one that nests with it
@@ -219,7 +220,7 @@ def gptq_quantize_many(
         for i in remaining[1:]:
             if _levels_nest([bounds[j] for j in together] + [bounds[i]]):
                 together.append(i)
-        builders = [builder_for(formats[i], tuple(w.shape), clip_search=clip_search) for i in together]
+        builders = [builder_for(formats[i], w, h_diag, clip_search=clip_search) for i in together]
         results.update(zip(together, _sweep(w, h, builders, damp=damp, block_size=block_size, act_order=act_order,
                                             factors=factors)))
         remaining = [i for i in remaining if i not in together]

@@ -324,6 +324,7 @@ def _cmd_info(args) -> int:
 def _cmd_formats(args) -> int:
     from tightfit.formats import BITS, GROUP_SIZES, QuantFormat
     from tightfit.formats.grid import GRIDS, all_grid_formats
+    from tightfit.formats.lut import LUT_INIT, all_lut_formats
     from tightfit.formats.spqr import SPQR_RECIPES
 
     try:
@@ -343,6 +344,11 @@ def _cmd_formats(args) -> int:
     for fmt in all_grid_formats():
         if fmt.scale_dtype == "fp16":
             print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
+    print(f"\nlearned 4-bit tables (16 int8 levels fitted from {LUT_INIT} per layer, or per row with -row; table bytes counted)")
+    print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
+    for fmt in all_lut_formats():
+        if fmt.scale_dtype == "fp16":
+            print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
     print("\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)")
     print(f"{'format':<22} {'bpw':>7} {'bytes':>10}")
     for fmt in SPQR_RECIPES:
@@ -352,8 +358,9 @@ def _cmd_formats(args) -> int:
 
 def _print_export(report) -> None:
     from tightfit.formats.grid import GRIDS
+    from tightfit.formats.lut import LUT_PREFIX
 
-    quantized = ("w", "spqr", *GRIDS)  # how our format names begin (kept tensors carry a dtype)
+    quantized = ("w", "spqr", LUT_PREFIX, *GRIDS)  # how our format names begin (kept tensors carry a dtype)
     print(f"{'tensor':<44} {'format':<12} {'written as':<22} {'exact':<5} {'max |err|':>9}  note")
     for t in report.tensors:
         if t.source_format.startswith(quantized):

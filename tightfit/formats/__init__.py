@@ -3,6 +3,7 @@ quantize/dequantize primitives. Imports nothing of tightfit except `tightfit.err
 
 from tightfit.formats.bitpack import pack_bits, unpack_bits
 from tightfit.formats.grid import GRIDS, GridFormat, GridTensor, all_grid_formats
+from tightfit.formats.lut import LutFormat, LutTensor, all_lut_formats
 from tightfit.formats.primitives import (
     DEFAULT_SHRINK_GRID,
     QuantizedTensor,
@@ -23,10 +24,13 @@ __all__ = [
     "GridTensor",
     "SCALE_DTYPES",
     "LayerBytes",
+    "LutFormat",
+    "LutTensor",
     "QuantFormat",
     "QuantizedTensor",
     "all_formats",
     "all_grid_formats",
+    "all_lut_formats",
     "choose_qparams",
     "dequantize",
     "pack_bits",

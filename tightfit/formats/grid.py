@@ -129,29 +129,45 @@ def all_grid_formats() -> tuple[GridFormat, ...]:
 
 
 @lru_cache(maxsize=None)
-def _grid_tensors(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The levels [16] and the midpoints between consecutive levels [15] of a grid, fp32 (read only)."""
-    levels = torch.tensor(GRIDS[grid], dtype=torch.float32)
-    return levels, (levels[1:] + levels[:-1]) / 2
+def grid_levels(grid: str) -> torch.Tensor:
+    """The 16 levels of a grid, fp32 [16] (shared: read only)."""
+    return torch.tensor(GRIDS[grid], dtype=torch.float32)
+
+
+def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Codes of the nearest levels: x [..., g] fp32 in level units, levels [16] (one table) or
+    [..., 16] broadcastable to x's leading dims (a table per row) -> codes [..., g] uint8.
+
+    The midpoints between consecutive (sorted) levels cut the level axis into 16 intervals; a tie
+    goes to the lower level.
+    """
+    mids = (levels[..., 1:] + levels[..., :-1]) / 2  # [..., 15]
+    if levels.dim() == 1:
+        return torch.bucketize(x, mids).to(torch.uint8)
+    mids = mids.expand(*x.shape[:-1], mids.shape[-1]).contiguous()
+    return torch.searchsorted(mids, x.contiguous()).to(torch.uint8)
+
+
+def level_values(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """codes [..., g] uint8 -> levels[codes] fp32 [..., g]; levels as in `nearest_level`."""
+    if levels.dim() == 1:
+        return levels[codes.long()]
+    return levels.expand(*codes.shape[:-1], levels.shape[-1]).gather(-1, codes.long())
 
 
 def quantize_grid(w: torch.Tensor, scale: torch.Tensor, fmt: GridFormat) -> torch.Tensor:
-    """Nearest level: w [..., g] fp32, scale [..., 1] or [..., g] (nonzero) -> codes [..., g] uint8.
-
-    Codes are found on the level axis: the midpoints between consecutive levels cut w / scale into
-    16 intervals (a tie goes to the lower level).
-    """
+    """Nearest level: w [..., g] fp32, scale [..., 1] or [..., g] (nonzero) -> codes [..., g] uint8."""
     assert w.dtype == torch.float32, f"w must be fp32, got {w.dtype}"
-    return torch.bucketize(w / scale, _grid_tensors(fmt.grid)[1]).to(torch.uint8)
+    return nearest_level(w / scale, grid_levels(fmt.grid))
 
 
 def dequantize_grid(codes: torch.Tensor, scale: torch.Tensor, fmt: GridFormat) -> torch.Tensor:
     """codes [..., g] uint8 with scale [..., 1] or [..., g] -> fp32 levels[codes] * scale (exact)."""
     assert codes.dtype == torch.uint8, f"codes must be uint8, got {codes.dtype}"
-    return _grid_tensors(fmt.grid)[0][codes.long()] * scale
+    return level_values(codes, grid_levels(fmt.grid)) * scale
 
 
-def round_signed_scale(scale: torch.Tensor, fmt: GridFormat) -> torch.Tensor:
+def round_signed_scale(scale: torch.Tensor, fmt: GroupedFormat) -> torch.Tensor:
     """Signed scales rounded to fmt's scale dtype; 0 becomes the dtype's smallest normal."""
     sign = torch.where(scale < 0, -1.0, 1.0)
     return sign * round_to_scale_dtype(scale.abs(), fmt)
@@ -159,13 +175,20 @@ def round_signed_scale(scale: torch.Tensor, fmt: GridFormat) -> torch.Tensor:
 
 def choose_grid_scale(w: torch.Tensor, fmt: GridFormat, weight: torch.Tensor | None = None, *,
                       search: bool = True) -> torch.Tensor:
+    """`choose_level_scale` on the grid's own levels."""
+    return choose_level_scale(w, grid_levels(fmt.grid), fmt, weight, search=search)
+
+
+def choose_level_scale(w: torch.Tensor, levels: torch.Tensor, fmt: GroupedFormat, weight: torch.Tensor | None = None, *,
+                       search: bool = True) -> torch.Tensor:
     """The scale of each group minimizing sum_j weight_j (w_j - s L[q_j])^2 over a few candidates.
 
-    w: [..., g] fp32; weight: broadcastable to [..., g], >= 0 (default 1)
+    w: [..., g] fp32; levels: [16] fp32 sorted (one table), or [..., 16] (a table per group's row);
+    weight: broadcastable to [..., g], >= 0 (default 1)
     returns [...] fp32 scales, signed, exactly representable in fmt.scale_dtype, nonzero
 
     Let m be the group's weight of largest magnitude (its sign kept). Candidate t maps m onto an
-    end level e of the grid moved by t: s_t = m / (e + t), e in {L[0], L[15]}, |t| <= STEPS (t > 0
+    end level e of the table moved by t: s_t = m / (e + t), e in {L[0], L[15]}, |t| <= STEPS (t > 0
     towards the middle clips m, t < 0 leaves the end level unused). For each candidate the codes
     are the nearest levels, then the scale is refitted to them by weighted least squares,
     s* = sum(weight w L) / sum(weight L^2), rounded to the scale dtype, and the codes are chosen
@@ -175,29 +198,52 @@ def choose_grid_scale(w: torch.Tensor, fmt: GridFormat, weight: torch.Tensor | N
     """
     assert w.dtype == torch.float32, f"w must be fp32, got {w.dtype}"
     assert w.dim() >= 1 and w.shape[-1] > 0, f"w must be [..., g] with g > 0, got {tuple(w.shape)}"
+    assert levels.dim() == 1 or levels.shape[:-1] == w.shape[:-1], (
+        f"levels {tuple(levels.shape)} must be [16] or one table per group [{', '.join(map(str, w.shape[:-1]))}, 16]"
+    )
     if not bool(torch.isfinite(w).all()):
         raise FormatError("weight contains NaN or inf; cannot choose quantization parameters")
     if weight is not None:
         assert torch.broadcast_shapes(weight.shape, w.shape) == w.shape, (
             f"weight {tuple(weight.shape)} does not broadcast to w {tuple(w.shape)}"
         )
-    levels = _grid_tensors(fmt.grid)[0]  # [16]
     m = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))  # [..., 1] signed extreme
     if not search:
-        return round_signed_scale(m[..., 0] / levels[0], fmt)
+        return round_signed_scale(m[..., 0] / levels[..., 0], fmt)
     zero_group = m[..., 0] == 0  # [...]
     m = torch.where(zero_group.unsqueeze(-1), torch.ones_like(m), m)
     steps = torch.arange(-SCALE_SEARCH_STEPS, SCALE_SEARCH_STEPS + 1, dtype=torch.float32)  # [T]
-    ends = torch.cat([levels[0] + steps, levels[-1] + steps])  # [C]: the level m lands on
+    ends = torch.cat([levels[..., :1] + steps, levels[..., -1:] + steps], dim=-1)  # [C] or [..., C]: the level m lands on
+    table = levels if levels.dim() == 1 else levels.unsqueeze(-2)  # [16] or [..., 1, 16]: each candidate's
     x = w.unsqueeze(-2)  # [..., 1, g]
     wt = torch.ones_like(x) if weight is None else weight.unsqueeze(-2)  # [..., 1, g]
     s = round_signed_scale(m / ends, fmt).unsqueeze(-1)  # [..., C, 1]
-    q = levels[quantize_grid(x, s, fmt).long()]  # [..., C, g] levels of the nearest codes
+    q = level_values(nearest_level(x / s, table), table)  # [..., C, g] levels of the nearest codes
     num, den = (wt * x * q).sum(-1, keepdim=True), (wt * q * q).sum(-1, keepdim=True)  # [..., C, 1]
     s = round_signed_scale(torch.where((den > 0) & (num != 0), num / den.clamp_min(1e-30), s), fmt)  # refit
-    err = (wt * (x - dequantize_grid(quantize_grid(x, s, fmt), s, fmt)).square()).sum(-1)  # [..., C]
+    err = (wt * (x - level_values(nearest_level(x / s, table), table) * s).square()).sum(-1)  # [..., C]
     best = s[..., 0].gather(-1, err.argmin(dim=-1, keepdim=True))[..., 0]  # [...]; argmin: first minimum
     return torch.where(zero_group, round_signed_scale(torch.zeros_like(best), fmt), best)
+
+
+def quantize_levels_rtn(w: torch.Tensor, levels: torch.Tensor, fmt: GroupedFormat, *, clip_search: bool = True,
+                        importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round w [N, K] fp32 to the nearest of `levels` ([16], or [N, 16]: a table per row), each
+    group's scale by `choose_level_scale` (its error weighted by importance [K] >= 0, default 1):
+    -> (codes [N, K] uint8, scales [N, G] fp32)."""
+    assert w.dtype == torch.float32 and w.dim() == 2, f"w must be fp32 [N, K], got {w.dtype} {tuple(w.shape)}"
+    n, k = w.shape
+    codes, scales = torch.zeros(n, k, dtype=torch.uint8), torch.zeros(n, fmt.num_groups(k))
+    for gi, (lo, hi) in enumerate(fmt.group_bounds(k)):
+        rows = max(1, _RTN_CHUNK // (hi - lo))  # the scale search's temporaries: [rows, candidates, g]
+        for r in range(0, n, rows):
+            wg = w[r : r + rows, lo:hi]  # [rows, g]
+            table = levels if levels.dim() == 1 else levels[r : r + rows]  # [16] or [rows, 16]
+            weight = None if importance is None else importance[lo:hi]  # [g]
+            s = choose_level_scale(wg, table, fmt, weight, search=clip_search)  # [rows]
+            scales[r : r + rows, gi] = s
+            codes[r : r + rows, lo:hi] = nearest_level(wg / s.unsqueeze(1), table)
+    return codes, scales
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,6 +262,11 @@ class GridTensor(GroupedTensor):
     def __post_init__(self) -> None:
         self._check_codes_and_scales()
 
+    @property
+    def levels(self) -> torch.Tensor:
+        """The grid's 16 levels, fp32 [16] (as LutTensor.levels)."""
+        return grid_levels(self.fmt.grid)
+
     def dequantize(self) -> torch.Tensor:
         """[N, K] fp32 weight, levels[codes] * scale."""
         return dequantize_grid(self.codes, self.per_weight(self.scales), self.fmt)
@@ -228,32 +279,31 @@ class GridTensor(GroupedTensor):
     @classmethod
     def unpack(cls, fmt: GridFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> GridTensor:
         """Inverse of `pack`; raises FormatError on missing/extra keys, wrong dtypes or sizes."""
-        n, k = shape
-        g = fmt.num_groups(k)
-        if set(tensors) != {"qweight", "scales"}:
-            raise FormatError(f"packed {fmt.name} tensor [{n}, {k}] needs keys ['qweight', 'scales'], got {sorted(tensors)}")
-        codes = unpack_bits(tensors["qweight"], GRID_BITS, n * k).view(n, k)  # [N, K]
-        scales = tensors["scales"]
-        if scales.dtype != fmt.scale_torch_dtype or tuple(scales.shape) != (n, g):
-            raise FormatError(
-                f"packed {fmt.name} scales must be {fmt.scale_torch_dtype} [{n}, {g}], got {scales.dtype} {tuple(scales.shape)}"
-            )
-        scales = scales.to(torch.float32)  # [N, G]
-        if not bool((torch.isfinite(scales) & (scales != 0)).all()):
-            raise FormatError(f"packed {fmt.name} scales must be finite and nonzero")
+        codes, scales = unpack_codes_and_scales(fmt, shape, tensors, {"qweight", "scales"})
         return cls(fmt=fmt, codes=codes, scales=scales)
+
+
+def unpack_codes_and_scales(fmt: GroupedFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor],
+                            keys: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4-bit codes [N, K] uint8 and signed scales [N, G] fp32 of a packed grid-family tensor whose
+    storage has exactly `keys`; raises FormatError on missing/extra keys, wrong dtypes or sizes."""
+    n, k = shape
+    g = fmt.num_groups(k)
+    if set(tensors) != keys:
+        raise FormatError(f"packed {fmt.name} tensor [{n}, {k}] needs keys {sorted(keys)}, got {sorted(tensors)}")
+    codes = unpack_bits(tensors["qweight"], GRID_BITS, n * k).view(n, k)  # [N, K]
+    scales = tensors["scales"]
+    if scales.dtype != fmt.scale_torch_dtype or tuple(scales.shape) != (n, g):
+        raise FormatError(
+            f"packed {fmt.name} scales must be {fmt.scale_torch_dtype} [{n}, {g}], got {scales.dtype} {tuple(scales.shape)}"
+        )
+    scales = scales.to(torch.float32)  # [N, G]
+    if not bool((torch.isfinite(scales) & (scales != 0)).all()):
+        raise FormatError(f"packed {fmt.name} scales must be finite and nonzero")
+    return codes, scales
 
 
 def quantize_grid_rtn(w: torch.Tensor, fmt: GridFormat, *, clip_search: bool = True) -> GridTensor:
     """Round to nearest level of w [N, K] fp32, each group's scale by `choose_grid_scale`."""
-    assert w.dtype == torch.float32 and w.dim() == 2, f"w must be fp32 [N, K], got {w.dtype} {tuple(w.shape)}"
-    n, k = w.shape
-    codes, scales = torch.zeros(n, k, dtype=torch.uint8), torch.zeros(n, fmt.num_groups(k))
-    for gi, (lo, hi) in enumerate(fmt.group_bounds(k)):
-        rows = max(1, _RTN_CHUNK // (hi - lo))  # the scale search's temporaries: [rows, candidates, g]
-        for r in range(0, n, rows):
-            wg = w[r : r + rows, lo:hi]  # [rows, g]
-            s = choose_grid_scale(wg, fmt, search=clip_search)  # [rows]
-            scales[r : r + rows, gi] = s
-            codes[r : r + rows, lo:hi] = quantize_grid(wg, s.unsqueeze(1), fmt)
+    codes, scales = quantize_levels_rtn(w, grid_levels(fmt.grid), fmt, clip_search=clip_search)
     return GridTensor(fmt=fmt, codes=codes, scales=scales)

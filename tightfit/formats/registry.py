@@ -11,25 +11,30 @@ import torch
 
 from tightfit.errors import FormatError
 from tightfit.formats.grid import GRID_GRAMMAR, GridFormat, GridTensor, is_grid_name
+from tightfit.formats.lut import LUT_GRAMMAR, LutFormat, LutTensor, is_lut_name
 from tightfit.formats.primitives import RTN_ROWS, GroupedTensor, QuantizedTensor
 from tightfit.formats.spqr import SPQR_GRAMMAR, SpQRFormat, SpQRTensor
 from tightfit.formats.table import GRAMMAR, LayerBytes, QuantFormat
 
-Format = Union[QuantFormat, GridFormat, SpQRFormat]
-AnyQuantizedTensor = Union[QuantizedTensor, GridTensor, SpQRTensor]  # a weight quantized in any format family
+Format = Union[QuantFormat, GridFormat, LutFormat, SpQRFormat]
+AnyQuantizedTensor = Union[QuantizedTensor, GridTensor, LutTensor, SpQRTensor]  # a weight quantized in any format family
 
-TENSOR_TYPES: dict[type, type] = {QuantFormat: QuantizedTensor, GridFormat: GridTensor, SpQRFormat: SpQRTensor}
+TENSOR_TYPES: dict[type, type] = {QuantFormat: QuantizedTensor, GridFormat: GridTensor, LutFormat: LutTensor,
+                                  SpQRFormat: SpQRTensor}
 
 
 def parse_format(text: str) -> Format:
     """Any format name: uniform (`w3g64`, `w4g128-sym`, `w8pc`), a fixed non-uniform grid
-    (`nl4g32`, `nf4g64`) or SpQR (`spqr-w3g16-s3-o1.0`)."""
+    (`nl4g32`, `nf4g64`), a learned table (`lut4g32`, `lut4g64-row`) or SpQR (`spqr-w3g16-s3-o1.0`)."""
     if not isinstance(text, str) or not text.strip():
-        raise FormatError(f"empty quantization format; {GRAMMAR}; or a grid: {GRID_GRAMMAR}; or SpQR: {SPQR_GRAMMAR}")
+        raise FormatError(f"empty quantization format; {GRAMMAR}; or a grid: {GRID_GRAMMAR}; "
+                          f"or a learned table: {LUT_GRAMMAR}; or SpQR: {SPQR_GRAMMAR}")
     if text.strip().lower().startswith("spqr"):
         return SpQRFormat.parse(text)
     if is_grid_name(text):
         return GridFormat.parse(text)
+    if is_lut_name(text):
+        return LutFormat.parse(text)
     return QuantFormat.parse(text)
 
 

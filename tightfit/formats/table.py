@@ -63,16 +63,18 @@ class LayerBytes:
     scales: int  # N*G*2 (SpQR: quantized scales and their second-level statistics)
     zeros: int  # ceil(N*G*bits/8), 0 when symmetric (SpQR: quantized zeros and their statistics)
     outliers: int = 0  # SpQR: the sparse table of exact weights (values, column indices, row pointers)
+    levels: int = 0  # learned level tables (formats/lut.py): 16 int8 per tensor, or per row
 
     @property
     def total(self) -> int:
-        return self.codes + self.scales + self.zeros + self.outliers
+        return self.codes + self.scales + self.zeros + self.outliers + self.levels
 
 
 class GroupedFormat:
     """Geometry and scale dtype shared by the format families that quantize W [N, K] in groups of
     `group_size` columns along K (None = per channel) with one scale per group: uniform grids
-    (`QuantFormat`) and fixed non-uniform grids (`formats.grid.GridFormat`). Each family defines
+    (`QuantFormat`), fixed non-uniform grids (`formats.grid.GridFormat`) and learned tables
+    (`formats.lut.LutFormat`). Each family defines
     its `name` and `nbytes`."""
 
     group_size: int | None

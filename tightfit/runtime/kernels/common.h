@@ -20,7 +20,7 @@
 #define TF_AVX512 0
 #endif
 
-#define TF_ABI_VERSION 9  // = ABI_VERSION in build.py; bump with any change below or to a signature
+#define TF_ABI_VERSION 10  // = ABI_VERSION in build.py; bump with any change below or to a signature
 
 // Largest head_dim: store_kv rotates each key, and the KV cache quantizes it, in stack buffers of this size.
 #define TF_MAX_HEAD_DIM 512
@@ -38,12 +38,13 @@ typedef struct {
     int32_t group;  // group width along K; K for per channel (quant)
     int32_t G;      // groups per row
     int32_t scale_bf16;  // scales are bf16 (1) or fp16 (0)
+    int32_t level_rows;  // levels: 0 one table [16]; 1 a table per row, [Np/16, 4, 64] (layout.h)
     const uint8_t* codes;    // [Np/16, Kp/4, 8*bits]
     const uint16_t* scales;  // [Np/16, G, 16]
     const uint8_t* zeros;    // [Np/16, G, 16]
     const void* dense;       // fp16 or fp32 [N, K]
     const float* bias;       // [N] or NULL
-    const uint8_t* levels;   // [16] grid formats: code q stands for levels[q] (level + zero), else NULL
+    const uint8_t* levels;   // grid / learned-table formats: code q stands for levels[q] (level + zero), else NULL
 } tf_mat;
 
 typedef struct {

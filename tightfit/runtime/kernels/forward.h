@@ -276,13 +276,13 @@ static void forward_thread(void* ctx, int tid, int nth) {
 extern "C" {
 
 // Whether W is a well-formed [N, K] matrix: kind, layout fields and the pointers its kind reads
-// (a grid format's level table only with 4-bit codes: the kernels' grid path reads 16 levels).
+// (a level table only with 4-bit codes: the kernels' grid path reads 16 levels, or a table per row).
 static bool mat_ok(const tf_mat& W, int64_t N, int64_t K) {
     if (W.N != N || W.K != K) return false;
     if (W.kind == TF_F16 || W.kind == TF_F32) return W.dense != nullptr;
     if (W.kind != TF_QUANT) return false;
     const bool bits_ok = W.bits == 2 || W.bits == 3 || W.bits == 4 || W.bits == 5 || W.bits == 6 || W.bits == 8;
-    return bits_ok && (!W.levels || W.bits == 4) && W.Kp == (K + 31) / 32 * 32 && W.group >= 1 &&
+    return bits_ok && (!W.levels || W.bits == 4) && (W.level_rows == 0 || (W.level_rows == 1 && W.levels)) && W.Kp == (K + 31) / 32 * 32 && W.group >= 1 &&
            W.G == (K + W.group - 1) / W.group && W.codes && W.scales && W.zeros;
 }
 

@@ -12,7 +12,10 @@
 // s and a u8 zero z (symmetric formats: z = 2^(bits-1)), each (tile, group) 16 contiguous values.
 // w = (q - z) * s, exactly as the reference dequantizes. Grid formats (4-bit codes on a fixed
 // non-uniform grid) add a 16-byte table `levels`: code q stands for the u8 levels[q] = L[q] + 128
-// and z = 128, so w = (levels[q] - z) * s = L[q] * s. Dense matrices are plain fp16 / fp32 [N, K].
+// and z = 128, so w = (levels[q] - z) * s = L[q] * s. Learned tables (formats/lut.py) are the same
+// with the layer's own 16 levels, or (level_rows) a table per row: per tile 4 x 64 bytes, where
+// 64-byte register j holds in its 128-bit lane l the 16 levels of row 4l + j, so that one vpshufb
+// per j looks up the rows 4l + j (bytes 4j .. 4j+3 of every lane). Dense matrices are plain fp16 / fp32 [N, K].
 // Part of the one translation unit engine.cpp.
 #pragma once
 
@@ -44,12 +47,20 @@ static void unpack_chunk_scalar(const uint8_t* p, int bits, uint8_t out[64]) {
     }
 }
 
-// The 64 codes of one chunk as the u8 values the kernels multiply: the codes, or for a grid
-// format their levels (scalar).
-static void unpack_chunk_values(const tf_mat& W, const uint8_t* p, uint8_t out[64]) {
+// The 64 codes of one chunk of tile T as the u8 values the kernels multiply: the codes, or for a
+// grid or learned-table format their levels (scalar).
+static void unpack_chunk_values(const tf_mat& W, int T, const uint8_t* p, uint8_t out[64]) {
     unpack_chunk_scalar(p, W.bits, out);
-    if (W.levels)
+    if (!W.levels) return;
+    if (!W.level_rows) {
         for (int j = 0; j < 64; j++) out[j] = W.levels[out[j] & 15];
+        return;
+    }
+    const uint8_t* t = W.levels + (size_t)T * 256;  // row r = 4l + j: register j, lane l
+    for (int o = 0; o < 64; o++) {
+        const int r = o / 4;
+        out[o] = t[(r % 4) * 64 + (r / 4) * 16 + (out[o] & 15)];
+    }
 }
 
 // Row n of W dequantized to fp32 [K] (exactly (q - z) * s, as the reference).
@@ -63,7 +74,7 @@ static void dequant_row(const tf_mat& W, int n, float* out) {
     const int nq = W.Kp / 4, cb = 8 * W.bits, T = n / 16, r = n % 16;
     uint8_t q[64];
     for (int k4 = 0; k4 < nq && 4 * k4 < W.K; k4++) {
-        unpack_chunk_values(W, W.codes + ((size_t)T * nq + k4) * cb, q);
+        unpack_chunk_values(W, T, W.codes + ((size_t)T * nq + k4) * cb, q);
         for (int c = 0; c < 4 && 4 * k4 + c < W.K; c++) {
             int col = 4 * k4 + c, g = col / W.group;
             size_t si = ((size_t)T * W.G + g) * 16 + r;
@@ -101,12 +112,29 @@ static inline __m512i unpack64(const uint8_t* p) {
     if (BITS == 6) return _mm512_or_si512(nib_plane(p), _mm512_slli_epi16(crumb_plane(p + 32), 4));
     return _mm512_loadu_si512((const void*)p);
 }
-// Grid formats: the 16 levels in each 128-bit lane, for lookup_levels.
-static inline __m512i load_levels(const uint8_t* levels) {
-    return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)levels));
+// Level tables of tile T for lookup_levels. GRID 1 (one table): the 16 levels in each 128-bit
+// lane of t[0]; GRID 2 (a table per row): t[j] holds in lane l the levels of row 4l + j.
+struct LevelTable {
+    __m512i t[4];
+};
+template <int GRID>
+static inline LevelTable load_levels(const tf_mat& W, int T) {
+    LevelTable L;
+    for (int j = 0; j < 4; j++) L.t[j] = _mm512_setzero_si512();
+    if (GRID == 1) L.t[0] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)W.levels));
+    if (GRID == 2)
+        for (int j = 0; j < 4; j++) L.t[j] = _mm512_loadu_si512((const void*)(W.levels + (size_t)T * 256 + 64 * j));
+    return L;
 }
-// codes (0..15 in every byte) -> their levels: one vpshufb, each byte indexing its lane's copy.
-static inline __m512i lookup_levels(__m512i table, __m512i codes) { return _mm512_shuffle_epi8(table, codes); }
+// codes (0..15 in every byte; byte o of row o/4) -> their levels: one vpshufb, each byte indexing
+// its lane's table; per-row tables: one per j, each writing the bytes 4j .. 4j+3 of every lane.
+template <int GRID>
+static inline __m512i lookup_levels(const LevelTable& L, __m512i codes) {
+    __m512i v = _mm512_shuffle_epi8(L.t[0], codes);
+    if (GRID == 2)
+        for (int j = 1; j < 4; j++) v = _mm512_mask_shuffle_epi8(v, (__mmask64)(0x000F000F000F000FULL << (4 * j)), L.t[j], codes);
+    return v;
+}
 template <bool BF16>
 static inline __m512 load16_scales(const uint16_t* s) {
     __m256i h = _mm256_loadu_si256((const __m256i*)s);

@@ -5,8 +5,9 @@ into the layout the kernels read: tiles of 16 rows, chunks of 16 rows x 4 column
 and per (tile, group) 16 fp16/bf16 scales and 16 u8 zero points. Grid formats (formats/grid.py)
 keep their 4-bit codes and signed scales; a 16-byte table maps each code to its level + GRID_ZERO
 (a u8, as the int8 kernels multiply them) and every zero point is GRID_ZERO, so the kernels' w =
-(levels[q] - z) * s is the grid's L[q] * s. Repacking is exact: every weight the kernels decode
-equals the reference dequantization, tested.
+(levels[q] - z) * s is the grid's L[q] * s. Learned tables (formats/lut.py) take the same path with
+the layer's own table, or with a table per row laid out per tile (`row_tables`, layout.h). Repacking
+is exact: every weight the kernels decode equals the reference dequantization, tested.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tightfit.formats.grid import GridFormat, GridTensor
+from tightfit.formats.lut import LutFormat, LutTensor
 from tightfit.formats.primitives import QuantizedTensor
 from tightfit.formats.table import QuantFormat
 
@@ -26,7 +28,8 @@ CHUNK = TILE * QUAD
 K_ALIGN = 32  # columns are padded to whole activation blocks
 KIND_QUANT, KIND_F16, KIND_F32 = 0, 1, 2
 GRID_ZERO = 128  # grid levels (int8) + GRID_ZERO are u8, the operand vpdpbusd takes unsigned
-KERNEL_FORMATS = (QuantFormat, GridFormat)  # the format families with a fast kernel; others run dense
+KERNEL_FORMATS = (QuantFormat, GridFormat, LutFormat)  # the format families with a fast kernel; others run dense
+LEVEL_TYPES = (GridTensor, LutTensor)  # tensors whose codes index a table of 16 int8 levels
 # bit planes of a code width, low bits first: (plane width, bit shift)
 PLANES: dict[int, tuple[tuple[int, int], ...]] = {
     2: ((2, 0),),
@@ -50,6 +53,7 @@ class TfMat(ctypes.Structure):
         ("group", ctypes.c_int32),
         ("G", ctypes.c_int32),
         ("scale_bf16", ctypes.c_int32),
+        ("level_rows", ctypes.c_int32),
         ("codes", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
         ("zeros", ctypes.c_void_p),
@@ -82,7 +86,8 @@ class KernelMatrix:
     """One matrix in kernel layout; owns the tensors `TfMat` points into.
 
     codes [Np/16, Kp/4, 8*bits] uint8; scales [Np/16, G, 16] int16 bits of fp16/bf16;
-    zeros [Np/16, G, 16] uint8; levels [16] uint8 (grid formats: level + GRID_ZERO per code) or None;
+    zeros [Np/16, G, 16] uint8; levels (grid and learned-table formats: level + GRID_ZERO per code)
+    [16] uint8, or with level_rows a table per row [Np/16, 4, 64] uint8 (`row_tables`), or None;
     dense [N, K] fp16/fp32 (dense kinds); bias [N] fp32 or None.
     """
 
@@ -98,6 +103,7 @@ class KernelMatrix:
     dense: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     levels: torch.Tensor | None = None
+    level_rows: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -107,13 +113,15 @@ class KernelMatrix:
 
     def struct(self) -> TfMat:
         n, k = self.shape
-        assert self.levels is None or (self.bits == 4 and self.levels.dtype == torch.uint8 and self.levels.shape == (16,)), (
-            "a level table needs 4-bit codes and 16 u8 levels (the kernels' grid path reads exactly that)"
+        table = (-(-n // TILE), 4, 64) if self.level_rows else (16,)
+        assert self.levels is None or (self.bits == 4 and self.levels.dtype == torch.uint8 and self.levels.shape == table), (
+            "a level table needs 4-bit codes and 16 u8 levels, or [Np/16, 4, 64] per row (what the kernels' grid path reads)"
         )
+        assert not self.level_rows or self.levels is not None, "level_rows needs per-row tables"
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         return TfMat(
             kind=self.kind, N=n, K=k, Kp=-(-k // K_ALIGN) * K_ALIGN, bits=self.bits, group=self.group,
-            G=self.groups, scale_bf16=int(self.scale_bf16),
+            G=self.groups, scale_bf16=int(self.scale_bf16), level_rows=int(self.level_rows),
             codes=ptr(self.codes), scales=ptr(self.scales), zeros=ptr(self.zeros), dense=ptr(self.dense), bias=ptr(self.bias),
             levels=ptr(self.levels),
         )
@@ -128,8 +136,19 @@ def has_kernel(fmt: object) -> bool:
     return isinstance(fmt, KERNEL_FORMATS)
 
 
-def from_quantized(q: QuantizedTensor | GridTensor, bias: torch.Tensor | None = None) -> KernelMatrix:
-    """A uniform- or grid-format weight -> kernel layout (exact)."""
+def row_tables(levels: torch.Tensor) -> torch.Tensor:
+    """Per-row tables [N, 16] u8 -> the kernels' [Np/16, 4, 64]: in tile T, register j holds in its
+    128-bit lane l the table of row 16T + 4l + j (one vpshufb per j, layout.h); padding rows get
+    GRID_ZERO (level 0)."""
+    n = levels.shape[0]
+    padded = torch.full((-(-n // TILE) * TILE, 16), GRID_ZERO, dtype=torch.uint8)
+    padded[:n] = levels
+    # [tiles, 16 rows = 4 lanes l x 4 j, 16] -> [tiles, j, l, 16]
+    return padded.view(-1, 4, 4, 16).transpose(1, 2).reshape(-1, 4, 64).contiguous()
+
+
+def from_quantized(q: QuantizedTensor | GridTensor | LutTensor, bias: torch.Tensor | None = None) -> KernelMatrix:
+    """A uniform-, grid- or learned-table-format weight -> kernel layout (exact)."""
     fmt = q.fmt
     assert has_kernel(fmt), f"format {fmt.name} has no kernel layout"
     n, k = q.shape
@@ -147,9 +166,12 @@ def from_quantized(q: QuantizedTensor | GridTensor, bias: torch.Tensor | None = 
     g = q.scales.shape[1]
     scales = torch.zeros(np_, g, dtype=fmt.scale_torch_dtype)
     scales[:n] = q.scales.to(fmt.scale_torch_dtype)
-    levels = None
-    if isinstance(q, GridTensor):
-        levels = (torch.tensor(fmt.levels, dtype=torch.int32) + GRID_ZERO).to(torch.uint8)  # [16]
+    levels, level_rows = None, False
+    if isinstance(q, LEVEL_TYPES):
+        levels = (q.levels.to(torch.int32) + GRID_ZERO).to(torch.uint8)  # [16] or [N, 16]
+        level_rows = levels.dim() == 2
+        if level_rows:
+            levels = row_tables(levels)  # [Np/16, 4, 64]
         zeros = torch.full((np_, g), GRID_ZERO, dtype=torch.uint8)
     else:
         zeros = torch.full((np_, g), 1 << (fmt.bits - 1), dtype=torch.uint8)
@@ -159,7 +181,7 @@ def from_quantized(q: QuantizedTensor | GridTensor, bias: torch.Tensor | None = 
     return KernelMatrix(
         kind=KIND_QUANT, shape=(n, k), bits=fmt.bits, group=fmt.group_width(k), groups=g,
         scale_bf16=fmt.scale_dtype == "bf16", codes=planes, scales=by_tile(scales).view(torch.int16),
-        zeros=by_tile(zeros), bias=_bias(bias), levels=levels,
+        zeros=by_tile(zeros), bias=_bias(bias), levels=levels, level_rows=level_rows,
     )
 
 

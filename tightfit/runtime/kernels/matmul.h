@@ -5,7 +5,8 @@
 // (up to fp32 summation order): the int8 dot products q . xq run on AVX-512 VNNI (vpdpbusd,
 // u8 x s8) and the zero term sum_g s_g z_g xs[m, g] (group_sums) is subtracted after them. Grid
 // formats (layout.h) put each code through their level table first, one vpshufb per chunk, and
-// multiply the u8 levels the same way (GRID: a template flag, the 4-bit kernels only). Exact
+// multiply the u8 levels the same way (GRID: a template flag, the 4-bit kernels only: 1 one table,
+// 2 a table per row, four masked vpshufb per chunk, layout.h). Exact
 // mode multiplies the same codes by the fp32 x; dense fp16 / fp32 matrices always take the fp32 x.
 // Without AVX-512 (F, BW, VL, VNNI) portable scalar kernels compute the same sums.
 // Part of the one translation unit engine.cpp.
@@ -38,7 +39,7 @@
 // Lanes are rows: per chunk one unpack, then per token a 4-byte activation broadcast and one
 // vpdpbusd; every segment of min(group, 32) columns (one activation block, one group) is
 // converted to fp32 and scaled once.
-template <int BITS, int MT, int NT, bool BF16, bool GRID>
+template <int BITS, int MT, int NT, bool BF16, int GRID>
 static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     const int nq = W.Kp / 4, cb = 8 * BITS, Kp = a.Kp;
     const int seg = W.group < 32 && W.G > 1 ? W.group : 32;  // columns per int32 accumulation
@@ -50,7 +51,9 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
     }
     const int8_t* xq = a.xq.data() + (size_t)m0 * Kp;
     const float* sx = a.sx.data() + (size_t)m0 * (Kp / 32);
-    const __m512i table = GRID ? load_levels(W.levels) : _mm512_setzero_si512();
+    LevelTable table[NT];
+    for (int u = 0; u < NT; u++)
+        if (GRID) table[u] = load_levels<GRID>(W, T + u);
     __m512 acc[NT][MT], s[NT];
     for (int u = 0; u < NT; u++) {
         s[u] = load16_scales<BF16>(st[u]);
@@ -79,8 +82,8 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
                 if (BITS > 4) _mm_prefetch((const char*)p[u] + TF_PREFETCH + 64, _MM_HINT_T0);
                 __m512i qa = unpack64<BITS>(p[u]), qb = unpack64<BITS>(p[u] + cb);
                 if (GRID) {
-                    qa = lookup_levels(table, qa);
-                    qb = lookup_levels(table, qb);
+                    qa = lookup_levels<GRID>(table[u], qa);
+                    qb = lookup_levels<GRID>(table[u], qb);
                 }
                 p[u] += 2 * cb;
                 for (int t = 0; t < MT; t++) {
@@ -111,7 +114,7 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
 }
 
 // rows [n0, n1), n0 a multiple of 16; at one token TF_DECODE_TILES tiles share each activation broadcast
-template <int BITS, int MT, bool BF16, bool GRID>
+template <int BITS, int MT, bool BF16, int GRID>
 static void quant_rows_t(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
     constexpr int NT = MT == 1 ? TF_DECODE_TILES : 1;
     const int t1 = (n1 + 15) / 16;
@@ -120,7 +123,7 @@ static void quant_rows_t(const tf_mat& W, const QAct& a, int m0, int n0, int n1,
     for (; T < t1; T++) quant_tile<BITS, MT, 1, BF16, GRID>(W, a, m0, T, y);
 }
 
-template <int BITS, int MT, bool GRID = false>
+template <int BITS, int MT, int GRID = 0>
 static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
     if (W.scale_bf16) quant_rows_t<BITS, MT, true, GRID>(W, a, m0, n0, n1, y);
     else quant_rows_t<BITS, MT, false, GRID>(W, a, m0, n0, n1, y);
@@ -128,21 +131,22 @@ static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
 
 // Exact mode: the same tiles multiplied by the fp32 activations (codes converted to fp32 per
 // column of each chunk); slower, bit-for-bit the dequantized weight times x up to summation order.
-template <int BITS, bool BF16, bool GRID>
+template <int BITS, bool BF16, int GRID>
 static void quant_tile_exact(const tf_mat& W, const QAct& a, int m, int T, float* y) {
     const int nq = W.Kp / 4, cb = 8 * BITS, K = a.K;
     const int seg = W.group < 32 && W.G > 1 ? W.group : 32;
     const uint8_t* p = W.codes + (size_t)T * nq * cb;
     const uint16_t* st = W.scales + (size_t)T * W.G * 16;
     const float* x = a.x + (size_t)m * K;
-    const __m512i table = GRID ? load_levels(W.levels) : _mm512_setzero_si512();
+    LevelTable table;
+    if (GRID) table = load_levels<GRID>(W, T);
     __m512 acc = _mm512_setzero_ps(), s = load16_scales<BF16>(st);
     int g = 0, next = W.group;
     for (int c0 = 0; c0 < W.Kp; c0 += seg) {
         if (c0 >= next && g + 1 < W.G) { g++; next += W.group; s = load16_scales<BF16>(st + (size_t)g * 16); }
         __m512 f = _mm512_setzero_ps();
         for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
-            const __m512i q = GRID ? lookup_levels(table, unpack64<BITS>(p)) : unpack64<BITS>(p);
+            const __m512i q = GRID ? lookup_levels<GRID>(table, unpack64<BITS>(p)) : unpack64<BITS>(p);
             for (int c = 0; c < 4; c++) {
                 const int col = 4 * k4 + c;
                 if (col >= K) break;
@@ -163,7 +167,7 @@ static void quant_tile_exact(const tf_mat& W, const QAct& a, int m, int T, float
     _mm512_mask_storeu_ps(y + (size_t)m * W.N + n0, mk, _mm512_add_ps(acc, b));
 }
 
-template <int BITS, bool GRID = false>
+template <int BITS, int GRID = 0>
 static void quant_rows_exact(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
     for (int m = 0; m < a.M; m++)
         for (int T = n0 / 16; 16 * T < n1; T++) {
@@ -208,7 +212,7 @@ static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
                 const int g = std::min(c0 / W.group, W.G - 1);
                 int32_t d[16] = {0};
                 for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
-                    unpack_chunk_values(W, p, q);
+                    unpack_chunk_values(W, T, p, q);
                     for (int r = 0; r < 16; r++)
                         for (int c = 0; c < 4; c++) d[r] += (int32_t)q[4 * r + c] * a.xq[(size_t)m * Kp + 4 * k4 + c];
                 }
@@ -243,9 +247,13 @@ static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
 static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
     if (n0 >= n1) return;
 #if TF_AVX512
-    const bool grid = W.kind == TF_QUANT && W.levels != nullptr;  // grid formats are 4-bit (layout.py)
-    if (a.exact && grid) {
-        quant_rows_exact<4, true>(W, a, n0, n1, y);
+    const int grid = W.kind == TF_QUANT && W.levels != nullptr ? (W.level_rows ? 2 : 1) : 0;  // 4-bit (layout.py)
+    if (a.exact && grid == 1) {
+        quant_rows_exact<4, 1>(W, a, n0, n1, y);
+        return;
+    }
+    if (a.exact && grid == 2) {
+        quant_rows_exact<4, 2>(W, a, n0, n1, y);
         return;
     }
     if (a.exact && W.kind == TF_QUANT) {
@@ -278,9 +286,13 @@ static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y
         default: quant_rows<B, 4, GRID>(W, a, m0, n0, n1, y); break;        \
     }
 #define TF_BITS_CASE(B) \
-    case B: TF_TOKENS(B, false) break;
-        if (grid) {
-            TF_TOKENS(4, true)
+    case B: TF_TOKENS(B, 0) break;
+        if (grid == 1) {
+            TF_TOKENS(4, 1)
+            continue;
+        }
+        if (grid == 2) {
+            TF_TOKENS(4, 2)
             continue;
         }
         switch (W.bits) {

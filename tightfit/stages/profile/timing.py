@@ -47,7 +47,8 @@ def streamed_copies(w: kernels.KernelMatrix, megabytes: int) -> list[kernels.Ker
     count = max(1, min(65536, math.ceil(megabytes * 1e6 / max(w.nbytes, 1))))
     clone = lambda t: None if t is None else t.clone()  # noqa: E731
     return [w] + [dataclasses.replace(w, codes=clone(w.codes), scales=clone(w.scales), zeros=clone(w.zeros),
-                                      dense=clone(w.dense), bias=clone(w.bias)) for _ in range(count - 1)]
+                                      dense=clone(w.dense), bias=clone(w.bias), levels=clone(w.levels))
+                  for _ in range(count - 1)]
 
 
 def time_call_ms(w: kernels.KernelMatrix | list[kernels.KernelMatrix], m: int, config: ProfileConfig) -> float:
