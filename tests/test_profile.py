@@ -14,8 +14,11 @@ import torch
 from tightfit.artifacts import FP16
 from tightfit.cli import _latency_ms, main
 from tightfit.errors import CorruptCacheWarning, InfeasibleBudget
+from tightfit.formats.grid import GridFormat
 from tightfit.formats.registry import parse_format
+from tightfit.formats.table import QuantFormat
 from tightfit.model import load_model
+from tightfit.runtime.kernels import layout as kernel_layout
 from tightfit.stages import profile as profile_stage
 from tightfit.stages.allocate import Budget
 from tightfit.stages.profile import DENSE_KERNEL, LatencyCache, LatencyEntry, LatencyTable, ProfileConfig
@@ -120,22 +123,30 @@ def test_fixed_part_is_timed_again_for_another_embedding_format_only(tmp_path, f
     _profile(tmp_path)
     _profile(tmp_path, config=dataclasses.replace(FAST, embed_format="w8g32-sym"))
     assert fake_timers["model"] == 4 and fake_timers["matmul"] == 2 * 2 * 7 * 2, "the head changes the models, not the kernels"
-    with pytest.raises(ValueError, match="embed_format"):
-        ProfileConfig(threads=1, embed_format="spqr-w3g16-s3-o1.0")
 
 
-def test_spqr_formats_share_the_dense_kernel_entry(tmp_path, fake_timers):
+def _without_spqr_kernel(monkeypatch):
+    """Make SpQR look like a format family without a fast kernel (every family has one now)."""
+    monkeypatch.setattr(kernel_layout, "KERNEL_FORMATS", (QuantFormat, GridFormat))
+
+
+def test_formats_without_a_kernel_share_the_dense_kernel_entry(tmp_path, fake_timers, monkeypatch):
+    _without_spqr_kernel(monkeypatch)
     table = _profile(tmp_path, formats=("spqr-w3g16-s3-o1.0", "spqr-w2g16-s3-o1.0"), model=False)
     assert {e.kernel for e in table.entries} == {DENSE_KERNEL}
-    assert fake_timers["matmul"] == 2 * 7 * 2, "one dense timing per shape, whatever the SpQR recipe"
+    assert fake_timers["matmul"] == 2 * 7 * 2, "one dense timing per shape, whatever the recipe"
     assert table.fixed_ms is None and table.model_decode_ms is None
 
 
-def test_grid_formats_are_timed_on_their_own_kernel_and_in_context(tmp_path, fake_timers):
+def test_grid_and_spqr_formats_are_timed_on_their_own_kernels_and_in_context(tmp_path, fake_timers):
     table = _profile(tmp_path, formats=("w4g32-sym", "nl4g32", "spqr-w3g16-s3-o1.0"))
-    assert {e.fmt: e.kernel for e in table.entries} == {"w4g32-sym": "w4g32-sym", "nl4g32": "nl4g32", "spqr-w3g16-s3-o1.0": DENSE_KERNEL}
-    assert "nl4g32" in table.context_scale and "spqr-w3g16-s3-o1.0" not in table.context_scale
+    assert {e.fmt: e.kernel for e in table.entries} == {"w4g32-sym": "w4g32-sym", "nl4g32": "nl4g32", "spqr-w3g16-s3-o1.0": "spqr-w3g16-s3-o1.0"}
+    assert "nl4g32" in table.context_scale and "spqr-w3g16-s3-o1.0" in table.context_scale
     assert profile_stage._random_matrix((64, 128), parse_format("nl4g32")).levels is not None
+    spqr = profile_stage._random_matrix((64, 128), parse_format("spqr-w3g16-s3-o1.0"))
+    assert spqr.stats is not None and spqr.outlier_values is not None
+    copy = profile_stage.streamed_copies(spqr, 1)[1]
+    assert copy.stats.data_ptr() != spqr.stats.data_ptr() and torch.equal(copy.outlier_values, spqr.outlier_values)
 
 
 def test_latency_table_json_round_trip(tmp_path, fake_timers):
@@ -156,11 +167,15 @@ def test_a_corrupt_cache_is_remeasured(tmp_path, fake_timers):
     assert json.loads((tmp_path / "latency.json").read_text())["version"] == profile_stage.CACHE_VERSION
 
 
-def test_profile_config_refuses_too_few_repeats_and_a_dense_fixed_format():
+def test_profile_config_refuses_too_few_repeats_and_a_dense_fixed_format(monkeypatch):
     with pytest.raises(ValueError, match="at least 5"):
         ProfileConfig(threads=1, repeats=3)
+    assert ProfileConfig(threads=1, fixed_format="spqr-w3g16-s3-o1.0", embed_format="spqr-w3g16-s3-o1.0")  # SpQR has a kernel
+    _without_spqr_kernel(monkeypatch)
     with pytest.raises(ValueError, match="fast kernel"):
         ProfileConfig(threads=1, fixed_format="spqr-w3g16-s3-o1.0")
+    with pytest.raises(ValueError, match="embed_format"):
+        ProfileConfig(threads=1, embed_format="spqr-w3g16-s3-o1.0")
 
 
 def test_profile_of_a_tiny_llama_on_the_real_engine(tiny_model_dir, tmp_path, monkeypatch):
@@ -242,7 +257,7 @@ def test_latency_budget_plan_meets_it_and_an_impossible_one_names_the_fastest(ti
     layers = linear_layer_shapes(loaded)
     fastest = fixed + sum(min(table.decode_ms(s, f) for f in formats) for s in layers.values())
     slowest = fixed + sum(max(table.decode_ms(s, f) for f in formats) for s in layers.values())
-    assert slowest > fastest  # the dense-fp32 SpQR candidate is slower than the quantized kernels
+    assert slowest > fastest  # the candidates' kernels differ in time
     monkeypatch.setattr(profile_stage.kernels, "time_matmul", lambda *a, **k: pytest.fail("timed a cached entry"))
 
     from tightfit.artifacts import CalibrationConfig

@@ -3,7 +3,8 @@ has it) and portable (scalar) builds.
 
 The kernel layout must decode to exactly the reference weights; a quantized matmul must equal
 the dequantized weight times the int8 block-32 activations (what the kernels compute), up to fp32
-summation order; dense fp16/fp32 kernels use exact activations.
+summation order (SpQR: its dense part so, its outliers times the fp32 activations); dense fp16/fp32
+kernels use exact activations.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.formats.primitives import quantize_rtn
 from tightfit.formats.registry import parse_format
+from tightfit.formats.spqr import SpQRTensor, StatCodes
 from tightfit.formats.table import QuantFormat
 from tightfit.runtime import kernels
-from tightfit.runtime.kernels import build
+from tightfit.runtime.kernels import build, layout
 
 FORMATS = ["w2g64", "w2pc", "w3g32-sym", "w3g64", "w4g16", "w4g32", "w4g128-bf16", "w5pc", "w6g16", "w8g32-sym", "w8g128",
            "nl4g32", "nf4g16", "nl4pc", "nf4g128-bf16",  # uniform grids, and fixed non-uniform grids (a level table)
@@ -116,8 +118,6 @@ def test_variant_builds_load_through_the_same_path():
 def test_layout_of_a_tall_matrix_is_the_same_in_pieces(name, monkeypatch):
     """from_quantized lays out PLANE_ROWS rows at a time (a 150k-row embedding's temporaries would
     be GBs): the pieces join into the layout of the whole, a partial last tile included."""
-    from tightfit.runtime.kernels import layout
-
     q = quantize_rtn_any(torch.randn(100, 64, generator=torch.Generator().manual_seed(3)), parse_format(name))
     whole = kernels.from_quantized(q)
     monkeypatch.setattr(layout, "PLANE_ROWS", 32)
@@ -140,3 +140,77 @@ def test_per_row_tables_decode_each_row_with_its_own_levels():
     assert w.level_rows and w.levels.shape == (3, 4, 64)
     for portable in (False, True):
         assert torch.equal(kernels.dequantize(w, portable=portable), q.dequantize())
+
+
+# ---- SpQR: quantized statistics decoded in the kernel, CSR outliers added after the dense part ----
+
+SPQR_FORMATS = ["spqr-w3g16-s3-o1.0", "spqr-w2g32-s3-o0.5", "spqr-w4g8-s2-o0.0", "spqr-w3g64-s4-o2.5", "spqr-w3g32-s3-o0.0"]
+SPQR_SHAPES = [(37, 576), (16, 50), (5, 100), (33, 20), (3, 8), (64, 64), (50, 200)]  # N % 16 and K % group != 0
+
+
+def _spqr(name: str, n: int, k: int, seed: int) -> SpQRTensor:
+    """A random SpQR weight: random codes, statistics quantized at both levels, outliers at the
+    format's cap in random places (the kernels do not care how a quantizer chose them)."""
+    fmt, g = parse_format(name), torch.Generator().manual_seed(seed)
+    groups, top = fmt.num_groups(k), (1 << fmt.bits) - 1
+    codes = torch.randint(0, top + 1, (n, k), generator=g).to(torch.uint8)
+    scale = StatCodes.of(0.01 + 0.1 * torch.rand(groups, n, generator=g), fmt.stat_bits)  # [G, N]
+    zero = StatCodes.of(top * torch.rand(groups, n, generator=g), fmt.stat_bits)  # real-valued zeros
+    where = torch.randperm(n * k, generator=g)[: fmt.max_outliers(n, k)].sort().values  # row-major: CSR order
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(where // k, minlength=n).cumsum(0)])
+    values = torch.randn(where.numel(), generator=g).half().float()
+    return SpQRTensor(fmt, codes, scale, zero, rowptr, where % k, values)
+
+
+def _outliers(q) -> torch.Tensor:
+    """R [N, K]: the sparse residuals as a dense matrix."""
+    r = torch.zeros(q.shape)
+    r[torch.repeat_interleave(torch.arange(q.shape[0]), q.rowptr.diff()), q.cols] = q.values
+    return r
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("name", SPQR_FORMATS)
+def test_spqr_kernels_match_reference(name, portable):
+    """The layout decodes to exactly W_hat = (q - z) * s + R; the int8 kernel computes the dense part
+    times the int8 block-32 activations plus R times the fp32 activations, at 1 and 3 threads."""
+    g = torch.Generator().manual_seed(5)
+    for i, (n, k) in enumerate(SPQR_SHAPES):
+        q = _spqr(name, n, k, seed=i)
+        assert q.n_outliers == q.fmt.max_outliers(n, k)
+        w = kernels.from_quantized(q, torch.randn(n, generator=g))
+        assert (w.outlier_rowptr is None) == (q.n_outliers == 0)
+        assert torch.equal(kernels.dequantize(w, portable=portable), q.dequantize()), (n, k)
+        dense, r = q.dense().double(), _outliers(q).double()
+        for m in (1, 3, 6):
+            x = torch.randn(m, k, generator=g) * 3
+            xd = kernels.quantize_activations(x, portable=portable)
+            ref = xd.double() @ dense.T + x.double() @ r.T + w.bias.double()
+            for threads in (1, 3):
+                y = kernels.matmul(w, x, threads=threads, portable=portable)
+                assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, (n, k, m, threads)
+            exact = x.double() @ q.dequantize().double().T + w.bias.double()
+            y = kernels.matmul(w, x, threads=2, portable=portable, exact=True)
+            assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5, (n, k, m)
+
+
+@pytest.mark.parametrize("rows", [(0, 16), (16, 37), (32, 37), (0, 37)])
+def test_spqr_layout_of_a_row_part_is_that_part(rows):
+    """A fused projection's part (start on a 16-row statistics group) decodes to those rows, outliers included."""
+    q = _spqr("spqr-w3g16-s3-o1.0", 37, 100, seed=1)
+    w = layout.from_spqr(q, rows=rows)
+    assert w.shape == (rows[1] - rows[0], 100)
+    assert torch.equal(kernels.dequantize(w), q.dequantize()[rows[0]:rows[1]])
+    assert not layout.spqr_rows_fit((8, 37)), "a part cut inside a statistics group has no SpQR layout"
+
+
+def test_spqr_bytes_are_what_the_kernel_reads():
+    """nbytes counts codes, the 24-byte statistics records and the outlier table: for 3-bit codes
+    in groups of 32 below the uniform w3g32 layout (fp16 scale + u8 zero per row and group)."""
+    q = _spqr("spqr-w3g32-s3-o0.5", 64, 576, seed=2)
+    w = kernels.from_quantized(q)
+    tiles, groups = 4, 18
+    expected = tiles * (576 // 4) * 24 + tiles * groups * 24 + 4 * 65 + 4 * q.n_outliers
+    assert w.nbytes == expected
+    uniform = kernels.from_quantized(quantize_rtn(torch.randn(64, 576), QuantFormat.parse("w3g32")))
+    assert uniform.nbytes - w.nbytes + 4 * 65 + 4 * q.n_outliers == tiles * groups * (16 * 3 - 24)  # 48 vs 24 bytes

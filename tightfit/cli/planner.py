@@ -172,8 +172,8 @@ def add_parsers(sub) -> None:
         help="time tightfit's kernels for every layer shape of MODEL in every candidate format on this machine",
         description="For each distinct linear-layer shape of MODEL and each format (the planner's candidates plus "
         "--formats), time one decode (1 row) and one prefill (64 rows) matmul of the kernel the engine runs for it: "
-        "a warm-up, then the median of 5 timed calls at fixed threads. SpQR formats have no fast kernel yet: the engine "
-        "runs them as dense fp32, so they are timed as such. Calls cycle through copies of the matrix larger than the "
+        "a warm-up, then the median of 5 timed calls at fixed threads (SpQR formats on the engine's SpQR kernel: "
+        "quantized statistics decoded per group, outliers added as a sparse pass). Calls cycle through copies of the matrix larger than the "
         "cache, so weights stream from memory as in a real decode step. Then the whole model decodes on the engine once "
         "per format: its phase timers scale each format's kernel times to what they cost in context, and what is not a "
         "linear layer or the head (attention, norms) is the fixed part; the head (the token embeddings when tied) is "
@@ -267,7 +267,7 @@ def _cmd_profile(args) -> int:
     if table.context_scale:
         print("in-context scale  " + ", ".join(f"{k} {v:.2f}" for k, v in table.context_scale.items()) + f", head {table.head_scale:.2f}")
     if any(e.kernel == DENSE_KERNEL for e in table.entries):
-        print("SpQR formats have no fast kernel yet: the engine runs them as dense fp32, and that is what is timed")
+        print(f"formats of kernel {DENSE_KERNEL} have no fast kernel: the engine runs them as dense fp32, and that is what is timed")
     print(f"read bandwidth    {table.bandwidth_gb_s:8.1f} GB/s ({table.threads} threads, {table.cpu})")
     print(f"whole model       {table.model_decode_ms:8.3f} ms/token decode in {table.fixed_format} (short context)")
     print(f"fixed part        {table.fixed_ms:8.3f} ms/token (attention, norms, embedding lookup, waits = whole model - its "

@@ -28,13 +28,14 @@ import torch
 from tightfit.errors import GenerationError, KernelUnavailable, PackedModelError
 from tightfit.formats.packed import PackedModel, load_packed
 from tightfit.formats.primitives import QuantizedTensor
+from tightfit.formats.spqr import SpQRTensor
 from tightfit.runtime.engine_checks import MODULES, create_engine, validate_packed_for_engine
 from tightfit.runtime.engine_config import (
     DEFAULT_KV_BITS, KV_BITS, LAYOUTS, EngineLayout, EngineSpec, check_kv_bits, engine_spec, layout_for,
 )
 from tightfit.runtime.kernels import KernelMatrix, from_dense, from_quantized
 from tightfit.runtime.kernels.build import load
-from tightfit.runtime.kernels.layout import TfMat, has_kernel
+from tightfit.runtime.kernels.layout import TfMat, from_spqr, has_kernel, spqr_rows_fit
 from tightfit.runtime.model import transformers_config
 
 ENGINE_MODEL_TYPES = tuple(LAYOUTS)
@@ -93,7 +94,7 @@ class FastBackend:
         self.max_positions = spec.max_positions
         self.max_batch = int(max_batch)
         self.threads = threads or default_threads()
-        self.slow_layers: list[str] = []  # layers the engine runs as dense fp32 (no fast kernel for their format)
+        self.slow_layers: list[str] = []  # layers the engine runs as dense fp32 (no fast kernel for their format or cut)
         self._keep: list = []  # every tensor the C structs point into
         self._position = 0
         self._history: list[int] = []  # the ids in the cache (a truncation past a ring's reach runs them again)
@@ -179,12 +180,14 @@ class FastBackend:
         b = None if b is None else b[cut]
         if module in packed.layers:
             q = packed.layers[module]
-            if has_kernel(q.fmt):
+            if isinstance(q, SpQRTensor) and spqr_rows_fit(rows):
+                m = from_spqr(q, b, rows)
+            elif has_kernel(q.fmt) and not isinstance(q, SpQRTensor):
                 if rows:  # one part of a fused projection: its rows of codes, scales (and zeros)
                     extra = {"zeros": None if q.zeros is None else q.zeros[cut]} if isinstance(q, QuantizedTensor) else {}
                     q = dataclasses.replace(q, codes=q.codes[cut], scales=q.scales[cut], **extra)
                 m = from_quantized(q, b)
-            else:  # no kernel for this format family yet: exact fp32 weights
+            else:  # no kernel for this format family (or an SpQR part cut inside a 16-row statistics group): exact fp32 weights
                 if f"{module} ({q.fmt.name})" not in self.slow_layers:
                     self.slow_layers.append(f"{module} ({q.fmt.name})")
                 m = from_dense(q.dequantize()[cut], b)

@@ -86,6 +86,13 @@ static void group_sums(const tf_mat& W, QAct& a) {
             for (int j = 0; j < a.K; j++) a.xs[(size_t)m * W.G + std::min(j / W.group, W.G - 1)] += a.x[(size_t)m * a.K + j];
         return;
     }
+    if (W.G > 1 && W.group % 16 != 0) {  // SpQR's groups of 8: column by column
+        const int nb = a.Kp / 32;
+        for (int m = 0; m < a.M; m++)
+            for (int j = 0; j < a.Kp; j++)
+                a.xs[(size_t)m * W.G + std::min(j / W.group, W.G - 1)] += a.sx[(size_t)m * nb + j / 32] * (float)a.xq[(size_t)m * a.Kp + j];
+        return;
+    }
     const int np = a.Kp / 16;
     for (int m = 0; m < a.M; m++)
         for (int p = 0; p < np; p++) {

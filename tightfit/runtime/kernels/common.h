@@ -20,7 +20,7 @@
 #define TF_AVX512 0
 #endif
 
-#define TF_ABI_VERSION 10  // = ABI_VERSION in build.py; bump with any change below or to a signature
+#define TF_ABI_VERSION 11  // = ABI_VERSION in build.py; bump with any change below or to a signature
 
 // Largest head_dim: store_kv rotates each key, and the KV cache quantizes it, in stack buffers of this size.
 #define TF_MAX_HEAD_DIM 512
@@ -45,6 +45,11 @@ typedef struct {
     const void* dense;       // fp16 or fp32 [N, K]
     const float* bias;       // [N] or NULL
     const uint8_t* levels;   // grid / learned-table formats: code q stands for levels[q] (level + zero), else NULL
+    // SpQR (layout.h): statistics decoded in the kernel, then scales and zeros are NULL; else NULL
+    const uint8_t* stats;            // [Np/16, G, 24] per (tile, group): 16 code bytes, 4 fp16 (see layout.h)
+    const int32_t* outlier_rowptr;   // [N+1] CSR row pointers of the residual outliers, or NULL (none)
+    const uint16_t* outlier_cols;    // [nnz] column of each outlier
+    const uint16_t* outlier_values;  // [nnz] fp16 residual added to the dense weight
 } tf_mat;
 
 typedef struct {

@@ -282,8 +282,18 @@ static bool mat_ok(const tf_mat& W, int64_t N, int64_t K) {
     if (W.kind == TF_F16 || W.kind == TF_F32) return W.dense != nullptr;
     if (W.kind != TF_QUANT) return false;
     const bool bits_ok = W.bits == 2 || W.bits == 3 || W.bits == 4 || W.bits == 5 || W.bits == 6 || W.bits == 8;
-    return bits_ok && (!W.levels || W.bits == 4) && (W.level_rows == 0 || (W.level_rows == 1 && W.levels)) && W.Kp == (K + 31) / 32 * 32 && W.group >= 1 &&
-           W.G == (K + W.group - 1) / W.group && W.codes && W.scales && W.zeros;
+    const bool shape_ok = W.Kp == (K + 31) / 32 * 32 && W.group >= 1 && W.G == (K + W.group - 1) / W.group && W.codes;
+    if (!W.stats) return bits_ok && (!W.levels || W.bits == 4) && (W.level_rows == 0 || (W.level_rows == 1 && W.levels)) && shape_ok && W.scales && W.zeros && !W.outlier_rowptr;
+    // SpQR: 2-4 bit codes, statistics records, groups the kernels' segments divide (8 or a multiple of 16)
+    if (W.bits > 4 || W.levels || W.level_rows || !shape_ok || (W.G > 1 && W.group % 16 != 0 && W.group != 8)) return false;
+    if (!W.outlier_rowptr) return true;
+    if (!W.outlier_cols || !W.outlier_values || W.outlier_rowptr[0] != 0) return false;
+    for (int64_t n = 0; n < N; n++) {
+        if (W.outlier_rowptr[n + 1] < W.outlier_rowptr[n]) return false;
+        for (int j = W.outlier_rowptr[n]; j < W.outlier_rowptr[n + 1]; j++)
+            if (W.outlier_cols[j] >= K) return false;
+    }
+    return true;
 }
 
 // Every size and architecture field the forward step relies on, checked before any allocation:

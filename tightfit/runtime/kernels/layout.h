@@ -16,6 +16,14 @@
 // with the layer's own 16 levels, or (level_rows) a table per row: per tile 4 x 64 bytes, where
 // 64-byte register j holds in its 128-bit lane l the 16 levels of row 4l + j, so that one vpshufb
 // per j looks up the rows 4l + j (bytes 4j .. 4j+3 of every lane). Dense matrices are plain fp16 / fp32 [N, K].
+// SpQR (formats/spqr.py) keeps its codes in these planes (bits 2, 3, 4) but its statistics as the
+// file quantizes them: per (tile, group) a 24-byte record `stats`, bytes 0..15 the codes of row r,
+// scale code | zero code << 4 (stat_bits <= 4), bytes 16..23 the second-level fp16 scale step,
+// scale minimum, zero step, zero minimum of those 16 rows (a second-level group is 16 consecutive
+// rows: one tile). The kernels decode s = max(qs * step_s + min_s, fp16 tiny), z = qz * step_z +
+// min_z (real-valued) exactly as the reference does in fp32; `scales` and `zeros` are NULL. The
+// residual outliers are a CSR table (int32 row pointers, u16 columns, fp16 values) added to the
+// dense part: w = (q - z) * s + R.
 // Part of the one translation unit engine.cpp.
 #pragma once
 
@@ -63,8 +71,34 @@ static void unpack_chunk_values(const tf_mat& W, int T, const uint8_t* p, uint8_
     }
 }
 
-// Row n of W dequantized to fp32 [K] (exactly (q - z) * s, as the reference).
-static void dequant_row(const tf_mat& W, int n, float* out) {
+// fp16 -> fp32 of one value (an outlier), one instruction where F16C is there
+static inline float half_value(uint16_t h) {
+#if TF_AVX512
+    return _cvtsh_ss(h);
+#else
+    return f16_to_f32(h);
+#endif
+}
+
+// SpQR: s and z of row r of tile T in group g, decoded from its statistics record (fp32, as the reference).
+static inline void spqr_stat(const tf_mat& W, int T, int g, int r, float& s, float& z) {
+    const uint8_t* rec = W.stats + ((size_t)T * W.G + g) * 24;
+    uint16_t h[4];
+    memcpy(h, rec + 16, 8);
+    s = std::max((float)(rec[r] & 15) * f16_to_f32(h[0]) + f16_to_f32(h[1]), 6.103515625e-05f);  // fp16 tiny
+    z = (float)(rec[r] >> 4) * f16_to_f32(h[2]) + f16_to_f32(h[3]);
+}
+
+// Scale s and zero z of row r of tile T in group g (any quantized layout).
+static inline void stat_at(const tf_mat& W, int T, int g, int r, float& s, float& z) {
+    if (W.stats) { spqr_stat(W, T, g, r, s, z); return; }
+    const size_t si = ((size_t)T * W.G + g) * 16 + r;
+    s = scale_at(W, si);
+    z = (float)W.zeros[si];
+}
+
+// Row n of W's dense part dequantized to fp32 [K] (exactly (q - z) * s, as the reference).
+static void dequant_row_dense(const tf_mat& W, int n, float* out) {
     if (W.kind == TF_F32) { memcpy(out, (const float*)W.dense + (size_t)n * W.K, sizeof(float) * W.K); return; }
     if (W.kind == TF_F16) {
         const uint16_t* r = (const uint16_t*)W.dense + (size_t)n * W.K;
@@ -77,10 +111,18 @@ static void dequant_row(const tf_mat& W, int n, float* out) {
         unpack_chunk_values(W, T, W.codes + ((size_t)T * nq + k4) * cb, q);
         for (int c = 0; c < 4 && 4 * k4 + c < W.K; c++) {
             int col = 4 * k4 + c, g = col / W.group;
-            size_t si = ((size_t)T * W.G + g) * 16 + r;
-            out[col] = ((float)q[4 * r + c] - (float)W.zeros[si]) * scale_at(W, si);
+            float s, z;
+            stat_at(W, T, g, r, s, z);
+            out[col] = ((float)q[4 * r + c] - z) * s;
         }
     }
+}
+
+// Row n of W dequantized to fp32 [K]: the dense part plus SpQR's outliers (W_hat = (q - z) * s + R).
+static void dequant_row(const tf_mat& W, int n, float* out) {
+    dequant_row_dense(W, n, out);
+    if (W.outlier_rowptr)
+        for (int j = W.outlier_rowptr[n]; j < W.outlier_rowptr[n + 1]; j++) out[W.outlier_cols[j]] += half_value(W.outlier_values[j]);
 }
 
 
@@ -140,6 +182,37 @@ static inline __m512 load16_scales(const uint16_t* s) {
     __m256i h = _mm256_loadu_si256((const __m256i*)s);
     if (BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return _mm512_cvtph_ps(h);
+}
+// SpQR: the 16 rows' s and z of one (tile, group) record, the same fp32 operations as spqr_stat.
+static inline void spqr_stats16(const uint8_t* rec, __m512& s, __m512& z) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)rec));
+    const __m128 f = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(rec + 16)));  // step_s, min_s, step_z, min_z
+    const __m512 f4 = _mm512_castps128_ps512(f);
+    auto lane = [&](int i) { return _mm512_permutexvar_ps(_mm512_set1_epi32(i), f4); };
+    const __m512 qs = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)));
+    const __m512 qz = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
+    s = _mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(qs, lane(0)), lane(1)), _mm512_set1_ps(6.103515625e-05f));
+    z = _mm512_add_ps(_mm512_mul_ps(qz, lane(2)), lane(3));
+}
+// Scale of the 16 rows of tile T in group g; and the zero term's factor s * z.
+template <bool BF16, bool SPQR>
+static inline __m512 tile_scale(const tf_mat& W, int T, int g) {
+    if (SPQR) {
+        __m512 s, z;
+        spqr_stats16(W.stats + ((size_t)T * W.G + g) * 24, s, z);
+        return s;
+    }
+    return load16_scales<BF16>(W.scales + ((size_t)T * W.G + g) * 16);
+}
+template <bool BF16, bool SPQR>
+static inline __m512 tile_scaled_zero(const tf_mat& W, int T, int g) {
+    if (SPQR) {
+        __m512 s, z;
+        spqr_stats16(W.stats + ((size_t)T * W.G + g) * 24, s, z);
+        return _mm512_mul_ps(s, z);
+    }
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(W.zeros + ((size_t)T * W.G + g) * 16))));
+    return _mm512_mul_ps(load16_scales<BF16>(W.scales + ((size_t)T * W.G + g) * 16), z);
 }
 #endif
 

@@ -6,13 +6,16 @@ and per (tile, group) 16 fp16/bf16 scales and 16 u8 zero points. Grid formats (f
 keep their 4-bit codes and signed scales; a 16-byte table maps each code to its level + GRID_ZERO
 (a u8, as the int8 kernels multiply them) and every zero point is GRID_ZERO, so the kernels' w =
 (levels[q] - z) * s is the grid's L[q] * s. Learned tables (formats/lut.py) take the same path with
-the layer's own table, or with a table per row laid out per tile (`row_tables`, layout.h). Repacking
-is exact: every weight the kernels decode equals the reference dequantization, tested.
+the layer's own table, or with a table per row laid out per tile (`row_tables`, layout.h). SpQR
+(formats/spqr.py) keeps its codes in the same planes and its statistics as the file quantizes them,
+one 24-byte record per (tile, group) that the kernels decode (layout.h), plus its CSR outliers as
+stored. Repacking is exact: every weight the kernels decode equals the reference dequantization, tested.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,7 @@ import torch
 from tightfit.formats.grid import GridFormat, GridTensor
 from tightfit.formats.lut import LutFormat, LutTensor
 from tightfit.formats.primitives import QuantizedTensor
+from tightfit.formats.spqr import STAT_GROUP, SpQRFormat, SpQRTensor
 from tightfit.formats.table import QuantFormat
 
 TILE = 16  # rows per tile (one AVX-512 lane each)
@@ -28,8 +32,9 @@ CHUNK = TILE * QUAD
 K_ALIGN = 32  # columns are padded to whole activation blocks
 KIND_QUANT, KIND_F16, KIND_F32 = 0, 1, 2
 GRID_ZERO = 128  # grid levels (int8) + GRID_ZERO are u8, the operand vpdpbusd takes unsigned
-KERNEL_FORMATS = (QuantFormat, GridFormat, LutFormat)  # the format families with a fast kernel; others run dense
+KERNEL_FORMATS = (QuantFormat, GridFormat, LutFormat, SpQRFormat)  # the format families with a fast kernel; others run dense
 LEVEL_TYPES = (GridTensor, LutTensor)  # tensors whose codes index a table of 16 int8 levels
+SPQR_RECORD = 24  # bytes of one SpQR (tile, group) statistics record: 16 code bytes, 4 fp16 (layout.h)
 # bit planes of a code width, low bits first: (plane width, bit shift)
 PLANES: dict[int, tuple[tuple[int, int], ...]] = {
     2: ((2, 0),),
@@ -60,6 +65,10 @@ class TfMat(ctypes.Structure):
         ("dense", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("levels", ctypes.c_void_p),
+        ("stats", ctypes.c_void_p),
+        ("outlier_rowptr", ctypes.c_void_p),
+        ("outlier_cols", ctypes.c_void_p),
+        ("outlier_values", ctypes.c_void_p),
     ]
 
 
@@ -89,6 +98,8 @@ class KernelMatrix:
     zeros [Np/16, G, 16] uint8; levels (grid and learned-table formats: level + GRID_ZERO per code)
     [16] uint8, or with level_rows a table per row [Np/16, 4, 64] uint8 (`row_tables`), or None;
     dense [N, K] fp16/fp32 (dense kinds); bias [N] fp32 or None.
+    SpQR (scales and zeros None): stats [Np/16, G, 24] uint8 (layout.h); outlier_rowptr [N+1] int32,
+    outlier_cols [nnz] int16 (read as u16), outlier_values [nnz] fp16, or all three None.
     """
 
     kind: int
@@ -104,12 +115,22 @@ class KernelMatrix:
     bias: torch.Tensor | None = None
     levels: torch.Tensor | None = None
     level_rows: bool = False
+    stats: torch.Tensor | None = None
+    outlier_rowptr: torch.Tensor | None = None
+    outlier_cols: torch.Tensor | None = None
+    outlier_values: torch.Tensor | None = None
+
+    TENSORS = ("codes", "scales", "zeros", "dense", "bias", "levels", "stats", "outlier_rowptr", "outlier_cols", "outlier_values")
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kernels read per full pass over the matrix."""
-        parts = (self.codes, self.scales, self.zeros, self.dense, self.bias, self.levels)
+        """Bytes the kernels read per full pass over the matrix (every array, outliers included)."""
+        parts = [getattr(self, f) for f in self.TENSORS]
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def clone(self) -> "KernelMatrix":
+        """A copy with copies of every array (the profile's streamed copies)."""
+        return dataclasses.replace(self, **{f: None if getattr(self, f) is None else getattr(self, f).clone() for f in self.TENSORS})
 
     def struct(self) -> TfMat:
         n, k = self.shape
@@ -118,12 +139,21 @@ class KernelMatrix:
             "a level table needs 4-bit codes and 16 u8 levels, or [Np/16, 4, 64] per row (what the kernels' grid path reads)"
         )
         assert not self.level_rows or self.levels is not None, "level_rows needs per-row tables"
+        if self.stats is not None:  # SpQR: the record table for every (tile, group), outliers for every row
+            assert self.stats.dtype == torch.uint8 and self.stats.shape == (-(-n // TILE), self.groups, SPQR_RECORD), self.stats.shape
+            assert self.scales is None and self.zeros is None and self.bits in (2, 3, 4)
+        if self.outlier_rowptr is not None:
+            nnz = int(self.outlier_rowptr[-1])
+            assert self.outlier_rowptr.dtype == torch.int32 and self.outlier_rowptr.shape == (n + 1,)
+            assert self.outlier_cols.dtype == torch.int16 and self.outlier_values.dtype == torch.float16
+            assert self.outlier_cols.shape == self.outlier_values.shape == (nnz,) and k <= 1 << 16
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         return TfMat(
             kind=self.kind, N=n, K=k, Kp=-(-k // K_ALIGN) * K_ALIGN, bits=self.bits, group=self.group,
             G=self.groups, scale_bf16=int(self.scale_bf16), level_rows=int(self.level_rows),
             codes=ptr(self.codes), scales=ptr(self.scales), zeros=ptr(self.zeros), dense=ptr(self.dense), bias=ptr(self.bias),
-            levels=ptr(self.levels),
+            levels=ptr(self.levels), stats=ptr(self.stats), outlier_rowptr=ptr(self.outlier_rowptr),
+            outlier_cols=ptr(self.outlier_cols), outlier_values=ptr(self.outlier_values),
         )
 
 
@@ -147,22 +177,33 @@ def row_tables(levels: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, 4, 4, 16).transpose(1, 2).reshape(-1, 4, 64).contiguous()
 
 
-def from_quantized(q: QuantizedTensor | GridTensor | LutTensor, bias: torch.Tensor | None = None) -> KernelMatrix:
-    """A uniform-, grid- or learned-table-format weight -> kernel layout (exact)."""
-    fmt = q.fmt
-    assert has_kernel(fmt), f"format {fmt.name} has no kernel layout"
-    n, k = q.shape
+def _tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [N, K] uint8 -> bit planes [Np/16, Kp/4, 8*bits] uint8 (zero codes pad rows and columns)."""
+    n, k = codes.shape
     np_, kp = -(-n // TILE) * TILE, -(-k // K_ALIGN) * K_ALIGN
     tiles = np_ // TILE
-    planes = torch.empty(tiles, kp // QUAD, 8 * fmt.bits, dtype=torch.uint8)  # [tiles, Kp/4, 8*bits]
+    planes = torch.empty(tiles, kp // QUAD, 8 * bits, dtype=torch.uint8)  # [tiles, Kp/4, 8*bits]
     step = max(1, PLANE_ROWS // TILE)  # tiles at a time: _plane's temporaries are ~10 bytes per code
     for t in range(0, tiles, step):
-        rows = q.codes[t * TILE : (t + step) * TILE]
-        codes = torch.zeros(-(-rows.shape[0] // TILE) * TILE, kp, dtype=torch.uint8)
-        codes[: rows.shape[0], :k] = rows
+        rows = codes[t * TILE : (t + step) * TILE]
+        padded = torch.zeros(-(-rows.shape[0] // TILE) * TILE, kp, dtype=torch.uint8)
+        padded[: rows.shape[0], :k] = rows
         # [rows, Kp] -> [tiles, 16 rows, Kp/4 quads, 4 cols] -> [tiles, quads, 16 rows, 4 cols]: o = 4*row + col
-        chunks = codes.view(-1, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3).reshape(-1, kp // QUAD, CHUNK)
-        planes[t : t + chunks.shape[0]] = torch.cat([_plane(chunks, w, s) for w, s in PLANES[fmt.bits]], dim=2)
+        chunks = padded.view(-1, TILE, kp // QUAD, QUAD).permute(0, 2, 1, 3).reshape(-1, kp // QUAD, CHUNK)
+        planes[t : t + chunks.shape[0]] = torch.cat([_plane(chunks, w, s) for w, s in PLANES[bits]], dim=2)
+    return planes
+
+
+def from_quantized(q: QuantizedTensor | GridTensor | LutTensor | SpQRTensor, bias: torch.Tensor | None = None) -> KernelMatrix:
+    """A uniform-, grid-, learned-table- or SpQR-format weight -> kernel layout (exact)."""
+    if isinstance(q, SpQRTensor):
+        return from_spqr(q, bias)
+    fmt = q.fmt
+    assert isinstance(fmt, (QuantFormat, GridFormat, LutFormat)), f"format {fmt.name} has no kernel layout"
+    n, k = q.shape
+    np_ = -(-n // TILE) * TILE
+    tiles = np_ // TILE
+    planes = _tiles(q.codes, fmt.bits)
     g = q.scales.shape[1]
     scales = torch.zeros(np_, g, dtype=fmt.scale_torch_dtype)
     scales[:n] = q.scales.to(fmt.scale_torch_dtype)
@@ -182,6 +223,50 @@ def from_quantized(q: QuantizedTensor | GridTensor | LutTensor, bias: torch.Tens
         kind=KIND_QUANT, shape=(n, k), bits=fmt.bits, group=fmt.group_width(k), groups=g,
         scale_bf16=fmt.scale_dtype == "bf16", codes=planes, scales=by_tile(scales).view(torch.int16),
         zeros=by_tile(zeros), bias=_bias(bias), levels=levels, level_rows=level_rows,
+    )
+
+
+def spqr_rows_fit(rows: tuple[int, int] | None) -> bool:
+    """Whether from_spqr can lay out these rows of an SpQR weight: its statistics are quantized in
+    groups of STAT_GROUP rows, one kernel tile, so a part must start on one (fused projections)."""
+    return rows is None or rows[0] % STAT_GROUP == 0
+
+
+def from_spqr(q: SpQRTensor, bias: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> KernelMatrix:
+    """An SpQR weight (rows [start, stop) of it, start a multiple of 16) -> kernel layout (exact).
+
+    bias: of those rows. The statistics stay quantized: per (tile, group) the 16 rows' scale and zero
+    codes as nibbles and their second-level fp16 steps and minima (layout.h); outliers as stored.
+    """
+    fmt = q.fmt
+    n_all, k = q.shape
+    start, stop = rows if rows is not None else (0, n_all)
+    assert spqr_rows_fit((start, stop)) and 0 <= start < stop <= n_all, (start, stop, n_all)
+    assert TILE == STAT_GROUP and fmt.stat_bits <= 4, "a record holds one tile's statistics, two codes per byte"
+    n, g = stop - start, fmt.num_groups(k)
+    tiles = -(-n // TILE)
+    s2 = slice(start // STAT_GROUP, start // STAT_GROUP + tiles)  # the tiles' second-level groups
+
+    def codes(stat) -> torch.Tensor:  # [G, N] -> [tiles, G, 16], padding rows code 0
+        c = torch.zeros(g, tiles * TILE, dtype=torch.uint8)
+        c[:, :n] = stat.codes[:, start:stop]
+        return c.view(g, tiles, TILE).transpose(0, 1)
+
+    def halves(t: torch.Tensor) -> torch.Tensor:  # [G, N2] fp32 (fp16-representable) -> [tiles, G, 1] fp16
+        return t[:, s2].T.to(torch.float16).unsqueeze(-1)
+
+    nibbles = codes(q.scale) | (codes(q.zero) << 4)  # [tiles, G, 16]
+    second = torch.cat([halves(q.scale.step), halves(q.scale.minimum), halves(q.zero.step), halves(q.zero.minimum)], dim=2)
+    stats = torch.cat([nibbles, second.contiguous().view(torch.uint8)], dim=2).contiguous()  # [tiles, G, 24]
+    j0, j1 = int(q.rowptr[start]), int(q.rowptr[stop])
+    outliers = {}
+    if j1 > j0:
+        outliers = dict(outlier_rowptr=(q.rowptr[start : stop + 1] - j0).to(torch.int32).contiguous(),
+                        outlier_cols=q.cols[j0:j1].to(torch.int32).to(torch.int16).contiguous(),  # u16 in C: K <= 65536
+                        outlier_values=q.values[j0:j1].to(torch.float16).contiguous())
+    return KernelMatrix(
+        kind=KIND_QUANT, shape=(n, k), bits=fmt.bits, group=fmt.group_width(k), groups=g,
+        codes=_tiles(q.codes[start:stop], fmt.bits), stats=stats, bias=_bias(bias), **outliers,
     )
 
 

@@ -8,6 +8,10 @@
 // multiply the u8 levels the same way (GRID: a template flag, the 4-bit kernels only: 1 one table,
 // 2 a table per row, four masked vpshufb per chunk, layout.h). Exact
 // mode multiplies the same codes by the fp32 x; dense fp16 / fp32 matrices always take the fp32 x.
+// SpQR (layout.h) decodes its per-(tile, group) s and real-valued z from the quantized statistics
+// as a group comes up (SPQR: a template flag; bits 2, 3, 4) and then runs the same int8 dot products
+// and zero term; its CSR outliers are added after a thread's rows, each times the fp32 x of its
+// column (add_outliers: exact, and the gathered x is in L1 either way).
 // Without AVX-512 (F, BW, VL, VNNI) portable scalar kernels compute the same sums.
 // Part of the one translation unit engine.cpp.
 #pragma once
@@ -39,32 +43,40 @@
 // Lanes are rows: per chunk one unpack, then per token a 4-byte activation broadcast and one
 // vpdpbusd; every segment of min(group, 32) columns (one activation block, one group) is
 // converted to fp32 and scaled once.
-template <int BITS, int MT, int NT, bool BF16, int GRID>
+template <int BITS, int MT, int NT, bool BF16, int GRID, bool SPQR>
 static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     const int nq = W.Kp / 4, cb = 8 * BITS, Kp = a.Kp;
     const int seg = W.group < 32 && W.G > 1 ? W.group : 32;  // columns per int32 accumulation
     const uint8_t* p[NT];
-    const uint16_t* st[NT];
-    for (int u = 0; u < NT; u++) {
-        p[u] = W.codes + (size_t)(T + u) * nq * cb;
-        st[u] = W.scales + (size_t)(T + u) * W.G * 16;
-    }
+    for (int u = 0; u < NT; u++) p[u] = W.codes + (size_t)(T + u) * nq * cb;
     const int8_t* xq = a.xq.data() + (size_t)m0 * Kp;
     const float* sx = a.sx.data() + (size_t)m0 * (Kp / 32);
     LevelTable table[NT];
     for (int u = 0; u < NT; u++)
         if (GRID) table[u] = load_levels<GRID>(W, T + u);
     __m512 acc[NT][MT], s[NT];
-    for (int u = 0; u < NT; u++) {
-        s[u] = load16_scales<BF16>(st[u]);
+    // group g's scales; SpQR subtracts its zero term here too, from the s and z it has just decoded
+    auto start_group = [&](int g) {
+        for (int u = 0; u < NT; u++) {
+            if (!SPQR) {
+                s[u] = tile_scale<BF16, false>(W, T + u, g);
+                continue;
+            }
+            __m512 z;
+            spqr_stats16(W.stats + ((size_t)(T + u) * W.G + g) * 24, s[u], z);
+            const __m512 sz = _mm512_mul_ps(s[u], z);
+            for (int t = 0; t < MT; t++) acc[u][t] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(a.xs[(size_t)(m0 + t) * W.G + g]), acc[u][t]);
+        }
+    };
+    for (int u = 0; u < NT; u++)
         for (int t = 0; t < MT; t++) acc[u][t] = _mm512_setzero_ps();
-    }
+    start_group(0);
     int g = 0, next = W.group;
     for (int c0 = 0; c0 < Kp; c0 += seg) {
         if (c0 >= next && g + 1 < W.G) {
             g++;
             next += W.group;
-            for (int u = 0; u < NT; u++) s[u] = load16_scales<BF16>(st[u] + (size_t)g * 16);
+            start_group(g);
         }
         __m512i ia[NT][MT];
         for (int u = 0; u < NT; u++)
@@ -99,11 +111,9 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
         }
     }
     for (int u = 0; u < NT; u++) {
-        // zero term: sum_g s_g z_g xs[m, g]
-        const uint8_t* zt = W.zeros + (size_t)(T + u) * W.G * 16;
-        for (int gi = 0; gi < W.G; gi++) {
-            __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + (size_t)gi * 16))));
-            __m512 sz = _mm512_mul_ps(load16_scales<BF16>(st[u] + (size_t)gi * 16), z);
+        // zero term: sum_g s_g z_g xs[m, g] (SpQR: subtracted in start_group)
+        for (int gi = 0; gi < W.G && !SPQR; gi++) {
+            const __m512 sz = tile_scaled_zero<BF16, SPQR>(W, T + u, gi);
             for (int t = 0; t < MT; t++) acc[u][t] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[u][t]);
         }
         const int n0 = 16 * (T + u), valid = std::min(16, W.N - n0);
@@ -114,36 +124,38 @@ static void quant_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) 
 }
 
 // rows [n0, n1), n0 a multiple of 16; at one token TF_DECODE_TILES tiles share each activation broadcast
-template <int BITS, int MT, bool BF16, int GRID>
+template <int BITS, int MT, bool BF16, int GRID, bool SPQR>
 static void quant_rows_t(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
     constexpr int NT = MT == 1 ? TF_DECODE_TILES : 1;
     const int t1 = (n1 + 15) / 16;
     int T = n0 / 16;
-    for (; T + NT <= t1; T += NT) quant_tile<BITS, MT, NT, BF16, GRID>(W, a, m0, T, y);
-    for (; T < t1; T++) quant_tile<BITS, MT, 1, BF16, GRID>(W, a, m0, T, y);
+    for (; T + NT <= t1; T += NT) quant_tile<BITS, MT, NT, BF16, GRID, SPQR>(W, a, m0, T, y);
+    for (; T < t1; T++) quant_tile<BITS, MT, 1, BF16, GRID, SPQR>(W, a, m0, T, y);
 }
 
-template <int BITS, int MT, int GRID = 0>
+// GRID: 0 none, 1 a grid or learned format's one level table, 2 a table per row; SPQR: SpQR statistics
+// (fp32 from their codes, no bf16 scales)
+template <int BITS, int MT, int GRID = 0, bool SPQR = false>
 static void quant_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
-    if (W.scale_bf16) quant_rows_t<BITS, MT, true, GRID>(W, a, m0, n0, n1, y);
-    else quant_rows_t<BITS, MT, false, GRID>(W, a, m0, n0, n1, y);
+    if (SPQR) quant_rows_t<BITS, MT, false, 0, true>(W, a, m0, n0, n1, y);
+    else if (W.scale_bf16) quant_rows_t<BITS, MT, true, GRID, false>(W, a, m0, n0, n1, y);
+    else quant_rows_t<BITS, MT, false, GRID, false>(W, a, m0, n0, n1, y);
 }
 
 // Exact mode: the same tiles multiplied by the fp32 activations (codes converted to fp32 per
 // column of each chunk); slower, bit-for-bit the dequantized weight times x up to summation order.
-template <int BITS, bool BF16, int GRID>
+template <int BITS, bool BF16, int GRID, bool SPQR>
 static void quant_tile_exact(const tf_mat& W, const QAct& a, int m, int T, float* y) {
     const int nq = W.Kp / 4, cb = 8 * BITS, K = a.K;
     const int seg = W.group < 32 && W.G > 1 ? W.group : 32;
     const uint8_t* p = W.codes + (size_t)T * nq * cb;
-    const uint16_t* st = W.scales + (size_t)T * W.G * 16;
     const float* x = a.x + (size_t)m * K;
     LevelTable table;
     if (GRID) table = load_levels<GRID>(W, T);
-    __m512 acc = _mm512_setzero_ps(), s = load16_scales<BF16>(st);
+    __m512 acc = _mm512_setzero_ps(), s = tile_scale<BF16, SPQR>(W, T, 0);
     int g = 0, next = W.group;
     for (int c0 = 0; c0 < W.Kp; c0 += seg) {
-        if (c0 >= next && g + 1 < W.G) { g++; next += W.group; s = load16_scales<BF16>(st + (size_t)g * 16); }
+        if (c0 >= next && g + 1 < W.G) { g++; next += W.group; s = tile_scale<BF16, SPQR>(W, T, g); }
         __m512 f = _mm512_setzero_ps();
         for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
             const __m512i q = GRID ? lookup_levels<GRID>(table, unpack64<BITS>(p)) : unpack64<BITS>(p);
@@ -156,23 +168,21 @@ static void quant_tile_exact(const tf_mat& W, const QAct& a, int m, int T, float
         }
         acc = _mm512_fmadd_ps(s, f, acc);
     }
-    const uint8_t* zt = W.zeros + (size_t)T * W.G * 16;
-    for (int gi = 0; gi < W.G; gi++) {
-        __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + (size_t)gi * 16))));
-        acc = _mm512_fnmadd_ps(_mm512_mul_ps(load16_scales<BF16>(st + (size_t)gi * 16), z), _mm512_set1_ps(a.xs[(size_t)m * W.G + gi]), acc);
-    }
+    for (int gi = 0; gi < W.G; gi++)
+        acc = _mm512_fnmadd_ps(tile_scaled_zero<BF16, SPQR>(W, T, gi), _mm512_set1_ps(a.xs[(size_t)m * W.G + gi]), acc);
     const int n0 = 16 * T, valid = std::min(16, W.N - n0);
     const __mmask16 mk = (__mmask16)((1u << valid) - 1);
     const __m512 b = W.bias ? _mm512_maskz_loadu_ps(mk, W.bias + n0) : _mm512_setzero_ps();
     _mm512_mask_storeu_ps(y + (size_t)m * W.N + n0, mk, _mm512_add_ps(acc, b));
 }
 
-template <int BITS, int GRID = 0>
+template <int BITS, int GRID = 0, bool SPQR = false>
 static void quant_rows_exact(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
     for (int m = 0; m < a.M; m++)
         for (int T = n0 / 16; 16 * T < n1; T++) {
-            if (W.scale_bf16) quant_tile_exact<BITS, true, GRID>(W, a, m, T, y);
-            else quant_tile_exact<BITS, false, GRID>(W, a, m, T, y);
+            if (SPQR) quant_tile_exact<BITS, false, 0, true>(W, a, m, T, y);
+            else if (W.scale_bf16) quant_tile_exact<BITS, true, GRID, false>(W, a, m, T, y);
+            else quant_tile_exact<BITS, false, GRID, false>(W, a, m, T, y);
         }
 }
 
@@ -216,15 +226,19 @@ static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
                     for (int r = 0; r < 16; r++)
                         for (int c = 0; c < 4; c++) d[r] += (int32_t)q[4 * r + c] * a.xq[(size_t)m * Kp + 4 * k4 + c];
                 }
-                for (int r = 0; r < 16; r++)
-                    acc[r] += (float)d[r] * (scale_at(W, ((size_t)T * W.G + g) * 16 + r) * a.sx[(size_t)m * (Kp / 32) + c0 / 32]);
+                for (int r = 0; r < 16; r++) {
+                    float s, z;
+                    stat_at(W, T, g, r, s, z);
+                    acc[r] += (float)d[r] * (s * a.sx[(size_t)m * (Kp / 32) + c0 / 32]);
+                }
             }
             for (int r = 0; r < 16; r++) {
                 const int n = 16 * T + r;
                 if (n >= W.N) break;
                 for (int g = 0; g < W.G; g++) {
-                    size_t si = ((size_t)T * W.G + g) * 16 + r;
-                    acc[r] -= scale_at(W, si) * (float)W.zeros[si] * a.xs[(size_t)m * W.G + g];
+                    float s, z;
+                    stat_at(W, T, g, r, s, z);
+                    acc[r] -= s * z * a.xs[(size_t)m * W.G + g];
                 }
                 y[(size_t)m * W.N + n] = acc[r] + (W.bias ? W.bias[n] : 0.f);
             }
@@ -234,7 +248,7 @@ static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
 [[maybe_unused]] static void dense_rows_scalar(const tf_mat& W, const QAct& a, int m0, int mt, int n0, int n1, float* y) {
     std::vector<float> w(W.K);
     for (int n = n0; n < n1; n++) {
-        dequant_row(W, n, w.data());
+        dequant_row_dense(W, n, w.data());  // SpQR's outliers: add_outliers
         for (int m = m0; m < m0 + mt; m++) {
             float r = 0.f;
             for (int j = 0; j < W.K; j++) r += w[j] * a.x[(size_t)m * W.K + j];
@@ -243,17 +257,41 @@ static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
     }
 }
 
-// y[M, N] rows [n0, n1) for all tokens of a (the activation must be prepared with group_sums for W).
-static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
-    if (n0 >= n1) return;
+// SpQR's residual outliers of rows [n0, n1): y[m, n] += sum_j R[n, j] x[m, j] over the CSR entries,
+// with the fp32 x (the int8 blocks would save no bytes: x of one token is a few KB, in L1).
+static void add_outliers(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
+    if (!W.outlier_rowptr) return;
+    const int K = a.K;
+    for (int n = n0; n < n1; n++) {
+        const int j0 = W.outlier_rowptr[n], j1 = W.outlier_rowptr[n + 1];
+        for (int m = 0; m < a.M; m++) {
+            const float* x = a.x + (size_t)m * K;
+            float r = 0.f;
+            for (int j = j0; j < j1; j++) r += half_value(W.outlier_values[j]) * x[W.outlier_cols[j]];
+            y[(size_t)m * W.N + n] += r;
+        }
+    }
+}
+
+// matmul_rows without the outliers: the dense part of every kind, rows [n0, n1) (n0 < n1)
+static void quant_matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
 #if TF_AVX512
     const int grid = W.kind == TF_QUANT && W.levels != nullptr ? (W.level_rows ? 2 : 1) : 0;  // 4-bit (layout.py)
+    const bool spqr = W.kind == TF_QUANT && W.stats != nullptr;  // SpQR: 2, 3 or 4 bits (layout.py)
     if (a.exact && grid == 1) {
         quant_rows_exact<4, 1>(W, a, n0, n1, y);
         return;
     }
     if (a.exact && grid == 2) {
         quant_rows_exact<4, 2>(W, a, n0, n1, y);
+        return;
+    }
+    if (a.exact && spqr) {
+        switch (W.bits) {
+            case 2: quant_rows_exact<2, 0, true>(W, a, n0, n1, y); break;
+            case 3: quant_rows_exact<3, 0, true>(W, a, n0, n1, y); break;
+            default: quant_rows_exact<4, 0, true>(W, a, n0, n1, y); break;
+        }
         return;
     }
     if (a.exact && W.kind == TF_QUANT) {
@@ -278,21 +316,29 @@ static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y
             }
             continue;
         }
-#define TF_TOKENS(B, GRID)                                                  \
-    switch (mt) {                                                           \
-        case 1: quant_rows<B, 1, GRID>(W, a, m0, n0, n1, y); break;         \
-        case 2: quant_rows<B, 2, GRID>(W, a, m0, n0, n1, y); break;         \
-        case 3: quant_rows<B, 3, GRID>(W, a, m0, n0, n1, y); break;         \
-        default: quant_rows<B, 4, GRID>(W, a, m0, n0, n1, y); break;        \
+#define TF_TOKENS(B, GRID, SPQR)                                                  \
+    switch (mt) {                                                                 \
+        case 1: quant_rows<B, 1, GRID, SPQR>(W, a, m0, n0, n1, y); break;         \
+        case 2: quant_rows<B, 2, GRID, SPQR>(W, a, m0, n0, n1, y); break;         \
+        case 3: quant_rows<B, 3, GRID, SPQR>(W, a, m0, n0, n1, y); break;         \
+        default: quant_rows<B, 4, GRID, SPQR>(W, a, m0, n0, n1, y); break;        \
     }
 #define TF_BITS_CASE(B) \
-    case B: TF_TOKENS(B, 0) break;
+    case B: TF_TOKENS(B, 0, false) break;
         if (grid == 1) {
-            TF_TOKENS(4, 1)
+            TF_TOKENS(4, 1, false)
             continue;
         }
         if (grid == 2) {
-            TF_TOKENS(4, 2)
+            TF_TOKENS(4, 2, false)
+            continue;
+        }
+        if (spqr) {
+            switch (W.bits) {
+                case 2: TF_TOKENS(2, 0, true) break;
+                case 3: TF_TOKENS(3, 0, true) break;
+                default: TF_TOKENS(4, 0, true) break;
+            }
             continue;
         }
         switch (W.bits) {
@@ -305,6 +351,13 @@ static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y
     if (W.kind != TF_QUANT || a.exact) dense_rows_scalar(W, a, 0, a.M, n0, n1, y);
     else quant_rows_scalar(W, a, 0, a.M, n0, n1, y);
 #endif
+}
+
+// y[M, N] rows [n0, n1) for all tokens of a (the activation must be prepared with group_sums for W).
+static void matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
+    if (n0 >= n1) return;
+    quant_matmul_rows(W, a, n0, n1, y);
+    add_outliers(W, a, n0, n1, y);
 }
 
 // This thread's share [n0, n1) of N rows, in multiples of 16 rows.

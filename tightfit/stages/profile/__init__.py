@@ -13,9 +13,10 @@ will run the model:
                 of the matrix larger together than the last-level cache (`stream_mb`), so each
                 call streams its weights from memory as it does in a decode step of the whole
                 model; one matrix timed alone stays cache-resident, and then the formats that
-                unpack fastest, not the smallest, look fastest. Formats without a fast kernel
-                (SpQR) run as dense fp32 in the engine, so that is what they are timed as; an
-                unquantized (fp16) head runs the engine's fp16 kernel.
+                unpack fastest, not the smallest, look fastest. A format without a fast kernel
+                would run as dense fp32 in the engine, and be timed as that (every format family
+                has one now: uniform, grid, SpQR); an unquantized (fp16) head runs the engine's
+                fp16 kernel.
   in context    the whole model, packed uniformly in each candidate format with a fast kernel,
                 decodes on the engine (short context); the engine's own phase timers say how
                 long its linear layers took per token. scale[c] = that time / the summed kernel

@@ -4,7 +4,6 @@ timed (machine, CPU, kernel sources) that keys the cached timings."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import statistics
@@ -45,10 +44,7 @@ def _random_matrix(shape: tuple[int, int], fmt: Choice) -> kernels.KernelMatrix:
 def streamed_copies(w: kernels.KernelMatrix, megabytes: int) -> list[kernels.KernelMatrix]:
     """w and copies of it, at least `megabytes` MB together (at most 65536 matrices)."""
     count = max(1, min(65536, math.ceil(megabytes * 1e6 / max(w.nbytes, 1))))
-    clone = lambda t: None if t is None else t.clone()  # noqa: E731
-    return [w] + [dataclasses.replace(w, codes=clone(w.codes), scales=clone(w.scales), zeros=clone(w.zeros),
-                                      dense=clone(w.dense), bias=clone(w.bias), levels=clone(w.levels))
-                  for _ in range(count - 1)]
+    return [w] + [w.clone() for _ in range(count - 1)]
 
 
 def time_call_ms(w: kernels.KernelMatrix | list[kernels.KernelMatrix], m: int, config: ProfileConfig) -> float:
