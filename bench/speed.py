@@ -62,7 +62,8 @@ def with_head(head: str, *formats: str) -> dict[str, tuple[str, str]]:
 
 SETUPS = {
     "smollm2-135m": SpeedSetup(
-        tightfit=with_head("w8g32-sym", "w8g32-sym", "w4g32-sym", "w4g128", "w3g64", "w2g64"),
+        tightfit=with_head("w8g32-sym", "w8g32-sym", "w4g32-sym", "nl4g32", "lut4g32", "lut4g32-row", "w4g128", "w3g64",
+                           "spqr-w3g32-s3-o0.5", "w2g64"),
         llama_types=("Q8_0", "Q4_0", "Q3_K_S", "Q2_K"), shipped_type="Q4_1",
         pairs=(("w8g32-sym", "Q8_0"), ("w4g32-sym", "Q4_0"), ("w4g128", "Q4_1"), ("w3g64", "Q3_K_S"), ("w2g64", "Q2_K")),
         transformers=True),
