@@ -193,10 +193,12 @@ def recorded_grids(payload: dict) -> list[dict]:
 def code_grid(name: str) -> tuple[int, int, bool] | None:
     """(bits, group size, asymmetric) of the codes of format `name`: a uniform format, an SpQR
     recipe's dense part, or a uniform GGML type ("Q4_K"). None for what has no uniform grouped grid:
-    a per-channel format, a fixed non-uniform grid (nl4g32), an IQ type, a plan's file name."""
+    a per-channel format, a fixed or learned non-uniform table (nl4g32, lut4g32), an IQ type, a plan's
+    file name."""
     from tightfit.errors import FormatError
-    from tightfit.formats.grid import GridFormat
     from tightfit.formats.registry import parse_format
+    from tightfit.formats.spqr import SpQRFormat
+    from tightfit.formats.table import QuantFormat
 
     if name in GGML_GRIDS:
         return GGML_GRIDS[name]
@@ -204,7 +206,7 @@ def code_grid(name: str) -> tuple[int, int, bool] | None:
         fmt = parse_format(name)
     except FormatError:
         return None
-    if isinstance(fmt, GridFormat) or fmt.group_size is None:
+    if not isinstance(fmt, (QuantFormat, SpQRFormat)) or fmt.group_size is None:  # the uniform code grids only
         return None
     return fmt.bits, fmt.group_size, not fmt.symmetric
 

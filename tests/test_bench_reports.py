@@ -90,8 +90,8 @@ def test_source_grid_flag_fires_for_the_formats_that_hold_the_grid():
     for name in ("w4g32", "w4g16", "spqr-w4g32-s3-o0.5", "spqr-w4g16-s3-o0.5", "Q4_1", "Q4_K"):
         assert common.on_source_grid(name, grids), name
     # other bits, coarser groups, no zero point on an asymmetric grid, not a uniform grid, no format
-    for name in ("w3g64", "w3g32", "w4g32-sym", "w4g16-sym", "w4g64", "w4g128", "nl4g32", "w4pc", "IQ4_NL", "Q4_0",
-                 "plan 2.5 fisher"):
+    for name in ("w3g64", "w3g32", "w4g32-sym", "w4g16-sym", "w4g64", "w4g128", "nl4g32", "lut4g32", "lut4g16-row", "w4pc",
+                 "IQ4_NL", "Q4_0", "plan 2.5 fisher"):
         assert not common.on_source_grid(name, grids), name
     assert not common.on_source_grid("w4g32", ())  # a float source has no grid
     q6_k = common.SourceGrid("Q6_K", 6, 16, False, 29)  # symmetric: held with or without a zero point
