@@ -53,9 +53,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
-from common import (  # noqa: E402
-    RESULTS, SELECT_WINDOWS, grids_json, hessians_cached, machine_info, source_grids, windows_help, write_results,
-)
+from common import RESULTS, SELECT_WINDOWS, hessians_cached, machine_info, windows_help, write_results  # noqa: E402
+from source_grid import grids_json, source_grids  # noqa: E402
 from peers_report import (  # noqa: E402
     HQQ_GROUP, NO_MORE_BITS, SPEED_NEW, SPEED_PROMPT, SPEED_REPEATS, SPEED_THREADS, Entry, mark_source_grid, markdown, plot,
     saved_run, verdicts,

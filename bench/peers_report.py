@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (
-    ENGINE_COLUMNS, grids_from_json, held_grids, is_format, machine_line, on_source_grid, protocol_line, recorded_grids,
-    source_grid_caveat, source_line,
+from common import ENGINE_COLUMNS, machine_line, protocol_line
+from source_grid import (
+    grids_from_json, held_grids, is_format, on_source_grid, recorded_grids, source_grid_caveat, source_line,
 )
 
 from tightfit.evaluate import EvalConfig
@@ -76,7 +76,7 @@ def grid_tensors(e: Entry, grids) -> dict[str, int]:
 def mark_source_grid(entries: list[Entry], grids) -> list[Entry]:
     """Set `source_grid` on every entry that can hold the source's own grid throughout: a tightfit or
     HQQ format that holds it, a file (`types`) whose every tensor is of a type that holds it.
-    `grids`: common.SourceGrid of the source (() for a float source: nothing is marked)."""
+    `grids`: source_grid.SourceGrid of the source (() for a float source: nothing is marked)."""
     for e in entries:
         if e.types:
             e.source_grid = bool(grids) and sum(grid_tensors(e, grids).values()) == sum(e.types.values())

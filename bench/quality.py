@@ -8,7 +8,7 @@ headline KL) and as the dequantized fp32 torch model, against the original (fp32
 the shipped Q4_1 GGUF), all in one pass over the evaluation windows. GPTQ takes sequential Hessians
 from the calibration text (as `tightfit compress`). 4-bit asymmetric g32 is left out on purpose:
 the shipped weights already lie on that grid; a format asked for that can hold the source's grid
-(bench/common.py `source_grids`, read from the model file) is named in a caveat. Nothing is chosen
+(bench/source_grid.py `source_grids`, read from the model file) is named in a caveat. Nothing is chosen
 here: every row is reported.
 """
 
@@ -24,8 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ENGINE_COLUMNS, machine_info, machine_line, protocol_line, quantize_and_evaluate, score_columns, score_json,
-    grids_from_json, grids_json, source_grid_caveat, source_grids, windows_help, write_results,
+    windows_help, write_results,
 )
+from source_grid import grids_from_json, grids_json, source_grid_caveat, source_grids  # noqa: E402
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402

