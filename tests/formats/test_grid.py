@@ -15,9 +15,10 @@ from tightfit.formats.grid import (
     GridFormat,
     GridTensor,
     all_grid_formats,
-    choose_grid_scale,
+    choose_level_scale,
     dequantize_grid,
-    quantize_grid,
+    grid_levels,
+    nearest_level,
     quantize_grid_rtn,
 )
 from tightfit.formats.primitives import quantize_rtn
@@ -115,8 +116,8 @@ def test_unpack_rejects_bad_tensors():
 def test_codes_are_the_nearest_level(grid):
     fmt = GridFormat(grid, 32)
     w = gaussian(64, 32)
-    scale = choose_grid_scale(w, fmt).unsqueeze(1)  # [N, 1]
-    w_hat = dequantize_grid(quantize_grid(w, scale, fmt), scale, fmt)
+    scale = choose_level_scale(w, grid_levels(grid), fmt).unsqueeze(1)  # [N, 1]
+    w_hat = dequantize_grid(nearest_level(w / scale, grid_levels(grid)), scale, fmt)
     every_level = torch.tensor(GRIDS[grid], dtype=torch.float32) * scale.unsqueeze(2)  # [N, 1, 16]
     nearest = (w.unsqueeze(2) - every_level).abs().amin(dim=2)  # [N, 32]
     assert torch.allclose((w - w_hat).abs(), nearest, rtol=0, atol=1e-6)
@@ -140,10 +141,10 @@ def test_scale_search_never_loses_to_absmax_scaling(grid):
 
     def err(scale):
         s = scale.unsqueeze(1)
-        return ((w - dequantize_grid(quantize_grid(w, s, fmt), s, fmt)).square() * weight).sum(1)
+        return ((w - dequantize_grid(nearest_level(w / s, grid_levels(grid)), s, fmt)).square() * weight).sum(1)
 
-    searched = err(choose_grid_scale(w, fmt, weight))
-    absmax = err(choose_grid_scale(w, fmt, weight, search=False))
+    searched = err(choose_level_scale(w, grid_levels(grid), fmt, weight))
+    absmax = err(choose_level_scale(w, grid_levels(grid), fmt, weight, search=False))
     assert bool((searched <= absmax * (1 + 1e-3)).all())  # up to the fp16 rounding of the refitted scale
     assert searched.sum() < 0.9 * absmax.sum()
 

@@ -47,7 +47,7 @@ GRIDS: dict[str, tuple[int, ...]] = {
     "nl4": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
     "nf4": (-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127),
 }
-# The scale search (`choose_grid_scale`) maps the group's largest |w| to each end level moved by
+# The scale search (`choose_level_scale`) maps the group's largest |w| to each end level moved by
 # -STEPS..STEPS int8 units (llama.cpp's IQ4_NL tries 7 steps around its negative end).
 SCALE_SEARCH_STEPS = 7
 _RTN_CHUNK = 1 << 18  # weights per scale search in round to nearest (its temporaries hold 30x as many)
@@ -155,12 +155,6 @@ def level_values(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return levels.expand(*codes.shape[:-1], levels.shape[-1]).gather(-1, codes.long())
 
 
-def quantize_grid(w: torch.Tensor, scale: torch.Tensor, fmt: GridFormat) -> torch.Tensor:
-    """Nearest level: w [..., g] fp32, scale [..., 1] or [..., g] (nonzero) -> codes [..., g] uint8."""
-    assert w.dtype == torch.float32, f"w must be fp32, got {w.dtype}"
-    return nearest_level(w / scale, grid_levels(fmt.grid))
-
-
 def dequantize_grid(codes: torch.Tensor, scale: torch.Tensor, fmt: GridFormat) -> torch.Tensor:
     """codes [..., g] uint8 with scale [..., 1] or [..., g] -> fp32 levels[codes] * scale (exact)."""
     assert codes.dtype == torch.uint8, f"codes must be uint8, got {codes.dtype}"
@@ -171,12 +165,6 @@ def round_signed_scale(scale: torch.Tensor, fmt: GroupedFormat) -> torch.Tensor:
     """Signed scales rounded to fmt's scale dtype; 0 becomes the dtype's smallest normal."""
     sign = torch.where(scale < 0, -1.0, 1.0)
     return sign * round_to_scale_dtype(scale.abs(), fmt)
-
-
-def choose_grid_scale(w: torch.Tensor, fmt: GridFormat, weight: torch.Tensor | None = None, *,
-                      search: bool = True) -> torch.Tensor:
-    """`choose_level_scale` on the grid's own levels."""
-    return choose_level_scale(w, grid_levels(fmt.grid), fmt, weight, search=search)
 
 
 def choose_level_scale(w: torch.Tensor, levels: torch.Tensor, fmt: GroupedFormat, weight: torch.Tensor | None = None, *,
@@ -304,6 +292,6 @@ def unpack_codes_and_scales(fmt: GroupedFormat, shape: tuple[int, int], tensors:
 
 
 def quantize_grid_rtn(w: torch.Tensor, fmt: GridFormat, *, clip_search: bool = True) -> GridTensor:
-    """Round to nearest level of w [N, K] fp32, each group's scale by `choose_grid_scale`."""
+    """Round to nearest level of w [N, K] fp32, each group's scale by `choose_level_scale` on the grid's levels."""
     codes, scales = quantize_levels_rtn(w, grid_levels(fmt.grid), fmt, clip_search=clip_search)
     return GridTensor(fmt=fmt, codes=codes, scales=scales)
