@@ -198,7 +198,7 @@ def scale_section(runs: list[Path], peers_json: Path | None) -> dict | None:
         ev, summary = run["report"]["evaluation"], run["report"]["summary"]
         plans.append({"name": path.stem.removeprefix("compress_"), "command": run["command"], "date": run["machine"]["date"],
                       "bits_per_weight": summary["model_bits_per_weight"], "kl": ev["kl"], "top1": ev["top1"], "ppl": ev["ppl"],
-                      "n_tokens": ev["n_tokens"], "wall_min": run["wall_seconds"] / 60})
+                      "n_tokens": ev["n_tokens"]})  # no wall time: runs resumed or shared the machine
     n_tokens = {p["n_tokens"] for p in plans}
     if n_tokens != {peers["n_tokens"]}:
         raise SystemExit(f"--scale-runs scored {sorted(n_tokens)} tokens, --scale-peers {peers['n_tokens']}: not the same windows")
@@ -231,7 +231,7 @@ def scale_markdown(scale: dict) -> list[str]:
     for p in scale["plans"]:
         rival = "- | - | -" if p["best_rival"] is None else f"{p['best_rival']} | {p['rival_bpw']:.3f} | {p['rival_kl']:.4f}"
         lines.append(f"| {p['name']} | {p['bits_per_weight']:.3f} | {p['kl']:.4f} | {rival} | {verdict_cell(p['plan_wins'])} | "
-                     f"`{p['command']}` ({p['date'][:10]}, {p['wall_min']:.0f} min) |")
+                     f"`{p['command']}` ({p['date'][:10]}) |")
     return lines
 
 
