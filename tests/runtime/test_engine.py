@@ -302,12 +302,13 @@ def test_unsupported_architecture_falls_back(make_packed):
         FastBackend(_variant(longrope, {"model_type": "gpt2"}), max_positions=32)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])  # phi3: fused qkv and gate_up, split by rows at load
 @pytest.mark.parametrize("linear, embed", [("nl4g32", "nf4g32"), ("lut4g32-row", "lut4g32")])
-def test_grid_formats_run_on_the_engine_kernels(linear, embed, make_tiny_model, tmp_path):
+def test_grid_formats_run_on_the_engine_kernels(linear, embed, model_type, make_tiny_model, tmp_path):
     """A model packed in a fixed non-uniform grid (nl4 linears, nf4 embeddings and head), or in
     learned tables (per row, per tensor), runs on the quantized kernels, not the dense fallback, and
-    matches the reference like uniform formats do."""
-    src = make_tiny_model("llama", tmp_path)
+    matches the reference like uniform formats do; a fused projection's parts keep their rows' tables."""
+    src = make_tiny_model(model_type, tmp_path)
     rc = main(["compress", str(src), "--format", linear, "--embed-format", embed, "--method", "rtn",
                "--no-eval", "--out", str(tmp_path / "packed")])
     assert rc == 0

@@ -27,7 +27,6 @@ import torch
 
 from tightfit.errors import GenerationError, KernelUnavailable, PackedModelError
 from tightfit.formats.packed import PackedModel, load_packed
-from tightfit.formats.primitives import QuantizedTensor
 from tightfit.formats.spqr import SpQRTensor
 from tightfit.runtime.engine_checks import MODULES, create_engine, validate_packed_for_engine
 from tightfit.runtime.engine_config import (
@@ -183,10 +182,7 @@ class FastBackend:
             if isinstance(q, SpQRTensor) and spqr_rows_fit(rows):
                 m = from_spqr(q, b, rows)
             elif has_kernel(q.fmt) and not isinstance(q, SpQRTensor):
-                if rows:  # one part of a fused projection: its rows of codes, scales (and zeros)
-                    extra = {"zeros": None if q.zeros is None else q.zeros[cut]} if isinstance(q, QuantizedTensor) else {}
-                    q = dataclasses.replace(q, codes=q.codes[cut], scales=q.scales[cut], **extra)
-                m = from_quantized(q, b)
+                m = from_quantized(q.rows(cut) if rows else q, b)  # a fused projection's part: its rows (and per-row tables)
             else:  # no kernel for this format family (or an SpQR part cut inside a 16-row statistics group): exact fp32 weights
                 if f"{module} ({q.fmt.name})" not in self.slow_layers:
                     self.slow_layers.append(f"{module} ({q.fmt.name})")
