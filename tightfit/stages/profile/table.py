@@ -71,9 +71,9 @@ class ProfileConfig:
         if not (isinstance(self.min_repeat_s, (int, float)) and math.isfinite(self.min_repeat_s) and self.min_repeat_s > 0):
             raise ValueError(f"profile min_repeat_s must be a positive number, got {self.min_repeat_s!r}")
         if not kernels.has_kernel(parse_format(self.fixed_format)):
-            raise ValueError(f"profile fixed_format must have a fast kernel (a uniform, grid or SpQR format), got {self.fixed_format!r}")
+            raise ValueError(f"profile fixed_format must have a fast kernel (a uniform, grid, learned-table or SpQR format), got {self.fixed_format!r}")
         if self.embed_format is not None and not kernels.has_kernel(parse_format(self.embed_format)):
-            raise ValueError(f"profile embed_format must be a format with a fast kernel (uniform, grid or SpQR) or None, got {self.embed_format!r}")
+            raise ValueError(f"profile embed_format must be a format with a fast kernel (uniform, grid, learned-table or SpQR) or None, got {self.embed_format!r}")
 
 
 def kernel_of(fmt: Choice) -> str:
