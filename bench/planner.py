@@ -117,6 +117,8 @@ def main() -> None:
     embed_formats, size_key = EMBEDDINGS[args.embeddings]
     candidates = tuple(f.strip() for f in args.candidates.split(",") if f.strip())
 
+    # the bigger model's section is read first: a bad file fails the run now, not after an hour's work
+    scale = scale_section([Path(p) for p in args.scale_runs.split(",") if p.strip()], args.scale_peers)
     loaded = load_model(args.model)
     cal = PlanRequest.calibration
     hessians = original_hessians(loaded, cal, args.work, True, print)
@@ -177,7 +179,7 @@ def main() -> None:
         "plans": {key: p.to_json() for key, p in plans.items()}, "heldback_windows": args.heldback_windows,
         "wall_s": round(time.perf_counter() - t0, 1),
         "notes": args.note,
-        "scale": scale_section([Path(p) for p in args.scale_runs.split(",") if p.strip()], args.scale_peers),
+        "scale": scale,
     }
     md = markdown(payload)
     paths = write_results("planner", payload, md)
