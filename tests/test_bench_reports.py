@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import compress_run  # noqa: E402
 import peers_report  # noqa: E402
 import planner  # noqa: E402
 import quality  # noqa: E402
@@ -381,3 +382,50 @@ def test_neighbour_process_is_started_and_killed():
     assert busy.proc is proc
     busy.want(False)
     assert busy.proc is None and proc.poll() is not None
+
+
+# ---- bench/compress_run.py: a run's caveats, re-rendered from its JSON ------------------------------
+
+
+def _compress_payload() -> dict:
+    return {"machine": MACHINE, "fp16_bytes": 3_000_000_000, "grid_caveat": "", "command": "tightfit compress big --bpw 3.0",
+            "exit_status": 0, "wall_seconds": 1800.0, "peak_rss_bytes": 6_000_000_000, "memory_limit_gb": None,
+            "limit_hits": None, "report": {"evaluation": {"kl": 0.4857, "top1": 0.687, "ppl": 15.04},
+                                           "seconds": {"load": 2.4, "quantize": 1578.8}, "summary": {"bits_per_weight": 3.0}}}
+
+
+def test_compress_run_notes_are_printed_under_the_table(monkeypatch, tmp_path):
+    import json
+
+    payload = _compress_payload()
+    md = compress_run.markdown("big", payload)
+    assert "| 30.0 | 6.00 | 3.00 | 2.00 | - | 0 | 2 | 1579 | 3.000 | 0.4857 | 0.687 | 15.040 |" in md
+    assert "Caveats" not in md
+    noted = compress_run.markdown("big", {**payload, "notes": ["shared machine", "second note"]})
+    assert noted == md + "\n## Caveats\n\n- shared machine\n- second note\n"
+
+    # --report-only: the JSON's table again, the notes given stored and printed; a rerun without notes keeps them
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    (tmp_path / "compress_big.json").write_text(json.dumps(payload, indent=2) + "\n")
+    assert compress_run.main(["--name", "big", "--report-only", "--note", "shared machine"]) == 0
+    assert json.loads((tmp_path / "compress_big.json").read_text()) == {**payload, "notes": ["shared machine"]}
+    assert (tmp_path / "compress_big.md").read_text() == md + "\n## Caveats\n\n- shared machine\n"
+    assert compress_run.main(["--name", "big", "--report-only"]) == 0
+    assert (tmp_path / "compress_big.md").read_text().endswith("- shared machine\n")
+    assert compress_run.main(["--name", "big", "--report-only", "--note", "fixed note"]) == 0
+    assert (tmp_path / "compress_big.md").read_text() == md + "\n## Caveats\n\n- fixed note\n"
+    with pytest.raises(SystemExit, match="no results file"):
+        compress_run.main(["--name", "other", "--report-only"])
+    with pytest.raises(SystemExit):
+        compress_run.main(["--name", "big", "--report-only", "--", "model", "--bpw", "3"])
+
+
+def test_compress_run_results_are_what_their_json_renders():
+    """No hand-edited compress run: each committed Markdown file is its JSON rendered by the script."""
+    import json
+
+    results = sorted(common.RESULTS.glob("compress_*.json"))
+    assert results
+    for path in results:
+        name = path.stem.removeprefix("compress_")
+        assert compress_run.markdown(name, json.loads(path.read_text())) == path.with_suffix(".md").read_text(), name
