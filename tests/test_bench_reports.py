@@ -5,6 +5,7 @@ and synthetic rows only."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -429,3 +430,30 @@ def test_compress_run_results_are_what_their_json_renders():
     for path in results:
         name = path.stem.removeprefix("compress_")
         assert compress_run.markdown(name, json.loads(path.read_text())) == path.with_suffix(".md").read_text(), name
+
+
+# ---- bench/kill_resume.py: SIGKILLed compress runs, written up ----------------------------------------
+
+
+def test_kill_resume_report_says_when_a_rerun_differs():
+    import kill_resume
+    from kill_resume_trials import Outcome, Timeline, Trials
+
+    timeline = Timeline({"load": 0.0, "calibration": 3.4, "blocks": 3.41, "pack": 3.8}, 3.81, 4.9)
+    outcomes = [Outcome(0, "blocks", 0.3, "blocks", 1, False, "absent", True, True, ()),
+                Outcome(1, "pack", 0.012, "pack", 2, True, "previous", True, True, ())]
+    payload = kill_resume.payload_of(Trials(1, timeline, outcomes), MACHINE, (0.5, 1.0, 1.5), 75.0, ["shared machine"])
+    md = kill_resume.markdown(payload)
+    assert "Machine: Test CPU, L3 32 MiB, 1 threads of 2 cores" in md and "Load average before the run: 0.50, 1.00, 1.50." in md
+    assert "2 trials, seed 1 (aimed at blocks 1, pack 1, load 0, calibration 0), in 1.2 min." in md
+    assert "`tightfit --threads 1 compress MODEL --format w4g64 --calib-text TEXT" in md
+    assert "kill and resume: 2 trials, every rerun byte-identical" in md
+    assert "    1 pack           0.012 pack                    2 previous         yes" in md
+    assert "- All reruns byte-identical to the uninterrupted run: yes." in md and "- Broken promises: none." in md
+    assert "absent 1, previous 1, new 0, partial 0" in md and md.endswith("## Caveats\n\n- shared machine\n")
+
+    outcomes[1] = dataclasses.replace(outcomes[1], rerun_identical=False, out_after_kill="partial")
+    md = kill_resume.markdown(kill_resume.payload_of(Trials(1, timeline, outcomes), MACHINE, (0.5, 1.0, 1.5), 75.0, []))
+    assert "kill and resume: 2 trials, 1 of 2 reruns byte-identical" in md
+    assert "- All reruns byte-identical to the uninterrupted run: no." in md and "Caveats" not in md
+    assert "  - trial 1: a kill in pack left a partial packed folder\n  - trial 1: the rerun after a kill in pack wrote other bytes" in md
