@@ -9,7 +9,10 @@ writes. Results go to bench/results/compress_<name>.{json,md}.
 
     .venv/bin/python bench/compress_run.py --name qwen15-w4g128 -- qwen2.5-coder-1.5b --format w4g128 \
         --calib-dtype bf16 --windows 16 --out out/qwen15-w4g128
-Run it alone: on 2 cores any other process slows it.
+Run it alone: on 2 cores any other process slows it. When it could not run alone, say so with
+`--note TEXT` (repeatable): the notes are stored in the JSON and printed under the table.
+`--report-only --name NAME [--note TEXT ...]` runs nothing: it re-renders compress_NAME.md from
+compress_NAME.json, with the notes given (they replace the stored ones; none given keeps them).
 """
 
 from __future__ import annotations
@@ -70,37 +73,66 @@ def fp16_bytes(model: str) -> int:
     return open_weights(model).nbytes() // 2
 
 
-def markdown(name: str, result: dict, machine: dict, fp16: int, caveat: str) -> str:
-    r = result["report"] or {}
+def markdown(name: str, payload: dict) -> str:
+    """The run's table and caveats, from its results JSON (what `main` writes) alone."""
+    r = payload["report"] or {}
     ev, seconds = r.get("evaluation") or {}, r.get("seconds") or {}
-    lines = [f"# compress run: {name}", "", machine_line(machine), "",
-             f"Command: `{result['command']}`", "",
+    fp16 = payload["fp16_bytes"]
+    lines = [f"# compress run: {name}", "", machine_line(payload["machine"]), "",
+             f"Command: `{payload['command']}`", "",
              "| wall min | peak RSS GB | fp16 GB | RSS / fp16 | memory limit GB | exit | "
              + " | ".join(f"{k} s" for k in seconds) + " | bpw | KL | top-1 | PPL |",
              "|---" * (10 + len(seconds)) + "|"]
     summary = r.get("summary") or {}
-    cells = [f"{result['wall_seconds'] / 60:.1f}", f"{result['peak_rss_bytes'] / 1e9:.2f}", f"{fp16 / 1e9:.2f}",
-             f"{result['peak_rss_bytes'] / fp16:.2f}", "-" if not result["memory_limit_gb"] else f"{result['memory_limit_gb']:g}",
-             str(result["exit_status"]), *(f"{v:.0f}" for v in seconds.values()),
+    limit = payload["memory_limit_gb"]
+    cells = [f"{payload['wall_seconds'] / 60:.1f}", f"{payload['peak_rss_bytes'] / 1e9:.2f}", f"{fp16 / 1e9:.2f}",
+             f"{payload['peak_rss_bytes'] / fp16:.2f}", "-" if not limit else f"{limit:g}",
+             str(payload["exit_status"]), *(f"{v:.0f}" for v in seconds.values()),
              f"{summary.get('bits_per_weight', float('nan')):.3f}", f"{ev.get('kl', float('nan')):.4f}",
              f"{ev.get('top1', float('nan')):.3f}", f"{ev.get('ppl', float('nan')):.3f}"]
     lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Peak RSS is the child's ru_maxrss (every page it touched, the model file's included)."]
-    if result["memory_limit_gb"]:
-        lines.append(f"The child ran in a cgroup capped at {result['memory_limit_gb']:g} GB; the kernel refused "
-                     f"{result['limit_hits']} allocations over it (page cache it reclaimed instead).")
-    if caveat:
-        lines.append(caveat)
+    if limit:
+        lines.append(f"The child ran in a cgroup capped at {limit:g} GB; the kernel refused "
+                     f"{payload['limit_hits']} allocations over it (page cache it reclaimed instead).")
+    if payload["grid_caveat"]:
+        lines.append(payload["grid_caveat"])
+    if payload.get("notes"):
+        lines += ["", "## Caveats", ""] + [f"- {n}" for n in payload["notes"]]
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def report_only(name: str, notes: list[str]) -> tuple[Path, Path]:
+    """Re-render compress_NAME.md from compress_NAME.json; notes given replace the stored ones."""
+    import common
+
+    path = common.RESULTS / f"compress_{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"compress_run.py: --report-only: no results file {path}")
+    payload = json.loads(path.read_text())
+    if notes:
+        payload["notes"] = notes
+    return write_results(f"compress_{name}", payload, markdown(name, payload))
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="results file name: bench/results/compress_NAME.{json,md}")
     p.add_argument("--memory-limit", type=float, default=None, metavar="GB", help="run the child in a cgroup capped at GB")
+    p.add_argument("--note", action="append", default=[], help="a caveat printed under the table and stored in the "
+                   "JSON (e.g. that the machine was shared during the run, so the seconds are high); repeatable")
+    p.add_argument("--report-only", action="store_true", help="run nothing: re-render compress_NAME.md from its JSON, "
+                   "with the --note given (they replace the stored notes; none given keeps them)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the arguments of `tightfit compress`")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if a.report_only:
+        if args or a.memory_limit is not None:
+            p.error("--report-only runs nothing: give no compress arguments and no --memory-limit")
+        paths = report_only(a.name, a.note)
+        print(paths[1].read_text())
+        print("written:", *paths)
+        return 0
     if not args:
         p.error("give the compress arguments after --")
     from tightfit.model import BUILTIN_MODELS
@@ -108,11 +140,11 @@ def main() -> int:
     model = args[0]
     caveat = next((b.grid_caveat for b in BUILTIN_MODELS if b.name == model), "")
     result = run(args, a.memory_limit)
-    machine = machine_info()
-    fp16 = fp16_bytes(model)
-    payload = {"machine": machine, "fp16_bytes": fp16, "grid_caveat": caveat, **result}
-    paths = write_results(f"compress_{a.name}", payload, markdown(a.name, result, machine, fp16, caveat))
-    print(markdown(a.name, result, machine, fp16, caveat))
+    payload = {"machine": machine_info(), "fp16_bytes": fp16_bytes(model), "grid_caveat": caveat, **result,
+               "notes": a.note}
+    md = markdown(a.name, payload)
+    paths = write_results(f"compress_{a.name}", payload, md)
+    print(md)
     print("written:", *paths)
     return 0 if result["exit_status"] == 0 else 1
 

@@ -21,6 +21,7 @@ from tiny_models import (  # noqa: F401  (re-exported for fixtures below)
     tiny_corpus,
     build_tiny_tokenizer,
     build_tiny_model,
+    write_tiny_text,
 )
 
 
@@ -68,9 +69,5 @@ def tiny_model_dir(make_tiny_model: Callable[[str, Path], Path], tmp_path_factor
 
 @pytest.fixture(scope="session")
 def tiny_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A .txt of tiny-corpus documents (4 sentences each, blank lines between): enough tokens of
-    the tiny tokenizer for small calibration sets and a few evaluation windows."""
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    lines = tiny_corpus(3000)
-    path.write_text("\n\n".join(" ".join(lines[i : i + 4]) for i in range(0, len(lines), 4)))
-    return path
+    """A .txt of tiny-corpus documents (tiny_models.write_tiny_text)."""
+    return write_tiny_text(tmp_path_factory.mktemp("text") / "corpus.txt")

@@ -5,6 +5,7 @@ and synthetic rows only."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -17,6 +18,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import compress_run  # noqa: E402
 import peers_report  # noqa: E402
 import planner  # noqa: E402
 import quality  # noqa: E402
@@ -381,3 +383,77 @@ def test_neighbour_process_is_started_and_killed():
     assert busy.proc is proc
     busy.want(False)
     assert busy.proc is None and proc.poll() is not None
+
+
+# ---- bench/compress_run.py: a run's caveats, re-rendered from its JSON ------------------------------
+
+
+def _compress_payload() -> dict:
+    return {"machine": MACHINE, "fp16_bytes": 3_000_000_000, "grid_caveat": "", "command": "tightfit compress big --bpw 3.0",
+            "exit_status": 0, "wall_seconds": 1800.0, "peak_rss_bytes": 6_000_000_000, "memory_limit_gb": None,
+            "limit_hits": None, "report": {"evaluation": {"kl": 0.4857, "top1": 0.687, "ppl": 15.04},
+                                           "seconds": {"load": 2.4, "quantize": 1578.8}, "summary": {"bits_per_weight": 3.0}}}
+
+
+def test_compress_run_notes_are_printed_under_the_table(monkeypatch, tmp_path):
+    import json
+
+    payload = _compress_payload()
+    md = compress_run.markdown("big", payload)
+    assert "| 30.0 | 6.00 | 3.00 | 2.00 | - | 0 | 2 | 1579 | 3.000 | 0.4857 | 0.687 | 15.040 |" in md
+    assert "Caveats" not in md
+    noted = compress_run.markdown("big", {**payload, "notes": ["shared machine", "second note"]})
+    assert noted == md + "\n## Caveats\n\n- shared machine\n- second note\n"
+
+    # --report-only: the JSON's table again, the notes given stored and printed; a rerun without notes keeps them
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    (tmp_path / "compress_big.json").write_text(json.dumps(payload, indent=2) + "\n")
+    assert compress_run.main(["--name", "big", "--report-only", "--note", "shared machine"]) == 0
+    assert json.loads((tmp_path / "compress_big.json").read_text()) == {**payload, "notes": ["shared machine"]}
+    assert (tmp_path / "compress_big.md").read_text() == md + "\n## Caveats\n\n- shared machine\n"
+    assert compress_run.main(["--name", "big", "--report-only"]) == 0
+    assert (tmp_path / "compress_big.md").read_text().endswith("- shared machine\n")
+    assert compress_run.main(["--name", "big", "--report-only", "--note", "fixed note"]) == 0
+    assert (tmp_path / "compress_big.md").read_text() == md + "\n## Caveats\n\n- fixed note\n"
+    with pytest.raises(SystemExit, match="no results file"):
+        compress_run.main(["--name", "other", "--report-only"])
+    with pytest.raises(SystemExit):
+        compress_run.main(["--name", "big", "--report-only", "--", "model", "--bpw", "3"])
+
+
+def test_compress_run_results_are_what_their_json_renders():
+    """No hand-edited compress run: each committed Markdown file is its JSON rendered by the script."""
+    import json
+
+    results = sorted(common.RESULTS.glob("compress_*.json"))
+    assert results
+    for path in results:
+        name = path.stem.removeprefix("compress_")
+        assert compress_run.markdown(name, json.loads(path.read_text())) == path.with_suffix(".md").read_text(), name
+
+
+# ---- bench/kill_resume.py: SIGKILLed compress runs, written up ----------------------------------------
+
+
+def test_kill_resume_report_says_when_a_rerun_differs():
+    import kill_resume
+    from kill_resume_trials import Outcome, Timeline, Trials
+
+    timeline = Timeline({"load": 0.0, "calibration": 3.4, "blocks": 3.41, "pack": 3.8}, 3.81, 4.9)
+    outcomes = [Outcome(0, "blocks", 0.3, "blocks", 1, False, "absent", True, True, ()),
+                Outcome(1, "pack", 0.012, "pack", 2, True, "previous", True, True, ())]
+    payload = kill_resume.payload_of(Trials(1, timeline, outcomes), MACHINE, (0.5, 1.0, 1.5), 75.0, ["shared machine"])
+    md = kill_resume.markdown(payload)
+    assert "Machine: Test CPU, L3 32 MiB, 1 threads of 2 cores" in md and "Load average before the run: 0.50, 1.00, 1.50." in md
+    assert "2 trials, seed 1 (aimed at blocks 1, pack 1, load 0, calibration 0), in 1.2 min." in md
+    assert "`tightfit --threads 1 compress MODEL --format w4g64 --calib-text TEXT" in md
+    assert "kill and resume: 2 trials, every rerun byte-identical" in md
+    assert "    1 pack           0.012 pack                    2 previous         yes" in md
+    assert "- All reruns byte-identical to the uninterrupted run: yes." in md and "- Broken promises: none." in md
+    assert "absent 1, previous 1, new 0, partial 0" in md and md.endswith("## Caveats\n\n- shared machine\n")
+
+    outcomes[1] = dataclasses.replace(outcomes[1], rerun_identical=False, out_after_kill="partial")
+    md = kill_resume.markdown(kill_resume.payload_of(Trials(1, timeline, outcomes), MACHINE, (0.5, 1.0, 1.5), 75.0, []))
+    assert "kill and resume: 2 trials, 1 of 2 reruns byte-identical" in md
+    assert "- All reruns byte-identical to the uninterrupted run: no." in md and "Caveats" not in md
+    assert "  - trial 1: a kill in pack left a partial packed folder\n  - trial 1: the rerun after a kill in pack wrote other bytes" in md

@@ -132,3 +132,11 @@ def build_tiny_model(model_type: str, tokenizer: Any, folder: Path) -> Path:
     return folder
 
 
+
+
+def write_tiny_text(path: Path) -> Path:
+    """A .txt of tiny-corpus documents (4 sentences each, blank lines between): enough tokens of
+    the tiny tokenizer for small calibration sets and a few evaluation windows."""
+    lines = tiny_corpus(3000)
+    path.write_text("\n\n".join(" ".join(lines[i : i + 4]) for i in range(0, len(lines), 4)))
+    return path
