@@ -254,6 +254,35 @@ def measure_speed(tf: list[tuple[Entry, Path]], ll: list[tuple[Entry, Path]]) ->
     return bandwidth
 
 
+def prepare(model: str, n_windows: int, n_held_back: int):
+    """The shared start of a run on `model`: the model loaded, the calibration (with `n_held_back`
+    held-back windows) and its cached Hessians, and a Scorer holding the original's log-probs on
+    `n_windows` evaluation windows. Returns (loaded, CalibrationConfig, EvalConfig, Calibration,
+    Hessians, Scorer)."""
+    torch.set_num_threads(SPEED_THREADS)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model)
+    calib_config, eval_config = CalibrationConfig(), EvalConfig(n_windows=n_windows)
+    calibration, held_back = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, calib_config, n_held_back)
+    hessians = hessians_cached(loaded, calibration)
+    windows = eval_windows(loaded.tokenizer, eval_config)
+    scorer = Scorer(loaded.model, windows, held_back)
+    print(f"reference: {windows.shape[0]} windows, PPL {scorer.reference_ppl:.3f}", flush=True)
+    return loaded, calib_config, eval_config, calibration, hessians, scorer
+
+
+def engine_floors(loaded, src: Path, scorer: Scorer) -> dict[str, dict]:
+    """llama.cpp running the F32 GGUF `src` and tightfit's engine running the original's fp32 weights,
+    scored against the torch reference: engine name -> {ppl, kl, top1}."""
+    floors = {"llama.cpp": Entry("floor", "llama.cpp F32", 32.0, 0.0),
+              "tightfit's engine": Entry("floor", "tightfit engine fp32", 32.0, 0.0)}
+    fn = llamacpp.LlamaLogits(src, scorer.ctx, SPEED_THREADS)
+    scorer.score(fn, floors["llama.cpp"])
+    fn.close()
+    scorer.score(engine_scorer(original_packed(loaded), scorer, floors["tightfit's engine"]), floors["tightfit's engine"])
+    return {k: {"ppl": e.ppl, "kl": e.kl, "top1": e.top1} for k, e in floors.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -277,15 +306,7 @@ def main() -> None:
 
     import llama_cpp
 
-    torch.set_num_threads(SPEED_THREADS)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(args.model)
-    calib_config, eval_config = CalibrationConfig(), EvalConfig(n_windows=args.windows)
-    calibration, held_back = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, calib_config, args.select_windows)
-    hessians = hessians_cached(loaded, calibration)
-    windows = eval_windows(loaded.tokenizer, eval_config)
-    scorer = Scorer(loaded.model, windows, held_back)
-    print(f"reference: {windows.shape[0]} windows, PPL {scorer.reference_ppl:.3f}", flush=True)
+    loaded, calib_config, eval_config, calibration, hessians, scorer = prepare(args.model, args.windows, args.select_windows)
 
     entries: list[Entry] = []
     payload: dict = {}
@@ -294,13 +315,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         tmp = Path(tmp)
         src = f32_gguf(loaded, CACHE)
-        floors = {"llama.cpp": Entry("floor", "llama.cpp F32", 32.0, 0.0),
-                  "tightfit's engine": Entry("floor", "tightfit engine fp32", 32.0, 0.0)}
-        fn = llamacpp.LlamaLogits(src, scorer.ctx, SPEED_THREADS)
-        scorer.score(fn, floors["llama.cpp"])
-        fn.close()
-        scorer.score(engine_scorer(original_packed(loaded), scorer, floors["tightfit's engine"]), floors["tightfit's engine"])
-        payload["engine_floors"] = {k: {"ppl": e.ppl, "kl": e.kl, "top1": e.top1} for k, e in floors.items()}
+        payload["engine_floors"] = engine_floors(loaded, src, scorer)
 
         tf_entries, tf_folders = run_tightfit(loaded, calibration, hessians, split(args.tightfit), scorer, tmp)
         entries += tf_entries

@@ -3,24 +3,29 @@ by its type."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 
 from tightfit.errors import FormatError
-from tightfit.formats.grid import GRID_GRAMMAR, GridFormat, GridTensor, is_grid_name
-from tightfit.formats.lut import LUT_GRAMMAR, LutFormat, LutTensor, is_lut_name
+from tightfit.formats.grid import GRID_GRAMMAR, GridFormat, GridTensor, all_grid_formats, is_grid_name
+from tightfit.formats.lut import LUT_GRAMMAR, LutFormat, LutTensor, all_lut_formats, is_lut_name
 from tightfit.formats.primitives import RTN_ROWS, GroupedTensor, QuantizedTensor
-from tightfit.formats.spqr import SPQR_GRAMMAR, SpQRFormat, SpQRTensor
-from tightfit.formats.table import GRAMMAR, LayerBytes, QuantFormat
+from tightfit.formats.spqr import SPQR_GRAMMAR, SPQR_RECIPES, SpQRFormat, SpQRTensor
+from tightfit.formats.table import GRAMMAR, LayerBytes, QuantFormat, all_formats
 
 Format = Union[QuantFormat, GridFormat, LutFormat, SpQRFormat]
 AnyQuantizedTensor = Union[QuantizedTensor, GridTensor, LutTensor, SpQRTensor]  # a weight quantized in any format family
 
 TENSOR_TYPES: dict[type, type] = {QuantFormat: QuantizedTensor, GridFormat: GridTensor, LutFormat: LutTensor,
                                   SpQRFormat: SpQRTensor}
+# Every member of each family (what `tightfit formats` lists, bf16-scale variants included): a new
+# family registers its members here beside its tensor type, and the benches that sweep families
+# (bench/formats.py) pick it up.
+FAMILY_MEMBERS: dict[type, Callable[[], tuple]] = {QuantFormat: all_formats, GridFormat: all_grid_formats,
+                                                   LutFormat: all_lut_formats, SpQRFormat: lambda: SPQR_RECIPES}
 
 
 def parse_format(text: str) -> Format:
@@ -36,6 +41,11 @@ def parse_format(text: str) -> Format:
     if is_lut_name(text):
         return LutFormat.parse(text)
     return QuantFormat.parse(text)
+
+
+def every_format() -> tuple[Format, ...]:
+    """Every format of every family (FAMILY_MEMBERS), in registration order."""
+    return tuple(fmt for members in FAMILY_MEMBERS.values() for fmt in members())
 
 
 def unpack_tensor(fmt: Format, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> AnyQuantizedTensor:
