@@ -182,3 +182,20 @@ def test_gptq_lands_on_the_super_scales(name):
     assert torch.equal(snap_scales(q.scales, q.super_scales, fmt, k), q.scales)
     assert torch.equal(unpack_tensor(fmt, (n, k), q.pack()).dequantize(), q.dequantize())
     assert res.loss <= base.loss * 1.1
+
+
+@pytest.mark.parametrize("name", ["w4g32-sym-dq", "w4g32-dq", "w3g16-dq"])
+def test_exports_write_the_expanded_scales_exactly(name):
+    """GGUF and compressed-tensors have no 6-bit scale codes: they write the expanded fp16 scales
+    (the base format's bytes), exactly, as for the base format."""
+    from tightfit.export.compressed_tensors import compress_layer, decompress_layer, scheme_of
+    from tightfit.export.gguf import encode_layer
+
+    q = quantize_rtn_any(gaussian(16, 256), parse_format(name))
+    parts, _ = compress_layer(q)
+    assert torch.equal(decompress_layer(parts, scheme_of(q)), q.dequantize())
+    encoded = encode_layer(q)
+    if q.fmt.group_size >= 32:
+        assert encoded.exact
+    else:  # as the base format: GGML's 32-blocks hold one scale
+        assert "split GGML's 32-weight blocks" in encoded.note

@@ -38,7 +38,8 @@ from tightfit.formats.table import GroupedFormat, QuantFormat
 #   reached yet). So d is fixed up front from each group's scale on the original weights times
 #   DQ_GPTQ_HEADROOM, and each scale GPTQ picks is snapped to the nearest d * c. The moved weights
 #   outgrow the original range: headroom 1.0 costs +4.9 % over base w3g32, 1.1 +0.8 %, 1.25 0.0 %
-#   (nearest; up: +5.4 / +0.7 / +0.4 %).
+#   (w4g32-sym +2.8 / +0.8 / +0.5 %, nl4g32 +4.3 / +2.6 / +3.1 %); rounding up is worse here (nl4g32
+#   +8-10 %): GPTQ's scale already fits the moved weights, so the nearest code stays closest to it.
 DQ_RTN_ROUNDING, DQ_RTN_HEADROOM = "up", 1.0
 DQ_GPTQ_ROUNDING, DQ_GPTQ_HEADROOM = "nearest", 1.25
 
@@ -55,20 +56,26 @@ class SuperScaled:
         """The (unsnapped) scale [N] the builder picks for a group of weights w [N, g]."""
         raise NotImplementedError
 
-    def fix_super_scales(self, w: torch.Tensor, headroom: float = DQ_GPTQ_HEADROOM, rounding: str = DQ_GPTQ_ROUNDING) -> None:
+    def fix_super_scales(self, w: torch.Tensor, headroom: float | None = None, rounding: str | None = None) -> None:
         """d from each group's scale chosen on w [N, K] (the original weights), times headroom; the
-        groups' scales will be snapped to it by `rounding` (double_quant.codes_on)."""
+        groups' scales will be snapped to it by `rounding` (double_quant.codes_on, or "best").
+        Defaults: GPTQ's, DQ_GPTQ_HEADROOM and DQ_GPTQ_ROUNDING."""
         k = w.shape[1]
-        self.rounding = rounding
+        headroom = DQ_GPTQ_HEADROOM if headroom is None else headroom
+        self.rounding = DQ_GPTQ_ROUNDING if rounding is None else rounding
         scales = torch.stack([self.choose(w[:, lo:hi]) for lo, hi in self.fmt.group_bounds(k)], dim=1)  # [N, G]
         self.super_scales = choose_super_scales(scales, self.fmt, k, headroom)  # [N, S]
         self._super_of = self.fmt.super_block_of_groups(k).tolist()
 
-    def snap(self, gi: int, scale: torch.Tensor) -> torch.Tensor:
-        """Group gi's scales [N] on its super-block's grid (unchanged without -dq)."""
-        if self.super_scales is None:
-            return scale
-        return snap_group(scale, self.super_scales[:, self._super_of[gi]], self.fmt, self.rounding)
+    def snap(self, gi: int, scale: torch.Tensor, w: torch.Tensor,
+             error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Group gi's scales [N] on its super-block's grid. rounding "best": of the codes below and
+        above |s| / d, the one whose scale gives the group w [N, g] the smaller error(w, scale) [N]."""
+        d = self.super_scales[:, self._super_of[gi]]  # [N]
+        if self.rounding != "best":
+            return snap_group(scale, d, self.fmt, self.rounding)
+        down, up = snap_group(scale, d, self.fmt, "down"), snap_group(scale, d, self.fmt, "up")
+        return torch.where(error(w, up) < error(w, down), up, down)
 
 
 class UniformBuilder(SuperScaled):
@@ -99,15 +106,23 @@ class UniformBuilder(SuperScaled):
 
     def start_group(self, gi: int, w: torch.Tensor, d: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
         scale, zero = self._qparams(w)  # [N], [N] | None
-        snapped = self.snap(gi, scale)
-        if zero is not None:  # keep the low end of the group's chosen range, -z s, on the snapped grid
-            zero = torch.clamp(torch.round(zero * scale / snapped), 0, (1 << self.fmt.bits) - 1)
-        scale = snapped
+        if self.super_scales is not None:
+            snapped = self.snap(gi, scale, w, lambda w_, s_: self._error(w_, s_, self._zero_on(zero, scale, s_)))
+            scale, zero = snapped, self._zero_on(zero, scale, snapped)
         self.scales[:, gi] = scale
         if self.zeros is not None:
             self.zeros[:, gi] = zero
         self._scale = scale.unsqueeze(1)  # [N, 1]
         self._zero = None if zero is None else zero.unsqueeze(1)
+
+    def _zero_on(self, zero: torch.Tensor | None, scale: torch.Tensor, snapped: torch.Tensor) -> torch.Tensor | None:
+        """The zero point [N] on the snapped scale [N] keeping the low end -z s of the chosen range."""
+        return None if zero is None else torch.clamp(torch.round(zero * scale / snapped), 0, (1 << self.fmt.bits) - 1)
+
+    def _error(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """Squared rounding error [N] of the group w [N, g] on scale, zero [N]."""
+        s, z = scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1)
+        return (dequantize(quantize(w, s, z, self.fmt.bits), s, z, self.fmt.bits) - w).square().sum(1)
 
     def quantize_column(self, col: int, w: torch.Tensor) -> torch.Tensor:
         q = quantize(w.unsqueeze(1), self._scale, self._zero, self.fmt.bits)  # [N, 1]
@@ -139,9 +154,16 @@ class GridBuilder(SuperScaled):
         return choose_level_scale(w, self.levels, self.fmt, search=self.clip_search)  # [N]
 
     def start_group(self, gi: int, w: torch.Tensor, d: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-        scale = self.snap(gi, self.choose(w))  # [N]
+        scale = self.choose(w)  # [N]
+        if self.super_scales is not None:
+            scale = self.snap(gi, scale, w, self._error)
         self.scales[:, gi] = scale
         self._scale = scale.unsqueeze(1)  # [N, 1]
+
+    def _error(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Squared rounding error [N] of the group w [N, g] on the signed scale [N]."""
+        s = scale.unsqueeze(1)
+        return (level_values(nearest_level(w / s, self.levels), self.levels) * s - w).square().sum(1)
 
     def quantize_column(self, col: int, w: torch.Tensor) -> torch.Tensor:
         q = nearest_level(w.unsqueeze(1) / self._scale, self.levels)  # [N, 1]

@@ -4,7 +4,9 @@ A -dq format stores, per row, one fp16 super-scale d per super-block of DQ.super
 along K and each group's scale as a 6-bit code c, s = fp16(d * c). Tensors carry the scales
 dequantized ([N, G] fp32, exactly fp16 values) next to their super-scales ([N, S] fp32, fp16
 values), so every consumer of `scales` (dequantize, the engine's kernels, export) reads them as a
-plain fp16-scale format does; only the bytes stored differ:
+plain fp16-scale format does. Loading a packed file expands the codes to those scales, so the
+engine runs the base format's kernels unchanged: the same decode speed and resident bytes as the
+base format, only the file (and the planner's bytes, fmt.nbytes) is smaller. What is stored:
 
     super_scales [N, S] fp16
     scale_codes  [ceil(N*G*6/8)] uint8, the codes row-major, bit-packed LSB-first (bitpack.py);
@@ -20,8 +22,9 @@ relative to the base format's error:
     RTN          w3g16   w3g32   w4g32-sym  w2g32   nl4g32
       nearest    +0.5 %  +0.5 %  +0.4 %     +0.0 %  +1.4 %
       up         -2.2 %  -2.8 %  -5.1 %     -1.4 %  -2.8 %
-    GPTQ, nearest code, headroom 1.0 / 1.1 / 1.25:
-      w3g32      +4.9 / +0.8 / -0.0 %      w4g32-sym  +2.8 / +0.8 / +0.5 %
+    GPTQ, headroom 1.0 / 1.1 / 1.25 (d fixed before the sweep, see builders.py):
+      nearest    w3g32 +4.9 / +0.8 / -0.0 %   w4g32-sym +2.8 / +0.8 / +0.5 %   nl4g32 +4.3 / +2.6 / +3.1 %
+      up         w3g32 +5.4 / +0.7 / +0.4 %   w4g32-sym +2.9 / +0.9 / +0.7 %   nl4g32 +8.9 / +8.3 / +9.8 %
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tightfit.formats.bitpack import pack_bits, unpack_bits
 from tightfit.formats.table import DQ, GroupedFormat
 
 ROUNDING = "nearest"  # the primitives' default; the quantizers pass their own (module docstring)
-ROUNDINGS = ("nearest", "up")
+ROUNDINGS = ("nearest", "up", "down")
 _FP16_SMALLEST = 2.0**-24  # fp16's smallest subnormal: a super-scale is never 0
 
 
@@ -72,10 +75,16 @@ def choose_super_scales(scales: torch.Tensor, fmt: GroupedFormat, in_features: i
 def codes_on(scales: torch.Tensor, d: torch.Tensor, signed: bool, rounding: str = ROUNDING) -> torch.Tensor:
     """The codes of scales on super-scales d of the same shape (each scale's own super-scale):
     int64, |c| in 1 .. code_max, the sign of the scale kept (signed formats; positive ones have
-    s > 0). rounding: "nearest" c = round(|s| / d), "up" c = ceil(|s| / d); clamped to the codes."""
+    s > 0). rounding: "nearest" c = round(|s| / d), "up" c = ceil(|s| / d), "down" floor(|s| / d);
+    clamped to the codes."""
     assert rounding in ROUNDINGS, rounding
     ratio = scales.abs() / d
-    mag = ratio.round() if rounding == "nearest" else (ratio * (1 - 2**-20)).ceil()  # ceil, ignoring fp32 noise
+    if rounding == "nearest":
+        mag = ratio.round()
+    elif rounding == "up":
+        mag = (ratio * (1 - 2**-20)).ceil()  # ignoring fp32 noise above an integer
+    else:
+        mag = (ratio * (1 + 2**-20)).floor()
     mag = mag.clamp(1, DQ.code_max(signed))
     return torch.where(scales < 0, -mag, mag).to(torch.int64)
 
