@@ -198,7 +198,7 @@ def builder_for(fmt: Format, w: torch.Tensor, h_diag: torch.Tensor, *,
     (only learned tables read them, to fit their levels); a -dq format's super-scales are fixed
     from w here (`SuperScaled.fix_super_scales`)."""
     builder = BUILDERS[type(fmt)](fmt, w, h_diag, clip_search=clip_search)
-    if getattr(fmt, "dq", False):
+    if isinstance(fmt, GroupedFormat) and fmt.dq:
         builder.fix_super_scales(w)
     return builder
 
@@ -214,7 +214,7 @@ RTN: dict[type, Callable[[torch.Tensor, Format], AnyQuantizedTensor]] = {
 def quantize_rtn_any(w: torch.Tensor, fmt: Format, *, clip_search: bool = True) -> AnyQuantizedTensor:
     """Round to nearest of w [N, K] fp32 in fmt; a -dq format goes through its builder with no error
     spread (`rtn_double_quant`)."""
-    if getattr(fmt, "dq", False):
+    if isinstance(fmt, GroupedFormat) and fmt.dq:
         return rtn_double_quant(w, fmt, clip_search=clip_search)
     return RTN[type(fmt)](w, fmt, clip_search)
 
