@@ -199,3 +199,13 @@ def test_exports_write_the_expanded_scales_exactly(name):
         assert encoded.exact
     else:  # as the base format: GGML's 32-blocks hold one scale
         assert "split GGML's 32-weight blocks" in encoded.note
+
+
+def test_formats_command_lists_dq(capsys):
+    from tightfit.cli import main
+
+    assert main(["formats", "--shape", "576x1536"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if "-dq" in line}
+    assert int(rows["w3g16-dq"][1]) == parse_format("w3g16-dq").nbytes(576, 1536).total
+    assert float(rows["nl4g32-dq"][0]) == pytest.approx(4.25, abs=1e-3)
+    assert "w4pc-dq" not in rows and not any(name.endswith("-bf16-dq") for name in rows)
