@@ -25,6 +25,9 @@ relative to the base format's error:
     GPTQ, headroom 1.0 / 1.1 / 1.25 (d fixed before the sweep, see builders.py):
       nearest    w3g32 +4.9 / +0.8 / -0.0 %   w4g32-sym +2.8 / +0.8 / +0.5 %   nl4g32 +4.3 / +2.6 / +3.1 %
       up         w3g32 +5.4 / +0.7 / +0.4 %   w4g32-sym +2.9 / +0.9 / +0.7 %   nl4g32 +8.9 / +8.3 / +9.8 %
+      best       w3g32    - / +0.7 / +0.0 %                                    nl4g32    - / +2.4 / +2.6 %
+    (best: the lower or upper code, whichever gives the group the smaller squared error; the
+    builders' rounding, not one of `codes_on`'s)
 """
 
 from __future__ import annotations
