@@ -326,6 +326,7 @@ def _cmd_formats(args) -> int:
     from tightfit.formats.grid import GRIDS, all_grid_formats
     from tightfit.formats.lut import LUT_INIT, all_lut_formats
     from tightfit.formats.spqr import SPQR_RECIPES
+    from tightfit.formats.table import DQ, all_formats, with_dq
 
     try:
         n, k = (int(v) for v in args.shape.lower().split("x"))
@@ -349,6 +350,11 @@ def _cmd_formats(args) -> int:
     for fmt in all_lut_formats():
         if fmt.scale_dtype == "fp16":
             print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
+    print(f"\ndouble-quantized scales (-dq): {DQ.code_bits}-bit scale codes under one fp16 super-scale per "
+          f"{DQ.super_block} weights")
+    print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
+    for fmt in with_dq(all_formats() + all_grid_formats() + all_lut_formats()):
+        print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
     print("\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)")
     print(f"{'format':<22} {'bpw':>7} {'bytes':>10}")
     for fmt in SPQR_RECIPES:

@@ -15,7 +15,8 @@ so lut4g32 holds 4.5 bits/weight plus 16 bytes per layer, lut4g32-row 4.5 + 128/
 them with the grid kernel: a table lookup of each code, then int8 dot products.
 
 Names: `lut4g{group}` or `lut4pc`, then `-row` for a table per output row, then optionally
-`-bf16`: e.g. `lut4g32`, `lut4g64-row`, `lut4pc-bf16`, `lut4g128-row-bf16`.
+`-bf16` or `-dq` (double-quantized scales, table.DoubleQuant): e.g. `lut4g32`, `lut4g64-row`,
+`lut4pc-bf16`, `lut4g128-row-bf16`, `lut4g32-dq`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ from tightfit.formats.grid import (
     unpack_codes_and_scales,
 )
 from tightfit.formats.primitives import GroupedTensor
-from tightfit.formats.table import GROUP_SIZES, GroupedFormat, LayerBytes, check_features, check_group_size, check_scale_dtype
+from tightfit.formats.table import (
+    GROUP_SIZES,
+    GroupedFormat,
+    LayerBytes,
+    check_features,
+    check_group_size,
+    check_scale_dtype,
+    dq_suffix,
+)
 
 LUT_PREFIX = "lut4"
 LUT_INIT = "nl4"  # the grid k-means starts from (grid.GRIDS)
@@ -47,10 +56,10 @@ FIT_CHUNK = 1 << 20  # weights per piece of a per-row fit (an embedding's fp32 t
 
 LUT_GRAMMAR = (
     "expected lut4g{group} or lut4pc (per channel), optionally followed by -row (a table per output row) "
-    f"and then -bf16, with group in {{{', '.join(str(g) for g in GROUP_SIZES if g is not None)}}} "
-    "(e.g. lut4g32, lut4g64-row, lut4pc-bf16)"
+    f"and then -bf16 or -dq, with group in {{{', '.join(str(g) for g in GROUP_SIZES if g is not None)}}} "
+    "(e.g. lut4g32, lut4g64-row, lut4pc-bf16, lut4g32-row-dq)"
 )
-_NAME_RE = re.compile(r"lut4(?:g(?P<group>[1-9][0-9]*)|(?P<pc>pc))(?P<row>-row)?(?P<bf16>-bf16)?")
+_NAME_RE = re.compile(r"lut4(?:g(?P<group>[1-9][0-9]*)|(?P<pc>pc))(?P<row>-row)?(?P<suffix>(?:-bf16|-dq)+)?")
 
 
 def is_lut_name(text: str) -> bool:
@@ -65,17 +74,22 @@ class LutFormat(GroupedFormat):
     group_size: weights per scale along in_features, one of GROUP_SIZES; None = per channel
     per_row:    False: one table per tensor; True: one table per output row
     scale_dtype: "fp16" or "bf16"
+    dq:          double-quantized scales (table.DoubleQuant): signed 6-bit codes under fp16 super-scales
     """
 
     group_size: int | None = 32
     per_row: bool = False
     scale_dtype: str = "fp16"
+    dq: bool = False
+
+    signed_scales = True
 
     def __post_init__(self) -> None:
         check_group_size(self.group_size)
         if not isinstance(self.per_row, bool):
             raise FormatError(f"per_row must be True or False, got {self.per_row!r}")
         check_scale_dtype(self.scale_dtype)
+        self.check_dq()
 
     @property
     def bits(self) -> int:
@@ -84,7 +98,8 @@ class LutFormat(GroupedFormat):
     @property
     def name(self) -> str:
         group = "pc" if self.group_size is None else f"g{self.group_size}"
-        return f"{LUT_PREFIX}{group}" + ("-row" if self.per_row else "") + ("-bf16" if self.scale_dtype == "bf16" else "")
+        return (f"{LUT_PREFIX}{group}" + ("-row" if self.per_row else "") + ("-bf16" if self.scale_dtype == "bf16" else "")
+                + self.dq_name)
 
     @classmethod
     def parse(cls, text: str) -> LutFormat:
@@ -94,9 +109,10 @@ class LutFormat(GroupedFormat):
         m = _NAME_RE.fullmatch(text.strip().lower())
         if m is None:
             raise FormatError(f"cannot parse learned-table format {text!r}: {LUT_GRAMMAR}")
+        dq, scale_dtype = dq_suffix(text, m["suffix"], LUT_GRAMMAR, "learned-table")
         try:
             return cls(group_size=None if m["pc"] else int(m["group"]), per_row=m["row"] is not None,
-                       scale_dtype="bf16" if m["bf16"] else "fp16")
+                       scale_dtype=scale_dtype, dq=dq)
         except FormatError as e:
             raise FormatError(f"invalid learned-table format {text!r}: {e}; {LUT_GRAMMAR}") from None
 
@@ -109,7 +125,7 @@ class LutFormat(GroupedFormat):
         check_features("out_features", out_features)
         g = self.num_groups(in_features)
         n, k = out_features, in_features
-        return LayerBytes(codes=packed_nbytes(n * k, GRID_BITS), scales=n * g * self.scale_torch_dtype.itemsize, zeros=0,
+        return LayerBytes(codes=packed_nbytes(n * k, GRID_BITS), scales=self.scale_nbytes(n, k), zeros=0,
                           levels=(1 << GRID_BITS) * self.table_rows(n))
 
 
@@ -192,12 +208,14 @@ class LutTensor(GroupedTensor):
     codes:  [N, K] uint8, values in 0..15 (indices into levels)
     scales: [N, G] fp32, nonzero (signed), exactly representable in fmt.scale_dtype
     levels: [16] fp32 (per tensor) or [N, 16] (per row): integers in [-127, 127], sorted
+    super_scales: [N, S] fp32 with -dq (GroupedTensor), else None
     """
 
     fmt: LutFormat
     codes: torch.Tensor
     scales: torch.Tensor
     levels: torch.Tensor
+    super_scales: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self._check_codes_and_scales()
@@ -209,7 +227,8 @@ class LutTensor(GroupedTensor):
     def rows(self, rows: slice) -> LutTensor:
         """The weight's rows `rows` (a per-tensor table is shared, a per-row one sliced)."""
         return LutTensor(fmt=self.fmt, codes=self.codes[rows], scales=self.scales[rows],
-                         levels=self.levels[rows] if self.fmt.per_row else self.levels)
+                         levels=self.levels[rows] if self.fmt.per_row else self.levels,
+                         super_scales=None if self.super_scales is None else self.super_scales[rows])
 
     def dequantize(self) -> torch.Tensor:
         """[N, K] fp32 weight, levels[codes] * scale."""
@@ -218,13 +237,12 @@ class LutTensor(GroupedTensor):
     def pack(self) -> dict[str, torch.Tensor]:
         """Storage tensors, fmt.nbytes(N, K) bytes exactly: qweight [ceil(N*K/2)] uint8 (codes
         row-major, bit-packed LSB-first), scales [N, G] in fmt.scale_dtype, levels [16] or [N, 16] int8."""
-        return {"qweight": pack_bits(self.codes, GRID_BITS), "scales": self.scales.to(self.fmt.scale_torch_dtype),
-                "levels": self.levels.to(torch.int8)}
+        return {"qweight": pack_bits(self.codes, GRID_BITS), **self.pack_scales(), "levels": self.levels.to(torch.int8)}
 
     @classmethod
     def unpack(cls, fmt: LutFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> LutTensor:
         """Inverse of `pack`; raises FormatError on missing/extra keys, wrong dtypes, sizes or levels."""
-        codes, scales = unpack_codes_and_scales(fmt, shape, tensors, {"qweight", "scales", "levels"})
+        codes, scales, super_scales = unpack_codes_and_scales(fmt, shape, tensors, {"qweight", "levels"})
         levels = tensors["levels"]
         table = [shape[0], 1 << GRID_BITS] if fmt.per_row else [1 << GRID_BITS]
         if levels.dtype != torch.int8 or list(levels.shape) != table:
@@ -232,7 +250,7 @@ class LutTensor(GroupedTensor):
         levels = levels.to(torch.float32)
         if bool((levels < -LEVEL_MAX).any()) or bool((levels[..., 1:] < levels[..., :-1]).any()):
             raise FormatError(f"packed {fmt.name} levels must be sorted and in [-{LEVEL_MAX}, {LEVEL_MAX}]")
-        return cls(fmt=fmt, codes=codes, scales=scales, levels=levels)
+        return cls(fmt=fmt, codes=codes, scales=scales, levels=levels, super_scales=super_scales)
 
 
 def quantize_lut_rtn(w: torch.Tensor, fmt: LutFormat, *, clip_search: bool = True,
