@@ -40,14 +40,16 @@ from tightfit.formats.table import GROUP_SIZES, GroupedFormat, LayerBytes, check
 
 LUT_PREFIX = "lut"
 LUT_BITS = (2, 3, 4)
-# The grid k-means starts from, per code width: 4 bits llama.cpp's IQ4_NL (grid.GRIDS["nl4"]); 3 and
-# 2 bits the 2^b quantiles (i + 1/2) / 2^b of N(0, 1), x 127 / the largest, rounded: symmetric, as the
-# signed scale has no longer side to put anywhere (chosen over NF-style grids with an exact 0 and over
-# the uniform grid by the weighted RTN error on SmolLM2-135M layers, bench/lut_small.py)
+# The grid k-means starts from, per code width (bench/lut_small.py --inits compares them by the
+# importance-weighted RTN error on SmolLM2-135M layers): 4 bits llama.cpp's IQ4_NL (grid.GRIDS["nl4"]);
+# 3 bits the 8 quantiles (i + 1/2) / 8 of N(0, 1) x 127 / the largest, rounded (block 10's q_proj and
+# down_proj: lut3g64 0.036, lut3g32-row 0.024; an NF3-like grid with an exact 0 0.033 / 0.025, uniform
+# 0.051 / 0.030); 2 bits an exact 0 and a longer side for the signed scale to put on the group's
+# largest weight (lut2g32 0.118 vs 0.188 from the 4 normal quantiles, lut2g32-row 0.098 vs 0.145)
 LUT_INITS: dict[int, tuple[int, ...]] = {
     4: GRIDS["nl4"],
     3: (-127, -73, -40, -13, 13, 40, 73, 127),
-    2: (-127, -35, 35, 127),
+    2: (-127, -42, 0, 85),
 }
 LLOYD_ITERATIONS = 6
 LEVEL_MAX = 127  # levels are int8 in [-127, 127]: -128 has no mirror under a negative scale
