@@ -84,7 +84,7 @@ def timings(names, rounds: int = 5, reps: int = 100) -> dict[str, float]:
     times = {n: [] for n in names}
     for _ in range(rounds):  # round-robin: drifts of the shared machine hit every format alike
         for n in names:
-            times[n].append(kernels.time_matmul(mats[n], 1, threads=1, reps=reps) / reps)
+            times[n].append(kernels.time_matmul(mats[n], 1, threads=1, reps=reps))  # seconds per matmul
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -102,10 +102,10 @@ def main() -> None:
     if args.time:
         t = timings(("w3g64-sym", "w3g64", "lut3g64", "lut3g64-row", "w2g32", "lut2g32", "lut2g32-row",
                      "w4g32-sym", "lut4g32", "lut4g32-row"))
-        if args.time_only:
-            return
         for n, s in t.items():
             print(f"{n:14s} {s * 1e6:8.1f} us/matmul [1536x576], 1 token, 1 thread")
+        if args.time_only:
+            return
     loaded = load_model("smollm2-135m")
     layers = second_moments(loaded, [int(i) for i in args.layers.split(",")], args.kinds and args.kinds.split(","), args.tokens)
     n, k = 1536, 576
