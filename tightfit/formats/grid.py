@@ -142,10 +142,10 @@ def grid_levels(grid: str) -> torch.Tensor:
 
 
 def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Codes of the nearest levels: x [..., g] fp32 in level units, levels [16] (one table) or
-    [..., 16] broadcastable to x's leading dims (a table per row) -> codes [..., g] uint8.
+    """Codes of the nearest levels: x [..., g] fp32 in level units, levels [E] (one table of E levels,
+    16 for a grid) or [..., E] broadcastable to x's leading dims (a table per row) -> codes [..., g] uint8.
 
-    The midpoints between consecutive (sorted) levels cut the level axis into 16 intervals; a tie
+    The midpoints between consecutive (sorted) levels cut the level axis into E intervals; a tie
     goes to the lower level.
     """
     mids = (levels[..., 1:] + levels[..., :-1]) / 2  # [..., 15]
@@ -282,14 +282,14 @@ class GridTensor(GroupedTensor):
 
 def unpack_codes_and_scales(fmt: GroupedFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor],
                             keys: set[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The 4-bit codes [N, K] uint8, signed scales [N, G] fp32 and super-scales [N, S] fp32 (-dq, else
-    None) of a packed grid-family tensor whose storage has exactly `keys` and its scales' keys;
-    raises FormatError on missing/extra keys, wrong dtypes or sizes."""
+    """The fmt.bits-bit codes [N, K] uint8, signed scales [N, G] fp32 and super-scales [N, S] fp32
+    (-dq, else None) of a packed grid-family tensor whose storage has exactly `keys` and its scales'
+    keys; raises FormatError on missing/extra keys, wrong dtypes or sizes."""
     n, k = shape
     keys = keys | scale_keys(fmt)
     if set(tensors) != keys:
         raise FormatError(f"packed {fmt.name} tensor [{n}, {k}] needs keys {sorted(keys)}, got {sorted(tensors)}")
-    codes = unpack_bits(tensors["qweight"], GRID_BITS, n * k).view(n, k)  # [N, K]
+    codes = unpack_bits(tensors["qweight"], fmt.bits, n * k).view(n, k)  # [N, K]
     return codes, *unpack_group_scales(fmt, shape, tensors)
 
 
