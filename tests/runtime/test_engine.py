@@ -303,10 +303,13 @@ def test_unsupported_architecture_falls_back(make_packed):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3"])  # phi3: fused qkv and gate_up, split by rows at load
-@pytest.mark.parametrize("linear, embed", [("nl4g32", "nf4g32"), ("lut4g32-row", "lut4g32")])
+@pytest.mark.parametrize("linear, embed", [("nl4g32", "nf4g32"), ("lut4g32-row", "lut4g32"), ("lut3g64", "lut3g32-row"),
+                                          ("lut2g32-row", "lut2g32"), ("w3g16-dq", "w4g32-sym-dq"),
+                                          ("nl4g32-dq", "lut4g32-row-dq"), ("lut3g32-dq", "lut2g32-row-dq")])
 def test_grid_formats_run_on_the_engine_kernels(linear, embed, model_type, make_tiny_model, tmp_path):
     """A model packed in a fixed non-uniform grid (nl4 linears, nf4 embeddings and head), or in
-    learned tables (per row, per tensor), runs on the quantized kernels, not the dense fallback, and
+    learned tables (per row, per tensor), or with double-quantized scales (-dq: expanded to the base
+    format's fp16 scales at load), runs on the quantized kernels, not the dense fallback, and
     matches the reference like uniform formats do; a fused projection's parts keep their rows' tables."""
     src = make_tiny_model(model_type, tmp_path)
     rc = main(["compress", str(src), "--format", linear, "--embed-format", embed, "--method", "rtn",

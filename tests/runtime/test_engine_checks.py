@@ -145,7 +145,7 @@ def test_engine_create_returns_an_error_code(field, value, code, portable, engin
     pytest.param(lambda ls: setattr(ls[0].up, "Kp", 96), id="padded K"),
     pytest.param(lambda ls: setattr(ls[0].k, "kind", 9), id="kind"),
     pytest.param(lambda ls: setattr(ls[1].v, "codes", None), id="no codes"),
-    pytest.param(lambda ls: (setattr(ls[0].q, "levels", ls[0].q.codes), setattr(ls[0].q, "bits", 3)), id="levels of 3-bit codes"),
+    pytest.param(lambda ls: (setattr(ls[0].q, "levels", ls[0].q.codes), setattr(ls[0].q, "bits", 5)), id="levels of 5-bit codes"),
 ])
 def test_engine_create_checks_every_matrix(edit, portable, engine):
     config = TfConfig.from_buffer_copy(engine._config)

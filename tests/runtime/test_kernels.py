@@ -25,7 +25,8 @@ from tightfit.runtime.kernels import build, layout
 
 FORMATS = ["w2g64", "w2pc", "w3g32-sym", "w3g64", "w4g16", "w4g32", "w4g128-bf16", "w5pc", "w6g16", "w8g32-sym", "w8g128",
            "nl4g32", "nf4g16", "nl4pc", "nf4g128-bf16",  # uniform grids, and fixed non-uniform grids (a level table)
-           "lut4g32", "lut4pc-bf16", "lut4g32-row", "lut4g16-row-bf16", "lut4pc-row"]  # learned tables: per tensor, per row
+           "lut4g32", "lut4pc-bf16", "lut4g32-row", "lut4g16-row-bf16", "lut4pc-row",  # learned tables: per tensor, per row
+           "lut3g64", "lut3g32-row", "lut3pc-bf16", "lut2g32", "lut2g16-row-bf16", "lut2pc-row"]  # 8- and 4-entry tables
 SHAPES = [(37, 576), (16, 50), (8, 200), (5, 1536), (33, 20), (3, 8), (64, 64)]
 BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable")]
 
@@ -48,7 +49,7 @@ def test_quantized_kernels_match_reference(name, portable):
 
 @pytest.mark.parametrize("portable", BUILDS)
 @pytest.mark.parametrize("name", ["w2g64", "w3g32-sym", "w4g16", "w5pc", "w8g128", "nl4g32", "nf4g16-bf16", "lut4g32",
-                                  "lut4g64-row"])
+                                  "lut4g64-row", "lut3g32", "lut3g64-row", "lut2g32", "lut2g32-row"])
 def test_exact_mode_multiplies_fp32_activations(name, portable):
     g = torch.Generator().manual_seed(7)
     for n, k in SHAPES:
@@ -114,7 +115,7 @@ def test_variant_builds_load_through_the_same_path():
     assert torch.equal(y, kernels.matmul(w, x, portable=True))  # the prefetch distance changes no result
 
 
-@pytest.mark.parametrize("name", ["w4g32", "w3g64-sym", "nl4g32", "lut4g32-row"])
+@pytest.mark.parametrize("name", ["w4g32", "w3g64-sym", "nl4g32", "lut4g32-row", "lut3g32-row"])
 def test_layout_of_a_tall_matrix_is_the_same_in_pieces(name, monkeypatch):
     """from_quantized lays out PLANE_ROWS rows at a time (a 150k-row embedding's temporaries would
     be GBs): the pieces join into the layout of the whole, a partial last tile included."""
@@ -126,18 +127,20 @@ def test_layout_of_a_tall_matrix_is_the_same_in_pieces(name, monkeypatch):
         assert torch.equal(getattr(whole, field), getattr(pieces, field)), field
 
 
-def test_per_row_tables_decode_each_row_with_its_own_levels():
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_per_row_tables_decode_each_row_with_its_own_levels(bits):
     """Per-row tables in the kernel layout: row 16T + 4l + j reads register j, lane l of tile T
-    (layout.h); every row given a table of its own (a shifted copy of one) decodes to its levels."""
+    (layout.h); every row given a table of its own (a shifted copy of one) decodes to its levels.
+    2^bits < 16 levels fill the first entries of the same 16-byte tables."""
     from tightfit.formats.lut import LutFormat, LutTensor
 
-    n, k = 37, 64
-    base = torch.arange(-120, 120, 15, dtype=torch.float32)  # [16] sorted
-    levels = (base + torch.arange(n, dtype=torch.float32).unsqueeze(1) % 7).clamp(-127, 127)  # [N, 16]
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    q = LutTensor(fmt=LutFormat(32, per_row=True), codes=codes, scales=torch.ones(n, 2), levels=levels)
+    n, k, e = 37, 64, 1 << bits
+    base = torch.linspace(-120, 105, e).round()  # [E] sorted
+    levels = (base + torch.arange(n, dtype=torch.float32).unsqueeze(1) % 7).clamp(-127, 127)  # [N, E]
+    codes = torch.randint(0, e, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    q = LutTensor(fmt=LutFormat(32, per_row=True, bits=bits), codes=codes, scales=torch.ones(n, 2), levels=levels)
     w = kernels.from_quantized(q)
-    assert w.level_rows and w.levels.shape == (3, 4, 64)
+    assert w.level_rows and w.levels.shape == (3, 4, 64) and w.bits == bits
     for portable in (False, True):
         assert torch.equal(kernels.dequantize(w, portable=portable), q.dequantize())
 

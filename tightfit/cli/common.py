@@ -30,8 +30,9 @@ FORMAT_HELP = (
     "(3-bit codes in groups of 16, scales and zeros quantized to 3 bits, at most 1%% of weights kept exact). "
     "Or a fixed non-uniform 4-bit grid with one signed scale per group: {grid}g{group} or {grid}pc, grid nl4 "
     "(llama.cpp IQ4_NL's levels) or nf4 (NormalFloat4), optional -bf16, e.g. nl4g32 (4.5 bits/weight). "
-    "Or a learned 4-bit table (16 int8 levels fitted to each layer from nl4 by Hessian-weighted k-means): "
-    "lut4g{group} or lut4pc, optional -row (a table per output row) and -bf16, e.g. lut4g32, lut4g64-row. "
+    "Or a learned table (2^bits int8 levels fitted to each layer by Hessian-weighted k-means), bits 2, 3 or 4: "
+    "lut{bits}g{group} or lut{bits}pc, optional -row (a table per output row) and -bf16, e.g. lut4g32, lut3g64-row, "
+    "lut2g32. "
     "`tightfit formats` lists them with their bits/weight."
 )
 

@@ -324,8 +324,9 @@ def _cmd_info(args) -> int:
 def _cmd_formats(args) -> int:
     from tightfit.formats import BITS, GROUP_SIZES, QuantFormat
     from tightfit.formats.grid import GRIDS, all_grid_formats
-    from tightfit.formats.lut import LUT_INIT, all_lut_formats
+    from tightfit.formats.lut import all_lut_formats
     from tightfit.formats.spqr import SPQR_RECIPES
+    from tightfit.formats.table import DQ, all_formats, with_dq
 
     try:
         n, k = (int(v) for v in args.shape.lower().split("x"))
@@ -344,11 +345,16 @@ def _cmd_formats(args) -> int:
     for fmt in all_grid_formats():
         if fmt.scale_dtype == "fp16":
             print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
-    print(f"\nlearned 4-bit tables (16 int8 levels fitted from {LUT_INIT} per layer, or per row with -row; table bytes counted)")
+    print("\nlearned b-bit tables (2^b int8 levels fitted per layer, or per row with -row; table bytes counted)")
     print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
     for fmt in all_lut_formats():
         if fmt.scale_dtype == "fp16":
             print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
+    print(f"\ndouble-quantized scales (-dq): {DQ.code_bits}-bit scale codes under one fp16 super-scale per "
+          f"{DQ.super_block} weights")
+    print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
+    for fmt in with_dq(all_formats() + all_grid_formats() + all_lut_formats()):
+        print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
     print("\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)")
     print(f"{'format':<22} {'bpw':>7} {'bytes':>10}")
     for fmt in SPQR_RECIPES:

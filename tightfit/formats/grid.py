@@ -19,7 +19,8 @@ Grids (GRIDS), named by where their levels come from:
     nl4   llama.cpp's IQ4_NL table `kvalues_iq4nl` (non-linear, fitted to LLM weights)
     nf4   QLoRA's NormalFloat4 levels (Dettmers et al. 2023: quantiles of N(0, 1), exact 0) x 127,
           rounded to integers
-Names: `{grid}g{group}` or `{grid}pc`, optionally `-bf16`: e.g. `nl4g32`, `nf4g64`, `nl4g128-bf16`.
+Names: `{grid}g{group}` or `{grid}pc`, optionally `-bf16` or `-dq` (double-quantized scales, signed
+6-bit codes under fp16 super-scales: table.DoubleQuant): e.g. `nl4g32`, `nf4g64`, `nl4g128-bf16`, `nl4g32-dq`.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ import torch
 
 from tightfit.errors import FormatError
 from tightfit.formats.bitpack import pack_bits, packed_nbytes, unpack_bits
-from tightfit.formats.primitives import GroupedTensor, round_to_scale_dtype
+from tightfit.formats.primitives import GroupedTensor, round_to_scale_dtype, scale_keys, unpack_group_scales
 from tightfit.formats.table import (
     GROUP_SIZES,
     GroupedFormat,
     LayerBytes,
     check_features,
+    dq_suffix,
     check_group_size,
     check_scale_dtype,
 )
@@ -53,11 +55,11 @@ SCALE_SEARCH_STEPS = 7
 _RTN_CHUNK = 1 << 18  # weights per scale search in round to nearest (its temporaries hold 30x as many)
 
 GRID_GRAMMAR = (
-    f"expected {{grid}}g{{group}} or {{grid}}pc (per channel), optionally followed by -bf16, with grid in "
+    f"expected {{grid}}g{{group}} or {{grid}}pc (per channel), optionally followed by -bf16 or -dq, with grid in "
     f"{{{', '.join(GRIDS)}}} and group in {{{', '.join(str(g) for g in GROUP_SIZES if g is not None)}}} "
-    "(e.g. nl4g32, nf4g64, nl4g128-bf16)"
+    "(e.g. nl4g32, nf4g64, nl4g128-bf16, nl4g32-dq)"
 )
-_NAME_RE = re.compile(rf"(?P<grid>{'|'.join(GRIDS)})(?:g(?P<group>[1-9][0-9]*)|(?P<pc>pc))(?P<bf16>-bf16)?")
+_NAME_RE = re.compile(rf"(?P<grid>{'|'.join(GRIDS)})(?:g(?P<group>[1-9][0-9]*)|(?P<pc>pc))(?P<suffix>(?:-bf16|-dq)+)?")
 
 
 def is_grid_name(text: str) -> bool:
@@ -72,17 +74,22 @@ class GridFormat(GroupedFormat):
     grid:        a key of GRIDS (the 16 int8 levels)
     group_size:  weights per scale along in_features, one of GROUP_SIZES; None = per channel
     scale_dtype: "fp16" or "bf16"
+    dq:          double-quantized scales (table.DoubleQuant): signed 6-bit codes under fp16 super-scales
     """
 
     grid: str
     group_size: int | None = 32
     scale_dtype: str = "fp16"
+    dq: bool = False
+
+    signed_scales = True
 
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise FormatError(f"grid {self.grid!r} is not in the format table; choose one of {', '.join(GRIDS)}")
         check_group_size(self.group_size)
         check_scale_dtype(self.scale_dtype)
+        self.check_dq()
 
     @property
     def bits(self) -> int:
@@ -96,7 +103,7 @@ class GridFormat(GroupedFormat):
     @property
     def name(self) -> str:
         group = "pc" if self.group_size is None else f"g{self.group_size}"
-        return f"{self.grid}{group}" + ("-bf16" if self.scale_dtype == "bf16" else "")
+        return f"{self.grid}{group}" + ("-bf16" if self.scale_dtype == "bf16" else "") + self.dq_name
 
     @classmethod
     def parse(cls, text: str) -> GridFormat:
@@ -106,9 +113,9 @@ class GridFormat(GroupedFormat):
         m = _NAME_RE.fullmatch(text.strip().lower())
         if m is None:
             raise FormatError(f"cannot parse grid format {text!r}: {GRID_GRAMMAR}")
+        dq, scale_dtype = dq_suffix(text, m["suffix"], GRID_GRAMMAR, "grid")
         try:
-            return cls(grid=m["grid"], group_size=None if m["pc"] else int(m["group"]),
-                       scale_dtype="bf16" if m["bf16"] else "fp16")
+            return cls(grid=m["grid"], group_size=None if m["pc"] else int(m["group"]), scale_dtype=scale_dtype, dq=dq)
         except FormatError as e:
             raise FormatError(f"invalid grid format {text!r}: {e}; {GRID_GRAMMAR}") from None
 
@@ -117,7 +124,7 @@ class GridFormat(GroupedFormat):
         check_features("out_features", out_features)
         g = self.num_groups(in_features)
         n, k = out_features, in_features
-        return LayerBytes(codes=packed_nbytes(n * k, GRID_BITS), scales=n * g * self.scale_torch_dtype.itemsize, zeros=0)
+        return LayerBytes(codes=packed_nbytes(n * k, GRID_BITS), scales=self.scale_nbytes(n, k), zeros=0)
 
 
 def all_grid_formats() -> tuple[GridFormat, ...]:
@@ -135,10 +142,10 @@ def grid_levels(grid: str) -> torch.Tensor:
 
 
 def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Codes of the nearest levels: x [..., g] fp32 in level units, levels [16] (one table) or
-    [..., 16] broadcastable to x's leading dims (a table per row) -> codes [..., g] uint8.
+    """Codes of the nearest levels: x [..., g] fp32 in level units, levels [E] (one table of E levels,
+    16 for a grid) or [..., E] broadcastable to x's leading dims (a table per row) -> codes [..., g] uint8.
 
-    The midpoints between consecutive (sorted) levels cut the level axis into 16 intervals; a tie
+    The midpoints between consecutive (sorted) levels cut the level axis into E intervals; a tie
     goes to the lower level.
     """
     mids = (levels[..., 1:] + levels[..., :-1]) / 2  # [..., 15]
@@ -241,11 +248,13 @@ class GridTensor(GroupedTensor):
     fmt:    the format
     codes:  [N, K] uint8, values in 0..15 (indices into fmt.levels)
     scales: [N, G] fp32, nonzero (signed), exactly representable in fmt.scale_dtype
+    super_scales: [N, S] fp32 with -dq (GroupedTensor), else None
     """
 
     fmt: GridFormat
     codes: torch.Tensor
     scales: torch.Tensor
+    super_scales: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self._check_codes_and_scales()
@@ -261,34 +270,27 @@ class GridTensor(GroupedTensor):
 
     def pack(self) -> dict[str, torch.Tensor]:
         """Storage tensors, fmt.nbytes(N, K) bytes exactly: qweight [ceil(N*K/2)] uint8 (codes
-        row-major, bit-packed LSB-first), scales [N, G] in fmt.scale_dtype."""
-        return {"qweight": pack_bits(self.codes, GRID_BITS), "scales": self.scales.to(self.fmt.scale_torch_dtype)}
+        row-major, bit-packed LSB-first), scales [N, G] in fmt.scale_dtype (-dq: `pack_scales`)."""
+        return {"qweight": pack_bits(self.codes, GRID_BITS), **self.pack_scales()}
 
     @classmethod
     def unpack(cls, fmt: GridFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> GridTensor:
         """Inverse of `pack`; raises FormatError on missing/extra keys, wrong dtypes or sizes."""
-        codes, scales = unpack_codes_and_scales(fmt, shape, tensors, {"qweight", "scales"})
-        return cls(fmt=fmt, codes=codes, scales=scales)
+        codes, scales, super_scales = unpack_codes_and_scales(fmt, shape, tensors, {"qweight"})
+        return cls(fmt=fmt, codes=codes, scales=scales, super_scales=super_scales)
 
 
 def unpack_codes_and_scales(fmt: GroupedFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor],
-                            keys: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 4-bit codes [N, K] uint8 and signed scales [N, G] fp32 of a packed grid-family tensor whose
-    storage has exactly `keys`; raises FormatError on missing/extra keys, wrong dtypes or sizes."""
+                            keys: set[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The fmt.bits-bit codes [N, K] uint8, signed scales [N, G] fp32 and super-scales [N, S] fp32
+    (-dq, else None) of a packed grid-family tensor whose storage has exactly `keys` and its scales'
+    keys; raises FormatError on missing/extra keys, wrong dtypes or sizes."""
     n, k = shape
-    g = fmt.num_groups(k)
+    keys = keys | scale_keys(fmt)
     if set(tensors) != keys:
         raise FormatError(f"packed {fmt.name} tensor [{n}, {k}] needs keys {sorted(keys)}, got {sorted(tensors)}")
-    codes = unpack_bits(tensors["qweight"], GRID_BITS, n * k).view(n, k)  # [N, K]
-    scales = tensors["scales"]
-    if scales.dtype != fmt.scale_torch_dtype or tuple(scales.shape) != (n, g):
-        raise FormatError(
-            f"packed {fmt.name} scales must be {fmt.scale_torch_dtype} [{n}, {g}], got {scales.dtype} {tuple(scales.shape)}"
-        )
-    scales = scales.to(torch.float32)  # [N, G]
-    if not bool((torch.isfinite(scales) & (scales != 0)).all()):
-        raise FormatError(f"packed {fmt.name} scales must be finite and nonzero")
-    return codes, scales
+    codes = unpack_bits(tensors["qweight"], fmt.bits, n * k).view(n, k)  # [N, K]
+    return codes, *unpack_group_scales(fmt, shape, tensors)
 
 
 def quantize_grid_rtn(w: torch.Tensor, fmt: GridFormat, *, clip_search: bool = True) -> GridTensor:

@@ -17,6 +17,7 @@ import torch
 
 from tightfit.errors import FormatError
 from tightfit.formats.bitpack import pack_bits, unpack_bits
+from tightfit.formats.double_quant import pack_scales, unpack_scales
 from tightfit.formats.table import GroupedFormat, LayerBytes, QuantFormat
 
 # Candidate shrink factors of the [min, max] range, largest first so ties keep the full range.
@@ -176,13 +177,43 @@ def search_shrink(
     return best_shrink
 
 
+def scale_keys(fmt: GroupedFormat) -> set[str]:
+    """The storage keys of a grouped format's scales (`GroupedTensor.pack_scales`)."""
+    return {"super_scales", "scale_codes"} if fmt.dq else {"scales"}
+
+
+def unpack_group_scales(fmt: GroupedFormat, shape: tuple[int, int],
+                        tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverse of `GroupedTensor.pack_scales`: (scales [N, G] fp32, super_scales [N, S] fp32 or None);
+    raises FormatError on wrong dtypes or sizes, or scales that are not finite and positive (nonzero
+    when fmt.signed_scales)."""
+    n, k = shape
+    g = fmt.num_groups(k)
+    if fmt.dq:
+        scales, d = unpack_scales(fmt, shape, tensors)
+    else:
+        scales, d = tensors["scales"], None
+        if scales.dtype != fmt.scale_torch_dtype or tuple(scales.shape) != (n, g):
+            raise FormatError(
+                f"packed {fmt.name} scales must be {fmt.scale_torch_dtype} [{n}, {g}], "
+                f"got {scales.dtype} {tuple(scales.shape)}"
+            )
+        scales = scales.to(torch.float32)  # [N, G]
+    valid = (scales != 0) if fmt.signed_scales else (scales > 0)
+    if not bool((torch.isfinite(scales) & valid).all()):
+        raise FormatError(f"packed {fmt.name} scales must be finite and {'nonzero' if fmt.signed_scales else 'positive'}")
+    return scales, d
+
+
 class GroupedTensor:
     """What the tensors of grouped formats (uniform and grid) share: codes [N, K] uint8 and scales
-    [N, G] fp32 of a `table.GroupedFormat`."""
+    [N, G] fp32 of a `table.GroupedFormat`; with -dq also super_scales [N, S] fp32 (fp16 values),
+    the scales then being on their grid (formats/double_quant.py), else None."""
 
     fmt: GroupedFormat
     codes: torch.Tensor
     scales: torch.Tensor
+    super_scales: torch.Tensor | None
 
     def _check_codes_and_scales(self) -> None:
         assert self.codes.dtype == torch.uint8 and self.codes.dim() == 2, (
@@ -193,6 +224,19 @@ class GroupedTensor:
         assert self.scales.dtype == torch.float32 and self.scales.shape == (n, g), (
             f"scales must be fp32 [{n}, {g}], got {self.scales.dtype} {tuple(self.scales.shape)}"
         )
+        if self.fmt.dq:
+            s = self.fmt.num_super_blocks(k)
+            assert self.super_scales is not None and self.super_scales.dtype == torch.float32 and (
+                self.super_scales.shape == (n, s)), f"{self.fmt.name} needs super_scales fp32 [{n}, {s}]"
+        else:
+            assert self.super_scales is None, f"{self.fmt.name} has no super_scales"
+
+    def pack_scales(self) -> dict[str, torch.Tensor]:
+        """The stored scales: scales [N, G] in fmt.scale_dtype, or with -dq super_scales [N, S] fp16
+        and scale_codes (double_quant.pack_scales)."""
+        if self.fmt.dq:
+            return pack_scales(self.scales, self.super_scales, self.fmt)
+        return {"scales": self.scales.to(self.fmt.scale_torch_dtype)}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -208,7 +252,7 @@ class GroupedTensor:
         """Bytes of `pack()`: equals fmt.nbytes(N, K)."""
         return self.fmt.nbytes(*self.shape)
 
-    def rows(self, rows: slice) -> "GroupedTensor":
+    def rows(self, rows: slice) -> "GroupedTensor":  # super_scales [N, S] too
         """The weight's rows `rows`, a tensor of the same type (its per-row fields sliced)."""
         return dataclasses.replace(self, **{f.name: v[rows] for f in dataclasses.fields(self)
                                             if isinstance(v := getattr(self, f.name), torch.Tensor)})
@@ -222,12 +266,14 @@ class QuantizedTensor(GroupedTensor):
     codes:  [N, K] uint8, values in 0 .. 2**bits-1
     scales: [N, G] fp32, > 0, exactly representable in fmt.scale_dtype
     zeros:  [N, G] fp32 holding integers in 0 .. 2**bits-1 (asymmetric), None (symmetric)
+    super_scales: [N, S] fp32 with -dq (GroupedTensor), else None
     """
 
     fmt: QuantFormat
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
+    super_scales: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self._check_codes_and_scales()
@@ -249,13 +295,10 @@ class QuantizedTensor(GroupedTensor):
         """Storage tensors; their bytes equal fmt.nbytes(N, K) exactly.
 
         qweight: [ceil(N*K*bits/8)] uint8, codes row-major, bit-packed LSB-first
-        scales:  [N, G] in fmt.scale_dtype
+        scales:  [N, G] in fmt.scale_dtype (-dq: super_scales and scale_codes, `pack_scales`)
         qzeros:  [ceil(N*G*bits/8)] uint8, zero points packed like the codes (asymmetric only)
         """
-        out = {
-            "qweight": pack_bits(self.codes, self.fmt.bits),
-            "scales": self.scales.to(self.fmt.scale_torch_dtype),
-        }
+        out = {"qweight": pack_bits(self.codes, self.fmt.bits), **self.pack_scales()}
         if self.zeros is not None:
             out["qzeros"] = pack_bits(self.zeros.to(torch.uint8), self.fmt.bits)
         return out
@@ -265,25 +308,17 @@ class QuantizedTensor(GroupedTensor):
         """Inverse of `pack`; raises FormatError on missing/extra keys, wrong dtypes or sizes."""
         n, k = shape
         g = fmt.num_groups(k)
-        expected_keys = {"qweight", "scales"} | (set() if fmt.symmetric else {"qzeros"})
+        expected_keys = {"qweight"} | scale_keys(fmt) | (set() if fmt.symmetric else {"qzeros"})
         if set(tensors) != expected_keys:
             raise FormatError(
                 f"packed {fmt.name} tensor [{n}, {k}] needs keys {sorted(expected_keys)}, got {sorted(tensors)}"
             )
         codes = unpack_bits(tensors["qweight"], fmt.bits, n * k).view(n, k)  # [N, K]
-        scales = tensors["scales"]
-        if scales.dtype != fmt.scale_torch_dtype or tuple(scales.shape) != (n, g):
-            raise FormatError(
-                f"packed {fmt.name} scales must be {fmt.scale_torch_dtype} [{n}, {g}], "
-                f"got {scales.dtype} {tuple(scales.shape)}"
-            )
-        scales = scales.to(torch.float32)  # [N, G]
-        if not bool((torch.isfinite(scales) & (scales > 0)).all()):
-            raise FormatError(f"packed {fmt.name} scales must be finite and positive")
+        scales, super_scales = unpack_group_scales(fmt, shape, tensors)  # [N, G], [N, S] | None
         zeros = None
         if not fmt.symmetric:
             zeros = unpack_bits(tensors["qzeros"], fmt.bits, n * g).view(n, g).to(torch.float32)  # [N, G]
-        return cls(fmt=fmt, codes=codes, scales=scales, zeros=zeros)
+        return cls(fmt=fmt, codes=codes, scales=scales, zeros=zeros, super_scales=super_scales)
 
 
 RTN_ROWS = 4096

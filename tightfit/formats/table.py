@@ -14,7 +14,14 @@ asymmetric, one integer zero point). Every byte a packed layer holds is derived 
 
 Dequantization: asymmetric w = (q - z) * s; symmetric w = (q - 2**(bits-1)) * s.
 
-Names follow a small grammar (see `GRAMMAR`), e.g. `w4g128`, `w3g64-sym`, `w8pc-bf16`.
+Double-quantized scales (`-dq`, every grouped family; `DoubleQuant`): the scales of each row are
+cut into super-blocks of DQ.super_block weights along K (DQ.super_block / group_size groups, the
+last super-block narrower when it does not divide K), each holding one fp16 super-scale d and
+its groups' scales as DQ.code_bits-bit codes c, s = fp16(d * c) (llama.cpp's K-quants):
+
+    scales  [N, S] fp16 super-scales + [N, G] 6-bit codes, bit-packed -> N*S*2 + ceil(N*G*6/8) bytes
+
+Names follow a small grammar (see `GRAMMAR`), e.g. `w4g128`, `w3g64-sym`, `w8pc-bf16`, `w3g16-dq`.
 """
 
 from __future__ import annotations
@@ -37,12 +44,13 @@ SCALE_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfl
 FORMAT_JSON_VERSION = 1
 
 GRAMMAR = (
-    "expected w{bits}g{group} or w{bits}pc (per channel), optionally followed by -sym and then -bf16, "
-    f"with bits in {{{', '.join(map(str, BITS))}}} and group in "
+    "expected w{bits}g{group} or w{bits}pc (per channel), optionally followed by -sym and then -bf16 or -dq "
+    f"(double-quantized scales), with bits in {{{', '.join(map(str, BITS))}}} and group in "
     f"{{{', '.join(str(g) for g in GROUP_SIZES if g is not None)}}} "
-    "(e.g. w3g64, w4g128-sym, w8pc, w2g16-bf16, w4g32-sym-bf16)"
+    "(e.g. w3g64, w4g128-sym, w8pc, w2g16-bf16, w4g32-sym-bf16, w3g16-dq)"
 )
-_NAME_RE = re.compile(r"w(?P<bits>[1-9][0-9]*)(?:g(?P<group>[1-9][0-9]*)|(?P<pc>pc))(?P<sym>-sym)?(?P<bf16>-bf16)?")
+_NAME_RE = re.compile(r"w(?P<bits>[1-9][0-9]*)(?:g(?P<group>[1-9][0-9]*)|(?P<pc>pc))(?P<sym>-sym)?"
+                      r"(?P<suffix>(?:-bf16|-dq)+)?")
 _DEFAULT_SCALE_DTYPE = "fp16"
 
 
@@ -53,6 +61,44 @@ def _is_int(x: object) -> bool:
 def group_bounds(in_features: int, group_size: int) -> list[tuple[int, int]]:
     """[start, end) of each group of group_size columns along K; the last one may be narrower."""
     return [(s, min(s + group_size, in_features)) for s in range(0, in_features, group_size)]
+
+
+@dataclass(frozen=True)
+class DoubleQuant:
+    """Double-quantized group scales (llama.cpp K-quants; QLoRA's double quantization quantizes the
+    scales too): per row, each super-block of `super_block` weights along K holds one fp16
+    super-scale d and its groups' scales as `code_bits`-bit codes c, s = fp16(d * c).
+
+    Positive scales (uniform formats): c in 1 .. 2**code_bits - 1, stored as c.
+    Signed scales (grid and learned-table formats, whose sign mirrors the levels): c in
+    -(2**(code_bits-1) - 1) .. 2**(code_bits-1) - 1 without 0, stored as c + 2**(code_bits-1).
+    d > 0 always; c = 0 never occurs (a scale is never 0)."""
+
+    super_block: int = 256
+    code_bits: int = 6
+
+    def code_max(self, signed: bool) -> int:
+        """The largest |c|: 63 (positive scales) or 31 (signed)."""
+        return (1 << (self.code_bits - 1)) - 1 if signed else (1 << self.code_bits) - 1
+
+    def groups_per_super(self, group_size: int) -> int:
+        """Groups of one (full) super-block: super_block / group_size."""
+        return self.super_block // group_size
+
+
+DQ = DoubleQuant()
+DQ_SUFFIX = "-dq"
+
+
+def dq_suffix(text: str, suffix: str | None, grammar: str, family: str = "quantization") -> tuple[bool, str]:
+    """(dq, scale dtype) of a name's trailing `-bf16` / `-dq` suffixes; refuses both or repeats."""
+    parts = [] if not suffix else suffix.strip("-").split("-")
+    if len(parts) != len(set(parts)):
+        raise FormatError(f"cannot parse {family} format {text!r}: a suffix repeats; {grammar}")
+    if len(parts) > 1:
+        raise FormatError(f"invalid {family} format {text!r}: -dq stores scales as 6-bit codes under fp16 "
+                          f"super-scales, so it takes no -bf16; {grammar}")
+    return "dq" in parts, "bf16" if "bf16" in parts else _DEFAULT_SCALE_DTYPE
 
 
 @dataclass(frozen=True)
@@ -79,6 +125,9 @@ class GroupedFormat:
 
     group_size: int | None
     scale_dtype: str
+    dq: bool  # double-quantized scales (DoubleQuant), fp16 super-scales only
+
+    signed_scales = False  # grid and learned-table scales keep their sign (the codes of DoubleQuant)
 
     def __str__(self) -> str:
         return self.name
@@ -107,6 +156,38 @@ class GroupedFormat:
     def group_bounds(self, in_features: int) -> list[tuple[int, int]]:
         """[start, end) column range of each group along K."""
         return group_bounds(in_features, self.group_width(in_features))
+
+    def check_dq(self) -> None:
+        """Refuse a double-quantized format that cannot be one (see DoubleQuant)."""
+        if not isinstance(self.dq, bool):
+            raise FormatError(f"dq must be True or False, got {self.dq!r}")
+        if self.dq and self.group_size is None:
+            raise FormatError("-dq quantizes group scales in super-blocks of "
+                              f"{DQ.super_block} weights; a per-channel format has one scale per row")
+        if self.dq and self.scale_dtype != "fp16":
+            raise FormatError(f"-dq stores scales as {DQ.code_bits}-bit codes under fp16 super-scales; "
+                              f"it takes no {self.scale_dtype} scales")
+
+    def num_super_blocks(self, in_features: int) -> int:
+        """S, the super-blocks per row of a -dq format: ceil(G / (super_block / group_size))."""
+        assert self.dq, f"{self.name} has no super-blocks"
+        return -(-self.num_groups(in_features) // DQ.groups_per_super(self.group_size))
+
+    def super_block_of_groups(self, in_features: int) -> "torch.Tensor":
+        """[G] int64: the super-block of each group (-dq formats)."""
+        return torch.arange(self.num_groups(in_features)) // DQ.groups_per_super(self.group_size)
+
+    def scale_nbytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of the scales: N*G*2, or with -dq N*S*2 + ceil(N*G*code_bits/8)."""
+        n, g = out_features, self.num_groups(in_features)
+        if not self.dq:
+            return n * g * self.scale_torch_dtype.itemsize
+        return n * self.num_super_blocks(in_features) * 2 + packed_nbytes(n * g, DQ.code_bits)
+
+    @property
+    def dq_name(self) -> str:
+        """The name's dq suffix: `-dq` or empty."""
+        return DQ_SUFFIX if self.dq else ""
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         """Bits the packed layer holds per weight, overheads included."""
@@ -161,12 +242,14 @@ class QuantFormat(GroupedFormat):
     symmetric:   True: w = (q - 2**(bits-1)) * s, no zero points stored;
                  False: w = (q - z) * s with an integer zero point z per group
     scale_dtype: "fp16" or "bf16", the dtype scales are stored in
+    dq:          double-quantized scales (DoubleQuant): 6-bit codes under fp16 super-scales
     """
 
     bits: int
     group_size: int | None = 128
     symmetric: bool = False
     scale_dtype: str = _DEFAULT_SCALE_DTYPE
+    dq: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in BITS:
@@ -175,16 +258,17 @@ class QuantFormat(GroupedFormat):
         if not isinstance(self.symmetric, bool):
             raise FormatError(f"symmetric must be True or False, got {self.symmetric!r}")
         check_scale_dtype(self.scale_dtype)
+        self.check_dq()
 
     # ---- names -------------------------------------------------------------------------------
 
     @property
     def name(self) -> str:
-        """Canonical name, e.g. `w4g128`, `w3g64-sym`, `w8pc-bf16`; `QuantFormat.parse(f.name) == f`."""
+        """Canonical name, e.g. `w4g128`, `w3g64-sym`, `w8pc-bf16`, `w3g16-dq`; `QuantFormat.parse(f.name) == f`."""
         group = "pc" if self.group_size is None else f"g{self.group_size}"
         sym = "-sym" if self.symmetric else ""
         dtype = "" if self.scale_dtype == _DEFAULT_SCALE_DTYPE else f"-{self.scale_dtype}"
-        return f"w{self.bits}{group}{sym}{dtype}"
+        return f"w{self.bits}{group}{sym}{dtype}{self.dq_name}"
 
     @classmethod
     def parse(cls, text: str) -> QuantFormat:
@@ -194,12 +278,14 @@ class QuantFormat(GroupedFormat):
         m = _NAME_RE.fullmatch(text.strip().lower())
         if m is None:
             raise FormatError(f"cannot parse quantization format {text!r}: {GRAMMAR}")
+        dq, scale_dtype = dq_suffix(text, m["suffix"], GRAMMAR)
         try:
             return cls(
                 bits=int(m["bits"]),
                 group_size=None if m["pc"] else int(m["group"]),
                 symmetric=m["sym"] is not None,
-                scale_dtype="bf16" if m["bf16"] else _DEFAULT_SCALE_DTYPE,
+                scale_dtype=scale_dtype,
+                dq=dq,
             )
         except FormatError as e:
             raise FormatError(f"invalid quantization format {text!r}: {e}; {GRAMMAR}") from None
@@ -213,17 +299,23 @@ class QuantFormat(GroupedFormat):
         g = self.num_groups(k)
         return LayerBytes(
             codes=packed_nbytes(n * k, self.bits),
-            scales=n * g * self.scale_torch_dtype.itemsize,
+            scales=self.scale_nbytes(n, k),
             zeros=0 if self.symmetric else packed_nbytes(n * g, self.bits),
         )
 
 
 def all_formats() -> tuple[QuantFormat, ...]:
-    """Every format in the table: BITS x GROUP_SIZES x (asym, sym) x SCALE_DTYPES."""
+    """Every format in the table without -dq: BITS x GROUP_SIZES x (asym, sym) x SCALE_DTYPES
+    (`with_dq` gives each grouped fp16 one its -dq twin)."""
     return tuple(
         QuantFormat(bits=b, group_size=g, symmetric=s, scale_dtype=d)
         for b, g, s, d in itertools.product(BITS, GROUP_SIZES, (False, True), SCALE_DTYPES)
     )
+
+
+def with_dq(formats: tuple[GroupedFormat, ...]) -> tuple[GroupedFormat, ...]:
+    """The -dq twin of each format that can have one (grouped, fp16 scales)."""
+    return tuple(dataclasses.replace(f, dq=True) for f in formats if f.scale_dtype == "fp16" and f.group_size and not f.dq)
 
 
 def check_features(what: str, value: int) -> None:

@@ -276,14 +276,14 @@ static void forward_thread(void* ctx, int tid, int nth) {
 extern "C" {
 
 // Whether W is a well-formed [N, K] matrix: kind, layout fields and the pointers its kind reads
-// (a level table only with 4-bit codes: the kernels' grid path reads 16 levels, or a table per row).
+// (a level table only with 2-, 3- or 4-bit codes: the kernels' grid path reads 16 levels, or a table per row).
 static bool mat_ok(const tf_mat& W, int64_t N, int64_t K) {
     if (W.N != N || W.K != K) return false;
     if (W.kind == TF_F16 || W.kind == TF_F32) return W.dense != nullptr;
     if (W.kind != TF_QUANT) return false;
     const bool bits_ok = W.bits == 2 || W.bits == 3 || W.bits == 4 || W.bits == 5 || W.bits == 6 || W.bits == 8;
     const bool shape_ok = W.Kp == (K + 31) / 32 * 32 && W.group >= 1 && W.G == (K + W.group - 1) / W.group && W.codes;
-    if (!W.stats) return bits_ok && (!W.levels || W.bits == 4) && (W.level_rows == 0 || (W.level_rows == 1 && W.levels)) && shape_ok && W.scales && W.zeros && !W.outlier_rowptr;
+    if (!W.stats) return bits_ok && (!W.levels || W.bits <= 4) && (W.level_rows == 0 || (W.level_rows == 1 && W.levels)) && shape_ok && W.scales && W.zeros && !W.outlier_rowptr;
     // SpQR: 2-4 bit codes, statistics records, groups the kernels' segments divide (8 or a multiple of 16)
     if (W.bits > 4 || W.levels || W.level_rows || !shape_ok || (W.G > 1 && W.group % 16 != 0 && W.group != 8)) return false;
     if (!W.outlier_rowptr) return true;

@@ -13,7 +13,8 @@
 // w = (q - z) * s, exactly as the reference dequantizes. Grid formats (4-bit codes on a fixed
 // non-uniform grid) add a 16-byte table `levels`: code q stands for the u8 levels[q] = L[q] + 128
 // and z = 128, so w = (levels[q] - z) * s = L[q] * s. Learned tables (formats/lut.py) are the same
-// with the layer's own 16 levels, or (level_rows) a table per row: per tile 4 x 64 bytes, where
+// with the layer's own levels (16; a 2- or 3-bit table, its codes in the crumb / crumb + bit planes,
+// fills the first 4 / 8 entries), or (level_rows) a table per row: per tile 4 x 64 bytes, where
 // 64-byte register j holds in its 128-bit lane l the 16 levels of row 4l + j, so that one vpshufb
 // per j looks up the rows 4l + j (bytes 4j .. 4j+3 of every lane). Dense matrices are plain fp16 / fp32 [N, K].
 // SpQR (formats/spqr.py) keeps its codes in these planes (bits 2, 3, 4) but its statistics as the

@@ -6,7 +6,9 @@ and per (tile, group) 16 fp16/bf16 scales and 16 u8 zero points. Grid formats (f
 keep their 4-bit codes and signed scales; a 16-byte table maps each code to its level + GRID_ZERO
 (a u8, as the int8 kernels multiply them) and every zero point is GRID_ZERO, so the kernels' w =
 (levels[q] - z) * s is the grid's L[q] * s. Learned tables (formats/lut.py) take the same path with
-the layer's own table, or with a table per row laid out per tile (`row_tables`, layout.h). SpQR
+the layer's own table, or with a table per row laid out per tile (`row_tables`, layout.h); a 2- or
+3-bit table keeps its codes in the uniform 2- / 3-bit planes and its 4 / 8 levels in the first
+entries of the same 16-byte tables (the rest GRID_ZERO, never indexed). SpQR
 (formats/spqr.py) keeps its codes in the same planes and its statistics as the file quantizes them,
 one 24-byte record per (tile, group) that the kernels decode (layout.h), plus its CSR outliers as
 stored. Repacking is exact: every weight the kernels decode equals the reference dequantization, tested.
@@ -33,7 +35,8 @@ K_ALIGN = 32  # columns are padded to whole activation blocks
 KIND_QUANT, KIND_F16, KIND_F32 = 0, 1, 2
 GRID_ZERO = 128  # grid levels (int8) + GRID_ZERO are u8, the operand vpdpbusd takes unsigned
 KERNEL_FORMATS = (QuantFormat, GridFormat, LutFormat, SpQRFormat)  # the format families with a fast kernel; others run dense
-LEVEL_TYPES = (GridTensor, LutTensor)  # tensors whose codes index a table of 16 int8 levels
+LEVEL_TYPES = (GridTensor, LutTensor)  # tensors whose codes index a table of int8 levels (16, or 4 / 8 learned)
+LEVEL_BITS = (2, 3, 4)  # code widths the kernels look up in a level table (16 bytes, codes 0 .. 2^bits-1)
 SPQR_RECORD = 24  # bytes of one SpQR (tile, group) statistics record: 16 code bytes, 4 fp16 (layout.h)
 # bit planes of a code width, low bits first: (plane width, bit shift)
 PLANES: dict[int, tuple[tuple[int, int], ...]] = {
@@ -95,8 +98,8 @@ class KernelMatrix:
     """One matrix in kernel layout; owns the tensors `TfMat` points into.
 
     codes [Np/16, Kp/4, 8*bits] uint8; scales [Np/16, G, 16] int16 bits of fp16/bf16;
-    zeros [Np/16, G, 16] uint8; levels (grid and learned-table formats: level + GRID_ZERO per code)
-    [16] uint8, or with level_rows a table per row [Np/16, 4, 64] uint8 (`row_tables`), or None;
+    zeros [Np/16, G, 16] uint8; levels (grid and learned-table formats: level + GRID_ZERO per code,
+    padded with GRID_ZERO to 16 entries) [16] uint8, or with level_rows a table per row [Np/16, 4, 64] uint8 (`row_tables`), or None;
     dense [N, K] fp16/fp32 (dense kinds); bias [N] fp32 or None.
     SpQR (scales and zeros None): stats [Np/16, G, 24] uint8 (layout.h); outlier_rowptr [N+1] int32,
     outlier_cols [nnz] int16 (read as u16), outlier_values [nnz] fp16, or all three None.
@@ -135,8 +138,8 @@ class KernelMatrix:
     def struct(self) -> TfMat:
         n, k = self.shape
         table = (-(-n // TILE), 4, 64) if self.level_rows else (16,)
-        assert self.levels is None or (self.bits == 4 and self.levels.dtype == torch.uint8 and self.levels.shape == table), (
-            "a level table needs 4-bit codes and 16 u8 levels, or [Np/16, 4, 64] per row (what the kernels' grid path reads)"
+        assert self.levels is None or (self.bits in LEVEL_BITS and self.levels.dtype == torch.uint8 and self.levels.shape == table), (
+            "a level table needs 2-, 3- or 4-bit codes and 16 u8 levels, or [Np/16, 4, 64] per row (what the kernels' grid path reads)"
         )
         assert not self.level_rows or self.levels is not None, "level_rows needs per-row tables"
         if self.stats is not None:  # SpQR: the record table for every (tile, group), outliers for every row
@@ -209,7 +212,9 @@ def from_quantized(q: QuantizedTensor | GridTensor | LutTensor | SpQRTensor, bia
     scales[:n] = q.scales.to(fmt.scale_torch_dtype)
     levels, level_rows = None, False
     if isinstance(q, LEVEL_TYPES):
-        levels = (q.levels.to(torch.int32) + GRID_ZERO).to(torch.uint8)  # [16] or [N, 16]
+        entries = q.levels.shape[-1]  # 16, or a learned 2- / 3-bit table's 4 / 8
+        levels = torch.full((*q.levels.shape[:-1], 16), GRID_ZERO, dtype=torch.uint8)  # [16] or [N, 16]
+        levels[..., :entries] = (q.levels.to(torch.int32) + GRID_ZERO).to(torch.uint8)
         level_rows = levels.dim() == 2
         if level_rows:
             levels = row_tables(levels)  # [Np/16, 4, 64]

@@ -5,8 +5,9 @@
 // (up to fp32 summation order): the int8 dot products q . xq run on AVX-512 VNNI (vpdpbusd,
 // u8 x s8) and the zero term sum_g s_g z_g xs[m, g] (group_sums) is subtracted after them. Grid
 // formats (layout.h) put each code through their level table first, one vpshufb per chunk, and
-// multiply the u8 levels the same way (GRID: a template flag, the 4-bit kernels only: 1 one table,
-// 2 a table per row, four masked vpshufb per chunk, layout.h). Exact
+// multiply the u8 levels the same way (GRID: a template flag, the 2-, 3- and 4-bit kernels: 1 one
+// table, 2 a table per row, four masked vpshufb per chunk, layout.h; 2- and 3-bit codes are unpacked
+// from their uniform planes to bytes 0..3 / 0..7 first, so the lookup replaces the zero point). Exact
 // mode multiplies the same codes by the fp32 x; dense fp16 / fp32 matrices always take the fp32 x.
 // SpQR (layout.h) decodes its per-(tile, group) s and real-valued z from the quantized statistics
 // as a group comes up (SPQR: a template flag; bits 2, 3, 4) and then runs the same int8 dot products
@@ -276,16 +277,21 @@ static void add_outliers(const tf_mat& W, const QAct& a, int n0, int n1, float* 
 // matmul_rows without the outliers: the dense part of every kind, rows [n0, n1) (n0 < n1)
 static void quant_matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
 #if TF_AVX512
-    const int grid = W.kind == TF_QUANT && W.levels != nullptr ? (W.level_rows ? 2 : 1) : 0;  // 4-bit (layout.py)
+    const int grid = W.kind == TF_QUANT && W.levels != nullptr ? (W.level_rows ? 2 : 1) : 0;  // 2, 3 or 4 bits (layout.py)
     const bool spqr = W.kind == TF_QUANT && W.stats != nullptr;  // SpQR: 2, 3 or 4 bits (layout.py)
-    if (a.exact && grid == 1) {
-        quant_rows_exact<4, 1>(W, a, n0, n1, y);
+#define TF_GRID_BITS(CALL, GRID)                   \
+    switch (W.bits) {                              \
+        case 2: CALL(2, GRID) break;               \
+        case 3: CALL(3, GRID) break;               \
+        default: CALL(4, GRID) break;              \
+    }
+#define TF_EXACT_GRID(B, GRID) quant_rows_exact<B, GRID>(W, a, n0, n1, y);
+    if (a.exact && grid) {
+        if (grid == 1) TF_GRID_BITS(TF_EXACT_GRID, 1)
+        else TF_GRID_BITS(TF_EXACT_GRID, 2)
         return;
     }
-    if (a.exact && grid == 2) {
-        quant_rows_exact<4, 2>(W, a, n0, n1, y);
-        return;
-    }
+#undef TF_EXACT_GRID
     if (a.exact && spqr) {
         switch (W.bits) {
             case 2: quant_rows_exact<2, 0, true>(W, a, n0, n1, y); break;
@@ -325,12 +331,10 @@ static void quant_matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, fl
     }
 #define TF_BITS_CASE(B) \
     case B: TF_TOKENS(B, 0, false) break;
-        if (grid == 1) {
-            TF_TOKENS(4, 1, false)
-            continue;
-        }
-        if (grid == 2) {
-            TF_TOKENS(4, 2, false)
+#define TF_GRID_TOKENS(B, GRID) TF_TOKENS(B, GRID, false)
+        if (grid) {
+            if (grid == 1) TF_GRID_BITS(TF_GRID_TOKENS, 1)
+            else TF_GRID_BITS(TF_GRID_TOKENS, 2)
             continue;
         }
         if (spqr) {
@@ -344,8 +348,10 @@ static void quant_matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, fl
         switch (W.bits) {
             TF_BITS_CASE(2) TF_BITS_CASE(3) TF_BITS_CASE(4) TF_BITS_CASE(5) TF_BITS_CASE(6) TF_BITS_CASE(8)
         }
+#undef TF_GRID_TOKENS
 #undef TF_BITS_CASE
 #undef TF_TOKENS
+#undef TF_GRID_BITS
     }
 #else
     if (W.kind != TF_QUANT || a.exact) dense_rows_scalar(W, a, 0, a.M, n0, n1, y);
