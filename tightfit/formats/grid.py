@@ -39,7 +39,6 @@ from tightfit.formats.table import (
     GroupedFormat,
     LayerBytes,
     check_features,
-    dq_suffix,
     check_group_size,
     check_scale_dtype,
 )
@@ -102,27 +101,16 @@ class GridFormat(GroupedFormat):
 
     @property
     def name(self) -> str:
-        group = "pc" if self.group_size is None else f"g{self.group_size}"
-        return f"{self.grid}{group}" + ("-bf16" if self.scale_dtype == "bf16" else "") + self.dq_name
+        return f"{self.grid}{self.group_name}{self.suffix_name}"
 
     @classmethod
     def parse(cls, text: str) -> GridFormat:
         """Parse a grid format name (case-insensitive, surrounding whitespace ignored)."""
-        if not isinstance(text, str):
-            raise FormatError(f"format must be a string, got {type(text).__name__}; {GRID_GRAMMAR}")
-        m = _NAME_RE.fullmatch(text.strip().lower())
-        if m is None:
-            raise FormatError(f"cannot parse grid format {text!r}: {GRID_GRAMMAR}")
-        dq, scale_dtype = dq_suffix(text, m["suffix"], GRID_GRAMMAR, "grid")
-        try:
-            return cls(grid=m["grid"], group_size=None if m["pc"] else int(m["group"]), scale_dtype=scale_dtype, dq=dq)
-        except FormatError as e:
-            raise FormatError(f"invalid grid format {text!r}: {e}; {GRID_GRAMMAR}") from None
+        return cls.parse_name(text, _NAME_RE, GRID_GRAMMAR, "grid", lambda m: {"grid": m["grid"]})
 
     def nbytes(self, out_features: int, in_features: int) -> LayerBytes:
         """Exact bytes of a packed [out_features, in_features] layer (see module docstring)."""
         check_features("out_features", out_features)
-        g = self.num_groups(in_features)
         n, k = out_features, in_features
         return LayerBytes(codes=packed_nbytes(n * k, GRID_BITS), scales=self.scale_nbytes(n, k), zeros=0)
 

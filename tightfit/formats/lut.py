@@ -44,7 +44,6 @@ from tightfit.formats.table import (
     check_features,
     check_group_size,
     check_scale_dtype,
-    dq_suffix,
 )
 
 LUT_PREFIX = "lut"
@@ -114,24 +113,13 @@ class LutFormat(GroupedFormat):
 
     @property
     def name(self) -> str:
-        group = "pc" if self.group_size is None else f"g{self.group_size}"
-        return (f"{LUT_PREFIX}{self.bits}{group}" + ("-row" if self.per_row else "")
-                + ("-bf16" if self.scale_dtype == "bf16" else "") + self.dq_name)
+        return f"{LUT_PREFIX}{self.bits}{self.group_name}{'-row' if self.per_row else ''}{self.suffix_name}"
 
     @classmethod
     def parse(cls, text: str) -> LutFormat:
         """Parse a learned-table format name (case-insensitive, surrounding whitespace ignored)."""
-        if not isinstance(text, str):
-            raise FormatError(f"format must be a string, got {type(text).__name__}; {LUT_GRAMMAR}")
-        m = _NAME_RE.fullmatch(text.strip().lower())
-        if m is None:
-            raise FormatError(f"cannot parse learned-table format {text!r}: {LUT_GRAMMAR}")
-        dq, scale_dtype = dq_suffix(text, m["suffix"], LUT_GRAMMAR, "learned-table")
-        try:
-            return cls(group_size=None if m["pc"] else int(m["group"]), per_row=m["row"] is not None,
-                       scale_dtype=scale_dtype, dq=dq, bits=int(m["bits"]))
-        except FormatError as e:
-            raise FormatError(f"invalid learned-table format {text!r}: {e}; {LUT_GRAMMAR}") from None
+        return cls.parse_name(text, _NAME_RE, LUT_GRAMMAR, "learned-table",
+                              lambda m: {"per_row": m["row"] is not None, "bits": int(m["bits"])})
 
     def table_rows(self, out_features: int) -> int:
         """Tables a [out_features, K] layer holds: 1, or one per row."""

@@ -30,7 +30,7 @@ import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -90,7 +90,7 @@ DQ = DoubleQuant()
 DQ_SUFFIX = "-dq"
 
 
-def dq_suffix(text: str, suffix: str | None, grammar: str, family: str = "quantization") -> tuple[bool, str]:
+def dq_suffix(text: str, suffix: str | None, grammar: str, family: str) -> tuple[bool, str]:
     """(dq, scale dtype) of a name's trailing `-bf16` / `-dq` suffixes; refuses both or repeats."""
     parts = [] if not suffix else suffix.strip("-").split("-")
     if len(parts) != len(set(parts)):
@@ -189,6 +189,34 @@ class GroupedFormat:
         """The name's dq suffix: `-dq` or empty."""
         return DQ_SUFFIX if self.dq else ""
 
+    @property
+    def group_name(self) -> str:
+        """The name's group part: `g{group_size}`, or `pc` per channel."""
+        return "pc" if self.group_size is None else f"g{self.group_size}"
+
+    @property
+    def suffix_name(self) -> str:
+        """The name's trailing suffix: `-bf16`, `-dq` (never both) or empty."""
+        return ("" if self.scale_dtype == _DEFAULT_SCALE_DTYPE else f"-{self.scale_dtype}") + self.dq_name
+
+    @classmethod
+    def parse_name(cls, text: object, pattern: re.Pattern, grammar: str, family: str,
+                   fields: Callable[[re.Match], dict[str, Any]]):
+        """A family's name (case-insensitive, surrounding whitespace ignored) matched by `pattern`,
+        whose groups `group` / `pc` and `suffix` are read here and the family's own by
+        fields(match) -> its other constructor keywords; refuses anything else with one FormatError
+        naming the family and its grammar."""
+        if not isinstance(text, str):
+            raise FormatError(f"format must be a string, got {type(text).__name__}; {grammar}")
+        m = pattern.fullmatch(text.strip().lower())
+        if m is None:
+            raise FormatError(f"cannot parse {family} format {text!r}: {grammar}")
+        dq, scale_dtype = dq_suffix(text, m["suffix"], grammar, family)
+        try:
+            return cls(group_size=None if m["pc"] else int(m["group"]), scale_dtype=scale_dtype, dq=dq, **fields(m))
+        except FormatError as e:
+            raise FormatError(f"invalid {family} format {text!r}: {e}; {grammar}") from None
+
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         """Bits the packed layer holds per weight, overheads included."""
         return self.nbytes(out_features, in_features).total * 8 / (out_features * in_features)
@@ -265,30 +293,13 @@ class QuantFormat(GroupedFormat):
     @property
     def name(self) -> str:
         """Canonical name, e.g. `w4g128`, `w3g64-sym`, `w8pc-bf16`, `w3g16-dq`; `QuantFormat.parse(f.name) == f`."""
-        group = "pc" if self.group_size is None else f"g{self.group_size}"
-        sym = "-sym" if self.symmetric else ""
-        dtype = "" if self.scale_dtype == _DEFAULT_SCALE_DTYPE else f"-{self.scale_dtype}"
-        return f"w{self.bits}{group}{sym}{dtype}{self.dq_name}"
+        return f"w{self.bits}{self.group_name}{'-sym' if self.symmetric else ''}{self.suffix_name}"
 
     @classmethod
     def parse(cls, text: str) -> QuantFormat:
         """Parse a format name (case-insensitive, surrounding whitespace ignored)."""
-        if not isinstance(text, str):
-            raise FormatError(f"format must be a string, got {type(text).__name__}; {GRAMMAR}")
-        m = _NAME_RE.fullmatch(text.strip().lower())
-        if m is None:
-            raise FormatError(f"cannot parse quantization format {text!r}: {GRAMMAR}")
-        dq, scale_dtype = dq_suffix(text, m["suffix"], GRAMMAR)
-        try:
-            return cls(
-                bits=int(m["bits"]),
-                group_size=None if m["pc"] else int(m["group"]),
-                symmetric=m["sym"] is not None,
-                scale_dtype=scale_dtype,
-                dq=dq,
-            )
-        except FormatError as e:
-            raise FormatError(f"invalid quantization format {text!r}: {e}; {GRAMMAR}") from None
+        return cls.parse_name(text, _NAME_RE, GRAMMAR, "quantization",
+                              lambda m: {"bits": int(m["bits"]), "symmetric": m["sym"] is not None})
 
     # ---- bytes -------------------------------------------------------------------------------
 
