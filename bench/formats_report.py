@@ -120,6 +120,11 @@ def chosen(entries: list[Entry], peer: str, t: float, at_most: float = math.inf)
     return min(pool, key=selection_kl, default=None)
 
 
+def preset_entry(entries: list[Entry], peer: str, name: str) -> Entry | None:
+    """`peer`'s scored entry called `name`, unless it lies on the source's grid."""
+    return next((e for e in scored(entries) if e.peer == peer and e.name == name and not e.source_grid), None)
+
+
 def brief(e: Entry | None) -> dict | None:
     return e and {"name": e.name, "bits_per_weight": e.bits_per_weight, "kl": e.kl}
 
@@ -143,7 +148,7 @@ def preset_rows(entries: list[Entry], presets, rival_peer: str = RIVAL_PEER) -> 
     (up to NO_MORE_BITS more) with the lowest held-back KL, and whether its KL is lower."""
     out = []
     for name in presets:
-        rv = next((e for e in scored(entries) if e.peer == rival_peer and e.name == name and not e.source_grid), None)
+        rv = preset_entry(entries, rival_peer, name)
         pool = [] if rv is None else [e for e in scored(entries) if e.peer == "tightfit" and not e.source_grid
                                       and e.bits_per_weight <= rv.bits_per_weight + NO_MORE_BITS]
         tf = min(pool, key=selection_kl, default=None)
@@ -155,7 +160,7 @@ def target_rows(entries: list[Entry], targets=TARGETS, rival_peer: str = RIVAL_P
     """The issue's targets: met True / False, None (n/a) without a rival or a tightfit entry."""
     out = []
     for target in targets:
-        rv = next((e for e in scored(entries) if e.peer == rival_peer and e.name == target.rival and not e.source_grid), None)
+        rv = preset_entry(entries, rival_peer, target.rival)
         at_most = math.inf if rv is None else rv.bits_per_weight + NO_MORE_BITS
         tf = chosen(entries, "tightfit", target.bpw, at_most)
         below = [] if rv is None else sorted(e.name for e in scored(entries) if e.peer == "tightfit" and not e.source_grid
