@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,18 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path.write_text(markdown)
     return json_path, md_path
+
+
+def rewrite_results(name: str, notes: list[str], markdown: Callable[[dict], str], script: str) -> tuple[Path, Path]:
+    """A script's --report-only: bench/results/NAME.md rendered again from NAME.json by `markdown`,
+    measuring nothing; the notes given (caveats) replace the stored ones, none given keeps them."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"{script}: --report-only: no results file {path}")
+    payload = json.loads(path.read_text())
+    if notes:
+        payload["notes"] = notes
+    return write_results(name, payload, markdown(payload))
 
 
 # ---- what every quality table says about how it was measured ------------------------------------

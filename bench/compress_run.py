@@ -106,13 +106,7 @@ def report_only(name: str, notes: list[str]) -> tuple[Path, Path]:
     """Re-render compress_NAME.md from compress_NAME.json; notes given replace the stored ones."""
     import common
 
-    path = common.RESULTS / f"compress_{name}.json"
-    if not path.is_file():
-        raise SystemExit(f"compress_run.py: --report-only: no results file {path}")
-    payload = json.loads(path.read_text())
-    if notes:
-        payload["notes"] = notes
-    return write_results(f"compress_{name}", payload, markdown(name, payload))
+    return common.rewrite_results(f"compress_{name}", notes, lambda payload: markdown(name, payload), "compress_run.py")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 every size counted from the whole file.
 
     .venv/bin/python bench/planner.py [--windows 64] [--budgets 2.5,3.0,3.5,4.0] [--sensitivity fisher,measured]
+    .venv/bin/python bench/planner.py --report-only [--note TEXT ...]   # planner.md again from planner.json
 
 Plans are made as `tightfit compress MODEL --bpw B --sensitivity S` makes them (`make_plan`, one
 per budget and sensitivity method): the linear layers (among `--candidates`, by default the
@@ -42,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ENGINE_COLUMNS, RIVAL_WINDOW, machine_info, machine_line, protocol_line, quantize_and_evaluate, rival_window_text, rivals,
-    score_columns, score_json, verdict_cell, windows_help, write_results,
+    rewrite_results, score_columns, score_json, verdict_cell, windows_help, write_results,
 )
 
 from tightfit.artifacts import Choice, QuantizeConfig, config_to_json, format_or_none, parse_choice  # noqa: E402
@@ -85,7 +86,7 @@ def scratch_work(work: Path):
         yield Path(tmp)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--windows", type=int, default=EvalConfig.n_windows, help=windows_help())
@@ -108,7 +109,12 @@ def main() -> None:
                     help="bench/peers.py JSON of the same bigger model on the same windows: the plans' rivals")
     ap.add_argument("--note", action="append", default=[], help="a caveat printed under the tables (e.g. that the "
                     "machine was shared during the run, so the seconds are high)")
-    args = ap.parse_args()
+    ap.add_argument("--report-only", action="store_true", help="measure nothing: planner.md again from planner.json, "
+                    "with the --note caveats given (they replace the stored ones; none given keeps them)")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        print("written:", *rewrite_results("planner", args.note, markdown, "planner.py"))
+        return
     t0 = time.perf_counter()
     methods = [m.strip() for m in args.sensitivity.split(",") if m.strip()]
     rescore = {m.strip() for m in args.rescore.split(",") if m.strip()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -122,25 +123,31 @@ def test_source_grids_come_from_the_model_file(tiny_model_dir):
     assert source_grid.recorded_grids({"model": "smollm2-135m"}) == source_grid.grids_json(grids)
 
 
-def test_planner_verdict_without_rival_is_na():
-    """Sizes are the whole file's (model_bits_per_weight) by default, the linear layers' in the fp16 protocol."""
+def _planner_payload() -> dict:
+    """A planner.json payload of two fisher plans and two uniform rivals."""
     rows = [_row("plan 2.5 fisher", 2.5, 1.4, 0.9), _row("w2g32", 2.56, 2.3, 0), _row("plan 3.5 fisher", 3.5, 0.37, 0.3),
             _row("w4g128", 4.17, 0.22, 0)]
+    for r in rows[::2]:
+        r.update(predicted_loss=1.0, embeddings="w3g64", mix={"w2g64": 3})
+    return {"model": "m", "machine": MACHINE, "candidates": ["w2g64"], "embed_candidates": ["fp16", "w3g64"],
+            "methods": {"fisher": {"tokens": 4088, "seconds": 84.0, "scored": "scored"},
+                        "measured": {"tokens": 511, "seconds": 12.0, "scored": "lent"}},
+            "evaluation": config_to_json(EvalConfig()), "n_tokens": 32704, "original_ppl": 15.0, "wall_s": 60.0,
+            "rows": rows, "budgets": planner.verdicts(rows, [2.5, 3.5]),
+            "rank_agreement_spearman": {"proxy": {"w2g64": 0.1}, "fisher": {"w2g64": 0.8}}, "heldback_windows": 4,
+            "embedding_layers": ["model.embed_tokens"],
+            "embedding_damages": {"model.embed_tokens": {"fisher": {"fp16": 0.0, "w3g64": 0.3},
+                                                         "measured": {"fp16": 0.0, "w3g64": 0.25}}}}
+
+
+def test_planner_verdict_without_rival_is_na():
+    """Sizes are the whole file's (model_bits_per_weight) by default, the linear layers' in the fp16 protocol."""
+    payload = _planner_payload()
+    rows = payload["rows"]
     for size_key in ("model_bits_per_weight", "bits_per_weight"):
         v = {x["plan"]: x for x in planner.verdicts(rows, [2.5, 3.5], size_key)}
         assert v["plan 2.5 fisher"]["plan_wins"] is True and v["plan 2.5 fisher"]["best_uniform"] == "w2g32"
         assert v["plan 3.5 fisher"]["plan_wins"] is None
-    payload = {"model": "m", "machine": MACHINE, "candidates": ["w2g64"], "embed_candidates": ["fp16", "w3g64"],
-               "methods": {"fisher": {"tokens": 4088, "seconds": 84.0, "scored": "scored"},
-                           "measured": {"tokens": 511, "seconds": 12.0, "scored": "lent"}},
-               "evaluation": config_to_json(EvalConfig()), "n_tokens": 32704, "original_ppl": 15.0, "wall_s": 60.0,
-               "rows": rows, "budgets": planner.verdicts(rows, [2.5, 3.5]),
-               "rank_agreement_spearman": {"proxy": {"w2g64": 0.1}, "fisher": {"w2g64": 0.8}}, "heldback_windows": 4,
-               "embedding_layers": ["model.embed_tokens"],
-               "embedding_damages": {"model.embed_tokens": {"fisher": {"fp16": 0.0, "w3g64": 0.3},
-                                                            "measured": {"fp16": 0.0, "w3g64": 0.25}}}}
-    for r in rows[::2]:
-        r.update(predicted_loss=1.0, embeddings="w3g64", mix={"w2g64": 3})
     md = planner.markdown(payload)
     assert "| 3.5 | plan 3.5 fisher | 5.500 | 0.3700 | - | - | - | n/a |" in md and "Machine: Test CPU" in md
     assert "on 4088 tokens, scored in this run in 84 s" in md and "(the embeddings, when planned) scored in this run in 12 s" in md
@@ -156,10 +163,26 @@ def test_planner_verdict_without_rival_is_na():
     assert "| 2.5 | 1.2500 | 1.4000 | 1.120 |" in md and "| 3.5 | 0.4000 | 0.3700 | 0.925 |" in md
 
 
+def test_planner_report_only_renders_its_json_with_the_notes_given(tmp_path, monkeypatch):
+    """--report-only measures nothing: planner.md is planner.json rendered, the caveats given stored and
+    printed (replacing the stored ones; none given keeps them); no JSON, a one-line exit."""
+    payload = _planner_payload()
+    md = planner.markdown(payload)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    (tmp_path / "planner.json").write_text(json.dumps(payload, indent=2) + "\n")
+    planner.main(["--report-only", "--note", "shared machine"])
+    assert json.loads((tmp_path / "planner.json").read_text()) == {**payload, "notes": ["shared machine"]}
+    assert (tmp_path / "planner.md").read_text() == md + "\n## Caveats\n\n- shared machine\n"
+    planner.main(["--report-only"])
+    assert (tmp_path / "planner.md").read_text().endswith("- shared machine\n")
+    (tmp_path / "planner.json").unlink()
+    with pytest.raises(SystemExit, match="planner.py: --report-only: no results file"):
+        planner.main(["--report-only"])
+
+
 def test_planner_scale_section_sets_plans_against_presets_of_their_size(tmp_path):
     """The bigger model's plans (compress-run JSONs) meet llama.cpp's presets in the rival window; a
     preset on the source's own grid is no rival; other windows than the plans' are refused."""
-    import json
 
     runs = []
     for bpw, kl in ((3.0, 0.49), (4.0, 0.054)):
@@ -396,7 +419,6 @@ def _compress_payload() -> dict:
 
 
 def test_compress_run_notes_are_printed_under_the_table(monkeypatch, tmp_path):
-    import json
 
     payload = _compress_payload()
     md = compress_run.markdown("big", payload)
@@ -423,7 +445,6 @@ def test_compress_run_notes_are_printed_under_the_table(monkeypatch, tmp_path):
 
 def test_compress_run_results_are_what_their_json_renders():
     """No hand-edited compress run: each committed Markdown file is its JSON rendered by the script."""
-    import json
 
     results = sorted(common.RESULTS.glob("compress_*.json"))
     assert results
@@ -554,7 +575,6 @@ def test_formats_report_targets_classes_and_source_grid(tmp_path, monkeypatch):
 
 
 def test_formats_big_section_renders_from_a_peers_files_run(tmp_path):
-    import json
 
     import formats
     import formats_report
