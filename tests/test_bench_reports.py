@@ -21,10 +21,10 @@ sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 import compress_run  # noqa: E402
 import peers_report  # noqa: E402
-import planner  # noqa: E402
 import quality  # noqa: E402
 import source_grid  # noqa: E402
 import spqr  # noqa: E402
+from bench_rows import MACHINE, Q4_1, _entry, _row  # noqa: E402
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
@@ -32,15 +32,6 @@ from tightfit.formats.registry import parse_format  # noqa: E402
 from tightfit.model import load_model  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 
-Q4_1 = source_grid.SourceGrid("Q4_1", 4, 32, True, 210)  # the default model's grid
-MACHINE = {"cpu": "Test CPU", "l3": "32 MiB", "isa": ["avx2"], "cores": 2, "torch_threads": 2, "torch": "2.x",
-           "tightfit": "0.0", "python": "3.11", "date": "2026-01-01T00:00:00+00:00"}
-
-
-def _row(name: str, bpw: float, kl: float, kl_held_back: float, family: str = "uniform") -> dict:
-    return {"format": name, "name": name, "family": family, "bits_per_weight": bpw, "model_bits_per_weight": bpw + 2,
-            "file_bytes": 1, "ppl": 20.0, "kl": kl, "top1": 0.7, "kl_fp32": kl * 0.99, "ppl_fp32": 20.0, "top1_fp32": 0.7,
-            "kl_held_back": kl_held_back, "engine_dense_layers": 0, "quantize_seconds": 1.0, "outlier_share": {}}
 
 
 def test_machine_line_names_cpu_l3_and_threads():
@@ -123,103 +114,6 @@ def test_source_grids_come_from_the_model_file(tiny_model_dir):
     assert source_grid.recorded_grids({"model": "smollm2-135m"}) == source_grid.grids_json(grids)
 
 
-def _planner_payload() -> dict:
-    """A planner.json payload of two fisher plans and two uniform rivals."""
-    rows = [_row("plan 2.5 fisher", 2.5, 1.4, 0.9), _row("w2g32", 2.56, 2.3, 0), _row("plan 3.5 fisher", 3.5, 0.37, 0.3),
-            _row("w4g128", 4.17, 0.22, 0)]
-    for r in rows[::2]:
-        r.update(predicted_loss=1.0, embeddings="w3g64", mix={"w2g64": 3})
-    return {"model": "m", "machine": MACHINE, "candidates": ["w2g64"], "embed_candidates": ["fp16", "w3g64"],
-            "methods": {"fisher": {"tokens": 4088, "seconds": 84.0, "scored": "scored"},
-                        "measured": {"tokens": 511, "seconds": 12.0, "scored": "lent"}},
-            "evaluation": config_to_json(EvalConfig()), "n_tokens": 32704, "original_ppl": 15.0, "wall_s": 60.0,
-            "rows": rows, "budgets": planner.verdicts(rows, [2.5, 3.5]),
-            "rank_agreement_spearman": {"proxy": {"w2g64": 0.1}, "fisher": {"w2g64": 0.8}}, "heldback_windows": 4,
-            "embedding_layers": ["model.embed_tokens"],
-            "embedding_damages": {"model.embed_tokens": {"fisher": {"fp16": 0.0, "w3g64": 0.3},
-                                                         "measured": {"fp16": 0.0, "w3g64": 0.25}}}}
-
-
-def test_planner_verdict_without_rival_is_na():
-    """Sizes are the whole file's (model_bits_per_weight) by default, the linear layers' in the fp16 protocol."""
-    payload = _planner_payload()
-    rows = payload["rows"]
-    for size_key in ("model_bits_per_weight", "bits_per_weight"):
-        v = {x["plan"]: x for x in planner.verdicts(rows, [2.5, 3.5], size_key)}
-        assert v["plan 2.5 fisher"]["plan_wins"] is True and v["plan 2.5 fisher"]["best_uniform"] == "w2g32"
-        assert v["plan 3.5 fisher"]["plan_wins"] is None
-    md = planner.markdown(payload)
-    assert "| 3.5 | plan 3.5 fisher | 5.500 | 0.3700 | - | - | - | n/a |" in md and "Machine: Test CPU" in md
-    assert "on 4088 tokens, scored in this run in 84 s" in md and "(the embeddings, when planned) scored in this run in 12 s" in md
-    assert "fisher vs measured KL increase, Spearman rank correlation across the linear layers: w2g64 0.80" in md
-    assert "| plan 2.5 fisher | 4.500 |" in md and "| w3g64 | w2g64 x3 |" in md and "| plan 2.5 fisher | 1.0000 | 0.9000 |" in md
-    assert "tied to the head: one layer" in md and "| w3g64 | 0.3000 | 0.2500 |" in md
-    assert "embedding candidates fp16, w3g64" in md
-    rows += [_row("plan 2.5 measured", 2.5, 1.25, 0.9), _row("plan 3.5 measured", 3.5, 0.40, 0.3)]
-    payload.update(rows=rows, budgets=planner.verdicts(rows, [2.5, 3.5]))
-    for r in rows[-2:]:
-        r.update(predicted_loss=1.0, embeddings="w3g64", mix={"w2g64": 3})
-    md = planner.markdown(payload)
-    assert "| 2.5 | 1.2500 | 1.4000 | 1.120 |" in md and "| 3.5 | 0.4000 | 0.3700 | 0.925 |" in md
-
-
-def test_planner_report_only_renders_its_json_with_the_notes_given(tmp_path, monkeypatch):
-    """--report-only measures nothing: planner.md is planner.json rendered, the caveats given stored and
-    printed (replacing the stored ones; none given keeps them); no JSON, a one-line exit."""
-    payload = _planner_payload()
-    md = planner.markdown(payload)
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
-    (tmp_path / "planner.json").write_text(json.dumps(payload, indent=2) + "\n")
-    planner.main(["--report-only", "--note", "shared machine"])
-    assert json.loads((tmp_path / "planner.json").read_text()) == {**payload, "notes": ["shared machine"]}
-    assert (tmp_path / "planner.md").read_text() == md + "\n## Caveats\n\n- shared machine\n"
-    planner.main(["--report-only"])
-    assert (tmp_path / "planner.md").read_text().endswith("- shared machine\n")
-    (tmp_path / "planner.json").unlink()
-    with pytest.raises(SystemExit, match="planner.py: --report-only: no results file"):
-        planner.main(["--report-only"])
-
-
-def test_planner_scale_section_sets_plans_against_presets_of_their_size(tmp_path):
-    """The bigger model's plans (compress-run JSONs) meet llama.cpp's presets in the rival window; a
-    preset on the source's own grid is no rival; other windows than the plans' are refused."""
-
-    runs = []
-    for bpw, kl in ((3.0, 0.49), (4.0, 0.054)):
-        path = tmp_path / f"compress_big-bpw{bpw}.json"
-        path.write_text(json.dumps({"command": f"tightfit compress big --bpw {bpw}", "machine": {"date": "2026-11-26T00:00"},
-                                    "wall_seconds": 600.0, "report": {
-                                        "evaluation": {"kl": kl, "top1": 0.7, "ppl": 12.0, "n_tokens": 8176},
-                                        "summary": {"model_bits_per_weight": bpw + 0.003}}}))
-        runs.append(path)
-    entry = {"top1": 0.8, "ppl": 11.0, "source_grid": False}
-    peers = {"model": "big", "evaluation": config_to_json(EvalConfig(n_windows=16)), "n_tokens": 8176, "original_ppl": 10.0,
-             "entries": [{"peer": "tightfit", "name": "x", "bits_per_weight": 4.1, "kl": 0.01, **entry},
-                         {"peer": "llama.cpp+imatrix", "name": "Q3_K_M", "bits_per_weight": 4.135, "kl": 0.069, **entry},
-                         {**entry, "peer": "llama.cpp", "name": "Q4_0", "bits_per_weight": 4.2, "kl": 0.01, "source_grid": True},
-                         {"peer": "llama.cpp", "name": "IQ3_XXS", "bits_per_weight": 3.4, "kl": float("nan"), **entry}]}
-    peers_path = tmp_path / "peers_big.json"
-    peers_path.write_text(json.dumps(peers))
-    scale = planner.scale_section(runs, peers_path)
-    by_name = {p["name"]: p for p in scale["plans"]}
-    assert by_name["big-bpw3.0"]["plan_wins"] is None  # nothing in [3.003, 3.353]: IQ3_XXS has no KL
-    assert by_name["big-bpw4.0"]["best_rival"] == "llama.cpp+imatrix Q3_K_M" and by_name["big-bpw4.0"]["plan_wins"] is True
-    md = "\n".join(planner.scale_markdown(scale))
-    assert "| big-bpw3.0 | 3.003 | 0.4900 | - | - | - | n/a |" in md and "Q4_0" not in md
-    peers["n_tokens"] = 4088
-    peers_path.write_text(json.dumps(peers))
-    with pytest.raises(SystemExit, match="not the same windows"):
-        planner.scale_section(runs, peers_path)
-
-
-def test_planner_rival_embeddings_are_no_smaller_than_the_format():
-    shape, embed = (49152, 576), ("fp16", "w4g32-sym", "w3g128", "w3g64", "w2g64")
-    assert planner.rival_embeddings(parse_format("w3g64"), embed, shape) == parse_format("w3g64")
-    assert planner.rival_embeddings(parse_format("w4g128"), embed, shape) == parse_format("w4g32-sym")
-    assert planner.rival_embeddings(parse_format("w2g32"), embed, shape) == parse_format("w3g128")
-    assert planner.rival_embeddings(parse_format("w4g128"), ("fp16",), shape).name == "fp16"
-
-
 def test_quality_markdown_has_both_kl_columns():
     rows = [{**_row("w3g64", 3.3, 0.6, 0), "method": "gptq"}]
     payload = {"model": "m", "machine": MACHINE, "calibration": config_to_json(CalibrationConfig()),
@@ -229,11 +123,6 @@ def test_quality_markdown_has_both_kl_columns():
     assert "Source grid: The source is" in md and "None of the formats here can hold it" in md
     assert "| w3g64 | gptq | 3.300 | 5.300 | 20.000 | 0.6000 | 0.5940 | 0.700 | 1 |" in md
     assert "fewer than the protocol's 64" in md
-
-
-def _entry(peer, name, bpw, kl, held_back=None, types=None):
-    return peers_report.Entry(peer, name, bpw, 1.0, ppl=20.0, kl=kl, top1=0.7, kl_held_back=kl if held_back is None else held_back,
-                              types=types or {})
 
 
 def test_peers_verdicts_band_choice_and_source_grid():
@@ -478,162 +367,3 @@ def test_kill_resume_report_says_when_a_rerun_differs():
     assert "kill and resume: 2 trials, 1 of 2 reruns byte-identical" in md
     assert "- All reruns byte-identical to the uninterrupted run: no." in md and "Caveats" not in md
     assert "  - trial 1: a kill in pack left a partial packed folder\n  - trial 1: the rerun after a kill in pack wrote other bytes" in md
-
-
-# ---- bench/formats.py: every format family at the target bits/weight ---------------------------------
-
-SMOLLM_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # one block's 7 linears
-
-
-def test_formats_families_come_from_the_registry_and_skip_the_source_grid():
-    import formats_report
-
-    from tightfit.formats.registry import TENSOR_TYPES, every_format
-
-    assert {type(f) for f in every_format()} == set(TENSOR_TYPES)  # a family with a tensor type lists its members
-    assert [formats_report.family(n) for n in ("w3g64", "w4g32-sym", "w3pc", "nl4g32", "lut4g64-row", "spqr-w3g16-s3-o0.5",
-                                                "plan 3.5")] == \
-        ["w{b}g{g}", "w{b}g{g}-sym", "w{b}g{g}", "nl4g{g}", "lut4g{g}-row", "spqr-w{b}g{g}-s3-o{o}", "plan"]
-    members = formats_report.choose_members(every_format(), SMOLLM_SHAPES, (Q4_1,))
-    at = {(m.family, m.target): m for m in members}
-    assert {"w{b}g{g}", "w{b}g{g}-sym", "nl4g{g}", "nf4g{g}", "lut4g{g}", "lut4g{g}-row", "spqr-w{b}g{g}-s3-o{o}"} <= {m.family for m in members}
-    # the nearest asymmetric 4-bit format to 4.5 is w4g32, on the source's Q4_1 grid: named, not chosen
-    assert at["w{b}g{g}", 4.5].name == "w4g64" and at["w{b}g{g}", 4.5].shadowed == "w4g32"
-    assert at["w{b}g{g}-sym", 3.5].name == "w3g32-sym" and at["w{b}g{g}-sym", 3.5].bpw == pytest.approx(3.5)
-    assert ("nl4g{g}", 3.0) not in at and at["nl4g{g}", 4.5].name == "nl4g32"  # 4-bit tables only: nothing near 3.0
-    assert not any(m.name.endswith(("pc", "pc-sym", "-bf16")) for m in members)  # per channel and bf16 scales left out
-    names = formats_report.recipes(members)
-    assert "w4g32" not in names and "spqr-w4g32-s3-o0.5" not in names and len(names) == len(set(names))
-    assert "w4g32" in formats_report.recipes(members, with_source_grid=True)
-    only = formats_report.choose_members(every_format(), SMOLLM_SHAPES, (), families={"w{b}g{g}"}, per_channel=True)
-    assert {m.family for m in only} == {"w{b}g{g}"} and any(m.name.endswith("pc") for m in only)
-    assert {m.target: m.name for m in only}[4.5] == "w4g32"  # a float source: no grid to skip
-
-
-def _formats_payload(entries):
-    import formats_report
-
-    peers_report.mark_source_grid(entries, (Q4_1,))
-    members = [formats_report.Member("w{b}g{g}", 4.5, "w4g64", 4.31, "w4g32"), formats_report.Member("w{b}g{g}", 3.5, "w3g32", 3.59),
-               formats_report.Member("nl4g{g}", 4.5, "nl4g32", 4.5), formats_report.Member("w{b}g{g}", 2.5, "w2g32", 2.56)]
-    payload = {"model": "m", "machine": MACHINE, "threads": 2, "calibration": config_to_json(CalibrationConfig()),
-               "evaluation": config_to_json(EvalConfig()), "held_back_windows": 8, "source_grids": source_grid.grids_json((Q4_1,)),
-               "n_tokens": 32704, "original_ppl": 15.0, "llama_cpp_version": "0.3", "wall_s": 600.0,
-               "engine_floors": {"llama.cpp": {"kl": 1e-5, "ppl": 15.0, "top1": 1.0}}, "members": [m.__dict__ for m in members],
-               "entries": [e.to_json() for e in entries], "big": None}
-    payload.update(formats_report.verdicts(payload, entries))
-    return payload
-
-
-def test_formats_report_targets_classes_and_source_grid(tmp_path, monkeypatch):
-    import formats
-    import formats_report
-
-    entries = [
-        _entry("tightfit", "w4g64", 4.31, 0.15, held_back=0.16),
-        _entry("tightfit", "nl4g32", 4.50, 0.10, held_back=0.12),  # chosen at 4.5 (lowest held-back KL), below IQ4_NL
-        _entry("tightfit", "w4g32", 4.625, 0.01),  # on the source's grid: lowest KL of all, in no verdict
-        _entry("tightfit", "w3g32", 3.59, 0.53),
-        _entry("tightfit", "w2g32", 2.56, 2.3),  # no llama.cpp entry in its class: n/a
-        _entry("llama.cpp+imatrix", "IQ4_NL", 4.50, 0.11),
-        _entry("llama.cpp+imatrix", "IQ3_XXS", 4.14, 0.24, types={"IQ4_NL": 180, "IQ3_XXS": 30}),
-        _entry("llama.cpp+imatrix", "Q2_K", math.nan, math.nan),  # failed
-    ]
-    payload = _formats_payload(entries)
-    targets = {t["bpw"]: t for t in payload["targets"]}
-    assert targets[4.5]["met"] is True and targets[4.5]["tightfit"]["name"] == "nl4g32"
-    assert targets[3.5]["met"] is False and targets[3.5]["rival"]["kl"] == 0.24
-    classes = {c["target"]: c for c in payload["classes"]}
-    assert classes[2.5]["tightfit_wins"] is None and classes[2.5]["rival"] is None
-    assert classes[4.0]["tightfit"] is None and classes[4.0]["rival"]["name"] == "IQ3_XXS"
-    assert classes[4.5]["tightfit"]["name"] == "nl4g32" and classes[4.5]["tightfit_wins"] is True
-    assert all(c["tightfit"] is None or c["tightfit"]["name"] != "w4g32" for c in payload["classes"])
-    presets = {p["preset"]: p for p in payload["presets"]}
-    assert presets["IQ3_XXS"]["tightfit"]["name"] == "w3g32" and presets["IQ3_XXS"]["tightfit_wins"] is False  # w4g64: 4.31 > 4.14
-    assert presets["IQ4_NL"]["tightfit"]["name"] == "nl4g32" and presets["Q2_K"]["tightfit_wins"] is None
-    md = formats_report.markdown(payload, entries)
-    assert "Machine: Test CPU, L3 32 MiB, 2 threads" in md and "Windows used: 64 x 512 evaluation windows; 8 held-back" in md
-    assert "| w{b}g{g} | w2g32 2.3000 (2.56) | - | w3g32 0.5300 (3.59) | - | w4g64 0.1500 (4.31); w4g32 on the source's grid: " \
-           "0.0100, no evidence |" in md
-    assert "| nl4g{g} | - | - | - | - | nl4g32 0.1000 (4.50) |" in md
-    assert "below llama.cpp+imatrix IQ4_NL (0.1100 at 4.50 bpw): **met**: tightfit nl4g32" in md
-    assert "below llama.cpp+imatrix IQ3_XXS (0.2400 at 4.14 bpw): **not met**: tightfit w3g32" in md
-    assert "| 2.5 | 2.25-2.75 | w2g32 2.3000 (2.56) | - | n/a |" in md
-    assert "Source grid: The source is a dequantized GGUF file" in md and "w4g32 can hold it" in md
-    assert "llama.cpp+imatrix IQ3_XXS 180 of 210 tensors" in md and "No bench/peers_files.py results given" in md
-    assert "Wall time 10.0 min." in md and "were scored by an earlier" in formats_report.markdown({**payload, "resumed_entries": 3}, entries)
-    # no IQ4_NL measured: that target is n/a
-    no_rival = _formats_payload([e for e in entries if e.name != "IQ4_NL"])
-    assert {t["bpw"]: t["met"] for t in no_rival["targets"]}[4.5] is None
-    assert "IQ4_NL: **n/a** (IQ4_NL not measured" in formats_report.markdown(no_rival, entries)
-    # --report-only: the same report from the JSON, verdicts recomputed
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
-    monkeypatch.setattr(formats, "RESULTS", tmp_path)
-    common.write_results("formats", {**payload, "targets": [], "classes": []}, "")
-    again = formats.main(["--report-only"])
-    assert again["targets"] == payload["targets"] and (tmp_path / "formats.md").read_text() == md
-
-
-def test_formats_big_section_renders_from_a_peers_files_run(tmp_path):
-
-    import formats
-    import formats_report
-
-    big = {"model": "big", "machine": MACHINE, "evaluation": config_to_json(EvalConfig(n_windows=16)), "n_tokens": 8176,
-           "original_ppl": 10.0, "n_weights": 1.777e9, "source_grids": [],
-           "entries": [_entry("tightfit", "big-bpw3.5", 3.50, 0.14).to_json(), _entry("tightfit", "big-bpw4.5", 4.50, 0.025).to_json(),
-                       _entry("llama.cpp+imatrix", "IQ3_XXS", 3.44, 0.24).to_json(),
-                       _entry("llama.cpp+imatrix", "IQ4_XS", 4.56, 0.028).to_json(),
-                       _entry("llama.cpp+imatrix", "Q4_K_M", 5.0, 0.006).to_json()]}
-    path = tmp_path / "peers_big.json"
-    path.write_text(json.dumps(big))
-    section = formats.read_big(path)
-    assert [p["preset"] for p in section["presets"]] == list(formats_report.BIG_PRESETS)
-    presets = {p["preset"]: p for p in section["presets"]}
-    assert presets["IQ4_XS"]["tightfit_wins"] is True and presets["Q4_K_M"]["tightfit_wins"] is False
-    assert presets["IQ3_XXS"]["tightfit_wins"] is None  # no tightfit file at no more than 3.44 + 0.05 bits/weight
-    assert presets["Q2_K"]["rival"] is None
-    md = "\n".join(formats_report.big_section(section))
-    assert "## The bigger model: big" in md and "| 3.5 | 3.25-3.75 | big-bpw3.5 0.1400 (3.50) | IQ3_XXS 0.2400 (3.44) | yes |" in md
-    assert "fewer than the protocol's 64" in md and "1.777 B parameters" in md and "Source grid" not in md
-    assert formats.read_big(tmp_path / "none.json") is None
-    with pytest.raises(SystemExit, match="is no file"):
-        formats.main(["--report-only", "--big", str(tmp_path / "none.json")])
-    with pytest.raises(SystemExit, match="run bench/formats.py first"):
-        formats.main(["--report-only", "--name", "no-such-run"])
-
-
-def test_formats_measures_through_the_engine_and_resumes(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
-    import formats
-    import formats_report
-    import peers
-
-    from tightfit.evaluate import eval_windows
-    from tightfit.formats.registry import every_format
-    from tightfit.pipeline import linear_layer_shapes
-
-    loaded = load_model(str(tiny_model_dir))
-    calibration, held_back = calibrate_stage.calibrate_with_held_back(
-        loaded.tokenizer, CalibrationConfig(text=str(tiny_text_file), n_samples=4, seq_len=32), 1)
-    hessians = calibrate_stage.collect_hessians(loaded, calibration)
-    scorer = peers.Scorer(loaded.model, eval_windows(loaded.tokenizer, EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32)),
-                          held_back)
-    members = formats_report.choose_members(every_format(), list(linear_layer_shapes(loaded).values()), ())
-    names = [m.name for m in members if m.target == 4.5 and m.family in ("w{b}g{g}-sym", "nl4g{g}")]
-    assert names == ["w4g32-sym", "nl4g32"]
-    progress = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
-    out = tmp_path / "packed"
-    out.mkdir()
-    formats.measure_formats(loaded, calibration, hessians, scorer, names, out, progress)
-    by_name = {e.name: e for e in progress.entries}
-    for name in names:
-        e = by_name[name]
-        assert e.peer == "tightfit" and e.bits_per_weight == pytest.approx(4.5) and 0 < e.kl < 1 and not math.isnan(e.kl_held_back)
-        assert e.note == ""  # both run on the engine's kernels
-    assert list(out.iterdir()) == []  # packed folders deleted once scored
-    # a second run with the same key resumes: nothing is quantized again; another key starts over
-    monkeypatch.setattr(peers, "run_tightfit", lambda *a: pytest.fail("measured again"))
-    again = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
-    formats.measure_formats(loaded, calibration, hessians, scorer, names, out, again)
-    assert [e.kl for e in again.entries] == [e.kl for e in progress.entries]
-    assert formats.Progress(tmp_path / "progress.json", {"model": "other"}).entries == []
