@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                 if method not in tables:
                     tables[method] = report.sensitivity
                     methods_json[method] = {"tokens": report.sensitivity.tokens, "seconds": report.seconds["sensitivity"],
-                                            "scored": report.sensitivity_origin}
+                                            "scored": report.sensitivity_origin,
+                                            "probe": None if report.sensitivity.probe is None else report.sensitivity.probe.text()}
                 plans[f"plan {b} {method}"] = report.plan
                 print(f"budget {b} ({method}): plan {report.plan.bits_per_weight:.3f} bits/weight of its layers", flush=True)
 
@@ -272,7 +273,8 @@ def scored_text(method: str, info: dict) -> str:
 def markdown(payload: dict) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
     whole = payload.get("embeddings", "plan") == "plan"
-    scored = [f"{m} = {METHOD_TEXT[m]}, on {info['tokens']} tokens, {scored_text(m, info)}" for m, info in payload["methods"].items()]
+    scored = [f"{m} = {METHOD_TEXT[m]}, on {info['tokens']} tokens, {scored_text(m, info)}"
+              + (f"; {info['probe']}" if info.get("probe") else "") for m, info in payload["methods"].items()]
     if whole:
         sizes = (f"Plans as `tightfit compress --bpw B` makes them: the linear layers, the embeddings and the head in the "
                  f"plan (embedding candidates {', '.join(payload['embed_candidates'])}; a tied pair is one decision; the "

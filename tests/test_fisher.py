@@ -217,3 +217,48 @@ def test_sampled_rows_estimate_the_sum_over_all_rows_without_bias(monkeypatch):
         assert len(rows) == 64 and len(set(rows.tolist())) == 64
         estimates.append(float((value[rows] * weights).sum()))
     assert sum(estimates) / len(estimates) == pytest.approx(float(value.sum()), rel=0.02)
+
+
+def test_with_held_back_text_the_embeddings_are_measured_and_the_linear_layers_put_on_the_measured_scale(
+        tiny_model_dir, tiny_text_file):
+    loaded = load_model(str(tiny_model_dir))
+    calibration, held_back = _calibration(loaded, tiny_text_file, n=8, seq_len=64)
+    hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=False)
+    fisher = calibrate_stage.collect_fisher(loaded, calibration, progress=False)
+    formats = [parse_format(f) for f in ("w2g32", "w3g64", "w4g64")]
+    plain = measure_sensitivity(loaded, hessians, formats, method="fisher", fisher=fisher, embed_choices=EMBED, progress=False)
+    scaled = measure_sensitivity(loaded, hessians, formats, method="fisher", fisher=fisher, slice_tokens=held_back,
+                                 embed_choices=EMBED, progress=False)
+    meas = measure_sensitivity(loaded, hessians, formats, method="measured", slice_tokens=held_back, embed_choices=EMBED,
+                               progress=False)
+    assert plain.probe is None and meas.probe is None
+    probe = scaled.probe
+    assert probe.format == sensitivity.probe_format(formats).name == "w3g64" and probe.tokens == 2 * 63
+    linear = list(scaled.proxy)
+    assert probe.predicted == pytest.approx(sum(plain.damages[l]["w3g64"] for l in linear), rel=1e-6)
+    # the probe's KL: every linear layer in its GPTQ result at once, measured directly here
+    weights = {l: get_module(loaded.model, l).weight.data.clone() for l in linear}
+    logp = sensitivity.next_token_log_probs(loaded.model, held_back)
+    for l in linear:
+        h = hessians.hessians[l]
+        get_module(loaded.model, l).weight.data.copy_(gptq_quantize_many(weights[l], h, formats)[1].quantized.dequantize())
+    try:
+        direct = sensitivity.kl_per_token(logp, sensitivity.next_token_log_probs(loaded.model, held_back))
+    finally:
+        for l in linear:
+            get_module(loaded.model, l).weight.data.copy_(weights[l])
+    assert probe.measured == pytest.approx(direct, rel=1e-4, abs=1e-7) and probe.scale == probe.measured / probe.predicted
+    for l in linear:
+        for f in formats:
+            assert scaled.damages[l][f.name] == pytest.approx(plain.damages[l][f.name] * probe.scale, rel=1e-6)
+    assert scaled.rank_agreement(plain) == pytest.approx({f.name: 1.0 for f in formats})  # one factor keeps the ranks
+    for name in (loaded.arch.embeddings, loaded.arch.head):
+        assert scaled.damages[name] == meas.damages[name]  # the same measurement on the same text
+    assert "x" in probe.text() and "w3g64" in probe.text()
+
+    again = sensitivity.SensitivityTable.from_json(scaled.to_json())
+    assert again.probe == probe and again.damages == scaled.damages
+    old = {**meas.to_json(), "version": 3}
+    assert sensitivity.SensitivityTable.from_json(old).damages == meas.damages, "version 4 changed the fisher method only"
+    with pytest.raises(ValueError, match="version 3"):
+        sensitivity.SensitivityTable.from_json({**scaled.to_json(), "version": 3})

@@ -133,6 +133,8 @@ def _print_plan(report) -> None:
     print("embeddings and head: " + ", ".join(f"{n} {f.name}" for n, f in outer.items()) + tied + how)
     unit = "nats/token" if table.method != "proxy" else "(no unit)"
     print(f"damage = {METHOD_TEXT[table.method]}; predicted total {plan.predicted_loss:.4g} {unit}")
+    if table.probe is not None:
+        print(f"  ({table.probe.text()})")
     if report.calibration is not None:
         print(f"calibrated on {report.calibration.config.text} ({report.calibration.describe()})")
     if latency is not None and plan.predicted_latency_ms is not None:

@@ -52,8 +52,10 @@ class PlanRequest:
                     are with the proxy, which has no measure for them (pinned to fp16 unless one
                     name is given).
     sensitivity:    how each (layer, candidate) is scored (stages.sensitivity METHODS): "fisher"
-                    from fisher_windows calibration windows, "measured" on slice_windows held-back
-                    windows, or "proxy" (the GPTQ objective). Cached in `work` with the Hessians.
+                    from fisher_windows calibration windows (its scale and the embeddings on
+                    slice_windows held-back windows, unless the model is streamed), "measured" on
+                    slice_windows held-back windows, or "proxy" (the GPTQ objective). Cached in
+                    `work` with the Hessians.
     profile:        how to time the layers on this machine (profile stage; timings cached in
                     `work`). None: profile only when the budget has a latency limit, then with
                     ProfileConfig's defaults at the engine's default thread count.
@@ -172,7 +174,8 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
     method = request.sensitivity
     key = {"source": loaded.source.sha256(), "calibration": config_to_json(request.calibration), "method": method,
            "formats": [f.name for f in formats], "embed_formats": [c.name for c in embed],
-           "windows": {"fisher": request.fisher_windows, "measured": request.slice_windows, "proxy": 0}[method]}
+           "windows": {"fisher": [request.fisher_windows, 0 if held_back is None else request.slice_windows],
+                       "measured": request.slice_windows, "proxy": 0}[method]}
     path = Path(request.work) / SENSITIVITY_FILE
     cached = {}
     if path.is_file():
@@ -247,7 +250,10 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
 
     t = time.perf_counter()
     cal = request.calibration
-    held_back = request.slice_windows if request.sensitivity == "measured" else 0
+    # held-back windows: the measured method's text, and the fisher method's scale probe and embeddings
+    # (sensitivity module doc), where the model is in memory to run them
+    held_back = request.slice_windows if request.sensitivity == "measured" or (
+        request.sensitivity == "fisher" and not loaded.streamed) else 0
     on_stage(f"calibration text: {cal.n_samples} + {held_back} held-back windows of {cal.seq_len} tokens of {cal.text}")
     calibration, held_back_tokens = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, cal, held_back, loaded=loaded,
                                                                              work=work, progress=request.progress)
