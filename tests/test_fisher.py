@@ -18,6 +18,7 @@ from tightfit.model.blocks import embedding_layers, linear_layer_names
 from tightfit.stages import calibrate as calibrate_stage
 from tightfit.stages.allocate import Budget, LayerChoice, allocate
 from tightfit.stages import sensitivity
+from tightfit.stages.sensitivity import fisher as fisher_estimate
 from tightfit.stages.sensitivity import embedding_damage, fisher_error_of, fisher_weighted_error, measure_sensitivity
 
 EMBED = [parse_choice(c) for c in ("fp16", "w8g32-sym", "w4g32-sym", "w2g32")]
@@ -177,7 +178,6 @@ def test_embedding_damage_of_a_big_vocabulary_is_summed_in_row_slices(embeddings
     import types
 
     from tightfit.formats import registry
-    from tightfit.stages import sensitivity
 
     g = torch.Generator().manual_seed(0)
     vocab, hidden, tokens = 300, 32, 200
@@ -189,7 +189,7 @@ def test_embedding_damage_of_a_big_vocabulary_is_summed_in_row_slices(embeddings
     fmt = EMBED[2]
     whole = embedding_damage(quantize_rtn_any(w, fmt).dequantize() - w, fisher, embeddings=embeddings, head=head)
     monkeypatch.setattr(registry, "RTN_ROWS", 64)  # error_rows' slices
-    sliced = sensitivity.rtn_embedding_damage(w, fmt, fisher, embeddings=embeddings, head=head)
+    sliced = fisher_estimate.rtn_embedding_damage(w, fmt, fisher, embeddings=embeddings, head=head)
     assert whole > 0 and sliced == pytest.approx(whole, rel=1e-6)
 
 
@@ -208,12 +208,12 @@ def test_sampled_rows_estimate_the_sum_over_all_rows_without_bias(monkeypatch):
     g = torch.Generator().manual_seed(4)
     w, f = torch.randn(400, 8, generator=g) * torch.rand(400, 1, generator=g), torch.rand(400, generator=g)
     h = torch.diag(torch.rand(8, generator=g))
-    monkeypatch.setattr(sensitivity, "ROW_SAMPLE_WORK", 64 * 8**2)  # 64 of 400 rows
-    monkeypatch.setattr(sensitivity, "MIN_SAMPLED_ROWS", 16)
+    monkeypatch.setattr(fisher_estimate, "ROW_SAMPLE_WORK", 64 * 8**2)  # 64 of 400 rows
+    monkeypatch.setattr(fisher_estimate, "MIN_SAMPLED_ROWS", 16)
     value = f * (w.square() @ torch.diag(h))  # what each row contributes
     estimates = []
     for seed in range(400):
-        rows, weights = sensitivity.sampled_rows(w, h, f, seed=seed)
+        rows, weights = fisher_estimate.sampled_rows(w, h, f, seed=seed)
         assert len(rows) == 64 and len(set(rows.tolist())) == 64
         estimates.append(float((value[rows] * weights).sum()))
     assert sum(estimates) / len(estimates) == pytest.approx(float(value.sum()), rel=0.02)
