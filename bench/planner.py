@@ -55,7 +55,7 @@ from tightfit.pipeline import DEFAULT_CANDIDATES, DEFAULT_EMBED_CANDIDATES, Plan
 from tightfit.pipeline.planning import original_hessians  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 from tightfit.stages.allocate import Budget  # noqa: E402
-from tightfit.stages.sensitivity import METHOD_TEXT, METHODS  # noqa: E402
+from tightfit.stages.sensitivity import METHOD_TEXT, METHODS, probes_text  # noqa: E402
 
 SCALE_RUNS = tuple(Path(__file__).resolve().parent / "results" / f"compress_qwen15-bpw{b}.json"
                    for b in ("2.5-s9", "3.0-s10", "3.5-s9", "4.0-s10"))
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                     tables[method] = report.sensitivity
                     methods_json[method] = {"tokens": report.sensitivity.tokens, "seconds": report.seconds["sensitivity"],
                                             "scored": report.sensitivity_origin,
-                                            "probe": None if report.sensitivity.probe is None else report.sensitivity.probe.text()}
+                                            "probe": probes_text(report.sensitivity.probes)}
                 plans[f"plan {b} {method}"] = report.plan
                 print(f"budget {b} ({method}): plan {report.plan.bits_per_weight:.3f} bits/weight of its layers", flush=True)
 

@@ -231,33 +231,49 @@ def test_with_held_back_text_the_embeddings_are_measured_and_the_linear_layers_p
                                  embed_choices=EMBED, progress=False)
     meas = measure_sensitivity(loaded, hessians, formats, method="measured", slice_tokens=held_back, embed_choices=EMBED,
                                progress=False)
-    assert plain.probe is None and meas.probe is None
-    probe = scaled.probe
-    assert probe.format == sensitivity.probe_format(formats).name == "w3g64" and probe.tokens == 2 * 63
+    assert plain.probes == () and meas.probes == ()
     linear = list(scaled.proxy)
-    assert probe.predicted == pytest.approx(sum(plain.damages[l]["w3g64"] for l in linear), rel=1e-6)
-    # the probe's KL: every linear layer in its GPTQ result at once, measured directly here
+    kinds = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert sorted(dict.fromkeys(sensitivity.layer_kind(l) for l in linear)) == sorted(kinds)
+    assert [(p.kind, p.format) for p in scaled.probes] == [(k, f.name) for f in formats for k in kinds]
+    scales = sensitivity.probe_scales(scaled.probes)
+    for probe in scaled.probes:
+        assert probe.tokens == 2 * 63
+        of_kind = [l for l in linear if l.endswith("." + probe.kind)]
+        assert probe.predicted == pytest.approx(sum(plain.damages[l][probe.format] for l in of_kind), rel=1e-6)
+        if probe.scale is not None:
+            assert scales[(probe.kind, probe.format)] == probe.scale == probe.measured / probe.predicted
+        for l in of_kind:
+            assert scaled.damages[l][probe.format] == pytest.approx(plain.damages[l][probe.format] * scales[(probe.kind, probe.format)],
+                                                                   rel=1e-6)
+    assert sum(p.measured for p in scaled.probes if p.format == "w2g32") > sum(p.measured for p in scaled.probes if p.format == "w4g64")
+    # a probe's KL: every k_proj in its GPTQ result at once, measured directly here
+    k_layers = [l for l in linear if l.endswith(".k_proj")]
     weights = {l: get_module(loaded.model, l).weight.data.clone() for l in linear}
     logp = sensitivity.next_token_log_probs(loaded.model, held_back)
-    for l in linear:
+    for l in k_layers:
         h = hessians.hessians[l]
         get_module(loaded.model, l).weight.data.copy_(gptq_quantize_many(weights[l], h, formats)[1].quantized.dequantize())
     try:
         direct = sensitivity.kl_per_token(logp, sensitivity.next_token_log_probs(loaded.model, held_back))
     finally:
-        for l in linear:
+        for l in k_layers:
             get_module(loaded.model, l).weight.data.copy_(weights[l])
-    assert probe.measured == pytest.approx(direct, rel=1e-4, abs=1e-7) and probe.scale == probe.measured / probe.predicted
-    for l in linear:
-        for f in formats:
-            assert scaled.damages[l][f.name] == pytest.approx(plain.damages[l][f.name] * probe.scale, rel=1e-6)
-    assert scaled.rank_agreement(plain) == pytest.approx({f.name: 1.0 for f in formats})  # one factor keeps the ranks
+    probe = next(p for p in scaled.probes if (p.kind, p.format) == ("k_proj", "w3g64"))
+    assert probe.measured == pytest.approx(max(direct - sensitivity.kl_per_token(logp, logp), 0.0), rel=1e-4, abs=1e-7)
+    assert all(torch.equal(get_module(loaded.model, l).weight.data, weights[l]) for l in linear), "the weights put back"
     for name in (loaded.arch.embeddings, loaded.arch.head):
         assert scaled.damages[name] == meas.damages[name]  # the same measurement on the same text
-    assert "x" in probe.text() and "w3g64" in probe.text()
+    text = sensitivity.probes_text(scaled.probes)
+    assert "21 probes" in text and "126 held-back tokens" in text and "k_proj x" in text
+    assert sensitivity.probes_text(()) == ""
+    # a probe without a positive KL takes the median factor of its format's other kinds
+    fake = [sensitivity.ScaleProbe(kind=k, format="w2g32", predicted=1.0, measured=m, tokens=1)
+            for k, m in (("a", 2.0), ("b", 4.0), ("c", 3.0), ("d", 0.0))]
+    assert sensitivity.probe_scales(fake)[("d", "w2g32")] == 3.0 and fake[3].scale is None
 
     again = sensitivity.SensitivityTable.from_json(scaled.to_json())
-    assert again.probe == probe and again.damages == scaled.damages
+    assert again.probes == scaled.probes and again.damages == scaled.damages
     old = {**meas.to_json(), "version": 3}
     assert sensitivity.SensitivityTable.from_json(old).damages == meas.damages, "version 4 changed the fisher method only"
     with pytest.raises(ValueError, match="version 3"):

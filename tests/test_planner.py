@@ -81,7 +81,8 @@ def test_plan_then_compress_with_the_plan(tiny_model_dir, tiny_text_file, tmp_pa
     assert main(["plan", str(tiny_model_dir), "--bpw", "3.4", "--out", str(plan_file), *common]) == 0
     printed = capsys.readouterr().out
     assert "damage = Fisher-weighted GPTQ error (predicted KL)" in printed and "Spearman" not in printed
-    assert "to the measured scale (every linear layer in w2g32 at once on 63 held-back tokens" in printed
+    assert "the linear layers' estimates put on the measured scale per layer kind and format (14 probes" in printed
+    assert "at once on 63 held-back tokens" in printed
     assert "embeddings and head: model.embed_tokens" in printed
     plan = Plan.from_json(json.loads(plan_file.read_text()))
     loaded = load_model(str(tiny_model_dir))

@@ -112,7 +112,7 @@ def _budget(args, loaded) -> "Budget":
 def _print_plan(report) -> None:
     from collections import Counter
 
-    from tightfit.stages.sensitivity import METHOD_TEXT
+    from tightfit.stages.sensitivity import METHOD_TEXT, probes_text
 
     plan, table, latency = report.plan, report.sensitivity, report.latency
     ms_head = f" {'ms':>8}" if latency is not None else ""
@@ -133,8 +133,8 @@ def _print_plan(report) -> None:
     print("embeddings and head: " + ", ".join(f"{n} {f.name}" for n, f in outer.items()) + tied + how)
     unit = "nats/token" if table.method != "proxy" else "(no unit)"
     print(f"damage = {METHOD_TEXT[table.method]}; predicted total {plan.predicted_loss:.4g} {unit}")
-    if table.probe is not None:
-        print(f"  ({table.probe.text()})")
+    if table.probes:
+        print(f"  ({probes_text(table.probes)})")
     if report.calibration is not None:
         print(f"calibrated on {report.calibration.config.text} ({report.calibration.describe()})")
     if latency is not None and plan.predicted_latency_ms is not None:

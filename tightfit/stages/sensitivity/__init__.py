@@ -17,10 +17,13 @@ the embeddings is the same layer, one decision). The damage of (layer, candidate
             in memory) two things the expansion gets wrong are measured instead, for a few forwards:
             the embeddings and head, whose damage it over-predicts below 4 bits (smollm2-135m's tied
             embedding in w3g64: 0.75 predicted, 0.50 measured), are measured as by `measured`; and
-            the linear layers' estimates, which rank layers well (Spearman 0.8-0.9 against the
-            measurement) but sum to about half the real KL, are put on the measured scale by one
-            factor: the KL of the whole model with every linear layer in one mid format (the probe,
-            `probe_format`) over the sum of their estimates in it (`ScaleProbe`).
+            the linear layers' estimates, which rank layers of one kind well but sum to about half
+            the real KL, and to a share that depends on the kind (on smollm2-135m k_proj's errors
+            weigh 1.3-3x more against the measurement than the average, q_proj's 0.6-0.8x), are
+            put on the measured scale by one factor per (kind, format): the KL of the whole model
+            with every layer of that kind (`layer_kind`: q_proj, down_proj, ...) in that format at
+            once, over the sum of their estimates in it (`ScaleProbe`; one forward each: kinds x
+            formats forwards on the held-back windows).
   measured  OHQ's mask idea: the model with only this layer quantized (all others original) is run
             on a held-back slice of calibration text; the increase of KL(original || model) per
             token is the damage. The blocks before the layer are not recomputed: their cached
@@ -48,7 +51,7 @@ from tightfit.algorithms import gptq_quantize_many
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.errors import InsufficientMemory
 from tightfit.artifacts import Choice, FisherSet, HessianSet, Unquantized, parse_choice
-from tightfit.formats.registry import AnyQuantizedTensor, Format, parse_format
+from tightfit.formats.registry import AnyQuantizedTensor, Format, StoredTensor, parse_format
 from tightfit.metrics import kl_per_token, next_token_log_probs
 from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.model.blocks import (block_index, block_list, capture_block_inputs, embedding_layers, linear_layer_names,
@@ -69,24 +72,49 @@ METHOD_TEXT = {
 
 @dataclass(frozen=True)
 class ScaleProbe:
-    """The fisher method's whole-model probe: every linear layer in `format` at once (GPTQ; a
+    """A fisher-method probe: every linear layer of one kind in one format at once (GPTQ; a
     row-sampled layer rounded to nearest), `measured` its KL increase on `tokens` held-back tokens,
-    `predicted` the sum of those layers' Fisher estimates; the linear layers' damages are scaled by
-    measured / predicted."""
+    `predicted` the sum of those layers' Fisher estimates; those layers' damages in that format
+    are scaled by measured / predicted (`scale`)."""
 
+    kind: str
     format: str
     predicted: float
     measured: float
     tokens: int
 
     @property
-    def scale(self) -> float:
-        return self.measured / self.predicted if self.predicted > 0 and self.measured > 0 else 1.0
+    def scale(self) -> float | None:
+        """measured / predicted; None when either is not positive (a KL below the held-back text's noise)."""
+        return self.measured / self.predicted if self.predicted > 0 and self.measured > 0 else None
 
-    def text(self) -> str:
-        return (f"the linear layers' estimates x{self.scale:.3g} to the measured scale (every linear layer in "
-                f"{self.format} at once on {self.tokens} held-back tokens: KL {self.measured:.4g} measured, "
-                f"{self.predicted:.4g} predicted); the embeddings and head measured")
+
+def layer_kind(name: str) -> str:
+    """What a linear layer is across blocks: the last part of its name (q_proj, down_proj, qkv_proj...)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def probe_scales(probes: Sequence[ScaleProbe]) -> dict[tuple[str, str], float]:
+    """(kind, format) -> the factor its damages take: the probe's scale, or where it has none the
+    median scale of that format's other kinds (1.0 when no kind has one)."""
+    out = {}
+    for p in probes:
+        same = sorted(q.scale for q in probes if q.format == p.format and q.scale is not None)
+        out[(p.kind, p.format)] = p.scale if p.scale is not None else (same[(len(same) - 1) // 2] if same else 1.0)
+    return out
+
+
+def probes_text(probes: Sequence[ScaleProbe]) -> str:
+    """One line on a table's probes (empty without them)."""
+    if not probes:
+        return ""
+    scales = probe_scales(probes)
+    kinds = dict.fromkeys(p.kind for p in probes)
+    ranges = ", ".join(f"{k} x{min(v for (kk, _), v in scales.items() if kk == k):.2g}-"
+                       f"{max(v for (kk, _), v in scales.items() if kk == k):.2g}" for k in kinds)
+    return (f"the linear layers' estimates put on the measured scale per layer kind and format ({len(probes)} probes, "
+            f"each the KL of every layer of a kind in a format at once on {probes[0].tokens} held-back tokens over their "
+            f"estimates' sum; factors by kind over the formats: {ranges}); the embeddings and head measured")
 
 
 @dataclass
@@ -100,8 +128,9 @@ class SensitivityTable:
     damages: layer -> candidate name -> damage by `method` (KL nats/token for fisher and measured)
     proxy:   linear layer -> format name -> GPTQ objective
     tokens:  tokens the damages were estimated or measured on (0 for the proxy)
-    probe:   the fisher method's scale probe, when it had held-back text (the linear layers' damages
-             are scaled by probe.scale; the embeddings and head were measured)
+    probes:  the fisher method's scale probes, one per (layer kind, format), when it had held-back
+             text (the linear layers' damages are scaled by probe_scales; the embeddings and head
+             were measured); empty otherwise
     """
 
     method: str
@@ -111,7 +140,7 @@ class SensitivityTable:
     damages: dict[str, dict[str, float]]
     proxy: dict[str, dict[str, float]]
     tokens: int = 0
-    probe: ScaleProbe | None = None
+    probes: tuple[ScaleProbe, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -145,7 +174,7 @@ class SensitivityTable:
             "version": SENSITIVITY_VERSION, "method": self.method, "formats": [f.name for f in self.formats],
             "shapes": {k: list(v) for k, v in self.shapes.items()}, "nbytes": self.nbytes, "damages": self.damages,
             "proxy": self.proxy, "tokens": self.tokens,
-            "probe": None if self.probe is None else dataclasses.asdict(self.probe),
+            "probes": [dataclasses.asdict(p) for p in self.probes],
         }
 
     @classmethod
@@ -156,7 +185,7 @@ class SensitivityTable:
         return cls(
             method=d["method"], formats=tuple(parse_format(f) for f in d["formats"]),
             shapes={k: tuple(v) for k, v in d["shapes"].items()}, nbytes=d["nbytes"], damages=d["damages"],
-            proxy=d["proxy"], tokens=d["tokens"], probe=None if d.get("probe") is None else ScaleProbe(**d["probe"]),
+            proxy=d["proxy"], tokens=d["tokens"], probes=tuple(ScaleProbe(**p) for p in d.get("probes", [])),
         )
 
 
@@ -187,14 +216,7 @@ class _SliceKL:
         return max(kl_per_token(self.logp, logq) - self.base, 0.0)
 
 
-def probe_format(formats: Sequence[Format]) -> Format:
-    """The fisher method's scale probe format: the candidate of median bits/weight (the lower of
-    two), on a 4096 x 4096 layer: mid-range, where plans under tight budgets spend most layers."""
-    ranked = sorted(formats, key=lambda f: f.bits_per_weight(4096, 4096))
-    return ranked[(len(ranked) - 1) // 2]
-
-
-def whole_model_kl(loaded: LoadedModel, quantized: Mapping[str, AnyQuantizedTensor], slice_kl: _SliceKL) -> float:
+def whole_model_kl(loaded: LoadedModel, quantized: Mapping[str, AnyQuantizedTensor | StoredTensor], slice_kl: _SliceKL) -> float:
     """slice_kl() with every layer in `quantized` (name -> its quantized weight) swapped in at once;
     the original weights are put back after."""
     originals: dict[str, torch.Tensor] = {}
@@ -260,9 +282,10 @@ def measure_sensitivity(
     # fisher with held-back text measures the embeddings and the linear layers' scale (module doc)
     held_back = method == "fisher" and slice_tokens is not None and not loaded.streamed
     slice_kl = _SliceKL(loaded, slice_tokens) if method == "measured" or held_back else None
-    probe = probe_format(formats) if held_back and linear_from is None else None
-    probe_weights: dict[str, AnyQuantizedTensor] = {}  # layer -> its weight in the probe format
-    probe_predicted = 0.0
+    probing = held_back and linear_from is None
+    # format -> layer -> its weight in the format, kept packed (a probe needs every layer of a kind at once)
+    probe_weights: dict[str, dict[str, StoredTensor]] = {f.name: {} for f in formats}
+    probe_predicted: dict[tuple[str, str], float] = {}  # (layer, format) -> estimate of a row-sampled layer's probe weight
 
     if linear_from is not None:
         assert [f.name for f in linear_from.formats] == [f.name for f in formats] and linear_from.method == method, (
@@ -285,12 +308,12 @@ def measure_sensitivity(
                     if method == "fisher":
                         f = fisher.outputs[name][rows] * (1.0 if row_weight is None else row_weight)
                         damages[name][fmt.name] = fisher_error_of(result, weight[rows], h, f)
-                        if fmt is probe and row_weight is None:
-                            probe_weights[name], probe_predicted = result.quantized, probe_predicted + damages[name][fmt.name]
-                        elif fmt is probe:  # GPTQ saw a sample of the rows: the probe rounds the whole layer
-                            probe_weights[name] = quantize_rtn_any(weight, fmt)
-                            dw = (probe_weights[name].dequantize().float() - weight)[rows]
-                            probe_predicted += fisher_weighted_error(dw, h / 2, f)
+                        if probing and row_weight is None:
+                            probe_weights[fmt.name][name] = StoredTensor.of(result.quantized)
+                        elif probing:  # GPTQ saw a sample of the rows: the probe rounds the whole layer
+                            rtn = quantize_rtn_any(weight, fmt)
+                            probe_weights[fmt.name][name] = StoredTensor.of(rtn)
+                            probe_predicted[(name, fmt.name)] = fisher_weighted_error((rtn.dequantize().float() - weight)[rows], h / 2, f)
                     elif method == "measured":
                         linear.weight.data.copy_(result.quantized.dequantize())
                         try:
@@ -298,12 +321,21 @@ def measure_sensitivity(
                         finally:
                             linear.weight.data.copy_(weight)
 
-    scale_probe = linear_from.probe if linear_from is not None else None
-    if probe is not None:
-        scale_probe = ScaleProbe(format=probe.name, predicted=probe_predicted, measured=whole_model_kl(loaded, probe_weights, slice_kl),
-                                 tokens=int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1)))
+    probes = linear_from.probes if linear_from is not None else ()
+    if probing:
+        kinds = list(dict.fromkeys(layer_kind(n) for n in names))
+        tokens = int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1))
+        # a layer's estimate in its probe weight: its damage, or for a row-sampled layer its rounded weight's
+        predicted = {(n, f.name): probe_predicted.get((n, f.name), damages[n][f.name]) for n in names for f in formats}
+        probes = tuple(
+            ScaleProbe(kind=kind, format=fmt.name, tokens=tokens,
+                       predicted=sum(predicted[(n, fmt.name)] for n in names if layer_kind(n) == kind),
+                       measured=whole_model_kl(loaded, {n: q for n, q in probe_weights[fmt.name].items() if layer_kind(n) == kind},
+                                               slice_kl))
+            for fmt in tqdm(formats, desc="scale probes", unit="format", disable=not progress) for kind in kinds)
+        scales = probe_scales(probes)
         for name in names:
-            damages[name] = {f: d * scale_probe.scale for f, d in damages[name].items()}
+            damages[name] = {f: d * scales[(layer_kind(name), f)] for f, d in damages[name].items()}
 
     outer = [n for n in shapes if n not in proxy]  # the embeddings and an untied head, when planned
     tied = len(outer) == 1
@@ -326,4 +358,4 @@ def measure_sensitivity(
     tokens = {"fisher": fisher.tokens if fisher is not None else 0, "proxy": 0,
               "measured": 0 if slice_tokens is None else int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1))}[method]
     return SensitivityTable(method=method, formats=tuple(formats), shapes=shapes, nbytes=nbytes, damages=damages,
-                            proxy=proxy, tokens=tokens, probe=scale_probe)
+                            proxy=proxy, tokens=tokens, probes=probes)
