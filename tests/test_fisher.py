@@ -278,3 +278,35 @@ def test_with_held_back_text_the_embeddings_are_measured_and_the_linear_layers_p
     assert sensitivity.SensitivityTable.from_json(old).damages == meas.damages, "version 4 changed the fisher method only"
     with pytest.raises(ValueError, match="version 3"):
         sensitivity.SensitivityTable.from_json({**scaled.to_json(), "version": 3})
+
+
+def test_a_row_sampled_layer_is_probed_rounded_to_nearest_with_the_estimate_of_its_sampled_rows(
+        tiny_model_dir, tiny_text_file, monkeypatch):
+    loaded = load_model(str(tiny_model_dir))
+    calibration, held_back = _calibration(loaded, tiny_text_file, n=8, seq_len=64)
+    hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=False)
+    fisher = calibrate_stage.collect_fisher(loaded, calibration, progress=False)
+    monkeypatch.setattr(fisher_estimate, "ROW_SAMPLE_WORK", 1.0)  # every layer row-sampled: 8 rows each
+    monkeypatch.setattr(fisher_estimate, "MIN_SAMPLED_ROWS", 8)
+    fmt = parse_format("w2g32")
+    table = measure_sensitivity(loaded, hessians, [fmt], method="fisher", fisher=fisher, slice_tokens=held_back, progress=False)
+    down = [l for l in table.proxy if l.endswith(".down_proj")]
+    weights = {l: get_module(loaded.model, l).weight.data.clone() for l in down}
+    predicted = 0.0
+    for l in down:
+        h, f = hessians.hessians[l], fisher.outputs[l]
+        rows, row_weight = fisher_estimate.sampled_rows(weights[l], h, f, seed=int(l.split(".")[2]))
+        dw = quantize_rtn_any(weights[l], fmt).dequantize() - weights[l]
+        predicted += fisher_weighted_error(dw[rows], h / 2, f[rows] * row_weight)
+    probe = next(p for p in table.probes if p.kind == "down_proj")
+    assert probe.predicted == pytest.approx(predicted, rel=1e-5)
+    logp = sensitivity.next_token_log_probs(loaded.model, held_back)
+    for l in down:
+        get_module(loaded.model, l).weight.data.copy_(quantize_rtn_any(weights[l], fmt).dequantize())
+    try:
+        direct = sensitivity.kl_per_token(logp, sensitivity.next_token_log_probs(loaded.model, held_back))
+    finally:
+        for l in down:
+            get_module(loaded.model, l).weight.data.copy_(weights[l])
+    assert probe.measured == pytest.approx(max(direct - sensitivity.kl_per_token(logp, logp), 0.0), rel=1e-4, abs=1e-7)
+    assert all(torch.equal(get_module(loaded.model, l).weight.data, weights[l]) for l in down)

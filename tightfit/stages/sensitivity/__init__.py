@@ -216,6 +216,17 @@ class _SliceKL:
         return max(kl_per_token(self.logp, logq) - self.base, 0.0)
 
 
+def _rounded_probe(loaded: LoadedModel, name: str, fmt: Format, h: torch.Tensor, fisher_outputs: torch.Tensor, seed: int
+                   ) -> tuple[StoredTensor, float]:
+    """A row-sampled layer's probe weight: the whole layer rounded to nearest in fmt (GPTQ saw only
+    its sampled rows), and its Fisher estimate on the same rows as the sweep's (same seed)."""
+    weight = get_module(loaded.model, name).weight.data.float()
+    rows, row_weight = sampled_rows(weight, h, fisher_outputs, seed=seed)
+    rounded = quantize_rtn_any(weight, fmt)
+    dw = (rounded.dequantize().float() - weight)[rows]
+    return StoredTensor.of(rounded), fisher_weighted_error(dw, h / 2, fisher_outputs[rows] * row_weight)
+
+
 def whole_model_kl(loaded: LoadedModel, quantized: Mapping[str, AnyQuantizedTensor | StoredTensor], slice_kl: _SliceKL) -> float:
     """slice_kl() with every layer in `quantized` (name -> its quantized weight) swapped in at once;
     the original weights are put back after."""
@@ -283,9 +294,10 @@ def measure_sensitivity(
     held_back = method == "fisher" and slice_tokens is not None and not loaded.streamed
     slice_kl = _SliceKL(loaded, slice_tokens) if method == "measured" or held_back else None
     probing = held_back and linear_from is None
-    # format -> layer -> its weight in the format, kept packed (a probe needs every layer of a kind at once)
+    # format -> layer -> its GPTQ result, kept packed (a probe needs every layer of a kind at once); a
+    # row-sampled layer (GPTQ saw some rows) is rounded to nearest when its probe runs (`_rounded_probe`)
     probe_weights: dict[str, dict[str, StoredTensor]] = {f.name: {} for f in formats}
-    probe_predicted: dict[tuple[str, str], float] = {}  # (layer, format) -> estimate of a row-sampled layer's probe weight
+    sampled: dict[str, int] = {}  # row-sampled layer -> its block (the seed of its rows)
 
     if linear_from is not None:
         assert [f.name for f in linear_from.formats] == [f.name for f in formats] and linear_from.method == method, (
@@ -310,10 +322,8 @@ def measure_sensitivity(
                         damages[name][fmt.name] = fisher_error_of(result, weight[rows], h, f)
                         if probing and row_weight is None:
                             probe_weights[fmt.name][name] = StoredTensor.of(result.quantized)
-                        elif probing:  # GPTQ saw a sample of the rows: the probe rounds the whole layer
-                            rtn = quantize_rtn_any(weight, fmt)
-                            probe_weights[fmt.name][name] = StoredTensor.of(rtn)
-                            probe_predicted[(name, fmt.name)] = fisher_weighted_error((rtn.dequantize().float() - weight)[rows], h / 2, f)
+                        elif probing:
+                            sampled[name] = i
                     elif method == "measured":
                         linear.weight.data.copy_(result.quantized.dequantize())
                         try:
@@ -325,14 +335,18 @@ def measure_sensitivity(
     if probing:
         kinds = list(dict.fromkeys(layer_kind(n) for n in names))
         tokens = int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1))
-        # a layer's estimate in its probe weight: its damage, or for a row-sampled layer its rounded weight's
-        predicted = {(n, f.name): probe_predicted.get((n, f.name), damages[n][f.name]) for n in names for f in formats}
-        probes = tuple(
-            ScaleProbe(kind=kind, format=fmt.name, tokens=tokens,
-                       predicted=sum(predicted[(n, fmt.name)] for n in names if layer_kind(n) == kind),
-                       measured=whole_model_kl(loaded, {n: q for n, q in probe_weights[fmt.name].items() if layer_kind(n) == kind},
-                                               slice_kl))
-            for fmt in tqdm(formats, desc="scale probes", unit="format", disable=not progress) for kind in kinds)
+        probes = []
+        for fmt in tqdm(formats, desc="scale probes", unit="format", disable=not progress):
+            for kind in kinds:
+                layers = [n for n in names if layer_kind(n) == kind]
+                weights = {n: probe_weights[fmt.name].pop(n) for n in layers if n not in sampled}
+                predicted = sum(damages[n][fmt.name] for n in weights)
+                for n in [n for n in layers if n in sampled]:
+                    weights[n], damage = _rounded_probe(loaded, n, fmt, hessians.hessians[n], fisher.outputs[n], sampled[n])
+                    predicted += damage
+                probes.append(ScaleProbe(kind=kind, format=fmt.name, tokens=tokens, predicted=predicted,
+                                         measured=whole_model_kl(loaded, weights, slice_kl)))
+        probes = tuple(probes)
         scales = probe_scales(probes)
         for name in names:
             damages[name] = {f: d * scales[(layer_kind(name), f)] for f, d in damages[name].items()}
