@@ -322,7 +322,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_formats(args) -> int:
-    from tightfit.formats import BITS, GROUP_SIZES, QuantFormat
+    from tightfit.formats import BITS, QuantFormat
     from tightfit.formats.grid import GRIDS, all_grid_formats
     from tightfit.formats.lut import all_lut_formats
     from tightfit.formats.spqr import SPQR_RECIPES
@@ -333,32 +333,24 @@ def _cmd_formats(args) -> int:
         QuantFormat(bits=BITS[0], group_size=None).nbytes(n, k)
     except (ValueError, TightfitError):
         raise TightfitError(f"--shape must be two positive whole numbers like 576x1536, got {args.shape!r}") from None
-    print(f"bits/weight for a {n}x{k} layer (codes + scales + zeros, every byte counted)")
-    print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
-    for bits in BITS:
-        for group in GROUP_SIZES:
-            for sym in (False, True):
-                fmt = QuantFormat(bits=bits, group_size=group, symmetric=sym)
-                print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
-    print(f"\nfixed non-uniform 4-bit grids, one signed scale per group ({', '.join(GRIDS)})")
-    print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
-    for fmt in all_grid_formats():
-        if fmt.scale_dtype == "fp16":
-            print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
-    print("\nlearned b-bit tables (2^b int8 levels fitted per layer, or per row with -row; table bytes counted)")
-    print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
-    for fmt in all_lut_formats():
-        if fmt.scale_dtype == "fp16":
-            print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
-    print(f"\ndouble-quantized scales (-dq): {DQ.code_bits}-bit scale codes under one fp16 super-scale per "
-          f"{DQ.super_block} weights")
-    print(f"{'format':<16} {'bpw':>7} {'bytes':>10}")
-    for fmt in with_dq(all_formats() + all_grid_formats() + all_lut_formats()):
-        print(f"{fmt.name:<16} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
-    print("\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)")
-    print(f"{'format':<22} {'bpw':>7} {'bytes':>10}")
-    for fmt in SPQR_RECIPES:
-        print(f"{fmt.name:<22} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
+
+    def table(title: str, formats, width: int = 16) -> None:
+        print(title)
+        print(f"{'format':<{width}} {'bpw':>7} {'bytes':>10}")
+        for fmt in formats:
+            print(f"{fmt.name:<{width}} {fmt.bits_per_weight(n, k):>7.3f} {fmt.nbytes(n, k).total:>10}")
+
+    def fp16(formats):
+        return [f for f in formats if f.scale_dtype == "fp16"]
+
+    table(f"bits/weight for a {n}x{k} layer (codes + scales + zeros, every byte counted)", fp16(all_formats()))
+    table(f"\nfixed non-uniform 4-bit grids, one signed scale per group ({', '.join(GRIDS)})", fp16(all_grid_formats()))
+    table("\nlearned b-bit tables (2^b int8 levels fitted per layer, or per row with -row; table bytes counted)",
+          fp16(all_lut_formats()))
+    table(f"\ndouble-quantized scales (-dq): {DQ.code_bits}-bit scale codes under one fp16 super-scale per "
+          f"{DQ.super_block} weights", with_dq(all_formats() + all_grid_formats() + all_lut_formats()))
+    table("\nSpQR recipes (bytes at the outlier cap; a quantized layer reports its real outlier count)", SPQR_RECIPES,
+          width=22)
     return 0
 
 
