@@ -250,10 +250,7 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
 
     t = time.perf_counter()
     cal = request.calibration
-    # held-back windows: the measured method's text, and the fisher method's scale probe and embeddings
-    # (sensitivity module doc), where the model is in memory to run them
-    held_back = request.slice_windows if request.sensitivity == "measured" or (
-        request.sensitivity == "fisher" and not loaded.streamed) else 0
+    held_back = request.slice_windows if sensitivity_stage.uses_held_back(request.sensitivity, loaded.streamed) else 0
     on_stage(f"calibration text: {cal.n_samples} + {held_back} held-back windows of {cal.seq_len} tokens of {cal.text}")
     calibration, held_back_tokens = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, cal, held_back, loaded=loaded,
                                                                              work=work, progress=request.progress)

@@ -70,6 +70,12 @@ METHOD_TEXT = {
 }
 
 
+def uses_held_back(method: str, streamed: bool) -> bool:
+    """Whether `method` runs on held-back windows: measured always; fisher for its scale probes and
+    the embeddings when the model is in memory (a streamed one is read a block at a time)."""
+    return method == "measured" or (method == "fisher" and not streamed)
+
+
 @dataclass(frozen=True)
 class ScaleProbe:
     """A fisher-method probe: every linear layer of one kind in one format at once (GPTQ; a
@@ -291,9 +297,9 @@ def measure_sensitivity(
     damages: dict[str, dict[str, float]] = {n: {} for n in shapes}
     proxy: dict[str, dict[str, float]] = {n: {} for n in names}
     # fisher with held-back text measures the embeddings and the linear layers' scale (module doc)
-    held_back = method == "fisher" and slice_tokens is not None and not loaded.streamed
-    slice_kl = _SliceKL(loaded, slice_tokens) if method == "measured" or held_back else None
-    probing = held_back and linear_from is None
+    slice_kl = _SliceKL(loaded, slice_tokens) if slice_tokens is not None and uses_held_back(method, loaded.streamed) else None
+    held_back_tokens = 0 if slice_tokens is None else int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1))
+    probing = method == "fisher" and slice_kl is not None and linear_from is None
     # format -> layer -> its GPTQ result, kept packed (a probe needs every layer of a kind at once); a
     # row-sampled layer (GPTQ saw some rows) is rounded to nearest when its probe runs (`_rounded_probe`)
     probe_weights: dict[str, dict[str, StoredTensor]] = {f.name: {} for f in formats}
@@ -334,7 +340,6 @@ def measure_sensitivity(
     probes = linear_from.probes if linear_from is not None else ()
     if probing:
         kinds = list(dict.fromkeys(layer_kind(n) for n in names))
-        tokens = int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1))
         probes = []
         for fmt in tqdm(formats, desc="scale probes", unit="format", disable=not progress):
             for kind in kinds:
@@ -344,7 +349,7 @@ def measure_sensitivity(
                 for n in [n for n in layers if n in sampled]:
                     weights[n], damage = _rounded_probe(loaded, n, fmt, hessians.hessians[n], fisher.outputs[n], sampled[n])
                     predicted += damage
-                probes.append(ScaleProbe(kind=kind, format=fmt.name, tokens=tokens, predicted=predicted,
+                probes.append(ScaleProbe(kind=kind, format=fmt.name, tokens=held_back_tokens, predicted=predicted,
                                          measured=whole_model_kl(loaded, weights, slice_kl)))
         probes = tuple(probes)
         scales = probe_scales(probes)
@@ -369,7 +374,6 @@ def measure_sensitivity(
                     damages[name][choice.name] = slice_kl()
                 finally:
                     module.weight.data.copy_(weight)
-    tokens = {"fisher": fisher.tokens if fisher is not None else 0, "proxy": 0,
-              "measured": 0 if slice_tokens is None else int(slice_tokens.shape[0] * (slice_tokens.shape[1] - 1))}[method]
+    tokens = {"fisher": fisher.tokens if fisher is not None else 0, "proxy": 0, "measured": held_back_tokens}[method]
     return SensitivityTable(method=method, formats=tuple(formats), shapes=shapes, nbytes=nbytes, damages=damages,
                             proxy=proxy, tokens=tokens, probes=probes)

@@ -11,6 +11,7 @@ from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.artifacts import FisherSet
 from tightfit.formats.registry import Format, error_rows
 
+
 def fisher_weighted_error(dw: torch.Tensor, second_moment: torch.Tensor, fisher: torch.Tensor) -> float:
     """0.5 * sum_j F_j (dW S dW^T)_jj: the predicted KL increase when a layer's output o = W x
     changes by dW x, with S = E[x x^T] [K, K] of its inputs and F [N] the Fisher diagonal of its
