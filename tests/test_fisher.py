@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -310,3 +311,30 @@ def test_a_row_sampled_layer_is_probed_rounded_to_nearest_with_the_estimate_of_i
             get_module(loaded.model, l).weight.data.copy_(weights[l])
     assert probe.measured == pytest.approx(max(direct - sensitivity.kl_per_token(logp, logp), 0.0), rel=1e-4, abs=1e-7)
     assert all(torch.equal(get_module(loaded.model, l).weight.data, weights[l]) for l in down)
+
+
+@pytest.mark.parametrize("method", ["fisher", "proxy"])
+def test_the_sweep_in_forked_workers_scores_as_in_this_process(method, tiny_model_dir, tiny_text_file, monkeypatch):
+    """Blocks swept by two forked processes give the table of the sweep in this process at one
+    thread, bit for bit (damages, proxy, and the scale probes built from the workers' packed results)."""
+    loaded = load_model(str(tiny_model_dir))
+    calibration, held_back = _calibration(loaded, tiny_text_file, n=8, seq_len=64)
+    hessians = calibrate_stage.collect_hessians(loaded, calibration, progress=False)
+    fisher = calibrate_stage.collect_fisher(loaded, calibration, progress=False) if method == "fisher" else None
+    tables, pids = [], []
+    real_sweep = sensitivity.sweep_block
+    monkeypatch.setattr(sensitivity, "sweep_block", lambda *a, **k: pids.append(os.getpid()) or real_sweep(*a, **k))
+    threads = torch.get_num_threads()
+    for workers in (1, 2):
+        monkeypatch.setattr(sensitivity, "worker_count", lambda workers=workers: workers)
+        torch.set_num_threads(1)  # as each worker runs: sums split over threads round differently
+        try:
+            tables.append(measure_sensitivity(loaded, hessians, LINEAR, method=method, fisher=fisher, progress=False,
+                                              slice_tokens=held_back if method == "fisher" else None))
+        finally:
+            torch.set_num_threads(threads)
+    one, two = tables
+    assert pids and set(pids) == {os.getpid()}, "one worker: every block in this process (the forked ones append in theirs)"
+    assert one.damages == two.damages and one.proxy == two.proxy and one.probes == two.probes
+    assert list(one.damages) == list(two.damages), "layer order whichever block finished first"
+    assert (len(one.probes) > 0) == (method == "fisher")

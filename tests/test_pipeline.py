@@ -177,6 +177,45 @@ def test_original_model_hessians_and_mixed_plan(tiny_model_dir, tiny_text_file, 
         assert (qmodel.module(input_ids=ids).logits - build_model(packed)(input_ids=ids).logits).abs().max() < 1e-5
 
 
+def test_blocks_quantized_from_given_hessians_in_forked_workers_match_this_process(tiny_model_dir, tiny_text_file,
+                                                                                    tmp_path, monkeypatch):
+    """With the original model's Hessians no block needs another's outputs, so blocks go to forked
+    workers: the same layers bit for bit as one process at one thread, checkpointed, and a resumed
+    run quantizes only the blocks it lacks."""
+    from tightfit.stages.checkpoint import BlockCheckpoint
+
+    loaded = load_model(str(tiny_model_dir))
+    calib = calibrate_stage.calibrate(loaded.tokenizer, CalibrationConfig(text=str(tiny_text_file), n_samples=4,
+                                                                          seq_len=64, batch_size=4))
+    hessians = calibrate_stage.collect_hessians(loaded, calib, progress=False)
+    config = QuantizeConfig(fmt=QuantFormat.parse("w3g32"), method="gptq")
+    threads, runs = torch.get_num_threads(), []
+    for workers in (1, 2):
+        monkeypatch.setattr(quantize_stage, "worker_count", lambda workers=workers: workers)
+        torch.set_num_threads(1)  # as each worker runs
+        try:
+            runs.append(quantize_stage.quantize_model(loaded, None, config, hessians=hessians, progress=False,
+                                                      checkpoint_dir=tmp_path / f"w{workers}"))
+        finally:
+            torch.set_num_threads(threads)
+    one, two = runs
+    assert list(one.layers) == list(two.layers) and len(one.layers) == 2 * len(loaded.arch.linear_names)
+    for name, q in one.layers.items():
+        assert torch.equal(q.codes, two.layers[name].codes) and torch.equal(q.scales, two.layers[name].scales), name
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(one.module(input_ids=ids).logits, two.module(input_ids=ids).logits)
+    job = json.loads((tmp_path / "w2" / "job.json").read_text())
+    assert all(BlockCheckpoint(tmp_path / "w2", job).done(i) for i in range(2))
+    (tmp_path / "w2" / "block_001.json").unlink()  # as if killed before block 1 was saved
+    swept = []
+    real = quantize_stage._quantize_block
+    monkeypatch.setattr(quantize_stage, "_quantize_block", lambda block, i, *a: swept.append(i) or real(block, i, *a))
+    again = quantize_stage.quantize_model(loaded, None, config, hessians=hessians, progress=False,
+                                          checkpoint_dir=tmp_path / "w2")
+    assert swept == [1] and all(torch.equal(q.codes, two.layers[n].codes) for n, q in again.layers.items())
+
+
 @pytest.mark.parametrize(("model_type", "tied_head"), [("gemma3_text", True), ("qwen2", False)])
 def test_quantized_embeddings_round_trip(model_type, tied_head, make_tiny_model, tiny_text_file, tmp_path):
     folder = make_tiny_model(model_type, tmp_path)

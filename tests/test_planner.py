@@ -241,6 +241,40 @@ def test_compress_evaluates_through_the_fast_engine(tiny_model_dir, tiny_text_fi
     assert written["engine"] == "fast" and written["result"]["kl"] >= 0
 
 
+def test_fewer_candidates_are_read_from_a_cached_table_of_more(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    """A plan over a subset of a cached table's candidates (linear and embedding) takes the table
+    restricted to them, nothing scored again; with the embeddings pinned it does not (the cached
+    table has them as layers), and a table that lacks a candidate is not used."""
+    from tightfit.pipeline import PlanRequest, make_plan
+    from tightfit.stages import sensitivity as sensitivity_stage
+    from tightfit.stages.allocate import Budget
+
+    loaded = load_model(str(tiny_model_dir))
+    calib = CalibrationConfig(text=str(tiny_text_file), n_samples=8, seq_len=64)
+    ask = lambda formats, embed: PlanRequest(model=str(tiny_model_dir), budget=Budget(max_bpw=4.5), work=tmp_path / "work",  # noqa: E731
+                                             formats=formats, embed_formats=embed, calibration=calib, progress=False)
+    full = make_plan(ask(("w2g32", "w3g64", "w4g64"), ("fp16", "w4g32-sym", "w3g32")), loaded).sensitivity
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(sensitivity_stage, "sweep_block", no_sweep)
+    report = make_plan(ask(("w4g64", "w2g32"), ("w3g32", "fp16")), loaded)
+    part = report.sensitivity
+    assert report.sensitivity_origin == "cached" and [f.name for f in part.formats] == ["w4g64", "w2g32"]
+    assert part.probes == tuple(p for p in full.probes if p.format in ("w4g64", "w2g32")) and part.probes
+    for layer, row in part.damages.items():
+        assert list(row) == (["w4g64", "w2g32"] if layer in part.proxy else ["w3g32", "fp16"])
+        assert all(row[c] == full.damages[layer][c] and part.nbytes[layer][c] == full.nbytes[layer][c] for c in row)
+    assert {c.name for c in report.plan.formats.values()} <= {"w4g64", "w2g32", "w3g32", "fp16"}
+    with pytest.raises(AssertionError, match="scored again"):
+        make_plan(ask(("w4g64", "w2g32"), ("fp16",)), loaded)  # embeddings pinned: not in the cached table's plan
+    with pytest.raises(AssertionError, match="scored again"):
+        make_plan(ask(("w4g64", "w4g128"), ("fp16", "w3g32")), loaded)  # w4g128 is not in it
+    with pytest.raises(ValueError, match="w4g128"):
+        full.restricted([parse_format("w4g128")], [])
+
+
 def test_other_embedding_candidates_reuse_the_cached_linear_scores(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
     """A second plan whose embedding candidates differ scores only the embeddings and head: the
     linear layers' sweep (most of the sensitivity stage's time) is taken from the cached table."""
@@ -255,12 +289,12 @@ def test_other_embedding_candidates_reuse_the_cached_linear_scores(tiny_model_di
     report = make_plan(ask(("fp16", "w4g32-sym")), loaded)
     first = report.sensitivity
     assert report.sensitivity_origin == "scored" and make_plan(ask(("fp16", "w4g32-sym")), loaded).sensitivity_origin == "cached"
-    sweeps = []
-    real = sensitivity_stage.gptq_quantize_many
-    monkeypatch.setattr(sensitivity_stage, "gptq_quantize_many", lambda *a, **k: sweeps.append(1) or real(*a, **k))
+    def no_sweep(*args, **kwargs):  # raises in a forked sweep worker too: the error comes back to the caller
+        raise AssertionError("the linear layers were scored again")
+
+    monkeypatch.setattr(sensitivity_stage, "sweep_block", no_sweep)
     report = make_plan(ask(("w4g32-sym", "w3g32", "w3g64")), loaded)
     second = report.sensitivity
-    assert not sweeps, "the linear layers were scored again"
     assert report.sensitivity_origin == "lent"
     linear = [n for n in first.damages if n not in (loaded.arch.embeddings, loaded.arch.head)]
     assert linear and all(second.damages[n] == first.damages[n] and second.proxy[n] == first.proxy[n] for n in linear)
@@ -270,5 +304,5 @@ def test_other_embedding_candidates_reuse_the_cached_linear_scores(tiny_model_di
     entries = json.loads((tmp_path / "work" / "sensitivity.json").read_text())["entries"]
     assert len(entries) == 2
     # the same linear candidates but another set of them: scored in full
-    make_plan(dataclasses.replace(ask(("w4g32-sym",)), formats=("w2g32", "w3g64")), loaded)
-    assert sweeps
+    with pytest.raises(AssertionError, match="scored again"):
+        make_plan(dataclasses.replace(ask(("w4g32-sym",)), formats=("w2g32", "w3g64")), loaded)

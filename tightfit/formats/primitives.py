@@ -22,6 +22,7 @@ from tightfit.formats.table import GroupedFormat, LayerBytes, QuantFormat
 
 # Candidate shrink factors of the [min, max] range, largest first so ties keep the full range.
 DEFAULT_SHRINK_GRID: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 .. 0.5
+_SHRINK_CHUNK_ELEMENTS = 1 << 22  # search_shrink's work tensor: at most this many fp32 (16 MB) per chunk of its grid
 
 
 def _code_max(bits: int) -> int:
@@ -158,22 +159,28 @@ def search_shrink(
             f"weight {tuple(weight.shape)} does not broadcast to w {tuple(w.shape)}"
         )
     w_min, w_max = _group_range(w)  # [...], [...]
-    best_err = torch.full(w.shape[:-1], float("inf"), dtype=torch.float32, device=w.device)  # [...]
-    best_shrink = torch.ones(w.shape[:-1], dtype=torch.float32, device=w.device)  # [...]
-    sq = torch.empty_like(w)  # [..., g], reused: the loop is memory-bound
-    for p in grid:
-        scale, zero = _qparams_from_range(w_min, w_max, fmt, p)  # [...], [...] | None
-        scale_ = scale.unsqueeze(-1)  # [..., 1]
-        offset = _sym_offset(fmt.bits) if zero is None else zero.unsqueeze(-1)  # [..., 1]
-        # dequantize(quantize(w)) - w, in place: the same operations in fp32, so the same values
-        torch.div(w, scale_, out=sq).round_().add_(offset).clamp_(0, _code_max(fmt.bits))
+    # every shrink of a chunk of the grid at once, [P, ..., g] (a few small operations per chunk, not
+    # per grid entry: a group of 576 x 32 is too small for a torch operation's overhead to vanish);
+    # the same fp32 operations as one entry at a time, so the same errors and the same choice
+    per_chunk = max(1, _SHRINK_CHUNK_ELEMENTS // max(w.numel(), 1))
+    best_err = best_shrink = None
+    for start in range(0, len(grid), per_chunk):
+        ps = torch.tensor(grid[start : start + per_chunk], dtype=torch.float32, device=w.device)  # [P]
+        shrink = ps.reshape(-1, *([1] * w_min.dim())).expand(-1, *w_min.shape)  # [P, ...]
+        scale, zero = _qparams_from_range(w_min.expand_as(shrink), w_max.expand_as(shrink), fmt, shrink)
+        scale_ = scale.unsqueeze(-1)  # [P, ..., 1]
+        offset = _sym_offset(fmt.bits) if zero is None else zero.unsqueeze(-1)  # [P, ..., 1]
+        sq = torch.div(w, scale_).round_().add_(offset).clamp_(0, _code_max(fmt.bits))  # [P, ..., g]
         sq.sub_(offset).mul_(scale_).sub_(w).square_()
         if weight is not None:
             sq.mul_(weight)
-        err = sq.sum(dim=-1)  # [...]
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_shrink = torch.where(better, torch.full_like(best_shrink, p), best_shrink)
+        err, at = sq.sum(dim=-1).min(dim=0)  # [...]: the first of equal errors (the earlier grid entry)
+        chosen = ps[at]
+        if best_err is None:
+            best_err, best_shrink = err, chosen
+        else:
+            better = err < best_err  # ties keep the earlier chunk's
+            best_err, best_shrink = torch.where(better, err, best_err), torch.where(better, chosen, best_shrink)
     return best_shrink
 
 

@@ -32,7 +32,12 @@ from tightfit.stages.sensitivity import METHODS, SensitivityTable
 # nl4g32 (a fixed non-uniform grid, 4.5 bits/weight): GPTQ on smollm2-135m, 8 wiki windows (2026-11-26), KL 0.096
 # against 0.177 for w4g32-sym of equal bytes (the symmetric uniform grid; asymmetric 4-bit g32 is the
 # source's own Q4_1 grid there and no evidence).
-DEFAULT_CANDIDATES = ("w2g64", "w2g32", "w3g128", "w3g64", "w3g32", "w4g128", "w4g64", "nl4g32", "w6g128")
+# Six candidates, not all nine that were tried: on smollm2-135m's measured table (9 formats, one
+# held-back window, 2026-11-27) plans without w2g32, w3g32 and w4g64 (each between two neighbours
+# kept here) are predicted 0.6-1.2 % worse at 2.5 to 4.5 bits/weight, while every candidate costs a
+# GPTQ sweep of every layer and a scale probe per layer kind (a third of the sensitivity stage's
+# time); without nl4g32, the slowest to sweep, 0.2-7 % worse. `--candidates` takes any list.
+DEFAULT_CANDIDATES = ("w2g64", "w3g128", "w3g64", "w4g128", "nl4g32", "w6g128")
 # The embeddings and head: unquantized, or a format the engine has a kernel for (8 to 2 bits; the
 # engine gathers embedding rows of any of them). Below 4 bits they are for tight budgets: on
 # smollm2-135m's tied embedding 3 bits costs ~0.34 nats/token, and a plan takes them only where the
@@ -189,6 +194,16 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
                 return SensitivityTable.from_json(entry["table"]), "cached"
             except (TightfitError, KeyError, TypeError, ValueError) as e:  # e.g. a table of an older version
                 warn_recomputed(CorruptCacheError(f"the cached table in {path} is unusable ({e})"))
+    # a table made the same way for more candidates: these are scored in it exactly as they would be alone
+    for entry in cached.get("entries", []):
+        other = entry.get("key")
+        if (isinstance(other, dict) and {**other, "formats": key["formats"], "embed_formats": key["embed_formats"]} == key
+                and {*key["formats"]} <= {*other.get("formats", [])} and {*key["embed_formats"]} <= {*other.get("embed_formats", [])}
+                and bool(key["embed_formats"]) == bool(other.get("embed_formats"))):  # embeddings in both plans or in neither
+            try:
+                return SensitivityTable.from_json(entry["table"]).restricted(formats, embed), "cached"
+            except (TightfitError, KeyError, TypeError, ValueError):
+                continue
     # a table made the same way but for other embedding candidates: its linear layers' scores stand
     linear_from = None
     for entry in cached.get("entries", []):

@@ -48,6 +48,10 @@ class BlockCheckpoint:
     def _paths(self, index: int) -> tuple[Path, Path]:
         return self.folder / f"block_{index:03d}.safetensors", self.folder / f"block_{index:03d}.json"
 
+    def done(self, index: int) -> bool:
+        """Whether block `index` was saved (its results may still prove corrupt when loaded)."""
+        return self._paths(index)[1].exists()
+
     def load(self, index: int, config: QuantizeConfig) -> BlockResults | None:
         """The finished block `index`, or None when it is not done (or was corrupt: then warned)."""
         tensors_path, meta_path = self._paths(index)

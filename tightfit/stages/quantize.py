@@ -36,7 +36,8 @@ from tightfit.errors import UnsupportedArchitecture
 from tightfit.formats.registry import AnyQuantizedTensor, Format, StoredTensor, error_rows
 from tightfit.model import Architecture, LoadedModel, get_module, resident_block
 from tightfit.model.blocks import BlockInputs, block_list, capture_block_inputs, embedding_layers, linear_layer_names, run_block
-from tightfit.stages.checkpoint import BlockCheckpoint
+from tightfit.stages.checkpoint import BlockCheckpoint, BlockResults
+from tightfit.stages.workers import fork_map, worker_count
 
 
 class _StopForward(Exception):
@@ -200,9 +201,28 @@ def quantize_model(
 
     precision = calibration.config.forward_precision if calibration is not None else contextlib.nullcontext
     attention = AttentionShape.of(model.config) if config.smooth_attention is not None else None
-    bar = tqdm(range(n_blocks), desc=f"quantize {config.method} {config.fmt.name}", unit="block", disable=not progress)
+    desc = f"quantize {config.method} {config.fmt.name}"
+    finished: dict[int, BlockResults] = {}
+    if inputs is None and config.smooth_attention is None:
+        # no block needs another's outputs: the unfinished ones in forked workers, checkpointed as they come
+        def quantize_alone(i: int) -> BlockResults:
+            with resident_block(working, i) as block:
+                results = _quantize_block(block, i, arch, config, hessians, None, precision)
+            # a streamed (big) model's come back packed: half the bytes through the pipe and in `finished`
+            return {n: (StoredTensor.of(q), r) for n, (q, r) in results.items()} if working.streamed else results
+
+        todo = [i for i in range(n_blocks) if checkpoint is None or not checkpoint.done(i)]
+        for i, results in fork_map(quantize_alone, todo, workers=worker_count() if len(todo) > 1 else 1, desc=desc,
+                                   progress=progress):
+            if checkpoint is not None:
+                checkpoint.save(i, results)
+            finished[i] = results
+        desc = "installing"
+    bar = tqdm(range(n_blocks), desc=desc, unit="block", disable=not progress)
     for i in bar:
-        results = checkpoint.load(i, config) if checkpoint is not None else None
+        results = finished.pop(i, None)
+        if results is None and checkpoint is not None:
+            results = checkpoint.load(i, config)
         if results is not None and inputs is None and working.streamed:
             _block_kept(working, i, kept, config)  # nothing else to do with this block
         else:

@@ -47,19 +47,20 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from tightfit.algorithms import gptq_quantize_many
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.errors import InsufficientMemory
 from tightfit.artifacts import Choice, FisherSet, HessianSet, Unquantized, parse_choice
 from tightfit.formats.registry import AnyQuantizedTensor, Format, StoredTensor, parse_format
 from tightfit.metrics import kl_per_token, next_token_log_probs
-from tightfit.model import LoadedModel, get_module, resident_block
+from tightfit.model import LoadedModel, get_module
 from tightfit.model.blocks import (block_index, block_list, capture_block_inputs, embedding_layers, linear_layer_names,
                                    replay_blocks, run_block)
 from tightfit.stages.sensitivity.fisher import (  # noqa: F401  (the estimate's functions: re-exported)
     embedding_damage, fisher_error_of, fisher_weighted_error, rtn_embedding_damage, sampled_rows,
 )
 from tightfit.stages.sensitivity.plan_loss import PlanLoss  # noqa: F401  (re-exported: callers import it from here)
+from tightfit.stages.sensitivity.sweep import BlockSweep, sweep_block
+from tightfit.stages.workers import fork_map, worker_count
 
 SENSITIVITY_VERSION = 4  # 4: fisher with held-back windows: embeddings measured, linear layers on the measured scale
 METHODS = ("fisher", "measured", "proxy")
@@ -174,6 +175,25 @@ class SensitivityTable:
         layers = list(self.proxy)
         return {f.name: float(spearmanr([a[l][f.name] for l in layers], [b[l][f.name] for l in layers]).statistic)
                 for f in self.formats}
+
+    def restricted(self, formats: Sequence[Format], embed_choices: Sequence[Choice]) -> SensitivityTable:
+        """This table with only the given candidates (each a candidate here: ValueError otherwise),
+        in their order. Exact for every method: a (layer, candidate) is scored alone, and a scale
+        probe covers one format."""
+        names = [f.name for f in formats]
+        outer = [c.name for c in embed_choices]
+        linear = set(self.proxy)
+        missing = sorted({*names} - {f.name for f in self.formats}) + sorted(
+            {c for c in outer for layer in self.shapes if layer not in linear and c not in self.nbytes[layer]})
+        if missing:
+            raise ValueError(f"not candidates of this table: {', '.join(missing)}")
+        keep = {layer: names if layer in linear else outer for layer in self.shapes}
+        return SensitivityTable(
+            method=self.method, formats=tuple(formats), shapes=dict(self.shapes),
+            nbytes={layer: {c: self.nbytes[layer][c] for c in cs} for layer, cs in keep.items()},
+            damages={layer: {c: self.damages[layer][c] for c in cs} for layer, cs in keep.items()},
+            proxy={layer: {f: self.proxy[layer][f] for f in names} for layer in self.proxy},
+            tokens=self.tokens, probes=tuple(p for p in self.probes if p.format in names))
 
     def to_json(self) -> dict:
         return {
@@ -311,31 +331,25 @@ def measure_sensitivity(
         for name in names:
             damages[name], proxy[name] = dict(linear_from.damages[name]), dict(linear_from.proxy[name])
     blocks = sorted({block_index(arch, n) for n in names}) if linear_from is None else []
-    for i in tqdm(blocks, desc="sensitivity", unit="block", disable=not progress or not blocks):
-        with resident_block(loaded, i) as block:
-            for name in [n for n in names if block_index(arch, n) == i]:
-                linear = get_module(block, name[len(f"{arch.blocks}.{i}.") :])
-                weight = linear.weight.data.clone()
-                h = hessians.hessians[name]
-                rows, row_weight = (sampled_rows(weight, h, fisher.outputs[name], seed=i) if method == "fisher"
-                                    else (slice(None), None))
-                # one sweep, one Cholesky factor for every candidate (their groups nest)
-                for fmt, result in zip(formats, gptq_quantize_many(weight[rows], h, list(formats), damp=damp)):
-                    scale = 1.0 if row_weight is None else float(row_weight.mean())  # N / n: the proxy, roughly
-                    proxy[name][fmt.name] = damages[name][fmt.name] = result.loss * scale
-                    if method == "fisher":
-                        f = fisher.outputs[name][rows] * (1.0 if row_weight is None else row_weight)
-                        damages[name][fmt.name] = fisher_error_of(result, weight[rows], h, f)
-                        if probing and row_weight is None:
-                            probe_weights[fmt.name][name] = StoredTensor.of(result.quantized)
-                        elif probing:
-                            sampled[name] = i
-                    elif method == "measured":
-                        linear.weight.data.copy_(result.quantized.dequantize())
-                        try:
-                            damages[name][fmt.name] = slice_kl(i)
-                        finally:
-                            linear.weight.data.copy_(weight)
+    in_block = {i: [n for n in names if block_index(arch, n) == i] for i in blocks}
+
+    def sweep(i: int, measure=None) -> BlockSweep:
+        return sweep_block(loaded, i, in_block[i], hessians, formats, fisher=fisher if method == "fisher" else None,
+                           damp=damp, keep_packed=probing, measure=measure)
+
+    if method == "measured":  # a forward per (layer, candidate): in this process, both threads in torch
+        swept = ((i, sweep(i, measure=lambda name, i=i: slice_kl(i)))
+                 for i in tqdm(blocks, desc="sensitivity", unit="block", disable=not progress or not blocks))
+    else:
+        swept = fork_map(sweep, blocks, workers=worker_count(), desc="sensitivity", progress=progress)
+    for i, result in swept:
+        damages.update(result.damages)
+        proxy.update(result.proxy)
+        for f, packed in result.packed.items():
+            probe_weights[f].update(packed)
+        sampled.update(dict.fromkeys(result.sampled, i))
+    damages = {n: damages[n] for n in shapes}  # in layer order, whichever block finished first
+    proxy = {n: proxy[n] for n in names}
 
     probes = linear_from.probes if linear_from is not None else ()
     if probing:
