@@ -306,3 +306,43 @@ def test_other_embedding_candidates_reuse_the_cached_linear_scores(tiny_model_di
     # the same linear candidates but another set of them: scored in full
     with pytest.raises(AssertionError, match="scored again"):
         make_plan(dataclasses.replace(ask(("w4g32-sym",)), formats=("w2g32", "w3g64")), loaded)
+
+
+def test_the_quantize_stage_takes_the_sweeps_gptq_results_in_the_planned_formats(tiny_model_dir, tiny_text_file, tmp_path,
+                                                                                  monkeypatch):
+    """A plan scored now keeps every layer's GPTQ result from the sweep; compressing it with the
+    planner's Hessians and the same GPTQ settings takes them instead of running GPTQ again (only
+    the embeddings are rounded), bit for bit; other settings, or a cached table, take none."""
+    from tightfit.artifacts import QuantizeConfig
+    from tightfit.pipeline import PlanRequest, make_plan, swept_results
+    from tightfit.pipeline.planning import original_hessians
+    from tightfit.stages import quantize as quantize_stage
+    from tightfit.stages.allocate import Budget
+
+    loaded = load_model(str(tiny_model_dir))
+    calib = CalibrationConfig(text=str(tiny_text_file), n_samples=8, seq_len=64)
+    request = PlanRequest(model=str(tiny_model_dir), budget=Budget(max_bpw=4.0), work=tmp_path / "work",
+                          formats=("w2g32", "w4g64"), embed_formats=("fp16", "w4g32-sym"), calibration=calib, progress=False)
+    report = make_plan(request, loaded)
+    plan = report.plan.quantized
+    config = QuantizeConfig(fmt=parse_format("w4g64"), plan=plan)
+    given = swept_results(report, config)
+    linear = [n for n in report.sensitivity.proxy]
+    assert sorted(given) == sorted(linear) and all(given[n][0].fmt == plan[n] for n in linear)
+    assert all(given[n][1].loss == report.sensitivity.proxy[n][plan[n].name] for n in linear)
+    for other in (dict(damp=0.02), dict(act_order=False), dict(method="rtn"), dict(smooth_attention=0.5)):
+        assert swept_results(report, dataclasses.replace(config, **other)) == {}, other
+    assert swept_results(make_plan(request, loaded), config) == {}, "a cached table keeps no results"
+
+    hessians = original_hessians(loaded, calib, tmp_path / "work", False, lambda _: None)
+    gptq_calls = []
+    real = quantize_stage._quantize_layer
+    monkeypatch.setattr(quantize_stage, "_quantize_layer",
+                        lambda w, h, c, f: (gptq_calls.append(f) if c.method == "gptq" else None) or real(w, h, c, f))
+    taken = quantize_stage.quantize_model(loaded, None, config, hessians=hessians, given=given, progress=False)
+    assert gptq_calls == [], "the sweep's results stand in for GPTQ"
+    for n in linear:
+        assert torch.equal(taken.layers[n].codes, given[n][0].unpacked().codes), n
+    assert loaded.arch.embeddings in taken.layers or plan.get(loaded.arch.embeddings) is None
+    with pytest.raises(ValueError, match="given GPTQ results"):
+        quantize_stage.quantize_model(loaded, None, dataclasses.replace(config, method="rtn"), given=given, progress=False)
