@@ -135,7 +135,7 @@ def _cmd_compress(args) -> int:
     from tightfit.formats.registry import parse_format
     from tightfit.model import keep_first_blocks, load_model, open_weights, streams_by_default
     from tightfit.model.memory import memory_budget
-    from tightfit.pipeline import CompressRequest, compress, make_plan, swept_results
+    from tightfit.pipeline import CompressRequest, compress, make_plan
     from tightfit.pipeline.footprint import CompressSettings, CompressShapes, check_compress_memory, packed_bytes_per_weight
     from tightfit.pipeline.planning import original_hessians
     from tightfit.stages.allocate import Plan
@@ -150,7 +150,7 @@ def _cmd_compress(args) -> int:
         raise TightfitError(f"--context and --kv describe the decode a planner's latency budget is for; they do not combine with {given[0]}")
     if not given and args.bpw is None and args.max_size is None and args.max_latency is None:
         raise TightfitError("compress needs one of --format, --bpw, --max-size, --max-latency or --plan")
-    loaded = plan = hessians = plan_report = None
+    loaded = plan = hessians = None
     if args.sequential and (args.format is not None or args.plan is not None):
         raise TightfitError("--sequential applies to planned compression (--bpw, --max-size, --max-latency): "
                             "--format and --plan always collect Hessians block by block")
@@ -189,9 +189,9 @@ def _cmd_compress(args) -> int:
     if args.format is None:
         if plan is None:
             plan_request = _plan_request(args, _budget(args, loaded))
-            plan_report = make_plan(plan_request, loaded, on_stage=_status)
-            _print_plan(plan_report)
-            plan = plan_report.plan
+            planned = make_plan(plan_request, loaded, on_stage=_status)
+            _print_plan(planned)
+            plan = planned.plan
             if args.method == "gptq" and not args.sequential:
                 hessians = original_hessians(loaded, plan_request.calibration, plan_request.work, True, _status)
         fmt = Counter(plan.quantized.values()).most_common(1)[0][0]
@@ -213,11 +213,7 @@ def _cmd_compress(args) -> int:
         evaluation=None if args.no_eval else _eval_config(args),
         eval_engine=eval_engine,
     )
-    given = {}
-    if plan_report is not None and hessians is not None:  # the sweep's GPTQ results in the planned formats
-        given = swept_results(plan_report, qconfig)
-        plan_report.sensitivity.swept.clear()  # the other formats' results: no longer needed
-    report = compress(request, loaded, on_stage=_status, hessians=hessians, given=given)
+    report = compress(request, loaded, on_stage=_status, hessians=hessians)
     report.seconds["load"] = load_seconds
     s = report.summary
     rows = []

@@ -14,12 +14,11 @@ Each imports only the ones above it. The entry points the command line uses are 
 from tightfit.pipeline.compression import CompressRequest, ModelSummary, compress, packed_file_bytes, work_dir_for
 from tightfit.pipeline.evaluation import default_reference, evaluate_packed, is_packed
 from tightfit.pipeline.pareto_sweep import ParetoRequest, pareto
-from tightfit.pipeline.planning import (DEFAULT_CANDIDATES, DEFAULT_EMBED_CANDIDATES, PlanRequest, file_budget, make_plan,
-                                        pinned_embeddings, swept_results)
+from tightfit.pipeline.planning import DEFAULT_CANDIDATES, DEFAULT_EMBED_CANDIDATES, PlanRequest, file_budget, make_plan, pinned_embeddings
 from tightfit.pipeline.profiling import LATENCY_CACHE_FILE, linear_layer_shapes, profile_model, uniform_rtn_packed
 
 __all__ = [
     "CompressRequest", "DEFAULT_CANDIDATES", "DEFAULT_EMBED_CANDIDATES", "LATENCY_CACHE_FILE", "ModelSummary", "ParetoRequest", "PlanRequest",
     "compress", "default_reference", "evaluate_packed", "file_budget", "is_packed", "linear_layer_shapes", "make_plan",
-    "packed_file_bytes", "pareto", "pinned_embeddings", "profile_model", "swept_results", "uniform_rtn_packed", "work_dir_for",
+    "packed_file_bytes", "pareto", "pinned_embeddings", "profile_model", "uniform_rtn_packed", "work_dir_for",
 ]

@@ -12,13 +12,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Callable
 
-from tightfit.artifacts import CalibrationConfig, HessianSet, LayerReport, QuantizeConfig, config_to_json
+from tightfit.artifacts import CalibrationConfig, HessianSet, QuantizeConfig, config_to_json
 from tightfit.evaluate import EvalConfig, EvalResult
 from tightfit.formats.packed import PackedModel, read_manifest
-from tightfit.formats.registry import StoredTensor
 from tightfit.model import LoadedModel, load_model
 from tightfit.model.memory import release_freed_memory
 from tightfit.pipeline.evaluation import evaluate_packed
@@ -79,15 +77,13 @@ def packed_file_bytes(path: Path) -> int:
 
 def compress(
     request: CompressRequest, loaded: LoadedModel | None = None, on_stage: Callable[[str], None] = lambda _: None,
-    *, hessians: HessianSet | None = None, given: Mapping[str, tuple[StoredTensor, LayerReport]] | None = None,
+    *, hessians: HessianSet | None = None,
 ) -> CompressReport:
     """Run the whole pipeline for one uniform format; resumes from the work folder if present.
 
     on_stage(message) is called as each stage starts (the CLI prints it). hessians: GPTQ takes
     these (the original model's, collected once) instead of collecting them sequentially through
-    the layers already quantized: much faster when many models are made from one source. given:
-    layers GPTQ-quantized already, with those Hessians and this request's settings (the planner's
-    sweep: `planning.swept_results`), taken as they are.
+    the layers already quantized: much faster when many models are made from one source.
     """
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -110,8 +106,7 @@ def compress(
     if (work / "quantize" / "job.json").exists():
         on_stage(f"resuming from finished blocks in {work}")
     qmodel = quantize_stage.quantize_model(
-        loaded, calibration, request.quantize, hessians=hessians, given=given, checkpoint_dir=work / "quantize",
-        progress=request.progress,
+        loaded, calibration, request.quantize, hessians=hessians, checkpoint_dir=work / "quantize", progress=request.progress
     )
     seconds["quantize"] = time.perf_counter() - t
     release_freed_memory()

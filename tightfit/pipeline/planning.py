@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tightfit.artifacts import (CalibrationConfig, CalibrationSet, Choice, FisherSet, HessianSet, LayerReport, QuantizeConfig,
-                                config_to_json, parse_choice)
+from tightfit.artifacts import CalibrationConfig, CalibrationSet, Choice, FisherSet, HessianSet, config_to_json, parse_choice
 from tightfit.errors import CorruptCacheError, InfeasibleBudget, TightfitError
 from tightfit.formats.files import atomic_write_json, load_checked_json, warn_recomputed
-from tightfit.formats.registry import StoredTensor, parse_format
+from tightfit.formats.registry import parse_format
 from tightfit.model import LoadedModel, get_module, load_model
 from tightfit.model.blocks import embedding_layers, linear_layer_names
 from tightfit.pipeline.profiling import default_profile_config, profile_model
@@ -117,22 +116,6 @@ class PlanReport:
     latency: LatencyTable | None = None
     calibration: CalibrationSet | None = None  # what the Hessians, Fisher and sensitivities were measured on
     sensitivity_origin: str = "scored"
-
-
-def swept_results(report: PlanReport, config: QuantizeConfig) -> dict[str, tuple[StoredTensor, LayerReport]]:
-    """The planned layers whose GPTQ result in their planned format the sensitivity sweep made
-    with the settings `config` asks for (GPTQ from the original model's Hessians, as `compress`
-    with the planner's `hessians` does), for the quantize stage to take instead of redoing them
-    (`quantize_model(given=...)`); {} when the settings differ or the sweep kept none (a cached
-    table, a streamed model, a method without scale probes)."""
-    table, defaults = report.sensitivity, QuantizeConfig(fmt=config.fmt)
-    if not table.swept or config.plan is None or not (
-            config.method == "gptq" and config.smooth_attention is None and config.damp == table.swept_damp
-            and (config.block_size, config.act_order, config.clip_search)
-            == (defaults.block_size, defaults.act_order, defaults.clip_search)):
-        return {}
-    return {layer: (q, LayerReport(loss=table.proxy[layer][fmt.name], seconds=0.0)) for layer, fmt in config.plan.items()
-            if (q := table.swept.get(fmt.name, {}).get(layer)) is not None}
 
 
 HEADER_ALLOWANCE = 200_000  # bytes of safetensors header reserved when budgeting a whole file

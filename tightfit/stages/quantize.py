@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 import dataclasses
 import time
@@ -139,7 +139,6 @@ def quantize_model(
     config: QuantizeConfig,
     *,
     hessians: HessianSet | None = None,
-    given: Mapping[str, tuple[AnyQuantizedTensor | StoredTensor, LayerReport]] | None = None,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
 ) -> QuantizedModel:
@@ -147,16 +146,12 @@ def quantize_model(
 
     GPTQ takes its Hessians sequentially from `calibration` (inputs pass through the layers
     already quantized), or, when `hessians` is given, from the original model without any
-    forward pass. given: layer -> (weights, report) already quantized as this call would (the
-    planner's sweep: GPTQ with these `hessians` and this config's settings), taken where the
-    format is the one `config` asks for, instead of quantizing that layer again. Returns the quantized layers (a streamed model's as StoredTensor: packed as they
+    forward pass. Returns the quantized layers (a streamed model's as StoredTensor: packed as they
     finish), the kept tensors in storage dtype, and (in `.module`, not for a streamed model) the
     fp32 model with the dequantized weights installed, exactly as a packed copy will compute.
     """
     if config.method == "gptq" and calibration is None and hessians is None:
         raise ValueError("GPTQ needs a calibration set or precomputed Hessians")
-    if given and (config.method != "gptq" or hessians is None or config.smooth_attention is not None):
-        raise ValueError("given GPTQ results stand in only for GPTQ from the given Hessians, without SmoothAttention")
     arch = loaded.arch
     if config.smooth_attention is not None:
         check_smooth_attention(arch)
@@ -212,7 +207,7 @@ def quantize_model(
         # no block needs another's outputs: the unfinished ones in forked workers, checkpointed as they come
         def quantize_alone(i: int) -> BlockResults:
             with resident_block(working, i) as block:
-                results = _quantize_block(block, i, arch, config, hessians, None, precision, given)
+                results = _quantize_block(block, i, arch, config, hessians, None, precision)
             # a streamed (big) model's come back packed: half the bytes through the pipe and in `finished`
             return {n: (StoredTensor.of(q), r) for n, (q, r) in results.items()} if working.streamed else results
 
@@ -353,25 +348,13 @@ def _smooth_attention_block(block: nn.Module, i: int, arch: Architecture, shape:
 
 
 def _quantize_block(block: nn.Module, i: int, arch, config: QuantizeConfig, hessians: HessianSet | None,
-                    inputs: BlockInputs | None, precision: Callable[[], ContextManager],
-                    given: Mapping[str, tuple[AnyQuantizedTensor | StoredTensor, LayerReport]] | None = None,
+                    inputs: BlockInputs | None, precision: Callable[[], ContextManager]
                     ) -> dict[str, tuple[AnyQuantizedTensor, LayerReport]]:
     """Every linear layer of block i, group by group in execution order, each group's Hessian from
     `hessians` (the original model's) or from `inputs` through the groups already quantized (block
-    forwards in `precision()`), or a `given` result in the layer's format (`quantize_model`); the
-    dequantized weights are installed in `block` as they come."""
+    forwards in `precision()`); the dequantized weights are installed in `block` as they come."""
     results = {}
     for names in arch.linear_groups:
-        full = {n: f"{arch.blocks}.{i}.{n}" for n in names}
-        ready = {n: given[full[n]] for n in names if given and full[n] in given and given[full[n]][0].fmt == config.format_of(full[n])}
-        done = {}
-        for name, (q, report) in ready.items():
-            q = q.unpacked() if isinstance(q, StoredTensor) else q
-            _install(block, name, q.dequantize())
-            done[name] = (q, report)
-        if len(ready) == len(names):
-            results.update((n, done[n]) for n in names)
-            continue
         if hessians is not None:
             hessian = hessians.hessians[f"{arch.blocks}.{i}.{names[0]}"]
         else:
@@ -379,10 +362,9 @@ def _quantize_block(block: nn.Module, i: int, arch, config: QuantizeConfig, hess
             if inputs is not None:
                 with precision():
                     hessian = _group_hessian(block, names, inputs, i)
-        for name in [n for n in names if n not in ready]:
+        for name in names:
             fmt = config.format_of(f"{arch.blocks}.{i}.{name}")
             q, report = _quantize_layer(get_module(block, name).weight, hessian, config, fmt)
             _install(block, name, q.dequantize())
-            done[name] = (q, report)
-        results.update((n, done[n]) for n in names)
+            results[name] = (q, report)
     return results

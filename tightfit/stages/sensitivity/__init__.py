@@ -138,11 +138,6 @@ class SensitivityTable:
     probes:  the fisher method's scale probes, one per (layer kind, format), when it had held-back
              text (the linear layers' damages are scaled by probe_scales; the embeddings and head
              were measured); empty otherwise
-    swept:   format -> linear layer -> its GPTQ result in that format as the sweep made it (GPTQ of
-             the whole layer with the original model's Hessian, damp `swept_damp`, act-order and
-             clip search on), for the quantize stage to take instead of doing it again; only in the
-             process that scored the table with scale probes (never cached) and only for layers
-             GPTQ saw whole (not row-sampled)
     """
 
     method: str
@@ -153,8 +148,6 @@ class SensitivityTable:
     proxy: dict[str, dict[str, float]]
     tokens: int = 0
     probes: tuple[ScaleProbe, ...] = ()
-    swept: dict[str, dict[str, StoredTensor]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
-    swept_damp: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -365,7 +358,7 @@ def measure_sensitivity(
         for fmt in tqdm(formats, desc="scale probes", unit="format", disable=not progress):
             for kind in kinds:
                 layers = [n for n in names if layer_kind(n) == kind]
-                weights = {n: probe_weights[fmt.name][n] for n in layers if n not in sampled}
+                weights = {n: probe_weights[fmt.name].pop(n) for n in layers if n not in sampled}
                 predicted = sum(damages[n][fmt.name] for n in weights)
                 for n in [n for n in layers if n in sampled]:
                     weights[n], damage = _rounded_probe(loaded, n, fmt, hessians.hessians[n], fisher.outputs[n], sampled[n])
@@ -397,5 +390,4 @@ def measure_sensitivity(
                     module.weight.data.copy_(weight)
     tokens = {"fisher": fisher.tokens if fisher is not None else 0, "proxy": 0, "measured": held_back_tokens}[method]
     return SensitivityTable(method=method, formats=tuple(formats), shapes=shapes, nbytes=nbytes, damages=damages,
-                            proxy=proxy, tokens=tokens, probes=probes, swept=probe_weights if probing else {},
-                            swept_damp=damp if probing else None)
+                            proxy=proxy, tokens=tokens, probes=probes)
