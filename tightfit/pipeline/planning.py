@@ -194,10 +194,14 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
                 return SensitivityTable.from_json(entry["table"]), "cached"
             except (TightfitError, KeyError, TypeError, ValueError) as e:  # e.g. a table of an older version
                 warn_recomputed(CorruptCacheError(f"the cached table in {path} is unusable ({e})"))
+
+    def made_the_same_way(other: object, *but: str) -> bool:  # a cached table's key equals ours except in `but`
+        return isinstance(other, dict) and {**other, **{k: key[k] for k in but}} == key
+
     # a table made the same way for more candidates: these are scored in it exactly as they would be alone
     for entry in cached.get("entries", []):
         other = entry.get("key")
-        if (isinstance(other, dict) and {**other, "formats": key["formats"], "embed_formats": key["embed_formats"]} == key
+        if (made_the_same_way(other, "formats", "embed_formats")
                 and {*key["formats"]} <= {*other.get("formats", [])} and {*key["embed_formats"]} <= {*other.get("embed_formats", [])}
                 and bool(key["embed_formats"]) == bool(other.get("embed_formats"))):  # embeddings in both plans or in neither
             try:
@@ -208,7 +212,7 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
     linear_from = None
     for entry in cached.get("entries", []):
         other = entry.get("key")
-        if isinstance(other, dict) and {**other, "embed_formats": key["embed_formats"]} == key:
+        if made_the_same_way(other, "embed_formats"):
             try:
                 linear_from = SensitivityTable.from_json(entry["table"])
             except (TightfitError, KeyError, TypeError, ValueError):

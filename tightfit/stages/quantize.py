@@ -212,8 +212,7 @@ def quantize_model(
             return {n: (StoredTensor.of(q), r) for n, (q, r) in results.items()} if working.streamed else results
 
         todo = [i for i in range(n_blocks) if checkpoint is None or not checkpoint.done(i)]
-        for i, results in fork_map(quantize_alone, todo, workers=worker_count() if len(todo) > 1 else 1, desc=desc,
-                                   progress=progress):
+        for i, results in fork_map(quantize_alone, todo, workers=worker_count(), desc=desc, progress=progress):
             if checkpoint is not None:
                 checkpoint.save(i, results)
             finished[i] = results

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
 
 from tightfit.algorithms import gptq_quantize_many
 from tightfit.artifacts import FisherSet, HessianSet
@@ -47,13 +46,14 @@ def sweep_block(loaded: LoadedModel, i: int, names: Sequence[str], hessians: Hes
             out.damages[name], out.proxy[name] = {}, {}
             if row_weight is not None:
                 out.sampled.append(name)
+            swept = weight[rows]  # (a copy when rows are sampled: taken once for every format)
+            scale = 1.0 if row_weight is None else float(row_weight.mean())  # N / n: the proxy, roughly
+            f = None if fisher is None else fisher.outputs[name][rows] * (1.0 if row_weight is None else row_weight)
             # one sweep, one Cholesky factor for every candidate (their groups nest)
-            for fmt, result in zip(formats, gptq_quantize_many(weight[rows], h, list(formats), damp=damp)):
-                scale = 1.0 if row_weight is None else float(row_weight.mean())  # N / n: the proxy, roughly
+            for fmt, result in zip(formats, gptq_quantize_many(swept, h, list(formats), damp=damp)):
                 out.proxy[name][fmt.name] = out.damages[name][fmt.name] = result.loss * scale
                 if fisher is not None:
-                    f = fisher.outputs[name][rows] * (1.0 if row_weight is None else row_weight)
-                    out.damages[name][fmt.name] = fisher_error_of(result, weight[rows], h, f)
+                    out.damages[name][fmt.name] = fisher_error_of(result, swept, h, f)
                     if keep_packed and row_weight is None:
                         out.packed.setdefault(fmt.name, {})[name] = StoredTensor.of(result.quantized)
                 elif measure is not None:
