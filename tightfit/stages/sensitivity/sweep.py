@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-
 from tightfit.algorithms import gptq_quantize_many
 from tightfit.artifacts import FisherSet, HessianSet
 from tightfit.formats.registry import Format, StoredTensor
