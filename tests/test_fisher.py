@@ -248,25 +248,18 @@ def test_with_held_back_text_the_embeddings_are_measured_and_the_linear_layers_p
             assert scaled.damages[l][probe.format] == pytest.approx(plain.damages[l][probe.format] * scales[(probe.kind, probe.format)],
                                                                    rel=1e-6)
     assert sum(p.measured for p in scaled.probes if p.format == "w2g32") > sum(p.measured for p in scaled.probes if p.format == "w4g64")
-    # a probe's KL: every k_proj in its GPTQ result at once, measured directly here
+    # a probe's KL: the k_proj layers in their GPTQ results, one part at a time, measured directly here
     k_layers = [l for l in linear if l.endswith(".k_proj")]
     weights = {l: get_module(loaded.model, l).weight.data.clone() for l in linear}
-    logp = sensitivity.next_token_log_probs(loaded.model, held_back)
-    for l in k_layers:
-        h = hessians.hessians[l]
-        get_module(loaded.model, l).weight.data.copy_(gptq_quantize_many(weights[l], h, formats)[1].quantized.dequantize())
-    try:
-        direct = sensitivity.kl_per_token(logp, sensitivity.next_token_log_probs(loaded.model, held_back))
-    finally:
-        for l in k_layers:
-            get_module(loaded.model, l).weight.data.copy_(weights[l])
+    quantized = {l: gptq_quantize_many(weights[l], hessians.hessians[l], formats)[1].quantized.dequantize() for l in k_layers}
     probe = next(p for p in scaled.probes if (p.kind, p.format) == ("k_proj", "w3g64"))
-    assert probe.measured == pytest.approx(max(direct - sensitivity.kl_per_token(logp, logp), 0.0), rel=1e-4, abs=1e-7)
+    assert probe.parts == len(sensitivity.probe_parts(k_layers)) == min(sensitivity.PROBE_PARTS, len(k_layers)) > 1
+    assert probe.measured == pytest.approx(_parts_kl(loaded, held_back, quantized), rel=1e-4, abs=1e-7)
     assert all(torch.equal(get_module(loaded.model, l).weight.data, weights[l]) for l in linear), "the weights put back"
     for name in (loaded.arch.embeddings, loaded.arch.head):
         assert scaled.damages[name] == meas.damages[name]  # the same measurement on the same text
     text = sensitivity.probes_text(scaled.probes)
-    assert "21 probes" in text and "126 held-back tokens" in text and "k_proj x" in text
+    assert "21 probes" in text and "126 held-back tokens" in text and "k_proj x" in text and "42 forwards" in text and "2 interleaved parts" in text
     assert sensitivity.probes_text(()) == ""
     # a probe without a positive KL takes the median factor of its format's other kinds
     fake = [sensitivity.ScaleProbe(kind=k, format="w2g32", predicted=1.0, measured=m, tokens=1)
@@ -277,8 +270,36 @@ def test_with_held_back_text_the_embeddings_are_measured_and_the_linear_layers_p
     assert again.probes == scaled.probes and again.damages == scaled.damages
     old = {**meas.to_json(), "version": 3}
     assert sensitivity.SensitivityTable.from_json(old).damages == meas.damages, "version 4 changed the fisher method only"
-    with pytest.raises(ValueError, match="version 3"):
-        sensitivity.SensitivityTable.from_json({**scaled.to_json(), "version": 3})
+    assert sensitivity.SensitivityTable.from_json({**meas.to_json(), "version": 4}).damages == meas.damages
+    for version in (3, 4):  # fisher tables of earlier versions probed otherwise
+        with pytest.raises(ValueError, match=f"version {version}"):
+            sensitivity.SensitivityTable.from_json({**scaled.to_json(), "version": version})
+
+
+def test_probe_parts_interleave_a_kinds_layers():
+    layers = [f"model.layers.{i}.self_attn.k_proj" for i in range(7)]
+    assert sensitivity.PROBE_PARTS == 3
+    assert sensitivity.probe_parts(layers) == [layers[0::3], layers[1::3], layers[2::3]]
+    assert sensitivity.probe_parts(layers[:2]) == [[layers[0]], [layers[1]]]
+    assert sorted(sum(sensitivity.probe_parts(layers), [])) == sorted(layers)
+
+
+def _parts_kl(loaded, held_back, quantized):
+    """The sum over `probe_parts` of the KL increase on held_back with that part's layers set to
+    their quantized weights (name -> dequantized weight), measured here without the stage."""
+    logp = sensitivity.next_token_log_probs(loaded.model, held_back)
+    base = sensitivity.kl_per_token(logp, logp)
+    total = 0.0
+    for part in sensitivity.probe_parts(list(quantized)):
+        originals = {l: get_module(loaded.model, l).weight.data.clone() for l in part}
+        for l in part:
+            get_module(loaded.model, l).weight.data.copy_(quantized[l])
+        try:
+            total += max(sensitivity.kl_per_token(logp, sensitivity.next_token_log_probs(loaded.model, held_back)) - base, 0.0)
+        finally:
+            for l, w in originals.items():
+                get_module(loaded.model, l).weight.data.copy_(w)
+    return total
 
 
 def test_a_row_sampled_layer_is_probed_rounded_to_nearest_with_the_estimate_of_its_sampled_rows(
@@ -301,15 +322,8 @@ def test_a_row_sampled_layer_is_probed_rounded_to_nearest_with_the_estimate_of_i
         predicted += fisher_weighted_error(dw[rows], h / 2, f[rows] * row_weight)
     probe = next(p for p in table.probes if p.kind == "down_proj")
     assert probe.predicted == pytest.approx(predicted, rel=1e-5)
-    logp = sensitivity.next_token_log_probs(loaded.model, held_back)
-    for l in down:
-        get_module(loaded.model, l).weight.data.copy_(quantize_rtn_any(weights[l], fmt).dequantize())
-    try:
-        direct = sensitivity.kl_per_token(logp, sensitivity.next_token_log_probs(loaded.model, held_back))
-    finally:
-        for l in down:
-            get_module(loaded.model, l).weight.data.copy_(weights[l])
-    assert probe.measured == pytest.approx(max(direct - sensitivity.kl_per_token(logp, logp), 0.0), rel=1e-4, abs=1e-7)
+    rounded = {l: quantize_rtn_any(weights[l], fmt).dequantize() for l in down}
+    assert probe.measured == pytest.approx(_parts_kl(loaded, held_back, rounded), rel=1e-4, abs=1e-7)
     assert all(torch.equal(get_module(loaded.model, l).weight.data, weights[l]) for l in down)
 
 

@@ -46,7 +46,7 @@ def _add_sensitivity_flag(p: argparse.ArgumentParser) -> None:
                    help="planner: how each layer's damage in each format is scored. fisher (default): the KL increase "
                         "predicted from the Fisher information of the layer's outputs and its GPTQ error (one forward and "
                         "backward over 8 calibration windows), scaled per layer kind and format to the KL measured with "
-                        "every layer of that kind in that format on a held-back window, the embeddings measured there "
+                        "a third of the layers of that kind in that format at a time on a held-back window, the embeddings measured there "
                         "(minutes); measured: the KL increase on a held-back window "
                         "with only that layer quantized (one forward per layer and format: 20+ min for a 135M model); "
                         "proxy: the GPTQ objective alone (fastest, ranks layers poorly; embeddings stay fp16)")
