@@ -82,7 +82,7 @@ def test_plan_then_compress_with_the_plan(tiny_model_dir, tiny_text_file, tmp_pa
     printed = capsys.readouterr().out
     assert "damage = Fisher-weighted GPTQ error (predicted KL)" in printed and "Spearman" not in printed
     assert "the linear layers' estimates put on the measured scale per layer kind and format (14 probes" in printed
-    assert "at once on 63 held-back tokens" in printed
+    assert "14 probes, 28 forwards" in printed and "2 interleaved parts quantized in turn, on 63 held-back tokens" in printed
     assert "embeddings and head: model.embed_tokens" in printed
     plan = Plan.from_json(json.loads(plan_file.read_text()))
     loaded = load_model(str(tiny_model_dir))
