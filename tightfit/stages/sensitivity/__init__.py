@@ -225,7 +225,7 @@ class SensitivityTable:
     @classmethod
     def from_json(cls, d: dict) -> SensitivityTable:
         if d.get("version") != SENSITIVITY_VERSION and not (d.get("version") in (3, 4) and d.get("method") != "fisher"):
-            # (versions 4 and 5 changed the fisher method only: measured and proxy tables of version 3 stand)
+            # (versions 4 and 5 changed the fisher method only: measured and proxy tables of versions 3 and 4 stand)
             raise ValueError(f"sensitivity table version {d.get('version')!r} is not {SENSITIVITY_VERSION}")
         return cls(
             method=d["method"], formats=tuple(parse_format(f) for f in d["formats"]),
