@@ -43,7 +43,7 @@ the same way (every linear layer quantized in its plan's format; embeddings not 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.errors import InsufficientMemory
 from tightfit.artifacts import Choice, FisherSet, HessianSet, Unquantized, parse_choice
-from tightfit.formats.registry import AnyQuantizedTensor, Format, StoredTensor, parse_format
+from tightfit.formats.registry import Format, StoredTensor, parse_format
 from tightfit.metrics import kl_per_token, next_token_log_probs
 from tightfit.model import LoadedModel, get_module
 from tightfit.model.blocks import (block_index, block_list, capture_block_inputs, embedding_layers, linear_layer_names,
@@ -61,18 +61,13 @@ from tightfit.stages.sensitivity.fisher import (  # noqa: F401  (the estimate's 
     embedding_damage, fisher_error_of, fisher_weighted_error, rtn_embedding_damage, sampled_rows,
 )
 from tightfit.stages.sensitivity.plan_loss import PlanLoss  # noqa: F401  (re-exported: callers import it from here)
+from tightfit.stages.sensitivity.probes import (  # noqa: F401  (re-exported)
+    PROBE_PARTS, ScaleProbe, layer_kind, probe_parts, probe_scales, probes_text, scale_probes, whole_model_kl)
 from tightfit.stages.sensitivity.sweep import BlockSweep, sweep_block
 from tightfit.stages.workers import fork_map, worker_count
 
 SENSITIVITY_VERSION = 5  # 4: fisher with held-back windows: embeddings measured, linear layers on the measured scale;
 # 5: each scale probe in PROBE_PARTS interleaved parts of a kind's layers
-# A scale probe quantizes every PROBE_PARTS-th layer of a kind at once (PROBE_PARTS forwards per kind and
-# format, their KLs and estimates summed). The plan decides layer by layer, and a whole kind at once is
-# not the sum of its layers: on smollm2-135m all 30 k_proj in w2g64 together cost 0.34 nats/token, each
-# alone 0.57 summed. With a third at a time the factors come within ~10 % of those of the single-layer
-# measurement (k_proj w2g64 x5.1 against x5.0; x2.95 from the whole kind), and the 2.5-bit plan's KL
-# falls from 3.63 to 3.37 (measured-table plan 3.26): 3x the probe forwards.
-PROBE_PARTS = 3
 METHODS = ("fisher", "measured", "proxy")
 METHOD_TEXT = {
     "fisher": "Fisher-weighted GPTQ error (predicted KL)",
@@ -85,62 +80,6 @@ def uses_held_back(method: str, streamed: bool) -> bool:
     """Whether `method` runs on held-back windows: measured always; fisher for its scale probes and
     the embeddings when the model is in memory (a streamed one is read a block at a time)."""
     return method == "measured" or (method == "fisher" and not streamed)
-
-
-@dataclass(frozen=True)
-class ScaleProbe:
-    """A fisher-method probe of one kind of linear layer in one format: its layers (GPTQ; a
-    row-sampled layer rounded to nearest) quantized `parts` at a time (every parts-th layer at
-    once, `probe_parts`), `measured` the sum of those parts' KL increases on `tokens` held-back
-    tokens, `predicted` the sum of the layers' Fisher estimates; those layers' damages in that
-    format are scaled by measured / predicted (`scale`)."""
-
-    kind: str
-    format: str
-    predicted: float
-    measured: float
-    tokens: int
-    parts: int = 1
-
-    @property
-    def scale(self) -> float | None:
-        """measured / predicted; None when either is not positive (a KL below the held-back text's noise)."""
-        return self.measured / self.predicted if self.predicted > 0 and self.measured > 0 else None
-
-
-def layer_kind(name: str) -> str:
-    """What a linear layer is across blocks: the last part of its name (q_proj, down_proj, qkv_proj...)."""
-    return name.rsplit(".", 1)[-1]
-
-
-def probe_parts(layers: Sequence[str]) -> list[list[str]]:
-    """The layers of one kind (in block order) as a scale probe quantizes them: PROBE_PARTS
-    interleaved parts (layers r, r + PROBE_PARTS, ...), fewer when the kind has fewer layers."""
-    return [list(layers[r::PROBE_PARTS]) for r in range(min(PROBE_PARTS, len(layers)))]
-
-
-def probe_scales(probes: Sequence[ScaleProbe]) -> dict[tuple[str, str], float]:
-    """(kind, format) -> the factor its damages take: the probe's scale, or where it has none the
-    median scale of that format's other kinds (1.0 when no kind has one)."""
-    out = {}
-    for p in probes:
-        same = sorted(q.scale for q in probes if q.format == p.format and q.scale is not None)
-        out[(p.kind, p.format)] = p.scale if p.scale is not None else (same[(len(same) - 1) // 2] if same else 1.0)
-    return out
-
-
-def probes_text(probes: Sequence[ScaleProbe]) -> str:
-    """One line on a table's probes (empty without them)."""
-    if not probes:
-        return ""
-    scales = probe_scales(probes)
-    kinds = dict.fromkeys(p.kind for p in probes)
-    ranges = ", ".join(f"{k} x{min(v for (kk, _), v in scales.items() if kk == k):.2g}-"
-                       f"{max(v for (kk, _), v in scales.items() if kk == k):.2g}" for k in kinds)
-    return (f"the linear layers' estimates put on the measured scale per layer kind and format ({len(probes)} probes, "
-            f"{sum(p.parts for p in probes)} forwards: each the KL of a kind's layers in a format, summed over "
-            f"{probes[0].parts} interleaved parts quantized in turn, on {probes[0].tokens} held-back tokens, over their "
-            f"estimates' sum; factors by kind over the formats: {ranges}); the embeddings and head measured")
 
 
 @dataclass
@@ -261,32 +200,6 @@ class _SliceKL:
         return max(kl_per_token(self.logp, logq) - self.base, 0.0)
 
 
-def _rounded_probe(loaded: LoadedModel, name: str, fmt: Format, h: torch.Tensor, fisher_outputs: torch.Tensor, seed: int
-                   ) -> tuple[StoredTensor, float]:
-    """A row-sampled layer's probe weight: the whole layer rounded to nearest in fmt (GPTQ saw only
-    its sampled rows), and its Fisher estimate on the same rows as the sweep's (same seed)."""
-    weight = get_module(loaded.model, name).weight.data.float()
-    rows, row_weight = sampled_rows(weight, h, fisher_outputs, seed=seed)
-    rounded = quantize_rtn_any(weight, fmt)
-    dw = (rounded.dequantize().float() - weight)[rows]
-    return StoredTensor.of(rounded), fisher_weighted_error(dw, h / 2, fisher_outputs[rows] * row_weight)
-
-
-def whole_model_kl(loaded: LoadedModel, quantized: Mapping[str, AnyQuantizedTensor | StoredTensor], slice_kl: _SliceKL) -> float:
-    """slice_kl() with every layer in `quantized` (name -> its quantized weight) swapped in at once;
-    the original weights are put back after."""
-    originals: dict[str, torch.Tensor] = {}
-    try:
-        for name, q in quantized.items():
-            weight = get_module(loaded.model, name).weight
-            originals[name] = weight.data.clone()
-            weight.data.copy_(q.dequantize())
-        return slice_kl()
-    finally:
-        for name, w in originals.items():
-            get_module(loaded.model, name).weight.data.copy_(w)
-
-
 def layer_bytes(loaded: LoadedModel, formats: Sequence[Format], embed_choices: Sequence[Choice] = ()
                 ) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, int]]]:
     """The layers of a plan and their exact bytes in each candidate: (shapes, nbytes), as in the
@@ -372,22 +285,8 @@ def measure_sensitivity(
 
     probes = linear_from.probes if linear_from is not None else ()
     if probing:
-        kinds = list(dict.fromkeys(layer_kind(n) for n in names))
-        probes = []
-        for fmt in tqdm(formats, desc="scale probes", unit="format", disable=not progress):
-            for kind in kinds:
-                parts = probe_parts([n for n in names if layer_kind(n) == kind])
-                predicted = measured = 0.0
-                for layers in parts:
-                    weights = {n: probe_weights[fmt.name].pop(n) for n in layers if n not in sampled}
-                    predicted += sum(damages[n][fmt.name] for n in weights)
-                    for n in [n for n in layers if n in sampled]:
-                        weights[n], damage = _rounded_probe(loaded, n, fmt, hessians.hessians[n], fisher.outputs[n], sampled[n])
-                        predicted += damage
-                    measured += whole_model_kl(loaded, weights, slice_kl)
-                probes.append(ScaleProbe(kind=kind, format=fmt.name, tokens=held_back_tokens, predicted=predicted,
-                                         measured=measured, parts=len(parts)))
-        probes = tuple(probes)
+        probes = scale_probes(loaded, names, formats, damages, probe_weights, sampled, hessians, fisher, slice_kl,
+                              held_back_tokens, progress=progress)
         scales = probe_scales(probes)
         for name in names:
             damages[name] = {f: d * scales[(layer_kind(name), f)] for f, d in damages[name].items()}
