@@ -80,15 +80,18 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def rewrite_results(name: str, notes: list[str], markdown: Callable[[dict], str], script: str) -> tuple[Path, Path]:
+def rewrite_results(name: str, notes: list[str], markdown: Callable[[dict], str], script: str,
+                    replace: dict | None = None) -> tuple[Path, Path]:
     """A script's --report-only: bench/results/NAME.md rendered again from NAME.json by `markdown`,
-    measuring nothing; the notes given (caveats) replace the stored ones, none given keeps them."""
+    measuring nothing; the notes given (caveats) replace the stored ones, none given keeps them;
+    `replace`: payload fields read again from other results files (e.g. a section of other runs)."""
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         raise SystemExit(f"{script}: --report-only: no results file {path}")
     payload = json.loads(path.read_text())
     if notes:
         payload["notes"] = notes
+    payload.update(replace or {})
     return write_results(name, payload, markdown(payload))
 
 

@@ -58,7 +58,7 @@ from tightfit.stages.allocate import Budget  # noqa: E402
 from tightfit.stages.sensitivity import METHOD_TEXT, METHODS, probes_text  # noqa: E402
 
 SCALE_RUNS = tuple(Path(__file__).resolve().parent / "results" / f"compress_qwen15-bpw{b}.json"
-                   for b in ("2.5-s9", "3.0-s10", "3.5-s9", "4.0-s10"))
+                   for b in ("2.5-s16", "3.0-s15", "3.5-s16", "4.0-s16"))
 SCALE_PEERS = Path(__file__).resolve().parent / "results" / "peers_qwen15.json"
 UNIFORM = ("w2g32", "w2g16", "w3g128", "w3g64", "w3g32", "w4g128")
 WORK = Path(__file__).resolve().parents[1] / ".cache" / "planner"
@@ -110,10 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--note", action="append", default=[], help="a caveat printed under the tables (e.g. that the "
                     "machine was shared during the run, so the seconds are high)")
     ap.add_argument("--report-only", action="store_true", help="measure nothing: planner.md again from planner.json, "
-                    "with the --note caveats given (they replace the stored ones; none given keeps them)")
+                    "with the --note caveats given (they replace the stored ones; none given keeps them) and the "
+                    "bigger model's section read again from --scale-runs")
     args = ap.parse_args(argv)
-    if args.report_only:
-        print("written:", *rewrite_results("planner", args.note, markdown, "planner.py"))
+    if args.report_only:  # the bigger model's section is read again from --scale-runs (other runs' JSONs)
+        scale = scale_section([Path(p) for p in args.scale_runs.split(",") if p.strip()], args.scale_peers)
+        print("written:", *rewrite_results("planner", args.note, markdown, "planner.py", replace={"scale": scale}))
         return
     t0 = time.perf_counter()
     methods = [m.strip() for m in args.sensitivity.split(",") if m.strip()]
