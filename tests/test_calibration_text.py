@@ -275,3 +275,17 @@ def test_plan_report_says_what_it_was_calibrated_on(tiny_model_dir: Path, tiny_t
     printed = capsys.readouterr().out
     assert f"calibrated on {tiny_text_file},self:64 (4 windows x 32 tokens: {tiny_text_file} 2, self 2)" in printed
     assert (tmp_path / "work" / calibrate_stage.SELF_FILE).is_file()
+
+
+def test_calib_dtype_auto_is_bf16_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from tightfit.cli import common
+
+    args = argparse.Namespace(calib_text="wiki", calib_samples=None, calib_len=None, calib_dtype="auto")
+    assert common._calibration_config(args).forward_dtype == ("bf16" if common.native_bf16() else "fp32")
+    for native, dtype in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(common, "native_bf16", lambda native=native: native)
+        assert common._calibration_config(args).forward_dtype == dtype
+        for explicit in ("fp32", "bf16"):  # an explicit choice stands either way
+            assert common._calibration_config(argparse.Namespace(**{**vars(args), "calib_dtype": explicit})).forward_dtype == explicit

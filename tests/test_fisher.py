@@ -352,3 +352,21 @@ def test_the_sweep_in_forked_workers_scores_as_in_this_process(method, tiny_mode
     assert one.damages == two.damages and one.proxy == two.proxy and one.probes == two.probes
     assert list(one.damages) == list(two.damages), "layer order whichever block finished first"
     assert (len(one.probes) > 0) == (method == "fisher")
+
+
+def test_slice_kl_in_bf16_reads_what_a_change_adds_not_bf16s_own_rounding(tiny_model_dir, tiny_text_file):
+    """The fisher method's probes run in the calibration's forward precision: the original model's KL
+    under bf16 (its own rounding) is measured once and subtracted, so the unchanged model reads 0 and a
+    quantized layer about what it reads in fp32; replaying the blocks before it changes nothing."""
+    loaded = load_model(str(tiny_model_dir))
+    _, held_back = _calibration(loaded, tiny_text_file, n=4, seq_len=64)
+    exact = sensitivity._SliceKL(loaded, held_back)
+    bf16 = sensitivity._SliceKL(loaded, held_back, CalibrationConfig(forward_dtype="bf16").forward_precision)
+    assert exact.base == 0.0 and bf16.base > 0 and exact() == 0.0 and bf16() == pytest.approx(0.0, abs=1e-7)
+    name = linear_layer_names(loaded.model, loaded.arch)[-3]  # a layer of the last block
+    block = int(name.split(".")[2])
+    quantized = {name: quantize_rtn_any(get_module(loaded.model, name).weight.data.float(), parse_format("w2g32"))}
+    fp32_kl = sensitivity.whole_model_kl(loaded, quantized, exact)
+    assert fp32_kl > 10 * bf16.base
+    assert sensitivity.whole_model_kl(loaded, quantized, bf16) == pytest.approx(fp32_kl, rel=0.1)
+    assert sensitivity.whole_model_kl(loaded, quantized, lambda: exact(block)) == pytest.approx(fp32_kl, rel=1e-5)

@@ -123,6 +123,21 @@ def test_codes_are_the_nearest_level(grid):
     assert torch.allclose((w - w_hat).abs(), nearest, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("levels", [GRIDS["nl4"], GRIDS["nf4"], (-8, -3, 0, 5), (-2, -1, 0, 1), (-1.5, 0.25, 2.0)])
+def test_nearest_level_by_lookup_is_the_binary_search_on_midpoints_ties_to_the_lower(levels):
+    """Integer tables take a lookup of ceil(2x); any table gives what bucketize on the midpoints gives:
+    ties (x exactly on a midpoint) to the lower level, far outside the table to its ends."""
+    table = torch.tensor(levels, dtype=torch.float32)
+    mids = (table[1:] + table[:-1]) / 2
+    x = torch.cat([gaussian(64, 512).flatten() * 60, torch.arange(-300, 300, 0.25), mids,
+                   torch.nextafter(mids, torch.full_like(mids, 1e9)), torch.nextafter(mids, torch.full_like(mids, -1e9)),
+                   torch.tensor([1e30, -1e30, float("inf"), -float("inf"), 0.0, -0.0])])
+    x = x[: x.numel() // 4 * 4]
+    codes = nearest_level(x.reshape(4, -1), table)
+    assert codes.dtype == torch.uint8 and codes.shape == (4, x.numel() // 4)
+    assert torch.equal(codes.flatten(), torch.bucketize(x, mids).to(torch.uint8))
+
+
 @pytest.mark.parametrize("grid", list(GRIDS))
 def test_values_are_levels_times_a_signed_scale(grid):
     q = quantize_grid_rtn(gaussian(64, 128, seed=2), GridFormat(grid, 32))

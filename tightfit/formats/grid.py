@@ -136,11 +136,31 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     The midpoints between consecutive (sorted) levels cut the level axis into E intervals; a tie
     goes to the lower level.
     """
+    if levels.dim() == 1 and _integral(levels):
+        return _nearest_integral_level(x, levels)
     mids = (levels[..., 1:] + levels[..., :-1]) / 2  # [..., 15]
     if levels.dim() == 1:
         return torch.bucketize(x, mids).to(torch.uint8)
     mids = mids.expand(*x.shape[:-1], mids.shape[-1]).contiguous()
     return torch.searchsorted(mids, x.contiguous()).to(torch.uint8)
+
+
+def _integral(levels: torch.Tensor) -> bool:
+    """Whether a table's levels are small integers (the grids' and learned tables' int8 levels)."""
+    return bool((levels == levels.round()).all()) and float(levels.abs().max()) <= 1024
+
+
+def _nearest_integral_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """nearest_level for one table of sorted integer levels, by lookup instead of a binary search
+    (torch.bucketize is scalar code: 16 ms for the [1536, 30, 32] candidates of a scale search, this
+    2 ms). Twice a midpoint is an integer m2, and m2 < 2x exactly when m2 < ceil(2x), so
+    the code (the number of midpoints below x: ties go to the lower level) is a table of ceil(2x),
+    clamped to the range where it changes."""
+    mids2 = (levels[1:] + levels[:-1]).to(torch.int64)  # [E-1] twice the midpoints, integers, sorted
+    lo, hi = int(mids2[0]), int(mids2[-1]) + 1  # ceil(2x) <= lo: code 0; >= hi: the last code
+    table = torch.bucketize(torch.arange(lo, hi + 1, dtype=torch.int64), mids2, right=False).to(torch.uint8)
+    t = torch.ceil(x * 2).clamp_(lo, hi).sub_(lo).to(torch.int32)
+    return table.index_select(0, t.reshape(-1)).reshape(x.shape)
 
 
 def level_values(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
