@@ -97,7 +97,8 @@ def compress(
     # given Hessians need no calibration windows, unless SmoothAttention takes key scales from them
     if (request.quantize.method == "gptq" and hessians is None) or request.quantize.smooth_attention is not None:
         t = time.perf_counter()
-        on_stage(f"calibration text: {request.calibration.n_samples} x {request.calibration.seq_len} tokens of {request.calibration.text}")
+        on_stage(f"calibration text: {request.calibration.n_samples} x {request.calibration.seq_len} tokens of {request.calibration.text} "
+                 f"(forwards in {request.calibration.forward_dtype})")
         calibration = calibrate_stage.calibrate(loaded.tokenizer, request.calibration, loaded=loaded, work=work,
                                                 progress=request.progress)
         seconds["calibrate"] = time.perf_counter() - t

@@ -270,7 +270,8 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     t = time.perf_counter()
     cal = request.calibration
     held_back = request.slice_windows if sensitivity_stage.uses_held_back(request.sensitivity, loaded.streamed) else 0
-    on_stage(f"calibration text: {cal.n_samples} + {held_back} held-back windows of {cal.seq_len} tokens of {cal.text}")
+    on_stage(f"calibration text: {cal.n_samples} + {held_back} held-back windows of {cal.seq_len} tokens of {cal.text} "
+             f"(forwards in {cal.forward_dtype})")
     calibration, held_back_tokens = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, cal, held_back, loaded=loaded,
                                                                              work=work, progress=request.progress)
     seconds["calibrate"] = time.perf_counter() - t
