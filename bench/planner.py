@@ -102,9 +102,10 @@ def main(argv: list[str] | None = None) -> None:
                     "measured (the others are read from --work's cache when there); '' for none")
     ap.add_argument("--work", type=Path, default=WORK, help=f"cache of Hessians and sensitivity tables (default {WORK})")
     ap.add_argument("--heldback-windows", type=int, default=4, help="held-back calibration windows the whole plans' real KL is measured on")
-    ap.add_argument("--scale-runs", default=",".join(str(p) for p in SCALE_RUNS),
+    ap.add_argument("--scale-runs", default=None,
                     help="JSONs of bench/compress_run.py runs of `tightfit compress BIGGER --bpw B` (the cheap estimate), "
-                         "shown beside --scale-peers; '' for none")
+                         "shown beside --scale-peers; '' for none (default: the runs listed in SCALE_RUNS; with "
+                         "--report-only, given: the stored section is read again from them)")
     ap.add_argument("--scale-peers", type=Path, default=SCALE_PEERS,
                     help="bench/peers.py JSON of the same bigger model on the same windows: the plans' rivals")
     ap.add_argument("--note", action="append", default=[], help="a caveat printed under the tables (e.g. that the "
@@ -113,9 +114,10 @@ def main(argv: list[str] | None = None) -> None:
                     "with the --note caveats given (they replace the stored ones; none given keeps them) and the "
                     "bigger model's section read again from --scale-runs")
     args = ap.parse_args(argv)
-    if args.report_only:  # the bigger model's section is read again from --scale-runs (other runs' JSONs)
-        scale = scale_section([Path(p) for p in args.scale_runs.split(",") if p.strip()], args.scale_peers)
-        print("written:", *rewrite_results("planner", args.note, markdown, "planner.py", replace={"scale": scale}))
+    scale_runs = [Path(p) for p in (args.scale_runs.split(",") if args.scale_runs is not None else SCALE_RUNS) if str(p).strip()]
+    if args.report_only:  # given --scale-runs, the bigger model's section is read again from those runs' JSONs
+        replace = None if args.scale_runs is None else {"scale": scale_section(scale_runs, args.scale_peers)}
+        print("written:", *rewrite_results("planner", args.note, markdown, "planner.py", replace=replace))
         return
     t0 = time.perf_counter()
     methods = [m.strip() for m in args.sensitivity.split(",") if m.strip()]
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     candidates = tuple(f.strip() for f in args.candidates.split(",") if f.strip())
 
     # the bigger model's section is read first: a bad file fails the run now, not after an hour's work
-    scale = scale_section([Path(p) for p in args.scale_runs.split(",") if p.strip()], args.scale_peers)
+    scale = scale_section(scale_runs, args.scale_peers)
     loaded = load_model(args.model)
     cal = PlanRequest.calibration
     hessians = original_hessians(loaded, cal, args.work, True, print)

@@ -70,6 +70,9 @@ def test_planner_report_only_renders_its_json_with_the_notes_given(tmp_path, mon
     assert (tmp_path / "planner.md").read_text() == md + "\n## Caveats\n\n- shared machine\n"
     planner.main(["--report-only"])
     assert (tmp_path / "planner.md").read_text().endswith("- shared machine\n")
+    stored = json.loads((tmp_path / "planner.json").read_text())
+    planner.main(["--report-only", "--scale-runs", ""])  # given: the bigger model's section is read again (none)
+    assert json.loads((tmp_path / "planner.json").read_text()) == {**stored, "scale": None}
     (tmp_path / "planner.json").unlink()
     with pytest.raises(SystemExit, match="planner.py: --report-only: no results file"):
         planner.main(["--report-only"])
