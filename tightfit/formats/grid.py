@@ -25,6 +25,7 @@ Names: `{grid}g{group}` or `{grid}pc`, optionally `-bf16` or `-dq` (double-quant
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -136,8 +137,11 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     The midpoints between consecutive (sorted) levels cut the level axis into E intervals; a tie
     goes to the lower level.
     """
-    if levels.dim() == 1 and _integral(levels):
-        return _nearest_integral_level(x, levels)
+    lookup = _integral_lookup(tuple(levels.tolist())) if levels.dim() == 1 else None
+    if lookup is not None:
+        table, lo, hi = lookup
+        t = torch.ceil(x * 2).clamp_(lo, hi).sub_(lo).to(torch.int32)
+        return table.index_select(0, t.reshape(-1)).reshape(x.shape)
     mids = (levels[..., 1:] + levels[..., :-1]) / 2  # [..., 15]
     if levels.dim() == 1:
         return torch.bucketize(x, mids).to(torch.uint8)
@@ -145,22 +149,20 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids, x.contiguous()).to(torch.uint8)
 
 
-def _integral(levels: torch.Tensor) -> bool:
-    """Whether a table's levels are small integers (the grids' and learned tables' int8 levels)."""
-    return bool((levels == levels.round()).all()) and float(levels.abs().max()) <= 1024
-
-
-def _nearest_integral_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """nearest_level for one table of sorted integer levels, by lookup instead of a binary search
-    (torch.bucketize is scalar code: 16 ms for the [1536, 30, 32] candidates of a scale search, this
-    2 ms). Twice a midpoint is an integer m2, and m2 < 2x exactly when m2 < ceil(2x), so
-    the code (the number of midpoints below x: ties go to the lower level) is a table of ceil(2x),
-    clamped to the range where it changes."""
-    mids2 = (levels[1:] + levels[:-1]).to(torch.int64)  # [E-1] twice the midpoints, integers, sorted
-    lo, hi = int(mids2[0]), int(mids2[-1]) + 1  # ceil(2x) <= lo: code 0; >= hi: the last code
-    table = torch.bucketize(torch.arange(lo, hi + 1, dtype=torch.int64), mids2, right=False).to(torch.uint8)
-    t = torch.ceil(x * 2).clamp_(lo, hi).sub_(lo).to(torch.int32)
-    return table.index_select(0, t.reshape(-1)).reshape(x.shape)
+@lru_cache(maxsize=64)
+def _integral_lookup(levels: tuple[float, ...]) -> tuple[torch.Tensor, int, int] | None:
+    """nearest_level for one table of sorted small integer levels (the grids' and learned tables'
+    int8 levels) by lookup instead of a binary search (torch.bucketize is scalar code: 16 ms for the
+    [1536, 30, 32] candidates of a scale search, the lookup 2 ms): (codes [hi - lo + 1] uint8, lo, hi),
+    the code of x being codes[clamp(ceil(2x), lo, hi) - lo]; None for other tables. Twice a midpoint
+    is an integer m2, and m2 < 2x exactly when m2 < ceil(2x), so the code (the number of midpoints
+    below x: ties go to the lower level) is a function of ceil(2x), constant below the first m2 and
+    above the last. Cached per table: GPTQ asks once per column."""
+    if len(levels) < 2 or not all(math.isfinite(v) and v == round(v) and abs(v) <= 1024 for v in levels):
+        return None
+    mids2 = torch.tensor([round(a + b) for a, b in zip(levels[1:], levels[:-1])], dtype=torch.int64)  # sorted
+    lo, hi = int(mids2[0]), int(mids2[-1]) + 1
+    return torch.bucketize(torch.arange(lo, hi + 1, dtype=torch.int64), mids2).to(torch.uint8), lo, hi
 
 
 def level_values(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

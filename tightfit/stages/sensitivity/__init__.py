@@ -196,10 +196,10 @@ class _SliceKL:
         self.block_inputs = [captured.hidden[0]]  # hidden states entering each block, whole slice as one batch
         for i, block in enumerate(block_list(model, arch)[:-1]):
             self.block_inputs.append(run_block(block, self.block_inputs[-1], captured.extra[i][0]))
-        self.base = 0.0
         self.base = self._kl(0)
 
     def _kl(self, start: int) -> float:
+        """KL(original fp32 || the model as it is now, under `precision`) per token, before the base."""
         model, arch = self.loaded.model, self.loaded.arch
         with self.precision():
             if start == 0:
@@ -207,10 +207,10 @@ class _SliceKL:
             else:
                 with replay_blocks(model, arch, start, self.block_inputs[start]):
                     logq = next_token_log_probs(model, self.tokens)
-        return kl_per_token(self.logp, logq.float()) - self.base
+        return kl_per_token(self.logp, logq.float())
 
     def __call__(self, start: int = 0) -> float:
-        return max(self._kl(start), 0.0)
+        return max(self._kl(start) - self.base, 0.0)
 
 
 def layer_bytes(loaded: LoadedModel, formats: Sequence[Format], embed_choices: Sequence[Choice] = ()
