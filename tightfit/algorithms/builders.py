@@ -17,6 +17,7 @@ from tightfit.formats.grid import (
     grid_levels,
     level_values,
     nearest_level,
+    nearest_value,
     quantize_grid_rtn,
 )
 from tightfit.formats.double_quant import choose_super_scales, snap_group
@@ -165,7 +166,7 @@ class GridBuilder(SuperScaled):
     def _error(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Squared rounding error [N] of the group w [N, g] on the signed scale [N]."""
         s = scale.unsqueeze(1)
-        return (level_values(nearest_level(w / s, self.levels), self.levels) * s - w).square().sum(1)
+        return (nearest_value(w / s, self.levels) * s - w).square().sum(1)
 
     def quantize_column(self, col: int, w: torch.Tensor) -> torch.Tensor:
         q = nearest_level(w.unsqueeze(1) / self._scale, self.levels)  # [N, 1]

@@ -139,9 +139,7 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """
     lookup = _integral_lookup(tuple(levels.tolist())) if levels.dim() == 1 else None
     if lookup is not None:
-        table, lo, hi = lookup
-        t = torch.ceil(x * 2).clamp_(lo, hi).sub_(lo).to(torch.int32)
-        return table.index_select(0, t.reshape(-1)).reshape(x.shape)
+        return _looked_up(x, lookup[0], *lookup[2:])
     mids = (levels[..., 1:] + levels[..., :-1]) / 2  # [..., 15]
     if levels.dim() == 1:
         return torch.bucketize(x, mids).to(torch.uint8)
@@ -149,12 +147,27 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids, x.contiguous()).to(torch.uint8)
 
 
+def nearest_value(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """level_values(nearest_level(x, levels), levels): the nearest levels themselves, fp32 [..., g]
+    (for one table of integer levels in one lookup, without the codes)."""
+    lookup = _integral_lookup(tuple(levels.tolist())) if levels.dim() == 1 else None
+    if lookup is not None:
+        return _looked_up(x, lookup[1], *lookup[2:])
+    return level_values(nearest_level(x, levels), levels)
+
+
+def _looked_up(x: torch.Tensor, table: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """table[clamp(ceil(2x), lo, hi) - lo], shaped like x (see _integral_lookup)."""
+    t = torch.ceil(x * 2).clamp_(lo, hi).sub_(lo).to(torch.int32)
+    return table.index_select(0, t.reshape(-1)).reshape(x.shape)
+
+
 @lru_cache(maxsize=64)
-def _integral_lookup(levels: tuple[float, ...]) -> tuple[torch.Tensor, int, int] | None:
+def _integral_lookup(levels: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
     """nearest_level for one table of sorted small integer levels (the grids' and learned tables'
     int8 levels) by lookup instead of a binary search (torch.bucketize is scalar code: 16 ms for the
-    [1536, 30, 32] candidates of a scale search, the lookup 2 ms): (codes [hi - lo + 1] uint8, lo, hi),
-    the code of x being codes[clamp(ceil(2x), lo, hi) - lo]; None for other tables. Twice a midpoint
+    [1536, 30, 32] candidates of a scale search, the lookup 2 ms): (codes [hi - lo + 1] uint8, their
+    levels fp32, lo, hi), the code of x being codes[clamp(ceil(2x), lo, hi) - lo]; None for other tables. Twice a midpoint
     is an integer m2, and m2 < 2x exactly when m2 < ceil(2x), so the code (the number of midpoints
     below x: ties go to the lower level) is a function of ceil(2x), constant below the first m2 and
     above the last. Cached per table: GPTQ asks once per column."""
@@ -162,7 +175,8 @@ def _integral_lookup(levels: tuple[float, ...]) -> tuple[torch.Tensor, int, int]
         return None
     mids2 = torch.tensor([round(a + b) for a, b in zip(levels[1:], levels[:-1])], dtype=torch.int64)  # sorted
     lo, hi = int(mids2[0]), int(mids2[-1]) + 1
-    return torch.bucketize(torch.arange(lo, hi + 1, dtype=torch.int64), mids2).to(torch.uint8), lo, hi
+    codes = torch.bucketize(torch.arange(lo, hi + 1, dtype=torch.int64), mids2).to(torch.uint8)
+    return codes, torch.tensor(levels, dtype=torch.float32)[codes.long()], lo, hi
 
 
 def level_values(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -223,10 +237,10 @@ def choose_level_scale(w: torch.Tensor, levels: torch.Tensor, fmt: GroupedFormat
     x = w.unsqueeze(-2)  # [..., 1, g]
     wt = torch.ones_like(x) if weight is None else weight.unsqueeze(-2)  # [..., 1, g]
     s = round_signed_scale(m / ends, fmt).unsqueeze(-1)  # [..., C, 1]
-    q = level_values(nearest_level(x / s, table), table)  # [..., C, g] levels of the nearest codes
+    q = nearest_value(x / s, table)  # [..., C, g] levels of the nearest codes
     num, den = (wt * x * q).sum(-1, keepdim=True), (wt * q * q).sum(-1, keepdim=True)  # [..., C, 1]
     s = round_signed_scale(torch.where((den > 0) & (num != 0), num / den.clamp_min(1e-30), s), fmt)  # refit
-    err = (wt * (x - level_values(nearest_level(x / s, table), table) * s).square()).sum(-1)  # [..., C]
+    err = (wt * (x - nearest_value(x / s, table) * s).square()).sum(-1)  # [..., C]
     best = s[..., 0].gather(-1, err.argmin(dim=-1, keepdim=True))[..., 0]  # [...]; argmin: first minimum
     return torch.where(zero_group, round_signed_scale(torch.zeros_like(best), fmt), best)
 

@@ -33,6 +33,7 @@ from tightfit.formats.grid import (
     GRIDS,
     level_values,
     nearest_level,
+    nearest_value,
     quantize_levels_rtn,
     unpack_codes_and_scales,
 )
@@ -150,7 +151,7 @@ def init_levels(bits: int) -> torch.Tensor:
 def table_error(x: torch.Tensor, kw: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """The k-means objective per table: x, kw [R, M] (weights in level units and their weights),
     levels [R, E] -> [R] sum_j kw_j (x_j - L[q_j])^2 over the nearest levels q_j."""
-    return (kw * (x - level_values(nearest_level(x, levels), levels)).square()).sum(-1)
+    return (kw * (x - nearest_value(x, levels)).square()).sum(-1)
 
 
 def lloyd_levels(x: torch.Tensor, kw: torch.Tensor, init: torch.Tensor, iterations: int = LLOYD_ITERATIONS) -> torch.Tensor:
