@@ -230,6 +230,60 @@ def test_budgeted_compress_quantizes_with_the_planners_hessians(tiny_model_dir, 
     assert "--sequential applies to planned compression" in capsys.readouterr().err
 
 
+def test_a_plan_hands_its_sweeps_gptq_results_to_the_quantize_stage(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    """The fisher sweep GPTQ-quantized every layer in every candidate with the original Hessians: the plan
+    keeps the results of its choices (exactly the sweep's, format by format), the quantize stage takes
+    them as they are when its settings match, and quantizes again when they do not (another --damp,
+    SmoothAttention, RTN) or when the table came from the cache (nothing kept)."""
+    from tightfit.artifacts import QuantizeConfig
+    from tightfit.pipeline import PlanRequest, make_plan
+    from tightfit.pipeline.planning import original_hessians
+    from tightfit.stages import quantize as quantize_stage
+    from tightfit.stages.allocate import Budget
+
+    loaded = load_model(str(tiny_model_dir))
+    calib = CalibrationConfig(text=str(tiny_text_file), n_samples=8, seq_len=64)
+    request = PlanRequest(model=str(tiny_model_dir), budget=Budget(max_bpw=3.4), work=tmp_path / "work",
+                          formats=("w2g32", "w4g64"), calibration=calib, progress=False)
+    report = make_plan(request, loaded)
+    ready, plan = report.ready, report.plan
+    linear = {n: f for n, f in plan.quantized.items() if n not in (loaded.arch.embeddings, loaded.arch.head)}
+    assert ready is not None and set(ready.layers) == set(linear) and {f.name for f in linear.values()} == {"w2g32", "w4g64"}
+    hessians = original_hessians(loaded, calib, tmp_path / "work", False, lambda _: None)
+    formats = [parse_format("w2g32"), parse_format("w4g64")]
+    for name, fmt in linear.items():
+        weight, loss = ready.layers[name]
+        swept = gptq_quantize_many(get_module(loaded.model, name).weight.data, hessians.hessians[name], formats, damp=0.01)
+        # the sweep ran in a forked worker (one thread: other rounding in the products, a rare tie decided otherwise)
+        same = weight.dequantize() == swept[[f.name for f in formats].index(fmt.name)].quantized.dequantize()
+        assert weight.fmt == fmt and same.float().mean() > 0.99, (name, same.float().mean())
+        assert loss == report.sensitivity.proxy[name][fmt.name] and loss == pytest.approx(swept[0].loss if fmt == formats[0] else swept[1].loss, rel=0.05)
+
+    config = QuantizeConfig(fmt=formats[0], plan=plan.quantized)
+    assert ready.usable_with(config)
+    assert not any(ready.usable_with(dataclasses.replace(config, **c))
+                   for c in ({"damp": 0.02}, {"method": "rtn"}, {"smooth_attention": 0.5}, {"act_order": False}))
+    taken = quantize_stage.quantize_model(loaded, None, config, hessians=hessians, ready=ready, progress=False)
+    again = quantize_stage.quantize_model(loaded, None, config, hessians=hessians, progress=False)
+    for name in linear:
+        assert torch.equal(taken.layers[name].dequantize(), ready.layers[name][0].dequantize())
+        assert taken.reports[name].loss == ready.layers[name][1]
+    # its own column order (not the sweep's nested one): other codes, a GPTQ objective of the same size
+    assert any(not torch.equal(again.layers[n].dequantize(), taken.layers[n].dequantize()) for n in linear)
+    assert sum(again.reports[n].loss for n in linear) == pytest.approx(sum(taken.reports[n].loss for n in linear), rel=0.2)
+    with pytest.raises(ValueError, match="ready GPTQ results need"):
+        quantize_stage.quantize_model(loaded, None, dataclasses.replace(config, damp=0.02), hessians=hessians, ready=ready)
+    assert make_plan(request, loaded).ready is None  # the table from the cache: no results kept
+
+    common = _flags(tiny_text_file, tmp_path / "cli")
+    for extra, taken_line in (([], True), (["--damp", "0.02"], False)):
+        assert main(["compress", str(tiny_model_dir), "--bpw", "3.4", "--out", str(tmp_path / f"cli{len(extra)}"), "--no-eval",
+                     *common, *extra]) == 0
+        printed = capsys.readouterr()
+        assert ("taken from the sensitivity sweep" in printed.out + printed.err) == taken_line
+        common[-1] = str(tmp_path / "cli2" / "work")  # a fresh work folder: the sweep runs again
+
+
 def test_compress_evaluates_through_the_fast_engine(tiny_model_dir, tiny_text_file, tmp_path, capsys):
     out = tmp_path / "fast"
     assert main(["compress", str(tiny_model_dir), "--format", "w4g64", "--out", str(out), "--eval-engine", "fast",

@@ -242,6 +242,25 @@ class LayerReport:
     seconds: float
 
 
+@dataclass(frozen=True)
+class ReadyLayers:
+    """GPTQ results made before the quantize stage from the original model's Hessians (the fisher
+    sensitivity sweep's, in the formats a plan chose): layer -> (its quantized weight, the GPTQ
+    objective). The sweep visits the columns of all its candidates in one nested order
+    (algorithms.gptq.nested_group_order), so a result differs from a GPTQ run of its format alone
+    only in the order inside its groups; the sensitivity that chose the format scored exactly it.
+    `settings` are the GPTQ settings it was made with (QuantizeConfig's names)."""
+
+    layers: Mapping[str, tuple[StoredTensor, float]]
+    settings: Mapping[str, Any]
+
+    def usable_with(self, config: "QuantizeConfig") -> bool:
+        """Whether the quantize stage with `config` and the same Hessians would make these layers the
+        same way (GPTQ, same settings, no SmoothAttention changing q/k before GPTQ)."""
+        return (config.method == "gptq" and config.smooth_attention is None
+                and all(getattr(config, k) == v for k, v in self.settings.items()))
+
+
 @dataclass
 class QuantizedModel:
     """Output of the quantize stage.

@@ -150,7 +150,7 @@ def _cmd_compress(args) -> int:
         raise TightfitError(f"--context and --kv describe the decode a planner's latency budget is for; they do not combine with {given[0]}")
     if not given and args.bpw is None and args.max_size is None and args.max_latency is None:
         raise TightfitError("compress needs one of --format, --bpw, --max-size, --max-latency or --plan")
-    loaded = plan = hessians = None
+    loaded = plan = hessians = ready = None
     if args.sequential and (args.format is not None or args.plan is not None):
         raise TightfitError("--sequential applies to planned compression (--bpw, --max-size, --max-latency): "
                             "--format and --plan always collect Hessians block by block")
@@ -194,6 +194,7 @@ def _cmd_compress(args) -> int:
             plan = planned.plan
             if args.method == "gptq" and not args.sequential:
                 hessians = original_hessians(loaded, plan_request.calibration, plan_request.work, True, _status)
+                ready = planned.ready  # the sensitivity sweep's GPTQ results of the chosen formats, when it ran now
         fmt = Counter(plan.quantized.values()).most_common(1)[0][0]
     embed = None if args.embed_format is None else format_or_none(parse_choice(args.embed_format))
     layers = None
@@ -213,7 +214,7 @@ def _cmd_compress(args) -> int:
         evaluation=None if args.no_eval else _eval_config(args),
         eval_engine=eval_engine,
     )
-    report = compress(request, loaded, on_stage=_status, hessians=hessians)
+    report = compress(request, loaded, on_stage=_status, hessians=hessians, ready=ready)
     report.seconds["load"] = load_seconds
     s = report.summary
     rows = []

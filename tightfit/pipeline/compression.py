@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tightfit.artifacts import CalibrationConfig, HessianSet, QuantizeConfig, config_to_json
+from tightfit.artifacts import CalibrationConfig, HessianSet, QuantizeConfig, ReadyLayers, config_to_json
 from tightfit.evaluate import EvalConfig, EvalResult
 from tightfit.formats.packed import PackedModel, read_manifest
 from tightfit.model import LoadedModel, load_model
@@ -77,13 +77,15 @@ def packed_file_bytes(path: Path) -> int:
 
 def compress(
     request: CompressRequest, loaded: LoadedModel | None = None, on_stage: Callable[[str], None] = lambda _: None,
-    *, hessians: HessianSet | None = None,
+    *, hessians: HessianSet | None = None, ready: ReadyLayers | None = None,
 ) -> CompressReport:
     """Run the whole pipeline for one uniform format; resumes from the work folder if present.
 
     on_stage(message) is called as each stage starts (the CLI prints it). hessians: GPTQ takes
     these (the original model's, collected once) instead of collecting them sequentially through
-    the layers already quantized: much faster when many models are made from one source.
+    the layers already quantized: much faster when many models are made from one source. ready:
+    layers GPTQ already made from these Hessians (a plan's sweep, `PlanReport.ready`), taken as they
+    are where `request.quantize` has their settings.
     """
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -104,10 +106,15 @@ def compress(
         seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if hessians is None or ready is None or not ready.usable_with(request.quantize):
+        ready = None
+    else:
+        on_stage(f"GPTQ results of {len(ready.layers)} layers taken from the sensitivity sweep (same Hessians and settings)")
     if (work / "quantize" / "job.json").exists():
         on_stage(f"resuming from finished blocks in {work}")
     qmodel = quantize_stage.quantize_model(
-        loaded, calibration, request.quantize, hessians=hessians, checkpoint_dir=work / "quantize", progress=request.progress
+        loaded, calibration, request.quantize, hessians=hessians,
+        ready=ready, checkpoint_dir=work / "quantize", progress=request.progress,
     )
     seconds["quantize"] = time.perf_counter() - t
     release_freed_memory()

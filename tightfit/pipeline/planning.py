@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tightfit.artifacts import CalibrationConfig, CalibrationSet, Choice, FisherSet, HessianSet, config_to_json, parse_choice
+from tightfit.artifacts import (CalibrationConfig, CalibrationSet, Choice, FisherSet, HessianSet, ReadyLayers, config_to_json,
+                                parse_choice)
 from tightfit.errors import CorruptCacheError, InfeasibleBudget, TightfitError
 from tightfit.formats.files import atomic_write_json, load_checked_json, warn_recomputed
 from tightfit.formats.registry import parse_format
@@ -107,7 +108,8 @@ class PlanReport:
     """plan: the allocation; choices: every layer's candidates as the allocate stage saw them;
     sensitivity_origin: how the table came about ("cached": read from the work folder; "lent": the
     linear layers' scores from a cached table made for other embedding candidates, the embeddings
-    scored now; "scored": every layer scored now)."""
+    scored now; "scored": every layer scored now); ready: the sensitivity sweep's GPTQ results of the
+    plan's choices, when it ran now and kept them (the quantize stage can take them as they are)."""
 
     plan: Plan
     sensitivity: SensitivityTable
@@ -116,6 +118,7 @@ class PlanReport:
     latency: LatencyTable | None = None
     calibration: CalibrationSet | None = None  # what the Hessians, Fisher and sensitivities were measured on
     sensitivity_origin: str = "scored"
+    ready: ReadyLayers | None = None
 
 
 HEADER_ALLOWANCE = 200_000  # bytes of safetensors header reserved when budgeting a whole file
@@ -173,9 +176,11 @@ def original_fisher(loaded: LoadedModel, calibration: CalibrationSet, windows: i
 
 
 def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list[Choice], calibration: CalibrationSet,
-                 held_back, hessians: HessianSet, on_stage: Callable[[str], None]) -> tuple[SensitivityTable, str]:
+                 held_back, hessians: HessianSet, on_stage: Callable[[str], None],
+                 keep_results: sensitivity_stage.SweepResults) -> tuple[SensitivityTable, str]:
     """The sensitivity table, from work/sensitivity.json when it holds one made the same way, and
-    its origin (PlanReport.sensitivity_origin)."""
+    its origin (PlanReport.sensitivity_origin); a table scored now leaves its sweep's GPTQ results
+    in keep_results (measure_sensitivity)."""
     method = request.sensitivity
     key = {"source": loaded.source.sha256(), "calibration": config_to_json(request.calibration), "method": method,
            "formats": [f.name for f in formats], "embed_formats": [c.name for c in embed],
@@ -226,7 +231,7 @@ def _sensitivity(request: PlanRequest, loaded: LoadedModel, formats, embed: list
         on_stage(f"scoring every layer in each of its candidates ({sensitivity_stage.METHOD_TEXT[method]})")
     table = sensitivity_stage.measure_sensitivity(loaded, hessians, formats, method=method, fisher=fisher,
                                                   slice_tokens=held_back, embed_choices=embed, progress=request.progress,
-                                                  linear_from=linear_from)
+                                                  linear_from=linear_from, keep_results=keep_results)
     entries = [e for e in cached.get("entries", []) if e.get("key") != key][-7:]
     atomic_write_json(path, {"entries": entries + [{"key": key, "table": table.to_json()}]}, checksum=True)
     return table, "scored" if linear_from is None else "lent"
@@ -281,8 +286,9 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     seconds["hessians"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    swept = sensitivity_stage.SweepResults()
     table, origin = _sensitivity(request, loaded, formats, embed, calibration, held_back_tokens if held_back else None, hessians,
-                         on_stage)
+                                 on_stage, swept)
     seconds["sensitivity"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -308,5 +314,8 @@ def make_plan(request: PlanRequest, loaded: LoadedModel | None = None,
     if not embed:
         plan = dataclasses.replace(plan, pinned={name: request.pinned_embeddings() for name in embedding_layers(loaded.model, arch)})
     seconds["allocate"] = time.perf_counter() - t
+    ready = {layer: (swept.weights[fmt.name][layer], table.proxy[layer][fmt.name]) for layer, fmt in plan.quantized.items()
+             if layer in swept.weights.get(fmt.name, {})}
     return PlanReport(plan=plan, sensitivity=table, choices=choices, seconds=seconds, latency=latency, calibration=calibration,
-                      sensitivity_origin=origin)
+                      sensitivity_origin=origin,
+                      ready=ReadyLayers(ready, swept.settings) if ready else None)

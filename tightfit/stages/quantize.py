@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from tightfit.algorithms import HessianAccumulator, gptq_quantize
 from tightfit.algorithms.builders import quantize_rtn_any
 from tightfit.algorithms.smooth_attention import AttentionShape, fold_key_scales, key_scales
-from tightfit.artifacts import KEEP_DTYPES, CalibrationSet, HessianSet, LayerReport, QuantizeConfig, QuantizedModel, config_to_json
+from tightfit.artifacts import (KEEP_DTYPES, CalibrationSet, HessianSet, LayerReport, QuantizeConfig, QuantizedModel, ReadyLayers,
+                                config_to_json)
 from tightfit.errors import UnsupportedArchitecture
 from tightfit.formats.registry import AnyQuantizedTensor, Format, StoredTensor, error_rows
 from tightfit.model import Architecture, LoadedModel, get_module, resident_block
@@ -139,6 +140,7 @@ def quantize_model(
     config: QuantizeConfig,
     *,
     hessians: HessianSet | None = None,
+    ready: ReadyLayers | None = None,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
 ) -> QuantizedModel:
@@ -146,12 +148,15 @@ def quantize_model(
 
     GPTQ takes its Hessians sequentially from `calibration` (inputs pass through the layers
     already quantized), or, when `hessians` is given, from the original model without any
-    forward pass. Returns the quantized layers (a streamed model's as StoredTensor: packed as they
+    forward pass; with `ready` (GPTQ results made from those `hessians` with this config's settings,
+    e.g. the sensitivity sweep's), the layers it holds are taken from it. Returns the quantized layers (a streamed model's as StoredTensor: packed as they
     finish), the kept tensors in storage dtype, and (in `.module`, not for a streamed model) the
     fp32 model with the dequantized weights installed, exactly as a packed copy will compute.
     """
     if config.method == "gptq" and calibration is None and hessians is None:
         raise ValueError("GPTQ needs a calibration set or precomputed Hessians")
+    if ready is not None and (hessians is None or not ready.usable_with(config)):
+        raise ValueError("ready GPTQ results need the Hessians they came from and a config with their settings")
     arch = loaded.arch
     if config.smooth_attention is not None:
         check_smooth_attention(arch)
@@ -207,7 +212,7 @@ def quantize_model(
         # no block needs another's outputs: the unfinished ones in forked workers, checkpointed as they come
         def quantize_alone(i: int) -> BlockResults:
             with resident_block(working, i) as block:
-                results = _quantize_block(block, i, arch, config, hessians, None, precision)
+                results = _quantize_block(block, i, arch, config, hessians, None, precision, ready)
             # a streamed (big) model's come back packed: half the bytes through the pipe and in `finished`
             return {n: (StoredTensor.of(q), r) for n, (q, r) in results.items()} if working.streamed else results
 
@@ -234,7 +239,7 @@ def quantize_model(
                     for name, (q, _) in results.items():
                         _install(block, name, q.dequantize())
                 else:
-                    results = _quantize_block(block, i, arch, config, hessians, inputs, precision)
+                    results = _quantize_block(block, i, arch, config, hessians, inputs, precision, ready)
                     if checkpoint is not None:
                         checkpoint.save(i, results)
                 if inputs is not None:
@@ -347,23 +352,30 @@ def _smooth_attention_block(block: nn.Module, i: int, arch: Architecture, shape:
 
 
 def _quantize_block(block: nn.Module, i: int, arch, config: QuantizeConfig, hessians: HessianSet | None,
-                    inputs: BlockInputs | None, precision: Callable[[], ContextManager]
-                    ) -> dict[str, tuple[AnyQuantizedTensor, LayerReport]]:
+                    inputs: BlockInputs | None, precision: Callable[[], ContextManager], ready: ReadyLayers | None = None,
+                    ) -> dict[str, tuple[AnyQuantizedTensor | StoredTensor, LayerReport]]:
     """Every linear layer of block i, group by group in execution order, each group's Hessian from
     `hessians` (the original model's) or from `inputs` through the groups already quantized (block
-    forwards in `precision()`); the dequantized weights are installed in `block` as they come."""
+    forwards in `precision()`), a layer in `ready` taken from it; the dequantized weights are
+    installed in `block` as they come."""
     results = {}
+    made = ready.layers if ready is not None else {}
     for names in arch.linear_groups:
-        if hessians is not None:
+        todo = [name for name in names if (full := f"{arch.blocks}.{i}.{name}") not in made
+                or made[full][0].fmt != config.format_of(full)]
+        hessian = None
+        if todo and hessians is not None:
             hessian = hessians.hessians[f"{arch.blocks}.{i}.{names[0]}"]
-        else:
-            hessian = None
-            if inputs is not None:
-                with precision():
-                    hessian = _group_hessian(block, names, inputs, i)
+        elif todo and inputs is not None:
+            with precision():
+                hessian = _group_hessian(block, names, inputs, i)
         for name in names:
-            fmt = config.format_of(f"{arch.blocks}.{i}.{name}")
-            q, report = _quantize_layer(get_module(block, name).weight, hessian, config, fmt)
+            if name in todo:
+                fmt = config.format_of(f"{arch.blocks}.{i}.{name}")
+                q, report = _quantize_layer(get_module(block, name).weight, hessian, config, fmt)
+            else:
+                q, loss = made[f"{arch.blocks}.{i}.{name}"]
+                report = LayerReport(loss=loss, seconds=0.0)
             _install(block, name, q.dequantize())
             results[name] = (q, report)
     return results

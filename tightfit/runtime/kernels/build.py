@@ -143,3 +143,12 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.tf_time_kv_attend.argtypes = [i32, i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_float, i32, ctypes.c_size_t, ptr]
     lib.tf_time_kv_attend.restype = f64
     lib.tf_kv_attend.restype = i32
+
+
+if __name__ == "__main__":  # `PYTHONPATH=. python tightfit/runtime/kernels/build.py`: the native build, no torch needed
+    import sys
+
+    try:
+        print(build())
+    except KernelUnavailable as e:
+        sys.exit(f"tightfit kernels: {e}")

@@ -66,7 +66,7 @@ from tightfit.stages.sensitivity.fisher import (  # noqa: F401  (the estimate's 
 from tightfit.stages.sensitivity.plan_loss import PlanLoss  # noqa: F401  (re-exported: callers import it from here)
 from tightfit.stages.sensitivity.probes import (  # noqa: F401  (re-exported)
     PROBE_PARTS, ScaleProbe, layer_kind, probe_parts, probe_scales, probes_text, scale_probes, whole_model_kl)
-from tightfit.stages.sensitivity.sweep import BlockSweep, sweep_block
+from tightfit.stages.sensitivity.sweep import SWEEP_GPTQ, BlockSweep, SweepResults, sweep_block  # noqa: F401  (re-exported)
 from tightfit.stages.workers import fork_map, worker_count
 
 SENSITIVITY_VERSION = 5  # 4: fisher with held-back windows: embeddings measured, linear layers on the measured scale;
@@ -239,12 +239,16 @@ def measure_sensitivity(
     damp: float = 0.01,
     progress: bool = True,
     linear_from: SensitivityTable | None = None,
+    keep_results: SweepResults | None = None,
 ) -> SensitivityTable:
     """The damage of every (layer, candidate) by `method`: "fisher" needs `fisher` (and uses
     slice_tokens when given: module doc), "measured" needs slice_tokens [S, T] (held-back windows). The embeddings and head are layers of the table
     when they have embed_choices (not with the proxy). linear_from: a table made the same way with the
     same `formats` whose linear layers' scores are taken as they are (only the embeddings and head
-    are scored: their candidates changed; the linear layers' sweep is most of the time)."""
+    are scored: their candidates changed; the linear layers' sweep is most of the time).
+    keep_results: filled, when the fisher method's scale probes run (the model in memory), with their
+    GPTQ results (layers GPTQ saw whole), for a quantize stage that takes them as they are
+    (artifacts.ReadyLayers)."""
     if method not in METHODS:
         raise ValueError(f"unknown sensitivity method {method!r}; expected one of {METHODS}")
     if method == "fisher" and fisher is None:
@@ -302,6 +306,9 @@ def measure_sensitivity(
     if probing:
         probes = scale_probes(loaded, names, formats, damages, probe_weights, sampled, hessians, fisher, slice_kl,
                               held_back_tokens, progress=progress)
+        if keep_results is not None:
+            keep_results.weights.update(probe_weights)
+            keep_results.settings.update(damp=damp, **SWEEP_GPTQ)
         scales = probe_scales(probes)
         for name in names:
             damages[name] = {f: d * scales[(layer_kind(name), f)] for f, d in damages[name].items()}

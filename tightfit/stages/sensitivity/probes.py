@@ -117,7 +117,7 @@ def scale_probes(loaded: LoadedModel, names: Sequence[str], formats: Sequence[Fo
                  fisher: FisherSet, slice_kl: Callable[[], float], tokens: int, progress: bool = True
                  ) -> tuple[ScaleProbe, ...]:
     """One probe per (kind, format) over the linear layers `names`: damages[layer][format] their
-    Fisher estimates, packed[format][layer] their GPTQ weights (consumed), sampled the row-sampled
+    Fisher estimates, packed[format][layer] their GPTQ weights, sampled the row-sampled
     layers (-> the seed of their rows: rounded to nearest instead, `_rounded_probe`), slice_kl the
     held-back windows' KL of `tokens` tokens."""
     kinds = list(dict.fromkeys(layer_kind(n) for n in names))
@@ -127,7 +127,7 @@ def scale_probes(loaded: LoadedModel, names: Sequence[str], formats: Sequence[Fo
             parts = probe_parts([n for n in names if layer_kind(n) == kind])
             predicted = measured = 0.0
             for layers in parts:
-                weights = {n: packed[fmt.name].pop(n) for n in layers if n not in sampled}
+                weights = {n: packed[fmt.name][n] for n in layers if n not in sampled}
                 predicted += sum(damages[n][fmt.name] for n in weights)
                 for n in [n for n in layers if n in sampled]:
                     weights[n], damage = _rounded_probe(loaded, n, fmt, hessians.hessians[n], fisher.outputs[n], sampled[n])

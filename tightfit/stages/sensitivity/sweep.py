@@ -14,6 +14,19 @@ from tightfit.formats.registry import Format, StoredTensor
 from tightfit.model import LoadedModel, get_module, resident_block
 from tightfit.stages.sensitivity.fisher import fisher_error_of, sampled_rows
 
+# GPTQ settings of the sweep besides the dampening (QuantizeConfig's names): a quantize stage with the
+# same ones can take the sweep's results as they are (artifacts.ReadyLayers)
+SWEEP_GPTQ = {"block_size": 128, "act_order": True, "clip_search": True}
+
+
+@dataclass
+class SweepResults:
+    """The sweep's GPTQ results kept for the quantize stage: weights[format][layer], made with the
+    GPTQ `settings` (QuantizeConfig's names: damp and SWEEP_GPTQ)."""
+
+    weights: dict[str, dict[str, StoredTensor]] = field(default_factory=dict)
+    settings: dict[str, object] = field(default_factory=dict)
+
 
 @dataclass
 class BlockSweep:
@@ -49,7 +62,7 @@ def sweep_block(loaded: LoadedModel, i: int, names: Sequence[str], hessians: Hes
             scale = 1.0 if row_weight is None else float(row_weight.mean())  # N / n: the proxy, roughly
             f = None if fisher is None else fisher.outputs[name][rows] * (1.0 if row_weight is None else row_weight)
             # one sweep, one Cholesky factor for every candidate (their groups nest)
-            for fmt, result in zip(formats, gptq_quantize_many(swept, h, list(formats), damp=damp)):
+            for fmt, result in zip(formats, gptq_quantize_many(swept, h, list(formats), damp=damp, **SWEEP_GPTQ)):
                 out.proxy[name][fmt.name] = out.damages[name][fmt.name] = result.loss * scale
                 if fisher is not None:
                     out.damages[name][fmt.name] = fisher_error_of(result, swept, h, f)
