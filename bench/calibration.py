@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/calibration.py [--choices wiki,wiki+code,...] [--formats w3g64] [--budgets 3.5]
                                           [--windows 64] [--self-tokens 8192] [--llama IQ2_XS,IQ3_XXS]
+    .venv/bin/python bench/calibration.py --report-only [--name calibration]   (render NAME.md again from NAME.json)
 
 Every calibration choice compresses the default model
 - uniformly in each of --formats, GPTQ with sequential Hessians from its calibration windows (as
@@ -38,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    EVAL_TEXTS, machine_info, machine_line, ood_penalty, quantize_and_pack, score_texts, text_windows, texts_line,
-    windows_help, write_results,
+    EVAL_TEXTS, RESULTS, machine_info, machine_line, ood_penalty, quantize_and_pack, rewrite_results, score_texts,
+    text_windows, texts_line, windows_help, write_results,
 )
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
@@ -147,6 +148,26 @@ def penalties_beside_llama(rows: list[dict], texts: tuple[str, ...]) -> list[dic
     return out
 
 
+def llama_types_lines(rows: list[dict]) -> list[str]:
+    """What each llama.cpp file holds, type by type over its linear tensors: a type whose blocks span 256
+    weights falls back to another on rows that are not a multiple of 256 (smollm2-135m's 576), so the
+    file is not the type it is named after."""
+    seen: dict[str, dict[str, int]] = {}
+    for r in rows:
+        if r["peer"] == "llama.cpp" and r.get("types"):
+            seen.setdefault(r["model"], r["types"])
+    if not seen:
+        return []
+    lines = ["", "llama.cpp's files, tensor types of their linear layers (the same for every calibration text):"]
+    for model, types in seen.items():
+        own = model.rsplit(" ", 1)[-1]
+        total = sum(types.values())
+        rest = ", ".join(f"{t} {n}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]) if t != own)
+        lines.append(f"- {model}: {own} on {types.get(own, 0)} of {total} tensors"
+                     + (f"; the others fell back to {rest}" if rest else ""))
+    return lines
+
+
 def markdown(payload: dict) -> str:
     texts = tuple(payload["texts"])
     ev = EvalConfig.from_json(payload["evaluation"])
@@ -183,6 +204,7 @@ def markdown(payload: dict) -> str:
         lines += [f"- {x['choice']}, {x['model']} ({x['bpw']:.2f} bpw): {x['text']}/{texts[0]} {x['penalty']:.2f} vs "
                   f"{x['llama']} ({x['llama_bpw']:.2f} bpw) {x['llama_penalty']:.2f}: "
                   f"{'no worse' if x['no_worse'] else 'worse'}" for x in payload["beside_llama"]]
+    lines += llama_types_lines(payload["rows"])
     if not any(r["peer"] == "llama.cpp" for r in payload["rows"]):
         lines += ["", f"No llama.cpp+imatrix rows: {payload['llama_note']}"]
     lines += [f"- {line}" for line in payload["llama_failed"]]
@@ -206,7 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--llama", default=",".join(LLAMA_TYPES), help="llama.cpp types with an imatrix (empty: none)")
     ap.add_argument("--work", type=Path, default=WORK, help="cache of Hessians, Fisher, sensitivities and self text")
     ap.add_argument("--name", default="calibration", help="results name in bench/results/ (empty: write nothing)")
+    ap.add_argument("--report-only", action="store_true", help="measure nothing: render NAME.md again from NAME.json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        print("written:", *rewrite_results(args.name, [], markdown, "calibration.py"))
+        return json.loads((RESULTS / f"{args.name}.json").read_text())
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     t0 = time.perf_counter()
     base = CalibrationConfig(n_samples=args.calib_samples, seq_len=args.calib_len)

