@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import sys
 import tempfile
@@ -53,6 +54,10 @@ from tightfit.pipeline import DEFAULT_CANDIDATES, PlanRequest, make_plan  # noqa
 from tightfit.pipeline.planning import original_hessians  # noqa: E402
 from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 from tightfit.stages.allocate import Budget  # noqa: E402
+from tightfit.stages.sensitivity import measure_sensitivity  # noqa: E402
+
+# the dampening of the planner's sensitivity sweep (make_plan passes none: measure_sensitivity's default)
+SWEEP_DAMP = inspect.signature(measure_sensitivity).parameters["damp"].default
 
 WORK = Path(__file__).resolve().parents[1] / ".cache" / "calibration"
 # The peers. Rows of width 576 (smollm2-135m) fall back to IQ4_NL in llama.cpp's IQ types, so
@@ -187,7 +192,8 @@ def markdown(payload: dict) -> str:
         "'worse' is the larger KL of the domains.",
         "Uniform rows: GPTQ with sequential Hessians from the choice's calibration windows, embeddings fp16. Plan rows: "
         f"{payload['sensitivity']} sensitivity and GPTQ from the original's Hessians on those windows, embeddings and head "
-        "planned (bits/weight includes them). llama.cpp+imatrix: its quantizer with an importance matrix from the "
+        f"planned (bits/weight includes them); the sensitivity sweep's own GPTQ runs at damp {SWEEP_DAMP:g} in every row "
+        "(the planner's), the GPTQ column is the quantized model's. llama.cpp+imatrix: its quantizer with an importance matrix from the "
         "same calibration windows (diag(H)/2), embeddings F16; bits/weight of the linear layers. "
         f"Wall time {payload['wall_s'] / 60:.0f} min.",
         "",
