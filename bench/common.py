@@ -111,9 +111,16 @@ def protocol_line(config: EvalConfig, n_tokens: int, original_ppl: float) -> str
 
 
 ENGINE_COLUMNS = ("KL (engine) scores each tightfit model through tightfit's compiled engine as it runs (int8 "
-                  "activations, fp16 KV cache; SpQR layers, which have no kernel yet, run dense with fp32 activations); "
+                  "activations, fp16 KV cache; SpQR's sparse outliers with fp32 activations; a layer whose format has no "
+                  "kernel runs dense in fp32, and the table says where); "
                   "PPL and top-1 are the engine's too. KL (fp32 ref) scores the same packed file dequantized into the "
                   "torch model with fp32 activations.")
+
+def dense_line(rows: list[dict], name: str = "format") -> str:
+    """The caveat on rows the engine ran partly dense in fp32 (rows carry 'engine_dense_layers'), or ''."""
+    dense = [f"{r[name]} ({r['engine_dense_layers']})" for r in rows if r.get("engine_dense_layers")]
+    return f"Layers the engine ran dense in fp32 (no kernel for their format): {', '.join(dense)}." if dense else ""
+
 
 # Verdicts compare against rivals of the same size class: every uniform format at least as large as
 # the entry and at most this much larger. Without an upper end every budget would lose to the
@@ -154,10 +161,16 @@ class Scores:
 
 
 def hessians_cached(loaded, calibration):
-    """Original-model Hessians for this model and calibration, from .cache/ or collected now."""
+    """Original-model Hessians for this model and calibration, from .cache/ (a file per model and
+    calibration config) or collected now."""
     from tightfit.stages import calibrate as calibrate_stage
 
-    cache = Path(__file__).resolve().parents[1] / ".cache" / f"hessians-{loaded.source.sha256()[:16]}.safetensors"
+    import hashlib
+
+    from tightfit.artifacts import config_to_json
+
+    key = hashlib.sha256(json.dumps(config_to_json(calibration.config), sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(__file__).resolve().parents[1] / ".cache" / f"hessians-{loaded.source.sha256()[:16]}-{key}.safetensors"
     hessians = calibrate_stage.load_hessians(cache, loaded, calibration.config)
     if hessians is None:
         hessians = calibrate_stage.collect_hessians(loaded, calibration)

@@ -3,6 +3,7 @@ importance matrix) and HQQ, on the default model and the same held-out windows.
 
     .venv/bin/python bench/peers.py [--windows 64] [--select-windows 8] [--tightfit w2g64,...]
                                     [--llama Q2_K,...] [--llama-imatrix Q2_K,...] [--hqq 2,3,4] [--no-speed]
+                                    [--calib-text wiki,code] [--texts wiki,code]
     .venv/bin/python bench/peers.py --report-only    # peers.md and its plot again from peers.json, measuring nothing
 
 What each peer gets, so that the comparison is fair:
@@ -11,7 +12,10 @@ What each peer gets, so that the comparison is fair:
   is scored against them (KL(original || entry), top-1 agreement, PPL) on the same windows of the
   evaluation protocol (tightfit/evaluate.py: held-out wiki text, BOS then 511 text tokens per
   window, 64 windows by default), and on `--select-windows` held-back calibration windows, on which
-  the best entry per bits/weight band is chosen.
+  the best entry per bits/weight band is chosen; and on as many held-out windows of each other text
+  of `--texts` (default: code, Python source), the KL column of another domain.
+- one calibration text for every peer that uses data (`--calib-text`, default the command line's:
+  wiki,code): tightfit's GPTQ Hessians, and the imatrix made from them.
 - each entry is scored through the engine that runs it. tightfit: GPTQ from the cached Hessians of
   the original model (as bench/spqr.py), packed to disk and reloaded, scored through tightfit's
   compiled engine (int8 activations, fp16 KV cache), and also as the dequantized fp32 torch model
@@ -53,7 +57,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
-from common import RESULTS, SELECT_WINDOWS, hessians_cached, machine_info, windows_help, write_results  # noqa: E402
+from common import (  # noqa: E402
+    EVAL_TEXTS, RESULTS, SELECT_WINDOWS, hessians_cached, machine_info, text_windows, texts_line, windows_help, write_results,
+)
 from source_grid import grids_json, source_grids  # noqa: E402
 from peers_report import (  # noqa: E402
     HQQ_GROUP, NO_MORE_BITS, SPEED_NEW, SPEED_PROMPT, SPEED_REPEATS, SPEED_THREADS, Entry, mark_source_grid, markdown, plot,
@@ -61,6 +67,8 @@ from peers_report import (  # noqa: E402
 )
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
+from tightfit.cli.common import DEFAULT_CALIB_TEXT  # noqa: E402
+from tightfit.data import parse_mix  # noqa: E402
 from tightfit.evaluate import EvalConfig, backend_scorer, eval_windows, evaluate, reference_log_probs  # noqa: E402
 from tightfit.formats.packed import PackedModel, load_packed  # noqa: E402
 from tightfit.formats.registry import parse_format  # noqa: E402
@@ -86,13 +94,16 @@ HQQ_BITS = [2, 3, 4]
 
 
 class Scorer:
-    """The original's log-probs on the evaluation and the held-back windows, computed once; entries
-    are scored one at a time against them (tightfit/evaluate.py, per scored token)."""
+    """The original's log-probs on the evaluation and the held-back windows and on the windows of
+    each other text, computed once; entries are scored one at a time against them
+    (tightfit/evaluate.py, per scored token)."""
 
-    def __init__(self, reference: torch.nn.Module, windows: torch.Tensor, held_back: torch.Tensor) -> None:
+    def __init__(self, reference: torch.nn.Module, windows: torch.Tensor, held_back: torch.Tensor,
+                 others: dict[str, torch.Tensor] | None = None) -> None:
         self.windows, self.held_back = windows, held_back  # [W, T], [H, T] int64
         self.logp = reference_log_probs(reference, windows)  # [W, T-1, V]
         self.held_back_logp = reference_log_probs(reference, held_back)  # [H, T-1, V]
+        self.others = {text: (w, reference_log_probs(reference, w)) for text, w in (others or {}).items()}
         self.count = windows.shape[0] * (windows.shape[1] - 1)
         self.reference_ppl = math.exp(nll_per_position(self.logp, windows[:, 1:]).mean().item())
         self.ctx = max(windows.shape[1], held_back.shape[1])  # the KV cache an engine needs
@@ -105,8 +116,10 @@ class Scorer:
         entry.kl_held_back = evaluate(candidate, self.held_back, reference=self.held_back_logp, progress=False).kl
         if fp32 is not None:
             entry.kl_fp32 = evaluate(fp32, self.windows, reference=self.logp, progress=False).kl
+        entry.kl_texts = {text: evaluate(candidate, w, reference=logp, progress=False).kl for text, (w, logp) in self.others.items()}
+        others = "".join(f"  KL {text} {kl:.4f}" for text, kl in entry.kl_texts.items())
         print(f"  {entry.peer} {entry.name}: {entry.bits_per_weight:.3f} bpw  PPL {entry.ppl:.3f}  KL {entry.kl:.4f}  "
-              f"top-1 {entry.top1:.3f}  held-back KL {entry.kl_held_back:.4f}  ({entry.quantize_seconds:.0f} s)", flush=True)
+              f"top-1 {entry.top1:.3f}  held-back KL {entry.kl_held_back:.4f}{others}  ({entry.quantize_seconds:.0f} s)", flush=True)
 
 
 def engine_scorer(packed: PackedModel, scorer: Scorer, entry: Entry):
@@ -254,19 +267,20 @@ def measure_speed(tf: list[tuple[Entry, Path]], ll: list[tuple[Entry, Path]]) ->
     return bandwidth
 
 
-def prepare(model: str, n_windows: int, n_held_back: int):
-    """The shared start of a run on `model`: the model loaded, the calibration (with `n_held_back`
-    held-back windows) and its cached Hessians, and a Scorer holding the original's log-probs on
-    `n_windows` evaluation windows. Returns (loaded, CalibrationConfig, EvalConfig, Calibration,
-    Hessians, Scorer)."""
+def prepare(model: str, n_windows: int, n_held_back: int, calib_text: str = "wiki", texts: tuple[str, ...] = ("wiki",)):
+    """The shared start of a run on `model`: the model loaded, the calibration on `calib_text` (with
+    `n_held_back` held-back windows) and its cached Hessians, and a Scorer holding the original's
+    log-probs on `n_windows` evaluation windows of each of `texts` (the first is the headline's).
+    Returns (loaded, CalibrationConfig, EvalConfig, Calibration, Hessians, Scorer)."""
     torch.set_num_threads(SPEED_THREADS)
     CACHE.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
-    calib_config, eval_config = CalibrationConfig(), EvalConfig(n_windows=n_windows)
+    calib_config = CalibrationConfig(text=str(parse_mix(calib_text)))
+    eval_config = EvalConfig(text=texts[0], n_windows=n_windows)
     calibration, held_back = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, calib_config, n_held_back)
     hessians = hessians_cached(loaded, calibration)
     windows = eval_windows(loaded.tokenizer, eval_config)
-    scorer = Scorer(loaded.model, windows, held_back)
+    scorer = Scorer(loaded.model, windows, held_back, text_windows(loaded.tokenizer, eval_config, texts[1:]))
     print(f"reference: {windows.shape[0]} windows, PPL {scorer.reference_ppl:.3f}", flush=True)
     return loaded, calib_config, eval_config, calibration, hessians, scorer
 
@@ -294,6 +308,8 @@ def main() -> None:
     ap.add_argument("--llama-imatrix", default=",".join(LLAMA_IMATRIX))
     ap.add_argument("--hqq", default=",".join(map(str, HQQ_BITS)))
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT, help="calibration text, as `tightfit compress --calib-text`")
+    ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="evaluation texts; the first is the headline's")
     ap.add_argument("--name", default="peers", help="results name in bench/results/ (empty: write nothing)")
     ap.add_argument("--report-only", action="store_true",
                     help="write bench/results/NAME.md and its plot again from NAME.json (e.g. after a caveat was added "
@@ -306,7 +322,9 @@ def main() -> None:
 
     import llama_cpp
 
-    loaded, calib_config, eval_config, calibration, hessians, scorer = prepare(args.model, args.windows, args.select_windows)
+    texts = tuple(split(args.texts))
+    loaded, calib_config, eval_config, calibration, hessians, scorer = prepare(args.model, args.windows, args.select_windows,
+                                                                               args.calib_text, texts)
 
     entries: list[Entry] = []
     payload: dict = {}
@@ -343,7 +361,7 @@ def main() -> None:
     payload = {
         "machine": machine_info(), "model": args.model, "source_sha256": loaded.source.sha256(),
         "calibration": config_to_json(calib_config), "evaluation": config_to_json(eval_config),
-        "held_back_windows": args.select_windows, "source_grids": grids_json(grids), "n_tokens": scorer.count,
+        "texts": list(texts), "texts_line": texts_line(texts), "held_back_windows": args.select_windows, "source_grids": grids_json(grids), "n_tokens": scorer.count,
         "original_ppl": scorer.reference_ppl,
         "llama_cpp_version": llama_cpp.__version__, "hqq_version": hqq_version, "no_more_bits": NO_MORE_BITS,
         "speed": {"threads": SPEED_THREADS, "prompt_tokens": SPEED_PROMPT, "new_tokens": SPEED_NEW, "repeats": SPEED_REPEATS},

@@ -24,7 +24,8 @@ class Entry:
     """One quantized model: its size, cost, scores, and how to time it (None: no CPU engine).
 
     kl, ppl, top1: through the engine that runs it; kl_fp32: tightfit's packed file as the
-    dequantized torch model (None for peers); kl_held_back: on the held-back calibration windows.
+    dequantized torch model (None for peers); kl_held_back: on the held-back calibration windows;
+    kl_texts: through its engine on the windows of each other evaluation text (text -> KL).
     source_grid: it can hold the source's own grid throughout, so its quality is no evidence
     (`mark_source_grid`).
     """
@@ -40,6 +41,7 @@ class Entry:
     top1: float = math.nan
     kl_fp32: float | None = None
     kl_held_back: float = math.nan
+    kl_texts: dict[str, float] = field(default_factory=dict)
     decode_tok_s: float | None = None
     decode_runs: list[float] = field(default_factory=list)
     note: str = ""
@@ -184,9 +186,11 @@ def peer_bullets(entries: list[Entry]) -> list[str]:
         out.append(f"- HQQ stores its codes packed in int32 words (3-bit: ten to a word) plus an fp16 scale and zero per "
                    f"{HQQ_GROUP} weights, hence " + ", ".join(f"{e.bits_per_weight:.2f} bits/weight for its {e.name}" for e in hqq)
                    + "; it optimizes a weight-space error, without data.")
-    if any(e.peer == "tightfit" and e.name.startswith("spqr") for e in entries):
-        out.append("- tightfit's SpQR entries run on the engine's dense fp32 path (no SpQR kernel yet): fp32 activations, so "
-                   "their KL (engine) is close to KL (fp32 ref), and their tok/s is not what a kernel would give.")
+    dense = [e for e in scored(entries) if e.peer == "tightfit" and "dense fp32" in e.note]
+    if dense:
+        out.append("- tightfit entries with layers the engine runs dense in fp32 (no kernel for their format): "
+                   + ", ".join(e.name for e in dense) + "; their KL (engine) is close to KL (fp32 ref), and their tok/s "
+                   "is not what a kernel would give.")
     return out
 
 
@@ -223,6 +227,8 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
     grids = grids_from_json(payload["source_grids"])
     n_held = payload["held_back_windows"]
     n_linear = max((sum(e.types.values()) for e in entries if e.types), default=None)
+    others = [t for t in payload.get("texts", [ev.text]) if t != ev.text]
+    calib = payload["calibration"]
     lines = [
         f"# tightfit vs peers on {payload['model']} (one run)",
         "",
@@ -232,9 +238,11 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
         f"{ENGINE_COLUMNS} KL held-back: on {n_held} held-back calibration windows (never calibrated on, disjoint from "
         f"the evaluation text), what the band table chooses on. KL (fp32 ref) exists for tightfit's entries only. "
         f"Wall time {payload['wall_s'] / 60:.1f} min.",
+        *([f"KL {', '.join(others)}: through the same engines on {ev.n_windows} held-out windows of that text (another "
+           f"domain). {payload['texts_line']}"] if others else []),
         "",
-        f"- **tightfit**: GPTQ from cached Hessians of the original ({payload['calibration']['n_samples']} x "
-        f"{payload['calibration']['seq_len']} calibration tokens), packed and reloaded, "
+        f"- **tightfit**: GPTQ from cached Hessians of the original ({calib['text']}, {calib['n_samples']} x "
+        f"{calib['seq_len']} calibration tokens), packed and reloaded, "
         "scored through tightfit's engine; bits/weight from the packed tensors. Quantize s excludes the one-time Hessian "
         "collection.",
         f"- **llama.cpp** {payload['llama_cpp_version']}: `llama_model_quantize` from an F32 GGUF of the original written by "
@@ -250,19 +258,21 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
         f"- decode tok/s: {SPEED_THREADS} threads, {SPEED_PROMPT}-token prompt then {SPEED_NEW} greedy tokens, median of "
         f"{SPEED_REPEATS} after a warm-up, all engines round-robin; read bandwidth {payload.get('bandwidth_gb_s') or 0:.1f} GB/s.",
         "",
-        "| peer | recipe | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | KL held-back | quantize s | decode tok/s | types / note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peer | recipe | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | KL held-back | "
+        + "".join(f"KL {t} | " for t in others) + "quantize s | decode tok/s | types / note |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(others) + "---|---|---|",
     ]
     for peer in PEERS:
         for e in sorted((e for e in entries if e.peer == peer), key=lambda e: (math.isnan(e.bits_per_weight), e.bits_per_weight)):
             if math.isnan(e.kl):
-                lines.append(f"| {peer} | {e.name} | - | - | - | - | - | - | - | - | failed: {e.note} |")
+                lines.append(f"| {peer} | {e.name} | - | - | - | - | - | - | " + "- | " * len(others) + f"- | - | failed: {e.note} |")
                 continue
             note = types_note(e)
             speed = f"{e.decode_tok_s:.0f}" if e.decode_tok_s else "-"
             fp32 = "-" if e.kl_fp32 is None else f"{e.kl_fp32:.4f}"
+            domains = "".join(f"{e.kl_texts[t]:.4f} | " if t in e.kl_texts else "- | " for t in others)
             lines.append(f"| {peer} | {e.name} | {e.bits_per_weight:.3f} | {e.ppl:.3f} | {e.kl:.4f} | {fp32} | {e.top1:.3f} | "
-                         f"{e.kl_held_back:.4f} | {e.quantize_seconds:.1f} | {speed} | {note} |")
+                         f"{e.kl_held_back:.4f} | {domains}{e.quantize_seconds:.1f} | {speed} | {note} |")
     floors = payload.get("engine_floors") or {}
     if floors:
         lines += ["", "Engine floors, against the torch reference: " + "; ".join(

@@ -2,6 +2,7 @@
 every size counted from the whole file.
 
     .venv/bin/python bench/planner.py [--windows 64] [--budgets 2.5,3.0,3.5,4.0] [--sensitivity fisher,measured]
+                                      [--calib-text wiki,code] [--texts wiki,code]
     .venv/bin/python bench/planner.py --report-only [--note TEXT ...]   # planner.md again from planner.json
 
 Plans are made as `tightfit compress MODEL --bpw B --sensitivity S` makes them (`make_plan`, one
@@ -25,6 +26,9 @@ model's weights (norms, header and embeddings included). Each plan is set agains
 model of its size class (bench/common.py RIVAL_WINDOW); nothing is chosen on the evaluation text.
 The additive model is checked on `--heldback-windows` held-back calibration windows: each plan's
 predicted loss (the sum of its layers' damages) against the KL of the packed plan there.
+Calibration (Hessians, sensitivities, plans): `--calib-text`, by default the command line's (wiki,code);
+each calibration text has a cache folder of its own under `--work`'s parent. Every model is also
+scored through the engine on as many held-out windows of each other text of `--texts` (code).
 `--embeddings fp16` is the earlier protocol: embeddings and head fp16 in every model, budgets and
 sizes over the linear layers only.
 """
@@ -42,11 +46,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ENGINE_COLUMNS, RIVAL_WINDOW, machine_info, machine_line, protocol_line, quantize_and_evaluate, rival_window_text, rivals,
-    rewrite_results, score_columns, score_json, verdict_cell, windows_help, write_results,
+    ENGINE_COLUMNS, EVAL_TEXTS, RIVAL_WINDOW, machine_info, machine_line, protocol_line, quantize_and_evaluate,
+    rival_window_text, rivals, rewrite_results, score_columns, score_json, texts_line, verdict_cell, windows_help,
+    write_results,
 )
 
-from tightfit.artifacts import Choice, QuantizeConfig, config_to_json, format_or_none, parse_choice  # noqa: E402
+from tightfit.artifacts import CalibrationConfig, Choice, QuantizeConfig, config_to_json, format_or_none, parse_choice  # noqa: E402
+from tightfit.cli.common import DEFAULT_CALIB_TEXT  # noqa: E402
+from tightfit.data import parse_mix  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
 from tightfit.formats.registry import Format, parse_format  # noqa: E402
 from tightfit.model import DEFAULT_MODEL, get_module, load_model  # noqa: E402
@@ -79,6 +86,15 @@ def rival_embeddings(fmt: Format, candidates: tuple[str, ...], shape: tuple[int,
 
 
 @contextmanager
+def work_for(work: Path, calibration: CalibrationConfig) -> Path:
+    """The cache folder of a calibration: `work` itself for the library's default (wiki), a sibling
+    named after the text for any other (a folder holds the Hessians of one calibration)."""
+    if calibration == CalibrationConfig():
+        return work
+    slug = "".join(c if c.isalnum() else "-" for c in calibration.text)
+    return work.with_name(f"{work.name}-{slug}")
+
+
 def scratch_work(work: Path):
     """A fresh work folder sharing work's original-model Hessians: everything else is computed there."""
     with tempfile.TemporaryDirectory(prefix="planner-") as tmp:
@@ -101,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rescore", default="fisher", help="methods scored from scratch in this run, so that their cost is "
                     "measured (the others are read from --work's cache when there); '' for none")
     ap.add_argument("--work", type=Path, default=WORK, help=f"cache of Hessians and sensitivity tables (default {WORK})")
+    ap.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT, help="calibration text, as `tightfit compress --calib-text`")
+    ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="evaluation texts; the first is the headline's")
     ap.add_argument("--heldback-windows", type=int, default=4, help="held-back calibration windows the whole plans' real KL is measured on")
     ap.add_argument("--scale-runs", default=None,
                     help="JSONs of bench/compress_run.py runs of `tightfit compress BIGGER --bpw B` (the cheap estimate), "
@@ -130,15 +148,17 @@ def main(argv: list[str] | None = None) -> None:
     # the bigger model's section is read first: a bad file fails the run now, not after an hour's work
     scale = scale_section(scale_runs, args.scale_peers)
     loaded = load_model(args.model)
-    cal = PlanRequest.calibration
-    hessians = original_hessians(loaded, cal, args.work, True, print)
+    cal = CalibrationConfig(text=str(parse_mix(args.calib_text)))
+    work = work_for(args.work, cal)
+    texts = tuple(t for t in args.texts.split(",") if t)
+    hessians = original_hessians(loaded, cal, work, True, print)
     budgets = [float(b) for b in args.budgets.split(",")]
     tables, methods_json, plans = {}, {}, {}
     for method in methods:
-        with (scratch_work(args.work) if method in rescore else nullcontext(args.work)) as work:
+        with (scratch_work(work) if method in rescore else nullcontext(work)) as method_work:
             for b in budgets:
-                request = PlanRequest(model=args.model, budget=Budget(max_bpw=b), work=work, formats=candidates,
-                                      embed_formats=embed_formats, sensitivity=method)
+                request = PlanRequest(model=args.model, budget=Budget(max_bpw=b), work=method_work, formats=candidates,
+                                      embed_formats=embed_formats, sensitivity=method, calibration=cal)
                 report = make_plan(request, loaded, on_stage=lambda s: print(s, flush=True))
                 if method not in tables:
                     tables[method] = report.sensitivity
@@ -156,8 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     rival_embed = {name: rival_embeddings(parse_format(name), embed_formats, shape) for name in args.uniform.split(",")}
     configs.update({name: QuantizeConfig(fmt=parse_format(name), method="gptq", embed_format=format_or_none(e))
                     for name, e in rival_embed.items()})
-    eval_config = EvalConfig(n_windows=args.windows)
-    rows, scores = quantize_and_evaluate(loaded, configs, calibration, eval_config, hessians=hessians, held_back=heldback)
+    eval_config = EvalConfig(text=texts[0], n_windows=args.windows)
+    rows, scores = quantize_and_evaluate(loaded, configs, calibration, eval_config, hessians=hessians, held_back=heldback,
+                                         texts=texts)
 
     table_rows = []
     for key in configs:
@@ -184,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_info(), "model": args.model, "source_sha256": loaded.source.sha256(),
         "candidates": list(candidates), "embed_candidates": list(embed_formats), "embeddings": args.embeddings,
         "size_key": size_key, "calibration": config_to_json(cal), "methods": methods_json,
-        "evaluation": config_to_json(eval_config), "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl,
+        "evaluation": config_to_json(eval_config), "texts": list(texts), "texts_line": texts_line(texts),
+        "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl,
         "rank_agreement_spearman": agreement, "embedding_damages": embed_damages, "embedding_layers": outer,
         "rival_window_bpw": RIVAL_WINDOW, "rows": table_rows, "budgets": verdicts(table_rows, budgets, size_key),
         "plans": {key: p.to_json() for key, p in plans.items()}, "heldback_windows": args.heldback_windows,
@@ -276,6 +298,7 @@ def scored_text(method: str, info: dict) -> str:
 
 def markdown(payload: dict) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
+    others = [t for t in payload.get("texts", [ev.text]) if t != ev.text]
     whole = payload.get("embeddings", "plan") == "plan"
     scored = [f"{m} = {METHOD_TEXT[m]}, on {info['tokens']} tokens, {scored_text(m, info)}"
               + (f"; {info['probe']}" if info.get("probe") else "") for m, info in payload["methods"].items()]
@@ -295,17 +318,22 @@ def markdown(payload: dict) -> str:
         "",
         f"Candidates per linear layer: {', '.join(payload['candidates'])}. Sensitivity methods, a plan per budget for "
         "each: " + "; ".join(scored) + f". {sizes} Plans: HiGHS MILP. Linear layers quantized with GPTQ from the same "
-        f"original-model Hessians{', embeddings and head rounded to nearest' if whole else ''}. "
+        f"original-model Hessians{', embeddings and head rounded to nearest' if whole else ''}. Calibration text: "
+        f"{payload['calibration']['text']}, {payload['calibration']['n_samples']} x {payload['calibration']['seq_len']} tokens. "
         f"{protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} {ENGINE_COLUMNS} "
         f"Wall time {payload['wall_s'] / 60:.0f} min.",
+        *([f"KL {', '.join(others)}: through the engine on {ev.n_windows} held-out windows of that text (another domain). "
+           f"{payload['texts_line']}"] if others else []),
         "",
-        "| model | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | embeddings | linear layers |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | " + "".join(f"KL {t} | " for t in others)
+        + "embeddings | linear layers |",
+        "|---|---|---|---|---|---|" + "---|" * len(others) + "---|---|",
     ]
     key = payload.get("size_key", "model_bits_per_weight")
     for r in sorted(payload["rows"], key=lambda r: r[key]):
         mix = ", ".join(f"{k} x{v}" for k, v in r.get("mix", {}).items()) or r["name"]
-        lines.append(f"| {r['name']} | {r[key]:.3f} | {score_columns(r)} | {r.get('embeddings', 'fp16')} | {mix} |")
+        domains = "".join(f"{r[f'kl_{t}']:.4f} | " for t in others)
+        lines.append(f"| {r['name']} | {r[key]:.3f} | {score_columns(r)} | {domains}{r.get('embeddings', 'fp16')} | {mix} |")
     lines += ["", f"Every plan (none is chosen among them) against its rivals: {rival_window_text()}. "
               "KL is the evaluation KL (engine); n/a: no uniform model in the window.", "",
               "| budget | plan | plan bpw | plan KL | best uniform rival | its bpw | its KL | plan wins |",

@@ -1,6 +1,6 @@
 """SpQR recipes vs uniform GPTQ formats on the default model, at about 2.5, 3.0, 3.5 and 4.5 bits/weight.
 
-    .venv/bin/python bench/spqr.py [--windows 64] [--select-windows 8]
+    .venv/bin/python bench/spqr.py [--windows 64] [--select-windows 8] [--calib-text wiki,code] [--texts wiki,code]
     .venv/bin/python bench/spqr.py --report-only    # bench/results/spqr.md again from spqr.json, measuring nothing
 
 Every model, SpQR and uniform alike, is quantized with GPTQ from the same Hessians of the original
@@ -11,6 +11,9 @@ layers (SpQR: actual outlier count, both statistic levels, row pointers). Also r
 outliers per layer type. Uniform 4-bit asymmetric g32 is left out: the shipped weights lie on that
 grid (lossless). Any recipe that can hold the source's own grid (bench/source_grid.py `source_grids`, read
 from the model file) is named in the caveat and gets no verdict.
+
+Calibration: `--calib-text`, by default the command line's (wiki,code). Every model is also scored
+through the engine on as many held-out windows of each other text of `--texts` (code).
 
 Per budget the SpQR recipe is chosen on `--select-windows` held-back calibration windows (never
 calibrated on, disjoint from the evaluation text) and reported with its evaluation KL, against
@@ -28,15 +31,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ENGINE_COLUMNS, RESULTS, RIVAL_WINDOW, SELECT_WINDOWS, hessians_cached, machine_info, machine_line, protocol_line,
-    quantize_and_evaluate, rival_window_text, rivals, score_columns, score_json, verdict_cell, windows_help,
-    write_results,
+    ENGINE_COLUMNS, EVAL_TEXTS, RESULTS, RIVAL_WINDOW, SELECT_WINDOWS, dense_line, hessians_cached, machine_info,
+    machine_line, protocol_line, quantize_and_evaluate, rival_window_text, rivals, score_columns, score_json, texts_line,
+    verdict_cell, windows_help, write_results,
 )
 from source_grid import (  # noqa: E402
     grids_from_json, grids_json, on_source_grid, recorded_grids, source_grid_caveat, source_grids,
 )
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
+from tightfit.cli.common import DEFAULT_CALIB_TEXT  # noqa: E402
+from tightfit.data import parse_mix  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
 from tightfit.formats.registry import parse_format  # noqa: E402
 from tightfit.formats.spqr import SpQRTensor  # noqa: E402
@@ -90,23 +95,28 @@ def verdicts(table: list[dict], grids) -> list[dict]:
 
 def markdown(payload: dict) -> str:
     calib, ev, table = payload["calibration"], EvalConfig.from_json(payload["evaluation"]), payload["rows"]
+    others = [t for t in payload.get("texts", [ev.text]) if t != ev.text]
     lines = [
         f"# SpQR vs uniform GPTQ on {payload['model']}",
         "",
         machine_line(payload["machine"]),
         "",
-        f"GPTQ with Hessians of the original model ({calib['n_samples']} x {calib['seq_len']} calibration tokens) for "
+        f"GPTQ with Hessians of the original model ({calib['text']}, {calib['n_samples']} x {calib['seq_len']} calibration tokens) for "
         f"every format. {protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} {ENGINE_COLUMNS} "
         f"KL held-back: through the engine on {payload['held_back_windows']} held-back calibration windows (never "
         "calibrated on, disjoint from the evaluation text), what the recipe choice below uses. bits/weight = bytes of "
         f"the quantized layers in the file x 8 / their weights. Wall time {payload['wall_s'] / 60:.0f} min.",
+        *([f"KL {', '.join(others)}: through the engine on {ev.n_windows} held-out windows of that text (another domain). "
+           f"{payload['texts_line']}"] if others else []),
         "",
-        "| format | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | KL held-back | quantize s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| format | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | KL held-back | " + "".join(f"KL {t} | " for t in others)
+        + "quantize s |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(others) + "---|",
     ]
     for t in sorted(table, key=lambda t: t["bits_per_weight"]):
+        domains = "".join(f"{t[f'kl_{x}']:.4f} | " for x in others)
         lines.append(f"| {t['format']} | {t['bits_per_weight']:.3f} | {score_columns(t)} | {t['kl_held_back']:.4f} | "
-                     f"{t['quantize_seconds']:.0f} |")
+                     f"{domains}{t['quantize_seconds']:.0f} |")
     lines += ["", "## SpQR recipe chosen per budget vs the uniform formats of its size class", "",
               f"Per budget: among the SpQR recipes within {BUDGET_BAND} bits/weight of it, the one with the lowest KL "
               f"on the held-back calibration windows (chosen before looking at the evaluation text), scored by its "
@@ -126,6 +136,8 @@ def markdown(payload: dict) -> str:
     caveat = source_grid_caveat([t["format"] for t in table], grids_from_json(payload["source_grids"]))
     if caveat:
         lines += ["", f"Source grid: {caveat}"]
+    if dense_line(table):
+        lines += ["", dense_line(table)]
     return "\n".join(lines) + "\n"
 
 
@@ -137,6 +149,8 @@ def main() -> None:
                     help="held-back calibration windows the recipe per budget is chosen on")
     ap.add_argument("--uniform", default=",".join(UNIFORM))
     ap.add_argument("--spqr", default=",".join(SPQR))
+    ap.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT, help="calibration text, as `tightfit compress --calib-text`")
+    ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="evaluation texts; the first is the headline's")
     ap.add_argument("--report-only", action="store_true",
                     help="write bench/results/spqr.md again from spqr.json (e.g. after a caveat was added here), measuring nothing")
     args = ap.parse_args()
@@ -145,13 +159,16 @@ def main() -> None:
     t0 = time.perf_counter()
 
     loaded = load_model(args.model)
-    calib_config, eval_config = CalibrationConfig(), EvalConfig(n_windows=args.windows)
+    texts = tuple(t for t in args.texts.split(",") if t)
+    calib_config = CalibrationConfig(text=str(parse_mix(args.calib_text)))
+    eval_config = EvalConfig(text=texts[0], n_windows=args.windows)
     calibration, held_back = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, calib_config, args.select_windows)
     hessians = hessians_cached(loaded, calibration)
     grids = source_grids(loaded.source)
     names = args.uniform.split(",") + args.spqr.split(",")
     configs = {name: QuantizeConfig(fmt=parse_format(name), method="gptq") for name in names}
-    rows, scores = quantize_and_evaluate(loaded, configs, calibration, eval_config, hessians=hessians, held_back=held_back)
+    rows, scores = quantize_and_evaluate(loaded, configs, calibration, eval_config, hessians=hessians, held_back=held_back,
+                                         texts=texts)
 
     table = []
     for name in names:
@@ -166,7 +183,7 @@ def main() -> None:
     payload = {
         "machine": machine_info(), "model": args.model, "source_sha256": loaded.source.sha256(),
         "calibration": config_to_json(calib_config), "evaluation": config_to_json(eval_config),
-        "held_back_windows": args.select_windows, "rival_window_bpw": RIVAL_WINDOW,
+        "texts": list(texts), "texts_line": texts_line(texts), "held_back_windows": args.select_windows, "rival_window_bpw": RIVAL_WINDOW,
         "hessians": "original model (collected once, shared by every format)",
         "source_grids": grids_json(grids), "n_tokens": ev0.n_tokens, "original_ppl": ev0.reference_ppl, "rows": table,
         "budgets": verdicts(table, grids),

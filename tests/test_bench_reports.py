@@ -123,6 +123,14 @@ def test_quality_markdown_has_both_kl_columns():
     assert "Source grid: The source is" in md and "None of the formats here can hold it" in md
     assert "| w3g64 | gptq | 3.300 | 5.300 | 20.000 | 0.6000 | 0.5940 | 0.700 | 1 |" in md
     assert "fewer than the protocol's 64" in md
+    assert "KL code" not in md and "no kernel for their format" not in md
+
+    # a second evaluation text: its KL and the out-of-domain penalty beside each row; dense layers named
+    rows = [{**rows[0], "kl_code": 0.9}, {**_row("w2g64", 2.3, 2.0, 0), "method": "rtn", "kl_code": 3.0, "engine_dense_layers": 2}]
+    md = quality.markdown({**payload, "rows": rows, "texts": ["wiki", "code"], "texts_line": "Texts: wiki = a; code = b."})
+    assert "| KL code | code/wiki | quantize s |" in md and "Texts: wiki = a; code = b." in md
+    assert "| 0.700 | 0.9000 | 1.50 | 1 |" in md and "| 3.0000 | 1.50 | 1 |" in md
+    assert "dense in fp32 (no kernel for their format): w2g64 (2)." in md
 
 
 def test_peers_verdicts_band_choice_and_source_grid():
@@ -157,7 +165,24 @@ def test_peers_verdicts_band_choice_and_source_grid():
     bullets = "\n".join(peers_report.peer_bullets(entries))
     assert "here: llama.cpp Q4_K_M 180 of 210 tensors." in bullets  # Q5_0 and Q8_0: legacy types it fell back to
     assert "llama.cpp Q4_1" not in bullets and "llama.cpp+imatrix Q4_0" not in bullets  # asked for a legacy type
-    assert "SpQR entries run on the engine's dense fp32 path" in bullets and "HQQ" not in bullets  # the HQQ entry failed
+    assert "dense in fp32" not in bullets and "HQQ" not in bullets  # every layer on a kernel; the HQQ entry failed
+    entries[1].note = "engine runs 7 layers dense fp32 (no kernel for the format)"
+    assert "layers the engine runs dense in fp32 (no kernel for their format): w4g32-sym;" in \
+        "\n".join(peers_report.peer_bullets(entries))
+
+
+def test_peers_markdown_has_a_column_per_other_text():
+    entries = [_entry("tightfit", "w3g64", 3.3, 0.6), _entry("llama.cpp", "Q3_K_S", 3.5, 0.7)]
+    entries[0].kl_texts = {"code": 0.9}
+    payload = {"model": "m", "machine": MACHINE, "calibration": config_to_json(CalibrationConfig(text="wiki,code")),
+               "evaluation": config_to_json(EvalConfig(n_windows=16)), "n_tokens": 8176, "original_ppl": 15.0,
+               "wall_s": 60.0, "source_grids": [], "held_back_windows": 8, "llama_cpp_version": "0.3", "hqq_version": "0.2",
+               "verdicts": peers_report.verdicts(entries), "texts": ["wiki", "code"], "texts_line": "Texts: wiki = a; code = b."}
+    md = peers_report.markdown(payload, entries)
+    assert "| KL held-back | KL code | quantize s |" in md and "Texts: wiki = a; code = b." in md
+    assert "| 0.6000 | 0.9000 | 1.0 |" in md  # tightfit's row: held-back KL, KL on code, quantize s
+    assert "| 0.7000 | - | 1.0 |" in md  # an entry not scored on code
+    assert "(wiki,code, 64 x 512 calibration tokens)" in md
 
 
 def test_quantize_and_evaluate_scores_through_the_engine(tiny_model_dir, tiny_text_file):
@@ -190,7 +215,7 @@ def test_peers_scorer_engine_floor_and_a_packed_entry(tiny_model_dir, tiny_text_
     windows = eval_windows(loaded.tokenizer, EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32))
     _, held_back = calibrate_stage.calibrate_with_held_back(
         loaded.tokenizer, CalibrationConfig(text=str(tiny_text_file), n_samples=2, seq_len=32), 1)
-    scorer = peers.Scorer(loaded.model, windows, held_back)
+    scorer = peers.Scorer(loaded.model, windows, held_back, {"again": windows})
     floor = peers_report.Entry("floor", "tightfit engine fp32", 32.0, 0.0)
     scorer.score(peers.engine_scorer(peers.original_packed(loaded), scorer, floor), floor)
     assert floor.kl < 1e-5 and floor.top1 > 0.99 and floor.ppl == pytest.approx(scorer.reference_ppl, rel=1e-3)
@@ -202,6 +227,7 @@ def test_peers_scorer_engine_floor_and_a_packed_entry(tiny_model_dir, tiny_text_
     scorer.score(peers.engine_scorer(packed, scorer, entry), entry, fp32=build_model(packed))
     assert entry.kl > 10 * floor.kl and entry.kl == pytest.approx(entry.kl_fp32, rel=0.05)
     assert not math.isnan(entry.kl_held_back) and entry.note == ""
+    assert entry.kl_texts == {"again": pytest.approx(entry.kl, rel=1e-6)}  # the same windows as another text
 
 
 # ---- bench/calibration.py: calibration choices on two domains -----------------------------------------

@@ -7,7 +7,7 @@ matrix. `validate_packed_for_engine` checks every size against every tensor the 
 where the architecture's EngineLayout (runtime/engine_config.py) says it keeps them: fused
 projections (Phi-3's qkv_proj, gate_up_proj) whole, as the rows they are split into at load;
 extra norms (Gemma 3's output norms of [hidden], q/k norms of [head_dim]). tf_engine_create
-(runtime/kernels/forward.h) checks the structs again, the architecture fields included (rope_dim,
+(runtime/kernels/checks.h) checks the structs again, the architecture fields included (rope_dim,
 act, windows), and returns an error code, which `create_engine` turns into a PackedModelError.
 """
 
@@ -22,7 +22,7 @@ from tightfit.errors import KernelUnavailable, PackedModelError
 from tightfit.formats.packed import PackedModel
 from tightfit.runtime.engine_config import EngineLayout
 
-# tf_engine_create's codes (TF_E_* in forward.h) in words
+# tf_engine_create's codes (TF_E_* in checks.h) in words
 CREATE_ERRORS = {
     -1: "a size or count is not positive or past the engine's limits, or num_attention_heads is not a multiple of "
         "num_key_value_heads",

@@ -10,6 +10,7 @@
 //   attention_values.h  how attention reads a KV head's cache; the weighted sum of its values
 //   attention.h    RoPE, softmax attention of the query heads that share one KV head's cache
 //   threads.h      the forward step's threads: kept across calls, a barrier (spin, yield, sleep)
+//   checks.h       what tf_engine_create accepts: sizes, architecture fields, weight matrices
 //   forward.h      the decoder's forward step
 //   timing.h       timing entry points (matmuls, memory reads, attention, the forward step's
 //                  phases) and the attention probe of the kernel tests
@@ -27,6 +28,7 @@
 #include "attention_values.h"
 #include "attention.h"
 #include "threads.h"
+#include "checks.h"
 #include "forward.h"
 #include "timing.h"
 
