@@ -299,6 +299,8 @@ def scored_text(method: str, info: dict) -> str:
 def markdown(payload: dict) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
     others = [t for t in payload.get("texts", [ev.text]) if t != ev.text]
+    cal = payload.get("calibration")
+    calibration_text = f"Calibration text: {cal['text']}, {cal['n_samples']} x {cal['seq_len']} tokens. " if cal else ""
     whole = payload.get("embeddings", "plan") == "plan"
     scored = [f"{m} = {METHOD_TEXT[m]}, on {info['tokens']} tokens, {scored_text(m, info)}"
               + (f"; {info['probe']}" if info.get("probe") else "") for m, info in payload["methods"].items()]
@@ -318,8 +320,7 @@ def markdown(payload: dict) -> str:
         "",
         f"Candidates per linear layer: {', '.join(payload['candidates'])}. Sensitivity methods, a plan per budget for "
         "each: " + "; ".join(scored) + f". {sizes} Plans: HiGHS MILP. Linear layers quantized with GPTQ from the same "
-        f"original-model Hessians{', embeddings and head rounded to nearest' if whole else ''}. Calibration text: "
-        f"{payload['calibration']['text']}, {payload['calibration']['n_samples']} x {payload['calibration']['seq_len']} tokens. "
+        f"original-model Hessians{', embeddings and head rounded to nearest' if whole else ''}. {calibration_text}"
         f"{protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} {ENGINE_COLUMNS} "
         f"Wall time {payload['wall_s'] / 60:.0f} min.",
         *([f"KL {', '.join(others)}: through the engine on {ev.n_windows} held-out windows of that text (another domain). "
