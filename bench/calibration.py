@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import inspect
 import json
 import sys
@@ -41,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    EVAL_TEXTS, RESULTS, machine_info, machine_line, ood_penalty, quantize_and_pack, rewrite_results, score_texts,
+    EVAL_TEXTS, RESULTS, calibration_key, machine_info, machine_line, ood_penalty, quantize_and_pack, rewrite_results, score_texts,
     text_windows, texts_line, windows_help, write_results,
 )
 
@@ -98,8 +97,7 @@ def choices(base: CalibrationConfig, self_tokens: int) -> dict[str, Choice]:
 
 def work_for(calibration: CalibrationConfig, root: Path) -> Path:
     """A cache folder per calibration (Hessians, Fisher, sensitivities, self text)."""
-    key = hashlib.sha256(json.dumps(config_to_json(calibration), sort_keys=True).encode()).hexdigest()[:12]
-    return root / key
+    return root / calibration_key(calibration)
 
 
 def describe(calibration: CalibrationConfig) -> str:

@@ -160,17 +160,30 @@ class Scores:
     domains: dict[str, EvalResult] = field(default_factory=dict)
 
 
+def calibration_key(config) -> str:
+    """A short fingerprint of a CalibrationConfig, naming the cache files and folders made from it."""
+    import hashlib
+
+    from tightfit.artifacts import config_to_json
+
+    return hashlib.sha256(json.dumps(config_to_json(config), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def add_text_arguments(ap) -> None:
+    """--calib-text (default: the command line's) and --texts (default: EVAL_TEXTS), as the quality benches take them."""
+    from tightfit.cli.common import DEFAULT_CALIB_TEXT
+
+    ap.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT, help="calibration text, as `tightfit compress --calib-text`")
+    ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="evaluation texts; the first is the headline's")
+
+
 def hessians_cached(loaded, calibration):
     """Original-model Hessians for this model and calibration, from .cache/ (a file per model and
     calibration config) or collected now."""
     from tightfit.stages import calibrate as calibrate_stage
 
-    import hashlib
-
-    from tightfit.artifacts import config_to_json
-
-    key = hashlib.sha256(json.dumps(config_to_json(calibration.config), sort_keys=True).encode()).hexdigest()[:12]
-    cache = Path(__file__).resolve().parents[1] / ".cache" / f"hessians-{loaded.source.sha256()[:16]}-{key}.safetensors"
+    cache = (Path(__file__).resolve().parents[1] / ".cache"
+             / f"hessians-{loaded.source.sha256()[:16]}-{calibration_key(calibration.config)}.safetensors")
     hessians = calibrate_stage.load_hessians(cache, loaded, calibration.config)
     if hessians is None:
         hessians = calibrate_stage.collect_hessians(loaded, calibration)

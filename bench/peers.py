@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
 from common import (  # noqa: E402
-    EVAL_TEXTS, RESULTS, SELECT_WINDOWS, hessians_cached, machine_info, text_windows, texts_line, windows_help, write_results,
+    RESULTS, SELECT_WINDOWS, add_text_arguments, hessians_cached, machine_info, text_windows, texts_line, windows_help, write_results,
 )
 from source_grid import grids_json, source_grids  # noqa: E402
 from peers_report import (  # noqa: E402
@@ -67,7 +67,6 @@ from peers_report import (  # noqa: E402
 )
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
-from tightfit.cli.common import DEFAULT_CALIB_TEXT  # noqa: E402
 from tightfit.data import parse_mix  # noqa: E402
 from tightfit.evaluate import EvalConfig, backend_scorer, eval_windows, evaluate, reference_log_probs  # noqa: E402
 from tightfit.formats.packed import PackedModel, load_packed  # noqa: E402
@@ -308,8 +307,7 @@ def main() -> None:
     ap.add_argument("--llama-imatrix", default=",".join(LLAMA_IMATRIX))
     ap.add_argument("--hqq", default=",".join(map(str, HQQ_BITS)))
     ap.add_argument("--no-speed", action="store_true")
-    ap.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT, help="calibration text, as `tightfit compress --calib-text`")
-    ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="evaluation texts; the first is the headline's")
+    add_text_arguments(ap)
     ap.add_argument("--name", default="peers", help="results name in bench/results/ (empty: write nothing)")
     ap.add_argument("--report-only", action="store_true",
                     help="write bench/results/NAME.md and its plot again from NAME.json (e.g. after a caveat was added "

@@ -27,7 +27,7 @@ model of its size class (bench/common.py RIVAL_WINDOW); nothing is chosen on the
 The additive model is checked on `--heldback-windows` held-back calibration windows: each plan's
 predicted loss (the sum of its layers' damages) against the KL of the packed plan there.
 Calibration (Hessians, sensitivities, plans): `--calib-text`, by default the command line's (wiki,code);
-each calibration text has a cache folder of its own under `--work`'s parent. Every model is also
+each other calibration has a cache folder of its own beside `--work` (named by its calibration_key). Every model is also
 scored through the engine on as many held-out windows of each other text of `--texts` (code).
 `--embeddings fp16` is the earlier protocol: embeddings and head fp16 in every model, budgets and
 sizes over the linear layers only.
@@ -46,13 +46,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ENGINE_COLUMNS, EVAL_TEXTS, RIVAL_WINDOW, machine_info, machine_line, protocol_line, quantize_and_evaluate,
+    ENGINE_COLUMNS, RIVAL_WINDOW, add_text_arguments, calibration_key, machine_info, machine_line, protocol_line, quantize_and_evaluate,
     rival_window_text, rivals, rewrite_results, score_columns, score_json, texts_line, verdict_cell, windows_help,
     write_results,
 )
 
 from tightfit.artifacts import CalibrationConfig, Choice, QuantizeConfig, config_to_json, format_or_none, parse_choice  # noqa: E402
-from tightfit.cli.common import DEFAULT_CALIB_TEXT  # noqa: E402
 from tightfit.data import parse_mix  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
 from tightfit.formats.registry import Format, parse_format  # noqa: E402
@@ -85,16 +84,13 @@ def rival_embeddings(fmt: Format, candidates: tuple[str, ...], shape: tuple[int,
                default=parse_choice("fp16"))
 
 
-@contextmanager
 def work_for(work: Path, calibration: CalibrationConfig) -> Path:
     """The cache folder of a calibration: `work` itself for the library's default (wiki), a sibling
-    named after the text for any other (a folder holds the Hessians of one calibration)."""
-    if calibration == CalibrationConfig():
-        return work
-    slug = "".join(c if c.isalnum() else "-" for c in calibration.text)
-    return work.with_name(f"{work.name}-{slug}")
+    named by its calibration_key for any other (a folder holds the Hessians of one calibration)."""
+    return work if calibration == CalibrationConfig() else work.with_name(f"{work.name}-{calibration_key(calibration)}")
 
 
+@contextmanager
 def scratch_work(work: Path):
     """A fresh work folder sharing work's original-model Hessians: everything else is computed there."""
     with tempfile.TemporaryDirectory(prefix="planner-") as tmp:
@@ -117,8 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rescore", default="fisher", help="methods scored from scratch in this run, so that their cost is "
                     "measured (the others are read from --work's cache when there); '' for none")
     ap.add_argument("--work", type=Path, default=WORK, help=f"cache of Hessians and sensitivity tables (default {WORK})")
-    ap.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT, help="calibration text, as `tightfit compress --calib-text`")
-    ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="evaluation texts; the first is the headline's")
+    add_text_arguments(ap)
     ap.add_argument("--heldback-windows", type=int, default=4, help="held-back calibration windows the whole plans' real KL is measured on")
     ap.add_argument("--scale-runs", default=None,
                     help="JSONs of bench/compress_run.py runs of `tightfit compress BIGGER --bpw B` (the cheap estimate), "

@@ -25,13 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ENGINE_COLUMNS, EVAL_TEXTS, dense_line, machine_info, machine_line, protocol_line, quantize_and_evaluate, score_columns,
+    ENGINE_COLUMNS, add_text_arguments, dense_line, machine_info, machine_line, protocol_line, quantize_and_evaluate, score_columns,
     score_json, texts_line, windows_help, write_results,
 )
 from source_grid import grids_from_json, grids_json, source_grid_caveat, source_grids  # noqa: E402
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
-from tightfit.cli.common import DEFAULT_CALIB_TEXT  # noqa: E402
 from tightfit.data import parse_mix  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
 from tightfit.formats import QuantFormat  # noqa: E402
@@ -77,8 +76,7 @@ def main() -> None:
     ap.add_argument("--formats", default="w4g128,w3g128,w3g64,w2g64")
     ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--windows", type=int, default=EvalConfig.n_windows, help=windows_help())
-    ap.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT, help="calibration text, as `tightfit compress --calib-text`")
-    ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="evaluation texts; the first is the headline's")
+    add_text_arguments(ap)
     ap.add_argument("--name", default="quality")
     args = ap.parse_args()
     texts = tuple(args.texts.split(","))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ENGINE_COLUMNS, EVAL_TEXTS, RESULTS, RIVAL_WINDOW, SELECT_WINDOWS, dense_line, hessians_cached, machine_info,
+    ENGINE_COLUMNS, RESULTS, RIVAL_WINDOW, add_text_arguments, SELECT_WINDOWS, dense_line, hessians_cached, machine_info,
     machine_line, protocol_line, quantize_and_evaluate, rival_window_text, rivals, score_columns, score_json, texts_line,
     verdict_cell, windows_help, write_results,
 )
@@ -40,7 +40,6 @@ from source_grid import (  # noqa: E402
 )
 
 from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
-from tightfit.cli.common import DEFAULT_CALIB_TEXT  # noqa: E402
 from tightfit.data import parse_mix  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
 from tightfit.formats.registry import parse_format  # noqa: E402
@@ -149,8 +148,7 @@ def main() -> None:
                     help="held-back calibration windows the recipe per budget is chosen on")
     ap.add_argument("--uniform", default=",".join(UNIFORM))
     ap.add_argument("--spqr", default=",".join(SPQR))
-    ap.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT, help="calibration text, as `tightfit compress --calib-text`")
-    ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="evaluation texts; the first is the headline's")
+    add_text_arguments(ap)
     ap.add_argument("--report-only", action="store_true",
                     help="write bench/results/spqr.md again from spqr.json (e.g. after a caveat was added here), measuring nothing")
     args = ap.parse_args()

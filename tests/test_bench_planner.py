@@ -116,3 +116,19 @@ def test_planner_rival_embeddings_are_no_smaller_than_the_format():
     assert planner.rival_embeddings(parse_format("w4g128"), embed, shape) == parse_format("w4g32-sym")
     assert planner.rival_embeddings(parse_format("w2g32"), embed, shape) == parse_format("w3g128")
     assert planner.rival_embeddings(parse_format("w4g128"), ("fp16",), shape).name == "fp16"
+
+
+def test_each_calibration_has_its_work_folder_and_scratch_work_shares_the_hessians(tmp_path):
+    import planner
+
+    from tightfit.artifacts import CalibrationConfig
+
+    work = tmp_path / "planner"
+    work.mkdir()
+    (work / "hessians.safetensors").write_bytes(b"h")
+    assert planner.work_for(work, CalibrationConfig()) == work
+    mixed = planner.work_for(work, CalibrationConfig(text="wiki,code"))
+    assert mixed.parent == tmp_path and mixed != work and mixed == planner.work_for(work, CalibrationConfig(text="wiki,code"))
+    with planner.scratch_work(work) as scratch:
+        assert (scratch / "hessians.safetensors").read_bytes() == b"h" and scratch != work
+    assert not scratch.exists()
