@@ -298,6 +298,21 @@ def score_texts(candidates: dict, loaded, windows: dict[str, torch.Tensor], batc
     return out
 
 
+def other_texts(payload: dict, ev: EvalConfig) -> list[str]:
+    """The evaluation texts of a results payload besides the headline's (`texts`; none in older runs)."""
+    return [t for t in payload.get("texts", [ev.text]) if t != ev.text]
+
+
+def other_texts_lines(payload: dict, ev: EvalConfig, engines: str = "the engine", extra: str = "") -> list[str]:
+    """The caption of a table's KL columns on other texts (none when there are none): the engines,
+    the windows, `extra` and what each text is (payload's texts_line)."""
+    others = other_texts(payload, ev)
+    if not others:
+        return []
+    return [f"KL {', '.join(others)}: through {engines} on {ev.n_windows} held-out windows of that text (another domain)."
+            f"{' ' + extra if extra else ''} {payload['texts_line']}"]
+
+
 def ood_penalty(kl_by_text: dict[str, float], base: str = EVAL_TEXTS[0]) -> dict[str, float]:
     """The out-of-domain penalty of each other text: KL on it / KL on `base` (calibration's domain)."""
     return {text: kl / kl_by_text[base] for text, kl in kl_by_text.items() if text != base}

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import ENGINE_COLUMNS, machine_line, protocol_line
+from common import ENGINE_COLUMNS, machine_line, other_texts, other_texts_lines, protocol_line
 from source_grid import (
     grids_from_json, held_grids, is_format, on_source_grid, recorded_grids, source_grid_caveat, source_line,
 )
@@ -227,7 +227,7 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
     grids = grids_from_json(payload["source_grids"])
     n_held = payload["held_back_windows"]
     n_linear = max((sum(e.types.values()) for e in entries if e.types), default=None)
-    others = [t for t in payload.get("texts", [ev.text]) if t != ev.text]
+    others = other_texts(payload, ev)
     calib = payload["calibration"]
     lines = [
         f"# tightfit vs peers on {payload['model']} (one run)",
@@ -238,8 +238,7 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
         f"{ENGINE_COLUMNS} KL held-back: on {n_held} held-back calibration windows (never calibrated on, disjoint from "
         f"the evaluation text), what the band table chooses on. KL (fp32 ref) exists for tightfit's entries only. "
         f"Wall time {payload['wall_s'] / 60:.1f} min.",
-        *([f"KL {', '.join(others)}: through the same engines on {ev.n_windows} held-out windows of that text (another "
-           f"domain). {payload['texts_line']}"] if others else []),
+        *other_texts_lines(payload, ev, engines="the same engines"),
         "",
         f"- **tightfit**: GPTQ from cached Hessians of the original ({calib['text']}, {calib['n_samples']} x "
         f"{calib['seq_len']} calibration tokens), packed and reloaded, "

@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ENGINE_COLUMNS, RIVAL_WINDOW, add_text_arguments, calibration_key, machine_info, machine_line, protocol_line, quantize_and_evaluate,
+    ENGINE_COLUMNS, RIVAL_WINDOW, add_text_arguments, calibration_key, other_texts, other_texts_lines, machine_info, machine_line, protocol_line, quantize_and_evaluate,
     rival_window_text, rivals, rewrite_results, score_columns, score_json, texts_line, verdict_cell, windows_help,
     write_results,
 )
@@ -293,7 +293,7 @@ def scored_text(method: str, info: dict) -> str:
 
 def markdown(payload: dict) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
-    others = [t for t in payload.get("texts", [ev.text]) if t != ev.text]
+    others = other_texts(payload, ev)
     cal = payload.get("calibration")
     calibration_text = f"Calibration text: {cal['text']}, {cal['n_samples']} x {cal['seq_len']} tokens. " if cal else ""
     whole = payload.get("embeddings", "plan") == "plan"
@@ -318,8 +318,7 @@ def markdown(payload: dict) -> str:
         f"original-model Hessians{', embeddings and head rounded to nearest' if whole else ''}. {calibration_text}"
         f"{protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} {ENGINE_COLUMNS} "
         f"Wall time {payload['wall_s'] / 60:.0f} min.",
-        *([f"KL {', '.join(others)}: through the engine on {ev.n_windows} held-out windows of that text (another domain). "
-           f"{payload['texts_line']}"] if others else []),
+        *other_texts_lines(payload, ev),
         "",
         "| model | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | " + "".join(f"KL {t} | " for t in others)
         + "embeddings | linear layers |",

@@ -1,6 +1,7 @@
 """RTN vs GPTQ on the default model at uniform formats: PPL, KL, top-1, bits/weight, wall time.
 
     .venv/bin/python bench/quality.py [--formats w4g128,w3g128,w3g64,w2g64] [--windows 64] [--texts wiki,code]
+    .venv/bin/python bench/quality.py --report-only    # quality.md again from quality.json, measuring nothing
 
 Every model is quantized, packed to disk and reloaded from the packed file before evaluation, so
 the figures are those of the artifact a user gets: scored through tightfit's compiled engine (the
@@ -25,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ENGINE_COLUMNS, add_text_arguments, dense_line, machine_info, machine_line, protocol_line, quantize_and_evaluate, score_columns,
-    score_json, texts_line, windows_help, write_results,
+    ENGINE_COLUMNS, add_text_arguments, dense_line, other_texts, other_texts_lines, machine_info, machine_line, protocol_line, quantize_and_evaluate, score_columns,
+    rewrite_results, score_json, texts_line, windows_help, write_results,
 )
 from source_grid import grids_from_json, grids_json, source_grid_caveat, source_grids  # noqa: E402
 
@@ -40,7 +41,7 @@ from tightfit.stages import calibrate as calibrate_stage  # noqa: E402
 
 def markdown(payload: dict) -> str:
     calib, ev = payload["calibration"], EvalConfig.from_json(payload["evaluation"])
-    others = [t for t in payload.get("texts", [ev.text]) if t != ev.text]
+    others = other_texts(payload, ev)
     lines = [
         f"# Quality: RTN vs GPTQ on {payload['model']}",
         "",
@@ -51,8 +52,8 @@ def markdown(payload: dict) -> str:
         "bits/weight counts codes + scales + zeros of the quantized layers; `all` divides the whole file "
         "(fp16 embeddings included) by all weights. Quantize time includes calibration for GPTQ. "
         f"Wall time {payload['wall_s'] / 60:.0f} min.",
-        *([f"Other domains: KL {', '.join(others)} scores the same engine on {ev.n_windows} held-out windows of that "
-           f"text; TEXT/{ev.text} is its out-of-domain penalty. {payload['texts_line']}"] if others else []),
+        *other_texts_lines(payload, ev, extra=", ".join(f"{t}/{ev.text}" for t in others)
+                           + f": the out-of-domain penalty (KL there / KL on {ev.text})."),
         "",
         "| format | method | bits/weight | bpw all | PPL | KL (engine) | KL (fp32 ref) | top-1 | "
         + "".join(f"KL {t} | {t}/{ev.text} | " for t in others) + "quantize s |",
@@ -78,7 +79,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=EvalConfig.n_windows, help=windows_help())
     add_text_arguments(ap)
     ap.add_argument("--name", default="quality")
+    ap.add_argument("--report-only", action="store_true", help="measure nothing: render NAME.md again from NAME.json")
     args = ap.parse_args()
+    if args.report_only:
+        print("written:", *rewrite_results(args.name, [], markdown, "quality.py"))
+        return
     texts = tuple(args.texts.split(","))
     t0 = time.perf_counter()
 

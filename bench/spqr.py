@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ENGINE_COLUMNS, RESULTS, RIVAL_WINDOW, add_text_arguments, SELECT_WINDOWS, dense_line, hessians_cached, machine_info,
+    ENGINE_COLUMNS, RESULTS, RIVAL_WINDOW, add_text_arguments, other_texts, other_texts_lines, SELECT_WINDOWS, dense_line, hessians_cached, machine_info,
     machine_line, protocol_line, quantize_and_evaluate, rival_window_text, rivals, score_columns, score_json, texts_line,
     verdict_cell, windows_help, write_results,
 )
@@ -94,7 +94,7 @@ def verdicts(table: list[dict], grids) -> list[dict]:
 
 def markdown(payload: dict) -> str:
     calib, ev, table = payload["calibration"], EvalConfig.from_json(payload["evaluation"]), payload["rows"]
-    others = [t for t in payload.get("texts", [ev.text]) if t != ev.text]
+    others = other_texts(payload, ev)
     lines = [
         f"# SpQR vs uniform GPTQ on {payload['model']}",
         "",
@@ -105,8 +105,7 @@ def markdown(payload: dict) -> str:
         f"KL held-back: through the engine on {payload['held_back_windows']} held-back calibration windows (never "
         "calibrated on, disjoint from the evaluation text), what the recipe choice below uses. bits/weight = bytes of "
         f"the quantized layers in the file x 8 / their weights. Wall time {payload['wall_s'] / 60:.0f} min.",
-        *([f"KL {', '.join(others)}: through the engine on {ev.n_windows} held-out windows of that text (another domain). "
-           f"{payload['texts_line']}"] if others else []),
+        *other_texts_lines(payload, ev),
         "",
         "| format | bits/weight | PPL | KL (engine) | KL (fp32 ref) | top-1 | KL held-back | " + "".join(f"KL {t} | " for t in others)
         + "quantize s |",
