@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import sys
 import tempfile
 import time
@@ -138,6 +139,49 @@ def best_choices(rows: list[dict]) -> list[dict]:
     return out
 
 
+def default_choice(payload: dict) -> str | None:
+    """The choice that is the command line's default calibration (`tightfit compress`: its
+    --calib-text, windows and GPTQ settings), or None where the run did not measure it."""
+    from tightfit.cli.common import DEFAULT_CALIB_TEXT
+
+    ours = Choice("default", CalibrationConfig(text=DEFAULT_CALIB_TEXT))
+    wanted = (describe(ours.calibration), ours.gptq())
+    return next((r["choice"] for r in payload["rows"] if (r["calibration"], r["gptq"]) == wanted), None)
+
+
+def ranking(rows: list[dict]) -> list[tuple[str, float]]:
+    """Each choice measured on every tightfit model kind, with the geometric mean over the kinds
+    of its worse-domain KL / the best choice's of that kind (1 = best everywhere), best first."""
+    kinds = list(dict.fromkeys(r["model"] for r in rows if r["peer"] == "tightfit"))
+    best = {b["model"]: b["worse_kl"] for b in best_choices(rows)}
+    by_choice: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["peer"] == "tightfit":
+            by_choice.setdefault(r["choice"], {})[r["model"]] = r["worse_kl"] / best[r["model"]]
+    means = {c: math.prod(v.values()) ** (1 / len(v)) for c, v in by_choice.items() if len(v) == len(kinds)}
+    return sorted(means.items(), key=lambda kv: kv[1])
+
+
+def default_lines(payload: dict) -> list[str]:
+    """Which choice is the command line's default, where it stands against the best of each kind,
+    and across the kinds (ranking): the table's verdict on the default."""
+    name = default_choice(payload)
+    if name is None:
+        return []
+    rows = payload["rows"]
+    mine = {r["model"]: r["worse_kl"] for r in rows if r["choice"] == name and r["peer"] == "tightfit"}
+    parts = [f"{b['model']} " + ("best" if b["choice"] == name else f"{100 * (mine[b['model']] / b['worse_kl'] - 1):+.1f} % "
+                                 f"(best: {b['choice']})") for b in best_choices(rows) if b["model"] in mine]
+    ranked = ranking(rows)
+    place = next((i for i, (c, _) in enumerate(ranked) if c == name), None)
+    lines = ["", f"The command line's default calibration is the choice **{name}**. Its worse-domain KL against the best "
+             f"choice of each kind: {'; '.join(parts)}."]
+    if place is not None:
+        lines.append(f"Across the kinds (geometric mean of worse-domain KL / the best of that kind; 1 = best everywhere) it "
+                     f"ranks {place + 1} of {len(ranked)}: " + ", ".join(f"{c} {m:.3f}" for c, m in ranked) + ".")
+    return lines
+
+
 def penalties_beside_llama(rows: list[dict], texts: tuple[str, ...]) -> list[dict]:
     """Each tightfit row against the llama.cpp+imatrix row of the same calibration text nearest in bits/weight."""
     out = []
@@ -205,6 +249,7 @@ def markdown(payload: dict) -> str:
                      f"{kls} | {pens} | {r['worse_kl']:.4f} |")
     lines += ["", "Lowest KL on the worse domain, per model kind:"]
     lines += [f"- {b['model']}: **{b['choice']}** (worse KL {b['worse_kl']:.4f})" for b in payload["best"]]
+    lines += default_lines(payload)
     if payload["beside_llama"]:
         lines += ["", "Out-of-domain penalty beside llama.cpp+imatrix calibrated on the same text (nearest bits/weight):"]
         lines += [f"- {x['choice']}, {x['model']} ({x['bpw']:.2f} bpw): {x['text']}/{texts[0]} {x['penalty']:.2f} vs "

@@ -43,6 +43,27 @@ def test_calibration_best_choice_is_the_lowest_worse_domain_kl_and_penalties_sta
         assert sum(windows.values()) == c.calibration.n_samples
 
 
+def test_calibration_table_names_the_default_and_ranks_the_choices_across_kinds():
+    import calibration
+
+    gptq = "damp 0.01, act-order on"
+    rows = [{**_cal_row("wiki", "w3g64", 3.3, 0.6, 1.3), "gptq": gptq}, {**_cal_row("wiki", "plan 3", 3.0, 1.2, 3.3), "gptq": gptq},
+            {**_cal_row("wiki+code", "w3g64", 3.3, 0.69, 0.47, calibration="wiki,code, 64 x 512"), "gptq": gptq},
+            {**_cal_row("wiki+code", "plan 3", 3.0, 1.5, 1.3, calibration="wiki,code, 64 x 512"), "gptq": gptq},
+            {**_cal_row("damp", "w3g64", 3.3, 0.75, 0.5, calibration="wiki,code, 64 x 512"), "gptq": "damp 0.1, act-order on"},
+            {**_cal_row("damp", "plan 3", 3.0, 1.45, 1.3, calibration="wiki,code, 64 x 512"), "gptq": "damp 0.1, act-order on"},
+            _cal_row("wiki", "llama.cpp+imatrix IQ2_XS", 3.96, 0.53, 0.49, peer="llama.cpp")]
+    payload = {"rows": rows}
+    assert calibration.default_choice(payload) == "wiki+code"  # the command line's wiki,code at damp 0.01
+    ranked = calibration.ranking(rows)
+    assert [c for c, _ in ranked] == ["wiki+code", "damp", "wiki"]
+    assert ranked[0][1] == pytest.approx((1.5 / 1.45) ** 0.5) and ranked[1][1] == pytest.approx((0.75 / 0.69) ** 0.5)
+    lines = calibration.default_lines(payload)
+    assert "**wiki+code**" in lines[1] and "w3g64 best" in lines[1] and "plan 3 +3.4 % (best: damp)" in lines[1]
+    assert lines[2].startswith("Across the kinds") and "ranks 1 of 3" in lines[2]
+    assert calibration.default_lines({"rows": rows[:2]}) == []  # the default not measured: nothing said
+
+
 def test_calibration_table_says_which_tensors_llama_cpp_kept_in_its_type():
     """On rows that are not a multiple of 256 llama.cpp's IQ types fall back: the table says how many tensors kept the type."""
     import calibration

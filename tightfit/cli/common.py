@@ -51,9 +51,9 @@ EVAL_TEXT_HELP = ("evaluation text, its held-out part: 'wiki' (built in: Wikiped
                   "source of this interpreter's standard library, a fixed selection of files), a .txt or .jsonl file "
                   "(default: wiki)")
 # The command line's calibration text: half Wikipedia intros, half Python source (the library's
-# CalibrationConfig default, and so the benchmarks' protocol, stays wiki). Chosen by the worse of the two
-# domains' KL (issue 17): bench/results/calibration.md and calibration_3.0.md on smollm2-135m, the 1.5B
-# model's 3.5 plan in compress_qwen15-bpw3.5-wikicode.md.
+# CalibrationConfig default stays wiki; the quality benchmarks take this one). Chosen by the worse of the
+# two domains' KL (issue 17): bench/results/calibration.md (every choice, one run) on smollm2-135m, the
+# 1.5B model's 3.5 plan in compress_qwen15-bpw3.5-wikicode.md.
 DEFAULT_CALIB_TEXT = "wiki,code"
 CALIB_TEXT_HELP = ("calibration text, its calibration part: 'wiki', 'code', a .txt or .jsonl file, or a mix with shares: "
                    "'wiki,code' (half each), 'wiki:0.75,code:0.25', 'wiki,self:2048' (2048 tokens the model samples "
