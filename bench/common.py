@@ -252,8 +252,9 @@ def quantize_and_evaluate(loaded, configs: dict, calibration, eval_config: EvalC
                                                                 hessians=hessians, ctx=ctx)
             fp32[key] = build_model(packed)
         windows = eval_windows(loaded.tokenizer, eval_config)
-        by_engine = evaluate_many(engines, windows, reference=loaded.model, batch_size=eval_config.batch_size)
-        by_fp32 = evaluate_many(fp32, windows, reference=loaded.model, batch_size=eval_config.batch_size)
+        both = evaluate_many({**{("engine", k): m for k, m in engines.items()}, **{("fp32", k): m for k, m in fp32.items()}},
+                             windows, reference=loaded.model, batch_size=eval_config.batch_size)  # the original once per batch
+        by_engine, by_fp32 = ({k: r for (kind, k), r in both.items() if kind == wanted} for wanted in ("engine", "fp32"))
         by_held_back = {} if held_back is None else evaluate_many(engines, held_back, reference=loaded.model,
                                                                   batch_size=eval_config.batch_size)
         others = [t for t in texts if t != eval_config.text]

@@ -1,5 +1,6 @@
 """A/B of kernel build variants (the TF_* tuning macros in runtime/kernels/matmul.h) on a packed
-model's decode.
+model's decode, or (--all-logits) on scoring a window: the logits of every one of its tokens, as
+evaluation runs the engine (`FastBackend.forward_all`).
 
 Each variant is compiled and loaded through `build.load(defines=...)`, as the engine loads its
 default build (ctypes declarations and ABI check included; the build cache keys on the macros);
@@ -8,6 +9,7 @@ round-robin in one process so that drifts of this shared machine hit all of them
 medians; writes nothing.
 
     .venv/bin/python bench/kernel_ab.py --packed PACKED_DIR --threads 2 "" "TF_PREFETCH=0" "TF_PREFETCH=512"
+    .venv/bin/python bench/kernel_ab.py --packed PACKED_DIR --all-logits "" "TF_ROW_BLOCK_BYTES=1099511627776"
 (a variant is `+`-joined NAME=VALUE macros; "" is the default build; `--build-only` compiles and
 loads the variants and times nothing)
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
+import time
 from unittest import mock
 
 import tightfit.runtime.engine as engine
@@ -41,9 +44,31 @@ def backend_on(lib: ctypes.CDLL, packed: PackedModel, **kwargs) -> engine.FastBa
         return engine.FastBackend(packed, **kwargs)
 
 
-def main(path: str, threads: int, variants: list[str], rounds: int = 7, new_tokens: int = 64) -> None:
+def time_all_logits(backends: dict[str, engine.FastBackend], window: list[int], rounds: int) -> dict[str, list[float]]:
+    """Tokens/s of forward_all on `window` from an empty cache, each backend once per round,
+    round-robin; the first round warms up."""
+    out: dict[str, list[float]] = {key: [] for key in backends}
+    for rnd in range(rounds):
+        for key, backend in backends.items():
+            backend.reset()
+            t = time.perf_counter()
+            backend.forward_all(window)
+            if rnd:
+                out[key].append(len(window) / (time.perf_counter() - t))
+    return out
+
+
+def main(path: str, threads: int, variants: list[str], rounds: int = 7, new_tokens: int = 64,
+         all_logits: int = 0) -> None:
     packed = load_packed(path)
-    backends = [backend_on(lib, packed, max_positions=512, threads=threads) for lib in load_variants(variants).values()]
+    positions = max(512, all_logits)
+    backends = [backend_on(lib, packed, max_positions=positions, threads=threads) for lib in load_variants(variants).values()]
+    if all_logits:
+        runs = time_all_logits(dict(zip(variants, backends)), random_prompt(backends[0].vocab_size, all_logits), rounds)
+        for v in variants:
+            print(f"{v or '(default)':45s} all-logits median {statistics.median(runs[v]):7.1f} tok/s  "
+                  f"runs {[round(x) for x in runs[v]]}")
+        return
     prompt = random_prompt(backends[0].vocab_size, 256)
     runs = time_round_robin(dict(zip(variants, backends)), prompt, new_tokens, rounds - 1)  # a warm-up round first
     for v in variants:
@@ -57,6 +82,8 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7, help="round-robin rounds; the first warms up")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--all-logits", type=int, default=0, metavar="TOKENS",
+                    help="time scoring a window of TOKENS tokens (every token's logits) instead of decode")
     ap.add_argument("--build-only", action="store_true", help="compile and load every variant, time nothing")
     args = ap.parse_args()
     if args.build_only:
@@ -65,4 +92,5 @@ if __name__ == "__main__":
     elif not args.packed:
         ap.error("--packed is required unless --build-only")
     else:
-        main(args.packed, args.threads, args.variants, rounds=args.rounds, new_tokens=args.new_tokens)
+        main(args.packed, args.threads, args.variants, rounds=args.rounds, new_tokens=args.new_tokens,
+             all_logits=args.all_logits)

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from tightfit.metrics import (
+    Reference,
     kl_per_position,
     kl_per_token,
     log_probs,
     next_token_log_probs,
     nll_per_position,
+    scores_from_logits,
     top1_agreement,
 )
 
@@ -89,3 +91,20 @@ def test_next_token_log_probs_score_positions_0_to_t_minus_2():
     logp = next_token_log_probs(_Echo(), ids)
     assert logp.shape == (2, 3, 6)
     assert logp.argmax(-1).equal(ids[:, :-1])
+
+
+def test_scores_from_logits_equal_the_log_prob_formulas():
+    g = torch.Generator().manual_seed(1)
+    ref_logits = 4 * torch.randn(40, 300, generator=g) + 20  # large logits: lse ~ 30, the cancellation to guard
+    logits = ref_logits + torch.randn(40, 300, generator=g)
+    logits[3] = ref_logits[3]  # one position where the candidate is the reference
+    targets = torch.randint(0, 300, (40,), generator=g)
+    logp, logq = log_probs(ref_logits.clone()), log_probs(logits.clone())
+    nll, kl, agree = scores_from_logits(logits, targets, Reference.of(logp))
+    torch.testing.assert_close(nll, nll_per_position(logq, targets), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(kl, kl_per_position(logp, logq), rtol=1e-4, atol=2e-5)
+    assert abs(kl[3].item()) < 2e-5 and kl.sum().item() == pytest.approx(kl_per_position(logp, logq).double().sum().item(), rel=1e-5)
+    assert agree.equal(top1_agreement(logp, logq)) and agree[3]
+    alone = scores_from_logits(logits, targets)
+    assert alone[0].equal(nll) and alone[1] is None and alone[2] is None
+    assert Reference.of(logp)[5:9].top.equal(logp[5:9].argmax(-1))

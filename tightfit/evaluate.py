@@ -27,13 +27,13 @@ from tightfit.errors import KernelUnavailable
 from tightfit.formats.packed import PackedModel
 from tightfit.model import LoadedModel, resident_block
 from tightfit.model.blocks import block_list, last_block_outputs, replay_blocks
-from tightfit.metrics import kl_per_position, log_probs, next_token_log_probs, nll_per_position, top1_agreement
+from tightfit.metrics import Reference, next_token_log_probs, next_token_logits, nll_per_position, scores_from_logits
 from tightfit.runtime.engine_config import DEFAULT_KV_BITS
 
 FAST_WINDOWS = 8
 BATCH_LOGITS_BYTES = 256 * 2**20  # at most this much fp32 log-probs per model per batch: a batch
 # of 2 windows at V = 49152 (100 MB each); one window of a 150k vocabulary (311 MB)
-POSITIONS_PER_CHUNK = 128  # the metrics' [positions, V] temporaries are formed this many at a time
+POSITIONS_PER_CHUNK = 512  # the metrics' [positions, V] temporaries are formed this many at a time
 ENGINES = ("torch", "fast")  # what can score a packed model (`tightfit eval --engine`)
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -127,11 +127,11 @@ def reference_for(loaded: LoadedModel, windows: torch.Tensor, *, batch_size: int
     return ReplayedReference(loaded, windows, batch_size=batch_size) if loaded.streamed else loaded.model
 
 
-def _next_token_log_probs(model: nn.Module | Scorer, ids: torch.Tensor) -> torch.Tensor:
-    """ids [B, T] -> [B, T-1, V] fp32: a module runs the batch at once, a Scorer window by window."""
+def _next_token_logits(model: nn.Module | Scorer, ids: torch.Tensor) -> torch.Tensor:
+    """ids [B, T] -> logits [B, T-1, V]: a module runs the batch at once, a Scorer window by window."""
     if isinstance(model, nn.Module):
-        return next_token_log_probs(model, ids)
-    rows = [log_probs(model(w)[:-1]) for w in ids]
+        return next_token_logits(model, ids)
+    rows = [model(w)[:-1] for w in ids]
     return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)  # [B, T-1, V]; one window: no copy
 
 
@@ -178,14 +178,16 @@ def evaluate_many(
         ids = windows[b : b + batch_size]  # [B, T]
         targets = ids[:, 1:]  # [B, T-1]
         count += targets.numel()
-        logp = None
+        ref = None
         if reference is not None:
             logp = next_token_log_probs(reference, ids) if isinstance(reference, nn.Module) else reference[b : b + batch_size]
             ref_nll += nll_per_position(logp, targets).sum().item()
+            ref = Reference.of(logp.reshape(-1, logp.shape[-1]))  # once for every candidate
+            del logp
         for name, model in models.items():
-            logq = _next_token_log_probs(model, ids)  # [B, T-1, V]
-            scores = _compare(logp, logq, targets)
-            del logq
+            logits = _next_token_logits(model, ids)  # [B, T-1, V]
+            scores = _compare(ref, logits, targets)
+            del logits
             nll[name] += scores[0]
             kl[name] += scores[1]
             agree[name] += scores[2]
@@ -222,20 +224,22 @@ def _vocab_size(model) -> int | None:
     return getattr(config, "vocab_size", None) or getattr(model, "vocab_size", None)
 
 
-def _compare(logp: torch.Tensor | None, logq: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, int]:
+def _compare(ref: Reference | None, logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, int]:
     """Sums over the positions of one batch: the candidate's NLL, KL(reference || candidate) and
-    top-1 agreements (both 0 without a reference). logp, logq [B, T-1, V]; targets [B, T-1]. The
-    per-position formulas run POSITIONS_PER_CHUNK positions at a time, so their temporaries stay
-    small next to the log-probs themselves."""
-    logq, targets = logq.reshape(-1, logq.shape[-1]), targets.reshape(-1)
-    logp = None if logp is None else logp.reshape(logq.shape)
+    top-1 agreements (both 0 without a reference). ref: the reference at the batch's B x (T-1)
+    positions; logits [B, T-1, V]; targets [B, T-1]. The per-position formulas
+    (metrics.scores_from_logits) run POSITIONS_PER_CHUNK positions at a time, so their
+    temporaries stay small next to the logits themselves."""
+    logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     nll, kl, agree = 0.0, 0.0, 0
     for s in range(0, targets.numel(), POSITIONS_PER_CHUNK):
         rows = slice(s, s + POSITIONS_PER_CHUNK)
-        nll += nll_per_position(logq[rows], targets[rows]).sum().item()
-        if logp is not None:
-            kl += kl_per_position(logp[rows], logq[rows]).sum().item()
-            agree += int(top1_agreement(logp[rows], logq[rows]).sum())
+        part = None if ref is None else ref[rows]
+        n, k, a = scores_from_logits(logits[rows], targets[rows], part)
+        nll += n.sum().item()
+        if part is not None:
+            kl += k.sum().item()
+            agree += int(a.sum())
     return nll, kl, agree
 
 

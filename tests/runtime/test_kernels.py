@@ -115,6 +115,24 @@ def test_variant_builds_load_through_the_same_path():
     assert torch.equal(y, kernels.matmul(w, x, portable=True))  # the prefetch distance changes no result
 
 
+def test_row_blocks_change_no_result():
+    """quant_matmul_rows walks rows in blocks of TF_ROW_BLOCK_BYTES with the tokens inside: a build
+    whose blocks are one tile (16 rows) gives bit for bit the default build's result, every kind of
+    matrix (several blocks per thread here: 100 rows, 9 tokens, 2 threads)."""
+    small = build.load(defines=("TF_ROW_BLOCK_BYTES=1",))
+    g = torch.Generator().manual_seed(11)
+    mats = [kernels.from_quantized(quantize_rtn_any(torch.randn(100, 200, generator=g), parse_format(name)),
+                                   torch.randn(100, generator=g))
+            for name in ("w3g64", "w4g16", "w8g32-sym", "nl4g32", "lut4g32-row", "lut2g32")]
+    mats += [kernels.from_dense(torch.randn(100, 200, generator=g).to(dtype)) for dtype in (torch.float16, torch.float32)]
+    mats.append(kernels.from_quantized(_spqr(SPQR_FORMATS[0], 100, 200, seed=0)))
+    x = torch.randn(9, 200, generator=g)
+    for w in mats:
+        y = torch.empty(9, 100)
+        small.tf_matmul(ctypes.byref(w.struct()), x.data_ptr(), 9, y.data_ptr(), 2, 0)
+        assert torch.equal(y, kernels.matmul(w, x, threads=2)), w.kind
+
+
 @pytest.mark.parametrize("name", ["w4g32", "w3g64-sym", "nl4g32", "lut4g32-row", "lut3g32-row"])
 def test_layout_of_a_tall_matrix_is_the_same_in_pieces(name, monkeypatch):
     """from_quantized lays out PLANE_ROWS rows at a time (a 150k-row embedding's temporaries would

@@ -30,6 +30,10 @@
 //                    (8192 and 16384 as 4096; an L2 hint instead of L1 alike). Earlier, SmolLM2-135M
 //                    w4g32-sym on a 2-core Zen 5 (2026-11-23): 1024 vs 0: 207 vs 194 at 2 threads.
 //   TF_DECODE_TILES  row tiles sharing each activation broadcast at decode; 2 vs 1: 105 vs 140 tok/s
+//   TF_ROW_BLOCK_BYTES  rows per block of a multi-token matmul (bytes of codes; the tokens loop inside a
+//                    block). Scoring a 512-token window (every token's logits, fp16 head, w3g64 layers,
+//                    SmolLM2-135M, 2 threads, 2026-11-28, `kernel_ab.py --all-logits 512`, medians of 5):
+//                    128 KB vs 512 KB vs one block: 732 / 660 / 580 tok/s (decode: one token, no change)
 // Measured the same way and removed: a second vpdpbusd accumulator per tile (136 vs 140 tok/s on
 // SmolLM2; 2-bit decode matmuls at K = 8960 alike).
 #ifndef TF_PREFETCH
@@ -37,6 +41,9 @@
 #endif
 #ifndef TF_DECODE_TILES
 #define TF_DECODE_TILES 1
+#endif
+#ifndef TF_ROW_BLOCK_BYTES
+#define TF_ROW_BLOCK_BYTES (128 * 1024)
 #endif
 
 #if TF_AVX512
@@ -274,6 +281,14 @@ static void add_outliers(const tf_mat& W, const QAct& a, int n0, int n1, float* 
     }
 }
 
+// Rows per block of quant_matmul_rows: about TF_ROW_BLOCK_BYTES of W's codes (or dense values),
+// a multiple of the tiles a decode step takes together; all rows when W is smaller.
+static inline int row_block(const tf_mat& W) {
+    const size_t row_bytes = W.kind == TF_QUANT ? (size_t)W.Kp * W.bits / 8 : (size_t)W.K * (W.kind == TF_F16 ? 2 : 4);
+    const int unit = 16 * TF_DECODE_TILES;
+    return (int)std::max<size_t>(unit, (size_t)TF_ROW_BLOCK_BYTES / std::max<size_t>(row_bytes, 1) / unit * unit);
+}
+
 // matmul_rows without the outliers: the dense part of every kind, rows [n0, n1) (n0 < n1)
 static void quant_matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
 #if TF_AVX512
@@ -311,23 +326,27 @@ static void quant_matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, fl
         }
         return;
     }
-    for (int m0 = 0; m0 < a.M; m0 += 4) {
+    // rows in blocks of about TF_ROW_BLOCK_BYTES, every 4 tokens inside a block: the block is read
+    // from memory once per call and from L2 after (each y[m, n] is computed as without blocks)
+    const int rb = row_block(W);
+    for (int b0 = n0; b0 < n1; b0 += rb)
+    for (int m0 = 0, b1 = std::min(n1, b0 + rb); m0 < a.M; m0 += 4) {
         const int mt = std::min(4, a.M - m0);
         if (W.kind != TF_QUANT) {
             switch (mt) {
-                case 1: dense_rows<1>(W, a, m0, n0, n1, y); break;
-                case 2: dense_rows<2>(W, a, m0, n0, n1, y); break;
-                case 3: dense_rows<3>(W, a, m0, n0, n1, y); break;
-                default: dense_rows<4>(W, a, m0, n0, n1, y); break;
+                case 1: dense_rows<1>(W, a, m0, b0, b1, y); break;
+                case 2: dense_rows<2>(W, a, m0, b0, b1, y); break;
+                case 3: dense_rows<3>(W, a, m0, b0, b1, y); break;
+                default: dense_rows<4>(W, a, m0, b0, b1, y); break;
             }
             continue;
         }
 #define TF_TOKENS(B, GRID, SPQR)                                                  \
     switch (mt) {                                                                 \
-        case 1: quant_rows<B, 1, GRID, SPQR>(W, a, m0, n0, n1, y); break;         \
-        case 2: quant_rows<B, 2, GRID, SPQR>(W, a, m0, n0, n1, y); break;         \
-        case 3: quant_rows<B, 3, GRID, SPQR>(W, a, m0, n0, n1, y); break;         \
-        default: quant_rows<B, 4, GRID, SPQR>(W, a, m0, n0, n1, y); break;        \
+        case 1: quant_rows<B, 1, GRID, SPQR>(W, a, m0, b0, b1, y); break;         \
+        case 2: quant_rows<B, 2, GRID, SPQR>(W, a, m0, b0, b1, y); break;         \
+        case 3: quant_rows<B, 3, GRID, SPQR>(W, a, m0, b0, b1, y); break;         \
+        default: quant_rows<B, 4, GRID, SPQR>(W, a, m0, b0, b1, y); break;        \
     }
 #define TF_BITS_CASE(B) \
     case B: TF_TOKENS(B, 0, false) break;
