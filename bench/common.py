@@ -177,6 +177,14 @@ def add_text_arguments(ap) -> None:
     ap.add_argument("--texts", default=",".join(EVAL_TEXTS), help="evaluation texts; the first is the headline's")
 
 
+def text_choices(args):
+    """What add_text_arguments' flags ask for: (CalibrationConfig of --calib-text, the --texts)."""
+    from tightfit.artifacts import CalibrationConfig
+    from tightfit.data import parse_mix
+
+    return CalibrationConfig(text=str(parse_mix(args.calib_text))), tuple(t for t in args.texts.split(",") if t)
+
+
 def hessians_cached(loaded, calibration):
     """Original-model Hessians for this model and calibration, from .cache/ (a file per model and
     calibration config) or collected now."""

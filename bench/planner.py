@@ -47,12 +47,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ENGINE_COLUMNS, RIVAL_WINDOW, add_text_arguments, calibration_key, other_texts, other_texts_lines, machine_info, machine_line, protocol_line, quantize_and_evaluate,
-    rival_window_text, rivals, rewrite_results, score_columns, score_json, texts_line, verdict_cell, windows_help,
+    rival_window_text, rivals, rewrite_results, score_columns, score_json, text_choices, texts_line, verdict_cell, windows_help,
     write_results,
 )
 
 from tightfit.artifacts import CalibrationConfig, Choice, QuantizeConfig, config_to_json, format_or_none, parse_choice  # noqa: E402
-from tightfit.data import parse_mix  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
 from tightfit.formats.registry import Format, parse_format  # noqa: E402
 from tightfit.model import DEFAULT_MODEL, get_module, load_model  # noqa: E402
@@ -143,9 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     # the bigger model's section is read first: a bad file fails the run now, not after an hour's work
     scale = scale_section(scale_runs, args.scale_peers)
     loaded = load_model(args.model)
-    cal = CalibrationConfig(text=str(parse_mix(args.calib_text)))
+    cal, texts = text_choices(args)
     work = work_for(args.work, cal)
-    texts = tuple(t for t in args.texts.split(",") if t)
     hessians = original_hessians(loaded, cal, work, True, print)
     budgets = [float(b) for b in args.budgets.split(",")]
     tables, methods_json, plans = {}, {}, {}

@@ -27,12 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ENGINE_COLUMNS, add_text_arguments, dense_line, other_texts, other_texts_lines, machine_info, machine_line, protocol_line, quantize_and_evaluate, score_columns,
-    rewrite_results, score_json, texts_line, windows_help, write_results,
+    rewrite_results, score_json, text_choices, texts_line, windows_help, write_results,
 )
 from source_grid import grids_from_json, grids_json, source_grid_caveat, source_grids  # noqa: E402
 
-from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
-from tightfit.data import parse_mix  # noqa: E402
+from tightfit.artifacts import QuantizeConfig, config_to_json  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
 from tightfit.formats import QuantFormat  # noqa: E402
 from tightfit.model import DEFAULT_MODEL, load_model  # noqa: E402
@@ -84,11 +83,10 @@ def main() -> None:
     if args.report_only:
         print("written:", *rewrite_results(args.name, [], markdown, "quality.py"))
         return
-    texts = tuple(args.texts.split(","))
+    calib_config, texts = text_choices(args)
     t0 = time.perf_counter()
 
     loaded = load_model(args.model)
-    calib_config = CalibrationConfig(text=str(parse_mix(args.calib_text)))
     eval_config = EvalConfig(text=texts[0], n_windows=args.windows)
     t = time.perf_counter()
     calibration = calibrate_stage.calibrate(loaded.tokenizer, calib_config)

@@ -32,15 +32,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ENGINE_COLUMNS, RESULTS, RIVAL_WINDOW, add_text_arguments, other_texts, other_texts_lines, SELECT_WINDOWS, dense_line, hessians_cached, machine_info,
-    machine_line, protocol_line, quantize_and_evaluate, rival_window_text, rivals, score_columns, score_json, texts_line,
+    machine_line, protocol_line, quantize_and_evaluate, rival_window_text, rivals, score_columns, score_json, text_choices, texts_line,
     verdict_cell, windows_help, write_results,
 )
 from source_grid import (  # noqa: E402
     grids_from_json, grids_json, on_source_grid, recorded_grids, source_grid_caveat, source_grids,
 )
 
-from tightfit.artifacts import CalibrationConfig, QuantizeConfig, config_to_json  # noqa: E402
-from tightfit.data import parse_mix  # noqa: E402
+from tightfit.artifacts import QuantizeConfig, config_to_json  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
 from tightfit.formats.registry import parse_format  # noqa: E402
 from tightfit.formats.spqr import SpQRTensor  # noqa: E402
@@ -156,8 +155,7 @@ def main() -> None:
     t0 = time.perf_counter()
 
     loaded = load_model(args.model)
-    texts = tuple(t for t in args.texts.split(",") if t)
-    calib_config = CalibrationConfig(text=str(parse_mix(args.calib_text)))
+    calib_config, texts = text_choices(args)
     eval_config = EvalConfig(text=texts[0], n_windows=args.windows)
     calibration, held_back = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, calib_config, args.select_windows)
     hessians = hessians_cached(loaded, calibration)

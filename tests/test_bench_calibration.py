@@ -99,3 +99,15 @@ def test_calibration_bench_tiny_run(tiny_model_dir, tmp_path, capsys):
     assert {b["model"] for b in payload["best"]} == {"w3g32", "plan 4 bpw"} and payload["beside_llama"] == []
     assert "| wiki+code | wiki,code, 4 x 32 | damp 0.01, act-order on | w3g32 |" in printed
     assert "No llama.cpp+imatrix rows: none asked for (--llama)" in printed and "Texts: wiki = Wikipedia intros" in printed
+
+
+def test_text_arguments_read_back_as_a_calibration_and_texts():
+    """The quality benches' --calib-text / --texts (common.add_text_arguments) and what they ask for (text_choices)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    common.add_text_arguments(ap)
+    cal, texts = common.text_choices(ap.parse_args([]))
+    assert cal == CalibrationConfig(text="wiki,code") and texts == ("wiki", "code")  # the command line's calibration
+    cal, texts = common.text_choices(ap.parse_args(["--calib-text", "wiki", "--texts", "code,wiki,"]))
+    assert cal == CalibrationConfig() and texts == ("code", "wiki")
