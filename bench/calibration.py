@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/calibration.py [--choices wiki,wiki+code,...] [--formats w3g64] [--budgets 3.5]
                                           [--windows 64] [--self-tokens 8192] [--llama IQ2_XS,IQ3_XXS]
-    .venv/bin/python bench/calibration.py --report-only [--name calibration]   (render NAME.md again from NAME.json)
+    .venv/bin/python bench/calibration.py --report-only [--name calibration] [--note TEXT ...]   (render NAME.md again from NAME.json)
 
 Every calibration choice compresses the default model
 - uniformly in each of --formats, GPTQ with sequential Hessians from its calibration windows (as
@@ -259,6 +259,8 @@ def markdown(payload: dict) -> str:
     if not any(r["peer"] == "llama.cpp" for r in payload["rows"]):
         lines += ["", f"No llama.cpp+imatrix rows: {payload['llama_note']}"]
     lines += [f"- {line}" for line in payload["llama_failed"]]
+    if payload.get("notes"):
+        lines += ["", "## Caveats", ""] + [f"- {n}" for n in payload["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -280,9 +282,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=WORK, help="cache of Hessians, Fisher, sensitivities and self text")
     ap.add_argument("--name", default="calibration", help="results name in bench/results/ (empty: write nothing)")
     ap.add_argument("--report-only", action="store_true", help="measure nothing: render NAME.md again from NAME.json")
+    ap.add_argument("--note", action="append", default=[], help="a caveat printed under the tables (e.g. what shared "
+                    "the machine); with --report-only the notes given replace the stored ones, none given keeps them")
     args = ap.parse_args(argv)
     if args.report_only:
-        print("written:", *rewrite_results(args.name, [], markdown, "calibration.py"))
+        print("written:", *rewrite_results(args.name, args.note, markdown, "calibration.py"))
         return json.loads((RESULTS / f"{args.name}.json").read_text())
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     t0 = time.perf_counter()
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         "texts_line": texts_line(texts), "text_records": {t: load_text(t).record() for t in texts},
         "evaluation": config_to_json(eval_config), "sensitivity": args.sensitivity, "calibration_sources": sources,
         "rows": rows, "best": best_choices(rows), "beside_llama": penalties_beside_llama(rows, texts),
-        "llama_note": llama_note, "llama_failed": llama_failed, "wall_s": round(time.perf_counter() - t0, 1),
+        "llama_note": llama_note, "llama_failed": llama_failed, "wall_s": round(time.perf_counter() - t0, 1), "notes": args.note,
     }
     md = markdown(payload)
     print(md)

@@ -87,7 +87,7 @@ def test_calibration_bench_tiny_run(tiny_model_dir, tmp_path, capsys):
     payload = calibration.main(["--model", str(tiny_model_dir), "--choices", "wiki,wiki+code,damp 0.1", "--formats", "w3g32",
                                 "--budgets", "4.0", "--candidates", "w2g32,w4g64", "--sensitivity", "proxy", "--calib-samples", "4",
                                 "--calib-len", "32", "--windows", "1", "--ctx", "32", "--llama", "", "--name", "",
-                                "--work", str(tmp_path / "work")])
+                                "--work", str(tmp_path / "work"), "--note", "shared the machine"])
     printed = capsys.readouterr().out
     rows = payload["rows"]
     assert [(r["choice"], r["model"]) for r in rows] == [(c, m) for c in ("wiki", "wiki+code", "damp 0.1") for m in ("w3g32", "plan 4 bpw")]
@@ -99,6 +99,7 @@ def test_calibration_bench_tiny_run(tiny_model_dir, tmp_path, capsys):
     assert {b["model"] for b in payload["best"]} == {"w3g32", "plan 4 bpw"} and payload["beside_llama"] == []
     assert "| wiki+code | wiki,code, 4 x 32 | damp 0.01, act-order on | w3g32 |" in printed
     assert "No llama.cpp+imatrix rows: none asked for (--llama)" in printed and "Texts: wiki = Wikipedia intros" in printed
+    assert payload["notes"] == ["shared the machine"] and printed.count("## Caveats\n\n- shared the machine\n") == 1
 
 
 def test_text_arguments_read_back_as_a_calibration_and_texts():
