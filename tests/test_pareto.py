@@ -35,6 +35,9 @@ def test_pareto_writes_one_row_per_point_and_resumes(tiny_model_dir, tiny_text_f
     assert w2["bits_per_weight"] < planned["bits_per_weight"] <= 3.4
     md = (out / "pareto.md").read_text()
     assert all(f"| {n} |" in md for n in names)
+    assert f"Calibration: {tiny_text_file}, 8 windows of 64 tokens (the original model's Hessians)" in md  # how the points were made
+    assert "candidates w2g32, w4g64; embeddings fp16." in md and "planner sensitivity proxy" in md
+    assert report["machine"] and f"Machine: {report['machine']}." in md  # where the speeds were timed
     try:
         import matplotlib  # noqa: F401
 

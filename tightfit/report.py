@@ -10,7 +10,7 @@ against the bytes the engine reads per token, under the roofline tok/s = bandwid
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,14 @@ class ParetoPoint:
 @dataclass(frozen=True)
 class ParetoReport:
     """settings: what every point was measured with (a resumed sweep must match them);
-    bandwidth_gb_s: read bandwidth at settings' threads; points in the order measured."""
+    bandwidth_gb_s: read bandwidth at settings' threads; points in the order measured;
+    machine: the CPU every point's speed was timed on (side by side, at the end of a sweep)."""
 
     settings: dict[str, Any]
     bandwidth_gb_s: float
     points: tuple[ParetoPoint, ...] = field(default_factory=tuple)
     version: int = PARETO_VERSION
+    machine: str = ""
 
     def names(self) -> set[str]:
         return {p.name for p in self.points}
@@ -68,11 +70,11 @@ class ParetoReport:
     def with_point(self, point: ParetoPoint) -> ParetoReport:
         if point.name in self.names():
             raise ValueError(f"the report already has a point named {point.name!r}")
-        return ParetoReport(settings=self.settings, bandwidth_gb_s=self.bandwidth_gb_s, points=self.points + (point,))
+        return replace(self, points=self.points + (point,))
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "settings": self.settings, "bandwidth_gb_s": self.bandwidth_gb_s,
-                "points": [asdict(p) for p in self.points]}
+                "machine": self.machine, "points": [asdict(p) for p in self.points]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ParetoReport:
@@ -80,7 +82,7 @@ class ParetoReport:
             got = d.get("version") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"pareto JSON has version {got!r}; this tightfit reads version {PARETO_VERSION}")
         return cls(settings=d["settings"], bandwidth_gb_s=float(d["bandwidth_gb_s"]),
-                   points=tuple(ParetoPoint(**p) for p in d["points"]))
+                   points=tuple(ParetoPoint(**p) for p in d["points"]), machine=str(d.get("machine", "")))
 
 
 def save_json(report: ParetoReport, folder: Path) -> Path:
@@ -93,6 +95,15 @@ def _cell(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _calibration_line(s: dict[str, Any]) -> str:
+    """How the points were made: calibration text and size, sensitivity, candidates, embeddings."""
+    cal = s.get("calibration") or {}
+    hessians = "each point's Hessians through its quantized layers" if s.get("sequential") else "the original model's Hessians"
+    return (f"Calibration: {cal.get('text')}, {cal.get('n_samples')} windows of {cal.get('seq_len')} tokens ({hessians}); "
+            f"planner sensitivity {s.get('sensitivity')}; candidates {', '.join(s.get('candidates') or [])}; "
+            f"embeddings {s.get('embed_format') or 'fp16'}.")
+
+
 def markdown(report: ParetoReport) -> str:
     s = report.settings
     lines = [
@@ -103,6 +114,12 @@ def markdown(report: ParetoReport) -> str:
         f"{s.get('repeats')} rounds of {s.get('new_tokens')} tokens after a {s.get('prompt_tokens')}-token prompt; read bandwidth {report.bandwidth_gb_s:.1f} GB/s "
         "(roofline = bandwidth / MB read per token).",
         "",
+        _calibration_line(s),
+        "",
+    ]
+    if report.machine:
+        lines += [f"Machine: {report.machine}.", ""]
+    lines += [
         "| point | size MB | bits/weight | MB read/token | decode tok/s | roofline tok/s | prefill tok/s | KL | top-1 | PPL |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

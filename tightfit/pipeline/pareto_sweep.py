@@ -167,8 +167,8 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
         # The original's perplexity comes with every evaluated point (EvalResult.reference_ppl).
         ref = _reference_ppl(out, report)
         if ref is not None:
-            report = report_mod.ParetoReport(settings=report.settings, bandwidth_gb_s=report.bandwidth_gb_s, points=tuple(
-                dataclasses.replace(p, ppl=ref) if p is original else p for p in report.points))
+            report = dataclasses.replace(report, points=tuple(dataclasses.replace(p, ppl=ref) if p is original else p
+                                                              for p in report.points))
             report_mod.save_json(report, out)
     return report
 
@@ -183,11 +183,12 @@ def _retime(report, out: Path, request: ParetoRequest, loaded: LoadedModel):
     round-robin in one pass, resumed ones included: points timed one after another (or in
     another run) see different machine states; timed side by side, their speeds compare.
     Medians of request.repeats rounds after a warm-up."""
+    import os
     import statistics
 
-    from tightfit import report as report_mod
     from tightfit.runtime.engine import FastBackend
     from tightfit.runtime.speed import random_prompt, time_round_robin
+    from tightfit.stages.profile.timing import cpu_name
 
     points = [p for p in report.points if p.skipped is None]
     backends = {}
@@ -198,7 +199,7 @@ def _retime(report, out: Path, request: ParetoRequest, loaded: LoadedModel):
     prompt = random_prompt(loaded.model.config.vocab_size, request.prompt_tokens, 0)
     runs = time_round_robin(backends, prompt, request.new_tokens, request.repeats)
     timed = {name: (statistics.median(r.prefill_tok_s), statistics.median(r.decode_tok_s)) for name, r in runs.items()}
-    return report_mod.ParetoReport(settings=report.settings, bandwidth_gb_s=report.bandwidth_gb_s, points=tuple(
+    return dataclasses.replace(report, machine=f"{cpu_name()}, {request.threads} threads of {os.cpu_count()} CPUs", points=tuple(
         dataclasses.replace(p, prefill_tok_s=timed[p.name][0], decode_tok_s=timed[p.name][1],
                             read_mb=backends[p.name].weight_bytes / 1e6) if p.name in timed else p
         for p in report.points))
