@@ -215,6 +215,29 @@ def test_spqr_kernels_match_reference(name, portable):
             assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5, (n, k, m)
 
 
+@pytest.mark.parametrize("lanes", ["0", "8", "16"])
+def test_outlier_lanes_sum_every_entry(lanes):
+    """add_outliers sums a row's CSR entries TF_OUTLIER_LANES at a time under a mask (AVX-512; 0 is
+    the scalar loop): every variant adds exactly R x up to fp32 summation order, for rows of 0 to 40
+    entries (none, part of one chunk, several chunks and a part), 1 and 5 tokens, 2 threads."""
+    lib = build.load(defines=(f"TF_OUTLIER_LANES={lanes}",))
+    g = torch.Generator().manual_seed(13)
+    q = _spqr("spqr-w3g32-s3-o0.0", 48, 576, seed=4)
+    counts = torch.tensor([(7 * i) % 41 for i in range(48)])
+    cols = torch.cat([torch.randperm(576, generator=g)[:c].sort().values for c in counts.tolist()])
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    values = (torch.randn(cols.numel(), generator=g) * 4).half().float()
+    q = SpQRTensor(q.fmt, q.codes, q.scale, q.zero, rowptr, cols, values)
+    w = kernels.from_quantized(q, torch.randn(48, generator=g))
+    dense, r = q.dense().double(), _outliers(q).double()
+    for m in (1, 5):
+        x = torch.randn(m, 576, generator=g) * 3
+        ref = kernels.quantize_activations(x).double() @ dense.T + x.double() @ r.T + w.bias.double()
+        y = torch.empty(m, 48)
+        lib.tf_matmul(ctypes.byref(w.struct()), x.data_ptr(), m, y.data_ptr(), 2, 0)
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, (lanes, m)
+
+
 @pytest.mark.parametrize("rows", [(0, 16), (16, 37), (32, 37), (0, 37)])
 def test_spqr_layout_of_a_row_part_is_that_part(rows):
     """A fused projection's part (start on a 16-row statistics group) decodes to those rows, outliers included."""

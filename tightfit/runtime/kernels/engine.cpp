@@ -5,6 +5,7 @@
 //   common.h       instruction sets, the C ABI structs, fp16/bf16 conversions, vector e^x
 //   layout.h       the weight layout ("tf-tile16") and its decoding
 //   activations.h  int8 block-32 activations (llama.cpp's Q8_0)
+//   outliers.h     SpQR's sparse residuals, added after a matmul's dense part
 //   matmul.h       quantized and dense matrix kernels: AVX-512 VNNI, or portable scalar code
 //   kv_cache.h     the KV cache: fp16, or 8- or 4-bit codes with per-token group scales
 //   attention_values.h  how attention reads a KV head's cache; the weighted sum of its values

@@ -12,7 +12,7 @@
 // SpQR (layout.h) decodes its per-(tile, group) s and real-valued z from the quantized statistics
 // as a group comes up (SPQR: a template flag; bits 2, 3, 4) and then runs the same int8 dot products
 // and zero term; its CSR outliers are added after a thread's rows, each times the fp32 x of its
-// column (add_outliers: exact, and the gathered x is in L1 either way).
+// column (add_outliers, outliers.h).
 // Without AVX-512 (F, BW, VL, VNNI) portable scalar kernels compute the same sums.
 // Part of the one translation unit engine.cpp.
 #pragma once
@@ -20,6 +20,7 @@
 #include "activations.h"
 #include "common.h"
 #include "layout.h"
+#include "outliers.h"
 
 // Tuning knobs, chosen by measurement (bench/kernel_ab.py builds variants through
 // build.load(defines=...) and times them round-robin in one process):
@@ -261,22 +262,6 @@ static void dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, f
             float r = 0.f;
             for (int j = 0; j < W.K; j++) r += w[j] * a.x[(size_t)m * W.K + j];
             y[(size_t)m * W.N + n] = r + (W.bias ? W.bias[n] : 0.f);
-        }
-    }
-}
-
-// SpQR's residual outliers of rows [n0, n1): y[m, n] += sum_j R[n, j] x[m, j] over the CSR entries,
-// with the fp32 x (the int8 blocks would save no bytes: x of one token is a few KB, in L1).
-static void add_outliers(const tf_mat& W, const QAct& a, int n0, int n1, float* y) {
-    if (!W.outlier_rowptr) return;
-    const int K = a.K;
-    for (int n = n0; n < n1; n++) {
-        const int j0 = W.outlier_rowptr[n], j1 = W.outlier_rowptr[n + 1];
-        for (int m = 0; m < a.M; m++) {
-            const float* x = a.x + (size_t)m * K;
-            float r = 0.f;
-            for (int j = j0; j < j1; j++) r += half_value(W.outlier_values[j]) * x[W.outlier_cols[j]];
-            y[(size_t)m * W.N + n] += r;
         }
     }
 }
