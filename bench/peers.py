@@ -29,6 +29,7 @@ What each peer gets, so that the comparison is fair:
   (H = 2/T sum x x^T), handed to llama_model_quantize as llama_model_imatrix_data entries.
 - HQQ (hqq package, CPU, its default group size 64, float32 compute): weights quantized with
   HQQLinear, then dequantized into a copy of the model for scoring (HQQ has no CPU kernels).
+  Install it without its GPU dependencies: `.venv/bin/pip install --no-deps hqq==0.2.8.post1 termcolor`.
 - engine floors: llama.cpp running the F32 GGUF, and tightfit's engine running the original's
   fp32 weights, against the torch reference: differences below them are noise.
 
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import math
 import statistics
 import sys
@@ -87,6 +89,7 @@ TIGHTFIT = ["w2g64", "w4g128", "w4g32-sym", "spqr-w2g32-s3-o0.5", "spqr-w3g64-s3
 LLAMA = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0", "IQ4_NL", "IQ3_XXS"]
 LLAMA_IMATRIX = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0", "IQ4_NL", "IQ2_XXS"]  # IQ2_XXS needs an imatrix
 HQQ_BITS = [2, 3, 4]
+HQQ_INSTALL = ".venv/bin/pip install --no-deps hqq==0.2.8.post1 termcolor"
 
 
 # ---- scoring against the cached reference --------------------------------------------------------
@@ -317,6 +320,8 @@ def main() -> None:
         return report(args.name)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     t0 = time.time()
+    if split(args.hqq) and importlib.util.find_spec("hqq") is None:  # an empty HQQ column after half an hour's run
+        sys.exit(f"peers.py: error: HQQ is not installed ({HQQ_INSTALL}), or pass --hqq '' to leave it out")
 
     import llama_cpp
 

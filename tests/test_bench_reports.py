@@ -341,3 +341,16 @@ def test_kill_resume_report_says_when_a_rerun_differs():
     assert "kill and resume: 2 trials, 1 of 2 reruns byte-identical" in md
     assert "- All reruns byte-identical to the uninterrupted run: no." in md and "Caveats" not in md
     assert "  - trial 1: a kill in pack left a partial packed folder\n  - trial 1: the rerun after a kill in pack wrote other bytes" in md
+
+
+def test_peers_refuses_to_start_without_hqq(monkeypatch, capsys):
+    """A run asked for HQQ entries and without the package stops at once with how to install it
+    (an earlier run wrote its HQQ column as 'not importable' after half an hour)."""
+    import peers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hqq" else real(name, *a))
+    monkeypatch.setattr(sys, "argv", ["peers.py", "--hqq", "2", "--name", ""])
+    with pytest.raises(SystemExit) as e:
+        peers.main()
+    assert "HQQ is not installed" in str(e.value) and peers.HQQ_INSTALL in str(e.value) and "--hqq ''" in str(e.value)

@@ -106,7 +106,7 @@ def build(flags: tuple[str, ...] = NATIVE_FLAGS) -> Path:
 def load(portable: bool = False, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The kernel library (native build, or the portable scalar build for tests), ready to call.
 
-    defines: NAME=VALUE macros for a build variant (the TF_* tuning knobs in matmul.h; used by
+    defines: NAME=VALUE macros for a build variant (the TF_* tuning knobs in matmul.h and outliers.h; used by
     bench/kernel_ab.py); each variant is a library of its own in the cache.
     """
     flags = (PORTABLE_FLAGS if portable else NATIVE_FLAGS) + tuple(f"-D{d}" for d in defines)
