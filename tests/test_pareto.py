@@ -38,6 +38,7 @@ def test_pareto_writes_one_row_per_point_and_resumes(tiny_model_dir, tiny_text_f
     assert f"Calibration: {tiny_text_file}, 8 windows of 64 tokens (the original model's Hessians)" in md  # how the points were made
     assert "candidates w2g32, w4g64; embeddings fp16." in md and "planner sensitivity proxy" in md
     assert report["machine"] and f"Machine: {report['machine']}." in md  # where the speeds were timed
+    assert report["bandwidth_gb_s"] == 10.0 and "read bandwidth 10.0 GB/s" in md  # probed beside the speeds
     try:
         import matplotlib  # noqa: F401
 

@@ -55,7 +55,8 @@ class ParetoPoint:
 @dataclass(frozen=True)
 class ParetoReport:
     """settings: what every point was measured with (a resumed sweep must match them);
-    bandwidth_gb_s: read bandwidth at settings' threads; points in the order measured;
+    bandwidth_gb_s: read bandwidth at settings' threads, probed right before the speeds were timed
+    (0 until then); points in the order measured;
     machine: the CPU every point's speed was timed on (side by side, at the end of a sweep)."""
 
     settings: dict[str, Any]

@@ -101,11 +101,8 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
             raise TightfitError(f"{json_file} was measured with other settings ({', '.join(differ)}); "
                                 "use another --out, or delete it to start over")
         on_stage(f"resuming {json_file}: {len(report.points)} points done")
-    else:
-        on_stage(f"measuring read bandwidth ({request.threads} threads)")
-        from tightfit.runtime.speed import measure_bandwidth
-
-        report = report_mod.ParetoReport(settings=settings, bandwidth_gb_s=measure_bandwidth(request.threads, megabytes=request.bandwidth_mb))
+    else:  # the read bandwidth is probed with the speeds, at the end (_retime)
+        report = report_mod.ParetoReport(settings=settings, bandwidth_gb_s=0.0)
         report_mod.save_json(report, out)
 
     def add(point) -> None:
@@ -158,7 +155,7 @@ def pareto(request: ParetoRequest, loaded: LoadedModel | None = None,
         measure(name, "planned", QuantizeConfig(fmt=fmt, method=request.method, plan=plan.quantized, embed_format=embed),
                 f"planned-{bpw:.2f}")
 
-    on_stage(f"timing decode of every point side by side: {request.repeats} round-robin rounds")
+    on_stage(f"probing read bandwidth, then timing decode of every point side by side: {request.repeats} round-robin rounds")
     report = _retime(report, out, request, loaded)
     report_mod.save_json(report, out)
 
@@ -182,12 +179,12 @@ def _retime(report, out: Path, request: ParetoRequest, loaded: LoadedModel):
     """The report with every point's speed (and bytes read per token) measured, all points
     round-robin in one pass, resumed ones included: points timed one after another (or in
     another run) see different machine states; timed side by side, their speeds compare.
-    Medians of request.repeats rounds after a warm-up."""
+    Medians of request.repeats rounds after a warm-up; the read bandwidth probed just before."""
     import os
     import statistics
 
     from tightfit.runtime.engine import FastBackend
-    from tightfit.runtime.speed import random_prompt, time_round_robin
+    from tightfit.runtime.speed import measure_bandwidth, random_prompt, time_round_robin
     from tightfit.stages.profile.timing import cpu_name
 
     points = [p for p in report.points if p.skipped is None]
@@ -197,9 +194,12 @@ def _retime(report, out: Path, request: ParetoRequest, loaded: LoadedModel):
         backends[p.name] = FastBackend(packed, max_positions=request.prompt_tokens + request.new_tokens, threads=request.threads)
         del packed
     prompt = random_prompt(loaded.model.config.vocab_size, request.prompt_tokens, 0)
+    # the roofline's bandwidth, probed right before the speeds it divides (not at the start of a sweep
+    # that may have run for an hour, or in another run: the machine's bandwidth drifts)
+    bandwidth = measure_bandwidth(request.threads, megabytes=request.bandwidth_mb)
     runs = time_round_robin(backends, prompt, request.new_tokens, request.repeats)
     timed = {name: (statistics.median(r.prefill_tok_s), statistics.median(r.decode_tok_s)) for name, r in runs.items()}
-    return dataclasses.replace(report, machine=f"{cpu_name()}, {request.threads} threads of {os.cpu_count()} CPUs", points=tuple(
+    return dataclasses.replace(report, bandwidth_gb_s=bandwidth, machine=f"{cpu_name()}, {request.threads} threads of {os.cpu_count()} CPUs", points=tuple(
         dataclasses.replace(p, prefill_tok_s=timed[p.name][0], decode_tok_s=timed[p.name][1],
                             read_mb=backends[p.name].weight_bytes / 1e6) if p.name in timed else p
         for p in report.points))
