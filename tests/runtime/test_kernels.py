@@ -215,7 +215,7 @@ def test_spqr_kernels_match_reference(name, portable):
             assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5, (n, k, m)
 
 
-@pytest.mark.parametrize("lanes", ["0", "8", "16"])
+@pytest.mark.parametrize("lanes", ["0", "8"])
 def test_outlier_lanes_sum_every_entry(lanes):
     """add_outliers sums a row's CSR entries TF_OUTLIER_LANES at a time under a mask (AVX-512; 0 is
     the scalar loop): every variant adds exactly R x up to fp32 summation order, for rows of 0 to 40

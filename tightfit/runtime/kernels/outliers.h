@@ -10,31 +10,21 @@
 #include "layout.h"
 
 // Tuning knob, chosen by measurement (bench/kernel_ab.py, as matmul.h's):
-//   TF_OUTLIER_LANES  CSR entries of a row summed at once under a mask (AVX-512: 16 or 8; 0 the
-//                     scalar loop, which the portable build always takes). Decode of SmolLM2-135M
+//   TF_OUTLIER_LANES  CSR entries of a row summed at once under a mask (AVX-512: 8; 0 the scalar
+//                     loop, which the portable build always takes). Decode of SmolLM2-135M
 //                     spqr-w3g32-s3-o0.5 (RTN, fp16 head; ~155k rows, ~530k outliers per token;
 //                     2-core EPYC, 2 threads, 2026-11-28, `kernel_ab.py --rounds 8`, medians of 7):
-//                     8 vs 16 vs 0: 177.0 / 165.4 / 158.9 tok/s. Rows hold 3-8 entries mostly: one
-//                     8-lane step each, where 16 lanes gather twice the (masked) lanes.
+//                     8 vs 0: 177.0 / 158.9 tok/s; 16 lanes (zmm, measured the same way and removed):
+//                     165.4. Rows hold 3-8 entries mostly: one 8-lane step each, where 16 lanes
+//                     gather twice the (masked) lanes.
 #ifndef TF_OUTLIER_LANES
 #define TF_OUTLIER_LANES 8
 #endif
 
-// sum_j R[n, j] x[j] over row n's entries [j0, j1). AVX-512: TF_OUTLIER_LANES entries at a time under
+// sum_j R[n, j] x[j] over row n's entries [j0, j1). AVX-512: 8 entries at a time under
 // a mask (columns and fp16 values loaded, x gathered by column, one fma), one horizontal sum at the
 // end: the loop runs once for a row of up to that many entries instead of branching per entry.
-#if TF_AVX512 && TF_OUTLIER_LANES == 16
-static inline float outlier_dot(const tf_mat& W, int j0, int j1, const float* x) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int j = j0; j < j1; j += 16) {
-        const __mmask16 k = j1 - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (j1 - j)) - 1);
-        const __m512i col = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, W.outlier_cols + j));
-        const __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W.outlier_values + j));
-        acc = _mm512_fmadd_ps(v, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, col, x, 4), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-#elif TF_AVX512 && TF_OUTLIER_LANES == 8
+#if TF_AVX512 && TF_OUTLIER_LANES == 8
 static inline float outlier_dot(const tf_mat& W, int j0, int j1, const float* x) {
     __m256 acc = _mm256_setzero_ps();
     for (int j = j0; j < j1; j += 8) {
