@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
+import importlib
 import math
 import statistics
 import sys
@@ -215,10 +215,9 @@ def run_llama(src: Path, types: list[str], imatrix, scorer: Scorer, out: Path, l
 
 
 def run_hqq(loaded, bits_list: list[int], scorer: Scorer) -> list[Entry]:
-    try:
-        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-    except ImportError as e:
-        return [Entry("HQQ", f"w{b}g{HQQ_GROUP}", math.nan, math.nan, note=f"hqq not importable: {e}") for b in bits_list]
+    """HQQ's entries (main has checked that hqq imports)."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
     entries = []
     layers = list(linear_layer_shapes(loaded))
     for bits in bits_list:
@@ -320,8 +319,11 @@ def main() -> None:
         return report(args.name)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     t0 = time.time()
-    if split(args.hqq) and importlib.util.find_spec("hqq") is None:  # an empty HQQ column after half an hour's run
-        sys.exit(f"peers.py: error: HQQ is not installed ({HQQ_INSTALL}), or pass --hqq '' to leave it out")
+    if split(args.hqq):  # now, not as an empty HQQ column after half an hour's run
+        try:
+            importlib.import_module("hqq.core.quantize")  # what run_hqq uses (it needs termcolor too)
+        except ImportError as e:
+            sys.exit(f"peers.py: error: HQQ is not installed or does not import ({e}): {HQQ_INSTALL}, or pass --hqq '' to leave it out")
 
     import llama_cpp
 

@@ -344,12 +344,11 @@ def test_kill_resume_report_says_when_a_rerun_differs():
 
 
 def test_peers_refuses_to_start_without_hqq(monkeypatch, capsys):
-    """A run asked for HQQ entries and without the package stops at once with how to install it
-    (an earlier run wrote its HQQ column as 'not importable' after half an hour)."""
+    """A run asked for HQQ entries and without the package (or what it imports) stops at once with
+    how to install it (an earlier run wrote its HQQ column as 'not importable' after half an hour)."""
     import peers
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hqq" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "hqq", None)  # import hqq... raises ImportError
     monkeypatch.setattr(sys, "argv", ["peers.py", "--hqq", "2", "--name", ""])
     with pytest.raises(SystemExit) as e:
         peers.main()
