@@ -1,4 +1,4 @@
-"""A/B of kernel build variants (the TF_* tuning macros in runtime/kernels/matmul.h and outliers.h) on a packed
+"""A/B of kernel build variants (the TF_* tuning macros in runtime/kernels/tuning.h and outliers.h) on a packed
 model's decode, or (--all-logits) on scoring a window: the logits of every one of its tokens, as
 evaluation runs the engine (`FastBackend.forward_all`).
 

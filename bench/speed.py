@@ -11,7 +11,7 @@ files are made with llama.cpp's own quantizer from the shipped GGUF (Q4_1 for sm
 for qwen2.5-coder-1.5b, itself one of the entries); types that want an importance matrix get a flat
 one (all ones): it changes values, not speed.
 
-    .venv/bin/python bench/speed.py [--model smollm2-135m] [--threads 1,2] [--repeats 5] [--quick]
+    .venv/bin/python bench/speed.py [--model smollm2-135m] [--threads 1,2] [--repeats 5] [--quick] [--name speed_avx2]
 Run it alone: any other process on this 2-core machine halves the figures. Results:
 bench/results/speed.{json,md} (default model), speed_<model>.{json,md} (another).
 """
@@ -238,12 +238,15 @@ if __name__ == "__main__":
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="two formats per engine, no transformers, no results written")
+    ap.add_argument("--name", help="results name in bench/results/ (default: speed, or speed_<model> for another model); "
+                                   "another machine's run under its own name keeps the committed table")
     a = ap.parse_args()
     t0 = time.time()
     res = run(a.model, [int(t) for t in a.threads.split(",")], a.repeats, a.prompt_tokens, a.new_tokens, a.quick)
     res["wall_s"] = round(time.time() - t0, 1)
     if not a.quick:
-        paths = write_results("speed" if a.model == "smollm2-135m" else f"speed_{a.model}", res, markdown(res))
+        name = a.name or ("speed" if a.model == "smollm2-135m" else f"speed_{a.model}")
+        paths = write_results(name, res, markdown(res))
         print("wrote", *paths)
     else:
         print(markdown(res))

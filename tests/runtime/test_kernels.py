@@ -28,7 +28,7 @@ FORMATS = ["w2g64", "w2pc", "w3g32-sym", "w3g64", "w4g16", "w4g32", "w4g128-bf16
            "lut4g32", "lut4pc-bf16", "lut4g32-row", "lut4g16-row-bf16", "lut4pc-row",  # learned tables: per tensor, per row
            "lut3g64", "lut3g32-row", "lut3pc-bf16", "lut2g32", "lut2g16-row-bf16", "lut2pc-row"]  # 8- and 4-entry tables
 SHAPES = [(37, 576), (16, 50), (8, 200), (5, 1536), (33, 20), (3, 8), (64, 64)]
-BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable")]
+BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable"), pytest.param(kernels.AVX2, id="avx2")]
 
 
 @pytest.mark.parametrize("portable", BUILDS)
@@ -87,7 +87,10 @@ def test_builds_report_their_instruction_set():
     assert kernels.has_avx512(portable=True) is False  # the portable build never uses AVX-512
     flags = build.cpu_fingerprint()
     if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")):
-        assert kernels.has_avx512()
+        assert kernels.has_avx512() and not kernels.has_avx2()
+    # the AVX-512 tier compiled out: the AVX2 kernels wherever the CPU has AVX2, FMA and F16C
+    assert not kernels.has_avx512(portable=kernels.AVX2) and not kernels.has_avx2(portable=True)
+    assert kernels.has_avx2(portable=kernels.AVX2) == all(f in flags.split() for f in ("avx2", "fma", "f16c"))
 
 
 def test_library_cache_is_keyed_by_every_source(tmp_path, monkeypatch):

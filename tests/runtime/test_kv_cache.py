@@ -25,11 +25,11 @@ from tightfit.errors import GenerationError, KernelUnavailable
 from tightfit.formats.packed import load_packed
 from tightfit.runtime.engine import FastBackend, open_backend
 from tightfit.runtime.engine_config import check_kv_bits
-from tightfit.runtime.kernels import kv_attend, time_kv_attend
+from tightfit.runtime.kernels import AVX2, kv_attend, time_kv_attend
 from tightfit.runtime.kernels.build import load
 from tightfit.runtime.model import build_model
 
-BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable")]
+BUILDS = [pytest.param(False, id="native"), pytest.param(True, id="portable"), pytest.param(AVX2, id="avx2")]
 TF_E_COUNT, TF_E_KV = -1, -7
 
 

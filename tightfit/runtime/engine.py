@@ -74,13 +74,13 @@ class FastBackend:
     exact: quantized matmuls multiply the fp32 activations instead of their int8 blocks (about 3x
     slower; then only fp32 summation order and the KV cache's rounding, fp16 or kv_bits codes,
     separate it from the reference).
-    portable: the portable scalar build instead of the one compiled for this CPU (tests).
+    portable: the portable scalar build instead of the one compiled for this CPU, or build.AVX2 (tests).
     kv_bits: the KV cache's width, 16 (fp16), 8 or 4 (asymmetric codes with fp16 scales, per token but
         4-bit keys, per channel over blocks of 16 positions; KV_BITS).
     """
 
     def __init__(self, packed: PackedModel, *, max_positions: int = 2048, threads: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, exact: bool = False, portable: bool = False,
+                 max_batch: int = DEFAULT_MAX_BATCH, exact: bool = False, portable: bool | str = False,
                  kv_bits: int = DEFAULT_KV_BITS) -> None:
         layout = layout_for(packed.hf_config.get("model_type"))  # an unknown architecture is refused before its config is built
         config = transformers_config(packed)

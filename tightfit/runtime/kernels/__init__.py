@@ -7,23 +7,30 @@ from collections.abc import Sequence
 
 import torch
 
-from tightfit.runtime.kernels.build import load
+from tightfit.runtime.kernels.build import AVX2, load
 from tightfit.runtime.kernels.layout import KernelMatrix, TfMat, from_dense, from_quantized, has_kernel
 
-__all__ = ["KernelMatrix", "from_dense", "from_quantized", "has_kernel", "matmul", "time_matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512",
+__all__ = ["KernelMatrix", "from_dense", "from_quantized", "has_kernel", "matmul", "time_matmul", "dequantize", "quantize_activations", "read_seconds", "has_avx512", "has_avx2", "AVX2",
            "kv_attend", "time_kv_attend"]
 
 
-def _lib(portable: bool) -> ctypes.CDLL:
+# `portable` of the entry points below: False the build for this CPU, True the portable scalar build,
+# AVX2 the build for this CPU with its AVX-512 tier compiled out (build.load).
+def _lib(portable: bool | str) -> ctypes.CDLL:
     return load(portable)  # built, loaded and declared once per process (build.load is cached)
 
 
-def has_avx512(portable: bool = False) -> bool:
-    """Whether the loaded build runs the AVX-512 VNNI kernels (else the portable scalar path)."""
+def has_avx512(portable: bool | str = False) -> bool:
+    """Whether the loaded build runs the AVX-512 VNNI kernels (else AVX2 or the portable scalar path)."""
     return bool(_lib(portable).tf_has_avx512())
 
 
-def matmul(w: KernelMatrix, x: torch.Tensor, *, threads: int = 1, portable: bool = False, exact: bool = False) -> torch.Tensor:
+def has_avx2(portable: bool | str = False) -> bool:
+    """Whether the loaded build runs the AVX2 kernels (a CPU with AVX2, FMA and F16C but no AVX-512)."""
+    return bool(_lib(portable).tf_has_avx2())
+
+
+def matmul(w: KernelMatrix, x: torch.Tensor, *, threads: int = 1, portable: bool | str = False, exact: bool = False) -> torch.Tensor:
     """x [M, K] fp32 -> y [M, N] = x W^T (+ bias) with the kernel of w's kind; quantized kernels take
     int8 block-32 activations, or (exact) the fp32 activations themselves."""
     n, k = w.shape
@@ -49,7 +56,7 @@ def time_matmul(w: KernelMatrix | Sequence[KernelMatrix], m: int, *, threads: in
     return float(_lib(False).tf_time_matmul(structs, len(mats), x.data_ptr(), m, y.data_ptr(), threads, reps))
 
 
-def dequantize(w: KernelMatrix, *, portable: bool = False) -> torch.Tensor:
+def dequantize(w: KernelMatrix, *, portable: bool | str = False) -> torch.Tensor:
     """[N, K] fp32, decoded from the kernel layout."""
     n, k = w.shape
     out = torch.empty(n, k, dtype=torch.float32)
@@ -57,7 +64,7 @@ def dequantize(w: KernelMatrix, *, portable: bool = False) -> torch.Tensor:
     return out
 
 
-def quantize_activations(x: torch.Tensor, *, portable: bool = False) -> torch.Tensor:
+def quantize_activations(x: torch.Tensor, *, portable: bool | str = False) -> torch.Tensor:
     """x [M, K] -> sx * xq [M, K]: the int8 block-32 activations quantized matmuls multiply by."""
     x = x.to(torch.float32).contiguous()
     out = torch.empty_like(x)
@@ -80,7 +87,7 @@ def _kv_args(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor) -> tuple
 
 
 def kv_attend(bits: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float, *,
-              portable: bool = False) -> torch.Tensor:
+              portable: bool | str = False) -> torch.Tensor:
     """[rep, D]: the attention of rep query heads q [rep, D] over one KV head's cache of `bits` (16, 8, 4)
     holding keys, values [n, D] (keys already rotated), as the engine computes it (groups of up to
     TF_MAX_GROUP = 8 heads reading the cache together)."""

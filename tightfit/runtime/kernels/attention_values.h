@@ -6,6 +6,7 @@
 
 #include <type_traits>
 
+#include "attention_avx2.h"
 #include "common.h"
 #include "kv_cache.h"
 
@@ -117,6 +118,9 @@ static void values_f16(const KVHead& h, const Span* spans, int n_spans, const fl
         for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + (size_t)r * D + d0, mk, _mm512_mul_ps(o[r], _mm512_set1_ps(inv[r])));
     }
 #else
+#if TF_AVX2
+    if (D % 8 == 0) return avx2_values16<R>(vb, D, h.slots, spans, n_spans, sc, inv, out);
+#endif
     for (int r = 0; r < R; r++) {
         float* o = out + (size_t)r * D;
         const float* p = sc + (size_t)r * h.slots;

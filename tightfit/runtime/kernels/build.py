@@ -3,8 +3,8 @@
 The engine is one translation unit, engine.cpp, which includes the other sources here (*.h; see
 its header). The shared library is built with the system C++ compiler (`$CXX`, else g++ / c++ /
 clang++) and `-march=native`, so it uses the instruction sets this machine has (AVX-512 VNNI where
-present, a portable scalar path otherwise). It is cached under `$TIGHTFIT_CACHE/kernels` (default
-`~/.cache/tightfit/kernels`) keyed by every source file, the flags (variant macros included), the
+present, else AVX2 with FMA and F16C, else a portable scalar path). It is cached under
+`$TIGHTFIT_CACHE/kernels` (default `~/.cache/tightfit/kernels`) keyed by every source file, the flags (variant macros included), the
 compiler and the CPU, so a new kernel or another machine rebuilds and a second run loads
 instantly. Builds are atomic: the library is compiled to a temporary name and renamed into place.
 """
@@ -25,7 +25,7 @@ from tightfit.errors import KernelUnavailable
 
 SOURCE_DIR = Path(__file__).parent
 MAIN_SOURCE = "engine.cpp"  # the one translation unit; it includes the *.h sources
-ABI_VERSION = 11  # must equal TF_ABI_VERSION in common.h
+ABI_VERSION = 12  # must equal TF_ABI_VERSION in common.h
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = ("-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
@@ -102,13 +102,20 @@ def build(flags: tuple[str, ...] = NATIVE_FLAGS) -> Path:
     return target
 
 
-@lru_cache(maxsize=None)
-def load(portable: bool = False, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """The kernel library (native build, or the portable scalar build for tests), ready to call.
+# The build for this CPU with its AVX-512 tier compiled out: the AVX2 kernels that CPUs without AVX-512
+# run (load(AVX2): their tests on machines that have AVX-512).
+AVX2 = "avx2"
 
-    defines: NAME=VALUE macros for a build variant (the TF_* tuning knobs in matmul.h and outliers.h; used by
+
+@lru_cache(maxsize=None)
+def load(portable: bool | str = False, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The kernel library (native build, the portable scalar build, or AVX2 for tests), ready to call.
+
+    defines: NAME=VALUE macros for a build variant (the TF_* tuning knobs in tuning.h and outliers.h; used by
     bench/kernel_ab.py); each variant is a library of its own in the cache.
     """
+    if portable == AVX2:
+        portable, defines = False, ("TF_NO_AVX512=1", *defines)
     flags = (PORTABLE_FLAGS if portable else NATIVE_FLAGS) + tuple(f"-D{d}" for d in defines)
     lib = ctypes.CDLL(str(build(flags)))
     if lib.tf_abi_version() != ABI_VERSION:
@@ -129,6 +136,7 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.tf_quantize_activations.argtypes = [ptr, i32, i32, ptr]
     lib.tf_read_seconds.argtypes = [ptr, ctypes.c_size_t, i32, i32]
     lib.tf_read_seconds.restype = f64
+    lib.tf_has_avx2.restype = ctypes.c_int
     lib.tf_engine_create.argtypes = [ptr, ctypes.POINTER(ptr)]
     lib.tf_engine_create.restype = i32
     lib.tf_max_head_dim.restype = i32

@@ -13,14 +13,24 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+// Instruction-set tiers: AVX-512 VNNI (F, BW, VL, VNNI); else AVX2 (with FMA and F16C: x86-64-v3,
+// every x86 CPU since 2013-2015 that lacks AVX-512, AMD Zen 1-3 and Intel client cores among them)
+// for the matrix kernels (matmul_avx2.h); else portable scalar code. TF_NO_AVX512 builds the AVX2
+// tier on an AVX-512 machine (its tests).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && !defined(TF_NO_AVX512)
 #define TF_AVX512 1
+#define TF_AVX2 0
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TF_AVX512 0
+#define TF_AVX2 1
 #include <immintrin.h>
 #else
 #define TF_AVX512 0
+#define TF_AVX2 0
 #endif
 
-#define TF_ABI_VERSION 11  // = ABI_VERSION in build.py; bump with any change below or to a signature
+#define TF_ABI_VERSION 12  // = ABI_VERSION in build.py; bump with any change below or to a signature
 
 // Largest head_dim: store_kv rotates each key, and the KV cache quantizes it, in stack buffers of this size.
 #define TF_MAX_HEAD_DIM 512
@@ -90,6 +100,9 @@ typedef struct {
 // number formats
 
 static inline float f16_to_f32(uint16_t h) {
+#if TF_AVX512 || TF_AVX2
+    return _cvtsh_ss(h);  // F16C: exact, as the bit manipulation below
+#endif
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {
         if (man == 0) {
@@ -118,7 +131,7 @@ static inline float bf16_to_f32(uint16_t h) {
 
 // fp32 -> fp16, round to nearest even (the KV cache's storage)
 static inline uint16_t f32_to_f16(float f) {
-#if TF_AVX512
+#if TF_AVX512 || TF_AVX2
     return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
     uint32_t x;

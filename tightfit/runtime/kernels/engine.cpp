@@ -6,10 +6,11 @@
 //   layout.h       the weight layout ("tf-tile16") and its decoding
 //   activations.h  int8 block-32 activations (llama.cpp's Q8_0)
 //   outliers.h     SpQR's sparse residuals, added after a matmul's dense part
-//   matmul.h       quantized and dense matrix kernels: AVX-512 VNNI, or portable scalar code
+//   matmul.h       quantized and dense matrix kernels: AVX-512 VNNI, AVX2 (matmul_avx2.h), or portable scalar
+//                  code; their tuning knobs in tuning.h
 //   kv_cache.h     the KV cache: fp16, or 8- or 4-bit codes with per-token group scales
 //   attention_values.h  how attention reads a KV head's cache; the weighted sum of its values
-//   attention.h    RoPE, softmax attention of the query heads that share one KV head's cache
+//   attention.h    RoPE, softmax attention of the query heads that share one KV head's cache; fp16 caches on AVX2: attention_avx2.h
 //   threads.h      the forward step's threads: kept across calls, a barrier (spin, yield, sleep)
 //   checks.h       what tf_engine_create accepts: sizes, architecture fields, weight matrices
 //   forward.h      the decoder's forward step
@@ -37,5 +38,6 @@ extern "C" {
 
 int tf_abi_version(void) { return TF_ABI_VERSION; }
 int tf_has_avx512(void) { return TF_AVX512; }
+int tf_has_avx2(void) { return TF_AVX2; }
 
 }  // extern "C"

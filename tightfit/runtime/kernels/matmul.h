@@ -13,39 +13,17 @@
 // as a group comes up (SPQR: a template flag; bits 2, 3, 4) and then runs the same int8 dot products
 // and zero term; its CSR outliers are added after a thread's rows, each times the fp32 x of its
 // column (add_outliers, outliers.h).
-// Without AVX-512 (F, BW, VL, VNNI) portable scalar kernels compute the same sums.
+// Without AVX-512 (F, BW, VL, VNNI): AVX2 kernels (matmul_avx2.h) or portable scalar ones, the same sums.
 // Part of the one translation unit engine.cpp.
 #pragma once
 
 #include "activations.h"
 #include "common.h"
 #include "layout.h"
+#include "matmul_avx2.h"
 #include "outliers.h"
+#include "tuning.h"
 
-// Tuning knobs, chosen by measurement (bench/kernel_ab.py builds variants through
-// build.load(defines=...) and times them round-robin in one process):
-//   TF_PREFETCH      software prefetch distance in bytes. Decode of models streamed from DRAM
-//                    (qwen2.5-coder-1.5b, 2-core EPYC with 32 MiB L3, 2 threads, 2026-11-26, medians
-//                    of 7 rounds): 4096 vs 1024 vs 0: w2g64 72.7 / 67.8 / 68.7 tok/s, w3g128 58.4 /
-//                    53.6 / 53.5, w4g128 47.5 vs 2048: 45.2; SmolLM2-135M w8g32 229.8 / 226.8 / 216.5
-//                    (8192 and 16384 as 4096; an L2 hint instead of L1 alike). Earlier, SmolLM2-135M
-//                    w4g32-sym on a 2-core Zen 5 (2026-11-23): 1024 vs 0: 207 vs 194 at 2 threads.
-//   TF_DECODE_TILES  row tiles sharing each activation broadcast at decode; 2 vs 1: 105 vs 140 tok/s
-//   TF_ROW_BLOCK_BYTES  rows per block of a multi-token matmul (bytes of codes; the tokens loop inside a
-//                    block). Scoring a 512-token window (every token's logits, fp16 head, w3g64 layers,
-//                    SmolLM2-135M, 2 threads, 2026-11-28, `kernel_ab.py --all-logits 512`, medians of 5):
-//                    128 KB vs 512 KB vs one block: 732 / 660 / 580 tok/s (decode: one token, no change)
-// Measured the same way and removed: a second vpdpbusd accumulator per tile (136 vs 140 tok/s on
-// SmolLM2; 2-bit decode matmuls at K = 8960 alike).
-#ifndef TF_PREFETCH
-#define TF_PREFETCH 4096
-#endif
-#ifndef TF_DECODE_TILES
-#define TF_DECODE_TILES 1
-#endif
-#ifndef TF_ROW_BLOCK_BYTES
-#define TF_ROW_BLOCK_BYTES (128 * 1024)
-#endif
 
 #if TF_AVX512
 // tile T (rows 16T .. 16T+15) x tokens [m0, m0+MT): y[m, n] = W[n] . x[m] - zero term + bias.
@@ -358,6 +336,9 @@ static void quant_matmul_rows(const tf_mat& W, const QAct& a, int n0, int n1, fl
 #undef TF_GRID_BITS
     }
 #else
+#if TF_AVX2
+    if (avx2_rows(W, a, n0, n1, y, row_block(W))) return;
+#endif
     if (W.kind != TF_QUANT || a.exact) dense_rows_scalar(W, a, 0, a.M, n0, n1, y);
     else quant_rows_scalar(W, a, 0, a.M, n0, n1, y);
 #endif

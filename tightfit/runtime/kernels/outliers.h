@@ -9,7 +9,7 @@
 #include "common.h"
 #include "layout.h"
 
-// Tuning knob, chosen by measurement (bench/kernel_ab.py, as matmul.h's):
+// Tuning knob, chosen by measurement (bench/kernel_ab.py, as tuning.h's):
 //   TF_OUTLIER_LANES  CSR entries of a row summed at once under a mask (AVX-512: 8; 0 the scalar
 //                     loop, which the portable build always takes). Decode of SmolLM2-135M
 //                     spqr-w3g32-s3-o0.5 (RTN, fp16 head; ~155k rows, ~530k outliers per token;
