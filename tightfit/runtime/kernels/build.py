@@ -4,9 +4,9 @@ The engine is one translation unit, engine.cpp, which includes the other sources
 its header). The shared library is built with the system C++ compiler (`$CXX`, else g++ / c++ /
 clang++) and `-march=native`, so it uses the instruction sets this machine has (AVX-512 VNNI where
 present, else AVX2 with FMA and F16C, else a portable scalar path). It is cached under
-`$TIGHTFIT_CACHE/kernels` (default `~/.cache/tightfit/kernels`) keyed by every source file, the flags (variant macros included), the
-compiler and the CPU, so a new kernel or another machine rebuilds and a second run loads
-instantly. Builds are atomic: the library is compiled to a temporary name and renamed into place.
+`$TIGHTFIT_CACHE/kernels` (default `~/.cache/tightfit/kernels`) keyed by every source file, the flags
+(variant macros included), the compiler and the CPU, so a new kernel or another machine rebuilds and a
+second run loads instantly. Builds are atomic: the library is compiled to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
