@@ -58,7 +58,9 @@ def test_plan_loss_equals_the_plain_kl_with_and_without_the_anchor(tiny):
         assert pl.loss(plan_b, 0) == pytest.approx(b_screen, rel=1e-5), "screen level from the anchor's last output"
     for n in names:
         assert torch.equal(get_module(loaded.model, n).weight.data, originals[n]), "weights restored on exit"
-    assert a == pytest.approx(_plain_kl(loaded, hessians, windows, plan_a), rel=1e-4, abs=1e-8)
-    assert b == pytest.approx(_plain_kl(loaded, hessians, windows, plan_b), rel=1e-4, abs=1e-8)
-    assert b_screen == pytest.approx(_plain_kl(loaded, hessians, windows[:1], plan_b), rel=1e-4, abs=1e-8)
+    # two fp32 computations of the same logits: plan_a's KL of 2.8e-4 came out 1.1e-4 apart (relative) on an
+    # AVX2-only CPU's torch kernels (within 1e-4 on the AVX-512 machines before); another plan's KL is far off
+    assert a == pytest.approx(_plain_kl(loaded, hessians, windows, plan_a), rel=5e-4, abs=1e-8)
+    assert b == pytest.approx(_plain_kl(loaded, hessians, windows, plan_b), rel=5e-4, abs=1e-8)
+    assert b_screen == pytest.approx(_plain_kl(loaded, hessians, windows[:1], plan_b), rel=5e-4, abs=1e-8)
     assert b > a > 0

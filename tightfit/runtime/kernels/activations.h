@@ -22,6 +22,15 @@ static void gated_act(int act, float* gate, const float* up, int j0, int j1) {
         const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), z))));
         _mm512_storeu_ps(gate + j, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + j)));
     }
+#elif TF_AVX2
+    for (; j + 8 <= j1; j += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + j);
+        __m256 z = g;
+        if (act == TF_ACT_GELU_TANH)
+            z = _mm256_mul_ps(_mm256_mul_ps(g, _mm256_set1_ps(c)), _mm256_fmadd_ps(_mm256_mul_ps(g, g), _mm256_set1_ps(0.044715f), _mm256_set1_ps(1.f)));
+        const __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), z))));
+        _mm256_storeu_ps(gate + j, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + j)));
+    }
 #endif
     for (; j < j1; j++) {
         const float g = gate[j], z = act == TF_ACT_GELU_TANH ? c * g * (1.f + 0.044715f * g * g) : g;

@@ -128,6 +128,7 @@ static void key_scores(const float* q, const KVHead& h, const Span* spans, int n
 #else
 #if TF_AVX2
     if (BITS == 16) return avx2_key_scores16<R>(q, (const uint16_t*)h.k, D, h.slots, spans, n_spans, scale, sc, mx);
+    return avx2_key_scores_q<BITS, R>(q, h.k, h.kp, D, h.slots, spans, n_spans, scale, sc, mx);
 #endif
     for (int r = 0; r < R; r++) {
         const float* qr = q + (size_t)r * D;
@@ -182,11 +183,22 @@ static float softmax_weights(const Span* spans, int n_spans, float mx, float* sc
     return 1.f / _mm512_reduce_add_ps(vsum);
 #else
     float sum = 0.f;
-    for (int t = 0; t < n_spans; t++)
-        for (int j = spans[t].begin; j < spans[t].end; j++) {
+    for (int t = 0; t < n_spans; t++) {
+        int j = spans[t].begin;
+#if TF_AVX2
+        __m256 vs = _mm256_setzero_ps();
+        for (; j + 8 <= spans[t].end; j += 8) {
+            const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(sc + j, p);
+            vs = _mm256_add_ps(vs, p);
+        }
+        sum += avx2_hsum(vs);
+#endif
+        for (; j < spans[t].end; j++) {
             sc[j] = expf(sc[j] - mx);
             sum += sc[j];
         }
+    }
     return 1.f / sum;
 #endif
 }

@@ -229,6 +229,9 @@ static void values_q(const KVHead& h, const Span* spans, int n_spans, const floa
     over_chunks<widest_pass<R>()>(D, [&](auto nc, int c0) { values_pass<BITS, decltype(nc)::value, R>(h, spans, n_spans, sc, sm, ms, inv, c0, out); });
 #else
     (void)sm;
+#if TF_AVX2
+    if (D % 8 == 0) return avx2_values_q<BITS, R>(h.v, h.vp, D, h.slots, spans, n_spans, sc, inv, out);
+#endif
     const int gw = kv_group(D);
     const size_t row = (size_t)D * BITS / 8;
     for (int r = 0; r < R; r++) {

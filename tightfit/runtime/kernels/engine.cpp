@@ -10,7 +10,7 @@
 //                  code; their tuning knobs in tuning.h
 //   kv_cache.h     the KV cache: fp16, or 8- or 4-bit codes with per-token group scales
 //   attention_values.h  how attention reads a KV head's cache; the weighted sum of its values
-//   attention.h    RoPE, softmax attention of the query heads that share one KV head's cache; fp16 caches on AVX2: attention_avx2.h
+//   attention.h    RoPE, softmax attention of the query heads that share one KV head's cache; on AVX2: attention_avx2.h
 //   threads.h      the forward step's threads: kept across calls, a barrier (spin, yield, sleep)
 //   checks.h       what tf_engine_create accepts: sizes, architecture fields, weight matrices
 //   forward.h      the decoder's forward step

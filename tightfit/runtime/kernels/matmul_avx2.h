@@ -212,12 +212,6 @@ static void avx2_rows_bits(const tf_mat& W, const QAct& a, int m0, int mt, int n
     else avx2_rows_t<BITS, 2, GRID, SPQR>(W, a, m0, n0, n1, y);
 }
 
-static inline float avx2_hsum(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-
 // fp16 / fp32 dense rows [n0, n1) for tokens [m0, m0+MT), times the fp32 x
 template <int MT>
 static void avx2_dense_rows(const tf_mat& W, const QAct& a, int m0, int n0, int n1, float* y) {
