@@ -45,12 +45,7 @@ static void key_scores(const float* q, const KVHead& h, const Span* spans, int n
     const int D = h.D, G = kv_groups(D), gw = kv_group(D);
     const size_t S = h.slots, block = (size_t)D * 16 * BITS / 8;  // bytes of 16 slots' keys
     float qsum[R][TF_MAX_HEAD_DIM / 16];                        // [R, G] sum(q_rg) (bits 8)
-    for (int r = 0; r < R && BITS == 8; r++)
-        for (int g = 0; g < G; g++) {
-            float a = 0.f;
-            for (int d = g * gw; d < std::min(D, (g + 1) * gw); d++) a += q[r * D + d];
-            qsum[r][g] = a;
-        }
+    if (BITS == 8) query_group_sums(q, R, D, qsum);
 #if TF_AVX512
     constexpr int A = R <= 6 ? 2 : 1;  // accumulators per query: two chains, but for many queries' FMAs
     alignas(64) float qs[BITS == 4 ? R * TF_MAX_HEAD_DIM : 1];  // [R, D] q_rd scale_d of a block (bits 4)

@@ -48,12 +48,7 @@ static void avx2_key_scores_q(const float* q, const uint8_t* kc, const uint16_t*
     const int G = kv_groups(D), gw = kv_group(D);
     const size_t block = (size_t)D * 16 * BITS / 8;
     float qsum[R][TF_MAX_HEAD_DIM / 16];  // [R, G] sum(q_rg) (bits 8)
-    for (int r = 0; r < R && BITS == 8; r++)
-        for (int g = 0; g < G; g++) {
-            float a = 0.f;
-            for (int d = g * gw; d < std::min(D, (g + 1) * gw); d++) a += q[r * D + d];
-            qsum[r][g] = a;
-        }
+    if (BITS == 8) query_group_sums(q, R, D, qsum);
     alignas(32) float qs[BITS == 4 ? R * TF_MAX_HEAD_DIM : 1];  // [R, D] q_rd scale_d of a block (bits 4)
     float bias[R];                                              // sum_d q_rd min_d of a block (bits 4)
     for (int r = 0; r < R; r++) mx[r] = -INFINITY;

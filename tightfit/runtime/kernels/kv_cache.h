@@ -26,6 +26,17 @@ static inline int kv_groups(int D) { return (D + kv_group(D) - 1) / kv_group(D);
 // scores, and room for each slot's (scale, min) per group as floats
 static inline size_t kv_scratch(int slots, int D) { return (size_t)slots * (1 + 2 * kv_groups(D)); }
 
+// qsum[r][g] <- the sum of query r's dims in group g (q [R, D]): 8-bit keys' min term, min_g sum(q_g)
+static void query_group_sums(const float* q, int R, int D, float (*qsum)[TF_MAX_HEAD_DIM / 16]) {
+    const int gw = kv_group(D);
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < kv_groups(D); g++) {
+            float a = 0.f;
+            for (int d = g * gw; d < std::min(D, (g + 1) * gw); d++) a += q[r * D + d];
+            qsum[r][g] = a;
+        }
+}
+
 // x [n] -> codes [n] in [0, 2^bits - 1], *scale_h and *min_h (fp16) with x ~ scale * code + min
 static void quantize_kv_group(const float* x, int n, int bits, uint8_t* codes, uint16_t* scale_h, uint16_t* min_h) {
     float lo = x[0], hi = x[0];
