@@ -122,8 +122,7 @@ static void key_scores(const float* q, const KVHead& h, const Span* spans, int n
     for (int r = 0; r < R; r++) mx[r] = scores_max(spans, n_spans, sc + r * S);  // apart: its R registers would spill the accumulators
 #else
 #if TF_AVX2
-    if (BITS == 16) return avx2_key_scores16<R>(q, (const uint16_t*)h.k, D, h.slots, spans, n_spans, scale, sc, mx);
-    return avx2_key_scores_q<BITS, R>(q, h.k, h.kp, D, h.slots, spans, n_spans, scale, sc, mx);
+    return avx2_key_scores<BITS, R>(q, h.k, h.kp, D, h.slots, spans, n_spans, scale, sc, mx);
 #endif
     for (int r = 0; r < R; r++) {
         const float* qr = q + (size_t)r * D;

@@ -8,43 +8,14 @@
 #include "kv_cache.h"
 
 #if TF_AVX2
-// sc[r * slots + s] <- (q_r . k_s) * scale for R queries q [R, D] over the slots of `spans`, fp16
-// keys [slots/16, D, 16]; mx[r] <- their max. Each block of 16 slots as two halves of 8, the R
-// queries' accumulators in registers, every key converted once for all R.
-template <int R>
-static void avx2_key_scores16(const float* q, const uint16_t* keys, int D, int slots, const Span* spans, int n_spans,
-                              float scale, float* sc, float* mx) {
-    for (int r = 0; r < R; r++) mx[r] = -INFINITY;
-    for (int t = 0; t < n_spans; t++)
-        for (int b = spans[t].begin / 16; 16 * b < spans[t].end; b++) {
-            const uint16_t* kb = keys + (size_t)b * D * 16;
-            const int lo = std::max(spans[t].begin - 16 * b, 0), hi = std::min(spans[t].end - 16 * b, 16);
-            for (int h = 0; h < 2; h++) {
-                if (8 * h >= hi || 8 * h + 8 <= lo) continue;
-                __m256 acc[R];
-                for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-                for (int d = 0; d < D; d++) {
-                    const __m256 k = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(kb + (size_t)d * 16 + 8 * h)));
-                    for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(q[r * D + d]), k, acc[r]);
-                }
-                alignas(32) float s[8];
-                for (int r = 0; r < R; r++) {
-                    _mm256_store_ps(s, _mm256_mul_ps(acc[r], _mm256_set1_ps(scale)));
-                    for (int l = std::max(lo - 8 * h, 0); l < std::min(hi - 8 * h, 8); l++) {
-                        sc[(size_t)r * slots + 16 * b + 8 * h + l] = s[l];
-                        mx[r] = std::max(mx[r], s[l]);
-                    }
-                }
-            }
-        }
-}
-
-// The same for 8- or 4-bit key codes kc and their (scale, min) kp (kv_cache.h): 8-bit keys per slot and
-// group, q . k = sum_g scale_g (q_g . c_g) + min_g sum(q_g); 4-bit keys per block and dim, q . k =
-// sum_d (q_d scale_d) c_d + sum_d q_d min_d, q_d scale_d and the constant computed once per block.
+// sc[r * slots + s] <- (q_r . k_s) * scale for R queries q [R, D] over the slots of `spans`; mx[r] <- their
+// max. Keys kc (kv_cache.h) in blocks of 16 slots, each as two halves of 8, the R queries' accumulators
+// in registers, every key converted once for all R: fp16 keys; 8-bit codes per slot and group with their
+// (scale, min) kp, q . k = sum_g scale_g (q_g . c_g) + min_g sum(q_g); 4-bit codes per block and dim,
+// q . k = sum_d (q_d scale_d) c_d + sum_d q_d min_d, q_d scale_d and the constant computed once per block.
 template <int BITS, int R>
-static void avx2_key_scores_q(const float* q, const uint8_t* kc, const uint16_t* kp, int D, int slots, const Span* spans,
-                              int n_spans, float scale, float* sc, float* mx) {
+static void avx2_key_scores(const float* q, const uint8_t* kc, const uint16_t* kp, int D, int slots, const Span* spans,
+                            int n_spans, float scale, float* sc, float* mx) {
     const int G = kv_groups(D), gw = kv_group(D);
     const size_t block = (size_t)D * 16 * BITS / 8;
     float qsum[R][TF_MAX_HEAD_DIM / 16];  // [R, G] sum(q_rg) (bits 8)
@@ -72,7 +43,13 @@ static void avx2_key_scores_q(const float* q, const uint8_t* kc, const uint16_t*
                 if (8 * h >= hi || 8 * h + 8 <= lo) continue;
                 __m256 sv[R], acc[R];
                 for (int r = 0; r < R; r++) sv[r] = _mm256_setzero_ps();
-                if (BITS == 4) {
+                if (BITS == 16) {
+                    const uint16_t* kh = (const uint16_t*)kb + 8 * h;
+                    for (int d = 0; d < D; d++) {
+                        const __m256 k = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(kh + (size_t)d * 16)));
+                        for (int r = 0; r < R; r++) sv[r] = _mm256_fmadd_ps(_mm256_set1_ps(q[r * D + d]), k, sv[r]);
+                    }
+                } else if (BITS == 4) {
                     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
                     for (int d = 0; d < D; d += 2) {  // dims d (low nibble) and d + 1 (high) of 8 slots
                         const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(kb + (size_t)d * 8 + 8 * h)));

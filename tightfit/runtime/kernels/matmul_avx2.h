@@ -67,11 +67,11 @@ static inline void avx2_unpack(const uint8_t* p, __m256i& lo, __m256i& hi) {
     }
 }
 
-// Level tables of half h of tile T (layout.h): GRID 1 the one table in both lanes; GRID 2 t[j] holds
+// Level tables of half h of tile T (layout.h): GRID 1 the one table in both lanes of t[0]; GRID 2 t[j] holds
 // in lane l the levels of row 8h + 4l + j (the 512-bit register j's lanes 2h, 2h + 1)
 template <int GRID>
 static inline void avx2_levels(const tf_mat& W, int T, int h, __m256i t[4]) {
-    for (int j = 0; j < 4; j++)
+    for (int j = 0; j < (GRID == 2 ? 4 : 1); j++)  // one table: t[0] alone
         t[j] = GRID == 1 ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)W.levels))
                          : _mm256_loadu_si256((const __m256i*)(W.levels + (size_t)T * 256 + 64 * j + 32 * h));
 }
@@ -107,30 +107,21 @@ static inline __m256i avx2_dot_u8(__m256i acc, __m256i v, __m256i x) {
 }
 
 // scales s of rows 8h .. 8h+7 of tile T in group g, and s z
-template <bool BF16, bool SPQR = false>
+template <bool BF16>
 static inline __m256 avx2_scale(const tf_mat& W, int T, int g, int h) {
-    if (SPQR) {
-        __m256 s, z;
-        avx2_spqr_stats(W.stats + ((size_t)T * W.G + g) * 24, h, s, z);
-        return s;
-    }
     const __m128i r = _mm_loadu_si128((const __m128i*)(W.scales + ((size_t)T * W.G + g) * 16 + 8 * h));
     if (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(r), 16));
     return _mm256_cvtph_ps(r);
 }
-template <bool BF16, bool SPQR = false>
+template <bool BF16>
 static inline __m256 avx2_scaled_zero(const tf_mat& W, int T, int g, int h) {
-    if (SPQR) {
-        __m256 s, z;
-        avx2_spqr_stats(W.stats + ((size_t)T * W.G + g) * 24, h, s, z);
-        return _mm256_mul_ps(s, z);
-    }
     const __m128i z = _mm_loadl_epi64((const __m128i*)(W.zeros + ((size_t)T * W.G + g) * 16 + 8 * h));
     return _mm256_mul_ps(avx2_scale<BF16>(W, T, g, h), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z)));
 }
 
 // tile T (rows 16T .. 16T+15) x tokens [m0, m0+MT), as matmul.h's quant_tile: per segment of
-// min(group, 32) columns int32 dot products, then converted and scaled once; the zero term after.
+// min(group, 32) columns int32 dot products, then converted and scaled once; the zero term after (SpQR:
+// as each group starts, its statistics decoded once).
 template <int BITS, int MT, bool BF16, int GRID, bool SPQR>
 static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     constexpr bool WIDE = BITS == 8 || GRID;     // u8 values up to 255: nibble split
@@ -143,16 +134,29 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     __m256i table[2][4];
     if (GRID) avx2_levels<GRID>(W, T, 0, table[0]), avx2_levels<GRID>(W, T, 1, table[1]);
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2][MT], s[2] = {avx2_scale<BF16, SPQR>(W, T, 0, 0), avx2_scale<BF16, SPQR>(W, T, 0, 1)};
+    __m256 acc[2][MT], s[2];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < MT; t++) acc[h][t] = _mm256_setzero_ps();
+    // group g's scales; SpQR subtracts its zero term here too, from the s and z it has just decoded
+    auto start_group = [&](int g) {
+        for (int h = 0; h < 2; h++) {
+            if (!SPQR) {
+                s[h] = avx2_scale<BF16>(W, T, g, h);
+                continue;
+            }
+            __m256 z;
+            avx2_spqr_stats(W.stats + ((size_t)T * W.G + g) * 24, h, s[h], z);
+            const __m256 sz = _mm256_mul_ps(s[h], z);
+            for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + g]), acc[h][t]);
+        }
+    };
+    start_group(0);
     int g = 0, next = W.group;
     for (int c0 = 0; c0 < Kp; c0 += seg) {
         if (c0 >= next && g + 1 < W.G) {
             g++;
             next += W.group;
-            s[0] = avx2_scale<BF16, SPQR>(W, T, g, 0);
-            s[1] = avx2_scale<BF16, SPQR>(W, T, g, 1);
+            start_group(g);
         }
         __m256i ia[2][MT];
         for (int h = 0; h < 2; h++)
@@ -182,8 +186,8 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
         }
     }
     for (int h = 0; h < 2; h++) {
-        for (int gi = 0; gi < W.G; gi++) {  // zero term: sum_g s_g z_g xs[m, g]
-            const __m256 sz = avx2_scaled_zero<BF16, SPQR>(W, T, gi, h);
+        for (int gi = 0; gi < W.G && !SPQR; gi++) {  // zero term: sum_g s_g z_g xs[m, g] (SpQR: in start_group)
+            const __m256 sz = avx2_scaled_zero<BF16>(W, T, gi, h);
             for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[h][t]);
         }
         const int n0 = 16 * T + 8 * h, valid = std::min(8, W.N - n0);
