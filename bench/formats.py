@@ -32,8 +32,11 @@ estimate for the formats it picks): the default sweep is 22 tightfit formats and
 GPTQ per format ~0.5-1 min uniform, ~2 min SpQR, ~3 min nl4/nf4/lut (from bench/results/peers.json and
 spqr.md; the estimate uses QUANTIZE_S; the tables' time is a guess); scoring ~1 min per tightfit
 entry (engine + fp32 torch, 64 + 8 windows) and ~40 s per llama.cpp entry; the reference log-probs
-~2 min: `--list` says about 70 min; allow 1.5 h. The run saves each entry as it is scored
-(.cache/peers/formats-progress.json) and resumes from it (--fresh: start over).
+~2 min: `--list` says about 110 min on an AVX-512 machine; allow 2.5 h on an AVX2 one. The run saves each
+entry as it is scored (bench/results/NAME-progress.json, committed: a run longer than one session resumes
+from it on the next one, with the Hessians computed again from the same calibration) and resumes from it
+(--fresh: start over). It measures llama.cpp's types first (minutes), then tightfit's formats by target in
+the order of the issue's verdicts (4.5, 3.5, then 4.0, 3.0, 2.5), so a stopped run has its verdicts first.
 """
 
 from __future__ import annotations
@@ -58,13 +61,15 @@ from source_grid import grids_from_json, grids_json, recorded_grids, source_grid
 from tightfit.artifacts import config_to_json  # noqa: E402
 from tightfit.errors import TightfitError  # noqa: E402
 from tightfit.evaluate import EvalConfig  # noqa: E402
+from tightfit.formats.files import atomic_write_json  # noqa: E402
 from tightfit.formats.registry import every_format, parse_format  # noqa: E402
 from tightfit.model import DEFAULT_MODEL  # noqa: E402
 from tightfit.pipeline import linear_layer_shapes  # noqa: E402
 
 LLAMA_IMATRIX = ["IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K_M", "IQ4_XS", "IQ4_NL", "Q4_K_M"]
 BIG = RESULTS / "peers_qwen15.json"
-PROGRESS = peers.CACHE / "formats-progress.json"
+# The order formats are measured in: the issue's two targets first (a run stopped part-way has its verdicts).
+TARGET_ORDER = (4.5, 3.5, 4.0, 3.0, 2.5)
 # Estimated GPTQ seconds per format on the default model, by format class (the uniform ones and SpQR
 # measured in bench/results/peers.json and spqr.md, the tables guessed), and scoring seconds.
 QUANTIZE_S = {"QuantFormat": 50, "SpQRFormat": 120, "GridFormat": 180, "LutFormat": 180}
@@ -76,16 +81,25 @@ def estimate_seconds(names: list[str], n_llama: int) -> float:
             + n_llama * LLAMA_S)
 
 
+def progress_path(name: str) -> Path:
+    return RESULTS / f"{name}-progress.json"
+
+
 class Progress:
-    """The entries scored so far by a run of this model, windows and calibration, saved after each
-    one: a stopped run resumes where it stopped. `key`: what must match to resume."""
+    """The entries scored so far by a run of this model, windows and calibration, saved (atomically)
+    after each one: a stopped run resumes where it stopped, on this machine or another. `key`: what
+    must match to resume; `machines`: each machine that scored entries (cpu, ISA) and how many."""
 
     def __init__(self, path: Path, key: dict, fresh: bool = False) -> None:
         self.path, self.key = path, key
         saved = json.loads(path.read_text()) if path.is_file() and not fresh else {}
-        self.entries = [Entry.from_json(e) for e in saved.get("entries", [])] if saved.get("key") == key else []
-        self.engine_floors = saved.get("engine_floors") if saved.get("key") == key else None
+        same = saved.get("key") == key
+        self.entries = [Entry.from_json(e) for e in saved.get("entries", [])] if same else []
+        self.engine_floors = saved.get("engine_floors") if same else None
+        self.machines: list[dict] = saved.get("machines", []) if same else []
         self.resumed = len(self.entries)  # entries carried over from an earlier, stopped run
+        here = machine_info()
+        self.here = {"cpu": here["cpu"], "isa": here["isa"], "entries": 0}
         if self.entries:
             print(f"resuming: {len(self.entries)} entries already scored ({path})", flush=True)
 
@@ -94,12 +108,16 @@ class Progress:
 
     def add(self, entries: list[Entry]) -> None:
         self.entries += entries
+        self.here["entries"] += len(entries)
         self.save()
+
+    def all_machines(self) -> list[dict]:
+        return self.machines + ([self.here] if self.here["entries"] else [])
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"key": self.key, "engine_floors": self.engine_floors,
-                                         "entries": [e.to_json() for e in self.entries]}, indent=1))
+        atomic_write_json(self.path, {"key": self.key, "engine_floors": self.engine_floors, "machines": self.all_machines(),
+                                      "entries": [e.to_json() for e in self.entries]})
 
 
 def measure_formats(loaded, calibration, hessians, scorer, names: list[str], out: Path, progress: Progress) -> None:
@@ -166,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--big", type=Path, help=f"a bench/peers_files.py results JSON for the bigger model's section "
                                              f"(default: bench/results/{BIG.name} when present)")
     ap.add_argument("--name", default="formats", help="results name in bench/results/ (empty: write nothing)")
-    ap.add_argument("--fresh", action="store_true", help=f"ignore the saved progress ({PROGRESS})")
+    ap.add_argument("--fresh", action="store_true", help="ignore the saved progress (bench/results/NAME-progress.json)")
     ap.add_argument("--list", action="store_true", help="print the formats it would measure and the estimated time")
     ap.add_argument("--report-only", action="store_true", help="write NAME.md again from NAME.json (the bigger model's "
                                                                "section from --big when given), measuring nothing")
@@ -181,18 +199,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         from tightfit.model import load_model
 
         members, _ = members_for(load_model(args.model), families, args.per_channel)
-        return print_list(members, recipes(members, args.with_source_grid), split(args.llama_imatrix))
+        return print_list(members, by_target(members, recipes(members, args.with_source_grid)), split(args.llama_imatrix))
     import llama_cpp
 
     t0 = time.time()
     loaded, calib_config, eval_config, calibration, hessians, scorer = peers.prepare(args.model, args.windows, args.select_windows)
     members, grids = members_for(loaded, families, args.per_channel)
-    names = recipes(members, args.with_source_grid)
+    names = by_target(members, recipes(members, args.with_source_grid))
     types = split(args.llama_imatrix)
     print_list(members, names, types)
     key = {"model": args.model, "source_sha256": loaded.source.sha256(), "calibration": config_to_json(calib_config),
            "evaluation": config_to_json(eval_config), "held_back_windows": args.select_windows}
-    progress = Progress(PROGRESS, key, args.fresh)
+    progress = Progress(progress_path(args.name or "formats"), key, args.fresh)
     with tempfile.TemporaryDirectory(dir=peers.CACHE) as tmp:
         f32_dir = peers.CACHE / f"f32-{key['source_sha256'][:16]}"  # this model's own F32 GGUF
         f32_dir.mkdir(parents=True, exist_ok=True)
@@ -200,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         if progress.engine_floors is None:
             progress.engine_floors = peers.engine_floors(loaded, src, scorer)
             progress.save()
-        measure_formats(loaded, calibration, hessians, scorer, names, Path(tmp), progress)
         measure_llama(src, types, peers.imatrix_entries(loaded, hessians), scorer, Path(tmp), progress)
+        measure_formats(loaded, calibration, hessians, scorer, names, Path(tmp), progress)
     wanted = set(names) | set(types)
     entries = mark_source_grid([e for e in progress.entries if e.name in wanted], grids)
     payload = {
@@ -209,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "n_tokens": scorer.count, "original_ppl": scorer.reference_ppl, "llama_cpp_version": llama_cpp.__version__,
         "engine_floors": progress.engine_floors, "per_channel": args.per_channel, "members": [m.__dict__ for m in members],
         "entries": [e.to_json() for e in entries], "wall_s": round(time.time() - t0, 1),
-        "resumed_entries": progress.resumed, "big": read_big(args.big or BIG),
+        "resumed_entries": progress.resumed, "scored_on": progress.all_machines(), "big": read_big(args.big or BIG),
     }
     payload.update(verdicts(payload, entries))
     md = markdown(payload, entries)
@@ -217,6 +235,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.name:
         print("wrote", *write_results(args.name, payload, md))
     return payload
+
+
+def by_target(members: list[Member], names: list[str]) -> list[str]:
+    """`names` in the order they are measured: by the first target of TARGET_ORDER they serve, then as given."""
+    rank = {}
+    for m in members:
+        r = TARGET_ORDER.index(m.target) if m.target in TARGET_ORDER else len(TARGET_ORDER)
+        for n in (m.name, m.shadowed):
+            if n:
+                rank[n] = min(rank.get(n, r), r)
+    return sorted(names, key=lambda n: rank.get(n, len(TARGET_ORDER)))
 
 
 def print_list(members: list[Member], names: list[str], types: list[str]) -> None:

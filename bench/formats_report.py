@@ -262,6 +262,15 @@ def big_section(big: dict | None) -> list[str]:
     return lines
 
 
+def scored_on(machines: list[dict] | None) -> str:
+    """A sentence naming the machines a run resumed across scored its entries on (none when one)."""
+    if not machines or len({(m["cpu"], tuple(m["isa"])) for m in machines}) < 2:
+        return ""
+    each = "; ".join(f"{m['entries']} on {m['cpu']} ({', '.join(m['isa']) or 'no AVX'})" for m in machines)
+    return (f" Entries were scored on {len(machines)} machines ({each}): the same GPTQ from the same Hessians and the same "
+            "windows; the engines' arithmetic differs between ISAs only in float summation order.")
+
+
 def markdown(payload: dict, entries: list[Entry]) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
     grids = grids_from_json(payload["source_grids"])
@@ -276,7 +285,7 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
         f"windows; {payload['held_back_windows']} held-back calibration windows (never calibrated on), on which each size "
         f"class's entry is chosen. Identical token ids for every engine. Wall time {payload['wall_s'] / 60:.1f} min"
         + (f" (this run's; {payload['resumed_entries']} entries were scored by an earlier, stopped run on the same windows "
-           "and resumed)" if payload.get("resumed_entries") else "") + ".", "",
+           "and resumed)" if payload.get("resumed_entries") else "") + "." + scored_on(payload.get("scored_on")), "",
         f"- **tightfit**: GPTQ of every format from the same cached Hessians of the original ({cal['n_samples']} x "
         f"{cal['seq_len']} calibration tokens), packed, reloaded and scored through tightfit's engine (int8 activations, "
         "fp16 KV cache); bits/weight from the packed linear layers. Families from the format registry; each family's "

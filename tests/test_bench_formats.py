@@ -102,6 +102,9 @@ def test_formats_report_targets_classes_and_source_grid(tmp_path, monkeypatch):
     assert "| 2.5 | 2.25-2.75 | w2g32 2.3000 (2.56) | - | n/a |" in md
     assert "Source grid: The source is a dequantized GGUF file" in md and "w4g32 can hold it" in md
     assert "llama.cpp+imatrix IQ3_XXS 180 of 210 tensors" in md and "No bench/peers_files.py results given" in md
+    two = [{"cpu": "A", "isa": ["avx2"], "entries": 3}, {"cpu": "B", "isa": ["avx2", "avx512f"], "entries": 4}]
+    assert "scored on 2 machines (3 on A (avx2); 4 on B (avx2, avx512f))" in formats_report.markdown({**payload, "scored_on": two}, entries)
+    assert "scored on" not in md
     assert "Wall time 10.0 min." in md and "were scored by an earlier" in formats_report.markdown({**payload, "resumed_entries": 3}, entries)
     # no IQ4_NL measured: that target is n/a
     no_rival = _formats_payload([e for e in entries if e.name != "IQ4_NL"])
@@ -178,3 +181,7 @@ def test_formats_measures_through_the_engine_and_resumes(tiny_model_dir, tiny_te
     formats.measure_formats(loaded, calibration, hessians, scorer, names, out, again)
     assert [e.kl for e in again.entries] == [e.kl for e in progress.entries]
     assert formats.Progress(tmp_path / "progress.json", {"model": "other"}).entries == []
+    saved = json.loads((tmp_path / "progress.json").read_text())
+    assert [m["entries"] for m in saved["machines"]] == [2]  # who scored what, for a run resumed elsewhere
+    assert formats.by_target(members, list(reversed(formats_report.recipes(members))))[0] in {
+        m.name for m in members if m.target == formats.TARGET_ORDER[0]}
