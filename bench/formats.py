@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 from common import RESULTS, SELECT_WINDOWS, machine_info, windows_help, write_results  # noqa: E402
 from formats_report import (  # noqa: E402
-    RIVAL_PEER, Member, big_payload, choose_members, markdown, recipes, verdicts,
+    RIVAL_PEER, Member, big_payload, choose_members, format_bits, markdown, recipes, verdicts,
 )
 from peers_report import SPEED_THREADS, Entry, mark_source_grid  # noqa: E402
 from source_grid import grids_from_json, grids_json, recorded_grids, source_grids  # noqa: E402
@@ -70,6 +70,9 @@ LLAMA_IMATRIX = ["IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K_M", "IQ4_XS", "IQ
 BIG = RESULTS / "peers_qwen15.json"
 # The order formats are measured in: the issue's two targets first (a run stopped part-way has its verdicts).
 TARGET_ORDER = (4.5, 3.5, 4.0, 3.0, 2.5)
+# Formats measured with their -dq twin (double-quantized scales), for bits/weight saved at equal KL: the
+# issue's 4.5 contenders, and g16 groups, which -dq makes affordable (w3g16-dq ~3.64 bpw).
+DQ_BASES = ("w4g32-sym", "nl4g32", "w3g16", "w2g16")
 # Estimated GPTQ seconds per format on the default model, by format class (the uniform ones and SpQR
 # measured in bench/results/peers.json and spqr.md, the tables guessed), and scoring seconds.
 QUANTIZE_S = {"QuantFormat": 50, "SpQRFormat": 120, "GridFormat": 180, "LutFormat": 180}
@@ -162,11 +165,11 @@ def read_big(path: Path | None) -> dict | None:
     return big_payload(shown, {**payload, "source_grids": None if grids is None else grids_json(grids)}, entries)
 
 
-def members_for(loaded, families: set[str] | None, per_channel: bool) -> tuple[list[Member], tuple]:
-    """Each family's members nearest the targets on `loaded`'s linear layers, and the source's grids."""
+def members_for(loaded, families: set[str] | None, per_channel: bool) -> tuple[list[Member], tuple, list]:
+    """Each family's members nearest the targets on `loaded`'s linear layers, the source's grids, the shapes."""
     grids = source_grids(loaded.source)
     shapes = list(linear_layer_shapes(loaded).values())
-    return choose_members(every_format(), shapes, grids, families=families, per_channel=per_channel), grids
+    return choose_members(every_format(), shapes, grids, families=families, per_channel=per_channel), grids, shapes
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                                                     "'w{b}g{g},nl4g{g}'); default: every family")
     ap.add_argument("--per-channel", action="store_true", help="let per-channel formats (w3pc, nl4pc, ...) be members too")
     ap.add_argument("--llama-imatrix", default=",".join(LLAMA_IMATRIX))
+    ap.add_argument("--dq", default=",".join(DQ_BASES),
+                    help="formats measured beside their -dq twin (double-quantized scales); empty: none")
     ap.add_argument("--with-source-grid", action="store_true",
                     help="also measure the formats nearer a target that can hold the source's grid (no evidence)")
     ap.add_argument("--big", type=Path, help=f"a bench/peers_files.py results JSON for the bigger model's section "
@@ -198,14 +203,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.list:
         from tightfit.model import load_model
 
-        members, _ = members_for(load_model(args.model), families, args.per_channel)
-        return print_list(members, by_target(members, recipes(members, args.with_source_grid)), split(args.llama_imatrix))
+        members, _, shapes = members_for(load_model(args.model), families, args.per_channel)
+        return print_list(members, by_target(members, recipes(members, args.with_source_grid), dq_names(split(args.dq), shapes)),
+                          split(args.llama_imatrix))
     import llama_cpp
 
     t0 = time.time()
     loaded, calib_config, eval_config, calibration, hessians, scorer = peers.prepare(args.model, args.windows, args.select_windows)
-    members, grids = members_for(loaded, families, args.per_channel)
-    names = by_target(members, recipes(members, args.with_source_grid))
+    members, grids, shapes = members_for(loaded, families, args.per_channel)
+    names = by_target(members, recipes(members, args.with_source_grid), dq_names(split(args.dq), shapes))
     types = split(args.llama_imatrix)
     print_list(members, names, types)
     key = {"model": args.model, "source_sha256": loaded.source.sha256(), "calibration": config_to_json(calib_config),
@@ -237,14 +243,34 @@ def main(argv: list[str] | None = None) -> dict | None:
     return payload
 
 
-def by_target(members: list[Member], names: list[str]) -> list[str]:
-    """`names` in the order they are measured: by the first target of TARGET_ORDER they serve, then as given."""
+def dq_names(bases: list[str], shapes) -> dict[str, float]:
+    """Each base format and its -dq twin -> bits/weight on linear layers of `shapes` (a bad name or one
+    with no twin: exit with why)."""
+    out = {}
+    for b in bases:
+        for name in (b, f"{b}-dq"):
+            try:
+                out[name] = format_bits(parse_format(name), shapes)
+            except TightfitError as e:
+                sys.exit(f"formats: --dq {b}: {e}")
+    return out
+
+
+def by_target(members: list[Member], names: list[str], extra: dict[str, float] | None = None) -> list[str]:
+    """`names` and then the `extra` formats (name -> bits/weight) not among them, in the order they are
+    measured: by the first target of TARGET_ORDER they serve (an extra: the target nearest its
+    bits/weight), then as given."""
+    extra = extra or {}
+    names = names + [n for n in extra if n not in names]
     rank = {}
     for m in members:
         r = TARGET_ORDER.index(m.target) if m.target in TARGET_ORDER else len(TARGET_ORDER)
         for n in (m.name, m.shadowed):
             if n:
                 rank[n] = min(rank.get(n, r), r)
+    for n in names:
+        if n not in rank and n in extra:
+            rank[n] = TARGET_ORDER.index(min(TARGET_ORDER, key=lambda t: abs(t - extra[n])))
     return sorted(names, key=lambda n: rank.get(n, len(TARGET_ORDER)))
 
 

@@ -205,6 +205,19 @@ def family_table(entries: list[Entry], members: list[dict]) -> list[str]:
     return lines
 
 
+def dq_table(entries: list[Entry]) -> list[str]:
+    """Each scored -dq format beside its base (the same name without -dq): bits/weight saved and KL of each."""
+    by_name = {e.name: e for e in scored(entries) if e.peer == "tightfit"}
+    pairs = [(by_name[n.removesuffix("-dq")], e) for n, e in by_name.items() if n.endswith("-dq") and n.removesuffix("-dq") in by_name]
+    if not pairs:
+        return ["No -dq format and its base were both measured."]
+    lines = ["| base: KL (bpw) | -dq: KL (bpw) | bits/weight saved | KL change |", "|---|---|---|---|"]
+    for b, d in sorted(pairs, key=lambda p: p[0].bits_per_weight):
+        lines.append(f"| {cell(brief(b))} | {cell(brief(d))} | {b.bits_per_weight - d.bits_per_weight:.3f} | "
+                     f"{100 * (d.kl / b.kl - 1):+.1f} % |")
+    return lines
+
+
 def class_table(rows: list[dict], rival_peer: str = RIVAL_PEER) -> list[str]:
     lines = [f"| target bpw | size class | tightfit: KL (bpw) | {rival_peer}: KL (bpw) | tightfit lower |", "|---|---|---|---|---|"]
     for r in rows:
@@ -303,6 +316,11 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
         "### Each preset vs tightfit's best at no more bits", "",
         f"tightfit's entry with the lowest held-back KL at no more than the preset's bits/weight (+{NO_MORE_BITS}).", "",
         *preset_table(payload["presets"]), "",
+        "## Double-quantized scales (-dq)", "",
+        "Group scales as signed 6-bit codes under one fp16 super-scale per 256 weights of a row, beside the same format "
+        "with fp16 scales (GPTQ from the same Hessians). The -dq entries join the size classes above like any format. "
+        "The engine expands -dq scales to fp16 when it loads a file: the file is smaller, memory and decode speed are "
+        "the base format's.", "", *dq_table(entries), "",
         "Pareto front over every entry off the source's grid (none is both smaller and closer to the original): "
         + ", ".join(f"{e.peer} {e.name} ({e.bits_per_weight:.2f}, {e.kl:.4f})" for e in pareto_front(entries)) + ".", "",
         "## Every entry", "",

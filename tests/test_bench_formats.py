@@ -51,6 +51,30 @@ def test_formats_families_come_from_the_registry_and_skip_the_source_grid():
     assert {m.target: m.name for m in only}[4.5] == "w4g32"  # a float source: no grid to skip
 
 
+def test_formats_measures_dq_twins_by_target_and_reports_the_bits_they_save():
+    import formats
+    import formats_report
+
+    from tightfit.formats.registry import every_format
+
+    members = formats_report.choose_members(every_format(), SMOLLM_SHAPES, (Q4_1,))
+    extra = formats.dq_names(["w4g32-sym", "w3g16"], SMOLLM_SHAPES)
+    assert list(extra) == ["w4g32-sym", "w4g32-sym-dq", "w3g16", "w3g16-dq"]
+    assert extra["w3g16-dq"] < extra["w3g16"] - 0.4 and extra["w4g32-sym"] == pytest.approx(4.5)
+    order = formats.by_target(members, formats_report.recipes(members), extra)
+    assert sorted(order) == sorted(set(formats_report.recipes(members)) | set(extra))
+    rank = {n: i for i, n in enumerate(order)}
+    # w3g16-dq (~3.6 bpw) with the 3.5 target, before anything of the 4.0 one (w3g16, 4.19 bpw)
+    assert rank["w4g32-sym-dq"] < rank["w3g32-sym"] < rank["w3g16-dq"] < rank["w3g16"] < rank["w2g16-sym"]
+    with pytest.raises(SystemExit, match="--dq nope"):
+        formats.dq_names(["nope"], SMOLLM_SHAPES)
+    entries = [_entry("tightfit", "w4g32-sym", 4.50, 0.20), _entry("tightfit", "w4g32-sym-dq", 4.27, 0.21),
+               _entry("tightfit", "nl4g32-dq", 4.27, 0.15)]  # no base: no row
+    table = "\n".join(formats_report.dq_table(entries))
+    assert "| w4g32-sym 0.2000 (4.50) | w4g32-sym-dq 0.2100 (4.27) | 0.230 | +5.0 % |" in table and "nl4g32" not in table
+    assert formats_report.dq_table(entries[1:]) == ["No -dq format and its base were both measured."]
+
+
 def _formats_payload(entries):
     import formats_report
 
