@@ -12,6 +12,7 @@ for qwen2.5-coder-1.5b, itself one of the entries); types that want an importanc
 one (all ones): it changes values, not speed.
 
     .venv/bin/python bench/speed.py [--model smollm2-135m] [--threads 1,2] [--repeats 5] [--quick] [--name speed_avx2]
+                                    [--formats w3g32,lut3g32,lut3g32-row --name speed_tables]
 Run it alone: any other process on this 2-core machine halves the figures. Results:
 bench/results/speed.{json,md} (default model), speed_<model>.{json,md} (another).
 """
@@ -19,6 +20,7 @@ bench/results/speed.{json,md} (default model), speed_<model>.{json,md} (another)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
 from common import machine_info, machine_line, write_results  # noqa: E402
 
+from tightfit.errors import TightfitError  # noqa: E402
 from tightfit.formats.packed import load_packed  # noqa: E402
 from tightfit.model import BUILTIN_MODELS  # noqa: E402
 from tightfit.model.load import load_model, resolve_source  # noqa: E402
@@ -118,11 +121,24 @@ def flat_imatrix(path: Path) -> dict[str, np.ndarray]:
     return {t.name: np.ones(int(t.shape[0]), dtype=np.float32) for t in GGUFReader(str(path)).tensors if len(t.shape) == 2}
 
 
-def run(model: str, threads_list: list[int], repeats: int, prompt: int, new: int, quick: bool) -> dict:
+def with_formats(setup: SpeedSetup, formats: list[str]) -> SpeedSetup:
+    """`setup` timing `formats` (with the head of its first tightfit file) instead of its own tightfit
+    files; the ratios kept are those whose tightfit side is still timed."""
+    from tightfit.formats.registry import parse_format
+
+    for f in formats:
+        parse_format(f)  # a bad name fails here, before anything is built
+    head = next(iter(setup.tightfit.values()))[1]
+    return dataclasses.replace(setup, tightfit=with_head(head, *formats), pairs=tuple(p for p in setup.pairs if p[0] in formats))
+
+
+def run(model: str, threads_list: list[int], repeats: int, prompt: int, new: int, quick: bool,
+        formats: list[str] | None = None) -> dict:
     """Per thread count: open every engine, then time them round-robin (one run each per round), so
-    that drifts of this shared machine hit every engine alike; medians over the rounds."""
+    that drifts of this shared machine hit every engine alike; medians over the rounds. `formats`:
+    tightfit's files in these formats instead of the setup's (with_formats)."""
     rows = []
-    setup = SETUPS[model]
+    setup = with_formats(SETUPS[model], formats) if formats else SETUPS[model]
     tf_models = tightfit_models(model, setup)
     ll_models = llama_models(model, setup)
     if quick:
@@ -237,12 +253,18 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--formats", help="comma-separated tightfit formats timed instead of the setup's (e.g. the learned "
+                                      "tables beside uniform formats of equal bytes: w3g32,lut3g32,lut3g32-row)")
     ap.add_argument("--quick", action="store_true", help="two formats per engine, no transformers, no results written")
     ap.add_argument("--name", help="results name in bench/results/ (default: speed, or speed_<model> for another model); "
                                    "another machine's run under its own name keeps the committed table")
     a = ap.parse_args()
     t0 = time.time()
-    res = run(a.model, [int(t) for t in a.threads.split(",")], a.repeats, a.prompt_tokens, a.new_tokens, a.quick)
+    try:
+        formats = [f for f in (a.formats or "").split(",") if f]
+        res = run(a.model, [int(t) for t in a.threads.split(",")], a.repeats, a.prompt_tokens, a.new_tokens, a.quick, formats)
+    except TightfitError as e:
+        sys.exit(f"speed: {e}")
     res["wall_s"] = round(time.time() - t0, 1)
     if not a.quick:
         name = a.name or ("speed" if a.model == "smollm2-135m" else f"speed_{a.model}")

@@ -353,3 +353,16 @@ def test_peers_refuses_to_start_without_hqq(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         peers.main()
     assert "HQQ is not installed" in str(e.value) and peers.HQQ_INSTALL in str(e.value) and "--hqq ''" in str(e.value)
+
+
+def test_speed_times_the_formats_asked_for_with_the_setups_head():
+    import speed
+
+    from tightfit.errors import FormatError
+
+    setup = speed.with_formats(speed.SETUPS["smollm2-135m"], ["w3g32", "lut3g32", "w4g32-sym"])
+    assert setup.tightfit == {"w3g32": ("w3g32", "w8g32-sym"), "lut3g32": ("lut3g32", "w8g32-sym"),
+                              "w4g32-sym": ("w4g32-sym", "w8g32-sym")}
+    assert setup.pairs == (("w4g32-sym", "Q4_0"),) and setup.llama_types == speed.SETUPS["smollm2-135m"].llama_types
+    with pytest.raises(FormatError):
+        speed.with_formats(speed.SETUPS["smollm2-135m"], ["w3g32", "lut9g32"])
