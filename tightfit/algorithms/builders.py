@@ -47,6 +47,22 @@ DQ_RTN_ROUNDING, DQ_RTN_HEADROOM = "up", 1.0
 DQ_GPTQ_ROUNDING, DQ_GPTQ_HEADROOM = "best", 1.25
 
 
+def loss_weight(d: torch.Tensor | None) -> torch.Tensor | None:
+    """GPTQ's weight of each column's rounding error, 1 / d_j^2 (d [g]: the inverse Hessian's Cholesky
+    diagonal of the group's columns; the loss GPTQ propagates is sum_j (w_j - w_hat_j)^2 / d_j^2),
+    scaled to mean 1. None without d (round to nearest: every column alike).
+
+    A group's scale chosen on this weighted error instead of the plain squared error (as SpQR's
+    statistics are, and llama.cpp's scales with an importance matrix): on smollm2-135m blocks 3 and 15,
+    GPTQ from 512 tokens, the Hessian-weighted error tr(dW H dW^T) on the next 512 tokens falls by
+    5.1 % (w4g32-sym), 3.7 % (w3g32), 3.6 % (w4g64), 5.8 % (nl4g32); weighting by the Hessian diagonal
+    instead gives -0.4 / -0.3 / +2.8 / -4.0 %."""
+    if d is None:
+        return None
+    wt = 1.0 / d.float().square()  # [g]
+    return wt / wt.mean()
+
+
 class SuperScaled:
     """What the uniform and grid builders share for -dq formats: super-scales d [N, S] fixed before
     the sweep, and each group's chosen scale snapped onto them (None: not a -dq format)."""
@@ -73,7 +89,8 @@ class SuperScaled:
     def snap(self, gi: int, scale: torch.Tensor, w: torch.Tensor,
              error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Group gi's scales [N] on its super-block's grid. rounding "best": of the codes below and
-        above |s| / d, the one whose scale gives the group w [N, g] the smaller error(w, scale) [N]."""
+        above |s| / d, the one whose scale gives the group w [N, g] the smaller error(w, scale) [N]
+        (the builder's weighted error)."""
         d = self.super_scales[:, self._super_of[gi]]  # [N]
         if self.rounding != "best":
             return snap_group(scale, d, self.fmt, self.rounding)
@@ -85,9 +102,9 @@ class UniformBuilder(SuperScaled):
     """Builds a QuantizedTensor group by group and column by column (GPTQ's inner loop).
 
     start_group(gi, w [N, g], d [g], cols [g]) chooses group gi's scale and zero from the current
-    weights w of its columns `cols` (original indices, any order); quantize_column(col, w [N])
-    stores that column's codes and returns its decoded values. d (GPTQ's Cholesky diagonal) is
-    not needed by uniform formats.
+    weights w of its columns `cols` (original indices, any order), the clipping searched on GPTQ's
+    loss (loss_weight(d); d: GPTQ's Cholesky diagonal of those columns, None: plain squared error);
+    quantize_column(col, w [N]) stores that column's codes and returns its decoded values.
     """
 
     def __init__(self, fmt: QuantFormat, shape: tuple[int, int], *, clip_search: bool = True) -> None:
@@ -100,17 +117,18 @@ class UniformBuilder(SuperScaled):
         self._scale: torch.Tensor | None = None
         self._zero: torch.Tensor | None = None
 
-    def _qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        shrink = search_shrink(w, self.fmt) if self.clip_search else 1.0
+    def _qparams(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shrink = search_shrink(w, self.fmt, weight=weight) if self.clip_search else 1.0
         return choose_qparams(w, self.fmt, shrink)  # [N], [N] | None
 
     def choose(self, w: torch.Tensor) -> torch.Tensor:
         return self._qparams(w)[0]
 
     def start_group(self, gi: int, w: torch.Tensor, d: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-        scale, zero = self._qparams(w)  # [N], [N] | None
+        weight = loss_weight(d)  # [g] | None
+        scale, zero = self._qparams(w, weight)  # [N], [N] | None
         if self.super_scales is not None:
-            snapped = self.snap(gi, scale, w, lambda w_, s_: self._error(w_, s_, self._zero_on(zero, scale, s_)))
+            snapped = self.snap(gi, scale, w, lambda w_, s_: self._error(w_, s_, self._zero_on(zero, scale, s_), weight))
             scale, zero = snapped, self._zero_on(zero, scale, snapped)
         self.scales[:, gi] = scale
         if self.zeros is not None:
@@ -122,10 +140,12 @@ class UniformBuilder(SuperScaled):
         """The zero point [N] on the snapped scale [N] keeping the low end -z s of the chosen range."""
         return None if zero is None else torch.clamp(torch.round(zero * scale / snapped), 0, (1 << self.fmt.bits) - 1)
 
-    def _error(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-        """Squared rounding error [N] of the group w [N, g] on scale, zero [N]."""
+    def _error(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Squared rounding error [N] of the group w [N, g] on scale, zero [N], column j weighted by weight [g]."""
         s, z = scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1)
-        return (dequantize(quantize(w, s, z, self.fmt.bits), s, z, self.fmt.bits) - w).square().sum(1)
+        sq = (dequantize(quantize(w, s, z, self.fmt.bits), s, z, self.fmt.bits) - w).square()  # [N, g]
+        return (sq if weight is None else sq * weight).sum(1)
 
     def quantize_column(self, col: int, w: torch.Tensor) -> torch.Tensor:
         q = quantize(w.unsqueeze(1), self._scale, self._zero, self.fmt.bits)  # [N, 1]
@@ -139,8 +159,8 @@ class UniformBuilder(SuperScaled):
 
 class GridBuilder(SuperScaled):
     """Builds a GridTensor as UniformBuilder builds a QuantizedTensor: start_group chooses group
-    gi's signed scale (`choose_level_scale`, plain squared error) from the current weights of its
-    columns, quantize_column rounds a column to the nearest levels of that scale. levels: the
+    gi's signed scale (`choose_level_scale` on GPTQ's loss, loss_weight(d)) from the current weights
+    of its columns, quantize_column rounds a column to the nearest levels of that scale. levels: the
     table, [16] (the grid's own by default) or [N, 16] (a table per row)."""
 
     def __init__(self, fmt: GridFormat | LutFormat, shape: tuple[int, int], *, clip_search: bool = True,
@@ -153,20 +173,22 @@ class GridBuilder(SuperScaled):
         self.scales = torch.zeros(n, len(self.bounds))
         self._scale: torch.Tensor | None = None
 
-    def choose(self, w: torch.Tensor) -> torch.Tensor:
-        return choose_level_scale(w, self.levels, self.fmt, search=self.clip_search)  # [N]
+    def choose(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return choose_level_scale(w, self.levels, self.fmt, weight=weight, search=self.clip_search)  # [N]
 
     def start_group(self, gi: int, w: torch.Tensor, d: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-        scale = self.choose(w)  # [N]
+        weight = loss_weight(d)  # [g] | None
+        scale = self.choose(w, weight)  # [N]
         if self.super_scales is not None:
-            scale = self.snap(gi, scale, w, self._error)
+            scale = self.snap(gi, scale, w, lambda w_, s_: self._error(w_, s_, weight))
         self.scales[:, gi] = scale
         self._scale = scale.unsqueeze(1)  # [N, 1]
 
-    def _error(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Squared rounding error [N] of the group w [N, g] on the signed scale [N]."""
+    def _error(self, w: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Squared rounding error [N] of the group w [N, g] on the signed scale [N], column j weighted by weight [g]."""
         s = scale.unsqueeze(1)
-        return (nearest_value(w / s, self.levels) * s - w).square().sum(1)
+        sq = (nearest_value(w / s, self.levels) * s - w).square()  # [N, g]
+        return (sq if weight is None else sq * weight).sum(1)
 
     def quantize_column(self, col: int, w: torch.Tensor) -> torch.Tensor:
         q = nearest_level(w.unsqueeze(1) / self._scale, self.levels)  # [N, 1]

@@ -266,7 +266,7 @@ def _sweep(w: torch.Tensor, h: torch.Tensor, builders: list, *, damp: float, blo
     grouped_starts: list[list[int]] = []  # per format with several groups: where its groups start
     for f, b in enumerate(builders):
         if len(b.bounds) == 1:  # the group spans every block: its parameters come from the whole row up front
-            b.start_group(0, w[rows[f]], d_all, perm)
+            b.start_group(0, w[rows[f]], d_all[torch.argsort(perm)], torch.arange(k))  # in the original order
             continue
         group_of = torch.empty(k, dtype=torch.long)  # original column -> its group
         for gi, (lo, hi) in enumerate(b.bounds):
