@@ -116,6 +116,22 @@ def test_grouped_attention_at_odd_lengths(rep, n, bits, portable):
     assert _relative_error(got, alone.double()) < 2e-5  # fp32 sums in another order, not another head's
 
 
+@pytest.mark.parametrize("portable", BUILDS)
+def test_per_channel_4bit_keys_are_blind_to_smoothattention_scales(portable):
+    """SmoothAttention moves a per-channel scale l from the keys into the queries (k l, q / l; q.k is
+    unchanged). 4-bit keys are quantized per channel: their grid moves with l (scale and min times l,
+    the same codes), so attention is the same to fp32 rounding (l powers of two: exact in fp16) and
+    SmoothAttention cannot lower KV4's error. 8-bit keys are per token: there the scales change it."""
+    keys, values, q = _head(64, 128, seed=7, rep=2)
+    lam = 2.0 ** torch.randint(-3, 4, (128,), generator=torch.Generator().manual_seed(1)).float()  # [D]
+    scale = 128**-0.5
+    for bits, same in ((4, True), (8, False)):
+        plain = kv_attend(bits, keys, values, q, scale, portable=portable)
+        smooth = kv_attend(bits, keys * lam, values, q / lam, scale, portable=portable)
+        err = _relative_error(smooth, plain.double())
+        assert err < 2e-5 if same else err > 1e-4, (bits, err)
+
+
 def test_time_kv_attend_runs_and_refuses_wide_groups():
     """The timing entry runs (over one cache, or copies of it) and refuses a group wider than the
     kernel keeps in registers."""
