@@ -123,13 +123,14 @@ class Progress:
                                       "entries": [e.to_json() for e in self.entries]})
 
 
-def measure_formats(loaded, calibration, hessians, scorer, names: list[str], out: Path, progress: Progress) -> None:
-    """GPTQ of every format in `names` from `hessians` (peers.run_tightfit), scored through the engine;
-    each packed folder is deleted once scored."""
+def measure_formats(loaded, calibration, hessians, scorer, names: list[str], out: Path, progress: Progress,
+                    fp32_ref: bool = False) -> None:
+    """GPTQ of every format in `names` from `hessians` (peers.run_tightfit), scored through the engine
+    (fp32_ref: also the dequantized torch model, a second pass); each packed folder is deleted once scored."""
     for name in names:
         if progress.has("tightfit", name):
             continue
-        entries, folders = peers.run_tightfit(loaded, calibration, hessians, [name], scorer, out)
+        entries, folders = peers.run_tightfit(loaded, calibration, hessians, [name], scorer, out, fp32_ref)
         progress.add(entries)
         for folder in folders.values():
             shutil.rmtree(folder)
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--big", type=Path, help=f"a bench/peers_files.py results JSON for the bigger model's section "
                                              f"(default: bench/results/{BIG.name} when present)")
     ap.add_argument("--name", default="formats", help="results name in bench/results/ (empty: write nothing)")
+    ap.add_argument("--fp32-ref", action="store_true", help="also score each tightfit file dequantized into the torch "
+                                                             "model (the KL (fp32 ref) column; a second pass per format)")
     ap.add_argument("--fresh", action="store_true", help="ignore the saved progress (bench/results/NAME-progress.json)")
     ap.add_argument("--list", action="store_true", help="print the formats it would measure and the estimated time")
     ap.add_argument("--report-only", action="store_true", help="write NAME.md again from NAME.json (the bigger model's "
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             progress.engine_floors = peers.engine_floors(loaded, src, scorer)
             progress.save()
         measure_llama(src, types, peers.imatrix_entries(loaded, hessians), scorer, Path(tmp), progress)
-        measure_formats(loaded, calibration, hessians, scorer, names, Path(tmp), progress)
+        measure_formats(loaded, calibration, hessians, scorer, names, Path(tmp), progress, args.fp32_ref)
     wanted = set(names) | set(types)
     entries = mark_source_grid([e for e in progress.entries if e.name in wanted], grids)
     payload = {

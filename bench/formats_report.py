@@ -349,6 +349,9 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
                      "g32 and finer are the trap) stand beside their family's cell, are no evidence and join no verdict.")
     lines += [*peer_bullets(entries),
               *([] if payload.get("per_channel") else [f"- Left out of the sweep: {LEFT_OUT}."]),
+              *([f"- KL (fp32 ref): the packed file dequantized into the torch model (fp32 activations), for "
+                 f"{n_fp32} of {len(tf)} tightfit entries (bench/formats.py --fp32-ref; the rest '-')."]
+                if 0 < (n_fp32 := sum(e.kl_fp32 is not None for e in tf)) < len(tf) else []),
               "- KL and PPL move by a few percent between window sets; small gaps are not significant.", ""]
     return "\n".join(lines)
 

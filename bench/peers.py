@@ -144,7 +144,8 @@ def original_packed(loaded) -> PackedModel:
                        info={"architecture": loaded.arch.name, "source": {"name": loaded.source.name}})
 
 
-def run_tightfit(loaded, calibration, hessians, recipes: list[str], scorer: Scorer, out: Path) -> tuple[list[Entry], dict]:
+def run_tightfit(loaded, calibration, hessians, recipes: list[str], scorer: Scorer, out: Path,
+                 fp32_ref: bool = True) -> tuple[list[Entry], dict]:
     entries, folders = [], {}
     for recipe in recipes:
         config = QuantizeConfig(fmt=parse_format(recipe), method="gptq")
@@ -156,7 +157,7 @@ def run_tightfit(loaded, calibration, hessians, recipes: list[str], scorer: Scor
         packed = load_packed(folder)
         entry = Entry("tightfit", recipe, 8 * packed.quantized_bytes() / packed.quantized_weights(), seconds,
                       file_mb=(folder / "model.safetensors").stat().st_size / 1e6)
-        scorer.score(engine_scorer(packed, scorer, entry), entry, fp32=build_model(packed))
+        scorer.score(engine_scorer(packed, scorer, entry), entry, fp32=build_model(packed) if fp32_ref else None)
         entries.append(entry)
         folders[recipe] = folder
     return entries, folders
