@@ -5,6 +5,7 @@ formats), on the default model and the same held-out windows, each scored throug
                                       [--llama-imatrix Q2_K,...] [--with-source-grid] [--big bench/results/peers_qwen15.json]
     .venv/bin/python bench/formats.py --list          # the formats it would measure and the time it would take
     .venv/bin/python bench/formats.py --report-only   # formats.md again from formats.json, measuring nothing
+    .venv/bin/python bench/formats.py --partial       # formats.md from a stopped run's saved progress
 
 What it measures (the machinery is bench/peers.py's: its Scorer, GPTQ from the cached Hessians of the
 original, llama.cpp's quantizer with an importance matrix = diag(H)/2 of the same Hessians):
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--fp32-ref", action="store_true", help="also score each tightfit file dequantized into the torch "
                                                              "model (the KL (fp32 ref) column; a second pass per format)")
     ap.add_argument("--fresh", action="store_true", help="ignore the saved progress (bench/results/NAME-progress.json)")
+    ap.add_argument("--partial", action="store_true", help="write NAME.md from the saved progress of a stopped run, "
+                                                           "measuring nothing more (the rest marked not measured)")
     ap.add_argument("--list", action="store_true", help="print the formats it would measure and the estimated time")
     ap.add_argument("--report-only", action="store_true", help="write NAME.md again from NAME.json (the bigger model's "
                                                                "section from --big when given), measuring nothing")
@@ -216,26 +219,35 @@ def main(argv: list[str] | None = None) -> dict | None:
     members, grids, shapes = members_for(loaded, families, args.per_channel)
     names = by_target(members, recipes(members, args.with_source_grid), dq_names(split(args.dq), shapes))
     types = split(args.llama_imatrix)
+    all_names, all_types = names, types
     print_list(members, names, types)
     key = {"model": args.model, "source_sha256": loaded.source.sha256(), "calibration": config_to_json(calib_config),
            "evaluation": config_to_json(eval_config), "held_back_windows": args.select_windows}
     progress = Progress(progress_path(args.name or "formats"), key, args.fresh)
+    if args.partial and progress.engine_floors is None:
+        sys.exit(f"formats: --partial needs a run's saved progress ({progress.path}) with this model, calibration and windows")
     with tempfile.TemporaryDirectory(dir=peers.CACHE) as tmp:
-        f32_dir = peers.CACHE / f"f32-{key['source_sha256'][:16]}"  # this model's own F32 GGUF
-        f32_dir.mkdir(parents=True, exist_ok=True)
-        src = peers.f32_gguf(loaded, f32_dir)
-        if progress.engine_floors is None:
-            progress.engine_floors = peers.engine_floors(loaded, src, scorer)
-            progress.save()
-        measure_llama(src, types, peers.imatrix_entries(loaded, hessians), scorer, Path(tmp), progress)
-        measure_formats(loaded, calibration, hessians, scorer, names, Path(tmp), progress, args.fp32_ref)
-    wanted = set(names) | set(types)
+        if args.partial:
+            names, types = [], []  # measure nothing: report what the saved progress holds
+            t0 = None
+        else:
+            f32_dir = peers.CACHE / f"f32-{key['source_sha256'][:16]}"  # this model's own F32 GGUF
+            f32_dir.mkdir(parents=True, exist_ok=True)
+            src = peers.f32_gguf(loaded, f32_dir)
+            if progress.engine_floors is None:
+                progress.engine_floors = peers.engine_floors(loaded, src, scorer)
+                progress.save()
+            measure_llama(src, types, peers.imatrix_entries(loaded, hessians), scorer, Path(tmp), progress)
+            measure_formats(loaded, calibration, hessians, scorer, names, Path(tmp), progress, args.fp32_ref)
+    wanted = set(all_names) | set(all_types)
     entries = mark_source_grid([e for e in progress.entries if e.name in wanted], grids)
+    missing = [n for n in [*all_types, *all_names] if not any(e.name == n for e in entries)]
     payload = {
         "machine": machine_info(), "threads": SPEED_THREADS, **key, "source_grids": grids_json(grids),
         "n_tokens": scorer.count, "original_ppl": scorer.reference_ppl, "llama_cpp_version": llama_cpp.__version__,
         "engine_floors": progress.engine_floors, "per_channel": args.per_channel, "members": [m.__dict__ for m in members],
-        "entries": [e.to_json() for e in entries], "wall_s": round(time.time() - t0, 1),
+        "entries": [e.to_json() for e in entries], "wall_s": None if t0 is None else round(time.time() - t0, 1),
+        "not_measured": missing,
         "resumed_entries": progress.resumed, "scored_on": progress.all_machines(), "big": read_big(args.big or BIG),
     }
     payload.update(verdicts(payload, entries))

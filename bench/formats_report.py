@@ -292,11 +292,16 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
     tf = sorted((e for e in entries if e.peer == "tightfit"), key=lambda e: (math.isnan(e.bits_per_weight), e.bits_per_weight))
     rv = sorted((e for e in entries if e.peer != "tightfit"), key=lambda e: (math.isnan(e.bits_per_weight), e.bits_per_weight))
     lines = [
-        f"# Format families vs llama.cpp + imatrix on {payload['model']} (one run)", "",
+        f"# Format families vs llama.cpp + imatrix on {payload['model']} (one run"
+        + (f", partial: {len(payload['not_measured'])} entries not measured yet)" if payload.get("not_measured") else ")"), "",
+        *([f"**Partial**: the run was stopped and resumes where it stopped (bench/formats.py, from "
+           f"bench/results/formats-progress.json); not measured yet: {', '.join(payload['not_measured'])}. Verdicts below "
+           "are over the entries measured so far.", ""] if payload.get("not_measured") else []),
         machine_line(payload["machine"], payload.get("threads")), "",
         f"{protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} Windows used: {ev.n_windows} x {ev.ctx} evaluation "
         f"windows; {payload['held_back_windows']} held-back calibration windows (never calibrated on), on which each size "
-        f"class's entry is chosen. Identical token ids for every engine. Wall time {payload['wall_s'] / 60:.1f} min"
+        f"class's entry is chosen. Identical token ids for every engine. "
+        + ("Wall time not recorded (a report of saved progress)" if payload["wall_s"] is None else f"Wall time {payload['wall_s'] / 60:.1f} min")
         + (f" (this run's; {payload['resumed_entries']} entries were scored by an earlier, stopped run on the same windows "
            "and resumed)" if payload.get("resumed_entries") else "") + "." + scored_on(payload.get("scored_on")), "",
         f"- **tightfit**: GPTQ of every format from the same cached Hessians of the original ({cal['n_samples']} x "

@@ -128,7 +128,10 @@ def test_formats_report_targets_classes_and_source_grid(tmp_path, monkeypatch):
     assert "llama.cpp+imatrix IQ3_XXS 180 of 210 tensors" in md and "No bench/peers_files.py results given" in md
     two = [{"cpu": "A", "isa": ["avx2"], "entries": 3}, {"cpu": "B", "isa": ["avx2", "avx512f"], "entries": 4}]
     assert "scored on 2 machines (3 on A (avx2); 4 on B (avx2, avx512f))" in formats_report.markdown({**payload, "scored_on": two}, entries)
-    assert "scored on" not in md
+    assert "scored on" not in md and "Partial" not in md
+    partial = formats_report.markdown({**payload, "not_measured": ["w3g16-dq", "lut2g32"], "wall_s": None}, entries)
+    assert "(one run, partial: 2 entries not measured yet)" in partial and "not measured yet: w3g16-dq, lut2g32." in partial
+    assert "Wall time not recorded" in partial
     assert "Wall time 10.0 min." in md and "were scored by an earlier" in formats_report.markdown({**payload, "resumed_entries": 3}, entries)
     # no IQ4_NL measured: that target is n/a
     no_rival = _formats_payload([e for e in entries if e.name != "IQ4_NL"])
