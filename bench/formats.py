@@ -116,7 +116,15 @@ class Progress:
         self.save()
 
     def all_machines(self) -> list[dict]:
-        return self.machines + ([self.here] if self.here["entries"] else [])
+        """Each machine (cpu, ISA) once, with the entries it scored over every run."""
+        out: list[dict] = []
+        for m in self.machines + ([self.here] if self.here["entries"] else []):
+            same = next((o for o in out if (o["cpu"], o["isa"]) == (m["cpu"], m["isa"])), None)
+            if same:
+                same["entries"] += m["entries"]
+            else:
+                out.append(dict(m))
+        return out
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -301,9 +301,11 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
         f"{protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} Windows used: {ev.n_windows} x {ev.ctx} evaluation "
         f"windows; {payload['held_back_windows']} held-back calibration windows (never calibrated on), on which each size "
         f"class's entry is chosen. Identical token ids for every engine. "
-        + ("Wall time not recorded (a report of saved progress)" if payload["wall_s"] is None else f"Wall time {payload['wall_s'] / 60:.1f} min")
-        + (f" (this run's; {payload['resumed_entries']} entries were scored by an earlier, stopped run on the same windows "
-           "and resumed)" if payload.get("resumed_entries") else "") + "." + scored_on(payload.get("scored_on")), "",
+        + ("Wall time not recorded (a report of saved progress: every entry was scored by an earlier, stopped run on "
+           "the same windows)" if payload["wall_s"] is None else f"Wall time {payload['wall_s'] / 60:.1f} min"
+           + (f" (this run's; {payload['resumed_entries']} entries were scored by an earlier, stopped run on the same "
+              "windows and resumed)" if payload.get("resumed_entries") else ""))
+        + "." + scored_on(payload.get("scored_on")), "",
         f"- **tightfit**: GPTQ of every format from the same cached Hessians of the original ({cal['n_samples']} x "
         f"{cal['seq_len']} calibration tokens), packed, reloaded and scored through tightfit's engine (int8 activations, "
         "fp16 KV cache); bits/weight from the packed linear layers. Families from the format registry; each family's "

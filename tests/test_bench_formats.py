@@ -210,5 +210,9 @@ def test_formats_measures_through_the_engine_and_resumes(tiny_model_dir, tiny_te
     assert formats.Progress(tmp_path / "progress.json", {"model": "other"}).entries == []
     saved = json.loads((tmp_path / "progress.json").read_text())
     assert [m["entries"] for m in saved["machines"]] == [2]  # who scored what, for a run resumed elsewhere
+    third = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
+    third.add([])
+    third.here["entries"] = 1  # a resumed run on the same machine counts on
+    assert [m["entries"] for m in third.all_machines()] == [3]
     assert formats.by_target(members, list(reversed(formats_report.recipes(members))))[0] in {
         m.name for m in members if m.target == formats.TARGET_ORDER[0]}
