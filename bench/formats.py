@@ -227,7 +227,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     members, grids, shapes = members_for(loaded, families, args.per_channel)
     names = by_target(members, recipes(members, args.with_source_grid), dq_names(split(args.dq), shapes))
     types = split(args.llama_imatrix)
-    all_names, all_types = names, types
     print_list(members, names, types)
     key = {"model": args.model, "source_sha256": loaded.source.sha256(), "calibration": config_to_json(calib_config),
            "evaluation": config_to_json(eval_config), "held_back_windows": args.select_windows}
@@ -236,8 +235,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         sys.exit(f"formats: --partial needs a run's saved progress ({progress.path}) with this model, calibration and windows")
     with tempfile.TemporaryDirectory(dir=peers.CACHE) as tmp:
         if args.partial:
-            names, types = [], []  # measure nothing: report what the saved progress holds
-            t0 = None
+            t0 = None  # measure nothing: report what the saved progress holds
         else:
             f32_dir = peers.CACHE / f"f32-{key['source_sha256'][:16]}"  # this model's own F32 GGUF
             f32_dir.mkdir(parents=True, exist_ok=True)
@@ -247,9 +245,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                 progress.save()
             measure_llama(src, types, peers.imatrix_entries(loaded, hessians), scorer, Path(tmp), progress)
             measure_formats(loaded, calibration, hessians, scorer, names, Path(tmp), progress, args.fp32_ref)
-    wanted = set(all_names) | set(all_types)
+    wanted = set(names) | set(types)
     entries = mark_source_grid([e for e in progress.entries if e.name in wanted], grids)
-    missing = [n for n in [*all_types, *all_names] if not any(e.name == n for e in entries)]
+    missing = [n for n in [*types, *names] if not any(e.name == n for e in entries)]
     payload = {
         "machine": machine_info(), "threads": SPEED_THREADS, **key, "source_grids": grids_json(grids),
         "n_tokens": scorer.count, "original_ppl": scorer.reference_ppl, "llama_cpp_version": llama_cpp.__version__,
