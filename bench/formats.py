@@ -36,8 +36,10 @@ entry (engine + fp32 torch, 64 + 8 windows) and ~40 s per llama.cpp entry; the r
 ~2 min: `--list` says about 110 min on an AVX-512 machine; allow 2.5 h on an AVX2 one. The run saves each
 entry as it is scored (bench/results/NAME-progress.json, committed: a run longer than one session resumes
 from it on the next one, with the Hessians computed again from the same calibration) and resumes from it
-(--fresh: start over). It measures llama.cpp's types first (minutes), then tightfit's formats by target in
-the order of the issue's verdicts (4.5, 3.5, then 4.0, 3.0, 2.5), so a stopped run has its verdicts first.
+(--fresh: start over). It measures llama.cpp's types first (minutes), then the plans (--plans: at 3.5 by
+default, the planner's answer to the 3.5 target; ~20 min for the sensitivity sweep, cached in .cache), then
+tightfit's formats by target in the order of the issue's verdicts (4.5, 3.5, then 4.0, 3.0, 2.5), so a
+stopped run has its verdicts first.
 """
 
 from __future__ import annotations
@@ -77,12 +79,21 @@ DQ_BASES = ("w4g32-sym", "nl4g32", "w3g16", "w2g16")
 # Estimated GPTQ seconds per format on the default model, by format class (the uniform ones and SpQR
 # measured in bench/results/peers.json and spqr.md, the tables guessed), and scoring seconds.
 QUANTIZE_S = {"QuantFormat": 50, "SpQRFormat": 120, "GridFormat": 180, "LutFormat": 180}
-SCORE_S, LLAMA_S, REFERENCE_S = 60, 40, 120
+SCORE_S, LLAMA_S, REFERENCE_S, FISHER_S = 60, 40, 120, 240
+# Plans (the planner's mix of formats, one per linear layer, embeddings and head fp16 as in every entry
+# here) at these bits/weight, from these candidates: a ladder over the bits, each rung the format of
+# its size class with the lowest KL on the held-back windows in this run's 4.5 and 3.5 rows (SpQR at
+# 2 and 3 bits, nl4g32-dq at 4.27, lut4g32 at 4.5) with w6g128 on top for the layers that need it most.
+PLAN_BUDGETS = (3.5,)
+PLAN_CANDIDATES = ("spqr-w2g32-s3-o0.5", "spqr-w3g32-s3-o0.5", "nl4g32-dq", "lut4g32", "w6g128")
+PLAN_SENSITIVITY = "fisher"  # what `tightfit compress --bpw` uses by default
 
 
-def estimate_seconds(names: list[str], n_llama: int) -> float:
-    return (REFERENCE_S + sum(QUANTIZE_S.get(type(parse_format(n)).__name__, 180) + SCORE_S for n in names)
-            + n_llama * LLAMA_S)
+def estimate_seconds(names: list[str], n_llama: int, plans: int = 0, candidates: list[str] = ()) -> float:
+    gptq = lambda n: QUANTIZE_S.get(type(parse_format(n)).__name__, 180)  # noqa: E731
+    # a plan: the sweep once (every candidate, the Fisher pass and scale probes ~ FISHER_S), then scoring
+    sweep = sum(gptq(c) for c in candidates) + FISHER_S if plans else 0
+    return REFERENCE_S + sum(gptq(n) + SCORE_S for n in names) + n_llama * LLAMA_S + sweep + plans * SCORE_S
 
 
 def progress_path(name: str) -> Path:
@@ -156,6 +167,46 @@ def measure_llama(src: Path, types: list[str], imatrix, scorer, out: Path, progr
             path.unlink()
 
 
+def plan_name(bpw: float) -> str:
+    return f"plan-{bpw:g}"
+
+
+def measure_plans(model: str, loaded, calibration, hessians, scorer, budgets: list[float], candidates: list[str], out: Path,
+                  progress: Progress, fp32_ref: bool = False) -> None:
+    """A plan at each bits/weight of `budgets` (tightfit.pipeline.make_plan: the fisher sensitivity of
+    every linear layer in every candidate, HiGHS; embeddings and head pinned to fp16), GPTQ of it from
+    `hessians` (the sweep's results of its choices taken as they are), scored like every format. The
+    sensitivity table is cached in a work folder beside the run's other caches, so each budget
+    after the first, and a resumed run, only quantizes and scores."""
+    from tightfit.artifacts import QuantizeConfig
+    from tightfit.pipeline import PlanRequest, make_plan
+    from tightfit.stages.allocate import Budget
+    from tightfit.stages.calibrate import save_hessians
+
+    todo = [b for b in budgets if not progress.has("tightfit", plan_name(b))]
+    if not todo:
+        return
+    work = peers.CACHE / f"plans-{hessians.source_sha256[:16]}-{'-'.join(candidates)}"
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "hessians.safetensors").exists():
+        save_hessians(hessians, work / "hessians.safetensors")  # the run's own: make_plan reads them, collects nothing
+    for b in todo:
+        name = plan_name(b)
+        t = time.perf_counter()
+        request = PlanRequest(model=model, budget=Budget(max_bpw=b), work=work, formats=tuple(candidates),
+                              embed_formats=("fp16",), sensitivity=PLAN_SENSITIVITY, calibration=calibration.config)
+        report = make_plan(request, loaded, on_stage=lambda s: print(f"  {name}: {s}", flush=True))
+        plan_s = time.perf_counter() - t
+        config = QuantizeConfig(fmt=parse_format(candidates[0]), method="gptq", plan=report.plan.quantized)
+        entries, folders = peers.run_tightfit(loaded, calibration, hessians, {name: config}, scorer, out, fp32_ref, ready=report.ready)
+        for e in entries:
+            e.note = (f"{PLAN_SENSITIVITY} plan from {', '.join(candidates)}; planning {plan_s:.0f} s "
+                      f"({report.sensitivity_origin} sensitivities)")
+        progress.add(entries)
+        for folder in folders.values():
+            shutil.rmtree(folder)
+
+
 def read_big(path: Path | None) -> dict | None:
     """The bigger model's section from a bench/peers_files.py JSON (None: no file)."""
     if path is None or not path.is_file():
@@ -194,6 +245,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--llama-imatrix", default=",".join(LLAMA_IMATRIX))
     ap.add_argument("--dq", default=",".join(DQ_BASES),
                     help="formats measured beside their -dq twin (double-quantized scales); empty: none")
+    ap.add_argument("--plans", default=",".join(map(str, PLAN_BUDGETS)),
+                    help="bits/weight of the plans measured after llama.cpp's types (the planner's mix of --plan-candidates); "
+                         "empty: none")
+    ap.add_argument("--plan-candidates", default=",".join(PLAN_CANDIDATES), help="the plans' candidate formats per linear layer")
     ap.add_argument("--with-source-grid", action="store_true",
                     help="also measure the formats nearer a target that can hold the source's grid (no evidence)")
     ap.add_argument("--big", type=Path, help=f"a bench/peers_files.py results JSON for the bigger model's section "
@@ -210,6 +265,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = ap.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     families = set(split(args.families)) or None
+    try:
+        budgets = [float(b) for b in split(args.plans)]
+        for c in split(args.plan_candidates):
+            parse_format(c)
+    except (ValueError, TightfitError) as e:
+        sys.exit(f"formats: --plans / --plan-candidates: {e}")
     if args.big is not None and not args.big.is_file():
         sys.exit(f"formats: --big {args.big} is no file (a bench/peers_files.py results JSON)")
     if args.report_only:
@@ -219,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         members, _, shapes = members_for(load_model(args.model), families, args.per_channel)
         return print_list(members, by_target(members, recipes(members, args.with_source_grid), dq_names(split(args.dq), shapes)),
-                          split(args.llama_imatrix))
+                          split(args.llama_imatrix), budgets, split(args.plan_candidates))
     import llama_cpp
 
     t0 = time.time()
@@ -227,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     members, grids, shapes = members_for(loaded, families, args.per_channel)
     names = by_target(members, recipes(members, args.with_source_grid), dq_names(split(args.dq), shapes))
     types = split(args.llama_imatrix)
-    print_list(members, names, types)
+    print_list(members, names, types, budgets, split(args.plan_candidates))
     key = {"model": args.model, "source_sha256": loaded.source.sha256(), "calibration": config_to_json(calib_config),
            "evaluation": config_to_json(eval_config), "held_back_windows": args.select_windows}
     progress = Progress(progress_path(args.name or "formats"), key, args.fresh)
@@ -244,10 +305,13 @@ def main(argv: list[str] | None = None) -> dict | None:
                 progress.engine_floors = peers.engine_floors(loaded, src, scorer)
                 progress.save()
             measure_llama(src, types, peers.imatrix_entries(loaded, hessians), scorer, Path(tmp), progress)
+            measure_plans(args.model, loaded, calibration, hessians, scorer, budgets, split(args.plan_candidates), Path(tmp),
+                          progress, args.fp32_ref)
             measure_formats(loaded, calibration, hessians, scorer, names, Path(tmp), progress, args.fp32_ref)
-    wanted = set(names) | set(types)
+    plans = [plan_name(b) for b in budgets]
+    wanted = set(names) | set(types) | set(plans)
     entries = mark_source_grid([e for e in progress.entries if e.name in wanted], grids)
-    missing = [n for n in [*types, *names] if not any(e.name == n for e in entries)]
+    missing = [n for n in [*types, *names, *plans] if not any(e.name == n for e in entries)]
     payload = {
         "machine": machine_info(), "threads": SPEED_THREADS, **key, "source_grids": grids_json(grids),
         "n_tokens": scorer.count, "original_ppl": scorer.reference_ppl, "llama_cpp_version": llama_cpp.__version__,
@@ -295,11 +359,14 @@ def by_target(members: list[Member], names: list[str], extra: dict[str, float] |
     return sorted(names, key=lambda n: rank.get(n, len(TARGET_ORDER)))
 
 
-def print_list(members: list[Member], names: list[str], types: list[str]) -> None:
+def print_list(members: list[Member], names: list[str], types: list[str], plans: list[float] = (),
+               candidates: list[str] = ()) -> None:
     for m in members:
         print(f"  {m.family:<24} {m.target}: {m.name} ({m.bpw:.3f} bpw)" + (f", {m.shadowed} on the source's grid" if m.shadowed else ""))
-    minutes = estimate_seconds(names, len(types)) / 60
-    print(f"{len(names)} tightfit formats ({', '.join(names)}), {len(types)} {RIVAL_PEER} types: about {minutes:.0f} min", flush=True)
+    minutes = estimate_seconds(names, len(types), len(plans), candidates) / 60
+    plan_text = f", plans at {', '.join(f'{b:g}' for b in plans)} bits/weight from {', '.join(candidates)}" if plans else ""
+    print(f"{len(names)} tightfit formats ({', '.join(names)}), {len(types)} {RIVAL_PEER} types{plan_text}: about {minutes:.0f} min",
+          flush=True)
 
 
 def report(name: str, big: Path | None) -> dict:

@@ -202,7 +202,22 @@ def family_table(entries: list[Entry], members: list[dict]) -> list[str]:
                 text += f"; {m['shadowed']} on the source's grid" + (f": {s.kl:.4f}, no evidence" if s and not math.isnan(s.kl) else "")
             cells.append(text)
         lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    plans = [e for e in scored(entries) if e.peer == "tightfit" and family(e.name) == PLAN]
+    if plans:  # the planner's mixes, in the class of each target
+        cells = [" ; ".join(f"{e.name} {e.kl:.4f} ({e.bits_per_weight:.2f})" for e in plans if in_class(e, t)) or "-"
+                 for t in TARGETS_BPW]
+        lines.append(f"| {PLAN} (a format per layer) | " + " | ".join(cells) + " |")
     return lines
+
+
+def plan_bullet(entries: list[Entry]) -> list[str]:
+    """The protocol line of the plans (their notes: method, candidates, planning time), none without one."""
+    plans = [e for e in entries if e.peer == "tightfit" and family(e.name) == PLAN]
+    if not plans:
+        return []
+    return [f"- **{PLAN}s**: the planner (`tightfit.pipeline.make_plan`, as `tightfit compress --bpw B` plans) chooses a "
+            "format per linear layer under B bits/weight (HiGHS), embeddings and head fp16 as in every entry here; GPTQ "
+            "from the same Hessians; " + "; ".join(f"{e.name}: {e.note}" for e in plans) + "."]
 
 
 def dq_table(entries: list[Entry]) -> list[str]:
@@ -307,12 +322,12 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
               "windows and resumed)" if payload.get("resumed_entries") else ""))
         + "." + scored_on(payload.get("scored_on")), "",
         f"- **tightfit**: GPTQ of every format from the same cached Hessians of the original ({cal['n_samples']} x "
-        f"{cal['seq_len']} calibration tokens), packed, reloaded and scored through tightfit's engine (int8 activations, "
+        f"{cal['seq_len']} calibration tokens of {cal['text']} text), packed, reloaded and scored through tightfit's engine (int8 activations, "
         "fp16 KV cache); bits/weight from the packed linear layers. Families from the format registry; each family's "
         f"member nearest each target (within {NEAR} bits/weight, off the source's grid).",
         f"- **{RIVAL_PEER}** {payload['llama_cpp_version']}: `llama_model_quantize` from an F32 GGUF of the original, "
         "importance matrix = diag(H)/2 of the same Hessians, token embeddings / tied head F16 (as tightfit); logits from "
-        "llama.cpp itself; bits/weight from the GGUF bytes of the same linear layers.", "",
+        "llama.cpp itself; bits/weight from the GGUF bytes of the same linear layers.", *plan_bullet(entries), "",
         "## KL by family and target bits/weight", "",
         "Cells: format, KL (engine), (bits/weight as stored). '-': the family has no member within "
         f"{NEAR} bits/weight of the target.", "", *family_table(entries, members), "",

@@ -52,6 +52,7 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -144,19 +145,22 @@ def original_packed(loaded) -> PackedModel:
                        info={"architecture": loaded.arch.name, "source": {"name": loaded.source.name}})
 
 
-def run_tightfit(loaded, calibration, hessians, recipes: list[str], scorer: Scorer, out: Path,
-                 fp32_ref: bool = True) -> tuple[list[Entry], dict]:
+def run_tightfit(loaded, calibration, hessians, recipes: list[str] | dict[str, QuantizeConfig], scorer: Scorer, out: Path,
+                 fp32_ref: bool = True, ready=None) -> tuple[list[Entry], dict]:
+    """GPTQ of every recipe (a format name, or name -> QuantizeConfig: a plan) from `hessians`, packed,
+    reloaded and scored; `ready`: layers already quantized (a plan's sensitivity sweep kept them)."""
+    configs = recipes if isinstance(recipes, dict) else {r: QuantizeConfig(fmt=parse_format(r), method="gptq") for r in recipes}
     entries, folders = [], {}
-    for recipe in recipes:
-        config = QuantizeConfig(fmt=parse_format(recipe), method="gptq")
+    for recipe, config in configs.items():
         t = time.perf_counter()
-        qmodel = quantize_stage.quantize_model(loaded, None, config, hessians=hessians, progress=False)
+        qmodel = quantize_stage.quantize_model(loaded, None, config, hessians=hessians, ready=ready, progress=False)
         seconds = time.perf_counter() - t
         folder = pack_stage.write(pack_stage.pack(qmodel, loaded, calibration.config), loaded.tokenizer, out / f"tightfit-{recipe}")
         del qmodel
         packed = load_packed(folder)
+        mix = dict(Counter(f.name for f in config.plan.values())) if config.plan else {}
         entry = Entry("tightfit", recipe, 8 * packed.quantized_bytes() / packed.quantized_weights(), seconds,
-                      file_mb=(folder / "model.safetensors").stat().st_size / 1e6)
+                      file_mb=(folder / "model.safetensors").stat().st_size / 1e6, types=mix)
         scorer.score(engine_scorer(packed, scorer, entry), entry, fp32=build_model(packed) if fp32_ref else None)
         entries.append(entry)
         folders[recipe] = folder

@@ -133,6 +133,15 @@ def test_formats_report_targets_classes_and_source_grid(tmp_path, monkeypatch):
     assert "(one run, partial: 2 entries not measured yet)" in partial and "not measured yet: w3g16-dq, lut2g32." in partial
     assert "Wall time not recorded" in partial
     assert "Wall time 10.0 min." in md and "were scored by an earlier" in formats_report.markdown({**payload, "resumed_entries": 3}, entries)
+    # a plan (the planner's mix) in the 3.5 class below IQ3_XXS meets that target, and has a row of its own
+    plan = _entry("tightfit", "plan-3.5", 3.50, 0.20, held_back=0.21, types={"nl4g32-dq": 100, "spqr-w3g32-s3-o0.5": 110})
+    plan.note = "fisher plan from nl4g32-dq, spqr-w3g32-s3-o0.5"
+    with_plan = _formats_payload([*entries, plan])
+    assert {t["bpw"]: t for t in with_plan["targets"]}[3.5]["tightfit"]["name"] == "plan-3.5"
+    md_plan = formats_report.markdown(with_plan, [*entries, plan])
+    assert "| plan (a format per layer) | - | - | plan-3.5 0.2000 (3.50) | - | - |" in md_plan
+    assert "IQ3_XXS (0.2400 at 4.14 bpw): **met**: tightfit plan-3.5" in md_plan
+    assert "plan-3.5: fisher plan from nl4g32-dq, spqr-w3g32-s3-o0.5." in md_plan and "plan (a format" not in md
     # no IQ4_NL measured: that target is n/a
     no_rival = _formats_payload([e for e in entries if e.name != "IQ4_NL"])
     assert {t["bpw"]: t["met"] for t in no_rival["targets"]}[4.5] is None
@@ -216,3 +225,37 @@ def test_formats_measures_through_the_engine_and_resumes(tiny_model_dir, tiny_te
     assert [m["entries"] for m in third.all_machines()] == [3]
     assert formats.by_target(members, list(reversed(formats_report.recipes(members))))[0] in {
         m.name for m in members if m.target == formats.TARGET_ORDER[0]}
+
+
+def test_formats_plans_mix_the_candidates_within_the_budget_and_resume(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    import formats
+    import formats_report
+    import peers
+
+    from tightfit.evaluate import eval_windows
+
+    monkeypatch.setattr(peers, "CACHE", tmp_path / "cache")
+    loaded = load_model(str(tiny_model_dir))
+    config = CalibrationConfig(text=str(tiny_text_file), n_samples=8, seq_len=32)  # the planner's 8 Fisher windows
+    calibration, held_back = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, config, 1)
+    hessians = calibrate_stage.collect_hessians(loaded, calibration)
+    scorer = peers.Scorer(loaded.model, eval_windows(loaded.tokenizer, EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32)),
+                          held_back)
+    progress = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
+    out = tmp_path / "packed"
+    out.mkdir()
+    candidates = ["w2g32-sym", "w8g32-sym"]  # 2.5 and 8.5 bits/weight: a 4.0 budget must mix them
+    formats.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [4.0], candidates, out, progress)
+    (e,) = progress.entries
+    assert e.name == formats.plan_name(4.0) == "plan-4" and formats_report.family(e.name) == formats_report.PLAN
+    assert 2.5 < e.bits_per_weight <= 4.0 + 1e-9 and set(e.types) == set(candidates)
+    assert sum(e.types.values()) == len(hessians.hessians) and 0 < e.kl < 10 and not math.isnan(e.kl_held_back)
+    assert "w2g32-sym, w8g32-sym" in e.note and list(out.iterdir()) == []
+    # the plan's work folder holds the run's own Hessians (none collected again) and its sensitivities
+    (work,) = (tmp_path / "cache").iterdir()
+    assert {"hessians.safetensors", "sensitivity.json"} <= {p.name for p in work.iterdir()}
+    # resumed: nothing planned or measured again
+    monkeypatch.setattr(formats, "peers", None)
+    again = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
+    formats.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [4.0], candidates, out, again)
+    assert [x.kl for x in again.entries] == [e.kl]
