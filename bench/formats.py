@@ -45,6 +45,7 @@ stopped run has its verdicts first.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -167,8 +168,12 @@ def measure_llama(src: Path, types: list[str], imatrix, scorer, out: Path, progr
             path.unlink()
 
 
-def plan_name(bpw: float) -> str:
-    return f"plan-{bpw:g}"
+def plan_name(bpw: float, candidates: list[str] | tuple[str, ...] = PLAN_CANDIDATES) -> str:
+    """plan-B for the default candidates, else plan-B-<hash of the candidates> (their names are in its note),
+    so that a resumed run never takes a plan made from other candidates for this one."""
+    if tuple(candidates) == PLAN_CANDIDATES:
+        return f"plan-{bpw:g}"
+    return f"plan-{bpw:g}-{hashlib.sha256(','.join(candidates).encode()).hexdigest()[:6]}"
 
 
 def measure_plans(model: str, loaded, calibration, hessians, scorer, budgets: list[float], candidates: list[str], out: Path,
@@ -183,7 +188,7 @@ def measure_plans(model: str, loaded, calibration, hessians, scorer, budgets: li
     from tightfit.stages.allocate import Budget
     from tightfit.stages.calibrate import save_hessians
 
-    todo = [b for b in budgets if not progress.has("tightfit", plan_name(b))]
+    todo = [b for b in budgets if not progress.has("tightfit", plan_name(b, candidates))]
     if not todo:
         return
     work = peers.CACHE / f"plans-{hessians.source_sha256[:16]}-{'-'.join(candidates)}"
@@ -191,7 +196,7 @@ def measure_plans(model: str, loaded, calibration, hessians, scorer, budgets: li
     if not (work / "hessians.safetensors").exists():
         save_hessians(hessians, work / "hessians.safetensors")  # the run's own: make_plan reads them, collects nothing
     for b in todo:
-        name = plan_name(b)
+        name = plan_name(b, candidates)
         t = time.perf_counter()
         request = PlanRequest(model=model, budget=Budget(max_bpw=b), work=work, formats=tuple(candidates),
                               embed_formats=("fp16",), sensitivity=PLAN_SENSITIVITY, calibration=calibration.config)
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             measure_plans(args.model, loaded, calibration, hessians, scorer, budgets, split(args.plan_candidates), Path(tmp),
                           progress, args.fp32_ref)
             measure_formats(loaded, calibration, hessians, scorer, names, Path(tmp), progress, args.fp32_ref)
-    plans = [plan_name(b) for b in budgets]
+    plans = [plan_name(b, split(args.plan_candidates)) for b in budgets]
     wanted = set(names) | set(types) | set(plans)
     entries = mark_source_grid([e for e in progress.entries if e.name in wanted], grids)
     missing = [n for n in [*types, *names, *plans] if not any(e.name == n for e in entries)]

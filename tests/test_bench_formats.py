@@ -247,7 +247,8 @@ def test_formats_plans_mix_the_candidates_within_the_budget_and_resume(tiny_mode
     candidates = ["w2g32-sym", "w8g32-sym"]  # 2.5 and 8.5 bits/weight: a 4.0 budget must mix them
     formats.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [4.0], candidates, out, progress)
     (e,) = progress.entries
-    assert e.name == formats.plan_name(4.0) == "plan-4" and formats_report.family(e.name) == formats_report.PLAN
+    assert e.name == formats.plan_name(4.0, candidates) != formats.plan_name(4.0) == "plan-4"  # other candidates: another entry
+    assert e.name.startswith("plan-4-") and formats_report.family(e.name) == formats_report.PLAN
     assert 2.5 < e.bits_per_weight <= 4.0 + 1e-9 and set(e.types) == set(candidates)
     assert sum(e.types.values()) == len(hessians.hessians) and 0 < e.kl < 10 and not math.isnan(e.kl_held_back)
     assert "w2g32-sym, w8g32-sym" in e.note and list(out.iterdir()) == []
