@@ -166,7 +166,7 @@ def test_per_row_tables_decode_each_row_with_its_own_levels(bits):
         assert torch.equal(kernels.dequantize(w, portable=portable), q.dequantize())
 
 
-# ---- SpQR: quantized statistics decoded in the kernel, CSR outliers added after the dense part ----
+# ---- SpQR: quantized statistics decoded in the kernel, outliers (tile slices) added after the dense part ----
 
 SPQR_FORMATS = ["spqr-w3g16-s3-o1.0", "spqr-w2g32-s3-o0.5", "spqr-w4g8-s2-o0.0", "spqr-w3g64-s4-o2.5", "spqr-w3g32-s3-o0.0"]
 SPQR_SHAPES = [(37, 576), (16, 50), (5, 100), (33, 20), (3, 8), (64, 64), (50, 200)]  # N % 16 and K % group != 0
@@ -203,7 +203,7 @@ def test_spqr_kernels_match_reference(name, portable):
         q = _spqr(name, n, k, seed=i)
         assert q.n_outliers == q.fmt.max_outliers(n, k)
         w = kernels.from_quantized(q, torch.randn(n, generator=g))
-        assert (w.outlier_rowptr is None) == (q.n_outliers == 0)
+        assert (w.outlier_tiles is None) == (q.n_outliers == 0)
         assert torch.equal(kernels.dequantize(w, portable=portable), q.dequantize()), (n, k)
         dense, r = q.dense().double(), _outliers(q).double()
         for m in (1, 3, 6):
@@ -218,27 +218,43 @@ def test_spqr_kernels_match_reference(name, portable):
             assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5, (n, k, m)
 
 
-@pytest.mark.parametrize("lanes", ["0", "8"])
-def test_outlier_lanes_sum_every_entry(lanes):
-    """add_outliers sums a row's CSR entries TF_OUTLIER_LANES at a time under a mask (AVX-512; 0 is
-    the scalar loop): every variant adds exactly R x up to fp32 summation order, for rows of 0 to 40
-    entries (none, part of one chunk, several chunks and a part), 1 and 5 tokens, 2 threads."""
-    lib = build.load(defines=(f"TF_OUTLIER_LANES={lanes}",))
+@pytest.mark.parametrize("simd", ["0", "1"])
+def test_outlier_slices_sum_every_entry(simd):
+    """add_outliers sums each tile's slices as 16-row vectors (TF_OUTLIER_SIMD=1, the vector builds; 0 the
+    scalar loop): every variant adds exactly R x up to fp32 summation order, for rows of 0 to 40 entries
+    (none, fewer or more than 8 in a tile, a last tile of 5 rows), 1 and 5 tokens, 2 threads."""
+    lib = build.load(defines=(f"TF_OUTLIER_SIMD={simd}",))
     g = torch.Generator().manual_seed(13)
-    q = _spqr("spqr-w3g32-s3-o0.0", 48, 576, seed=4)
-    counts = torch.tensor([(7 * i) % 41 for i in range(48)])
+    n = 53
+    q = _spqr("spqr-w3g32-s3-o0.0", n, 576, seed=4)
+    counts = torch.tensor([(7 * i) % 41 for i in range(n)])
+    counts[16:32] = 0  # a tile without outliers
     cols = torch.cat([torch.randperm(576, generator=g)[:c].sort().values for c in counts.tolist()])
     rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
     values = (torch.randn(cols.numel(), generator=g) * 4).half().float()
     q = SpQRTensor(q.fmt, q.codes, q.scale, q.zero, rowptr, cols, values)
-    w = kernels.from_quantized(q, torch.randn(48, generator=g))
+    w = kernels.from_quantized(q, torch.randn(n, generator=g))
     dense, r = q.dense().double(), _outliers(q).double()
     for m in (1, 5):
         x = torch.randn(m, 576, generator=g) * 3
         ref = kernels.quantize_activations(x).double() @ dense.T + x.double() @ r.T + w.bias.double()
-        y = torch.empty(m, 48)
+        y = torch.empty(m, n)
         lib.tf_matmul(ctypes.byref(w.struct()), x.data_ptr(), m, y.data_ptr(), 2, 0)
-        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, (lanes, m)
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, (simd, m)
+
+
+def test_outlier_slices_hold_each_rows_entries_in_order():
+    """outlier_slices: slice k of a tile holds the k-th entry of each row with more than k, rows in
+    order (masks), a tile as many slices as its fullest row has entries; nothing lost or added."""
+    rowptr = torch.tensor([0, 2, 2, 5, 6] + [6] * 13 + [7])  # rows 0-3: 2, 0, 3, 1 entries; row 17: 1
+    cols = torch.arange(7) * 10
+    values = torch.arange(7, dtype=torch.float32)
+    s = layout.outlier_slices(rowptr, cols, values)
+    assert s["outlier_tiles"].tolist() == [0, 3, 4] and s["outlier_entries"].tolist() == [0, 6, 7]
+    assert (s["outlier_masks"].to(torch.int32) & 0xFFFF).tolist() == [0b1101, 0b0101, 0b0100, 0b0010]
+    # slice 0: rows 0, 2, 3 -> entries 0, 2, 5; slice 1: rows 0, 2 -> 1, 3; slice 2: row 2 -> 4; tile 1: 6
+    assert s["outlier_values"].float().tolist() == [0, 2, 5, 1, 3, 4, 6]
+    assert s["outlier_cols"].tolist() == [0, 20, 50, 10, 30, 40, 60]
 
 
 @pytest.mark.parametrize("rows", [(0, 16), (16, 37), (32, 37), (0, 37)])
@@ -257,7 +273,7 @@ def test_spqr_bytes_are_what_the_kernel_reads():
     q = _spqr("spqr-w3g32-s3-o0.5", 64, 576, seed=2)
     w = kernels.from_quantized(q)
     tiles, groups = 4, 18
-    expected = tiles * (576 // 4) * 24 + tiles * groups * 24 + 4 * 65 + 4 * q.n_outliers
-    assert w.nbytes == expected
+    outliers = 2 * 4 * (tiles + 1) + 2 * w.outlier_masks.numel() + 4 * q.n_outliers  # tiles' firsts, masks, entries
+    assert w.nbytes == tiles * (576 // 4) * 24 + tiles * groups * 24 + outliers
     uniform = kernels.from_quantized(quantize_rtn(torch.randn(64, 576), QuantFormat.parse("w3g32")))
-    assert uniform.nbytes - w.nbytes + 4 * 65 + 4 * q.n_outliers == tiles * groups * (16 * 3 - 24)  # 48 vs 24 bytes
+    assert uniform.nbytes - w.nbytes + outliers == tiles * groups * (16 * 3 - 24)  # 48 vs 24 bytes

@@ -25,7 +25,7 @@ from tightfit.errors import KernelUnavailable
 
 SOURCE_DIR = Path(__file__).parent
 MAIN_SOURCE = "engine.cpp"  # the one translation unit; it includes the *.h sources
-ABI_VERSION = 12  # must equal TF_ABI_VERSION in common.h
+ABI_VERSION = 13  # must equal TF_ABI_VERSION in common.h
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = ("-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 

@@ -34,14 +34,25 @@ static bool mat_ok(const tf_mat& W, int64_t N, int64_t K) {
     if (W.kind != TF_QUANT) return false;
     const bool bits_ok = W.bits == 2 || W.bits == 3 || W.bits == 4 || W.bits == 5 || W.bits == 6 || W.bits == 8;
     const bool shape_ok = W.Kp == (K + 31) / 32 * 32 && W.group >= 1 && W.G == (K + W.group - 1) / W.group && W.codes;
-    if (!W.stats) return bits_ok && (!W.levels || W.bits <= 4) && (W.level_rows == 0 || (W.level_rows == 1 && W.levels)) && shape_ok && W.scales && W.zeros && !W.outlier_rowptr;
+    if (!W.stats) return bits_ok && (!W.levels || W.bits <= 4) && (W.level_rows == 0 || (W.level_rows == 1 && W.levels)) && shape_ok && W.scales && W.zeros && !W.outlier_tiles;
     // SpQR: 2-4 bit codes, statistics records, groups the kernels' segments divide (8 or a multiple of 16)
     if (W.bits > 4 || W.levels || W.level_rows || !shape_ok || (W.G > 1 && W.group % 16 != 0 && W.group != 8)) return false;
-    if (!W.outlier_rowptr) return true;
-    if (!W.outlier_cols || !W.outlier_values || W.outlier_rowptr[0] != 0) return false;
-    for (int64_t n = 0; n < N; n++) {
-        if (W.outlier_rowptr[n + 1] < W.outlier_rowptr[n]) return false;
-        for (int j = W.outlier_rowptr[n]; j < W.outlier_rowptr[n + 1]; j++)
+    if (!W.outlier_tiles) return true;
+    // outliers (layout.h): every tile's slices and entries in order, masks on rows < N, the entries
+    // of a tile as many as its masks' bits, every column < K
+    if (!W.outlier_entries || !W.outlier_masks || !W.outlier_cols || !W.outlier_values) return false;
+    if (W.outlier_tiles[0] != 0 || W.outlier_entries[0] != 0) return false;
+    for (int64_t T = 0; 16 * T < N; T++) {
+        const int s0 = W.outlier_tiles[T], s1 = W.outlier_tiles[T + 1], e0 = W.outlier_entries[T], e1 = W.outlier_entries[T + 1];
+        if (s1 < s0 || e1 < e0) return false;
+        const uint32_t rows = N - 16 * T >= 16 ? 0xFFFFu : (1u << (N - 16 * T)) - 1;
+        int e = e0;
+        for (int sl = s0; sl < s1; sl++) {
+            if (W.outlier_masks[sl] & ~rows) return false;
+            e += __builtin_popcount(W.outlier_masks[sl]);
+        }
+        if (e != e1) return false;
+        for (int j = e0; j < e1; j++)
             if (W.outlier_cols[j] >= K) return false;
     }
     return true;

@@ -30,7 +30,7 @@
 #define TF_AVX2 0
 #endif
 
-#define TF_ABI_VERSION 12  // = ABI_VERSION in build.py; bump with any change below or to a signature
+#define TF_ABI_VERSION 13  // = ABI_VERSION in build.py; bump with any change below or to a signature
 
 // Largest head_dim: store_kv rotates each key, and the KV cache quantizes it, in stack buffers of this size.
 #define TF_MAX_HEAD_DIM 512
@@ -57,8 +57,11 @@ typedef struct {
     const uint8_t* levels;   // grid / learned-table formats: code q stands for levels[q] (level + zero), else NULL
     // SpQR (layout.h): statistics decoded in the kernel, then scales and zeros are NULL; else NULL
     const uint8_t* stats;            // [Np/16, G, 24] per (tile, group): 16 code bytes, 4 fp16 (see layout.h)
-    const int32_t* outlier_rowptr;   // [N+1] CSR row pointers of the residual outliers, or NULL (none)
-    const uint16_t* outlier_cols;    // [nnz] column of each outlier
+    // SpQR's residual outliers in tile slices (layout.h), or all NULL (none)
+    const int32_t* outlier_tiles;    // [Np/16 + 1] first slice of each tile
+    const int32_t* outlier_entries;  // [Np/16 + 1] first entry of each tile
+    const uint16_t* outlier_masks;   // [slices] bit r: row 16T + r has an entry in this slice
+    const uint16_t* outlier_cols;    // [nnz] column of each outlier, slice after slice
     const uint16_t* outlier_values;  // [nnz] fp16 residual added to the dense weight
 } tf_mat;
 

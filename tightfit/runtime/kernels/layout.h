@@ -23,8 +23,10 @@
 // scale minimum, zero step, zero minimum of those 16 rows (a second-level group is 16 consecutive
 // rows: one tile). The kernels decode s = max(qs * step_s + min_s, fp16 tiny), z = qz * step_z +
 // min_z (real-valued) exactly as the reference does in fp32; `scales` and `zeros` are NULL. The
-// residual outliers are a CSR table (int32 row pointers, u16 columns, fp16 values) added to the
-// dense part: w = (q - z) * s + R.
+// residual outliers R are added to the dense part, w = (q - z) * s + R, stored in tile slices: slice k
+// of tile T holds the k-th entry (u16 column, fp16 value) of each of its rows that has more than k,
+// rows in order, bit r of the slice's u16 mask set for row 16T + r; a tile's slices (outlier_tiles[T]
+// ..) and entries (outlier_entries[T] ..) follow each other, so its outliers add as 16-row vectors.
 // Part of the one translation unit engine.cpp.
 #pragma once
 
@@ -122,8 +124,17 @@ static void dequant_row_dense(const tf_mat& W, int n, float* out) {
 // Row n of W dequantized to fp32 [K]: the dense part plus SpQR's outliers (W_hat = (q - z) * s + R).
 static void dequant_row(const tf_mat& W, int n, float* out) {
     dequant_row_dense(W, n, out);
-    if (W.outlier_rowptr)
-        for (int j = W.outlier_rowptr[n]; j < W.outlier_rowptr[n + 1]; j++) out[W.outlier_cols[j]] += half_value(W.outlier_values[j]);
+    if (!W.outlier_tiles) return;
+    const int T = n / 16;
+    const unsigned below = (1u << (n % 16)) - 1;  // rows of the tile before row n
+    for (int sl = W.outlier_tiles[T], e = W.outlier_entries[T]; sl < W.outlier_tiles[T + 1]; sl++) {
+        const unsigned m = W.outlier_masks[sl];
+        if (m >> (n % 16) & 1) {
+            const int j = e + __builtin_popcount(m & below);
+            out[W.outlier_cols[j]] += half_value(W.outlier_values[j]);
+        }
+        e += __builtin_popcount(m);
+    }
 }
 
 

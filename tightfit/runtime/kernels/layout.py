@@ -10,8 +10,9 @@ the layer's own table, or with a table per row laid out per tile (`row_tables`, 
 3-bit table keeps its codes in the uniform 2- / 3-bit planes and its 4 / 8 levels in the first
 entries of the same 16-byte tables (the rest GRID_ZERO, never indexed). SpQR
 (formats/spqr.py) keeps its codes in the same planes and its statistics as the file quantizes them,
-one 24-byte record per (tile, group) that the kernels decode (layout.h), plus its CSR outliers as
-stored. Repacking is exact: every weight the kernels decode equals the reference dequantization, tested.
+one 24-byte record per (tile, group) that the kernels decode (layout.h), plus its CSR outliers
+regrouped into tile slices (16-row vectors, `outlier_slices`). Repacking is exact: every weight the
+kernels decode equals the reference dequantization, tested.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class TfMat(ctypes.Structure):
         ("bias", ctypes.c_void_p),
         ("levels", ctypes.c_void_p),
         ("stats", ctypes.c_void_p),
-        ("outlier_rowptr", ctypes.c_void_p),
+        ("outlier_tiles", ctypes.c_void_p),
+        ("outlier_entries", ctypes.c_void_p),
+        ("outlier_masks", ctypes.c_void_p),
         ("outlier_cols", ctypes.c_void_p),
         ("outlier_values", ctypes.c_void_p),
     ]
@@ -101,8 +104,9 @@ class KernelMatrix:
     zeros [Np/16, G, 16] uint8; levels (grid and learned-table formats: level + GRID_ZERO per code,
     padded with GRID_ZERO to 16 entries) [16] uint8, or with level_rows a table per row [Np/16, 4, 64] uint8 (`row_tables`), or None;
     dense [N, K] fp16/fp32 (dense kinds); bias [N] fp32 or None.
-    SpQR (scales and zeros None): stats [Np/16, G, 24] uint8 (layout.h); outlier_rowptr [N+1] int32,
-    outlier_cols [nnz] int16 (read as u16), outlier_values [nnz] fp16, or all three None.
+    SpQR (scales and zeros None): stats [Np/16, G, 24] uint8 (layout.h); its outliers in tile slices
+    (`outlier_slices`, layout.h): outlier_tiles and outlier_entries [Np/16 + 1] int32, outlier_masks
+    [slices] int16 (read as u16), outlier_cols [nnz] int16 (u16), outlier_values [nnz] fp16, or all None.
     """
 
     kind: int
@@ -119,11 +123,14 @@ class KernelMatrix:
     levels: torch.Tensor | None = None
     level_rows: bool = False
     stats: torch.Tensor | None = None
-    outlier_rowptr: torch.Tensor | None = None
+    outlier_tiles: torch.Tensor | None = None
+    outlier_entries: torch.Tensor | None = None
+    outlier_masks: torch.Tensor | None = None
     outlier_cols: torch.Tensor | None = None
     outlier_values: torch.Tensor | None = None
 
-    TENSORS = ("codes", "scales", "zeros", "dense", "bias", "levels", "stats", "outlier_rowptr", "outlier_cols", "outlier_values")
+    TENSORS = ("codes", "scales", "zeros", "dense", "bias", "levels", "stats", "outlier_tiles", "outlier_entries", "outlier_masks",
+               "outlier_cols", "outlier_values")
 
     @property
     def nbytes(self) -> int:
@@ -145,9 +152,11 @@ class KernelMatrix:
         if self.stats is not None:  # SpQR: the record table for every (tile, group), outliers for every row
             assert self.stats.dtype == torch.uint8 and self.stats.shape == (-(-n // TILE), self.groups, SPQR_RECORD), self.stats.shape
             assert self.scales is None and self.zeros is None and self.bits in (2, 3, 4)
-        if self.outlier_rowptr is not None:
-            nnz = int(self.outlier_rowptr[-1])
-            assert self.outlier_rowptr.dtype == torch.int32 and self.outlier_rowptr.shape == (n + 1,)
+        if self.outlier_tiles is not None:
+            tiles, nnz = -(-n // TILE), int(self.outlier_entries[-1])
+            assert self.outlier_tiles.dtype == self.outlier_entries.dtype == torch.int32
+            assert self.outlier_tiles.shape == self.outlier_entries.shape == (tiles + 1,)
+            assert self.outlier_masks.dtype == torch.int16 and self.outlier_masks.shape == (int(self.outlier_tiles[-1]),)
             assert self.outlier_cols.dtype == torch.int16 and self.outlier_values.dtype == torch.float16
             assert self.outlier_cols.shape == self.outlier_values.shape == (nnz,) and k <= 1 << 16
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
@@ -155,8 +164,8 @@ class KernelMatrix:
             kind=self.kind, N=n, K=k, Kp=-(-k // K_ALIGN) * K_ALIGN, bits=self.bits, group=self.group,
             G=self.groups, scale_bf16=int(self.scale_bf16), level_rows=int(self.level_rows),
             codes=ptr(self.codes), scales=ptr(self.scales), zeros=ptr(self.zeros), dense=ptr(self.dense), bias=ptr(self.bias),
-            levels=ptr(self.levels), stats=ptr(self.stats), outlier_rowptr=ptr(self.outlier_rowptr),
-            outlier_cols=ptr(self.outlier_cols), outlier_values=ptr(self.outlier_values),
+            levels=ptr(self.levels), stats=ptr(self.stats), outlier_tiles=ptr(self.outlier_tiles),
+            outlier_entries=ptr(self.outlier_entries), outlier_masks=ptr(self.outlier_masks), outlier_cols=ptr(self.outlier_cols), outlier_values=ptr(self.outlier_values),
         )
 
 
@@ -241,7 +250,7 @@ def from_spqr(q: SpQRTensor, bias: torch.Tensor | None = None, rows: tuple[int, 
     """An SpQR weight (rows [start, stop) of it, start a multiple of 16) -> kernel layout (exact).
 
     bias: of those rows. The statistics stay quantized: per (tile, group) the 16 rows' scale and zero
-    codes as nibbles and their second-level fp16 steps and minima (layout.h); outliers as stored.
+    codes as nibbles and their second-level fp16 steps and minima (layout.h); outliers in tile slices.
     """
     fmt = q.fmt
     n_all, k = q.shape
@@ -264,15 +273,36 @@ def from_spqr(q: SpQRTensor, bias: torch.Tensor | None = None, rows: tuple[int, 
     second = torch.cat([halves(q.scale.step), halves(q.scale.minimum), halves(q.zero.step), halves(q.zero.minimum)], dim=2)
     stats = torch.cat([nibbles, second.contiguous().view(torch.uint8)], dim=2).contiguous()  # [tiles, G, 24]
     j0, j1 = int(q.rowptr[start]), int(q.rowptr[stop])
-    outliers = {}
-    if j1 > j0:
-        outliers = dict(outlier_rowptr=(q.rowptr[start : stop + 1] - j0).to(torch.int32).contiguous(),
-                        outlier_cols=q.cols[j0:j1].to(torch.int32).to(torch.int16).contiguous(),  # u16 in C: K <= 65536
-                        outlier_values=q.values[j0:j1].to(torch.float16).contiguous())
+    outliers = outlier_slices(q.rowptr[start : stop + 1] - j0, q.cols[j0:j1], q.values[j0:j1]) if j1 > j0 else {}
     return KernelMatrix(
         kind=KIND_QUANT, shape=(n, k), bits=fmt.bits, group=fmt.group_width(k), groups=g,
         codes=_tiles(q.codes[start:stop], fmt.bits), stats=stats, bias=_bias(bias), **outliers,
     )
+
+
+def outlier_slices(rowptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """CSR outliers of N rows (rowptr [N+1] from 0) -> the kernels' tile slices (layout.h).
+
+    Slice k of tile T holds the k-th entry of each of its 16 rows that has more than k (the bits of
+    its mask, rows in order); a tile has as many slices as its fullest row has entries. Entries are
+    stored slice after slice, so the kernels add a tile's outliers as whole 16-row vectors.
+    """
+    n = rowptr.numel() - 1
+    tiles = -(-n // TILE)
+    counts = torch.zeros(tiles * TILE, dtype=torch.int64)
+    counts[:n] = rowptr.diff()
+    per_tile = counts.view(tiles, TILE)
+    zero = torch.zeros(1, dtype=torch.int64)
+    first_slice = torch.cat([zero, per_tile.max(dim=1).values.cumsum(0)])  # [tiles + 1]
+    first_entry = torch.cat([zero, per_tile.sum(dim=1).cumsum(0)])
+    row = torch.repeat_interleave(torch.arange(n), rowptr.diff())  # [nnz] each entry's row
+    rank = torch.arange(row.numel()) - rowptr[row]  # its place in the row
+    slot = first_slice[row // TILE] + rank  # [nnz] its slice
+    order = torch.argsort(slot * TILE + row % TILE)  # slice after slice, rows in order
+    masks = torch.zeros(int(first_slice[-1]), dtype=torch.int64).index_add_(0, slot, 1 << (row % TILE))
+    u16 = lambda t: t.to(torch.int32).to(torch.int16).contiguous()  # noqa: E731  (u16 in C: K <= 65536)
+    return dict(outlier_tiles=first_slice.to(torch.int32), outlier_entries=first_entry.to(torch.int32),
+                outlier_masks=u16(masks), outlier_cols=u16(cols[order]), outlier_values=values[order].to(torch.float16).contiguous())
 
 
 def from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> KernelMatrix:

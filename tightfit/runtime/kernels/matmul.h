@@ -11,7 +11,7 @@
 // mode multiplies the same codes by the fp32 x; dense fp16 / fp32 matrices always take the fp32 x.
 // SpQR (layout.h) decodes its per-(tile, group) s and real-valued z from the quantized statistics
 // as a group comes up (SPQR: a template flag; bits 2, 3, 4) and then runs the same int8 dot products
-// and zero term; its CSR outliers are added after a thread's rows, each times the fp32 x of its
+// and zero term; its outliers are added after a thread's rows, each times the fp32 x of its
 // column (add_outliers, outliers.h).
 // Without AVX-512 (F, BW, VL, VNNI): AVX2 kernels (matmul_avx2.h) or portable scalar ones, the same sums.
 // Part of the one translation unit engine.cpp.

@@ -9,7 +9,7 @@
 // (up to 255, whose pair sums would saturate int16) are split into nibbles, hi * 16 + lo.
 // Covered: uniform codes of 2, 3, 4, 5, 6 and 8 bits, grid and learned formats (one level table:
 // one vpshufb per half chunk; a table per row: four, blended), SpQR's dense part (its statistics
-// decoded per 8 rows as spqr_stat does; its outliers are added after, outliers.h), fp16 / fp32
+// decoded per 16 rows as spqr_stat does; its outliers are added after, outliers.h), fp16 / fp32
 // dense matrices. Exact mode is left to the portable scalar kernels (avx2_rows returns false).
 // Part of the one translation unit engine.cpp.
 #pragma once
@@ -86,16 +86,20 @@ static inline __m256i avx2_lookup(const __m256i t[4], __m256i codes) {
     return v;
 }
 
-// SpQR: s and z of rows 8h .. 8h+7 of one (tile, group) record, the same fp32 operations as spqr_stat
-static inline void avx2_spqr_stats(const uint8_t* rec, int h, __m256& s, __m256& z) {
-    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(rec + 8 * h)));
-    uint16_t f[4];
-    memcpy(f, rec + 16, 8);  // step_s, min_s, step_z, min_z
-    const __m256 qs = _mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(15)));
-    const __m256 qz = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
-    s = _mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(qs, _mm256_set1_ps(f16_to_f32(f[0]))), _mm256_set1_ps(f16_to_f32(f[1]))),
-                      _mm256_set1_ps(6.103515625e-05f));
-    z = _mm256_add_ps(_mm256_mul_ps(qz, _mm256_set1_ps(f16_to_f32(f[2]))), _mm256_set1_ps(f16_to_f32(f[3])));
+// SpQR: s and z of the 16 rows of one (tile, group) record, rows 8h .. 8h+7 in s[h] and z[h]: the same
+// fp32 operations as spqr_stat, its four fp16 second-level values converted once for both halves
+static inline void avx2_spqr_stats(const uint8_t* rec, __m256 s[2], __m256 z[2]) {
+    const __m128i codes = _mm_loadu_si128((const __m128i*)rec);
+    const __m256 f = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(rec + 16))));  // step_s, min_s, step_z, min_z
+    auto lane = [&](int i) { return _mm256_permutevar8x32_ps(f, _mm256_set1_epi32(i)); };
+    const __m256 step_s = lane(0), min_s = lane(1), step_z = lane(2), min_z = lane(3);
+    for (int h = 0; h < 2; h++) {
+        const __m256i c = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(codes, 8) : codes);
+        const __m256 qs = _mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(15)));
+        const __m256 qz = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
+        s[h] = _mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(qs, step_s), min_s), _mm256_set1_ps(6.103515625e-05f));
+        z[h] = _mm256_add_ps(_mm256_mul_ps(qz, step_z), min_z);
+    }
 }
 
 // int32 lanes (rows) += the 4-column dot of u8 values v (any of 0..255) and the broadcast s8 x
@@ -121,7 +125,7 @@ static inline __m256 avx2_scaled_zero(const tf_mat& W, int T, int g, int h) {
 
 // tile T (rows 16T .. 16T+15) x tokens [m0, m0+MT), as matmul.h's quant_tile: per segment of
 // min(group, 32) columns int32 dot products, then converted and scaled once; the zero term after (SpQR:
-// as each group starts, its statistics decoded once).
+// its statistics decoded 16 groups at a time, and their zero term subtracted, as the first comes up).
 template <int BITS, int MT, bool BF16, int GRID, bool SPQR>
 static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     constexpr bool WIDE = BITS == 8 || GRID;     // u8 values up to 255: nibble split
@@ -137,18 +141,30 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     __m256 acc[2][MT], s[2];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < MT; t++) acc[h][t] = _mm256_setzero_ps();
-    // group g's scales; SpQR subtracts its zero term here too, from the s and z it has just decoded
-    auto start_group = [&](int g) {
-        for (int h = 0; h < 2; h++) {
-            if (!SPQR) {
-                s[h] = avx2_scale<BF16>(W, T, g, h);
-                continue;
+    // SpQR: the statistics of 16 groups at a time decoded into `decoded` (each group's s of the 16 rows,
+    // then s z) in a loop of their own, whose work overlaps, and their zero term subtracted; then
+    // each group loads its s as a uniform format does
+    constexpr int batch = 16;
+    alignas(32) float decoded[SPQR ? batch : 1][32];
+    auto decode_batch = [&](int g0) {
+        const int g1 = std::min(W.G, g0 + batch);
+        for (int gi = g0; gi < g1; gi++) {
+            __m256 sd[2], z[2];
+            avx2_spqr_stats(W.stats + ((size_t)T * W.G + gi) * 24, sd, z);
+            for (int h = 0; h < 2; h++) {
+                _mm256_store_ps(decoded[gi - g0] + 8 * h, sd[h]);
+                _mm256_store_ps(decoded[gi - g0] + 16 + 8 * h, _mm256_mul_ps(sd[h], z[h]));
             }
-            __m256 z;
-            avx2_spqr_stats(W.stats + ((size_t)T * W.G + g) * 24, h, s[h], z);
-            const __m256 sz = _mm256_mul_ps(s[h], z);
-            for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + g]), acc[h][t]);
         }
+        for (int gi = g0; gi < g1; gi++)  // zero term: sum_g s_g z_g xs[m, g]
+            for (int t = 0; t < MT; t++) {
+                const __m256 xs = _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]);
+                for (int h = 0; h < 2; h++) acc[h][t] = _mm256_fnmadd_ps(_mm256_load_ps(decoded[gi - g0] + 16 + 8 * h), xs, acc[h][t]);
+            }
+    };
+    auto start_group = [&](int g) {  // group g's scales
+        if (SPQR && g % batch == 0) decode_batch(g);
+        for (int h = 0; h < 2; h++) s[h] = SPQR ? _mm256_load_ps(decoded[g % batch] + 8 * h) : avx2_scale<BF16>(W, T, g, h);
     };
     start_group(0);
     int g = 0, next = W.group;
@@ -186,7 +202,7 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
         }
     }
     for (int h = 0; h < 2; h++) {
-        for (int gi = 0; gi < W.G && !SPQR; gi++) {  // zero term: sum_g s_g z_g xs[m, g] (SpQR: in start_group)
+        for (int gi = 0; gi < W.G && !SPQR; gi++) {  // zero term: sum_g s_g z_g xs[m, g] (SpQR: decode_batch)
             const __m256 sz = avx2_scaled_zero<BF16>(W, T, gi, h);
             for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[h][t]);
         }
