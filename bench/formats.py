@@ -37,7 +37,8 @@ entry (engine + fp32 torch, 64 + 8 windows) and ~40 s per llama.cpp entry; the r
 entry as it is scored (bench/results/NAME-progress.json, committed: a run longer than one session resumes
 from it on the next one, with the Hessians computed again from the same calibration) and resumes from it
 (--fresh: start over). It measures llama.cpp's types first (minutes), then the plans (--plans: at 3.5 by
-default, the planner's answer to the 3.5 target; ~20 min for the sensitivity sweep, cached in .cache), then
+default, the planner's answer to the 3.5 target; ~10 min for the sensitivity sweep on a 2-core AVX2 machine,
+cached in .cache), then
 tightfit's formats by target in the order of the issue's verdicts (4.5, 3.5, then 4.0, 3.0, 2.5), so a
 stopped run has its verdicts first.
 """
@@ -90,11 +91,12 @@ PLAN_CANDIDATES = ("spqr-w2g32-s3-o0.5", "spqr-w3g32-s3-o0.5", "nl4g32-dq", "lut
 PLAN_SENSITIVITY = "fisher"  # what `tightfit compress --bpw` uses by default
 
 
-def estimate_seconds(names: list[str], n_llama: int, plans: int = 0, candidates: list[str] = ()) -> float:
+def estimate_seconds(names: list[str], n_llama: int, plans: int = 0, candidate_sets: list[list[str]] = ()) -> float:
     gptq = lambda n: QUANTIZE_S.get(type(parse_format(n)).__name__, 180)  # noqa: E731
-    # a plan: the sweep once (every candidate, the Fisher pass and scale probes ~ FISHER_S), then scoring
-    sweep = sum(gptq(c) for c in candidates) + FISHER_S if plans else 0
-    return REFERENCE_S + sum(gptq(n) + SCORE_S for n in names) + n_llama * LLAMA_S + sweep + plans * SCORE_S
+    # plans: per set of candidates the sweep once (every candidate, the Fisher pass and scale probes ~
+    # FISHER_S), then scoring each budget
+    sweeps = sum(sum(gptq(c) for c in cs) + FISHER_S for cs in candidate_sets) if plans else 0
+    return REFERENCE_S + sum(gptq(n) + SCORE_S for n in names) + n_llama * LLAMA_S + sweeps + plans * len(candidate_sets) * SCORE_S
 
 
 def progress_path(name: str) -> Path:
@@ -188,25 +190,29 @@ def measure_plans(model: str, loaded, calibration, hessians, scorer, budgets: li
     from tightfit.stages.allocate import Budget
     from tightfit.stages.calibrate import save_hessians
 
-    todo = [b for b in budgets if not progress.has("tightfit", plan_name(b, candidates))]
+    todo = {plan_name(b, candidates): b for b in budgets if not progress.has("tightfit", plan_name(b, candidates))}
     if not todo:
         return
     work = peers.CACHE / f"plans-{hessians.source_sha256[:16]}-{'-'.join(candidates)}"
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "hessians.safetensors").exists():
         save_hessians(hessians, work / "hessians.safetensors")  # the run's own: make_plan reads them, collects nothing
-    for b in todo:
-        name = plan_name(b, candidates)
+    for name, b in todo.items():
         t = time.perf_counter()
         request = PlanRequest(model=model, budget=Budget(max_bpw=b), work=work, formats=tuple(candidates),
                               embed_formats=("fp16",), sensitivity=PLAN_SENSITIVITY, calibration=calibration.config)
         report = make_plan(request, loaded, on_stage=lambda s: print(f"  {name}: {s}", flush=True))
         plan_s = time.perf_counter() - t
+        timing = work / "planning-seconds.json"  # the sweep's time, for the notes of the plans that reuse it
+        if report.sensitivity_origin != "cached":
+            atomic_write_json(timing, {"seconds": plan_s})
+        swept = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
         config = QuantizeConfig(fmt=parse_format(candidates[0]), method="gptq", plan=report.plan.quantized)
         entries, folders = peers.run_tightfit(loaded, calibration, hessians, {name: config}, scorer, out, fp32_ref, ready=report.ready)
         for e in entries:
             e.note = (f"{PLAN_SENSITIVITY} plan from {', '.join(candidates)}; planning {plan_s:.0f} s "
-                      f"({report.sensitivity_origin} sensitivities)")
+                      f"({report.sensitivity_origin} sensitivities"
+                      + (f", measured in {swept:.0f} s" if swept is not None and report.sensitivity_origin == "cached" else "") + ")")
         progress.add(entries)
         for folder in folders.values():
             shutil.rmtree(folder)
@@ -253,7 +259,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--plans", default=",".join(map(str, PLAN_BUDGETS)),
                     help="bits/weight of the plans measured after llama.cpp's types (the planner's mix of --plan-candidates); "
                          "empty: none")
-    ap.add_argument("--plan-candidates", default=",".join(PLAN_CANDIDATES), help="the plans' candidate formats per linear layer")
+    ap.add_argument("--plan-candidates", action="append",
+                    help="the plans' candidate formats per linear layer, comma-separated (default: "
+                         f"{','.join(PLAN_CANDIDATES)}); given again, another set, each planned at every --plans budget")
     ap.add_argument("--with-source-grid", action="store_true",
                     help="also measure the formats nearer a target that can hold the source's grid (no evidence)")
     ap.add_argument("--big", type=Path, help=f"a bench/peers_files.py results JSON for the bigger model's section "
@@ -272,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     families = set(split(args.families)) or None
     try:
         budgets = [float(b) for b in split(args.plans)]
-        for c in split(args.plan_candidates):
+        candidate_sets = [split(c) for c in args.plan_candidates or [",".join(PLAN_CANDIDATES)]]
+        for c in sum(candidate_sets, []):
             parse_format(c)
     except (ValueError, TightfitError) as e:
         sys.exit(f"formats: --plans / --plan-candidates: {e}")
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         members, _, shapes = members_for(load_model(args.model), families, args.per_channel)
         return print_list(members, by_target(members, recipes(members, args.with_source_grid), dq_names(split(args.dq), shapes)),
-                          split(args.llama_imatrix), budgets, split(args.plan_candidates))
+                          split(args.llama_imatrix), budgets, candidate_sets)
     import llama_cpp
 
     t0 = time.time()
@@ -293,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     members, grids, shapes = members_for(loaded, families, args.per_channel)
     names = by_target(members, recipes(members, args.with_source_grid), dq_names(split(args.dq), shapes))
     types = split(args.llama_imatrix)
-    print_list(members, names, types, budgets, split(args.plan_candidates))
+    print_list(members, names, types, budgets, candidate_sets)
     key = {"model": args.model, "source_sha256": loaded.source.sha256(), "calibration": config_to_json(calib_config),
            "evaluation": config_to_json(eval_config), "held_back_windows": args.select_windows}
     progress = Progress(progress_path(args.name or "formats"), key, args.fresh)
@@ -310,10 +319,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                 progress.engine_floors = peers.engine_floors(loaded, src, scorer)
                 progress.save()
             measure_llama(src, types, peers.imatrix_entries(loaded, hessians), scorer, Path(tmp), progress)
-            measure_plans(args.model, loaded, calibration, hessians, scorer, budgets, split(args.plan_candidates), Path(tmp),
-                          progress, args.fp32_ref)
+            for candidates in candidate_sets:
+                measure_plans(args.model, loaded, calibration, hessians, scorer, budgets, candidates, Path(tmp),
+                              progress, args.fp32_ref)
             measure_formats(loaded, calibration, hessians, scorer, names, Path(tmp), progress, args.fp32_ref)
-    plans = [plan_name(b, split(args.plan_candidates)) for b in budgets]
+    plans = [plan_name(b, candidates) for candidates in candidate_sets for b in budgets]
     wanted = set(names) | set(types) | set(plans)
     entries = mark_source_grid([e for e in progress.entries if e.name in wanted], grids)
     missing = [n for n in [*types, *names, *plans] if not any(e.name == n for e in entries)]
@@ -365,11 +375,12 @@ def by_target(members: list[Member], names: list[str], extra: dict[str, float] |
 
 
 def print_list(members: list[Member], names: list[str], types: list[str], plans: list[float] = (),
-               candidates: list[str] = ()) -> None:
+               candidate_sets: list[list[str]] = ()) -> None:
     for m in members:
         print(f"  {m.family:<24} {m.target}: {m.name} ({m.bpw:.3f} bpw)" + (f", {m.shadowed} on the source's grid" if m.shadowed else ""))
-    minutes = estimate_seconds(names, len(types), len(plans), candidates) / 60
-    plan_text = f", plans at {', '.join(f'{b:g}' for b in plans)} bits/weight from {', '.join(candidates)}" if plans else ""
+    minutes = estimate_seconds(names, len(types), len(plans), candidate_sets) / 60
+    plan_text = (f", plans at {', '.join(f'{b:g}' for b in plans)} bits/weight from "
+                 + " and from ".join(", ".join(cs) for cs in candidate_sets)) if plans else ""
     print(f"{len(names)} tightfit formats ({', '.join(names)}), {len(types)} {RIVAL_PEER} types{plan_text}: about {minutes:.0f} min",
           flush=True)
 

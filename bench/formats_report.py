@@ -181,6 +181,11 @@ def met_text(v: bool | None) -> str:
     return "n/a" if v is None else ("met" if v else "not met")
 
 
+def plan_entries(entries: list[Entry]) -> list[Entry]:
+    """tightfit's plans among the entries (scored or not)."""
+    return [e for e in entries if e.peer == "tightfit" and family(e.name) == PLAN]
+
+
 def family_table(entries: list[Entry], members: list[dict]) -> list[str]:
     """family x target -> 'format KL (bpw)' of the member measured there ('-': no member within NEAR)."""
     by_name = {e.name: e for e in entries if e.peer == "tightfit"}
@@ -202,7 +207,7 @@ def family_table(entries: list[Entry], members: list[dict]) -> list[str]:
                 text += f"; {m['shadowed']} on the source's grid" + (f": {s.kl:.4f}, no evidence" if s and not math.isnan(s.kl) else "")
             cells.append(text)
         lines.append(f"| {fam} | " + " | ".join(cells) + " |")
-    plans = [e for e in scored(entries) if e.peer == "tightfit" and family(e.name) == PLAN]
+    plans = plan_entries(scored(entries))
     if plans:  # the planner's mixes, in the class of each target
         cells = [" ; ".join(f"{e.name} {e.kl:.4f} ({e.bits_per_weight:.2f})" for e in plans if in_class(e, t)) or "-"
                  for t in TARGETS_BPW]
@@ -212,7 +217,7 @@ def family_table(entries: list[Entry], members: list[dict]) -> list[str]:
 
 def plan_bullet(entries: list[Entry]) -> list[str]:
     """The protocol line of the plans (their notes: method, candidates, planning time), none without one."""
-    plans = [e for e in entries if e.peer == "tightfit" and family(e.name) == PLAN]
+    plans = plan_entries(entries)
     if not plans:
         return []
     return [f"- **{PLAN}s**: the planner (`tightfit.pipeline.make_plan`, as `tightfit compress --bpw B` plans) chooses a "

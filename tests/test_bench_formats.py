@@ -252,11 +252,15 @@ def test_formats_plans_mix_the_candidates_within_the_budget_and_resume(tiny_mode
     assert 2.5 < e.bits_per_weight <= 4.0 + 1e-9 and set(e.types) == set(candidates)
     assert sum(e.types.values()) == len(hessians.hessians) and 0 < e.kl < 10 and not math.isnan(e.kl_held_back)
     assert "w2g32-sym, w8g32-sym" in e.note and list(out.iterdir()) == []
-    # the plan's work folder holds the run's own Hessians (none collected again) and its sensitivities
+    # the plan's work folder holds the run's own Hessians (none collected again), its sensitivities and their time
     (work,) = (tmp_path / "cache").iterdir()
-    assert {"hessians.safetensors", "sensitivity.json"} <= {p.name for p in work.iterdir()}
+    assert {"hessians.safetensors", "sensitivity.json", "planning-seconds.json"} <= {p.name for p in work.iterdir()}
+    # another budget plans from the cached sensitivities; its note gives the time they took when measured
+    formats.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [5.0], candidates, out, progress)
+    swept = json.loads((work / "planning-seconds.json").read_text())["seconds"]
+    assert f"(cached sensitivities, measured in {swept:.0f} s)" in progress.entries[1].note
     # resumed: nothing planned or measured again
     monkeypatch.setattr(formats, "peers", None)
     again = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
     formats.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [4.0], candidates, out, again)
-    assert [x.kl for x in again.entries] == [e.kl]
+    assert [x.kl for x in again.entries] == [x.kl for x in progress.entries]

@@ -5,8 +5,11 @@
 // vpmaddubsw (u8 codes x s8 activations, pairs summed to int16) then vpmaddwd by ones (pairs of
 // those to int32) give the same 4-column dot per row. Codes of at most 4 bits keep their int16 sums
 // over a whole segment of <= 32 columns (<= 8 chunks: |sum| <= 8 * 2 * 15 * 127 = 30480 < 2^15),
-// 5- and 6-bit codes widen every chunk (2 * 63 * 127 < 2^15), and 8-bit codes or a grid's u8 levels
-// (up to 255, whose pair sums would saturate int16) are split into nibbles, hi * 16 + lo.
+// 5- and 6-bit codes widen every chunk (2 * 63 * 127 < 2^15), and 8-bit codes (up to 255, whose pair
+// sums would saturate int16) are split into nibbles, hi * 16 + lo. A grid's u8 levels L + 128 are taken
+// as the int8 levels L (xor 0x80, in [-127, 127]) and multiplied as |x| (u8, vpsignb x by x) times L
+// with the sign of x (vpsignb): pairs <= 2 * 127 * 127 < 2^15, widened every chunk, and the zero term
+// takes z - 128 (0 for every grid).
 // Covered: uniform codes of 2, 3, 4, 5, 6 and 8 bits, grid and learned formats (one level table:
 // one vpshufb per half chunk; a table per row: four, blended), SpQR's dense part (its statistics
 // decoded per 16 rows as spqr_stat does; its outliers are added after, outliers.h), fp16 / fp32
@@ -117,10 +120,13 @@ static inline __m256 avx2_scale(const tf_mat& W, int T, int g, int h) {
     if (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(r), 16));
     return _mm256_cvtph_ps(r);
 }
-template <bool BF16>
+// (GRID: s (z - 128), the dot products having taken the levels less 128, signed)
+template <bool BF16, int GRID = 0>
 static inline __m256 avx2_scaled_zero(const tf_mat& W, int T, int g, int h) {
     const __m128i z = _mm_loadl_epi64((const __m128i*)(W.zeros + ((size_t)T * W.G + g) * 16 + 8 * h));
-    return _mm256_mul_ps(avx2_scale<BF16>(W, T, g, h), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z)));
+    __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z));
+    if (GRID) zf = _mm256_sub_ps(zf, _mm256_set1_ps(128.f));
+    return _mm256_mul_ps(avx2_scale<BF16>(W, T, g, h), zf);
 }
 
 // tile T (rows 16T .. 16T+15) x tokens [m0, m0+MT), as matmul.h's quant_tile: per segment of
@@ -128,7 +134,7 @@ static inline __m256 avx2_scaled_zero(const tf_mat& W, int T, int g, int h) {
 // its statistics decoded 16 groups at a time, and their zero term subtracted, as the first comes up).
 template <int BITS, int MT, bool BF16, int GRID, bool SPQR>
 static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
-    constexpr bool WIDE = BITS == 8 || GRID;     // u8 values up to 255: nibble split
+    constexpr bool WIDE = BITS == 8 && !GRID;   // u8 codes up to 255: nibble split
     constexpr bool SUM16 = BITS <= 4 && !GRID;  // int16 sums over a whole segment
     const int nq = W.Kp / 4, cb = 8 * BITS, Kp = a.Kp;
     const int seg = W.group < 32 && W.G > 1 ? W.group : 32;
@@ -136,7 +142,11 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     const int8_t* xq = a.xq.data() + (size_t)m0 * Kp;
     const float* sx = a.sx.data() + (size_t)m0 * (Kp / 32);
     __m256i table[2][4];
-    if (GRID) avx2_levels<GRID>(W, T, 0, table[0]), avx2_levels<GRID>(W, T, 1, table[1]);
+    if (GRID) {  // levels less 128 as int8 (u8 level ^ 0x80), multiplied by x with vpsignb (see the top)
+        avx2_levels<GRID>(W, T, 0, table[0]), avx2_levels<GRID>(W, T, 1, table[1]);
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < (GRID == 2 ? 4 : 1); j++) table[h][j] = _mm256_xor_si256(table[h][j], _mm256_set1_epi8((char)0x80));
+    }
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][MT], s[2];
     for (int h = 0; h < 2; h++)
@@ -185,9 +195,10 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
             for (int t = 0; t < MT; t++) {
                 int32_t x4;
                 memcpy(&x4, xq + (size_t)t * Kp + 4 * k4, 4);
-                const __m256i x = _mm256_set1_epi32(x4);
+                const __m256i x = _mm256_set1_epi32(x4), ax = _mm256_sign_epi8(x, x);  // ax: |x| (grids)
                 for (int h = 0; h < 2; h++) {
-                    if (WIDE) ia[h][t] = avx2_dot_u8(ia[h][t], v[h], x);
+                    if (GRID) ia[h][t] = _mm256_add_epi32(ia[h][t], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(v[h], x)), ones));
+                    else if (WIDE) ia[h][t] = avx2_dot_u8(ia[h][t], v[h], x);
                     else if (SUM16) ia[h][t] = _mm256_add_epi16(ia[h][t], _mm256_maddubs_epi16(v[h], x));
                     else ia[h][t] = _mm256_add_epi32(ia[h][t], _mm256_madd_epi16(_mm256_maddubs_epi16(v[h], x), ones));
                 }
@@ -203,7 +214,7 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     }
     for (int h = 0; h < 2; h++) {
         for (int gi = 0; gi < W.G && !SPQR; gi++) {  // zero term: sum_g s_g z_g xs[m, g] (SpQR: decode_batch)
-            const __m256 sz = avx2_scaled_zero<BF16>(W, T, gi, h);
+            const __m256 sz = avx2_scaled_zero<BF16, GRID>(W, T, gi, h);
             for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[h][t]);
         }
         const int n0 = 16 * T + 8 * h, valid = std::min(8, W.N - n0);
