@@ -20,6 +20,7 @@ bench/results/speed.{json,md} (default model), speed_<model>.{json,md} (another)
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 import statistics
 import sys
@@ -32,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
-from common import machine_info, machine_line, write_results  # noqa: E402
+from common import machine_info, machine_line, rewrite_results, write_results  # noqa: E402
 
 from tightfit.errors import TightfitError  # noqa: E402
 from tightfit.formats.packed import load_packed  # noqa: E402
@@ -222,11 +223,36 @@ def markdown(result: dict) -> str:
         if ratio_lines:
             lines += ["", "| tightfit vs llama.cpp | decode ratio | prefill ratio |", "|---|---|---|", *ratio_lines]
         lines += ["", *no_larger_lines(rows)]
+        lines += ["", *equal_bytes_lines(rows)] if any(not UNIFORM.match(r["model"]) for r in rows if r["engine"] == "tightfit") else []
         lines.append("")
     caveat = next((b.grid_caveat for b in BUILTIN_MODELS if b.name == model), "")
     if caveat:
         lines.append(f"Speed does not depend on weight values; still: {caveat}.")
     return "\n".join(lines) + "\n"
+
+
+UNIFORM = re.compile(r"w\d+g\d+(-sym)?$")  # a plain uniform grid: codes, fp16 scales, u8 zeros
+
+
+def equal_bytes_lines(rows: list[dict]) -> list[str]:
+    """Every other tightfit format (grids, learned tables, SpQR, -dq) beside the plain uniform format of
+    this run nearest to it in weight bytes read per token: the decode ratio, and the ratio of their
+    roofline fractions (which takes out the few percent of bytes between them)."""
+    ours = [r for r in rows if r["engine"] == "tightfit"]
+    uniform = [r for r in ours if UNIFORM.match(r["model"])]
+    if not uniform:
+        return []
+    lines = ["| format | weights MB/token | decode tok/s | uniform of nearest bytes | its MB/token | its decode tok/s | "
+             "decode ratio | roofline-fraction ratio |", "|---|---|---|---|---|---|---|---|"]
+    for r in [r for r in ours if not UNIFORM.match(r["model"])]:
+        u = min(uniform, key=lambda u: abs(u["weight_bytes"] - r["weight_bytes"]))
+        lines.append(f"| {r['model']} | {r['weight_bytes'] / 1e6:.1f} | {r['decode_tok_s']:.1f} | {u['model']} | "
+                     f"{u['weight_bytes'] / 1e6:.1f} | {u['decode_tok_s']:.1f} | {r['decode_tok_s'] / u['decode_tok_s']:.0%} | "
+                     f"{r['roofline_fraction'] / u['roofline_fraction']:.0%} |")
+    return lines + ["", "Weights MB/token are what the engine reads: `-dq` files keep 6-bit scale codes but are expanded to "
+                        "fp16 scales at load, so they read and run as their base format (their file is smaller, not their "
+                        "decode); SpQR's include its statistics records and outlier tables. One run: the two ratio columns "
+                        "of one format differ by the run-to-run drift of this machine."]
 
 
 def no_larger_lines(rows: list[dict]) -> list[str]:
@@ -256,9 +282,13 @@ if __name__ == "__main__":
     ap.add_argument("--formats", help="comma-separated tightfit formats timed instead of the setup's (e.g. the learned "
                                       "tables beside uniform formats of equal bytes: w3g32,lut3g32,lut3g32-row)")
     ap.add_argument("--quick", action="store_true", help="two formats per engine, no transformers, no results written")
+    ap.add_argument("--report-only", action="store_true", help="write NAME.md again from NAME.json, measuring nothing")
     ap.add_argument("--name", help="results name in bench/results/ (default: speed, or speed_<model> for another model); "
                                    "another machine's run under its own name keeps the committed table")
     a = ap.parse_args()
+    if a.report_only:
+        print("wrote", *rewrite_results(a.name or ("speed" if a.model == "smollm2-135m" else f"speed_{a.model}"), [], markdown, "speed.py"))
+        sys.exit(0)
     t0 = time.time()
     try:
         formats = [f for f in (a.formats or "").split(",") if f]
