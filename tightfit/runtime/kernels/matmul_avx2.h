@@ -82,9 +82,10 @@ static inline void avx2_levels(const tf_mat& W, int T, int h, __m256i t[4]) {
 template <int GRID>
 static inline __m256i avx2_lookup(const __m256i t[4], __m256i codes) {
     __m256i v = _mm256_shuffle_epi8(t[0], codes);
-    for (int j = 1; j < 4 && GRID == 2; j++) {  // bytes 4j .. 4j+3 of each lane: row 4l + j
-        const __m256i m = _mm256_broadcastsi128_si256(_mm_set_epi32(j == 3 ? -1 : 0, j == 2 ? -1 : 0, j == 1 ? -1 : 0, 0));
-        v = _mm256_blendv_epi8(v, _mm256_shuffle_epi8(t[j], codes), m);
+    if (GRID == 2) {  // bytes 4j .. 4j+3 of each lane (its 32-bit elements j): row 4l + j, from t[j]
+        v = _mm256_blend_epi32(v, _mm256_shuffle_epi8(t[1], codes), 0x22);
+        v = _mm256_blend_epi32(v, _mm256_shuffle_epi8(t[2], codes), 0x44);
+        v = _mm256_blend_epi32(v, _mm256_shuffle_epi8(t[3], codes), 0x88);
     }
     return v;
 }
