@@ -362,3 +362,36 @@ def test_spqr_runs_on_the_engine_kernels(spqr_packed, model_type, portable):
     with torch.no_grad():
         dequantized = build_model(packed)(input_ids=torch.tensor([ids])).logits[0]
     assert (exact.forward_all(ids) - dequantized).abs().max() / dequantized.abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("damage", [None, "no entries", "columns past K", "masks short of the entries"])
+def test_engine_create_checks_spqr_outlier_slices(spqr_packed, damage):
+    """tf_engine_create refuses a matrix whose outlier slices are inconsistent (TF_E_SHAPE), before any
+    kernel reads them: a missing array, a column >= K, masks whose bits do not count the tile's entries."""
+    import ctypes
+
+    from tightfit.runtime.engine import TfConfig, TfLayer
+
+    engine = FastBackend(spqr_packed("llama"), max_positions=64, threads=2)
+    config = TfConfig.from_buffer_copy(engine._config)
+    layers = (TfLayer * config.n_layers)()
+    ctypes.memmove(layers, config.layers, ctypes.sizeof(TfLayer) * config.n_layers)
+    config.layers = ctypes.cast(layers, ctypes.POINTER(TfLayer))
+    q = layers[0].q
+    nnz, slices = ctypes.cast(q.outlier_entries, ctypes.POINTER(ctypes.c_int32)), ctypes.cast(q.outlier_tiles, ctypes.POINTER(ctypes.c_int32))
+    tiles = (q.N + 15) // 16
+    junk = torch.full((max(nnz[tiles], slices[tiles]),), -1 if damage == "columns past K" else 0, dtype=torch.int16)
+    if damage == "no entries":
+        q.outlier_entries = None
+    elif damage == "columns past K":
+        q.outlier_cols = junk.data_ptr()  # u16 0xFFFF
+    elif damage:
+        q.outlier_masks = junk.data_ptr()  # no bits: no entries counted
+    layers[0].q = q
+    lib, handle = build.load(), ctypes.c_void_p()
+    rc = lib.tf_engine_create(ctypes.addressof(config), ctypes.byref(handle))
+    if damage is None:  # the copy as it is: accepted
+        assert rc == 0 and handle.value
+        lib.tf_engine_free(handle)
+    else:
+        assert rc == -3 and not handle.value
