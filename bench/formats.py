@@ -190,7 +190,8 @@ def measure_plans(model: str, loaded, calibration, hessians, scorer, budgets: li
     from tightfit.stages.allocate import Budget
     from tightfit.stages.calibrate import save_hessians
 
-    todo = {plan_name(b, candidates): b for b in budgets if not progress.has("tightfit", plan_name(b, candidates))}
+    names = {plan_name(b, candidates): b for b in budgets}
+    todo = {name: b for name, b in names.items() if not progress.has("tightfit", name)}
     if not todo:
         return
     work = peers.CACHE / f"plans-{hessians.source_sha256[:16]}-{'-'.join(candidates)}"

@@ -20,8 +20,8 @@ bench/results/speed.{json,md} (default model), speed_<model>.{json,md} (another)
 from __future__ import annotations
 
 import argparse
-import re
 import dataclasses
+import re
 import statistics
 import sys
 import time
@@ -223,7 +223,8 @@ def markdown(result: dict) -> str:
         if ratio_lines:
             lines += ["", "| tightfit vs llama.cpp | decode ratio | prefill ratio |", "|---|---|---|", *ratio_lines]
         lines += ["", *no_larger_lines(rows)]
-        lines += ["", *equal_bytes_lines(rows)] if any(not UNIFORM.match(r["model"]) for r in rows if r["engine"] == "tightfit") else []
+        equal_bytes = equal_bytes_lines(rows)
+        lines += ["", *equal_bytes] if equal_bytes else []
         lines.append("")
     caveat = next((b.grid_caveat for b in BUILTIN_MODELS if b.name == model), "")
     if caveat:
@@ -237,14 +238,15 @@ UNIFORM = re.compile(r"w\d+g\d+(-sym)?$")  # a plain uniform grid: codes, fp16 s
 def equal_bytes_lines(rows: list[dict]) -> list[str]:
     """Every other tightfit format (grids, learned tables, SpQR, -dq) beside the plain uniform format of
     this run nearest to it in weight bytes read per token: the decode ratio, and the ratio of their
-    roofline fractions (which takes out the few percent of bytes between them)."""
+    roofline fractions (which takes out the few percent of bytes between them); none without both kinds."""
     ours = [r for r in rows if r["engine"] == "tightfit"]
     uniform = [r for r in ours if UNIFORM.match(r["model"])]
-    if not uniform:
+    others = [r for r in ours if not UNIFORM.match(r["model"])]
+    if not uniform or not others:
         return []
     lines = ["| format | weights MB/token | decode tok/s | uniform of nearest bytes | its MB/token | its decode tok/s | "
              "decode ratio | roofline-fraction ratio |", "|---|---|---|---|---|---|---|---|"]
-    for r in [r for r in ours if not UNIFORM.match(r["model"])]:
+    for r in others:
         u = min(uniform, key=lambda u: abs(u["weight_bytes"] - r["weight_bytes"]))
         lines.append(f"| {r['model']} | {r['weight_bytes'] / 1e6:.1f} | {r['decode_tok_s']:.1f} | {u['model']} | "
                      f"{u['weight_bytes'] / 1e6:.1f} | {u['decode_tok_s']:.1f} | {r['decode_tok_s'] / u['decode_tok_s']:.0%} | "

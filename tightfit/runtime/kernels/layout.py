@@ -287,15 +287,15 @@ def outlier_slices(rowptr: torch.Tensor, cols: torch.Tensor, values: torch.Tenso
     its mask, rows in order); a tile has as many slices as its fullest row has entries. Entries are
     stored slice after slice, so the kernels add a tile's outliers as whole 16-row vectors.
     """
-    n = rowptr.numel() - 1
+    n, row_counts = rowptr.numel() - 1, rowptr.diff()
     tiles = -(-n // TILE)
     counts = torch.zeros(tiles * TILE, dtype=torch.int64)
-    counts[:n] = rowptr.diff()
+    counts[:n] = row_counts
     per_tile = counts.view(tiles, TILE)
     zero = torch.zeros(1, dtype=torch.int64)
     first_slice = torch.cat([zero, per_tile.max(dim=1).values.cumsum(0)])  # [tiles + 1]
     first_entry = torch.cat([zero, per_tile.sum(dim=1).cumsum(0)])
-    row = torch.repeat_interleave(torch.arange(n), rowptr.diff())  # [nnz] each entry's row
+    row = torch.repeat_interleave(torch.arange(n), row_counts)  # [nnz] each entry's row
     rank = torch.arange(row.numel()) - rowptr[row]  # its place in the row
     slot = first_slice[row // TILE] + rank  # [nnz] its slice
     order = torch.argsort(slot * TILE + row % TILE)  # slice after slice, rows in order

@@ -132,7 +132,7 @@ static inline __m256 avx2_scaled_zero(const tf_mat& W, int T, int g, int h) {
 
 // tile T (rows 16T .. 16T+15) x tokens [m0, m0+MT), as matmul.h's quant_tile: per segment of
 // min(group, 32) columns int32 dot products, then converted and scaled once; the zero term after (SpQR:
-// its statistics decoded 16 groups at a time, and their zero term subtracted, as the first comes up).
+// as each group starts, its statistics decoded once).
 template <int BITS, int MT, bool BF16, int GRID, bool SPQR>
 static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     constexpr bool WIDE = BITS == 8 && !GRID;   // u8 codes up to 255: nibble split
@@ -152,30 +152,18 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     __m256 acc[2][MT], s[2];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < MT; t++) acc[h][t] = _mm256_setzero_ps();
-    // SpQR: the statistics of 16 groups at a time decoded into `decoded` (each group's s of the 16 rows,
-    // then s z) in a loop of their own, whose work overlaps, and their zero term subtracted; then
-    // each group loads its s as a uniform format does
-    constexpr int batch = 16;
-    alignas(32) float decoded[SPQR ? batch : 1][32];
-    auto decode_batch = [&](int g0) {
-        const int g1 = std::min(W.G, g0 + batch);
-        for (int gi = g0; gi < g1; gi++) {
-            __m256 sd[2], z[2];
-            avx2_spqr_stats(W.stats + ((size_t)T * W.G + gi) * 24, sd, z);
-            for (int h = 0; h < 2; h++) {
-                _mm256_store_ps(decoded[gi - g0] + 8 * h, sd[h]);
-                _mm256_store_ps(decoded[gi - g0] + 16 + 8 * h, _mm256_mul_ps(sd[h], z[h]));
-            }
+    // group g's scales; SpQR subtracts its zero term here too, from the s and z it has just decoded
+    auto start_group = [&](int g) {
+        if (!SPQR) {
+            for (int h = 0; h < 2; h++) s[h] = avx2_scale<BF16>(W, T, g, h);
+            return;
         }
-        for (int gi = g0; gi < g1; gi++)  // zero term: sum_g s_g z_g xs[m, g]
-            for (int t = 0; t < MT; t++) {
-                const __m256 xs = _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]);
-                for (int h = 0; h < 2; h++) acc[h][t] = _mm256_fnmadd_ps(_mm256_load_ps(decoded[gi - g0] + 16 + 8 * h), xs, acc[h][t]);
-            }
-    };
-    auto start_group = [&](int g) {  // group g's scales
-        if (SPQR && g % batch == 0) decode_batch(g);
-        for (int h = 0; h < 2; h++) s[h] = SPQR ? _mm256_load_ps(decoded[g % batch] + 8 * h) : avx2_scale<BF16>(W, T, g, h);
+        __m256 z[2];
+        avx2_spqr_stats(W.stats + ((size_t)T * W.G + g) * 24, s, z);
+        for (int t = 0; t < MT; t++) {
+            const __m256 xs = _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + g]);
+            for (int h = 0; h < 2; h++) acc[h][t] = _mm256_fnmadd_ps(_mm256_mul_ps(s[h], z[h]), xs, acc[h][t]);
+        }
     };
     start_group(0);
     int g = 0, next = W.group;
@@ -214,7 +202,7 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
         }
     }
     for (int h = 0; h < 2; h++) {
-        for (int gi = 0; gi < W.G && !SPQR; gi++) {  // zero term: sum_g s_g z_g xs[m, g] (SpQR: decode_batch)
+        for (int gi = 0; gi < W.G && !SPQR; gi++) {  // zero term: sum_g s_g z_g xs[m, g] (SpQR: in start_group)
             const __m256 sz = avx2_scaled_zero<BF16, GRID>(W, T, gi, h);
             for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[h][t]);
         }
