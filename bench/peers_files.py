@@ -66,14 +66,24 @@ def score(candidate, windows: torch.Tensor, logp: torch.Tensor, entry: Entry) ->
           f"top-1 {entry.top1:.3f}  (scored in {time.perf_counter() - t:.0f} s)", flush=True)
 
 
-def run_tightfit(folders: list[Path], n_weights: int, windows, logp) -> list[Entry]:
+def calibration_note(packed_calibration: dict | None, run_calibration: dict) -> str:
+    """'' when a packed file was calibrated as the run's table says, else how it differs (text, windows,
+    forward precision)."""
+    if packed_calibration is None:
+        return "; not calibrated"
+    diff = [f"{k} {packed_calibration.get(k)}" for k in ("text", "n_samples", "seq_len", "forward_dtype")
+            if packed_calibration.get(k) != run_calibration.get(k)]
+    return f"; calibrated with {', '.join(diff)}" if diff else ""
+
+
+def run_tightfit(folders: list[Path], n_weights: int, windows, logp, run_calibration: dict) -> list[Entry]:
     entries = []
     for folder in folders:
         packed = load_packed(folder)
         nbytes = packed.quantized_bytes() + packed.kept_bytes()
         formats = dict(Counter(q.fmt.name for q in packed.layers.values()).most_common())  # which grids it holds
         entry = Entry("tightfit", folder.name, 8 * nbytes / n_weights, math.nan, file_mb=nbytes / 1e6, types=formats,
-                      note=f"{len(formats)} formats")
+                      note=f"{len(formats)} formats" + calibration_note(packed.info.get("calibration"), run_calibration))
         score(packed_candidate(packed, "fast", ctx=windows.shape[1]), windows, logp, entry)
         entries.append(entry)
         del packed
@@ -166,8 +176,9 @@ def main() -> None:
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     if args.report_only:
         return report(args.name)
-    if args.work is None:
-        sys.exit("peers_files: --work is needed to measure (a compress work folder holding the original's Hessians)")
+    with_imatrix = bool(split(args.llama_imatrix))  # the Hessians serve only llama.cpp's importance matrix
+    if args.work is None and with_imatrix:
+        sys.exit("peers_files: --work is needed for --llama-imatrix (a compress work folder holding the original's Hessians)")
     folders = [Path(f) for f in split(args.tightfit)]
     for f in folders:
         if not (f / "manifest.json").is_file():
@@ -179,7 +190,9 @@ def main() -> None:
         if not args.name or not json_path.is_file():
             sys.exit(f"peers_files: --add needs an earlier run's {json_path} to merge into")
         earlier = json.loads(json_path.read_text())
-        same = {"model": args.model, "evaluation": config_to_json(eval_config), "calibration": config_to_json(calib_config)}
+        same = {"model": args.model, "evaluation": config_to_json(eval_config)}
+        if with_imatrix:  # its importance matrices join the earlier ones: the same calibration
+            same["calibration"] = config_to_json(calib_config)
         for key, value in same.items():
             if earlier.get(key) != value:
                 sys.exit(f"peers_files: --add: {json_path} has another {key} ({earlier.get(key)} vs {value}); "
@@ -191,13 +204,15 @@ def main() -> None:
     cache = ROOT / ".cache" / f"peers-{args.model}"
     cache.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.model, streamed=False)
-    files = args.work / "hessians"  # a streamed model's, one file per block, else one file
-    hessians = (calibrate_stage.load_hessian_files(files, loaded, calib_config) if files.is_dir()
-                else calibrate_stage.load_hessians(args.work / "hessians.safetensors", loaded, calib_config))
-    if hessians is None:
-        sys.exit(f"peers_files: {args.work}/hessians holds no Hessians of {args.model} for this calibration")
-    imatrix = imatrix_entries(loaded, hessians)
-    del hessians
+    imatrix = None
+    if with_imatrix:
+        files = args.work / "hessians"  # a streamed model's, one file per block, else one file
+        hessians = (calibrate_stage.load_hessian_files(files, loaded, calib_config) if files.is_dir()
+                    else calibrate_stage.load_hessians(args.work / "hessians.safetensors", loaded, calib_config))
+        if hessians is None:
+            sys.exit(f"peers_files: {args.work}/hessians holds no Hessians of {args.model} for this calibration")
+        imatrix = imatrix_entries(loaded, hessians)
+        del hessians
     n_weights = sum(p.numel() for p in loaded.model.parameters())
     src = f32_gguf(loaded, cache)
     windows = eval_windows(loaded.tokenizer, eval_config)
@@ -208,7 +223,8 @@ def main() -> None:
     del loaded
     gc.collect()
 
-    entries = run_tightfit(folders, n_weights, windows, logp)
+    run_calibration = (earlier or {}).get("calibration") or config_to_json(calib_config)
+    entries = run_tightfit(folders, n_weights, windows, logp, run_calibration)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         entries += run_llama(src, split(args.llama), None, "llama.cpp", n_weights, windows, logp, Path(tmp))
         entries += run_llama(src, split(args.llama_imatrix), imatrix, "llama.cpp+imatrix", n_weights, windows, logp, Path(tmp))

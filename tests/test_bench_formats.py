@@ -12,6 +12,7 @@ import pytest
 from bench_rows import MACHINE, Q4_1, _entry  # noqa: F401  (puts bench/ on the import path)
 
 import common  # noqa: E402
+import formats_plans  # noqa: E402
 import peers_report  # noqa: E402
 import source_grid  # noqa: E402
 
@@ -245,9 +246,9 @@ def test_formats_plans_mix_the_candidates_within_the_budget_and_resume(tiny_mode
     out = tmp_path / "packed"
     out.mkdir()
     candidates = ["w2g32-sym", "w8g32-sym"]  # 2.5 and 8.5 bits/weight: a 4.0 budget must mix them
-    formats.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [4.0], candidates, out, progress)
+    formats_plans.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [4.0], candidates, out, progress)
     (e,) = progress.entries
-    assert e.name == formats.plan_name(4.0, candidates) != formats.plan_name(4.0) == "plan-4"  # other candidates: another entry
+    assert e.name == formats_plans.plan_name(4.0, candidates) != formats_plans.plan_name(4.0) == "plan-4"  # other candidates: another entry
     assert e.name.startswith("plan-4-") and formats_report.family(e.name) == formats_report.PLAN
     assert 2.5 < e.bits_per_weight <= 4.0 + 1e-9 and set(e.types) == set(candidates)
     assert sum(e.types.values()) == len(hessians.hessians) and 0 < e.kl < 10 and not math.isnan(e.kl_held_back)
@@ -256,11 +257,11 @@ def test_formats_plans_mix_the_candidates_within_the_budget_and_resume(tiny_mode
     (work,) = (tmp_path / "cache").iterdir()
     assert {"hessians.safetensors", "sensitivity.json", "planning-seconds.json"} <= {p.name for p in work.iterdir()}
     # another budget plans from the cached sensitivities; its note gives the time they took when measured
-    formats.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [5.0], candidates, out, progress)
+    formats_plans.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [5.0], candidates, out, progress)
     swept = json.loads((work / "planning-seconds.json").read_text())["seconds"]
     assert f"(cached sensitivities, measured in {swept:.0f} s)" in progress.entries[1].note
     # resumed: nothing planned or measured again
-    monkeypatch.setattr(formats, "peers", None)
+    monkeypatch.setattr(formats_plans, "peers", None)
     again = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
-    formats.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [4.0], candidates, out, again)
+    formats_plans.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [4.0], candidates, out, again)
     assert [x.kl for x in again.entries] == [x.kl for x in progress.entries]

@@ -386,3 +386,17 @@ def test_speed_sets_every_other_format_beside_the_uniform_one_of_nearest_bytes()
     assert "| w4g32-sym | 94.0 | 90.0 | 110% | 100% |" in next(x for x in lines if x.startswith("| nl4g32 |"))
     assert not any(x.startswith(("| w3g64 |", "| Q3_K_S |")) for x in lines)
     assert speed.equal_bytes_lines(rows[2:]) == []
+
+
+def test_peers_files_names_a_plan_calibrated_otherwise():
+    """bench/peers_files.py --add scores files whose calibration may differ from the run's (whose
+    Hessians made llama.cpp's importance matrices): the entry's note says how, and only then."""
+    import peers_files
+
+    run = config_to_json(CalibrationConfig(forward_dtype="bf16"))
+    assert peers_files.calibration_note(dict(run), run) == ""
+    assert peers_files.calibration_note(config_to_json(CalibrationConfig(forward_dtype="fp32")), run) == \
+        "; calibrated with forward_dtype fp32"
+    other = config_to_json(CalibrationConfig(text="wiki,code", n_samples=128, forward_dtype="bf16"))
+    assert peers_files.calibration_note(other, run) == "; calibrated with text wiki,code, n_samples 128"
+    assert peers_files.calibration_note(None, run) == "; not calibrated"
