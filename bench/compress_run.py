@@ -88,8 +88,8 @@ def markdown(name: str, payload: dict) -> str:
     cells = [f"{payload['wall_seconds'] / 60:.1f}", f"{payload['peak_rss_bytes'] / 1e9:.2f}", f"{fp16 / 1e9:.2f}",
              f"{payload['peak_rss_bytes'] / fp16:.2f}", "-" if not limit else f"{limit:g}",
              str(payload["exit_status"]), *(f"{v:.0f}" for v in seconds.values()),
-             f"{summary.get('bits_per_weight', float('nan')):.3f}", f"{ev.get('kl', float('nan')):.4f}",
-             f"{ev.get('top1', float('nan')):.3f}", f"{ev.get('ppl', float('nan')):.3f}"]
+             *(f"{d[k]:.{n}f}" if k in d else "-" for d, k, n in
+               ((summary, "bits_per_weight", 3), (ev, "kl", 4), (ev, "top1", 3), (ev, "ppl", 3)))]  # "-": not evaluated
     lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Peak RSS is the child's ru_maxrss (every page it touched, the model file's included)."]
     if limit:

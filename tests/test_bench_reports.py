@@ -287,6 +287,8 @@ def test_compress_run_notes_are_printed_under_the_table(monkeypatch, tmp_path):
     md = compress_run.markdown("big", payload)
     assert "| 30.0 | 6.00 | 3.00 | 2.00 | - | 0 | 2 | 1579 | 3.000 | 0.4857 | 0.687 | 15.040 |" in md
     assert "Caveats" not in md
+    unscored = {**payload, "report": {**payload["report"], "evaluation": None}}  # --no-eval: "-", never nan
+    assert "| 1579 | 3.000 | - | - | - |" in compress_run.markdown("big", unscored)
     noted = compress_run.markdown("big", {**payload, "notes": ["shared machine", "second note"]})
     assert noted == md + "\n## Caveats\n\n- shared machine\n- second note\n"
 
