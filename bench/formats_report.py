@@ -152,7 +152,9 @@ def preset_rows(entries: list[Entry], presets, rival_peer: str = RIVAL_PEER) -> 
         pool = [] if rv is None else [e for e in scored(entries) if e.peer == "tightfit" and not e.source_grid
                                       and e.bits_per_weight <= rv.bits_per_weight + NO_MORE_BITS]
         tf = min(pool, key=selection_kl, default=None)
-        out.append({"preset": name, "rival": brief(rv), "tightfit": brief(tf), "tightfit_wins": wins(tf, rv)})
+        on_grid = rv is None and any(e.peer == rival_peer and e.name == name and e.source_grid for e in entries)
+        out.append({"preset": name, "rival": brief(rv), "tightfit": brief(tf), "tightfit_wins": wins(tf, rv),
+                    "source_grid": on_grid})
     return out
 
 
@@ -250,7 +252,7 @@ def class_table(rows: list[dict], rival_peer: str = RIVAL_PEER) -> list[str]:
 def preset_table(rows: list[dict], rival_peer: str = RIVAL_PEER) -> list[str]:
     lines = [f"| {rival_peer} | KL (bpw) | tightfit at no more bits: KL (bpw) | tightfit lower |", "|---|---|---|---|"]
     for r in rows:
-        rv = "not measured or failed" if r["rival"] is None else f"{r['rival']['kl']:.4f} ({r['rival']['bits_per_weight']:.2f})"
+        rv = ("on the source's grid: no evidence" if r.get("source_grid") else "not measured or failed") if r["rival"] is None else f"{r['rival']['kl']:.4f} ({r['rival']['bits_per_weight']:.2f})"
         lines.append(f"| {r['preset']} | {rv} | {cell(r['tightfit'])} | "
                      f"{'n/a' if r['tightfit_wins'] is None else ('yes' if r['tightfit_wins'] else 'no')} |")
     return lines

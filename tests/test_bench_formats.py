@@ -265,3 +265,15 @@ def test_formats_plans_mix_the_candidates_within_the_budget_and_resume(tiny_mode
     again = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
     formats_plans.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [4.0], candidates, out, again)
     assert [x.kl for x in again.entries] == [x.kl for x in progress.entries]
+
+
+def test_a_preset_on_the_source_grid_says_so_in_the_preset_table():
+    import formats_report
+
+    on_grid = _entry(formats_report.RIVAL_PEER, "Q4_K_M", 5.0, 0.006)
+    on_grid.source_grid = True
+    entries = [on_grid, _entry("tightfit", "plan", 4.5, 0.03)]
+    rows = formats_report.preset_rows(entries, ["Q4_K_M", "IQ4_XS"])
+    table = "\n".join(formats_report.preset_table(rows))
+    assert "| Q4_K_M | on the source's grid: no evidence | - | n/a |" in table
+    assert "| IQ4_XS | not measured or failed | - | n/a |" in table
