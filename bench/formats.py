@@ -55,8 +55,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
-from formats_plans import PLAN_BUDGETS, PLAN_CANDIDATES, measure_plans, plan_name  # noqa: E402
 from common import RESULTS, SELECT_WINDOWS, machine_info, windows_help, write_results  # noqa: E402
+from formats_plans import PLAN_BUDGETS, PLAN_CANDIDATES, measure_plans, plan_name  # noqa: E402
 from formats_report import (  # noqa: E402
     RIVAL_PEER, Member, big_payload, choose_members, format_bits, markdown, recipes, verdicts,
 )

@@ -252,7 +252,8 @@ def class_table(rows: list[dict], rival_peer: str = RIVAL_PEER) -> list[str]:
 def preset_table(rows: list[dict], rival_peer: str = RIVAL_PEER) -> list[str]:
     lines = [f"| {rival_peer} | KL (bpw) | tightfit at no more bits: KL (bpw) | tightfit lower |", "|---|---|---|---|"]
     for r in rows:
-        rv = ("on the source's grid: no evidence" if r.get("source_grid") else "not measured or failed") if r["rival"] is None else f"{r['rival']['kl']:.4f} ({r['rival']['bits_per_weight']:.2f})"
+        missing = "on the source's grid: no evidence" if r.get("source_grid") else "not measured or failed"
+        rv = missing if r["rival"] is None else f"{r['rival']['kl']:.4f} ({r['rival']['bits_per_weight']:.2f})"
         lines.append(f"| {r['preset']} | {rv} | {cell(r['tightfit'])} | "
                      f"{'n/a' if r['tightfit_wins'] is None else ('yes' if r['tightfit_wins'] else 'no')} |")
     return lines

@@ -8,7 +8,7 @@ model's decode around them.
 Each packed folder's layer is taken into kernel layout as the engine loads it
 (`layout.from_quantized`); each variant's kernel library is built (or found in the build cache)
 and loaded by `build.load(defines=...)`, as bench/kernel_ab.py does. One timing = `reps`
-back-to-back calls inside the library (`tf_time_matmul`); every (folder, variant) pair is timed
+back-to-back calls inside the library (`kernels.time_matmul`); every (folder, variant) pair is timed
 once per round, round-robin, so that this shared machine's drifts hit all of them alike, and the
 first round warms up. --no-outliers adds each SpQR layer again without its outlier table (the cost
 of the outliers = with minus without). Prints best and median ns per call and ns per weight, and
@@ -24,13 +24,11 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_ab import load_variants  # noqa: E402
 
 from tightfit.formats.packed import load_packed  # noqa: E402
-from tightfit.runtime.kernels import KernelMatrix, from_quantized  # noqa: E402
+from tightfit.runtime.kernels import KernelMatrix, from_quantized, time_matmul  # noqa: E402
 
 OUTLIER_FIELDS = ("outlier_tiles", "outlier_entries", "outlier_masks", "outlier_cols", "outlier_values")
 
@@ -54,16 +52,13 @@ def matrices(folders: list[str], layer: str, no_outliers: bool) -> dict[str, Ker
 def time_pairs(mats: dict[str, KernelMatrix], libs: dict[str, ctypes.CDLL], rounds: int, reps: int,
                threads: int) -> dict[tuple[str, str], list[float]]:
     """(matrix label, variant) -> seconds per call of each round after the first, round-robin."""
-    x = torch.randn(1, max(m.shape[1] for m in mats.values()), generator=torch.Generator().manual_seed(0))
-    y = torch.empty(1, max(m.shape[0] for m in mats.values()), dtype=torch.float32)
-    structs = {label: m.struct() for label, m in mats.items()}  # the matrices own the tensors they point into
     out: dict[tuple[str, str], list[float]] = {(a, v): [] for a in mats for v in libs}
     for rnd in range(rounds):
-        for label in mats:
+        for label, m in mats.items():
             for v, lib in libs.items():
-                s = lib.tf_time_matmul(ctypes.byref(structs[label]), 1, x.data_ptr(), 1, y.data_ptr(), threads, reps)
+                s = time_matmul(m, 1, threads=threads, reps=reps, lib=lib)
                 if rnd:
-                    out[(label, v)].append(float(s))
+                    out[(label, v)].append(s)
     return out
 
 

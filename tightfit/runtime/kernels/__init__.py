@@ -41,11 +41,13 @@ def matmul(w: KernelMatrix, x: torch.Tensor, *, threads: int = 1, portable: bool
     return y
 
 
-def time_matmul(w: KernelMatrix | Sequence[KernelMatrix], m: int, *, threads: int = 1, reps: int = 100) -> float:
+def time_matmul(w: KernelMatrix | Sequence[KernelMatrix], m: int, *, threads: int = 1, reps: int = 100,
+                lib: ctypes.CDLL | None = None) -> float:
     """Seconds per [m, K] x W^T call, timed inside the library over `reps` back-to-back calls.
 
     w: one matrix, or copies of one (same shape and kind) that the calls cycle through; copies
     larger together than the last-level cache make every call read its weights from memory.
+    lib: a kernel build loaded by build.load (e.g. with other tuning macros); None: the default build.
     """
     mats = [w] if isinstance(w, KernelMatrix) else list(w)
     n, k = mats[0].shape
@@ -53,7 +55,7 @@ def time_matmul(w: KernelMatrix | Sequence[KernelMatrix], m: int, *, threads: in
     structs = (TfMat * len(mats))(*[x.struct() for x in mats])
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(0))
     y = torch.empty(m, n, dtype=torch.float32)
-    return float(_lib(False).tf_time_matmul(structs, len(mats), x.data_ptr(), m, y.data_ptr(), threads, reps))
+    return float((lib or _lib(False)).tf_time_matmul(structs, len(mats), x.data_ptr(), m, y.data_ptr(), threads, reps))
 
 
 def dequantize(w: KernelMatrix, *, portable: bool | str = False) -> torch.Tensor:
