@@ -279,6 +279,7 @@ def test_plan_report_says_what_it_was_calibrated_on(tiny_model_dir: Path, tiny_t
 
 def test_calib_dtype_auto_is_bf16_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
+    import warnings
 
     from tightfit.cli import common
 
@@ -287,5 +288,10 @@ def test_calib_dtype_auto_is_bf16_where_the_cpu_has_it(monkeypatch: pytest.Monke
     for native, dtype in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(common, "native_bf16", lambda native=native: native)
         assert common._calibration_config(args).forward_dtype == dtype
-        for explicit in ("fp32", "bf16"):  # an explicit choice stands either way
-            assert common._calibration_config(argparse.Namespace(**{**vars(args), "calib_dtype": explicit})).forward_dtype == explicit
+        for explicit in ("fp32", "bf16"):  # an explicit choice stands either way, with a warning where bf16 is emulated
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                config = common._calibration_config(argparse.Namespace(**{**vars(args), "calib_dtype": explicit}))
+            assert config.forward_dtype == explicit
+            slow = [w for w in caught if "without native bf16" in str(w.message)]
+            assert len(slow) == (1 if explicit == "bf16" and not native else 0)
