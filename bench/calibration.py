@@ -109,10 +109,10 @@ def llama_candidates(loaded, hessians, types, folder: Path, label: str, ctx: int
     """llama.cpp + imatrix (diag(H)/2 of `hessians`) in each type, as evaluate.Scorers, their rows,
     and a line for each type llama.cpp refused."""
     import llamacpp
-    import peers
+    import peers_runs
 
-    src = peers.f32_gguf(loaded, peers.CACHE / loaded.source.sha256()[:16])  # one F32 GGUF per source model
-    imatrix = peers.imatrix_entries(loaded, hessians)
+    src = peers_runs.f32_gguf(loaded, peers_runs.CACHE / loaded.source.sha256()[:16])  # one F32 GGUF per source model
+    imatrix = peers_runs.imatrix_entries(loaded, hessians)
     scorers, rows, failed = {}, [], []
     for t in types:
         dst = folder / f"{label}-{t}.gguf".replace(" ", "_")

@@ -7,7 +7,7 @@ formats), on the default model and the same held-out windows, each scored throug
     .venv/bin/python bench/formats.py --report-only   # formats.md again from formats.json, measuring nothing
     .venv/bin/python bench/formats.py --partial       # formats.md from a stopped run's saved progress
 
-What it measures (the machinery is bench/peers.py's: its Scorer, GPTQ from the cached Hessians of the
+What it measures (the machinery is bench/peers_runs.py's: its Scorer, GPTQ from the cached Hessians of the
 original, llama.cpp's quantizer with an importance matrix = diag(H)/2 of the same Hessians):
 - the families are the format registry's (tightfit.formats.registry.FAMILY_MEMBERS, what `tightfit
   formats` lists), named by their varying fields: w{b}g{g} (uniform asymmetric), w{b}g{g}-sym,
@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402
+import peers_runs  # noqa: E402
 from common import RESULTS, SELECT_WINDOWS, machine_info, windows_help, write_results  # noqa: E402
 from formats_plans import PLAN_BUDGETS, PLAN_CANDIDATES, measure_plans, plan_name  # noqa: E402
 from formats_report import (  # noqa: E402
@@ -139,23 +139,23 @@ class Progress:
 
 def measure_formats(loaded, calibration, hessians, scorer, names: list[str], out: Path, progress: Progress,
                     fp32_ref: bool = False) -> None:
-    """GPTQ of every format in `names` from `hessians` (peers.run_tightfit), scored through the engine
+    """GPTQ of every format in `names` from `hessians` (peers_runs.run_tightfit), scored through the engine
     (fp32_ref: also the dequantized torch model, a second pass); each packed folder is deleted once scored."""
     for name in names:
         if progress.has("tightfit", name):
             continue
-        entries, folders = peers.run_tightfit(loaded, calibration, hessians, [name], scorer, out, fp32_ref)
+        entries, folders = peers_runs.run_tightfit(loaded, calibration, hessians, [name], scorer, out, fp32_ref)
         progress.add(entries)
         for folder in folders.values():
             shutil.rmtree(folder)
 
 
 def measure_llama(src: Path, types: list[str], imatrix, scorer, out: Path, progress: Progress) -> None:
-    """llama.cpp + imatrix of every type (peers.run_llama), scored through llama.cpp; each file deleted once scored."""
+    """llama.cpp + imatrix of every type (peers_runs.run_llama), scored through llama.cpp; each file deleted once scored."""
     for t in types:
         if progress.has(RIVAL_PEER, t):
             continue
-        entries, paths = peers.run_llama(src, [t], imatrix, scorer, out, RIVAL_PEER)
+        entries, paths = peers_runs.run_llama(src, [t], imatrix, scorer, out, RIVAL_PEER)
         progress.add(entries)
         for path in paths.values():
             path.unlink()
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     import llama_cpp
 
     t0 = time.time()
-    loaded, calib_config, eval_config, calibration, hessians, scorer = peers.prepare(args.model, args.windows, args.select_windows)
+    loaded, calib_config, eval_config, calibration, hessians, scorer = peers_runs.prepare(args.model, args.windows, args.select_windows)
     members, grids, shapes = members_for(loaded, families, args.per_channel)
     names = by_target(members, recipes(members, args.with_source_grid), dq_names(split(args.dq), shapes))
     types = split(args.llama_imatrix)
@@ -251,17 +251,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     progress = Progress(progress_path(args.name or "formats"), key, args.fresh)
     if args.partial and progress.engine_floors is None:
         sys.exit(f"formats: --partial needs a run's saved progress ({progress.path}) with this model, calibration and windows")
-    with tempfile.TemporaryDirectory(dir=peers.CACHE) as tmp:
+    with tempfile.TemporaryDirectory(dir=peers_runs.CACHE) as tmp:
         if args.partial:
             t0 = None  # measure nothing: report what the saved progress holds
         else:
-            f32_dir = peers.CACHE / f"f32-{key['source_sha256'][:16]}"  # this model's own F32 GGUF
+            f32_dir = peers_runs.CACHE / f"f32-{key['source_sha256'][:16]}"  # this model's own F32 GGUF
             f32_dir.mkdir(parents=True, exist_ok=True)
-            src = peers.f32_gguf(loaded, f32_dir)
+            src = peers_runs.f32_gguf(loaded, f32_dir)
             if progress.engine_floors is None:
-                progress.engine_floors = peers.engine_floors(loaded, src, scorer)
+                progress.engine_floors = peers_runs.engine_floors(loaded, src, scorer)
                 progress.save()
-            measure_llama(src, types, peers.imatrix_entries(loaded, hessians), scorer, Path(tmp), progress)
+            measure_llama(src, types, peers_runs.imatrix_entries(loaded, hessians), scorer, Path(tmp), progress)
             for candidates in candidate_sets:
                 measure_plans(args.model, loaded, calibration, hessians, scorer, budgets, candidates, Path(tmp),
                               progress, args.fp32_ref)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import peers
+import peers_runs
 from tightfit.formats.files import atomic_write_json
 from tightfit.formats.registry import parse_format
 
@@ -50,7 +50,7 @@ def measure_plans(model: str, loaded, calibration, hessians, scorer, budgets: li
     todo = {name: b for name, b in names.items() if not progress.has("tightfit", name)}
     if not todo:
         return
-    work = peers.CACHE / f"plans-{hessians.source_sha256[:16]}-{'-'.join(candidates)}"
+    work = peers_runs.CACHE / f"plans-{hessians.source_sha256[:16]}-{'-'.join(candidates)}"
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "hessians.safetensors").exists():
         save_hessians(hessians, work / "hessians.safetensors")  # the run's own: make_plan reads them, collects nothing
@@ -65,7 +65,7 @@ def measure_plans(model: str, loaded, calibration, hessians, scorer, budgets: li
             atomic_write_json(timing, {"seconds": plan_s})
         swept = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
         config = QuantizeConfig(fmt=parse_format(candidates[0]), method="gptq", plan=report.plan.quantized)
-        entries, folders = peers.run_tightfit(loaded, calibration, hessians, {name: config}, scorer, out, fp32_ref, ready=report.ready)
+        entries, folders = peers_runs.run_tightfit(loaded, calibration, hessians, {name: config}, scorer, out, fp32_ref, ready=report.ready)
         for e in entries:
             e.note = (f"{PLAN_SENSITIVITY} plan from {', '.join(candidates)}; planning {plan_s:.0f} s "
                       f"({report.sensitivity_origin} sensitivities"

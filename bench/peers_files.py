@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
 from common import RESULTS, machine_info, machine_line, protocol_line, windows_help, write_results  # noqa: E402
 from source_grid import grids_from_json, grids_json, source_grids  # noqa: E402
-from peers import f32_gguf, imatrix_entries  # noqa: E402
+from peers_runs import f32_gguf, imatrix_entries  # noqa: E402
 from peers_report import (  # noqa: E402
     Entry, grid_bullet, mark_source_grid, pareto_front, plot, saved_run, types_note, verdict_line, verdicts,
 )

@@ -187,7 +187,7 @@ def test_formats_big_section_renders_from_a_peers_files_run(tmp_path):
 def test_formats_measures_through_the_engine_and_resumes(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
     import formats
     import formats_report
-    import peers
+    import peers_runs
 
     from tightfit.evaluate import eval_windows
     from tightfit.formats.registry import every_format
@@ -197,7 +197,7 @@ def test_formats_measures_through_the_engine_and_resumes(tiny_model_dir, tiny_te
     calibration, held_back = calibrate_stage.calibrate_with_held_back(
         loaded.tokenizer, CalibrationConfig(text=str(tiny_text_file), n_samples=4, seq_len=32), 1)
     hessians = calibrate_stage.collect_hessians(loaded, calibration)
-    scorer = peers.Scorer(loaded.model, eval_windows(loaded.tokenizer, EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32)),
+    scorer = peers_runs.Scorer(loaded.model, eval_windows(loaded.tokenizer, EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32)),
                           held_back)
     members = formats_report.choose_members(every_format(), list(linear_layer_shapes(loaded).values()), ())
     names = [m.name for m in members if m.target == 4.5 and m.family in ("w{b}g{g}-sym", "nl4g{g}")]
@@ -213,7 +213,7 @@ def test_formats_measures_through_the_engine_and_resumes(tiny_model_dir, tiny_te
         assert e.note == ""  # both run on the engine's kernels
     assert list(out.iterdir()) == []  # packed folders deleted once scored
     # a second run with the same key resumes: nothing is quantized again; another key starts over
-    monkeypatch.setattr(peers, "run_tightfit", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(peers_runs, "run_tightfit", lambda *a: pytest.fail("measured again"))
     again = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
     formats.measure_formats(loaded, calibration, hessians, scorer, names, out, again)
     assert [e.kl for e in again.entries] == [e.kl for e in progress.entries]
@@ -231,16 +231,16 @@ def test_formats_measures_through_the_engine_and_resumes(tiny_model_dir, tiny_te
 def test_formats_plans_mix_the_candidates_within_the_budget_and_resume(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
     import formats
     import formats_report
-    import peers
+    import peers_runs
 
     from tightfit.evaluate import eval_windows
 
-    monkeypatch.setattr(peers, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(peers_runs, "CACHE", tmp_path / "cache")
     loaded = load_model(str(tiny_model_dir))
     config = CalibrationConfig(text=str(tiny_text_file), n_samples=8, seq_len=32)  # the planner's 8 Fisher windows
     calibration, held_back = calibrate_stage.calibrate_with_held_back(loaded.tokenizer, config, 1)
     hessians = calibrate_stage.collect_hessians(loaded, calibration)
-    scorer = peers.Scorer(loaded.model, eval_windows(loaded.tokenizer, EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32)),
+    scorer = peers_runs.Scorer(loaded.model, eval_windows(loaded.tokenizer, EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32)),
                           held_back)
     progress = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
     out = tmp_path / "packed"
@@ -261,7 +261,7 @@ def test_formats_plans_mix_the_candidates_within_the_budget_and_resume(tiny_mode
     swept = json.loads((work / "planning-seconds.json").read_text())["seconds"]
     assert f"(cached sensitivities, measured in {swept:.0f} s)" in progress.entries[1].note
     # resumed: nothing planned or measured again
-    monkeypatch.setattr(formats_plans, "peers", None)
+    monkeypatch.setattr(formats_plans, "peers_runs", None)
     again = formats.Progress(tmp_path / "progress.json", {"model": "tiny"})
     formats_plans.measure_plans(str(tiny_model_dir), loaded, calibration, hessians, scorer, [4.0], candidates, out, again)
     assert [x.kl for x in again.entries] == [x.kl for x in progress.entries]

@@ -201,7 +201,7 @@ def test_quantize_and_evaluate_scores_through_the_engine(tiny_model_dir, tiny_te
 
 
 def test_peers_scorer_engine_floor_and_a_packed_entry(tiny_model_dir, tiny_text_file, tmp_path):
-    import peers
+    import peers_runs
 
     from tightfit.cli import main
     from tightfit.evaluate import eval_windows
@@ -212,16 +212,16 @@ def test_peers_scorer_engine_floor_and_a_packed_entry(tiny_model_dir, tiny_text_
     windows = eval_windows(loaded.tokenizer, EvalConfig(text=str(tiny_text_file), n_windows=2, ctx=32))
     _, held_back = calibrate_stage.calibrate_with_held_back(
         loaded.tokenizer, CalibrationConfig(text=str(tiny_text_file), n_samples=2, seq_len=32), 1)
-    scorer = peers.Scorer(loaded.model, windows, held_back, {"again": windows})
+    scorer = peers_runs.Scorer(loaded.model, windows, held_back, {"again": windows})
     floor = peers_report.Entry("floor", "tightfit engine fp32", 32.0, 0.0)
-    scorer.score(peers.engine_scorer(peers.original_packed(loaded), scorer, floor), floor)
+    scorer.score(peers_runs.engine_scorer(peers_runs.original_packed(loaded), scorer, floor), floor)
     assert floor.kl < 1e-5 and floor.top1 > 0.99 and floor.ppl == pytest.approx(scorer.reference_ppl, rel=1e-3)
 
     assert main(["compress", str(tiny_model_dir), "--format", "w3g32", "--method", "rtn", "--no-eval",
                  "--out", str(tmp_path / "packed")]) == 0
     packed = load_packed(tmp_path / "packed")
     entry = peers_report.Entry("tightfit", "w3g32", 3.59, 1.0)
-    scorer.score(peers.engine_scorer(packed, scorer, entry), entry, fp32=build_model(packed))
+    scorer.score(peers_runs.engine_scorer(packed, scorer, entry), entry, fp32=build_model(packed))
     assert entry.kl > 10 * floor.kl and entry.kl == pytest.approx(entry.kl_fp32, rel=0.05)
     assert not math.isnan(entry.kl_held_back) and entry.note == ""
     assert entry.kl_texts == {"again": pytest.approx(entry.kl, rel=1e-6)}  # the same windows as another text
