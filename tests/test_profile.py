@@ -17,6 +17,7 @@ from tightfit.formats.grid import GridFormat
 from tightfit.formats.registry import parse_format
 from tightfit.formats.table import QuantFormat
 from tightfit.model import load_model
+from tightfit.pipeline import DEFAULT_CANDIDATES
 from tightfit.runtime.kernels import layout as kernel_layout
 from tightfit.stages import profile as profile_stage
 from tightfit.stages.allocate import Budget
@@ -316,9 +317,10 @@ def test_profile_command_prints_kernel_and_in_context_times(tiny_model_dir, tmp_
     assert main(["profile", str(tiny_model_dir), "--threads", "1", "--work", str(tmp_path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     scales = next(line for line in printed.splitlines() if line.startswith("in-context scale"))
-    assert "w2g64 " in scales and "w6g128 " in scales and "fixed part" in printed
+    first, last = DEFAULT_CANDIDATES[0], DEFAULT_CANDIDATES[-1]  # the planner's candidates, every one timed
+    assert f"{first} " in scales and f"{last} " in scales and "fixed part" in printed
     table = LatencyTable.from_json(json.loads(out.read_text()))
-    assert set(table.context_scale) >= {"w2g64", "w6g128"} and all(v > 0 for v in table.context_scale.values())
+    assert set(table.context_scale) >= set(DEFAULT_CANDIDATES) and all(v > 0 for v in table.context_scale.values())
 
 
 # ---- --context and --kv: the fixed part at the decode the latency limit is for ---------------------

@@ -30,15 +30,16 @@ from tightfit.stages.allocate import Budget, Plan
 from tightfit.stages.profile import LatencyTable, ProfileConfig
 from tightfit.stages.sensitivity import METHODS, SensitivityTable
 
-# nl4g32 (a fixed non-uniform grid, 4.5 bits/weight): GPTQ on smollm2-135m, 8 wiki windows (2026-11-26), KL 0.096
-# against 0.177 for w4g32-sym of equal bytes (the symmetric uniform grid; asymmetric 4-bit g32 is the
-# source's own Q4_1 grid there and no evidence).
-# Six candidates, not all nine that were tried: on smollm2-135m's measured table (9 formats, one
-# held-back window, 2026-11-27) plans without w2g32, w3g32 and w4g64 (each between two neighbours
-# kept here) are predicted 0.6-1.2 % worse at 2.5 to 4.5 bits/weight, while every candidate costs a
-# GPTQ sweep of every layer and a scale probe per layer kind (a third of the sensitivity stage's
-# time); without nl4g32, the slowest to sweep, 0.2-7 % worse. `--candidates` takes any list.
-DEFAULT_CANDIDATES = ("w2g64", "w3g128", "w3g64", "w4g128", "nl4g32", "w6g128")
+# Issue 13's formats: SpQR (2- and 3-bit groups of 32 with 3-bit statistics and 0.5 % exact outliers),
+# the fixed non-linear 4-bit grid with double-quantized scales, a learned 16-entry table per row, and
+# w6g128 for the few layers that need more. Against the earlier uniform set (w2g64, w3g128, w3g64,
+# w4g128, nl4g32, w6g128), same Hessians and protocol: smollm2-135m at 3.5 bits/weight KL 0.217 vs
+# 0.272 (64 windows); the README's main job (70 MB, 32 windows) 0.205 vs 0.256 at 14.3 vs 11.5 min
+# on an AVX2-only EPYC (the sweep 5.3 vs 2.3 min: SpQR's GPTQ is the slow part); qwen2.5-coder-1.5b
+# at 3.0 bits/weight 0.266 vs 0.548, at 3.5 0.129 vs 0.138 (16 windows). SpQR decodes slower than
+# a uniform grid of equal bytes; a latency budget sees that through the profile. `--candidates`
+# takes any list (e.g. the earlier set for a faster sweep).
+DEFAULT_CANDIDATES = ("spqr-w2g32-s3-o0.5", "spqr-w3g32-s3-o0.5", "nl4g32-dq", "lut4g32", "w6g128")
 # The embeddings and head: unquantized, or a format the engine has a kernel for (8 to 2 bits; the
 # engine gathers embedding rows of any of them). Below 4 bits they are for tight budgets: on
 # smollm2-135m's tied embedding 3 bits costs ~0.34 nats/token, and a plan takes them only where the
