@@ -237,24 +237,29 @@ UNIFORM = re.compile(r"w\d+g\d+(-sym)?$")  # a plain uniform grid: codes, fp16 s
 
 def equal_bytes_lines(rows: list[dict]) -> list[str]:
     """Every other tightfit format (grids, learned tables, SpQR, -dq) beside the plain uniform format of
-    this run nearest to it in weight bytes read per token: the decode ratio, and the ratio of their
-    roofline fractions (which takes out the few percent of bytes between them); none without both kinds."""
+    this run nearest to it in weight bytes read per token: the decode ratio (of the medians), the median of
+    the rounds' ratios (each round times both, a minute apart at most: the machine's slower drifts cancel),
+    and the ratio of their roofline fractions (which takes out the few percent of bytes between them);
+    none without both kinds."""
     ours = [r for r in rows if r["engine"] == "tightfit"]
     uniform = [r for r in ours if UNIFORM.match(r["model"])]
     others = [r for r in ours if not UNIFORM.match(r["model"])]
     if not uniform or not others:
         return []
     lines = ["| format | weights MB/token | decode tok/s | uniform of nearest bytes | its MB/token | its decode tok/s | "
-             "decode ratio | roofline-fraction ratio |", "|---|---|---|---|---|---|---|---|"]
+             "decode ratio | per-round ratio, median (range) | roofline-fraction ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in others:
         u = min(uniform, key=lambda u: abs(u["weight_bytes"] - r["weight_bytes"]))
+        paired = [a / b for a, b in zip(r.get("decode_runs", []), u.get("decode_runs", []))]
+        per_round = f"{statistics.median(paired):.0%} ({min(paired):.0%}-{max(paired):.0%})" if paired else "-"
         lines.append(f"| {r['model']} | {r['weight_bytes'] / 1e6:.1f} | {r['decode_tok_s']:.1f} | {u['model']} | "
                      f"{u['weight_bytes'] / 1e6:.1f} | {u['decode_tok_s']:.1f} | {r['decode_tok_s'] / u['decode_tok_s']:.0%} | "
-                     f"{r['roofline_fraction'] / u['roofline_fraction']:.0%} |")
+                     f"{per_round} | {r['roofline_fraction'] / u['roofline_fraction']:.0%} |")
     return lines + ["", "Weights MB/token are what the engine reads: `-dq` files keep 6-bit scale codes but are expanded to "
                         "fp16 scales at load, so they read and run as their base format (their file is smaller, not their "
                         "decode); SpQR's include its statistics records and outlier tables. One run: the two ratio columns "
-                        "of one format differ by the run-to-run drift of this machine."]
+                        "of one format differ by the run-to-run drift of this machine; the per-round one is the least "
+                        "affected by it."]
 
 
 def no_larger_lines(rows: list[dict]) -> list[str]:

@@ -124,20 +124,21 @@ def test_speed_times_the_formats_asked_for_with_the_setups_head():
 
 def test_speed_sets_every_other_format_beside_the_uniform_one_of_nearest_bytes():
     """equal_bytes_lines: each grid / learned table / SpQR / -dq row against the plain uniform row nearest in
-    weight bytes per token (llama.cpp rows and other uniform rows never count), with both ratios; no
-    uniform row: no table."""
+    weight bytes per token (llama.cpp rows and other uniform rows never count), with the three ratios (the
+    per-round one from each round's pair of runs, or `-` where the rows keep no runs); no uniform row: no table."""
     import speed
 
-    def row(engine, model, mb, tok_s, frac):
-        return {"engine": engine, "model": model, "weight_bytes": mb * 1e6, "decode_tok_s": tok_s, "roofline_fraction": frac}
+    def row(engine, model, mb, tok_s, frac, runs=()):
+        return {"engine": engine, "model": model, "weight_bytes": mb * 1e6, "decode_tok_s": tok_s, "roofline_fraction": frac,
+                "decode_runs": list(runs)}
 
-    rows = [row("tightfit", "w3g64", 75.8, 100.0, 0.40), row("tightfit", "w4g32-sym", 94.0, 90.0, 0.50),
-            row("tightfit", "spqr-w3g32-s3-o0.5", 78.2, 80.0, 0.30), row("tightfit", "nl4g32", 94.0, 99.0, 0.50),
+    rows = [row("tightfit", "w3g64", 75.8, 100.0, 0.40, [100, 50, 120]), row("tightfit", "w4g32-sym", 94.0, 90.0, 0.50),
+            row("tightfit", "spqr-w3g32-s3-o0.5", 78.2, 80.0, 0.30, [90, 45, 60]), row("tightfit", "nl4g32", 94.0, 99.0, 0.50),
             row("llama.cpp", "Q3_K_S", 77.0, 200.0, 0.9)]
     lines = speed.equal_bytes_lines(rows)
     spqr = next(x for x in lines if x.startswith("| spqr-w3g32-s3-o0.5 |"))
-    assert "| w3g64 | 75.8 | 100.0 | 80% | 75% |" in spqr
-    assert "| w4g32-sym | 94.0 | 90.0 | 110% | 100% |" in next(x for x in lines if x.startswith("| nl4g32 |"))
+    assert "| w3g64 | 75.8 | 100.0 | 80% | 90% (50%-90%) | 75% |" in spqr  # rounds: 90 %, 90 %, 50 %
+    assert "| w4g32-sym | 94.0 | 90.0 | 110% | - | 100% |" in next(x for x in lines if x.startswith("| nl4g32 |"))
     assert not any(x.startswith(("| w3g64 |", "| Q3_K_S |")) for x in lines)
     assert speed.equal_bytes_lines(rows[2:]) == []
 

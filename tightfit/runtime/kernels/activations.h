@@ -69,6 +69,21 @@ static void quantize_act(const float* x, int M, int K, QAct& a) {
             _mm_storeu_si128((__m128i*)(q + b * 32), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x0, vid))));
             _mm_storeu_si128((__m128i*)(q + b * 32 + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x1, vid))));
         }
+#elif TF_AVX2
+        // the same on 8-lane registers: the packs saturate as cvtsepi32_epi8; their 4-byte pieces come
+        // out as r0[0:4], r1[0:4], r2[0:4], r3[0:4], r0[4:8], ..., which the permutation puts in order
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        for (; (b + 1) * 32 <= K; b++) {
+            __m256 v[4], amax = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(xr + b * 32 + 8 * i), amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+            const float am = avx2_hmax(amax), id = am > 0.f ? 127.f / am : 0.f;
+            a.sx[(size_t)m * nb + b] = am / 127.f;
+            const __m256 vid = _mm256_set1_ps(id);
+            __m256i r[4];
+            for (int i = 0; i < 4; i++) r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));
+            const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+            _mm256_storeu_si256((__m256i*)(q + b * 32), _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        }
 #endif
         for (; b < nb; b++) {
             int lo = b * 32, hi = std::min(lo + 32, K);
@@ -80,7 +95,15 @@ static void quantize_act(const float* x, int M, int K, QAct& a) {
         }
         for (int p = 0; p < Kp / 16; p++) {
             int s = 0;
+#if TF_AVX2 && !TF_AVX512
+            // the sum of 16 int8: ones (u8) times q (s8) summed in pairs, those in pairs, then across
+            const __m128i v = _mm_loadu_si128((const __m128i*)(q + p * 16));
+            const __m128i w = _mm_madd_epi16(_mm_maddubs_epi16(_mm_set1_epi8(1), v), _mm_set1_epi16(1));
+            const __m128i h = _mm_add_epi32(w, _mm_shuffle_epi32(w, 0x4E));
+            s = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+#else
             for (int j = 0; j < 16; j++) s += q[p * 16 + j];
+#endif
             a.psum[(size_t)m * (Kp / 16) + p] = (float)s * a.sx[(size_t)m * nb + p / 2];
         }
     }

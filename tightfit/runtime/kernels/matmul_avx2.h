@@ -8,8 +8,8 @@
 // 5- and 6-bit codes widen every chunk (2 * 63 * 127 < 2^15), and 8-bit codes (up to 255, whose pair
 // sums would saturate int16) are split into nibbles, hi * 16 + lo. A grid's u8 levels L + 128 are taken
 // as the int8 levels L (xor 0x80, in [-127, 127]) and multiplied as |x| (u8, vpsignb x by x) times L
-// with the sign of x (vpsignb): pairs <= 2 * 127 * 127 < 2^15, widened every chunk, and the zero term
-// takes z - 128 (0 for every grid).
+// with the sign of x (vpsignb): pairs <= 2 * 127 * 127 < 2^15, widened every chunk; their zero term,
+// s (z - 128) with every grid's z = 128 (layout.py), is 0 and skipped.
 // Covered: uniform codes of 2, 3, 4, 5, 6 and 8 bits, grid and learned formats (one level table:
 // one vpshufb per half chunk; a table per row: four, blended), SpQR's dense part (its statistics
 // decoded per 16 rows as spqr_stat does; its outliers are added after, outliers.h), fp16 / fp32
@@ -121,18 +121,15 @@ static inline __m256 avx2_scale(const tf_mat& W, int T, int g, int h) {
     if (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(r), 16));
     return _mm256_cvtph_ps(r);
 }
-// (GRID: s (z - 128), the dot products having taken the levels less 128, signed)
-template <bool BF16, int GRID = 0>
+template <bool BF16>
 static inline __m256 avx2_scaled_zero(const tf_mat& W, int T, int g, int h) {
     const __m128i z = _mm_loadl_epi64((const __m128i*)(W.zeros + ((size_t)T * W.G + g) * 16 + 8 * h));
-    __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z));
-    if (GRID) zf = _mm256_sub_ps(zf, _mm256_set1_ps(128.f));
-    return _mm256_mul_ps(avx2_scale<BF16>(W, T, g, h), zf);
+    return _mm256_mul_ps(avx2_scale<BF16>(W, T, g, h), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z)));
 }
 
 // tile T (rows 16T .. 16T+15) x tokens [m0, m0+MT), as matmul.h's quant_tile: per segment of
 // min(group, 32) columns int32 dot products, then converted and scaled once; the zero term after (SpQR:
-// as each group starts, its statistics decoded once).
+// as each group starts, its statistics decoded once; grids: none).
 template <int BITS, int MT, bool BF16, int GRID, bool SPQR>
 static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     constexpr bool WIDE = BITS == 8 && !GRID;   // u8 codes up to 255: nibble split
@@ -202,8 +199,8 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
         }
     }
     for (int h = 0; h < 2; h++) {
-        for (int gi = 0; gi < W.G && !SPQR; gi++) {  // zero term: sum_g s_g z_g xs[m, g] (SpQR: in start_group)
-            const __m256 sz = avx2_scaled_zero<BF16, GRID>(W, T, gi, h);
+        for (int gi = 0; gi < W.G && !SPQR && !GRID; gi++) {  // zero term: sum_g s_g z_g xs[m, g] (SpQR: in start_group)
+            const __m256 sz = avx2_scaled_zero<BF16>(W, T, gi, h);
             for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[h][t]);
         }
         const int n0 = 16 * T + 8 * h, valid = std::min(8, W.N - n0);
