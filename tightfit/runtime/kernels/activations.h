@@ -95,7 +95,7 @@ static void quantize_act(const float* x, int M, int K, QAct& a) {
         }
         for (int p = 0; p < Kp / 16; p++) {
             int s = 0;
-#if TF_AVX2 && !TF_AVX512
+#if TF_AVX2 || TF_AVX512
             // the sum of 16 int8: ones (u8) times q (s8) summed in pairs, those in pairs, then across
             const __m128i v = _mm_loadu_si128((const __m128i*)(q + p * 16));
             const __m128i w = _mm_madd_epi16(_mm_maddubs_epi16(_mm_set1_epi8(1), v), _mm_set1_epi16(1));
