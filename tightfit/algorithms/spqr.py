@@ -49,11 +49,10 @@ def _group_loss(w: torch.Tensor, keep: torch.Tensor | None, importance: torch.Te
     w [N, g]; keep [N, g] bool or None; importance [g]; scale, zero [N, C] (C candidates per row)
     -> [N, C].
     """
-    q = torch.clamp(torch.round(w.unsqueeze(1) / scale.unsqueeze(2) + zero.unsqueeze(2)), 0, (1 << bits) - 1)  # [N, C, g]
-    err = ((q - zero.unsqueeze(2)) * scale.unsqueeze(2) - w.unsqueeze(1)).square_() * importance  # [N, C, g]
-    if keep is not None:
-        err = err.masked_fill_(keep.unsqueeze(1), 0.0)
-    return err.sum(-1)
+    # in place on one [N, C, g] buffer; kept weights weigh 0 (the same sums as zeroing their finite errors)
+    weight = importance if keep is None else (importance * ~keep).unsqueeze(1)  # [g] or [N, 1, g]
+    q = (w.unsqueeze(1) / scale.unsqueeze(2)).add_(zero.unsqueeze(2)).round_().clamp_(0, (1 << bits) - 1)  # [N, C, g]
+    return q.sub_(zero.unsqueeze(2)).mul_(scale.unsqueeze(2)).sub_(w.unsqueeze(1)).square_().mul_(weight).sum(-1)
 
 
 def _levels(q: StatCodes, n: int, bits: int) -> torch.Tensor:
@@ -166,18 +165,23 @@ def outlier_candidates(w: torch.Tensor, d: torch.Tensor, fmt: SpQRFormat, cap: i
     levels = (1 << fmt.bits) - 1
     inv_d2 = 1.0 / (d * d)  # [g]
 
-    def loss(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # values [..., g], mask = exact
-        big = torch.full_like(values, math.inf)
-        lo = torch.clamp(torch.where(mask, big, values).amin(-1, keepdim=True), max=0.0)  # the range holds 0,
-        hi = torch.clamp(torch.where(mask, -big, values).amax(-1, keepdim=True), min=0.0)  # as in group_stats
+    def loss(values: torch.Tensor, weight: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        # values [..., g]; weight [..., g]: 1 / d^2, 0 where kept exact; lo, hi [..., 1]: the min and max
+        # of the values not kept. In place on one buffer of values' shape.
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # the range holds 0, as in group_stats
         scale = torch.clamp((hi - lo) / levels, min=1e-8)
-        w_hat = (torch.clamp(torch.round((values - lo) / scale), 0, levels)) * scale + lo
-        err = torch.where(mask, torch.zeros_like(values), (values - w_hat) ** 2) * inv_d2
-        return err.sum(-1)
+        w_hat = (values - lo).div_(scale).round_().clamp_(0, levels).mul_(scale).add_(lo)
+        return w_hat.sub_(values).square_().mul_(weight).sum(-1)
 
-    base = loss(w, torch.zeros_like(w, dtype=torch.bool))  # [N]
-    eye = torch.eye(g, dtype=torch.bool)  # leave out weight j: mask row j
-    loo = loss(w.unsqueeze(1).expand(n, g, g), eye.expand(n, g, g))  # [N, g]
+    base = loss(w, inv_d2, w.amin(1, keepdim=True), w.amax(1, keepdim=True))  # [N]
+    # leave out weight j: the row's min and max without it are its second smallest / largest where j holds
+    # the first (top-2 per row instead of a [N, g, g] reduction; the same values)
+    two_lo, two_hi = w.topk(2, dim=1, largest=False), w.topk(2, dim=1)
+    cols = torch.arange(g)
+    lo_j = torch.where(cols == two_lo.indices[:, :1], two_lo.values[:, 1:], two_lo.values[:, :1])  # [N, g]
+    hi_j = torch.where(cols == two_hi.indices[:, :1], two_hi.values[:, 1:], two_hi.values[:, :1])
+    loo_weight = inv_d2 * ~torch.eye(g, dtype=torch.bool)  # leave out weight j: row j weighs it 0
+    loo = loss(w.unsqueeze(1).expand(n, g, g), loo_weight, lo_j.unsqueeze(2), hi_j.unsqueeze(2))  # [N, g]
     reduction = base.unsqueeze(1) - loo  # [N, g]
     threshold = OUTLIER_RELATIVE_THRESHOLD * base.mean()
     candidates = reduction > threshold
