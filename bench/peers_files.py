@@ -110,6 +110,16 @@ def run_llama(src: Path, types: list[str], imatrix, label: str, n_weights: int, 
     return entries
 
 
+def run_times(payload: dict) -> str:
+    """The run's wall time and each later --add run's, each with its notes (--note: e.g. what else ran then)."""
+    def minutes(run: dict) -> str:
+        return f"{run['wall_s'] / 60:.1f} min" + "".join(f"; {n}" for n in run.get("notes", []))
+
+    return (f"Wall time {minutes(payload)}."
+            + "".join(f" Added later on the same windows ({a['date']}, {minutes(a)}): {', '.join(a['entries'])}."
+                      for a in payload.get("added", [])))
+
+
 def markdown(payload: dict, entries: list[Entry]) -> str:
     ev = EvalConfig.from_json(payload["evaluation"])
     grids = grids_from_json(payload["source_grids"])
@@ -117,9 +127,7 @@ def markdown(payload: dict, entries: list[Entry]) -> str:
         f"# tightfit's planned files vs llama.cpp's presets on {payload['model']} (one run)", "",
         machine_line(payload["machine"], THREADS), "",
         f"{protocol_line(ev, payload['n_tokens'], payload['original_ppl'])} Identical token ids for every engine. "
-        f"Wall time {payload['wall_s'] / 60:.1f} min."
-        + "".join(f" Added later on the same windows ({a['date']}, {a['wall_s'] / 60:.1f} min): {', '.join(a['entries'])}."
-                  for a in payload.get("added", [])), "",
+        + run_times(payload), "",
         "- **tightfit**: the packed folders of `tightfit compress` runs (their plans choose every layer's format, "
         "embeddings and head included), scored through tightfit's compiled engine (int8 activations, fp16 KV cache).",
         f"- **llama.cpp** {payload['llama_cpp_version']}: `llama_model_quantize` with each preset's own per-tensor choices "
@@ -172,6 +180,9 @@ def main() -> None:
                     help="score only the entries given and merge them into bench/results/NAME.json (same model, windows "
                          "and calibration; an entry of the same peer and name is replaced), e.g. one new plan: "
                          "--add --tightfit out/qwen15-bpw2.5 --llama '' --llama-imatrix ''")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a caveat printed beside this run's wall time and stored in the JSON (e.g. what else shared the "
+                         "machine); repeatable")
     args = ap.parse_args()
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     if args.report_only:
@@ -235,14 +246,14 @@ def main() -> None:
         "evaluation": config_to_json(eval_config), "n_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
         "original_ppl": original_ppl, "n_weights": n_weights, "llama_cpp_version": llama_cpp.__version__,
         "tightfit_folders": [str(f) for f in folders], "entries": [e.to_json() for e in entries],
-        "wall_s": round(time.time() - t0, 1), "verdicts": verdicts(entries),
+        "wall_s": round(time.time() - t0, 1), "verdicts": verdicts(entries), "notes": args.note,
     }
     if earlier is not None:  # this run's entries replace or join the earlier run's
         new = {(e.peer, e.name) for e in entries}
         kept = [Entry.from_json(e) for e in earlier["entries"] if (e["peer"], e["name"]) not in new]
         entries = mark_source_grid(kept + entries, grids)
         added = earlier.get("added", []) + [{"entries": sorted(f"{p} {n}" for p, n in new), "date": payload["machine"].get("date"),
-                                             "wall_s": payload["wall_s"]}]
+                                             "wall_s": payload["wall_s"], "notes": args.note}]
         payload = {**earlier, "entries": [e.to_json() for e in entries], "verdicts": verdicts(entries), "added": added,
                    "source_grids": grids_json(grids),
                    "tightfit_folders": sorted(set(earlier.get("tightfit_folders", [])) | {str(f) for f in folders})}

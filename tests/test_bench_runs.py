@@ -155,3 +155,17 @@ def test_peers_files_names_a_plan_calibrated_otherwise():
     other = config_to_json(CalibrationConfig(text="wiki,code", n_samples=128, forward_dtype="bf16"))
     assert peers_files.calibration_note(other, run) == "; calibrated with text wiki,code, n_samples 128"
     assert peers_files.calibration_note(None, run) == "; not calibrated"
+
+
+def test_peers_files_prints_each_runs_notes_beside_its_wall_time():
+    """bench/peers_files.py --note: a run's caveats (e.g. what else shared the machine) stand beside its own
+    minutes, the first run's and each --add run's; runs without notes read as before."""
+    import peers_files
+
+    payload = {"wall_s": 600.0, "added": [{"date": "d1", "wall_s": 120.0, "entries": ["tightfit a"]},
+                                          {"date": "d2", "wall_s": 1644.0, "entries": ["tightfit b", "tightfit c"],
+                                           "notes": ["shared with a CI run"]}]}
+    assert peers_files.run_times(payload) == (
+        "Wall time 10.0 min. Added later on the same windows (d1, 2.0 min): tightfit a. Added later on the same windows "
+        "(d2, 27.4 min; shared with a CI run): tightfit b, tightfit c.")
+    assert peers_files.run_times({"wall_s": 60.0, "notes": ["x", "y"]}) == "Wall time 1.0 min; x; y."
