@@ -106,6 +106,15 @@ static inline void avx2_spqr_stats(const uint8_t* rec, __m256 s[2], __m256 z[2])
     }
 }
 
+// this thread's buffer for the decoded statistics of a tile's G groups (32 floats each), grown as needed;
+// only the kernels that decode them up front take it (not every tile: a thread_local in avx2_tile
+// itself would be reached by every call)
+static inline float* avx2_stat_buffer(int G) {
+    thread_local std::vector<float> buf;
+    if (buf.size() < (size_t)G * 32) buf.resize((size_t)G * 32);
+    return buf.data();
+}
+
 // int32 lanes (rows) += the 4-column dot of u8 values v (any of 0..255) and the broadcast s8 x
 static inline __m256i avx2_dot_u8(__m256i acc, __m256i v, __m256i x) {
     const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
@@ -153,15 +162,14 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     // registers busy) all of the tile's first, into s and s z per group (measured: gate_proj [1536, 576],
     // 1 thread: spqr-w3g32 48.2 -> 44.2 us, while spqr-w2g32 was 4 % slower so)
     constexpr bool PRESTATS = SPQR && BITS == 3;
-    thread_local std::vector<float> stat_buf;  // per group: s of both halves, then s z
+    float* stat_buf = PRESTATS ? avx2_stat_buffer(W.G) : nullptr;  // per group: s of both halves, then s z
     if (PRESTATS) {
-        if (stat_buf.size() < (size_t)W.G * 32) stat_buf.resize((size_t)W.G * 32);
         for (int gi = 0; gi < W.G; gi++) {
             __m256 sg[2], z[2];
             avx2_spqr_stats(W.stats + ((size_t)T * W.G + gi) * 24, sg, z);
             for (int h = 0; h < 2; h++) {
-                _mm256_storeu_ps(stat_buf.data() + gi * 32 + 8 * h, sg[h]);
-                _mm256_storeu_ps(stat_buf.data() + gi * 32 + 16 + 8 * h, _mm256_mul_ps(sg[h], z[h]));
+                _mm256_storeu_ps(stat_buf + gi * 32 + 8 * h, sg[h]);
+                _mm256_storeu_ps(stat_buf + gi * 32 + 16 + 8 * h, _mm256_mul_ps(sg[h], z[h]));
             }
         }
     }
@@ -174,7 +182,7 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
         __m256 sz[2];
         if (PRESTATS) {
             for (int h = 0; h < 2; h++)
-                s[h] = _mm256_loadu_ps(stat_buf.data() + g * 32 + 8 * h), sz[h] = _mm256_loadu_ps(stat_buf.data() + g * 32 + 16 + 8 * h);
+                s[h] = _mm256_loadu_ps(stat_buf + g * 32 + 8 * h), sz[h] = _mm256_loadu_ps(stat_buf + g * 32 + 16 + 8 * h);
         } else {
             __m256 z[2];
             avx2_spqr_stats(W.stats + ((size_t)T * W.G + g) * 24, s, z);
