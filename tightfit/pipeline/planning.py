@@ -31,14 +31,14 @@ from tightfit.stages.profile import LatencyTable, ProfileConfig
 from tightfit.stages.sensitivity import METHODS, SensitivityTable
 
 # Issue 13's formats: SpQR (2- and 3-bit groups of 32 with 3-bit statistics and 0.5 % exact outliers),
-# the fixed non-linear 4-bit grid with double-quantized scales, a learned 16-entry table per row, and
+# the fixed non-linear 4-bit grid with double-quantized scales, a learned 16-entry table per layer, and
 # w6g128 for the few layers that need more. Against the earlier uniform set (w2g64, w3g128, w3g64,
 # w4g128, nl4g32, w6g128), same Hessians and protocol: smollm2-135m at 3.5 bits/weight KL 0.217 vs
-# 0.272 (64 windows); the README's main job (70 MB, 32 windows) 0.205 vs 0.256 at 14.3 vs 11.5 min
-# on an AVX2-only EPYC (the sweep 5.3 vs 2.3 min: SpQR's GPTQ is the slow part); qwen2.5-coder-1.5b
-# at 3.0 bits/weight 0.266 vs 0.548, at 3.5 0.129 vs 0.138 (16 windows). SpQR decodes slower than
-# a uniform grid of equal bytes; a latency budget sees that through the profile. `--candidates`
-# takes any list (e.g. the earlier set for a faster sweep).
+# 0.272 (64 windows); the README's main job (70 MB, 32 windows) 0.205 vs 0.256 at 13.2 vs 11.5 min
+# on an AVX2-only EPYC (the sweep 4.4 vs 2.3 min: SpQR's GPTQ is the slow part); qwen2.5-coder-1.5b
+# at 3.0 bits/weight 0.266 vs 0.548, at 3.5 0.129 vs 0.138, at 4.0 a tie, 0.068 both (16 windows).
+# SpQR decodes slower than a uniform grid of equal bytes; a latency budget sees that through the
+# profile. `--candidates` takes any list (e.g. the earlier set for a faster sweep).
 DEFAULT_CANDIDATES = ("spqr-w2g32-s3-o0.5", "spqr-w3g32-s3-o0.5", "nl4g32-dq", "lut4g32", "w6g128")
 # The embeddings and head: unquantized, or a format the engine has a kernel for (8 to 2 bits; the
 # engine gathers embedding rows of any of them). Below 4 bits they are for tight budgets: on
