@@ -11,7 +11,8 @@
 // with the sign of x (vpsignb): pairs <= 2 * 127 * 127 < 2^15, widened every chunk; their zero term,
 // s (z - 128) with every grid's z = 128 (layout.py), is 0 and skipped.
 // Covered: uniform codes of 2, 3, 4, 5, 6 and 8 bits, grid and learned formats (one level table:
-// one vpshufb per half chunk; a table per row: four, blended), SpQR's dense part (its statistics
+// one vpshufb per half chunk; a table per row: 2- and 3-bit tables folded, one or two vpshufb, 4-bit codes
+// transposed to rows of 16 columns, one vpshufb per row), SpQR's dense part (its statistics
 // decoded per 16 rows as spqr_stat does; its outliers are added after, outliers.h), fp16 / fp32
 // dense matrices. Exact mode is left to the portable scalar kernels (avx2_rows returns false).
 // Part of the one translation unit engine.cpp.
@@ -78,9 +79,32 @@ static inline void avx2_levels(const tf_mat& W, int T, int h, __m256i t[4]) {
         t[j] = GRID == 1 ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)W.levels))
                          : _mm256_loadu_si256((const __m256i*)(W.levels + (size_t)T * 256 + 64 * j + 32 * h));
 }
-// codes (0..15, byte o of row o/4 of the half) -> their levels
-template <int GRID>
+// Per-row tables of 2- and 3-bit codes (4 or 8 levels) folded: four rows' tables in one 16-byte lane (2-bit
+// codes, row j's at bytes 4j ..) or two (3-bit, rows j and j + 1 at bytes 0 and 8 of t[j / 2]), so that a code
+// plus its row's offset (avx2_row_offsets) indexes them: one or two vpshufb for four and three blends
+template <int BITS>
+static inline void avx2_fold_tables(__m256i t[4]) {
+    if (BITS == 2) {
+        t[0] = _mm256_unpacklo_epi64(_mm256_unpacklo_epi32(t[0], t[1]), _mm256_unpacklo_epi32(t[2], t[3]));
+    } else {
+        const __m256i t01 = _mm256_unpacklo_epi64(t[0], t[1]), t23 = _mm256_unpacklo_epi64(t[2], t[3]);
+        t[0] = t01, t[1] = t23;
+    }
+}
+// the offsets of the folded tables: byte 4j + i of every lane (row j of the lane) 4j (2-bit) or 8 (j & 1) (3-bit)
+template <int BITS>
+static inline __m256i avx2_row_offsets() {
+    return BITS == 2 ? _mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404, 0x08080808, 0x0C0C0C0C)
+                     : _mm256_set1_epi64x(0x0808080800000000LL);
+}
+// codes (0..15, byte o of row o/4 of the half) -> their levels (FOLDED: per-row tables folded as above)
+template <int GRID, int FOLDED = 0>
 static inline __m256i avx2_lookup(const __m256i t[4], __m256i codes) {
+    if (FOLDED == 2) return _mm256_shuffle_epi8(t[0], _mm256_or_si256(codes, avx2_row_offsets<2>()));
+    if (FOLDED == 3) {  // rows 0, 1 of each lane from t[0], rows 2, 3 from t[1]
+        const __m256i i = _mm256_or_si256(codes, avx2_row_offsets<3>());
+        return _mm256_blend_epi32(_mm256_shuffle_epi8(t[0], i), _mm256_shuffle_epi8(t[1], i), 0xCC);
+    }
     __m256i v = _mm256_shuffle_epi8(t[0], codes);
     if (GRID == 2) {  // bytes 4j .. 4j+3 of each lane (its 32-bit elements j): row 4l + j, from t[j]
         v = _mm256_blend_epi32(v, _mm256_shuffle_epi8(t[1], codes), 0x22);
@@ -88,6 +112,50 @@ static inline __m256i avx2_lookup(const __m256i t[4], __m256i codes) {
         v = _mm256_blend_epi32(v, _mm256_shuffle_epi8(t[3], codes), 0x88);
     }
     return v;
+}
+
+// Per-row tables of 4-bit codes, one segment of `chunks` chunks (a multiple of 4) from p, x from xq (the
+// segment's first column, rows of Kp): each half's int32 sums, as the chunk loop in avx2_tile gives them, but
+// taken by rows. Four chunks' nibble planes (lane l, element j: rows 4l + j and 8 + 4l + j, columns 4k .. 4k+3
+// of chunk k) are transposed as loaded (vpunpck*) so that element k of register j holds them: each 128-bit
+// lane of a half then holds 16 columns of one row, whose table is one vpshufb (the chunk loop needs four and
+// three blends), and the 16 columns' x one broadcast. The four column quads of every row are summed by
+// vphaddd at the segment's end, back to one row per element. Measured (gate_proj [1536, 576], 1 thread, best
+// of 30): 41.0 us by chunks, 37.7 transposing each half's unpacked codes, 34.3 so; lut4g32 ~26, w4g32-sym 23.
+template <int MT>
+static inline void avx2_row_table_segment(const uint8_t* p, int chunks, const int8_t* xq, int Kp, const __m256i table[2][4],
+                                          __m256i ia[2][MT]) {
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
+    __m256i r[2][MT][4];
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < MT; t++)
+            for (int j = 0; j < 4; j++) r[h][t][j] = _mm256_setzero_si256();
+    for (int q = 0; q < chunks; q += 4) {
+        __m256i c[4];
+        for (int k = 0; k < 4; k++) {
+            const uint8_t* pk = p + (size_t)(q + k) * 32;
+            _mm_prefetch((const char*)pk + TF_PREFETCH, _MM_HINT_T0);
+            c[k] = _mm256_loadu_si256((const __m256i*)pk);
+        }
+        const __m256i t0 = _mm256_unpacklo_epi32(c[0], c[1]), t1 = _mm256_unpackhi_epi32(c[0], c[1]);
+        const __m256i t2 = _mm256_unpacklo_epi32(c[2], c[3]), t3 = _mm256_unpackhi_epi32(c[2], c[3]);
+        const __m256i u[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
+                              _mm256_unpackhi_epi64(t1, t3)};
+        __m256i x[MT], ax[MT];
+        for (int t = 0; t < MT; t++) {
+            x[t] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(xq + (size_t)t * Kp + 4 * q)));
+            ax[t] = _mm256_sign_epi8(x[t], x[t]);
+        }
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_shuffle_epi8(table[h][j], _mm256_and_si256(h ? _mm256_srli_epi16(u[j], 4) : u[j], m4));
+                for (int t = 0; t < MT; t++)
+                    r[h][t][j] = _mm256_add_epi32(r[h][t][j], _mm256_madd_epi16(_mm256_maddubs_epi16(ax[t], _mm256_sign_epi8(v, x[t])), ones));
+            }
+    }
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < MT; t++)
+            ia[h][t] = _mm256_hadd_epi32(_mm256_hadd_epi32(r[h][t][0], r[h][t][1]), _mm256_hadd_epi32(r[h][t][2], r[h][t][3]));
 }
 
 // SpQR: s and z of the 16 rows of one (tile, group) record, rows 8h .. 8h+7 in s[h] and z[h]: the same
@@ -143,6 +211,8 @@ template <int BITS, int MT, bool BF16, int GRID, bool SPQR>
 static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     constexpr bool WIDE = BITS == 8 && !GRID;   // u8 codes up to 255: nibble split
     constexpr bool SUM16 = BITS <= 4 && !GRID;  // int16 sums over a whole segment
+    // per-row tables: 2- and 3-bit codes look up folded tables, 4-bit codes go by rows (avx2_row_table_segment)
+    constexpr int FOLDED = GRID == 2 && BITS < 4 && TF_ROW_TABLES ? BITS : 0;
     const int nq = W.Kp / 4, cb = 8 * BITS, Kp = a.Kp;
     const int seg = W.group < 32 && W.G > 1 ? W.group : 32;
     const uint8_t* p = W.codes + (size_t)T * nq * cb;
@@ -153,6 +223,8 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
         avx2_levels<GRID>(W, T, 0, table[0]), avx2_levels<GRID>(W, T, 1, table[1]);
         for (int h = 0; h < 2; h++)
             for (int j = 0; j < (GRID == 2 ? 4 : 1); j++) table[h][j] = _mm256_xor_si256(table[h][j], _mm256_set1_epi8((char)0x80));
+        if (FOLDED)
+            for (int h = 0; h < 2; h++) avx2_fold_tables<BITS>(table[h]);
     }
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][MT], s[2];
@@ -202,22 +274,27 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
             start_group(g);
         }
         __m256i ia[2][MT];
-        for (int h = 0; h < 2; h++)
-            for (int t = 0; t < MT; t++) ia[h][t] = _mm256_setzero_si256();
-        for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
-            _mm_prefetch((const char*)p + TF_PREFETCH, _MM_HINT_T0);
-            __m256i v[2];
-            avx2_unpack<BITS>(p, v[0], v[1]);
-            if (GRID) v[0] = avx2_lookup<GRID>(table[0], v[0]), v[1] = avx2_lookup<GRID>(table[1], v[1]);
-            for (int t = 0; t < MT; t++) {
-                int32_t x4;
-                memcpy(&x4, xq + (size_t)t * Kp + 4 * k4, 4);
-                const __m256i x = _mm256_set1_epi32(x4), ax = _mm256_sign_epi8(x, x);  // ax: |x| (grids)
-                for (int h = 0; h < 2; h++) {
-                    if (GRID) ia[h][t] = _mm256_add_epi32(ia[h][t], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(v[h], x)), ones));
-                    else if (WIDE) ia[h][t] = avx2_dot_u8(ia[h][t], v[h], x);
-                    else if (SUM16) ia[h][t] = _mm256_add_epi16(ia[h][t], _mm256_maddubs_epi16(v[h], x));
-                    else ia[h][t] = _mm256_add_epi32(ia[h][t], _mm256_madd_epi16(_mm256_maddubs_epi16(v[h], x), ones));
+        if (GRID == 2 && BITS == 4 && TF_ROW_TABLES && seg % 16 == 0) {  // per-row tables of 4-bit codes: by rows
+            avx2_row_table_segment<MT>(p, seg / 4, xq + c0, Kp, table, ia);
+            p += (size_t)(seg / 4) * cb;
+        } else {
+            for (int h = 0; h < 2; h++)
+                for (int t = 0; t < MT; t++) ia[h][t] = _mm256_setzero_si256();
+            for (int k4 = c0 / 4; k4 < (c0 + seg) / 4; k4++, p += cb) {
+                _mm_prefetch((const char*)p + TF_PREFETCH, _MM_HINT_T0);
+                __m256i v[2];
+                avx2_unpack<BITS>(p, v[0], v[1]);
+                if (GRID) v[0] = avx2_lookup<GRID, FOLDED>(table[0], v[0]), v[1] = avx2_lookup<GRID, FOLDED>(table[1], v[1]);
+                for (int t = 0; t < MT; t++) {
+                    int32_t x4;
+                    memcpy(&x4, xq + (size_t)t * Kp + 4 * k4, 4);
+                    const __m256i x = _mm256_set1_epi32(x4), ax = _mm256_sign_epi8(x, x);  // ax: |x| (grids)
+                    for (int h = 0; h < 2; h++) {
+                        if (GRID) ia[h][t] = _mm256_add_epi32(ia[h][t], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(v[h], x)), ones));
+                        else if (WIDE) ia[h][t] = avx2_dot_u8(ia[h][t], v[h], x);
+                        else if (SUM16) ia[h][t] = _mm256_add_epi16(ia[h][t], _mm256_maddubs_epi16(v[h], x));
+                        else ia[h][t] = _mm256_add_epi32(ia[h][t], _mm256_madd_epi16(_mm256_maddubs_epi16(v[h], x), ones));
+                    }
                 }
             }
         }

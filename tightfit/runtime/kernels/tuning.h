@@ -11,6 +11,11 @@
 //                    block). Scoring a 512-token window (every token's logits, fp16 head, w3g64 layers,
 //                    SmolLM2-135M, 2 threads, 2026-11-28, `kernel_ab.py --all-logits 512`, medians of 5):
 //                    128 KB vs 512 KB vs one block: 732 / 660 / 580 tok/s (decode: one token, no change)
+//   TF_ROW_TABLES    per-row level tables on the AVX2 tier (matmul_avx2.h): 1 folds 2- and 3-bit tables (four
+//                    or two rows per 16-byte lane) and takes 4-bit codes by rows (avx2_row_table_segment); 0 looks
+//                    every half chunk up in four tables and blends. gate_proj [1536, 576], 1 thread, best of 20-30
+//                    (`bench/matrix_ab.py --variant "" --variant TF_ROW_TABLES=0`, 2026-11-29): lut4g32-row 41.0 ->
+//                    34.3 us, lut3g128-row 62.6 -> 53.4 us (w4g32-sym 23, lut4g32 26, w3g64 33, lut3g128 40)
 // Measured the same way and removed: a second vpdpbusd accumulator per tile (136 vs 140 tok/s on
 // SmolLM2; 2-bit decode matmuls at K = 8960 alike).
 // Part of the one translation unit engine.cpp.
@@ -24,4 +29,7 @@
 #endif
 #ifndef TF_ROW_BLOCK_BYTES
 #define TF_ROW_BLOCK_BYTES (128 * 1024)
+#endif
+#ifndef TF_ROW_TABLES
+#define TF_ROW_TABLES 1
 #endif
