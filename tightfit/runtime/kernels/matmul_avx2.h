@@ -330,11 +330,14 @@ static void avx2_rows_t(const tf_mat& W, const QAct& a, int m0, int n0, int n1, 
     }
 }
 
-// GRID: 0 none, 1 one level table, 2 a table per row; SPQR: SpQR statistics
+static_assert(TF_AVX2_TOKENS == 2 || TF_AVX2_TOKENS == 4, "TF_AVX2_TOKENS: 2 or 4 tokens per pass");
+// tokens [m0, m0 + mt), mt <= TF_AVX2_TOKENS; GRID: 0 none, 1 one level table, 2 a table per row; SPQR: SpQR statistics
 template <int BITS, int GRID = 0, bool SPQR = false>
 static void avx2_rows_bits(const tf_mat& W, const QAct& a, int m0, int mt, int n0, int n1, float* y) {
     if (mt == 1) avx2_rows_t<BITS, 1, GRID, SPQR>(W, a, m0, n0, n1, y);
-    else avx2_rows_t<BITS, 2, GRID, SPQR>(W, a, m0, n0, n1, y);
+    else if (mt == 2 || TF_AVX2_TOKENS == 2) avx2_rows_t<BITS, 2, GRID, SPQR>(W, a, m0, n0, n1, y);
+    else if (mt == 3) avx2_rows_t<BITS, 3, GRID, SPQR>(W, a, m0, n0, n1, y);
+    else avx2_rows_t<BITS, 4, GRID, SPQR>(W, a, m0, n0, n1, y);
 }
 
 // fp16 / fp32 dense rows [n0, n1) for tokens [m0, m0+MT), times the fp32 x
@@ -364,8 +367,9 @@ static bool avx2_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y, 
     if (!dense && a.exact) return false;
     const int grid = !dense && W.levels != nullptr ? (W.level_rows ? 2 : 1) : 0;  // 2, 3 or 4 bits (layout.py)
     const bool spqr = !dense && W.stats != nullptr;                                // 2, 3 or 4 bits
-    // rows in blocks of rb (matmul.h's row_block), every 2 tokens inside a block (4 for dense rows)
-    const int step = dense ? 4 : 2;
+    // rows in blocks of rb (matmul.h's row_block), every TF_AVX2_TOKENS tokens inside a block (4 for dense rows;
+    // 2 for 4-bit per-row tables, whose by-rows sums hold 8 registers a token)
+    const int step = dense ? 4 : grid == 2 && W.bits == 4 ? 2 : TF_AVX2_TOKENS;
     for (int b0 = n0; b0 < n1; b0 += rb)
         for (int m0 = 0, b1 = std::min(n1, b0 + rb); m0 < a.M; m0 += step) {
             const int mt = std::min(step, a.M - m0);

@@ -16,6 +16,11 @@
 //                    every half chunk up in four tables and blends. gate_proj [1536, 576], 1 thread, best of 20-30
 //                    (`bench/matrix_ab.py --variant "" --variant TF_ROW_TABLES=0`, 2026-11-29): lut4g32-row 41.0 ->
 //                    34.3 us, lut3g128-row 62.6 -> 53.4 us (w4g32-sym 23, lut4g32 26, w3g64 33, lut3g128 40)
+//   TF_AVX2_TOKENS   tokens sharing each pass over a tile's codes in a multi-token matmul on the AVX2 tier (2 or
+//                    4). Scoring a 512-token window (`kernel_ab.py --all-logits 512 --rounds 6`, 2 threads, AVX2
+//                    EPYC, 2026-11-29, medians of 5), 4 vs 2: w4g32-sym 362 / 317 tok/s, w3g64 299 / 242,
+//                    w8g32-sym 295 / 237, lut4g32 280 / 266, lut3g128-row 258 / 214, spqr-w3g32-s3-o0.5 264 / 221;
+//                    lut4g32-row 205 / 226, so 4-bit per-row tables keep 2 (matmul_avx2.h)
 // Measured the same way and removed: a second vpdpbusd accumulator per tile (136 vs 140 tok/s on
 // SmolLM2; 2-bit decode matmuls at K = 8960 alike).
 // Part of the one translation unit engine.cpp.
@@ -32,4 +37,7 @@
 #endif
 #ifndef TF_ROW_TABLES
 #define TF_ROW_TABLES 1
+#endif
+#ifndef TF_AVX2_TOKENS
+#define TF_AVX2_TOKENS 4
 #endif
