@@ -368,8 +368,8 @@ static bool avx2_rows(const tf_mat& W, const QAct& a, int n0, int n1, float* y, 
     const int grid = !dense && W.levels != nullptr ? (W.level_rows ? 2 : 1) : 0;  // 2, 3 or 4 bits (layout.py)
     const bool spqr = !dense && W.stats != nullptr;                                // 2, 3 or 4 bits
     // rows in blocks of rb (matmul.h's row_block), every TF_AVX2_TOKENS tokens inside a block (4 for dense rows;
-    // 2 for 4-bit per-row tables, whose by-rows sums hold 8 registers a token)
-    const int step = dense ? 4 : grid == 2 && W.bits == 4 ? 2 : TF_AVX2_TOKENS;
+    // 2 for 4-bit per-row tables taken by rows, avx2_row_table_segment, whose sums hold 8 registers a token)
+    const int step = dense ? 4 : grid == 2 && W.bits == 4 && TF_ROW_TABLES ? 2 : TF_AVX2_TOKENS;
     for (int b0 = n0; b0 < n1; b0 += rb)
         for (int m0 = 0, b1 = std::min(n1, b0 + rb); m0 < a.M; m0 += step) {
             const int mt = std::min(step, a.M - m0);
