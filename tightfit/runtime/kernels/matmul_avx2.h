@@ -203,15 +203,15 @@ static inline __m256 avx2_scale(const tf_mat& W, int T, int g, int h) {
     if (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(r), 16));
     return _mm256_cvtph_ps(r);
 }
-template <bool BF16>
-static inline __m256 avx2_scaled_zero(const tf_mat& W, int T, int g, int h) {
+// s z of rows 8h .. 8h+7 of tile T in group g, given their scales s
+static inline __m256 avx2_scaled_zero(const tf_mat& W, int T, int g, int h, __m256 s) {
     const __m128i z = _mm_loadl_epi64((const __m128i*)(W.zeros + ((size_t)T * W.G + g) * 16 + 8 * h));
-    return _mm256_mul_ps(avx2_scale<BF16>(W, T, g, h), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z)));
+    return _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z)));
 }
 
 // tile T (rows 16T .. 16T+15) x tokens [m0, m0+MT), as matmul.h's quant_tile: per segment of
-// min(group, 32) columns int32 dot products, then converted and scaled once; the zero term after (SpQR:
-// as each group starts, its statistics decoded once; grids: none).
+// min(group, 32) columns int32 dot products, then converted and scaled once; the zero term as each group
+// starts (decode; SpQR always, its statistics decoded once) or after the tile (grids: none).
 template <int BITS, int MT, bool BF16, int GRID, bool SPQR>
 static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     constexpr bool WIDE = BITS == 8 && !GRID;   // u8 codes up to 255: nibble split
@@ -231,6 +231,9 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
         if (FOLDED)
             for (int h = 0; h < 2; h++) avx2_fold_tables<BITS>(table[h]);
     }
+    // the zero term subtracted as each group starts, with its scales just loaded (decode), or after the tile
+    // (multi-token matmuls, whose accumulators hold more registers): TF_ZERO_AT_START, tuning.h
+    constexpr bool ZSTART = MT <= TF_ZERO_AT_START;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][MT], s[2];
     for (int h = 0; h < 2; h++)
@@ -256,6 +259,11 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
     auto start_group = [&](int g) {
         if (!SPQR) {
             for (int h = 0; h < 2; h++) s[h] = avx2_scale<BF16>(W, T, g, h);
+            if (GRID || !ZSTART) return;  // every grid's zero term is 0 (see the top)
+            for (int h = 0; h < 2; h++) {  // the zero term s z xs[m, g], with the scales just loaded
+                const __m256 sz = avx2_scaled_zero(W, T, g, h, s[h]);
+                for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + g]), acc[h][t]);
+            }
             return;
         }
         __m256 sz[2];
@@ -314,8 +322,8 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
         }
     }
     for (int h = 0; h < 2; h++) {
-        for (int gi = 0; gi < W.G && !SPQR && !GRID; gi++) {  // zero term: sum_g s_g z_g xs[m, g] (SpQR: in start_group)
-            const __m256 sz = avx2_scaled_zero<BF16>(W, T, gi, h);
+        for (int gi = 0; gi < W.G && !SPQR && !GRID && !ZSTART; gi++) {  // zero term: sum_g s_g z_g xs[m, g]
+            const __m256 sz = avx2_scaled_zero(W, T, gi, h, avx2_scale<BF16>(W, T, gi, h));
             for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[h][t]);
         }
         const int n0 = 16 * T + 8 * h, valid = std::min(8, W.N - n0);

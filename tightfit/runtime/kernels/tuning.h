@@ -21,6 +21,13 @@
 //                    EPYC, 2026-11-29, medians of 5), 4 vs 2: w4g32-sym 362 / 317 tok/s, w3g64 299 / 242,
 //                    w8g32-sym 295 / 237, lut4g32 280 / 266, lut3g128-row 258 / 214, spqr-w3g32-s3-o0.5 264 / 221;
 //                    lut4g32-row 205 / 226, so 4-bit per-row tables keep 2 (matmul_avx2.h)
+//   TF_ZERO_AT_START matmuls of at most this many tokens subtract a uniform format's zero term s z xs as each
+//                    group starts, with the scales just loaded (more tokens: after the tile, every group's
+//                    scales and zeros loaded again). AVX2 tier, 1 thread, 2026-11-29: decode (`kernel_ab.py
+//                    --threads 1 --rounds 12`, medians of 11) 1 vs 0: w4g32-sym 133.1 / 128.0 tok/s, w3g16-dq
+//                    114.9 / 98.6; one gate_proj (`matrix_ab`-style, best of 30-40): w2g16 33.6 -> 30.4 us, w3g16
+//                    46.6 -> 41.8, w4g128 19.6 -> 18.3, w4g32-sym 23.1 -> 21.6, w3g64 32.1 -> 32.1; scoring 512
+//                    tokens (4 per pass) was no faster so (w4g32-sym 224.6 vs 249.3 tok/s, w3g16-dq 167 vs 186)
 // Measured the same way and removed: a second vpdpbusd accumulator per tile (136 vs 140 tok/s on
 // SmolLM2; 2-bit decode matmuls at K = 8960 alike).
 // Part of the one translation unit engine.cpp.
@@ -37,6 +44,9 @@
 #endif
 #ifndef TF_ROW_TABLES
 #define TF_ROW_TABLES 1
+#endif
+#ifndef TF_ZERO_AT_START
+#define TF_ZERO_AT_START 1
 #endif
 #ifndef TF_AVX2_TOKENS
 #define TF_AVX2_TOKENS 4
