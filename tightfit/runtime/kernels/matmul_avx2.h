@@ -255,19 +255,21 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
             }
         }
     }
-    // group g's scales; SpQR subtracts its zero term here too
+    // acc[h][t] -= sz[h] xs[m0 + t, g]: group g's zero term (s z per row) for every token
+    auto subtract_zero_term = [&](int g, const __m256 sz[2]) {
+        for (int t = 0; t < MT; t++) {
+            const __m256 xs = _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + g]);
+            for (int h = 0; h < 2; h++) acc[h][t] = _mm256_fnmadd_ps(sz[h], xs, acc[h][t]);
+        }
+    };
+    // group g's scales, and its zero term where it is subtracted as the group starts (SpQR always)
     auto start_group = [&](int g) {
+        __m256 sz[2];
         if (!SPQR) {
             for (int h = 0; h < 2; h++) s[h] = avx2_scale<BF16>(W, T, g, h);
             if (GRID || !ZSTART) return;  // every grid's zero term is 0 (see the top)
-            for (int h = 0; h < 2; h++) {  // the zero term s z xs[m, g], with the scales just loaded
-                const __m256 sz = avx2_scaled_zero(W, T, g, h, s[h]);
-                for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + g]), acc[h][t]);
-            }
-            return;
-        }
-        __m256 sz[2];
-        if (PRESTATS) {
+            for (int h = 0; h < 2; h++) sz[h] = avx2_scaled_zero(W, T, g, h, s[h]);  // with the scales just loaded
+        } else if (PRESTATS) {
             for (int h = 0; h < 2; h++)
                 s[h] = _mm256_loadu_ps(stat_buf + g * 32 + 8 * h), sz[h] = _mm256_loadu_ps(stat_buf + g * 32 + 16 + 8 * h);
         } else {
@@ -275,10 +277,7 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
             avx2_spqr_stats(W.stats + ((size_t)T * W.G + g) * 24, s, z);
             for (int h = 0; h < 2; h++) sz[h] = _mm256_mul_ps(s[h], z[h]);
         }
-        for (int t = 0; t < MT; t++) {
-            const __m256 xs = _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + g]);
-            for (int h = 0; h < 2; h++) acc[h][t] = _mm256_fnmadd_ps(sz[h], xs, acc[h][t]);
-        }
+        subtract_zero_term(g, sz);
     };
     start_group(0);
     int g = 0, next = W.group;
@@ -321,11 +320,12 @@ static void avx2_tile(const tf_mat& W, const QAct& a, int m0, int T, float* y) {
             }
         }
     }
+    for (int gi = 0; gi < W.G && !SPQR && !GRID && !ZSTART; gi++) {  // zero term after the tile: sum_g s_g z_g xs[m, g]
+        __m256 sz[2];
+        for (int h = 0; h < 2; h++) sz[h] = avx2_scaled_zero(W, T, gi, h, avx2_scale<BF16>(W, T, gi, h));
+        subtract_zero_term(gi, sz);
+    }
     for (int h = 0; h < 2; h++) {
-        for (int gi = 0; gi < W.G && !SPQR && !GRID && !ZSTART; gi++) {  // zero term: sum_g s_g z_g xs[m, g]
-            const __m256 sz = avx2_scaled_zero(W, T, gi, h, avx2_scale<BF16>(W, T, gi, h));
-            for (int t = 0; t < MT; t++) acc[h][t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a.xs[(size_t)(m0 + t) * W.G + gi]), acc[h][t]);
-        }
         const int n0 = 16 * T + 8 * h, valid = std::min(8, W.N - n0);
         if (valid <= 0) break;
         alignas(32) float out[8];

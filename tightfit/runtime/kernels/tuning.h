@@ -25,7 +25,8 @@
 //                    group starts, with the scales just loaded (more tokens: after the tile, every group's
 //                    scales and zeros loaded again). AVX2 tier, 1 thread, 2026-11-29: decode (`kernel_ab.py
 //                    --threads 1 --rounds 12`, medians of 11) 1 vs 0: w4g32-sym 133.1 / 128.0 tok/s, w3g16-dq
-//                    114.9 / 98.6; one gate_proj (`matrix_ab`-style, best of 30-40): w2g16 33.6 -> 30.4 us, w3g16
+//                    114.9 / 98.6; one gate_proj (the two builds' libraries timed round-robin as bench/matrix_ab.py does, best
+//                    of 30-40; `matrix_ab.py --variant "" --variant TF_ZERO_AT_START=0` repeats it): w2g16 33.6 -> 30.4 us, w3g16
 //                    46.6 -> 41.8, w4g128 19.6 -> 18.3, w4g32-sym 23.1 -> 21.6, w3g64 32.1 -> 32.1; scoring 512
 //                    tokens (4 per pass) was no faster so (w4g32-sym 224.6 vs 249.3 tok/s, w3g16-dq 167 vs 186)
 // Measured the same way and removed: a second vpdpbusd accumulator per tile (136 vs 140 tok/s on
